@@ -1,0 +1,238 @@
+"""Fused ops: functions a transformer calls many times, each written as ONE op with a
+hand-derived backward (llm.c style) instead of a chain of primitives. That saves the
+intermediate buffers and the per-op overhead. Each is tested against the same function
+composed from primitive ops (tests/tensorlite/test_functional.py), and each derivation
+is written out in its docstring.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import kernels
+from .autograd import Function
+from .tensor import Tensor, as_tensor
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    """exp(x - max) / sum(exp(x - max)): subtracting the max keeps exp from overflowing."""
+    e = x - x.max(axis=axis, keepdims=True)
+    e = kernels.exp(e)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+class Softmax(Function):
+    """y = exp(x) / sum(exp(x)) along axis.
+    dx = y * (dout - sum(dout * y))   [Jacobian diag(y) - y y^T applied to dout]"""
+
+    def forward(self, x, axis=-1):
+        self.axis = axis
+        self.y = _softmax(x, axis)
+        return self.y
+
+    def backward(self, dout):
+        y = self.y
+        return y * (dout - (dout * y).sum(axis=self.axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    """y = x - log(sum(exp(x))) along axis (the max is subtracted first, for stability).
+    dx = dout - softmax(x) * sum(dout)"""
+
+    def forward(self, x, axis=-1):
+        self.axis = axis
+        shifted = x - x.max(axis=axis, keepdims=True)
+        self.y = shifted - np.log(kernels.exp(shifted).sum(axis=axis, keepdims=True))
+        return self.y
+
+    def backward(self, dout):
+        return dout - kernels.exp(self.y) * dout.sum(axis=self.axis, keepdims=True)
+
+
+class CrossEntropy(Function):
+    """loss = mean_n( -log softmax(logits_n)[target_n] ),  logits (N, V), targets (N,).
+    dlogits = (softmax(logits) - onehot(targets)) / N * dout"""
+
+    def forward(self, logits, targets):
+        if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+            raise ValueError(
+                f"cross_entropy: expected logits (N, V) and targets (N,), "
+                f"got {logits.shape} and {targets.shape}"
+            )
+        n, v = logits.shape
+        if n and (targets.min() < 0 or targets.max() >= v):
+            raise ValueError(f"cross_entropy: targets must be in [0, {v}), got {targets.min()}..{targets.max()}")
+        rows = np.arange(n)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        probs = kernels.exp(shifted)
+        total = probs.sum(axis=1)
+        loss = np.log(total) - shifted[rows, targets]
+        probs /= total[:, None]
+        self.probs, self.targets, self.rows = probs, targets, rows
+        return np.asarray(loss.mean(), dtype=logits.dtype)
+
+    def backward(self, dout):
+        dlogits = self.probs  # softmax(logits); ours to overwrite (made in forward)
+        dlogits[self.rows, self.targets] -= 1
+        dlogits *= dout / dlogits.dtype.type(len(self.rows))
+        return dlogits
+
+
+class RMSNorm(Function):
+    """y = x * r * w,  r = 1 / sqrt(mean(x**2) + eps) over the last axis (C features).
+    With xhat = x * r and dxhat = dout * w:
+        dw = sum over all rows of dout * xhat
+        dx = r * (dxhat - xhat * mean(dxhat * xhat))"""
+
+    def forward(self, x, weight=None, eps=1e-5):
+        ms = np.mean(x * x, axis=-1, keepdims=True)
+        self.r = 1.0 / np.sqrt(ms + x.dtype.type(eps))  # (..., 1)
+        self.xhat = x * self.r
+        self.weight = weight
+        return self.xhat if weight is None else self.xhat * weight
+
+    def backward(self, dout):
+        xhat, r, w = self.xhat, self.r, self.weight
+        dxhat = dout if w is None else dout * w
+        dx = dxhat - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True)
+        dx *= r
+        if w is None:
+            return dx
+        c = xhat.shape[-1]
+        dw = (dout.reshape(-1, c) * xhat.reshape(-1, c)).sum(axis=0)
+        return dx, dw
+
+
+class Embedding(Function):
+    """out = weight[indices]  (rows of a (V, C) table).
+    dweight = zeros, with each dout row added to the row it was read from"""
+
+    def forward(self, weight, indices):
+        if weight.ndim != 2:
+            raise ValueError(f"embedding: weight must be (V, C), got {weight.shape}")
+        if indices.size and (indices.min() < 0 or indices.max() >= weight.shape[0]):
+            raise IndexError(
+                f"embedding: indices must be in [0, {weight.shape[0]}), "
+                f"got {indices.min()}..{indices.max()}"
+            )
+        self.indices, self.weight_shape, self.dtype = indices, weight.shape, weight.dtype
+        return weight[indices]
+
+    def backward(self, dout):
+        dweight = np.zeros(self.weight_shape, dtype=self.dtype)
+        np.add.at(dweight, self.indices.ravel(), dout.reshape(-1, self.weight_shape[1]))
+        return dweight
+
+
+class ScaledDotProductAttention(Function):
+    """out = softmax(q k^T * s + mask) v,  s = 1/sqrt(head_dim), on (..., T, hd).
+    With P the attention probabilities:
+        dv = P^T dout
+        dP = dout v^T
+        dS = P * (dP - sum(dP * P, -1))          (softmax backward, row by row)
+        dq = dS k * s,   dk = dS^T q * s
+    Causal: query i sees keys j <= i + (Tk - Tq), so a query block at the end of a longer
+    key sequence (a KV cache) is masked correctly."""
+
+    def forward(self, q, k, v, causal=True):
+        if q.shape[-1] != k.shape[-1] or k.shape[:-1] != v.shape[:-1]:
+            raise ValueError(
+                f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit "
+                "(need q (..., Tq, hd), k (..., Tk, hd), v (..., Tk, hv))"
+            )
+        self.scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+        scores = q @ np.swapaxes(k, -1, -2)  # (..., Tq, Tk)
+        scores *= self.scale
+        if causal:
+            tq, tk = scores.shape[-2:]
+            future = np.triu(np.ones((tq, tk), dtype=bool), k=tk - tq + 1)
+            scores[..., future] = -np.inf
+        self.p = _softmax(scores, -1)  # (..., Tq, Tk)
+        self.q, self.k, self.v = q, k, v
+        return self.p @ v  # (..., Tq, hv)
+
+    def backward(self, dout):
+        p, q, k, v = self.p, self.q, self.k, self.v
+        dv = np.swapaxes(p, -1, -2) @ dout  # (..., Tk, hv)
+        dp = dout @ np.swapaxes(v, -1, -2)  # (..., Tq, Tk)
+        dp -= (dp * p).sum(axis=-1, keepdims=True)
+        dp *= p  # now dS
+        dp *= self.scale
+        dq = dp @ k
+        dk = np.swapaxes(dp, -1, -2) @ q
+        return dq, dk, dv
+
+
+class ReluSquared(Function):
+    """y = relu(x)**2.  dx = dout * 2 * relu(x)"""
+
+    def forward(self, x):
+        self.x = x
+        return kernels.relu_squared(x)
+
+    def backward(self, dout):
+        return kernels.relu_squared_backward(dout, self.x)
+
+
+class Dropout(Function):
+    """y = x * mask / (1 - p), mask ~ Bernoulli(1 - p).  dx = dout * mask / (1 - p)"""
+
+    def forward(self, x, p, rng):
+        keep = rng.random(x.shape) >= p
+        self.mask = keep * x.dtype.type(1.0 / (1.0 - p))
+        return x * self.mask
+
+    def backward(self, dout):
+        return dout * self.mask
+
+
+# ---- the public functions ----------------------------------------------------------------------
+def softmax(x, axis: int = -1) -> Tensor:
+    return Softmax.apply(x, axis=axis)
+
+
+def log_softmax(x, axis: int = -1) -> Tensor:
+    return LogSoftmax.apply(x, axis=axis)
+
+
+def cross_entropy(logits, targets) -> Tensor:
+    """Mean negative log-likelihood of integer `targets` (N,) under `logits` (N, V)."""
+    targets = np.asarray(targets.data if isinstance(targets, Tensor) else targets)
+    if targets.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: targets must be integers, got dtype {targets.dtype}")
+    return CrossEntropy.apply(logits, targets=targets)
+
+
+def rms_norm(x, weight=None, eps: float = 1e-5) -> Tensor:
+    if weight is None:
+        return RMSNorm.apply(x, eps=eps)
+    return RMSNorm.apply(x, weight, eps=eps)
+
+
+def embedding(indices, weight) -> Tensor:
+    """Rows of `weight` (V, C) picked by integer `indices` (any shape) -> (*indices.shape, C)."""
+    indices = np.asarray(indices.data if isinstance(indices, Tensor) else indices)
+    if indices.dtype.kind not in "iu":
+        raise TypeError(f"embedding: indices must be integers, got dtype {indices.dtype}")
+    return Embedding.apply(weight, indices=indices)
+
+
+def scaled_dot_product_attention(q, k, v, causal: bool = True) -> Tensor:
+    return ScaledDotProductAttention.apply(q, k, v, causal=causal)
+
+
+def relu_squared(x) -> Tensor:
+    return ReluSquared.apply(x)
+
+
+def dropout(x, p: float, training: bool = True, rng: np.random.Generator | None = None) -> Tensor:
+    """Zero each element with probability p and scale the rest by 1/(1-p) (only in training)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    x = as_tensor(x)
+    if not training or p == 0.0:
+        return x
+    return Dropout.apply(x, p=p, rng=rng if rng is not None else np.random.default_rng())

@@ -1,0 +1,180 @@
+"""Speed lives here, behind one door: numexpr expressions, the size thresholds that decide
+when numexpr pays, and thread settings. Ops call the small named helpers below and read as
+math; each helper has a NumPy path and a numexpr path that give the same result (tested).
+
+Why per family: numexpr costs ~40-50 us a call and, without VML, is slower than NumPy for
+short expressions (`a*b+c`) even at 1e6 elements. It wins on long fused expressions that
+would otherwise make several NumPy temporaries and on large transcendental work. The
+switch points below come from `python benchmarks/ops.py` (table in docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numexpr as ne
+import numpy as np
+
+# Minimum number of elements before a family goes through numexpr (None: never).
+NUMEXPR_MIN_SIZE: dict[str, int | None] = {
+    "transcendental": 1 << 20,  # exp, tanh, sigmoid, log: break-even near 1e6 elements
+    "fused": 1 << 17,  # 4+ operations in one expression (activation backward, optimizer)
+}
+_env = os.environ.get("TENSORLITE_NUMEXPR")  # "0": never, "1": always (tests, benchmarks)
+_FORCE: bool | None = None if _env is None else _env == "1"
+
+
+def set_numexpr_threshold(family: str, min_size: int | None) -> None:
+    """Change the switch point of one op family (`None` turns numexpr off for it)."""
+    if family not in NUMEXPR_MIN_SIZE:
+        raise KeyError(f"unknown op family {family!r}; known: {sorted(NUMEXPR_MIN_SIZE)}")
+    NUMEXPR_MIN_SIZE[family] = min_size
+
+
+def force_numexpr(value: bool | None) -> None:
+    """True: every helper uses numexpr; False: none does; None: follow the thresholds."""
+    global _FORCE
+    _FORCE = value
+
+
+def use_numexpr(family: str, size: int) -> bool:
+    if _FORCE is not None:
+        return _FORCE
+    threshold = NUMEXPR_MIN_SIZE[family]
+    return threshold is not None and size >= threshold
+
+
+def _ne(expr: str, out: np.ndarray | None = None, **arrays) -> np.ndarray:
+    return ne.evaluate(expr, local_dict=arrays, out=out, casting="same_kind")
+
+
+# ---- threads -------------------------------------------------------------------------------
+_blas_limiter = None
+
+
+def set_num_threads(n: int) -> None:
+    """Use `n` threads in numexpr and in NumPy's BLAS (matmuls)."""
+    global _blas_limiter
+    if int(n) < 1:
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    ne.set_num_threads(int(n))
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        return
+    _blas_limiter = threadpool_limits(limits=int(n), user_api="blas")
+
+
+def get_num_threads() -> int:
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        return blas[0] if blas else ne.get_num_threads()
+    except ImportError:  # pragma: no cover
+        return ne.get_num_threads()
+
+
+# ---- transcendental ----------------------------------------------------------------------
+def exp(x: np.ndarray) -> np.ndarray:
+    if use_numexpr("transcendental", x.size):
+        return _ne("exp(x)", x=x)
+    return np.exp(x)
+
+
+def tanh(x: np.ndarray) -> np.ndarray:
+    if use_numexpr("transcendental", x.size):
+        return _ne("tanh(x)", x=x)
+    return np.tanh(x)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)), computed without overflow for large |x|."""
+    one = x.dtype.type(1)
+    if use_numexpr("transcendental", x.size):
+        return _ne("where(x >= 0, one / (one + exp(-x)), exp(x) / (one + exp(x)))", x=x, one=one)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, one / (one + e), e / (one + e))
+
+
+# ---- fused elementwise ---------------------------------------------------------------------
+def tanh_backward(dout: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """dout * (1 - out**2)."""
+    one = out.dtype.type(1)
+    if use_numexpr("fused", out.size):
+        return _ne("dout * (one - out * out)", dout=dout, out=out, one=one)
+    return dout * (one - out * out)
+
+
+def sigmoid_backward(dout: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """dout * out * (1 - out)."""
+    one = out.dtype.type(1)
+    if use_numexpr("fused", out.size):
+        return _ne("dout * out * (one - out)", dout=dout, out=out, one=one)
+    return dout * out * (one - out)
+
+
+def relu_squared(x: np.ndarray) -> np.ndarray:
+    """relu(x)**2 = max(x, 0)**2."""
+    if use_numexpr("fused", x.size):
+        zero = x.dtype.type(0)
+        return _ne("where(x > zero, x * x, zero)", x=x, zero=zero)
+    r = np.maximum(x, 0)
+    return np.multiply(r, r, out=r)
+
+
+def relu_squared_backward(dout: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """dout * 2 * relu(x)."""
+    two, zero = x.dtype.type(2), x.dtype.type(0)
+    if use_numexpr("fused", x.size):
+        return _ne("where(x > zero, two * x * dout, zero)", x=x, dout=dout, two=two, zero=zero)
+    g = np.maximum(x, 0)
+    g *= dout
+    g *= two
+    return g
+
+
+def adamw_update(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> None:
+    """One AdamW step, in place on p, m, v (bias-corrected, decoupled weight decay):
+
+        m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g*g
+        p = p*(1 - lr*wd) - lr * (m / (1-b1**t)) / (sqrt(v / (1-b2**t)) + eps)
+    """
+    t = p.dtype.type
+    b1, b2 = t(beta1), t(beta2)
+    c1, c2 = t(1 - beta1), t(1 - beta2)
+    decay = t(1 - lr * weight_decay)
+    step_size = t(lr / (1 - beta1**step))
+    inv_bc2 = t(1 / (1 - beta2**step))
+    eps_ = t(eps)
+    if use_numexpr("fused", p.size):
+        _ne("b1 * m + c1 * g", out=m, b1=b1, m=m, c1=c1, g=g)
+        _ne("b2 * v + c2 * g * g", out=v, b2=b2, v=v, c2=c2, g=g)
+        _ne(
+            "p * decay - step_size * m / (sqrt(v * inv_bc2) + eps_)",
+            out=p, p=p, decay=decay, step_size=step_size, m=m, v=v, inv_bc2=inv_bc2, eps_=eps_,
+        )
+        return
+    m *= b1
+    m += c1 * g
+    v *= b2
+    v += c2 * (g * g)
+    denom = v * inv_bc2
+    np.sqrt(denom, out=denom)
+    denom += eps_
+    if decay != 1:
+        p *= decay
+    upd = np.divide(m, denom, out=denom)
+    upd *= step_size
+    p -= upd
