@@ -178,3 +178,39 @@ def adamw_update(
     upd = np.divide(m, denom, out=denom)
     upd *= step_size
     p -= upd
+
+
+# ---- the allocator ----------------------------------------------------------------------------
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+_allocator_tuned = False
+
+
+def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Keep large temporaries in the heap instead of mmap/munmap-ing them on every op.
+
+    With glibc's defaults each array above ~128 KiB-32 MiB (the threshold adapts) is mapped
+    fresh and returned to the OS when freed, so a training step page-faults thousands of
+    times. Raising M_MMAP_THRESHOLD (32 MiB is glibc's maximum on 64-bit) and
+    M_TRIM_THRESHOLD lets freed blocks be reused. Same effect as starting Python with
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set. Linux + glibc only; elsewhere,
+    or if TENSORLITE_TUNE_MALLOC=0, it does nothing and returns False.
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    if os.environ.get("TENSORLITE_TUNE_MALLOC", "1") == "0":
+        return False
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1 and ok
+    except (OSError, AttributeError):
+        return False
+    _allocator_tuned = ok
+    return ok
