@@ -1,0 +1,242 @@
+"""Training speed: tensorlite's GPT vs the same architecture in PyTorch eager.
+
+Each measurement runs in its own subprocess (so peak RSS is its own), the two engines
+alternate round by round, and we print medians of tokens/s, their ratio, the achieved
+GFLOP/s as a fraction of measured sgemm peak, and peak RSS.
+
+    python benchmarks/train.py                      # baby config, 2 threads, 5 rounds
+    python benchmarks/train.py --config default --rounds 3
+    python benchmarks/train.py --engines tensorlite  # no torch needed
+
+PyTorch comes from the optional `bench` extra (pip install -e ".[bench]"); gpt and
+tensorlite never import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    # name: (n_layer, n_head, n_embd, block_size, batch_size)
+    "baby": (4, 4, 128, 64, 12),
+    "default": (4, 8, 128, 64, 12),
+    "batch64": (4, 4, 128, 64, 64),
+}
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (VmHWM), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def flops_per_token(n_layer: int, n_embd: int, block: int, vocab: int) -> float:
+    """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4) plus attention's
+    q.k and p.v products (12 * L * T * C, the causal half not discounted), as in PaLM's count."""
+    matmul_params = n_layer * 12 * n_embd * n_embd + n_embd * vocab
+    return 6 * matmul_params + 12 * n_layer * block * n_embd
+
+
+def load_ids(path: str, n: int = 200_000):
+    import numpy as np
+
+    text = open(path, encoding="utf-8").read()[:n]
+    chars = sorted(set(text))
+    lookup = {c: i for i, c in enumerate(chars)}
+    return np.array([lookup[c] for c in text], dtype=np.int64), len(chars) + 2
+
+
+def batches(ids, block: int, batch: int, seed: int, count: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        starts = rng.integers(0, len(ids) - block - 1, size=batch)
+        x = np.stack([ids[s : s + block] for s in starts])
+        y = np.stack([ids[s + 1 : s + block + 1] for s in starts])
+        yield x, y
+
+
+# ---- tensorlite -------------------------------------------------------------------------------
+def run_tensorlite(args, cfg, ids, vocab) -> float:
+    import numpy as np
+
+    import tensorlite
+    from gpt.config import GPTConfig
+    from gpt.model import GPT
+    from gpt.optim import AdamW, clip_grad_norm
+
+    tensorlite.kernels.tune_allocator()
+    tensorlite.set_num_threads(args.threads)
+    n_layer, n_head, n_embd, block, batch = cfg
+    model = GPT(GPTConfig(vocab, block, n_layer, n_head, n_embd), dtype=np.float32, seed=0)
+    opt = AdamW(model.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    t0 = None
+    for i, (x, y) in enumerate(batches(ids, block, batch, 0, args.warmup + args.iters)):
+        if i == args.warmup:
+            t0 = time.perf_counter()
+        model.zero_grad()
+        _, loss = model(x, y, training=True)
+        loss.backward()
+        clip_grad_norm(model.parameters(), 1.0)
+        opt.step()
+    return time.perf_counter() - t0
+
+
+# ---- PyTorch eager, the same architecture ------------------------------------------------------
+def run_torch(args, cfg, ids, vocab) -> float:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    n_layer, n_head, n_embd, block, batch = cfg
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1 = nn.RMSNorm(n_embd, eps=1e-5)
+            self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)
+            self.c_proj = nn.Linear(n_embd, n_embd, bias=False)
+            self.ln_2 = nn.RMSNorm(n_embd, eps=1e-5)
+            self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
+            self.mlp_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in (q, k, v))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.c_proj(a.transpose(1, 2).reshape(B, T, C))
+            return x + self.mlp_proj(F.relu(self.c_fc(self.ln_2(x))).square())
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(vocab, n_embd)
+            self.wpe = nn.Embedding(block, n_embd)
+            self.h = nn.ModuleList(Block() for _ in range(n_layer))
+            self.ln_f = nn.RMSNorm(n_embd, eps=1e-5)
+            self.lm_head = nn.Linear(n_embd, vocab, bias=False)
+            for name, p in self.named_parameters():
+                if p.dim() == 2:
+                    std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
+                    nn.init.normal_(p, 0.0, std)
+
+        def forward(self, idx, targets):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            for blk in self.h:
+                x = blk(x)
+            logits = self.lm_head(self.ln_f(x))
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    model = Model()
+    decay = [p for p in model.parameters() if p.dim() == 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-3, betas=(0.9, 0.99), eps=1e-8,
+    )
+    t0 = None
+    for i, (x, y) in enumerate(batches(ids, block, batch, 0, args.warmup + args.iters)):
+        if i == args.warmup:
+            t0 = time.perf_counter()
+        loss = model(torch.from_numpy(x), torch.from_numpy(y))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def sgemm_peak(threads: int, n_embd: int, tokens: int) -> float:
+    """Measured sgemm GFLOP/s for this model's biggest matmul shape: (tokens, C) @ (C, 4C)."""
+    import numpy as np
+
+    import tensorlite
+
+    tensorlite.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((tokens, n_embd), dtype=np.float32)
+    b = rng.standard_normal((n_embd, 4 * n_embd), dtype=np.float32)
+    times = []
+    for _ in range(200):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * tokens * n_embd * 4 * n_embd / statistics.median(times) / 1e9
+
+
+def worker(args) -> None:
+    cfg = CONFIGS[args.config]
+    ids, vocab = load_ids(args.data)
+    run = {"tensorlite": run_tensorlite, "torch": run_torch}[args.worker]
+    seconds = run(args, cfg, ids, vocab)
+    tokens = args.iters * cfg[3] * cfg[4]
+    print(json.dumps({"tokens_per_s": tokens / seconds, "ms_per_iter": 1e3 * seconds / args.iters,
+                      "peak_rss_mb": peak_rss_mb(), "vocab": vocab}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=sorted(CONFIGS), default="baby")
+    p.add_argument("--engines", default="tensorlite,torch")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data", default=DATA)
+    p.add_argument("--worker", choices=["tensorlite", "torch"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    engines = args.engines.split(",")
+    results = {e: [] for e in engines}
+    for r in range(args.rounds):
+        order = engines if r % 2 == 0 else engines[::-1]  # alternate who goes first
+        for e in order:
+            cmd = [sys.executable, __file__, "--worker", e, "--config", args.config,
+                   "--iters", str(args.iters), "--warmup", str(args.warmup),
+                   "--threads", str(args.threads), "--data", args.data]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"{e} worker failed:\n{out.stderr}")
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            results[e].append(res)
+            print(f"round {r + 1} {e:10s} {res['tokens_per_s']:9.0f} tok/s  "
+                  f"{res['ms_per_iter']:6.1f} ms/iter  peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+
+    n_layer, n_head, n_embd, block, batch = CONFIGS[args.config]
+    vocab = results[engines[0]][0]["vocab"]
+    fpt = flops_per_token(n_layer, n_embd, block, vocab)
+    peak = sgemm_peak(args.threads, n_embd, block * batch)
+    print(f"\nconfig {args.config} (n_layer {n_layer}, n_head {n_head}, n_embd {n_embd}, block {block}, "
+          f"batch {batch}), {args.threads} threads, {args.rounds} rounds x {args.iters} iters")
+    print(f"{fpt / 1e6:.2f} MFLOP per training token; sgemm peak here {peak:.0f} GFLOP/s")
+    print(f"{'engine':12s} {'median tok/s':>12s} {'ms/iter':>8s} {'GFLOP/s':>8s} {'% peak':>7s} {'peak RSS MB':>11s}")
+    med = {}
+    for e in engines:
+        tps = statistics.median(r["tokens_per_s"] for r in results[e])
+        med[e] = tps
+        rss = statistics.median(r["peak_rss_mb"] for r in results[e])
+        gf = tps * fpt / 1e9
+        print(f"{e:12s} {tps:12.0f} {1e3 * block * batch / tps:8.1f} {gf:8.1f} {100 * gf / peak:6.1f}% {rss:11.0f}")
+    if len(engines) == 2:
+        print(f"ratio {engines[0]}/{engines[1]}: {med[engines[0]] / med[engines[1]]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
