@@ -1,0 +1,135 @@
+"""`python -m gpt.plot`: a PNG from a small hand-written metrics.jsonl, one-line errors for
+bad files, and the install hint when matplotlib is missing."""
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpt.plot import INSTALL_HINT, PlotError, load_metrics, main, series
+
+ROOT = Path(__file__).resolve().parents[2]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+RECORDS = [
+    {"iter": 0, "train_loss": 4.17, "lr": 1e-5, "tokens_per_s": 900.0,
+     "val_loss": 4.18, "val_ppl": 65.4},
+    {"iter": 10, "train_loss": 3.61, "lr": 1e-4, "tokens_per_s": 950.0},
+    {"iter": 20, "train_loss": 3.02, "lr": 2e-4, "tokens_per_s": 940.0},
+    {"iter": 30, "train_loss": 2.71, "lr": 3e-4, "tokens_per_s": 960.0},
+    {"iter": 40, "train_loss": 2.55, "lr": 2e-4, "tokens_per_s": 955.0,
+     "val_loss": 2.62, "val_ppl": 13.7},
+    {"iter": 50, "train_loss": 2.48, "lr": 1e-4, "tokens_per_s": 950.0},
+]
+
+
+def write_run(folder: Path, records=RECORDS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def run_cli(*args, code: str | None = None):
+    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "gpt.plot", *args]
+    return subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_renders_png_of_a_run_folder(tmp_path):
+    write_run(tmp_path / "out")
+    r = run_cli(str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    png = tmp_path / "out" / "loss.png"
+    assert "wrote" in r.stdout and "2 evals" in r.stdout
+    width, height = png_size(png)
+    assert (width, height) == (800, 600)
+    assert png.stat().st_size > 10_000  # two panels with curves, not a blank canvas
+
+
+def test_accepts_metrics_file_and_output_flag(tmp_path):
+    path = write_run(tmp_path / "run")
+    out = tmp_path / "elsewhere.png"
+    assert main([str(path), "--output", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    assert not (tmp_path / "run" / "loss.png").exists()
+
+
+def test_val_points_only_at_eval_iterations():
+    assert series(RECORDS, "val_loss") == ([0.0, 40.0], [4.18, 2.62])
+    assert series(RECORDS, "train_loss")[0] == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]
+
+
+def test_eval_only_records_and_no_lr(tmp_path):
+    # evals logged as their own lines, and a file without lr: still a plot (one panel)
+    records = [{"iter": i, "train_loss": 3.0 - i / 100} for i in range(0, 60, 10)]
+    records += [{"iter": 0, "val_loss": 3.1}, {"iter": 50, "val_loss": 2.6}]
+    path = write_run(tmp_path, records)
+    assert main([str(path)]) == 0
+    assert png_size(tmp_path / "loss.png") == (800, 600)
+
+
+def test_unfinished_last_line_is_ignored(tmp_path):
+    path = write_run(tmp_path)
+    with open(path, "a") as f:
+        f.write('{"iter": 60, "train_lo')  # training is writing this line right now
+    assert len(load_metrics(path)) == len(RECORDS)
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (None, "no metrics file"),
+        ("", "is empty"),
+        ("\n\n", "is empty"),
+        ('{"iter": 0, "train_loss": 4.1}\nnot json\n{"iter": 2, "train_loss": 3.9}\n', "line 2"),
+        ('{"step": 0, "train_loss": 4.1}\n', "'iter'"),
+        ('{"iter": 0, "train_loss": "high"}\n', "expected a number"),
+        ('{"iter": 0, "lr": 0.001}\n', "no train_loss or val_loss"),
+    ],
+)
+def test_bad_metrics_one_line_error(tmp_path, capsys, content, words):
+    if content is not None:
+        (tmp_path / "metrics.jsonl").write_text(content)
+    with pytest.raises(PlotError, match=words):
+        load_metrics(tmp_path / "metrics.jsonl")
+    assert main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err
+    assert not (tmp_path / "loss.png").exists()
+
+
+def test_missing_output_folder_is_an_error(tmp_path, capsys):
+    write_run(tmp_path)
+    assert main([str(tmp_path), "--output", str(tmp_path / "nope" / "x.png")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    r = run_cli(str(tmp_path / "missing"))
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_matplotlib_missing_says_how_to_install(tmp_path):
+    write_run(tmp_path)
+    blocked = (
+        "import sys, runpy\n"
+        "sys.modules['matplotlib'] = None  # makes `import matplotlib` raise ImportError\n"
+        "sys.argv = ['gpt.plot', *sys.argv[1:]]\n"
+        "runpy.run_module('gpt.plot', run_name='__main__')\n"
+    )
+    r = run_cli(str(tmp_path), code=blocked)
+    assert r.returncode == 2
+    assert 'pip install -e ".[plot]"' in r.stderr and INSTALL_HINT in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "loss.png").exists()
