@@ -1,0 +1,173 @@
+"""The GPT: token + position embeddings, `n_layer` pre-norm transformer blocks (causal
+self-attention and a relu(x)**2 MLP), a final RMSNorm and an untied linear head.
+Built from tensorlite's fused ops; every parameter gets an exact gradient (checked against
+finite differences in tests/gpt/test_model.py). Parameter names follow nanoGPT's.
+
+Shapes: B batch, T time (<= block_size), C n_embd, H n_head, hd = C // H head size,
+V vocab_size. Weights are stored (in, out) so a linear layer is `y = x @ W`. Between the
+attention calls the residual stream is kept as a 2-D (B*T, C) array: every linear layer is
+then ONE matrix product (np.matmul would loop over B for a 3-D x).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import tensorlite.functional as F
+from tensorlite import Tensor
+
+from .config import GPTConfig
+
+
+class GPT:
+    """A decoder-only transformer language model.
+
+    >>> model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    >>> logits, loss = model(np.zeros((2, 5), dtype=np.int64), np.zeros((2, 5), dtype=np.int64))
+    >>> logits.shape
+    (2, 5, 10)
+    """
+
+    def __init__(self, config: GPTConfig, dtype=np.float32, seed: int = 0):
+        self.config = config.validate()
+        self.dtype = np.dtype(dtype)
+        if self.dtype.kind != "f":
+            raise ValueError(f"GPT: dtype must be a float type, got {self.dtype}")
+        self._rng = np.random.default_rng(seed)  # dropout masks when no rng is passed
+        self.params: dict[str, Tensor] = {}
+        init = np.random.default_rng(seed)
+        std = 0.02
+        proj_std = 0.02 / math.sqrt(2 * config.n_layer)  # residual projections: scaled down
+        for name, shape, how in self.param_specs(config):
+            if how == "ones":
+                data = np.ones(shape)
+            else:  # draw in float64, so float32 and float64 models start from the same numbers
+                data = init.normal(0.0, proj_std if how == "proj" else std, size=shape)
+            self.params[name] = Tensor(data.astype(self.dtype), requires_grad=True, name=name)
+
+    @staticmethod
+    def param_specs(config: GPTConfig) -> list[tuple[str, tuple[int, ...], str]]:
+        """(name, shape, init) for every parameter, in the fixed order of `params`.
+        init is "normal" (std 0.02), "proj" (std 0.02/sqrt(2*n_layer)) or "ones"."""
+        V, T, C = config.vocab_size, config.block_size, config.n_embd
+        specs = [("wte", (V, C), "normal"), ("wpe", (T, C), "normal")]
+        for i in range(config.n_layer):
+            h = f"h.{i}"
+            specs += [
+                (f"{h}.ln_1.weight", (C,), "ones"),
+                (f"{h}.attn.c_attn.weight", (C, 3 * C), "normal"),
+                (f"{h}.attn.c_proj.weight", (C, C), "proj"),
+                (f"{h}.ln_2.weight", (C,), "ones"),
+                (f"{h}.mlp.c_fc.weight", (C, 4 * C), "normal"),
+                (f"{h}.mlp.c_proj.weight", (4 * C, C), "proj"),
+            ]
+        specs += [("ln_f.weight", (C,), "ones"), ("lm_head.weight", (C, V), "normal")]
+        return specs
+
+    # ---- the forward pass ------------------------------------------------------------------
+    def __call__(self, idx, targets=None, training: bool = False,
+                 rng: np.random.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, V) for token ids `idx` (B, T), and the mean cross-entropy against
+        `targets` (B, T) if given (else None). `training` turns dropout on; its masks come
+        from `rng` (or the model's own generator)."""
+        idx = self._check_ids(idx, "idx")
+        B, T = idx.shape
+        p, cfg = self.params, self.config
+        drop = cfg.dropout if training else 0.0
+        rng = rng if rng is not None else self._rng
+
+        x = F.embedding(idx.reshape(-1), p["wte"])  # (B*T, C)
+        x = x.reshape(B, T, cfg.n_embd) + p["wpe"][:T]  # (B, T, C): one position row per t
+        x = x.reshape(B * T, cfg.n_embd)  # (B*T, C) residual stream
+        x = F.dropout(x, drop, training, rng)  # dropout 1: on the embedding sum
+        for i in range(cfg.n_layer):
+            h = f"h.{i}"
+            a = self.attention(F.rms_norm(x, p[f"{h}.ln_1.weight"]), i, B, T)  # (B*T, C)
+            x = x + F.dropout(a, drop, training, rng)  # dropout 2: attention branch output
+            m = self.mlp(F.rms_norm(x, p[f"{h}.ln_2.weight"]), i)  # (B*T, C)
+            x = x + F.dropout(m, drop, training, rng)  # dropout 3: MLP branch output
+        x = F.rms_norm(x, p["ln_f.weight"])  # (B*T, C)
+        logits = x @ p["lm_head.weight"]  # (B*T, V)
+
+        loss = None
+        if targets is not None:
+            targets = self._check_ids(targets, "targets")
+            if targets.shape != (B, T):
+                raise ValueError(f"targets have shape {targets.shape}, idx has shape {(B, T)}")
+            loss = F.cross_entropy(logits, targets.reshape(-1))
+        return logits.reshape(B, T, cfg.vocab_size), loss
+
+    def attention(self, x: Tensor, i: int, B: int, T: int) -> Tensor:
+        """Causal multi-head self-attention of block i on x (B*T, C) -> (B*T, C)."""
+        C, H = self.config.n_embd, self.config.n_head
+        hd = C // H
+        qkv = x @ self.params[f"h.{i}.attn.c_attn.weight"]  # (B*T, 3C): q | k | v
+        qkv = qkv.reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd), a view
+        q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, causal=True)  # (B, H, T, hd)
+        y = y.transpose(0, 2, 1, 3).reshape(B * T, C)  # (B*T, C): heads side by side
+        return y @ self.params[f"h.{i}.attn.c_proj.weight"]  # (B*T, C)
+
+    def mlp(self, x: Tensor, i: int) -> Tensor:
+        """The feed-forward of block i: x (B*T, C) -> 4C -> relu(.)**2 -> (B*T, C)."""
+        h = F.relu_squared(x @ self.params[f"h.{i}.mlp.c_fc.weight"])  # (B*T, 4C)
+        return h @ self.params[f"h.{i}.mlp.c_proj.weight"]  # (B*T, C)
+
+    def _check_ids(self, ids, what: str) -> np.ndarray:
+        ids = np.asarray(ids.data if isinstance(ids, Tensor) else ids)
+        if ids.ndim != 2 or ids.dtype.kind not in "iu":
+            raise ValueError(f"{what} must be a (B, T) integer array, got {ids.dtype} {ids.shape}")
+        if ids.shape[1] > self.config.block_size:
+            raise ValueError(
+                f"{what} has {ids.shape[1]} positions but block_size is "
+                f"{self.config.block_size}; crop the context to the last block_size tokens"
+            )
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(
+                f"{what} has token ids {ids.min()}..{ids.max()} outside "
+                f"[0, {self.config.vocab_size}); was it encoded with another tokenizer?"
+            )
+        return ids
+
+    # ---- parameters and their state ---------------------------------------------------------
+    def parameters(self) -> list[Tensor]:
+        return list(self.params.values())
+
+    def num_params(self) -> int:
+        return sum(p.size for p in self.params.values())
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """{name: a copy of the weights}, in the order of `params`."""
+        return {name: p.data.copy() for name, p in self.params.items()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Copy weights in (cast to this model's dtype). Names and shapes must match exactly;
+        nothing is changed unless all of them do."""
+        missing = [n for n in self.params if n not in state]
+        extra = [n for n in state if n not in self.params]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {', '.join(missing)}")
+            if extra:
+                parts.append(f"unexpected {', '.join(extra)}")
+            raise ValueError(f"state dict does not fit this model: {'; '.join(parts)}")
+        arrays = {}
+        for name, p in self.params.items():
+            a = np.asarray(state[name])
+            if a.shape != p.shape:
+                raise ValueError(
+                    f"state dict does not fit this model: {name} has shape {a.shape}, "
+                    f"expected {p.shape}"
+                )
+            if a.dtype.kind != "f":
+                raise ValueError(f"state dict: {name} has dtype {a.dtype}, expected floats")
+            arrays[name] = a
+        for name, p in self.params.items():
+            p.data[...] = arrays[name]
