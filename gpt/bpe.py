@@ -1,0 +1,202 @@
+"""A byte-level BPE tokenizer, trained on our own text (no external vocabulary files).
+
+Every text is first turned into UTF-8 bytes, so the 256 byte values are tokens 0..255 and any
+string at all can be encoded, even characters never seen in training. Training then repeats one
+step: find the most frequent adjacent pair of tokens and give it a new id (a "merge"). Encoding
+replays the merges in the order they were learned; decoding joins each token's bytes.
+
+Speed comes from two ideas: the text is split into chunks ("words", each with its leading space)
+and merges never cross a chunk boundary, so each distinct chunk is processed once however often it
+occurs; and pair counts are updated incrementally, touching only the chunks that contain the pair
+being merged, with a heap to find the next most frequent pair.
+
+Token ids: 0..255 bytes, 256..256+M-1 the M merges, then BOS and EOS.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from itertools import pairwise
+
+# A chunk is a run of letters, of digits or of other symbols (each with at most one leading
+# space), or a run of whitespace. The alternatives cover every character, so the chunks
+# concatenate back to the text exactly. The trailing-space rule (`\s+(?!\S)`) leaves the last
+# space of a run to the next word, so " the" is the same chunk after one space or after many.
+CHUNK_PATTERN = r" ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"
+_CHUNK_RE = re.compile(CHUNK_PATTERN)
+
+Pair = tuple[int, int]
+
+
+def _pairs(word: list[int]) -> Counter:
+    """How often each adjacent pair occurs in one chunk ("aaa" holds (a, a) twice)."""
+    return Counter(pairwise(word))
+
+
+def _merge(word: list[int], pair: Pair, new_id: int) -> list[int]:
+    """Replace each non-overlapping occurrence of `pair` in `word` (left to right) by new_id."""
+    a, b = pair
+    out, i, n = [], 0, len(word)
+    while i < n:
+        if i + 1 < n and word[i] == a and word[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def _learn_merges(chunk_counts: Counter, num_merges: int) -> list[Pair]:
+    """The merges, most frequent pair first, learned from {chunk bytes: occurrences}.
+
+    Pair counts are kept up to date incrementally: merging (a, b) only changes the chunks that
+    contain (a, b), so only those are re-counted. The heap holds (-count, pair) entries; an
+    entry whose count is out of date is skipped when popped (lazy deletion). Ties go to the
+    smallest pair, so training is deterministic.
+    """
+    words = [list(chunk) for chunk in chunk_counts]  # token ids of each distinct chunk
+    freqs = list(chunk_counts.values())  # how often each chunk occurs in the text
+    counts: dict[Pair, int] = defaultdict(int)  # pair -> occurrences in the whole text
+    where: dict[Pair, set[int]] = defaultdict(set)  # pair -> chunks that contain it
+    for w, (word, freq) in enumerate(zip(words, freqs)):
+        for pair, n in _pairs(word).items():
+            counts[pair] += n * freq
+            where[pair].add(w)
+    heap = [(-n, pair) for pair, n in counts.items()]
+    heapq.heapify(heap)
+
+    merges: list[Pair] = []
+    while len(merges) < num_merges and heap:
+        neg, pair = heapq.heappop(heap)
+        if counts.get(pair, 0) != -neg:
+            continue  # stale entry: this pair's count changed since it was pushed
+        if -neg < 2:
+            break  # every remaining pair occurs once: nothing worth merging
+        new_id = 256 + len(merges)
+        merges.append(pair)
+        changed: set[Pair] = set()
+        for w in where.pop(pair):
+            word, freq = words[w], freqs[w]
+            before = _pairs(word)
+            merged = _merge(word, pair, new_id)
+            after = _pairs(merged)
+            words[w] = merged
+            for p, n in before.items():
+                counts[p] -= n * freq
+                changed.add(p)
+                if p not in after:
+                    where[p].discard(w)
+            for p, n in after.items():
+                counts[p] += n * freq
+                changed.add(p)
+                where[p].add(w)
+        counts.pop(pair, None)
+        for p in changed:
+            n = counts.get(p, 0)
+            if n > 0:
+                heapq.heappush(heap, (-n, p))
+            else:
+                counts.pop(p, None)
+                where.pop(p, None)
+    return merges
+
+
+class BPETokenizer:
+    """Byte-level BPE with the same interface as CharTokenizer (encode, decode, vocab_size,
+    bos_id, eos_id, to_dict/from_dict) plus `BPETokenizer.train(text, vocab_size)`."""
+
+    kind = "bpe"
+
+    def __init__(self, merges: Iterable[Iterable[int]]):
+        self.merges: list[Pair] = [tuple(int(t) for t in m) for m in merges]  # type: ignore[misc]
+        for i, m in enumerate(self.merges):
+            if len(m) != 2 or not all(0 <= t < 256 + i for t in m):
+                raise ValueError(
+                    f"BPE merge {i} is {list(m)}: each merge must be two earlier token ids"
+                )
+        self.ranks: dict[Pair, int] = {m: 256 + i for i, m in enumerate(self.merges)}
+        # The bytes each token stands for: a byte itself, or its merge's two halves joined.
+        self.token_bytes: list[bytes] = [bytes([b]) for b in range(256)]
+        for a, b in self.merges:
+            self.token_bytes.append(self.token_bytes[a] + self.token_bytes[b])
+        self.bos_id = 256 + len(self.merges)
+        self.eos_id = self.bos_id + 1
+        self.vocab_size = self.eos_id + 1
+        self._cache: dict[str, list[int]] = {}  # chunk -> its token ids (encoding is pure)
+
+    # ---- training --------------------------------------------------------------------------
+    @classmethod
+    def train(cls, text: str, vocab_size: int) -> BPETokenizer:
+        """Learn up to vocab_size - 258 merges from `text` (256 bytes + merges + BOS + EOS).
+
+        Training stops early when no pair occurs twice, so the vocabulary can come out smaller
+        than asked for on a tiny text; `.vocab_size` is always the real size.
+        """
+        if vocab_size < 258:
+            raise ValueError(
+                f"BPE vocab_size must be at least 258 (256 bytes + BOS + EOS), got {vocab_size}"
+            )
+        chunk_counts = Counter(_CHUNK_RE.findall(text))
+        byte_counts = Counter({c.encode("utf-8"): n for c, n in chunk_counts.items()})
+        return cls(_learn_merges(byte_counts, vocab_size - 258))
+
+    # ---- encoding and decoding -------------------------------------------------------------
+    def _encode_chunk(self, chunk: str) -> list[int]:
+        """Apply the merges to one chunk, earliest-learned pair first, until none applies."""
+        word = list(chunk.encode("utf-8"))
+        ranks = self.ranks
+        while len(word) > 1:
+            pair = min(pairwise(word), key=lambda p: ranks.get(p, 1 << 62))
+            new_id = ranks.get(pair)
+            if new_id is None:
+                break
+            word = _merge(word, pair, new_id)
+        return word
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no BOS/EOS added). Any str that UTF-8 can encode works."""
+        ids: list[int] = []
+        cache = self._cache
+        for chunk in _CHUNK_RE.findall(text):
+            tokens = cache.get(chunk)
+            if tokens is None:
+                tokens = self._encode_chunk(chunk)
+                if len(cache) < 1_000_000:
+                    cache[chunk] = tokens
+            ids.extend(tokens)
+        return ids
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes behind `ids`, skipping BOS and EOS."""
+        table, n = self.token_bytes, len(self.token_bytes)
+        out = []
+        for i in ids:
+            i = int(i)
+            if 0 <= i < n:
+                out.append(table[i])
+            elif i not in (self.bos_id, self.eos_id):
+                raise ValueError(f"token id {i} is outside this BPE vocabulary (0..{n + 1})")
+        return b"".join(out)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids` (BOS/EOS skipped). A model can emit byte sequences that are not valid
+        UTF-8 (half a character); those bytes are shown as U+FFFD instead of failing."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # ---- saving --------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """A JSON-able description: the merges, in the order they were learned."""
+        return {"kind": self.kind, "merges": [list(m) for m in self.merges]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BPETokenizer:
+        if d.get("kind") != cls.kind or not isinstance(d.get("merges"), list):
+            raise ValueError("not a BPE tokenizer description: expected kind 'bpe' and merges")
+        return cls(d["merges"])
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)})"

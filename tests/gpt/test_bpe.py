@@ -1,0 +1,127 @@
+"""The byte-level BPE tokenizer: exact round trips on any text, merges learned from the data,
+serialisation, and the incremental trainer checked against a slow from-scratch trainer."""
+
+import json
+from collections import Counter
+from itertools import pairwise
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gpt.bpe import _CHUNK_RE, BPETokenizer
+
+TRAIN_TEXT = (
+    "the cat sat on the mat. the dog sat on the log.\n"
+    "Is this the thing? That is the thing!  Then, then 1234 5678 1234.\n"
+) * 20
+
+
+@pytest.fixture(scope="module")
+def tok() -> BPETokenizer:
+    return BPETokenizer.train(TRAIN_TEXT, 280)
+
+
+def _slow_merges(text: str, num_merges: int) -> list:
+    """The textbook trainer: re-count every pair from scratch before each merge."""
+    words = Counter(tuple(c.encode("utf-8")) for c in _CHUNK_RE.findall(text))
+    merges = []
+    for new_id in range(256, 256 + num_merges):
+        counts = Counter()
+        for word, freq in words.items():
+            for pair in pairwise(word):
+                counts[pair] += freq
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))
+        if counts[best] < 2:
+            break
+        merges.append(best)
+        merged = Counter()
+        for word, freq in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(new_id)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += freq
+        words = merged
+    return merges
+
+
+def test_ids_layout(tok):
+    assert tok.vocab_size == 280
+    assert len(tok.merges) == 280 - 258
+    assert (tok.bos_id, tok.eos_id) == (278, 279)
+    # The most frequent pair in the text is learned first and is a real byte pair of it.
+    assert tok.token_bytes[256] in TRAIN_TEXT.encode()
+
+
+def test_encoding_compresses_training_text(tok):
+    ids = tok.encode(TRAIN_TEXT)
+    assert len(ids) < 0.5 * len(TRAIN_TEXT.encode())
+    assert max(ids) < tok.bos_id
+
+
+def test_incremental_trainer_matches_from_scratch_trainer():
+    text = TRAIN_TEXT + "aaaa aaa aa abab ababab ééé 日本語日本語 \n\n\n  x"
+    assert BPETokenizer.train(text, 258 + 60).merges == _slow_merges(text, 60)
+
+
+@given(st.text(max_size=200))
+def test_round_trip_any_text(tok, text):
+    # Includes characters never seen in training: they fall back to their UTF-8 bytes.
+    assert tok.decode(tok.encode(text)) == text
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=120))
+def test_round_trip_with_a_tokenizer_trained_on_the_text_itself(text):
+    t = BPETokenizer.train(text * 3, 400)
+    assert t.decode(t.encode(text)) == text
+    assert t.decode(t.encode(text * 3)) == text * 3
+
+
+def test_unseen_characters_and_emoji(tok):
+    text = "Grüße, 世界! 🙂🚀 \t\r\n é\u0301 \u200b_x__y"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert all(0 <= i < tok.bos_id for i in ids)
+
+
+def test_decode_skips_bos_eos_and_replaces_broken_utf8(tok):
+    ids = tok.encode("hi")
+    assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == "hi"
+    assert tok.decode([0xE6]) == "\ufffd"  # half of a 3-byte character
+    with pytest.raises(ValueError, match="outside"):
+        tok.decode([tok.vocab_size])
+
+
+def test_to_dict_from_dict_round_trip(tok):
+    d = json.loads(json.dumps(tok.to_dict()))
+    assert d["kind"] == "bpe"
+    again = BPETokenizer.from_dict(d)
+    assert again.merges == tok.merges and again.vocab_size == tok.vocab_size
+    assert again.encode(TRAIN_TEXT) == tok.encode(TRAIN_TEXT)
+
+
+@pytest.mark.parametrize(
+    "d", [{"kind": "char"}, {"kind": "bpe"}, {"kind": "bpe", "merges": [[1, 999]]}]
+)
+def test_from_dict_rejects_bad_descriptions(d):
+    with pytest.raises(ValueError):
+        BPETokenizer.from_dict(d)
+
+
+def test_tiny_text_stops_early_and_small_vocab_rejected():
+    t = BPETokenizer.train("abc", 1000)  # no pair occurs twice: no merges
+    assert t.merges == [] and t.vocab_size == 258
+    assert t.decode(t.encode("abc")) == "abc"
+    with pytest.raises(ValueError, match="at least 258"):
+        BPETokenizer.train("abc", 257)
+
+
+def test_training_is_deterministic():
+    assert BPETokenizer.train(TRAIN_TEXT, 320).merges == BPETokenizer.train(TRAIN_TEXT, 320).merges
