@@ -1,0 +1,229 @@
+"""The GPT model: exact gradients for every parameter (whole-model gradcheck in float64),
+parameter names/shapes/init, causality, loss at init, state_dict round trip and errors."""
+
+import math
+
+import numpy as np
+import pytest
+
+import tensorlite as tl
+from gpt.config import GPTConfig
+from gpt.model import GPT
+
+TINY = GPTConfig(vocab_size=7, block_size=4, n_layer=2, n_head=2, n_embd=8)
+
+
+def _ids(rng, cfg, B=2, T=None):
+    return rng.integers(0, cfg.vocab_size, size=(B, T or cfg.block_size))
+
+
+def _randomize(model, rng, scale=0.5):
+    """Move every parameter away from its init (gains off 1, larger weights), so attention is
+    not near-uniform and no gradient is trivially small."""
+    for p in model.parameters():
+        if p.ndim == 1:
+            p.data[...] = 1.0 + 0.3 * rng.standard_normal(p.shape)
+        else:
+            p.data[...] = scale * rng.standard_normal(p.shape)
+
+
+def test_whole_model_gradcheck_every_parameter():
+    rng = np.random.default_rng(0)
+    model = GPT(TINY, dtype=np.float64, seed=1)
+    _randomize(model, rng)
+    x, y = _ids(rng, TINY), _ids(rng, TINY)
+    params = model.parameters()
+    assert len(params) == 2 + 6 * TINY.n_layer + 2
+
+    def loss_fn(*_):
+        return model(x, y)[1]
+
+    assert tl.gradcheck(loss_fn, params, atol=1e-6, rtol=1e-4)
+
+
+def test_whole_model_gradcheck_logits_with_short_sequence():
+    # T < block_size, and a random cotangent on all logits (not only through the loss).
+    rng = np.random.default_rng(1)
+    model = GPT(TINY, dtype=np.float64, seed=2)
+    _randomize(model, rng)
+    x = _ids(rng, TINY, B=2, T=3)
+    assert tl.gradcheck(lambda *_: model(x)[0], model.parameters(), atol=1e-6, rtol=1e-4)
+
+
+def test_a_wrong_gradient_is_caught(monkeypatch):
+    # The check above is not vacuous: corrupting one op's backward makes it fail.
+    rng = np.random.default_rng(2)
+    model = GPT(TINY, dtype=np.float64, seed=3)
+    _randomize(model, rng)
+    x, y = _ids(rng, TINY), _ids(rng, TINY)
+    original = tl.functional.ReluSquared.backward
+
+    def wrong(self, dout):
+        return original(self, dout) * 1.01
+
+    monkeypatch.setattr(tl.functional.ReluSquared, "backward", wrong)
+    with pytest.raises(tl.GradcheckError):
+        tl.gradcheck(lambda *_: model(x, y)[1], [model.params["h.0.mlp.c_fc.weight"]])
+
+
+def test_parameter_names_shapes_and_order():
+    cfg = GPTConfig(vocab_size=11, block_size=5, n_layer=2, n_head=2, n_embd=8)
+    model = GPT(cfg)
+    V, T, C = 11, 5, 8
+    expected = [("wte", (V, C)), ("wpe", (T, C))]
+    for i in range(2):
+        expected += [
+            (f"h.{i}.ln_1.weight", (C,)),
+            (f"h.{i}.attn.c_attn.weight", (C, 3 * C)),
+            (f"h.{i}.attn.c_proj.weight", (C, C)),
+            (f"h.{i}.ln_2.weight", (C,)),
+            (f"h.{i}.mlp.c_fc.weight", (C, 4 * C)),
+            (f"h.{i}.mlp.c_proj.weight", (4 * C, C)),
+        ]
+    expected += [("ln_f.weight", (C,)), ("lm_head.weight", (C, V))]
+    assert [(n, p.shape) for n, p in model.params.items()] == expected
+    assert model.num_params() == sum(math.prod(s) for _, s in expected)
+    assert model.parameters() == list(model.params.values())
+    assert all(p.requires_grad and p.dtype == np.float32 for p in model.parameters())
+
+
+def test_init_statistics():
+    cfg = GPTConfig(vocab_size=300, block_size=64, n_layer=8, n_head=4, n_embd=64)
+    model = GPT(cfg, seed=0)
+    proj_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+    for name, p in model.params.items():
+        d = p.data
+        if name.endswith(("ln_1.weight", "ln_2.weight")) or name == "ln_f.weight":
+            assert np.all(d == 1.0), name
+            continue
+        std = proj_std if name.endswith("c_proj.weight") else 0.02
+        assert abs(d.mean()) < 4 * std / math.sqrt(d.size), name
+        assert abs(d.std() / std - 1) < 0.05, (name, d.std(), std)
+
+
+def test_same_seed_same_weights_and_dtypes_agree():
+    a, b = GPT(TINY, seed=5), GPT(TINY, seed=5)
+    c = GPT(TINY, dtype=np.float64, seed=5)
+    d = GPT(TINY, seed=6)
+    for n in a.params:
+        np.testing.assert_array_equal(a.params[n].data, b.params[n].data)
+        np.testing.assert_allclose(a.params[n].data, c.params[n].data, rtol=1e-6)
+    assert not np.array_equal(a.params["wte"].data, d.params["wte"].data)
+
+
+def test_causality_future_tokens_do_not_change_earlier_logits():
+    cfg = GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    rng = np.random.default_rng(3)
+    model = GPT(cfg, dtype=np.float64, seed=0)
+    _randomize(model, rng)
+    x = _ids(rng, cfg, B=3)
+    base = model(x)[0].data
+    for t in range(cfg.block_size):
+        x2 = x.copy()
+        x2[:, t] = (x2[:, t] + 1) % cfg.vocab_size
+        out = model(x2)[0].data
+        np.testing.assert_allclose(out[:, :t], base[:, :t], rtol=0, atol=1e-12)
+        assert not np.allclose(out[:, t], base[:, t])  # the changed position itself does move
+
+
+def test_loss_at_init_close_to_log_vocab():
+    cfg = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=64)
+    rng = np.random.default_rng(4)
+    model = GPT(cfg, seed=0)
+    _, loss = model(_ids(rng, cfg, B=8), _ids(rng, cfg, B=8))
+    assert loss.shape == ()
+    assert abs(loss.item() - math.log(65)) < 0.1
+
+
+def test_logits_shape_and_no_loss_without_targets():
+    model = GPT(TINY)
+    logits, loss = model(np.zeros((3, 2), dtype=np.int64))
+    assert logits.shape == (3, 2, 7) and loss is None
+
+
+def test_dropout_only_in_training_and_reproducible_with_rng():
+    cfg = GPTConfig(vocab_size=7, block_size=4, n_layer=1, n_head=2, n_embd=8, dropout=0.5)
+    model = GPT(cfg, dtype=np.float64)
+    x = _ids(np.random.default_rng(0), cfg)
+    eval_a, eval_b = model(x)[0].data, model(x)[0].data
+    np.testing.assert_array_equal(eval_a, eval_b)
+    t1 = model(x, training=True, rng=np.random.default_rng(9))[0].data
+    t2 = model(x, training=True, rng=np.random.default_rng(9))[0].data
+    np.testing.assert_array_equal(t1, t2)
+    assert not np.allclose(t1, eval_a)
+
+
+def test_bad_inputs_raise_one_line_errors():
+    model = GPT(TINY)
+    for bad, match in [
+        (np.zeros((2, 5), dtype=np.int64), "block_size"),
+        (np.full((2, 3), 7), "outside"),
+        (np.zeros(3, dtype=np.int64), r"\(B, T\)"),
+        (np.zeros((2, 3)), "integer"),
+    ]:
+        with pytest.raises(ValueError, match=match) as e:
+            model(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="targets"):
+        model(np.zeros((2, 3), dtype=np.int64), np.zeros((2, 2), dtype=np.int64))
+    with pytest.raises(ValueError, match="divisible"):
+        GPT(GPTConfig(vocab_size=7, n_head=3, n_embd=8))
+
+
+def test_state_dict_round_trip():
+    a = GPT(TINY, seed=0)
+    b = GPT(TINY, seed=1)
+    sd = a.state_dict()
+    assert list(sd) == list(a.params)
+    assert all(isinstance(v, np.ndarray) for v in sd.values())
+    sd["wte"][0, 0] = 123.0  # a copy: changing it leaves the model alone
+    assert a.params["wte"].data[0, 0] != 123.0
+    held = b.params["wte"]
+    b.load_state_dict(a.state_dict())
+    assert b.params["wte"] is held  # loaded in place: an optimizer's references stay valid
+    x = _ids(np.random.default_rng(0), TINY)
+    np.testing.assert_array_equal(a(x)[0].data, b(x)[0].data)
+    c = GPT(TINY, dtype=np.float64, seed=2)
+    c.load_state_dict(a.state_dict())  # float32 weights into a float64 model: cast
+    assert c.params["wte"].dtype == np.float64
+    np.testing.assert_allclose(c(x)[0].data, a(x)[0].data, rtol=1e-4, atol=1e-6)
+
+
+def test_load_state_dict_errors_name_the_problem_and_change_nothing():
+    model = GPT(TINY, seed=0)
+    before = model.state_dict()
+    sd = GPT(TINY, seed=1).state_dict()
+
+    missing = dict(sd)
+    del missing["h.1.mlp.c_fc.weight"]
+    with pytest.raises(ValueError, match=r"missing h\.1\.mlp\.c_fc\.weight"):
+        model.load_state_dict(missing)
+
+    extra = dict(sd, **{"h.2.ln_1.weight": np.ones(8, np.float32)})
+    with pytest.raises(ValueError, match=r"unexpected h\.2\.ln_1\.weight"):
+        model.load_state_dict(extra)
+
+    wrong = dict(sd)
+    wrong["lm_head.weight"] = np.zeros((8, 9), np.float32)  # another vocabulary
+    with pytest.raises(ValueError, match=r"lm_head\.weight has shape \(8, 9\), expected \(8, 7\)"):
+        model.load_state_dict(wrong)
+
+    ints = dict(sd)
+    ints["wte"] = np.zeros((7, 8), np.int64)
+    with pytest.raises(ValueError, match="dtype"):
+        model.load_state_dict(ints)
+
+    for name, arr in model.state_dict().items():
+        np.testing.assert_array_equal(arr, before[name])
+
+
+def test_zero_grad_and_backward_fill_every_parameter():
+    rng = np.random.default_rng(0)
+    model = GPT(TINY, seed=0)
+    _, loss = model(_ids(rng, TINY), _ids(rng, TINY))
+    loss.backward()
+    for name, p in model.params.items():
+        assert p.grad is not None and p.grad.shape == p.shape and p.grad.dtype == p.dtype, name
+        assert np.all(np.isfinite(p.grad)) and np.any(p.grad != 0), name
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
