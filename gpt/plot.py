@@ -34,6 +34,7 @@ def load_metrics(path: str | Path) -> list[dict]:
 
     Raises PlotError (one line) on a missing, empty or corrupt file. A last line without
     its newline that does not parse is dropped: training may be writing it right now.
+    When "iter" goes back (a resumed run), the lines it repeats are replaced by the new ones.
     """
     path = Path(path)
     try:
@@ -58,6 +59,9 @@ def load_metrics(path: str | Path) -> list[dict]:
         for key in ("train_loss", "val_loss", "lr"):
             if key in record and record[key] is not None and not _is_number(record[key]):
                 raise PlotError(f"{path} line {n}: {key} is {record[key]!r}, expected a number")
+        if records and record["iter"] < records[-1]["iter"]:
+            # A resumed run logs from its checkpoint's iteration again: the newer lines win.
+            records = [r for r in records if r["iter"] < record["iter"]]
         records.append(record)
     if not records:
         raise PlotError(f"{path} is empty: train for at least one log interval first")

@@ -85,6 +85,16 @@ def test_unfinished_last_line_is_ignored(tmp_path):
     assert len(load_metrics(path)) == len(RECORDS)
 
 
+def test_resumed_run_replaces_the_repeated_iterations(tmp_path):
+    # logged up to 50, resumed from a checkpoint at 30: the old 30..50 are superseded
+    resumed = [{"iter": 30, "train_loss": 2.0}, {"iter": 40, "train_loss": 1.9}]
+    path = write_run(tmp_path, RECORDS + resumed)
+    records = load_metrics(path)
+    assert [r["iter"] for r in records] == [0, 10, 20, 30, 40]
+    assert series(records, "train_loss")[1][-2:] == [2.0, 1.9]
+    assert series(records, "val_loss")[0] == [0.0]  # the eval at 40 belonged to the old run
+
+
 @pytest.mark.parametrize(
     "content, words",
     [
