@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 import tensorlite.functional as F
-from tensorlite import Tensor
+from tensorlite import Tensor, no_grad
 
 from .config import GPTConfig
 
@@ -131,6 +131,51 @@ class GPT:
             )
         return ids
 
+    # ---- sampling with a KV cache ----------------------------------------------------------
+    def forward_cached(self, idx_new, cache: KVCache) -> Tensor:
+        """Logits (B, Tn, V) of `idx_new` (B, Tn), the tokens that follow the `cache.length`
+        tokens whose keys and values `cache` already holds; their keys and values are added.
+
+        Each layer computes q, k, v for the new positions only; the new queries attend over
+        the cached keys plus the new ones (the causal mask lets query i see keys
+        j <= i + Tk - Tq). Up to float rounding this equals `self(all tokens)[:, -Tn:]`.
+        Inference only: runs under no_grad, no dropout."""
+        idx = self._check_ids(idx_new, "idx_new")
+        B, Tn = idx.shape
+        cfg, p, t0 = self.config, self.params, cache.length
+        if B != cache.k.shape[1] or t0 + Tn > cfg.block_size:
+            raise ValueError(
+                f"KV cache holds {t0} of {cfg.block_size} positions for batch "
+                f"{cache.k.shape[1]}; cannot add {Tn} positions for batch {B}"
+            )
+        with no_grad():
+            x = F.embedding(idx.reshape(-1), p["wte"])  # (B*Tn, C)
+            x = x.reshape(B, Tn, cfg.n_embd) + p["wpe"][t0 : t0 + Tn]  # positions t0.. t0+Tn-1
+            x = x.reshape(B * Tn, cfg.n_embd)
+            for i in range(cfg.n_layer):
+                h = f"h.{i}"
+                x = x + self._attention_cached(F.rms_norm(x, p[f"{h}.ln_1.weight"]), i, cache)
+                x = x + self.mlp(F.rms_norm(x, p[f"{h}.ln_2.weight"]), i)
+            logits = F.rms_norm(x, p["ln_f.weight"]) @ p["lm_head.weight"]  # (B*Tn, V)
+        cache.length = t0 + Tn
+        return logits.reshape(B, Tn, cfg.vocab_size)
+
+    def _attention_cached(self, x: Tensor, i: int, cache: KVCache) -> Tensor:
+        """Block i's attention for Tn new positions, x (B*Tn, C), reading and extending the
+        cache of layer i."""
+        B, H, _, hd = cache.k.shape[1:]
+        Tn, t0 = x.shape[0] // B, cache.length
+        t1 = t0 + Tn
+        qkv = x @ self.params[f"h.{i}.attn.c_attn.weight"]  # (B*Tn, 3C)
+        qkv = qkv.reshape(B, Tn, 3, H, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, Tn, hd)
+        cache.k[i, :, :, t0:t1] = qkv.data[1]  # store the new keys and values
+        cache.v[i, :, :, t0:t1] = qkv.data[2]
+        k = Tensor(cache.k[i, :, :, :t1])  # (B, H, t1, hd): every position so far
+        v = Tensor(cache.v[i, :, :, :t1])
+        y = F.scaled_dot_product_attention(qkv[0], k, v, causal=True)  # (B, H, Tn, hd)
+        y = y.transpose(0, 2, 1, 3).reshape(B * Tn, H * hd)  # (B*Tn, C)
+        return y @ self.params[f"h.{i}.attn.c_proj.weight"]
+
     # ---- parameters and their state ---------------------------------------------------------
     def parameters(self) -> list[Tensor]:
         return list(self.params.values())
@@ -171,3 +216,24 @@ class GPT:
             arrays[name] = a
         for name, p in self.params.items():
             p.data[...] = arrays[name]
+
+
+class KVCache:
+    """The keys and values of the positions a GPT has already seen, for each layer.
+
+    k and v are (n_layer, B, H, block_size, hd) arrays, filled from position 0; `length`
+    positions are valid. `forward_cached` writes the new positions' keys and values at
+    [length, length + Tn) and attends over [0, length + Tn). Positions are absolute (the
+    model learned one wpe row per position), so the cache cannot be shifted: a context that
+    must slide is re-read into a reset cache (see gpt/sample.py).
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int = 1, dtype=np.float32):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_dim)
+        self.k = np.zeros(shape, dtype=dtype)
+        self.v = np.zeros(shape, dtype=dtype)
+        self.length = 0
+
+    def reset(self) -> None:
+        """Forget every position (the arrays are kept and overwritten)."""
+        self.length = 0
