@@ -102,7 +102,7 @@ def tanh_backward(dout: np.ndarray, out: np.ndarray) -> np.ndarray:
     """dout * (1 - out**2)."""
     one = out.dtype.type(1)
     if use_numexpr("fused", out.size):
-        return _ne("dout * (one - out * out)", dout=dout, out=out, one=one)
+        return _ne("dout * (one - y * y)", dout=dout, y=out, one=one)  # not out=: _ne's output buffer
     return dout * (one - out * out)
 
 
@@ -110,7 +110,7 @@ def sigmoid_backward(dout: np.ndarray, out: np.ndarray) -> np.ndarray:
     """dout * out * (1 - out)."""
     one = out.dtype.type(1)
     if use_numexpr("fused", out.size):
-        return _ne("dout * out * (one - out)", dout=dout, out=out, one=one)
+        return _ne("dout * y * (one - y)", dout=dout, y=out, one=one)
     return dout * out * (one - out)
 
 
