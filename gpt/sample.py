@@ -1,0 +1,206 @@
+"""Generating text from a trained GPT: temperature, top-k and top-p (nucleus) filtering, and a
+KV cache so that each new token costs one position of work per layer.
+
+    python -m gpt.sample --out-dir out --prompt "ROMEO:" --max-new-tokens 200 --top-k 40
+
+The library entry point is `generate(model, tokenizer, prompt, max_new_tokens, ...)`; the
+filtering is the pure function `filter_probs(logits, temperature, top_k, top_p)`.
+
+The context window. The model learned one position embedding per position 0..block_size-1, so
+a context can hold at most block_size tokens and the keys/values in a cache belong to the
+positions they were computed at. When the window is full, we keep its last half
+(`keep_after_slide(block_size)` tokens), re-read them into a reset cache at positions 0.., and
+go on. Both paths (with and without the cache) follow this same rule, so they compute the same
+logits and, with the same seed, produce the same text. The re-read costs block_size/2 positions
+once every block_size/2 tokens: about one extra position per token, instead of block_size per
+token for a window that slides by one (which would shift every position at every step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from tensorlite import no_grad
+
+from .model import GPT, KVCache
+
+
+# ---- the distribution to sample from --------------------------------------------------------
+def filter_probs(
+    logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> np.ndarray:
+    """Probabilities (V,) float64 to sample the next token from, given its logits (V,).
+
+    1. temperature: softmax(logits / temperature); temperature 0 means greedy: all the mass
+       on the argmax (the first one on a tie).
+    2. top_k: keep the k most probable tokens (ties broken towards the lower id).
+    3. top_p: of those, keep the smallest most-probable-first set whose probability reaches
+       top_p (at least one token).
+    The kept probabilities are renormalised to sum to 1; the rest are 0.
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1)  # (V,)
+    V = logits.size
+    if temperature == 0:
+        probs = np.zeros(V)
+        probs[np.argmax(logits)] = 1.0
+        return probs
+    z = logits / temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    if top_k is None and top_p is None:
+        return probs
+    order = np.argsort(-probs, kind="stable")  # most probable first; ties: lower id first
+    keep = V if top_k is None else min(top_k, V)
+    if top_p is not None:
+        top = probs[order[:keep]]
+        cum = np.cumsum(top / top.sum())  # top-p looks at the top-k distribution, renormalised
+        # The first prefix whose sum reaches p; 1e-12 of slack so that rounding cannot make
+        # 0.5 + 0.3 miss 0.8 and take one token more.
+        keep = min(int(np.searchsorted(cum, top_p - 1e-12, side="left")) + 1, keep)
+    out = np.zeros(V)
+    out[order[:keep]] = probs[order[:keep]]
+    return out / out.sum()
+
+
+def sample_from(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One token id drawn from `probs` with ONE uniform number (inverse CDF), so that two
+    runs with the same generator draw the same ids from the same probabilities."""
+    cdf = np.cumsum(probs)
+    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    return min(i, int(np.flatnonzero(probs)[-1]))  # never past the last possible token
+
+
+def check_sampling_args(
+    temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int = 0
+) -> None:
+    """Raise ValueError (one line, naming the CLI flag) for settings that make no sense."""
+    if not temperature >= 0:  # also catches NaN
+        raise ValueError(f"--temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and (int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"--top-k must be an integer >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be an integer >= 0, got {max_new_tokens}")
+
+
+# ---- the generation loop --------------------------------------------------------------------
+def keep_after_slide(block_size: int) -> int:
+    """How many of the latest tokens stay in the context when the window is full."""
+    return max(1, block_size // 2)
+
+
+def generate(
+    model: GPT,
+    tokenizer,
+    prompt: str | None,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_kv_cache: bool = True,
+    rng: np.random.Generator | None = None,
+) -> str:
+    """The prompt followed by up to `max_new_tokens` sampled tokens, as text.
+
+    An empty or None prompt starts from BOS. Generation stops early when the model samples
+    EOS (which is not part of the text). `rng` (if given) is used instead of `seed`.
+    With use_kv_cache=False every step runs the whole context through the model; the result
+    is the same text (see the module docstring for the context window both paths share).
+    """
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    rng = rng if rng is not None else np.random.default_rng(seed)
+    ids = list(tokenizer.encode(prompt)) if prompt else []
+    if not ids:
+        ids = [tokenizer.bos_id]
+    block = model.config.block_size
+    start = max(0, len(ids) - block)  # the context is ids[start:], at positions 0, 1, ...
+    cache = KVCache(model.config, 1, model.dtype) if use_kv_cache else None
+    for _ in range(max_new_tokens):
+        if cache is not None:
+            new = ids[start + cache.length :]  # the tokens the cache has not seen yet
+            logits = model.forward_cached(np.array([new]), cache).data[0, -1]  # (V,)
+        else:
+            with no_grad():
+                logits = model(np.array([ids[start:]]))[0].data[0, -1]  # (V,)
+        token = sample_from(filter_probs(logits, temperature, top_k, top_p), rng)
+        if token == tokenizer.eos_id:
+            break
+        ids.append(token)
+        if len(ids) - start > block:  # the window is full: keep its last half, from 0 again
+            start = len(ids) - keep_after_slide(block)
+            if cache is not None:
+                cache.reset()
+    return tokenizer.decode(ids)
+
+
+# ---- the command line -------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m gpt.sample", description="Generate text from a gpt.train checkpoint."
+    )
+    ap.add_argument("--out-dir", default="out", help="the training run's folder (default: out)")
+    ap.add_argument("--prompt", default="", help="text to continue (default: start from BOS)")
+    ap.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
+    ap.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (argmax)")
+    ap.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
+    ap.add_argument(
+        "--top-p", type=float, default=None, help="keep the smallest set reaching probability p"
+    )
+    ap.add_argument("--num-samples", type=int, default=1, help="how many samples to print")
+    ap.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
+    ap.add_argument(
+        "--no-kv-cache", action="store_true", help="recompute the whole context at every step"
+    )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+        if args.num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+        from .checkpoint import load_model
+
+        model, tokenizer = load_model(args.out_dir)
+        if args.prompt:
+            ids = tokenizer.encode(args.prompt)  # unknown characters: ValueError naming them
+            if ids and max(ids) >= model.config.vocab_size:
+                raise ValueError(
+                    f"the prompt encodes to token id {max(ids)} but the model has only "
+                    f"{model.config.vocab_size}; the checkpoint's tokenizer and model disagree"
+                )
+        rng = np.random.default_rng(args.seed)
+        for n in range(args.num_samples):
+            if n:
+                print(f"\n---------- sample {n + 1} ----------", flush=True)
+            elif args.num_samples > 1:
+                print("---------- sample 1 ----------", flush=True)
+            text = generate(
+                model,
+                tokenizer,
+                args.prompt,
+                args.max_new_tokens,
+                args.temperature,
+                args.top_k,
+                args.top_p,
+                use_kv_cache=not args.no_kv_cache,
+                rng=rng,
+            )
+            print(text, flush=True)
+    except (ValueError, OSError) as e:
+        print(f"gpt.sample: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Sampling: the temperature / top-k / top-p filter (property-tested on random distributions),
+the KV cache (same logits and same text as recomputing the whole context, also past
+block_size), and `python -m gpt.sample` (its output and its one-line errors)."""
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from gpt.bpe import BPETokenizer
+from gpt.config import GPTConfig
+from gpt.model import GPT, KVCache
+from gpt.sample import filter_probs, generate, keep_after_slide, sample_from
+from gpt.tokenizer import CharTokenizer
+from tensorlite import Tensor, no_grad
+
+TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+
+logits_st = arrays(
+    np.float64,
+    st.integers(1, 40),
+    elements=st.floats(-20, 20, allow_nan=False, allow_infinity=False),
+)
+
+
+def softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+# ---- filter_probs ------------------------------------------------------------------------------
+@given(
+    logits_st,
+    st.floats(0.05, 5.0),
+    st.one_of(st.none(), st.integers(1, 50)),
+    st.one_of(st.none(), st.floats(0.01, 1.0)),
+)
+def test_filter_keeps_the_right_set_and_renormalises(logits, temperature, top_k, top_p):
+    probs = filter_probs(logits, temperature, top_k, top_p)
+    full = softmax(logits / temperature)
+    kept = probs > 0
+    assert probs.shape == logits.shape
+    assert probs.sum() == pytest.approx(1.0, abs=1e-12) and (probs >= 0).all()
+    # The kept tokens are the most probable ones: none outside beats one inside.
+    if (~kept).any():
+        assert full[kept].min() >= full[~kept].max()
+    # Renormalised: proportional to the temperature-scaled softmax on the kept set.
+    np.testing.assert_allclose(probs[kept], full[kept] / full[kept].sum(), rtol=1e-9, atol=1e-300)
+    m = int(kept.sum())
+    k = len(logits) if top_k is None else min(top_k, len(logits))
+    if top_k is not None:
+        assert m <= k
+    # top-p: the top-k distribution's most-probable-first prefix that first reaches p.
+    ranked = np.sort(full)[::-1][:k]
+    ranked = ranked / ranked.sum()
+    if top_p is None:
+        assert m == k or (full[~kept] == 0).all()
+    else:
+        assert ranked[: m - 1].sum() < top_p + 1e-9  # one fewer would not reach p
+        assert m == k or ranked[:m].sum() >= top_p - 1e-9  # these do reach p
+
+
+def test_filter_examples():
+    logits = np.log([0.5, 0.3, 0.15, 0.05])
+    np.testing.assert_allclose(filter_probs(logits, 1.0, top_p=0.8), [0.625, 0.375, 0, 0])
+    np.testing.assert_allclose(
+        filter_probs(logits, 1.0, top_p=0.81), np.array([0.5, 0.3, 0.15, 0]) / 0.95
+    )
+    np.testing.assert_allclose(filter_probs(logits, 1.0, top_k=2), [0.625, 0.375, 0, 0])
+    # top-k first, then top-p on the renormalised top-k: 0.625 reaches 0.6 alone.
+    np.testing.assert_allclose(filter_probs(logits, 1.0, top_k=2, top_p=0.6), [1, 0, 0, 0])
+    np.testing.assert_allclose(filter_probs(logits, 1.0, top_p=1e-9), [1, 0, 0, 0])
+    np.testing.assert_allclose(filter_probs(logits, 1.0, top_p=1.0), [0.5, 0.3, 0.15, 0.05])
+    np.testing.assert_allclose(filter_probs([1.0, 3.0, 3.0], 0.0), [0, 1, 0])  # greedy: first max
+    np.testing.assert_allclose(filter_probs([1.0, 3.0, 3.0], 1.0, top_k=1), [0, 1, 0])
+
+
+@given(logits_st)
+def test_temperature_to_zero_is_argmax(logits):
+    top2 = np.sort(logits)[::-1][:2]
+    assume(len(logits) == 1 or top2[0] - top2[1] > 1e-3)
+    greedy = filter_probs(logits, 0.0)
+    assert greedy[np.argmax(logits)] == 1.0 and greedy.sum() == 1.0
+    assert filter_probs(logits, 1e-6)[np.argmax(logits)] == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"temperature": -0.1}, "--temperature"),
+        ({"temperature": float("nan")}, "--temperature"),
+        ({"top_k": 0}, "--top-k"),
+        ({"top_p": 0.0}, "--top-p"),
+        ({"top_p": 1.5}, "--top-p"),
+    ],
+)
+def test_filter_rejects_bad_settings(kwargs, flag):
+    with pytest.raises(ValueError, match=flag):
+        filter_probs(np.zeros(3), **kwargs)
+
+
+def test_sample_from_follows_the_distribution():
+    probs = np.array([0.1, 0.0, 0.6, 0.3])
+    rng = np.random.default_rng(0)
+    draws = np.array([sample_from(probs, rng) for _ in range(4000)])
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    assert freq[1] == 0
+    np.testing.assert_allclose(freq, probs, atol=0.03)
+    assert sample_from(np.array([0.0, 1.0, 0.0]), np.random.default_rng(1)) == 1
+
+
+# ---- the KV cache --------------------------------------------------------------------------------
+def tiny_model(vocab_size: int, block_size: int = 16, seed: int = 0) -> GPT:
+    cfg = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=16)
+    return GPT(cfg, dtype=np.float64, seed=seed)
+
+
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=6), st.integers(1, 2))
+def test_cached_forward_matches_full_forward(chunks, batch):
+    model = tiny_model(20, block_size=16, seed=3)
+    total = min(sum(chunks), 16)
+    idx = np.random.default_rng(sum(chunks)).integers(0, 20, (batch, total))
+    with no_grad():
+        full = model(idx)[0].data  # (B, T, V)
+    cache, t, parts = KVCache(model.config, batch, np.float64), 0, []
+    for n in chunks:
+        if t >= total:
+            break
+        parts.append(model.forward_cached(idx[:, t : t + n], cache).data)
+        t = min(t + n, total)
+    assert cache.length == total
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-10, atol=1e-12)
+
+
+def test_cache_refuses_to_overflow():
+    model = tiny_model(10, block_size=4)
+    cache = KVCache(model.config, 1, np.float64)
+    model.forward_cached(np.zeros((1, 3), dtype=np.int64), cache)
+    with pytest.raises(ValueError, match="cannot add 2 positions"):
+        model.forward_cached(np.zeros((1, 2), dtype=np.int64), cache)
+
+
+@pytest.fixture(scope="module")
+def char_setup():
+    tok = CharTokenizer.from_text(TEXT)
+    return tiny_model(tok.vocab_size, block_size=16, seed=1), tok
+
+
+@pytest.mark.parametrize(
+    "prompt, kwargs",
+    [
+        (None, {"temperature": 1.0}),
+        ("To be", {"temperature": 0.8, "top_k": 5}),
+        ("", {"temperature": 1.3, "top_p": 0.9}),
+        (TEXT[:40], {"temperature": 1.0, "top_k": 10, "top_p": 0.95}),  # prompt longer than block
+        ("the", {"temperature": 0.0}),
+    ],
+)
+def test_same_text_with_and_without_cache_past_block_size(char_setup, prompt, kwargs):
+    model, tok = char_setup
+    n = 3 * model.config.block_size + 5  # the window slides several times
+    cached = generate(model, tok, prompt, n, seed=7, use_kv_cache=True, **kwargs)
+    plain = generate(model, tok, prompt, n, seed=7, use_kv_cache=False, **kwargs)
+    assert cached == plain
+    assert cached.startswith(prompt or "")
+    assert len(cached) <= len(prompt or "") + n
+
+
+def test_fixed_seed_same_text_other_seed_other_text(char_setup):
+    model, tok = char_setup
+    a = generate(model, tok, "To", 40, seed=1)
+    assert generate(model, tok, "To", 40, seed=1) == a
+    assert generate(model, tok, "To", 40, rng=np.random.default_rng(1)) == a
+    assert generate(model, tok, "To", 40, seed=2) != a
+    assert generate(model, tok, "To", 0, seed=1) == "To"
+
+
+def test_bpe_generation_same_with_and_without_cache():
+    tok = BPETokenizer.train(TEXT * 5, 300)
+    model = tiny_model(tok.vocab_size, block_size=8, seed=2)
+    kwargs = {"temperature": 0.9, "top_k": 50, "seed": 3}
+    assert generate(model, tok, "To be", 30, **kwargs) == generate(
+        model, tok, "To be", 30, use_kv_cache=False, **kwargs
+    )
+
+
+def test_generate_rejects_bad_settings(char_setup):
+    model, tok = char_setup
+    with pytest.raises(ValueError, match="--max-new-tokens"):
+        generate(model, tok, "To", -1)
+    with pytest.raises(ValueError, match="do not know|does not know"):
+        generate(model, tok, "To be? Zebra!", 5)
+
+
+class ScriptedModel:
+    """A stand-in GPT that always predicts the next id of `script` (then EOS), and records
+    how many positions each call processed, to check the cache's bookkeeping."""
+
+    def __init__(self, script, vocab_size, block_size):
+        self.config = GPTConfig(vocab_size, block_size, n_layer=1, n_head=1, n_embd=4)
+        self.dtype = np.float64
+        self.script, self.calls = script, []
+
+    def _logits(self, n_seen):
+        logits = np.zeros(self.config.vocab_size)
+        nxt = self.script[n_seen] if n_seen < len(self.script) else self.config.vocab_size - 1
+        logits[nxt] = 50.0
+        return logits
+
+    def forward_cached(self, idx, cache):
+        self.calls.append(idx.shape[1])
+        cache.length += idx.shape[1]
+        return Tensor(self._logits(len(self.calls) - 1)[None, None])
+
+
+def test_generation_stops_at_eos_and_the_cache_costs_one_position_per_token():
+    tok = CharTokenizer.from_text("abc")  # ids a=0 b=1 c=2 BOS=3 EOS=4
+    script = [0, 1, 2, 0] * 4  # then EOS
+    model = ScriptedModel(script, tok.vocab_size, block_size=8)
+    text = generate(model, tok, None, 100, temperature=0.0)
+    assert text == "abca" * 4
+    # BOS, then one position per new token; when the window (8) overflows it keeps its
+    # last 4 tokens, which are re-read into the reset cache (twice here).
+    assert keep_after_slide(8) == 4
+    assert model.calls == [1] * 8 + [4] + [1] * 4 + [4] + [1] * 3
