@@ -11,6 +11,7 @@ Read docs/autograd.md for the tour; `tensorlite.functional` holds the fused ops,
 from . import functional
 from .autograd import is_grad_enabled, no_grad
 from .gradcheck import GradcheckError, gradcheck
+from .graph import show_graph
 from .kernels import get_num_threads, set_num_threads
 from .tensor import Tensor, concatenate, stack, where
 
@@ -27,5 +28,6 @@ __all__ = [
     "get_num_threads",
     "gradcheck",
     "GradcheckError",
+    "show_graph",
     "functional",
 ]

@@ -1,0 +1,116 @@
+"""Pictures of the recorded graph: `to_dot(t)` writes Graphviz DOT text (render it with
+`dot -Tpng graph.dot -o graph.png`), `show_graph(t)` a text tree for the terminal.
+
+Both walk back from `t` the way backward does: a tensor's producer is `t._ctx` (a Function,
+or None for a leaf), the producer's inputs are `t._ctx.parents`. The walk is iterative,
+so a 10,000-op chain draws as well as a 3-op one. No graphviz package is needed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .tensor import Tensor
+
+
+def _tensors_in_order(root: Tensor) -> list:
+    """Every tensor that leads to `root` (root first), each once, depth-first."""
+    order, seen, stack = [], set(), [root]
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        order.append(t)
+        if t._ctx is not None:
+            stack.extend(reversed(t._ctx.parents))  # first input is visited first
+    return order
+
+
+def _kind(t: Tensor) -> str:
+    if t._ctx is not None:
+        return type(t._ctx).__name__
+    return "leaf" if t.requires_grad else "const"
+
+
+def grad_summary(g: np.ndarray) -> str:
+    """A short description of a gradient: its values when small, else mean and max |g|."""
+    if g.size <= 4:
+        return "grad " + np.array2string(np.asarray(g), precision=4, separator=", ")
+    return f"grad mean {g.mean():.4g}, max|g| {np.abs(g).max():.4g}"
+
+
+def _describe(t: Tensor) -> list:
+    """The facts about a tensor shown in both pictures: name, shape, dtype, grad."""
+    parts = [f"{t.name!r}"] if t.name else []
+    parts.append(f"shape {t.shape} {t.dtype}")
+    if t.grad is not None:
+        parts.append(grad_summary(t.grad))
+    return parts
+
+
+def _dot_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_dot(t: Tensor) -> str:
+    """Graphviz DOT text of the graph that produced `t`.
+
+    Tensors are boxes (name, shape, dtype, gradient summary when `.grad` is set; leaves that
+    require grad are filled, constants dashed), ops are ellipses named by their Function
+    class (`MatMul`, `Sum`, ...). Edges run input -> op -> output.
+    """
+    tensors = _tensors_in_order(t)
+    ids = {id(x): f"t{i}" for i, x in enumerate(tensors)}
+    lines = ["digraph tensorlite {", "  node [fontname=Helvetica, fontsize=10];"]
+    for x in tensors:
+        style = {"leaf": ", style=filled, fillcolor=lightblue", "const": ", style=dashed"}
+        label = "\\n".join(_dot_quote(p)[1:-1] for p in _describe(x))
+        lines.append(f'  {ids[id(x)]} [shape=box, label="{label}"{style.get(_kind(x), "")}];')
+    for x in tensors:
+        if x._ctx is None:
+            continue
+        op = f"op_{ids[id(x)]}"  # one Function makes exactly one tensor
+        lines.append(f"  {op} [shape=ellipse, label={_dot_quote(type(x._ctx).__name__)}];")
+        for parent in x._ctx.parents:
+            lines.append(f"  {ids[id(parent)]} -> {op};")
+        lines.append(f"  {op} -> {ids[id(x)]};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def show_graph(t: Tensor, file=None) -> str:
+    """Print (to `file`, default stdout) and return a text tree of the graph that produced `t`.
+
+    Each line is one tensor: `#k`, how it was made (`<- Op`, `leaf` or `const`) and its
+    facts; its inputs hang below it. A tensor used twice is drawn once; later mentions say
+    `(see #k above)`.
+
+        #0 <- Sum  shape () float32
+        └── #1 <- Mul  shape (3,) float32
+            ├── #2 leaf  'x'  shape (3,) float32
+            └── #2 (see above)
+    """
+    number: dict[int, int] = {}
+    lines = []
+    stack = [(t, "", "")]  # (tensor, prefix of its line, prefix of its children's lines)
+    while stack:
+        x, head, tail = stack.pop()
+        if id(x) in number:
+            lines.append(f"{head}#{number[id(x)]} (see above)")
+            continue
+        number[id(x)] = len(number)
+        kind = _kind(x)
+        made = f"<- {kind}" if x._ctx is not None else kind
+        lines.append(f"{head}#{number[id(x)]} {made}  " + "  ".join(_describe(x)))
+        parents = x._ctx.parents if x._ctx is not None else ()
+        for i in reversed(range(len(parents))):  # pushed last-first, so popped in order
+            last = i == len(parents) - 1
+            branch, indent = ("└── ", "    ") if last else ("├── ", "│   ")
+            stack.append((parents[i], tail + branch, tail + indent))
+    text = "\n".join(lines)
+    print(text, file=file)
+    return text
