@@ -6,6 +6,7 @@ broadcasting rule `unbroadcast`, `no_grad`, and the iterative reverse-mode drive
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
@@ -14,6 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .tensor import Tensor
 
 _grad_enabled = True
+_profile = None  # set by tensorlite.profiler.profile(): {(op name, "forward"|"backward"): [calls, s]}
 
 
 def is_grad_enabled() -> bool:
@@ -29,6 +31,12 @@ def no_grad() -> Iterator[None]:
         yield
     finally:
         _grad_enabled = previous
+
+
+def _record(op: str, phase: str, seconds: float) -> None:
+    entry = _profile.setdefault((op, phase), [0, 0.0])
+    entry[0] += 1
+    entry[1] += seconds
 
 
 def unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
@@ -65,7 +73,12 @@ class Function:
 
         tensors = tuple(as_tensor(t) for t in inputs)
         fn = cls()
-        data = fn.forward(*(t.data for t in tensors), **options)
+        if _profile is None:
+            data = fn.forward(*(t.data for t in tensors), **options)
+        else:
+            t0 = time.perf_counter()
+            data = fn.forward(*(t.data for t in tensors), **options)
+            _record(cls.__name__, "forward", time.perf_counter() - t0)
         needs_grad = _grad_enabled and any(t.requires_grad for t in tensors)
         out = Tensor(data, requires_grad=needs_grad)
         if needs_grad:
@@ -139,7 +152,12 @@ def backward(root: "Tensor", grad: np.ndarray) -> None:
                 "backward() through a graph that was already freed: call backward() once "
                 "per forward pass (intermediate buffers are released after backward)"
             )
-        input_grads = fn.backward(dout)
+        if _profile is None:
+            input_grads = fn.backward(dout)
+        else:
+            t0 = time.perf_counter()
+            input_grads = fn.backward(dout)
+            _record(type(fn).__name__, "backward", time.perf_counter() - t0)
         if not isinstance(input_grads, tuple):
             input_grads = (input_grads,)
         for parent, g in zip(fn.parents, input_grads):

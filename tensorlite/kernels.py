@@ -76,10 +76,10 @@ def get_num_threads() -> int:
 
 
 # ---- transcendental ----------------------------------------------------------------------
-def exp(x: np.ndarray) -> np.ndarray:
+def exp(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     if use_numexpr("transcendental", x.size):
-        return _ne("exp(x)", x=x)
-    return np.exp(x)
+        return _ne("exp(x)", out=out, x=x)
+    return np.exp(x, out=out)
 
 
 def tanh(x: np.ndarray) -> np.ndarray:
@@ -178,6 +178,21 @@ def adamw_update(
     upd = np.divide(m, denom, out=denom)
     upd *= step_size
     p -= upd
+
+
+# ---- scatter ------------------------------------------------------------------------------------
+def scatter_add_rows(target: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> None:
+    """target[indices[n]] += rows[n] for every n, repeated indices accumulating.
+
+    Same result as np.add.at(target, indices, rows), ~6x faster here: sort the rows by
+    index, sum each run of equal indices with one reduceat, add each sum once.
+    """
+    if indices.size == 0:
+        return
+    order = np.argsort(indices, kind="stable")
+    sorted_idx = indices[order]
+    starts = np.flatnonzero(np.r_[True, sorted_idx[1:] != sorted_idx[:-1]])
+    target[sorted_idx[starts]] += np.add.reduceat(rows[order], starts, axis=0)
 
 
 # ---- the allocator ----------------------------------------------------------------------------
