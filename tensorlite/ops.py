@@ -117,7 +117,13 @@ class MatMul(Function):
                 f"({x.shape[-1]} != {y.shape[-2 if y.ndim > 1 else 0]})"
             )
         self.x, self.y = x, y
-        return np.matmul(x, y)
+        try:
+            return np.matmul(x, y)
+        except ValueError:  # NumPy's message says "remapped shapes"; name the user's shapes
+            raise ValueError(
+                f"matmul: shapes {x.shape} and {y.shape} do not match "
+                f"(batch dims {x.shape[:-2]} and {y.shape[:-2]} do not broadcast)"
+            ) from None
 
     def backward(self, dout):
         x, y = self.x, self.y
