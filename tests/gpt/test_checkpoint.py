@@ -3,6 +3,7 @@
 import json
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,15 +190,15 @@ def test_missing_and_damaged_checkpoints_are_named(tmp_path):
         ck.load_checkpoint(out)
     folder = ck.save_checkpoint(out, make_ckpt(1)[0])
     model_file = os.path.join(folder, "model.safetensors")
-    good = open(model_file, "rb").read()
+    good = Path(model_file).read_bytes()
 
-    open(model_file, "wb").write(good[: len(good) // 2])
+    Path(model_file).write_bytes(good[: len(good) // 2])
     with pytest.raises(ck.CheckpointError, match="truncated"):
         ck.load_checkpoint(out)
 
     flipped = bytearray(good)
     flipped[-1] ^= 0xFF  # same size, valid header, different bytes
-    open(model_file, "wb").write(bytes(flipped))
+    Path(model_file).write_bytes(bytes(flipped))
     with pytest.raises(ck.CheckpointError, match="sha256"):
         ck.load_checkpoint(out)
 
@@ -205,6 +206,6 @@ def test_missing_and_damaged_checkpoints_are_named(tmp_path):
     with pytest.raises(ck.CheckpointError, match="missing"):
         ck.load_checkpoint(out)
 
-    open(os.path.join(folder, "state.json"), "w").write("{not json")
+    Path(folder, "state.json").write_text("{not json")
     with pytest.raises(ck.CheckpointError, match="state.json is corrupt"):
         ck.load_checkpoint(out)
