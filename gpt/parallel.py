@@ -1,0 +1,273 @@
+"""Data-parallel gradient accumulation: each step's batch is split into shards, a pool of
+worker processes computes every shard's loss and gradients, and the parent combines them
+(weighted by tokens) into each parameter's `.grad`, ready for one clip and one optimizer step.
+This is the only module of the project that imports joblib.
+
+How the numbers travel (backend "loky", one machine):
+
+    parent                                      worker k (a persistent loky process)
+    copy weights -> weights file (memmap)  ...  maps the file read-only once; its model's
+                                                parameters ARE views into it (no copy)
+    send (step, x_k, y_k)  ------------------>  forward + backward on its shard
+                           <------------------  loss_k; writes its gradients to row k of
+                                                the gradients file (memmap)
+    grad = sum_k w_k * row_k,  loss = sum_k w_k * loss_k,  w_k = tokens_k / tokens
+
+So per step only the batch shards, the step number and one float per shard are pickled.
+Backend "dask" (a dask.distributed cluster, through joblib's dask backend): the machines share
+no files, so the weights travel as an argument (joblib scatters it once per step to the
+cluster) and each shard's gradients come back by value.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+
+import tensorlite
+
+from .config import GPTConfig
+from .model import GPT
+
+BACKENDS = ("loky", "dask")
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What a worker needs to rebuild the model and find the shared files (small; pickled
+    with every task). `key` names one DataParallel, so a worker process can serve several."""
+
+    key: str
+    config: dict  # GPTConfig.to_dict()
+    dtype: str
+    layout: tuple  # ((name, shape, offset), ...) of each parameter in the flat vector
+    size: int  # total number of parameter values
+    threads: int | None  # BLAS/numexpr threads in the worker (None: leave as is)
+    weights_path: str | None  # shared files (loky); None: weights come with each task (dask)
+    grads_path: str | None
+    shards: int
+
+
+class DataParallel:
+    """Loss and gradients of a batch, computed by `workers` processes on shards of it.
+
+        with DataParallel(model, workers=2) as dp:
+            for step in range(n):
+                loss = dp.loss_and_grads(x, y)   # fills every p.grad of model.params
+                clip_grad_norm(model.params, 1.0); opt.step(lr)
+
+    The result equals `model(x, y)` then `backward()` up to float rounding, because the mean
+    cross-entropy over B*T tokens is the token-weighted mean of the shards' means:
+
+        L = sum_k (n_k / n) L_k    and so    dL/dW = sum_k (n_k / n) dL_k/dW
+
+    Weights are read from `model` at every call, so the parent may change them freely (the
+    optimizer step, a checkpoint load) between calls. With dropout > 0 each shard draws its
+    own masks (seeded by step and shard), so runs match `workers=1` only without dropout.
+
+    backend: "loky" (processes on this machine) or "dask" (`scheduler` is the address of a
+    dask.distributed scheduler, e.g. "tcp://host:8786"). threads_per_worker: BLAS and numexpr
+    threads in each worker; by default os.cpu_count() // workers for loky (so workers x threads
+    <= cores) and unchanged for dask (set them with `dask-worker --nthreads`). A worker that
+    raises or dies turns into a RuntimeError with a one-line message.
+    """
+
+    def __init__(self, model: GPT, workers: int, backend: str = "loky",
+                 scheduler: str | None = None, threads_per_worker: int | None = None,
+                 timeout: float | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if int(workers) < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if backend == "dask" and not scheduler:
+            raise ValueError("--backend dask needs --scheduler ADDRESS (e.g. tcp://host:8786)")
+        self.model, self.workers, self.backend = model, int(workers), backend
+        self.step = 0  # calls so far: sent with each task (dropout seeds, sanity)
+        self._client = None
+        self._parallel = None
+        self._dir = None
+
+        layout, offset = [], 0
+        for name, p in model.params.items():
+            layout.append((name, p.shape, offset))
+            offset += p.size
+        if threads_per_worker is None and backend == "loky":
+            threads_per_worker = max(1, (os.cpu_count() or 1) // self.workers)
+
+        weights_path = grads_path = None
+        if backend == "loky":
+            # /dev/shm keeps the files in memory on Linux; any temp dir works elsewhere
+            base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+            self._dir = tempfile.mkdtemp(prefix="gpt-parallel-", dir=base)
+            weights_path = os.path.join(self._dir, "weights.bin")
+            grads_path = os.path.join(self._dir, "grads.bin")
+            self._weights = np.memmap(weights_path, dtype=model.dtype, mode="w+",
+                                      shape=(offset,))  # (P,) every parameter, flattened
+            self._grads = np.memmap(grads_path, dtype=model.dtype, mode="w+",
+                                    shape=(self.workers, offset))  # (workers, P)
+        else:
+            self._weights = np.empty(offset, dtype=model.dtype)  # (P,) sent with each task
+        # remove the files even if close() is never called
+        self._finalizer = weakref.finalize(self, _remove_dir, self._dir)
+
+        self.spec = _Spec(
+            key=uuid.uuid4().hex, config=model.config.to_dict(), dtype=model.dtype.name,
+            layout=tuple(layout), size=offset, threads=threads_per_worker,
+            weights_path=weights_path, grads_path=grads_path, shards=self.workers,
+        )
+        self.shard_fn = _shard_loss_and_grads  # what each task runs (tests swap it)
+        self._start(scheduler, timeout)
+
+    def _start(self, scheduler: str | None, timeout: float | None) -> None:
+        import joblib
+
+        if self.backend == "dask":
+            try:
+                from dask.distributed import Client
+            except ImportError:
+                raise RuntimeError(
+                    "--backend dask needs dask.distributed: pip install 'tensorlite-gpt[dask]'"
+                ) from None
+            try:
+                self._client = Client(scheduler, timeout="10s")
+            except (OSError, TimeoutError) as e:
+                raise RuntimeError(
+                    f"cannot reach the dask scheduler at {scheduler} ({e}); is it running?"
+                ) from None
+        # One Parallel, entered once: its pool of workers lives until close(). parallel_config
+        # resolves the backend by name (joblib registers "dask" on first use); with "dask" it
+        # runs the tasks through the default dask Client, the one made above.
+        # (max_nbytes=None: joblib must not memmap the small shards itself.)
+        with joblib.parallel_config(backend=self.backend):
+            self._parallel = joblib.Parallel(n_jobs=self.workers, max_nbytes=None,
+                                             timeout=timeout)
+        self._parallel.__enter__()
+
+    # ---- one step ----------------------------------------------------------------------------
+    def loss_and_grads(self, x, y) -> float:
+        """Mean cross-entropy of the batch (x, y), both (B, T) token ids; every parameter's
+        .grad is set to the gradient of that mean (a fresh array, owned by the parent)."""
+        if self._parallel is None:
+            raise RuntimeError("DataParallel is closed")
+        x, y = np.asarray(x), np.asarray(y)
+        if x.ndim != 2 or x.shape != y.shape:
+            raise ValueError(f"x and y must be (B, T) arrays of one shape, got {x.shape}, "
+                             f"{y.shape}")
+        B, T = x.shape
+        rows = np.array_split(np.arange(B), min(self.workers, B))  # shard k: rows[k]
+        for name, shape, offset in self.spec.layout:  # the current weights, flattened
+            p = self.model.params[name].data
+            self._weights[offset : offset + p.size] = p.reshape(-1)
+
+        shared = self.spec.weights_path is not None
+        weights = None if shared else self._weights
+        tasks = [(self.shard_fn, (self.spec, self.step, k, x[r], y[r], weights), {})
+                 for k, r in enumerate(rows)]
+        try:
+            results = self._parallel(tasks)
+        except Exception as e:  # a worker raised, died (loky) or the cluster failed
+            raise RuntimeError(
+                f"data-parallel worker failed at step {self.step}: {type(e).__name__}: "
+                f"{_first_line(e)}"
+            ) from e
+        self.step += 1
+
+        w = np.array([len(r) / B for r in rows], dtype=self.model.dtype)  # (K,) token weights
+        loss = float(sum(wk * lk for wk, (lk, _) in zip(w, results)))
+        if shared:
+            grad = w @ self._grads[: len(rows)]  # (K,) @ (K, P) -> (P,)
+        else:
+            grad = w @ np.stack([g for _, g in results])  # (K,) @ (K, P) -> (P,)
+        grad = np.asarray(grad)
+        for name, shape, offset in self.spec.layout:
+            p = self.model.params[name]
+            p.grad = grad[offset : offset + p.size].reshape(shape)
+        return loss
+
+    # ---- cleaning up -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop using the workers and remove the shared files. Safe to call twice."""
+        parallel, self._parallel = self._parallel, None
+        if parallel is not None:
+            try:
+                parallel.__exit__(None, None, None)
+            except Exception:  # a broken pool (a dead worker) still lets us clean up
+                pass
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._weights = self._grads = None  # unmap before removing the files
+        self._finalizer()
+
+    def __enter__(self) -> DataParallel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _remove_dir(path: str | None) -> None:
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else "(no message)"
+
+
+# ---- inside a worker -------------------------------------------------------------------------
+_local = threading.local()  # per worker thread: {spec.key: (model, grads memmap or None)}
+
+
+def _worker_model(spec: _Spec):
+    """The model this worker computes with, built once per DataParallel (spec.key)."""
+    cache = getattr(_local, "cache", None)
+    if cache is None:
+        cache = _local.cache = {}
+    if spec.key not in cache:
+        cache.clear()  # a new run: drop the previous one's model and maps
+        if spec.threads is not None:
+            tensorlite.set_num_threads(spec.threads)
+        model = GPT(GPTConfig.from_dict(spec.config), dtype=spec.dtype)
+        grads = None
+        if spec.weights_path is not None:  # parameters become read-only views of the file
+            flat = np.memmap(spec.weights_path, dtype=spec.dtype, mode="r", shape=(spec.size,))
+            _point_params_at(model, spec, flat.view(np.ndarray))
+            grads = np.memmap(spec.grads_path, dtype=spec.dtype, mode="r+",
+                              shape=(spec.shards, spec.size))
+        cache[spec.key] = (model, grads)
+    return cache[spec.key]
+
+
+def _point_params_at(model: GPT, spec: _Spec, flat: np.ndarray) -> None:
+    for name, shape, offset in spec.layout:
+        p = model.params[name]
+        p.data = flat[offset : offset + p.size].reshape(shape)
+
+
+def _shard_loss_and_grads(spec: _Spec, step: int, k: int, x: np.ndarray, y: np.ndarray,
+                          weights: np.ndarray | None):
+    """Task k of one step: the mean loss of shard (x, y) and its gradients, which go to row k
+    of the shared gradients file (returned as None) or, without shared files, are returned
+    as one flat (P,) array."""
+    model, grads = _worker_model(spec)
+    if weights is not None:  # dask: this step's weights came with the task
+        _point_params_at(model, spec, weights)
+    model.zero_grad()
+    rng = np.random.default_rng((step, k))  # dropout masks (if any) of this step and shard
+    _, loss = model(x, y, training=True, rng=rng)
+    loss.backward()
+    out = grads[k] if grads is not None else np.empty(spec.size, dtype=spec.dtype)  # (P,)
+    for name, shape, offset in spec.layout:
+        g = model.params[name].grad
+        out[offset : offset + int(np.prod(shape))] = 0 if g is None else g.reshape(-1)
+    model.zero_grad()
+    return float(loss.item()), (None if grads is not None else out)
