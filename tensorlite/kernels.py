@@ -119,7 +119,7 @@ def relu_squared(x: np.ndarray) -> np.ndarray:
     if use_numexpr("fused", x.size):
         zero = x.dtype.type(0)
         return _ne("where(x > zero, x * x, zero)", x=x, zero=zero)
-    r = np.maximum(x, 0)
+    r = np.asarray(np.maximum(x, 0))  # asarray: on a 0-d input a ufunc returns a scalar
     return np.multiply(r, r, out=r)
 
 
