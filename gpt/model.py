@@ -24,6 +24,15 @@ from .config import GPTConfig
 class GPT:
     """A decoder-only transformer language model.
 
+        x = wte[idx] + wpe[0:T]                          (B*T, C)
+        for each block:  x = x + attn(rms_norm(x, ln_1))
+                         x = x + mlp(rms_norm(x, ln_2))
+        logits = rms_norm(x, ln_f) @ lm_head             (B*T, V), returned as (B, T, V)
+
+    Dropout (config.dropout, only when training) is applied in three places: to the
+    embedding sum, and to the output of each attention and each MLP branch just before it
+    is added to the residual stream. (Not to the attention probabilities.)
+
     >>> model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8))
     >>> logits, loss = model(np.zeros((2, 5), dtype=np.int64), np.zeros((2, 5), dtype=np.int64))
     >>> logits.shape
@@ -104,7 +113,9 @@ class GPT:
         C, H = self.config.n_embd, self.config.n_head
         hd = C // H
         qkv = x @ self.params[f"h.{i}.attn.c_attn.weight"]  # (B*T, 3C): q | k | v
-        qkv = qkv.reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd), a view
+        # Split heads without copying: a (3, B, H, T, hd) view of qkv. (A fused op taking qkv
+        # whole saved only ~0.15 ms of a 1.7 ms attention forward+backward: not worth it.)
+        qkv = qkv.reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
         q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, T, hd)
         y = F.scaled_dot_product_attention(q, k, v, causal=True)  # (B, H, T, hd)
         y = y.transpose(0, 2, 1, 3).reshape(B * T, C)  # (B*T, C): heads side by side

@@ -50,6 +50,22 @@ def test_whole_model_gradcheck_logits_with_short_sequence():
     assert tl.gradcheck(lambda *_: model(x)[0], model.parameters(), atol=1e-6, rtol=1e-4)
 
 
+def test_whole_model_gradcheck_with_dropout():
+    # The same mask on every call (a fresh generator with a fixed seed), so the model is a
+    # fixed function of its parameters: dropout on the embeddings and both residual branches.
+    cfg = GPTConfig(vocab_size=7, block_size=4, n_layer=1, n_head=2, n_embd=8, dropout=0.3)
+    rng = np.random.default_rng(5)
+    model = GPT(cfg, dtype=np.float64, seed=4)
+    _randomize(model, rng)
+    x, y = _ids(rng, cfg), _ids(rng, cfg)
+
+    def loss_fn(*_):
+        return model(x, y, training=True, rng=np.random.default_rng(7))[1]
+
+    assert loss_fn().item() != model(x, y)[1].item()  # dropout is really on
+    assert tl.gradcheck(loss_fn, model.parameters(), atol=1e-6, rtol=1e-4)
+
+
 def test_a_wrong_gradient_is_caught(monkeypatch):
     # The check above is not vacuous: corrupting one op's backward makes it fail.
     rng = np.random.default_rng(2)
