@@ -21,6 +21,7 @@ cluster) and each shard's gradients come back by value.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -160,7 +161,7 @@ class DataParallel:
         if x.ndim != 2 or x.shape != y.shape:
             raise ValueError(f"x and y must be (B, T) arrays of one shape, got {x.shape}, "
                              f"{y.shape}")
-        B, T = x.shape
+        B = x.shape[0]
         rows = np.array_split(np.arange(B), min(self.workers, B))  # shard k: rows[k]
         for name, shape, offset in self.spec.layout:  # the current weights, flattened
             p = self.model.params[name].data
@@ -196,17 +197,15 @@ class DataParallel:
         """Stop using the workers and remove the shared files. Safe to call twice."""
         parallel, self._parallel = self._parallel, None
         if parallel is not None:
-            try:
-                parallel.__exit__(None, None, None)
-            except Exception:  # a broken pool (a dead worker) still lets us clean up
-                pass
+            with contextlib.suppress(Exception):  # a broken pool (a dead worker) still
+                parallel.__exit__(None, None, None)  # lets us clean up
         if self._client is not None:
             self._client.close()
             self._client = None
         self._weights = self._grads = None  # unmap before removing the files
         self._finalizer()
 
-    def __enter__(self) -> DataParallel:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
