@@ -2,6 +2,12 @@
 the KV cache (same logits and same text as recomputing the whole context, also past
 block_size), and `python -m gpt.sample` (its output and its one-line errors)."""
 
+import dataclasses
+import re
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -224,3 +230,75 @@ def test_generation_stops_at_eos_and_the_cache_costs_one_position_per_token():
     # last 4 tokens, which are re-read into the reset cache (twice here).
     assert keep_after_slide(8) == 4
     assert model.calls == [1] * 8 + [4] + [1] * 4 + [4] + [1] * 3
+
+
+# ---- python -m gpt.sample ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A training run's folder holding a checkpoint of a random char model."""
+    from gpt.checkpoint import Checkpoint, save_checkpoint
+
+    out = tmp_path_factory.mktemp("run")
+    tok = CharTokenizer.from_text(TEXT)
+    model = tiny_model(tok.vocab_size, block_size=16, seed=5)
+    config = {"model": dataclasses.asdict(model.config), "train": {}}
+    ckpt = Checkpoint(model.state_dict(), {}, config, tok.to_dict())
+    save_checkpoint(str(out), ckpt)
+    return out
+
+
+def sample_cli(*args, cwd=None):
+    cmd = [sys.executable, "-m", "gpt.sample", *map(str, args)]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_cli_prints_samples_same_with_and_without_cache(run_dir):
+    args = ["--out-dir", run_dir, "--prompt", "To be", "--max-new-tokens", 40, "--seed", 3,
+            "--num-samples", 2, "--top-k", 10, "--top-p", 0.95, "--temperature", 0.9]  # fmt: skip
+    cached = sample_cli(*args)
+    assert cached.returncode == 0, cached.stderr
+    samples = cached.stdout.split("---------- sample 2 ----------")
+    assert len(samples) == 2
+    assert samples[0].startswith("---------- sample 1 ----------\nTo be")
+    assert samples[1].startswith("\nTo be")
+    plain = sample_cli(*args, "--no-kv-cache")
+    assert plain.returncode == 0 and plain.stdout == cached.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "To be? Zebra!"], "does not know"),
+        (["--temperature", -1], "--temperature must be >= 0"),
+        (["--top-p", 0], "--top-p must be in"),
+        (["--top-p", 1.5], "--top-p must be in"),
+        (["--top-k", 0], "--top-k must be"),
+        (["--max-new-tokens", -1], "--max-new-tokens must be"),
+    ],
+)
+def test_cli_bad_arguments_give_one_line_errors(run_dir, args, message):
+    r = sample_cli("--out-dir", run_dir, *args)
+    assert r.returncode != 0 and r.stdout == ""
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert re.search(message, r.stderr), r.stderr
+
+
+def test_cli_unknown_prompt_characters_are_named(run_dir):
+    r = sample_cli("--out-dir", run_dir, "--prompt", "To be? Zebra!")
+    assert r.returncode != 0 and "'?'" in r.stderr and "'Z'" in r.stderr
+
+
+def test_cli_missing_or_truncated_checkpoint(run_dir, tmp_path):
+    r = sample_cli("--out-dir", tmp_path / "nothing")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "no checkpoint" in r.stderr
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    weights = broken / "checkpoint" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    r = sample_cli("--out-dir", broken)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "model.safetensors" in r.stderr
+    assert weights.read_bytes() == data[: len(data) // 2]  # left as it was
