@@ -8,12 +8,12 @@ How the numbers travel (backend "loky", one machine):
     parent                                      worker k (a persistent loky process)
     copy weights -> weights file (memmap)  ...  maps the file read-only once; its model's
                                                 parameters ARE views into it (no copy)
-    send (step, x_k, y_k)  ------------------>  forward + backward on its shard
+    send (seed, x_k, y_k)  ------------------>  forward + backward on its shard
                            <------------------  loss_k; writes its gradients to row k of
                                                 the gradients file (memmap)
     grad = sum_k w_k * row_k,  loss = sum_k w_k * loss_k,  w_k = tokens_k / tokens
 
-So per step only the batch shards, the step number and one float per shard are pickled.
+So per step only the batch shards, a dropout seed and one float per shard are pickled.
 Backend "dask" (a dask.distributed cluster, through joblib's dask backend): the machines share
 no files, so the weights travel as an argument (joblib scatters it once per step to the
 cluster) and each shard's gradients come back by value.
@@ -71,7 +71,7 @@ class DataParallel:
 
     Weights are read from `model` at every call, so the parent may change them freely (the
     optimizer step, a checkpoint load) between calls. With dropout > 0 each shard draws its
-    own masks (seeded by step and shard), so runs match `workers=1` only without dropout.
+    own masks (seeded per step and shard), so runs match `workers=1` only without dropout.
 
     backend: "loky" (processes on this machine) or "dask" (`scheduler` is the address of a
     dask.distributed scheduler, e.g. "tcp://host:8786"). threads_per_worker: BLAS and numexpr
@@ -90,7 +90,7 @@ class DataParallel:
         if backend == "dask" and not scheduler:
             raise ValueError("--backend dask needs --scheduler ADDRESS (e.g. tcp://host:8786)")
         self.model, self.workers, self.backend = model, int(workers), backend
-        self.step = 0  # calls so far: sent with each task (dropout seeds, sanity)
+        self.step = 0  # calls so far (named in errors; the dropout seed without an rng)
         self._client = None
         self._parallel = None
         self._dir = None
@@ -152,9 +152,11 @@ class DataParallel:
         self._parallel.__enter__()
 
     # ---- one step ----------------------------------------------------------------------------
-    def loss_and_grads(self, x, y) -> float:
+    def loss_and_grads(self, x, y, rng: np.random.Generator | None = None) -> float:
         """Mean cross-entropy of the batch (x, y), both (B, T) token ids; every parameter's
-        .grad is set to the gradient of that mean (a fresh array, owned by the parent)."""
+        .grad is set to the gradient of that mean (a fresh array, owned by the parent).
+        `rng` (the run's dropout stream) gives one seed per step for the shards' dropout
+        masks; without it the seed is the step number."""
         if self._parallel is None:
             raise RuntimeError("DataParallel is closed")
         x, y = np.asarray(x), np.asarray(y)
@@ -167,9 +169,10 @@ class DataParallel:
             p = self.model.params[name].data
             self._weights[offset : offset + p.size] = p.reshape(-1)
 
+        seed = self.step if rng is None else int(rng.integers(2**63))
         shared = self.spec.weights_path is not None
         weights = None if shared else self._weights
-        tasks = [(self.shard_fn, (self.spec, self.step, k, x[r], y[r], weights), {})
+        tasks = [(self.shard_fn, (self.spec, seed, k, x[r], y[r], weights), {})
                  for k, r in enumerate(rows)]
         try:
             results = self._parallel(tasks)
@@ -252,7 +255,7 @@ def _point_params_at(model: GPT, spec: _Spec, flat: np.ndarray) -> None:
         p.data = flat[offset : offset + p.size].reshape(shape)
 
 
-def _shard_loss_and_grads(spec: _Spec, step: int, k: int, x: np.ndarray, y: np.ndarray,
+def _shard_loss_and_grads(spec: _Spec, seed: int, k: int, x: np.ndarray, y: np.ndarray,
                           weights: np.ndarray | None):
     """Task k of one step: the mean loss of shard (x, y) and its gradients, which go to row k
     of the shared gradients file (returned as None) or, without shared files, are returned
@@ -261,7 +264,7 @@ def _shard_loss_and_grads(spec: _Spec, step: int, k: int, x: np.ndarray, y: np.n
     if weights is not None:  # dask: this step's weights came with the task
         _point_params_at(model, spec, weights)
     model.zero_grad()
-    rng = np.random.default_rng((step, k))  # dropout masks (if any) of this step and shard
+    rng = np.random.default_rng((seed, k))  # dropout masks (if any) of this step and shard
     _, loss = model(x, y, training=True, rng=rng)
     loss.backward()
     out = grads[k] if grads is not None else np.empty(spec.size, dtype=spec.dtype)  # (P,)
