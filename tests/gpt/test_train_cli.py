@@ -1,0 +1,249 @@
+"""`python -m gpt.train`: a tiny end-to-end run, exact resume, Ctrl-C, and bad input (each
+through a subprocess: one line on stderr, exit != 0, no traceback, nothing destroyed)."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpt import train as gt
+from gpt.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+        "--batch-size", "4", "--eval-iters", "2", "--log-interval", "2", "--eval-interval", "10",
+        "--warmup-iters", "5"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text((REPO / "train.txt").read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    return path
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under folder (to prove nothing was touched)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def main(*args) -> int:
+    """gpt.train.main in this process (paths may be Path objects)."""
+    return gt.main([str(a) for a in args])
+
+
+def run_cli(args, cwd, env_extra=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "gpt.train", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def assert_one_line_error(proc, *words):
+    err = proc.stderr.strip()
+    assert proc.returncode not in (0, None), proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for w in words:
+        assert w in err, err
+
+
+# ---- the command line --------------------------------------------------------------------------
+def test_every_config_field_is_a_flag_with_help():
+    text = gt.build_parser().format_help()
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text
+        assert f.metadata["help"].split()[0] in text
+    for flag in ("--data", "--out-dir", "--n-layer", "--n-head", "--n-embd", "--block-size",
+                 "--batch-size", "--max-iters", "--lr", "--min-lr", "--warmup-iters",
+                 "--weight-decay", "--beta1", "--beta2", "--grad-clip", "--dropout",
+                 "--eval-interval", "--eval-iters", "--log-interval", "--seed", "--resume",
+                 "--dtype", "--workers"):
+        assert flag in text
+
+
+def test_parse_args_knows_which_flags_were_given():
+    cfg, given = gt.parse_args(["--n-embd", "64", "--resume", "--lr", "3e-4"])
+    assert given == {"n_embd", "resume", "lr"}
+    assert cfg.n_embd == 64 and cfg.resume and cfg.lr == 3e-4 and cfg.n_layer == 4
+
+
+# ---- a real run, in process ------------------------------------------------------------------
+def test_tiny_run_writes_metrics_checkpoint_and_sample(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    rc = main("--data", text_file, "--out-dir", out, "--max-iters", "12", *TINY)
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "tok/s" in printed and "left" in printed and "sample" in printed
+    recs = metrics(out)
+    assert [r["iter"] for r in recs] == [2, 4, 6, 8, 10, 12]
+    for r in recs:
+        assert {"iter", "train_loss", "lr", "tokens_per_s"} <= set(r)
+    evals = [r for r in recs if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [10, 12]  # every eval_interval, and the last step
+    assert all(abs(r["val_ppl"] - 2.718281828 ** r["val_loss"]) < 1e-6 * r["val_ppl"]
+               for r in evals)
+    assert recs[0]["lr"] < recs[2]["lr"]  # warmup climbs
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["iter"] == 12
+
+
+def test_resume_continues_exactly(tmp_path, text_file, capsys):
+    """A 30-step run that stops at step 23 (a NaN from the test hook; the last checkpoint is
+    at 20), resumed, logs the same losses as the straight 30-step run, with dropout on."""
+    args = ["--data", text_file, "--max-iters", "30", "--dropout", "0.1", *TINY]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert main(*args, "--out-dir", straight) == 0
+    os.environ["GPT_TRAIN_FAKE_NAN_AT"] = "23"
+    try:
+        assert main(*args, "--out-dir", broken) == 1
+    finally:
+        del os.environ["GPT_TRAIN_FAKE_NAN_AT"]
+    err = capsys.readouterr().err
+    assert "iter 23" in err and "last good checkpoint (iter 20)" in err
+    assert [r["iter"] for r in metrics(broken)][-1] == 22  # logged past the checkpoint
+    assert main("--resume", "--out-dir", broken) == 0  # the rest comes from the checkpoint
+    a, b = metrics(straight), metrics(broken)
+    assert [r["iter"] for r in a] == [r["iter"] for r in b]  # 22 was not logged twice
+    for ra, rb in zip(a, b):
+        assert abs(ra["train_loss"] - rb["train_loss"]) <= 1e-5, (ra, rb)
+        assert ra["lr"] == rb["lr"]
+        if "val_loss" in ra:
+            assert abs(ra["val_loss"] - rb["val_loss"]) <= 1e-5
+
+
+def test_resume_with_more_iterations_continues(tmp_path, text_file):
+    out = tmp_path / "run"
+    assert main("--data", text_file, "--out-dir", out, "--max-iters", "10", *TINY) == 0
+    assert main("--resume", "--out-dir", out, "--max-iters", "14") == 0
+    assert [r["iter"] for r in metrics(out)] == [2, 4, 6, 8, 10, 12, 14]
+
+
+# ---- Ctrl-C --------------------------------------------------------------------------------------
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path, text_file):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpt.train", "--data", str(text_file), "--out-dir", str(out),
+         "--max-iters", "100000", *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env)
+    try:
+        for line in proc.stdout:
+            if line.startswith("iter"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert "interrupted at iter" in err
+    stopped = int(err.split("interrupted at iter ")[1].split(":")[0])
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["iter"] == stopped
+    assert max(r["iter"] for r in metrics(out)) <= stopped
+
+
+# ---- bad input: subprocess, one line, nothing destroyed ---------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, text_file) -> Path:
+    """A finished tiny run (10 steps), shared by the resume-refusal tests."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert main("--data", str(text_file), "--out-dir", str(out), "--max-iters", "10",
+                    *TINY) == 0
+    return out
+
+
+def test_bad_data_files(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    (tmp_path / "short.txt").write_text("too short")
+    cases = [("missing.txt", "not found"), ("empty.txt", "empty"), ("latin1.txt", "UTF-8"),
+             ("short.txt", "too short")]
+    for name, words in cases:
+        proc = run_cli(["--data", name, "--out-dir", "o", *TINY], cwd=tmp_path)
+        assert_one_line_error(proc, words)
+    assert not (tmp_path / "o" / "checkpoint").exists()
+
+
+def test_no_train_txt_says_how_to_get_data(tmp_path):
+    proc = run_cli(["--max-iters", "1"], cwd=tmp_path)
+    assert_one_line_error(proc, "--data", "python -m gpt.data shakespeare")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--n-embd", "30", "--n-head", "4"], "divisible"),
+    (["--n-layer", "0"], "--n-layer"),
+    (["--block-size", "-3"], "--block-size"),
+    (["--max-iters", "0"], "--max-iters"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "-1e-3"], "--lr"),
+    (["--n-layer", "two"], "--n-layer"),
+])
+def test_bad_settings(tmp_path, text_file, flags, words):
+    proc = run_cli(["--data", text_file, "--out-dir", "o", *TINY, *flags], cwd=tmp_path)
+    assert_one_line_error(proc, words)
+
+
+def test_resume_refusals_leave_the_checkpoint_untouched(trained, tmp_path, text_file):
+    before = digest(trained)
+    other = tmp_path / "other.txt"
+    other.write_text("ÆØÅ æøå! " * 400, encoding="utf-8")
+    cases = [
+        (["--resume", "--n-embd", "32"], "--n-embd 32"),  # another shape
+        (["--resume", "--n-layer", "2"], "--n-layer 2"),
+        (["--resume", "--data", other], "vocabulary"),  # characters the checkpoint lacks
+        (["--resume", "--max-iters", "5"], "--max-iters"),  # nothing left to do
+        ([], "--resume"),  # a fresh run into a folder that holds a checkpoint
+    ]
+    for flags, words in cases:
+        proc = run_cli([*flags, "--out-dir", trained], cwd=tmp_path)
+        assert_one_line_error(proc, words)
+        assert digest(trained) == before
+
+
+def test_missing_or_truncated_checkpoint(trained, tmp_path):
+    proc = run_cli(["--resume", "--out-dir", tmp_path / "nothing"], cwd=tmp_path)
+    assert_one_line_error(proc, "no checkpoint")
+    broken = tmp_path / "broken"
+    (broken / "checkpoint").mkdir(parents=True)
+    for f in (trained / "checkpoint").iterdir():
+        data = f.read_bytes()
+        (broken / "checkpoint" / f.name).write_bytes(data[:100] if f.name == "model.safetensors"
+                                                     else data)
+    before = digest(broken)
+    proc = run_cli(["--resume", "--out-dir", broken], cwd=tmp_path)
+    assert_one_line_error(proc, "model.safetensors", "truncated")
+    assert digest(broken) == before
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file):
+    out = tmp_path / "run"
+    proc = run_cli(["--data", text_file, "--out-dir", out, "--max-iters", "20", *TINY],
+                   cwd=tmp_path, env_extra={"GPT_TRAIN_FAKE_NAN_AT": "14"})
+    assert_one_line_error(proc, "nan at iter 14", "last good checkpoint (iter 10)")
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["iter"] == 10
+    before = digest(out / "checkpoint")
+    proc = run_cli(["--data", text_file, "--out-dir", tmp_path / "run2", "--max-iters", "5",
+                    *TINY], cwd=tmp_path, env_extra={"GPT_TRAIN_FAKE_NAN_AT": "1"})
+    assert_one_line_error(proc, "no checkpoint was written yet")
+    assert digest(out / "checkpoint") == before
+
+
+def test_huge_learning_rate_is_caught(tmp_path, text_file):
+    """Without the test hook: an absurd lr blows the weights up within a few steps."""
+    proc = run_cli(["--data", text_file, "--out-dir", "o", "--max-iters", "40", *TINY,
+                    "--warmup-iters", "0", "--lr", "1e30", "--min-lr", "0"], cwd=tmp_path)
+    assert_one_line_error(proc, "became", "--lr")
