@@ -28,6 +28,8 @@ def set_numexpr_threshold(family: str, min_size: int | None) -> None:
     """Change the switch point of one op family (`None` turns numexpr off for it)."""
     if family not in NUMEXPR_MIN_SIZE:
         raise KeyError(f"unknown op family {family!r}; known: {sorted(NUMEXPR_MIN_SIZE)}")
+    if min_size is not None and (not isinstance(min_size, int) or min_size < 0):
+        raise ValueError(f"min_size must be an int >= 0 or None, got {min_size!r}")
     NUMEXPR_MIN_SIZE[family] = min_size
 
 
