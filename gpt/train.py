@@ -230,10 +230,10 @@ class StopFlag:
 # ---- data-parallel hook ------------------------------------------------------------------------
 def make_grad_fn(model: GPT, cfg: TrainConfig):
     """A function (x, y, rng) -> loss (float) that leaves the gradient of the mean loss in each
-    parameter's .grad. With --workers 1 it runs here; otherwise gpt.parallel provides it:
+    parameter's .grad. With --workers 1 (loky) it runs here; otherwise gpt.parallel provides it:
     `gpt.parallel.DataParallel(model, workers, backend, scheduler)` with `.loss_and_grads(x, y,
     rng)` and `.close()`."""
-    if cfg.workers == 1:
+    if cfg.workers == 1 and cfg.backend == "loky":
         def loss_and_grads(x, y, rng):
             model.zero_grad()
             _, loss = model(x, y, training=True, rng=rng)
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, given = parse_args(argv)
         return train(cfg, given)
-    except (ValueError, OSError) as e:  # TrainError, CheckpointError, config and data errors
+    except (ValueError, OSError, RuntimeError) as e:  # bad input, or a parallel worker failed
         if os.environ.get("GPT_DEBUG"):
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
