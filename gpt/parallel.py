@@ -17,6 +17,9 @@ So per step only the batch shards, a dropout seed and one float per shard are pi
 Backend "dask" (a dask.distributed cluster, through joblib's dask backend): the machines share
 no files, so the weights travel as an argument (joblib scatters it once per step to the
 cluster) and each shard's gradients come back by value.
+
+For tests, GPT_PARALLEL_WORKER_EXIT=1 (read when a DataParallel is made) makes every worker
+die at its first task, as a crash would.
 """
 
 from __future__ import annotations
@@ -124,6 +127,8 @@ class DataParallel:
             weights_path=weights_path, grads_path=grads_path, shards=self.workers,
         )
         self.shard_fn = _shard_loss_and_grads  # what each task runs (tests swap it)
+        if os.environ.get("GPT_PARALLEL_WORKER_EXIT") == "1":
+            self.shard_fn = _exit_worker
         self._start(scheduler, timeout)
 
     def _start(self, scheduler: str | None, timeout: float | None) -> None:
@@ -253,6 +258,11 @@ def _point_params_at(model: GPT, spec: _Spec, flat: np.ndarray) -> None:
     for name, shape, offset in spec.layout:
         p = model.params[name]
         p.data = flat[offset : offset + p.size].reshape(shape)
+
+
+def _exit_worker(*args) -> None:
+    """A task that kills its worker process (GPT_PARALLEL_WORKER_EXIT=1, for tests)."""
+    os._exit(70)
 
 
 def _shard_loss_and_grads(spec: _Spec, seed: int, k: int, x: np.ndarray, y: np.ndarray,
