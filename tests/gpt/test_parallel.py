@@ -1,0 +1,203 @@
+"""Data-parallel training (gpt/parallel.py): shard gradients combine to the single-process
+gradient, `--workers 2` logs the losses of `--workers 1`, on loky and on a local dask cluster,
+and a worker that raises or dies becomes a one-line error instead of a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpt.config import GPTConfig
+from gpt.model import GPT
+from gpt.parallel import DataParallel
+
+TINY = GPTConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=16)
+WORDS = ["the", "king", "and", "queen", "of", "a", "green", "field", "sing", "to", "all", "who",
+         "hear", "them", "now"]
+
+
+def batch(B: int, T: int = 16, V: int = 23, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+
+
+def single_process(model: GPT, x, y) -> tuple[float, dict[str, np.ndarray]]:
+    model.zero_grad()
+    _, loss = model(x, y)
+    loss.backward()
+    grads = {n: p.grad.copy() for n, p in model.params.items()}
+    model.zero_grad()
+    return float(loss.item()), grads
+
+
+# ---- the library -------------------------------------------------------------------------------
+@pytest.mark.parametrize("workers, B", [(2, 4), (3, 5)])  # (3, 5): shards of 2, 2, 1 rows
+def test_shard_gradients_combine_to_the_whole_batch_gradient(workers, B):
+    model = GPT(TINY, dtype=np.float64, seed=1)
+    x, y = batch(B)
+    loss, grads = single_process(model, x, y)
+    with DataParallel(model, workers) as dp:
+        got = dp.loss_and_grads(x, y)
+        assert got == pytest.approx(loss, rel=1e-12)
+        for name, p in model.params.items():
+            np.testing.assert_allclose(p.grad, grads[name], rtol=1e-10, atol=1e-13,
+                                       err_msg=name)
+        # the workers see the parent's new weights at the next call
+        for p in model.params.values():
+            p.data += 0.01 * np.sign(p.data)
+        loss2, grads2 = single_process(model, x, y)
+        assert dp.loss_and_grads(x, y) == pytest.approx(loss2, rel=1e-12)
+        assert abs(loss2 - loss) > 1e-6
+        for name, p in model.params.items():
+            np.testing.assert_allclose(p.grad, grads2[name], rtol=1e-10, atol=1e-13,
+                                       err_msg=name)
+
+
+def test_more_workers_than_rows_and_float32():
+    model = GPT(TINY, dtype=np.float32, seed=2)
+    x, y = batch(2)
+    loss, grads = single_process(model, x, y)
+    with DataParallel(model, 3) as dp:
+        assert dp.loss_and_grads(x, y) == pytest.approx(loss, rel=1e-6)
+        for name, p in model.params.items():
+            assert p.grad.dtype == np.float32
+            np.testing.assert_allclose(p.grad, grads[name], rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+def test_close_removes_the_shared_files_and_refuses_more_work():
+    model = GPT(TINY, seed=0)
+    dp = DataParallel(model, 2, threads_per_worker=1)
+    folder = os.path.dirname(dp.spec.weights_path)
+    assert os.path.exists(os.path.join(folder, "weights.bin"))
+    dp.close()
+    dp.close()  # twice is fine
+    assert not os.path.exists(folder)
+    with pytest.raises(RuntimeError, match="closed"):
+        dp.loss_and_grads(*batch(2))
+
+
+def test_a_worker_that_raises_gives_a_one_line_error():
+    model = GPT(TINY, seed=0)
+    x, y = batch(4)
+    with DataParallel(model, 2) as dp:
+        with pytest.raises(RuntimeError) as info:
+            dp.loss_and_grads(x + 100, y)  # token ids the model does not know
+        msg = str(info.value)
+        assert "\n" not in msg
+        assert "worker failed" in msg and "ValueError" in msg and "outside [0, 23)" in msg
+
+
+def test_a_worker_that_dies_gives_a_one_line_error_not_a_hang():
+    model = GPT(TINY, seed=0)
+    x, y = batch(4)
+
+    def die(*args):  # a closure, so it travels to the worker by value
+        os._exit(3)
+
+    with DataParallel(model, 2) as dp:
+        dp.shard_fn = die
+        with pytest.raises(RuntimeError, match="worker failed at step 0: TerminatedWorkerError"):
+            dp.loss_and_grads(x, y)
+
+
+def test_bad_settings_are_refused_in_one_line(monkeypatch):
+    model = GPT(TINY, seed=0)
+    with pytest.raises(ValueError, match="--scheduler ADDRESS"):
+        DataParallel(model, 2, backend="dask")
+    with pytest.raises(ValueError, match="backend must be one of loky, dask"):
+        DataParallel(model, 2, backend="spark")
+    monkeypatch.setitem(sys.modules, "dask.distributed", None)  # as if dask were not installed
+    with pytest.raises(RuntimeError, match=r"pip install 'tensorlite-gpt\[dask\]'"):
+        DataParallel(model, 2, backend="dask", scheduler="tcp://127.0.0.1:8786")
+
+
+# ---- the command line ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(WORDS, size=8)).capitalize() + "." for _ in range(400)]
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def run_train(text_file, out_dir, *flags, env=None):
+    args = ["--data", str(text_file), "--out-dir", str(out_dir), "--n-layer", "2",
+            "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
+            "--max-iters", "40", "--warmup-iters", "5", "--log-interval", "1",
+            "--eval-interval", "40", "--eval-iters", "1", *flags]
+    # one BLAS thread in the parent: on a busy machine a tiny model's matmuls are much faster
+    # without waiting for a second thread (the workers set their own, one each on 2 cores)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "gpt.train", *args], capture_output=True,
+                          text=True, timeout=300, env=env, check=False)
+
+
+def logged_losses(out_dir) -> list[float]:
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line)["train_loss"] for line in f]
+
+
+@pytest.fixture(scope="module")
+def one_worker_losses(text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("w1")
+    r = run_train(text_file, out, "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    losses = logged_losses(out)
+    assert len(losses) == 40
+    return losses
+
+
+def assert_same_losses(losses, reference):
+    assert len(losses) == len(reference) == 40
+    rel = np.abs(np.array(losses) - reference) / np.abs(reference)
+    assert rel.max() <= 1e-4, f"largest relative difference {rel.max():.2e}"
+    assert reference[-1] < reference[0] - 0.5  # and the run did learn something
+
+
+def test_two_workers_log_the_losses_of_one(text_file, tmp_path, one_worker_losses):
+    r = run_train(text_file, tmp_path, "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert_same_losses(logged_losses(tmp_path), one_worker_losses)
+
+
+def test_a_crashed_worker_is_a_one_line_cli_error(text_file, tmp_path):
+    r = run_train(text_file, tmp_path, "--workers", "2", env={"GPT_PARALLEL_WORKER_EXIT": "1"})
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "worker failed" in lines[0]
+
+
+# ---- a dask cluster on this machine --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dask_scheduler():
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+def test_dask_gradients_combine_to_the_whole_batch_gradient(dask_scheduler):
+    model = GPT(TINY, dtype=np.float64, seed=1)
+    x, y = batch(5)
+    loss, grads = single_process(model, x, y)
+    with DataParallel(model, 2, backend="dask", scheduler=dask_scheduler) as dp:
+        assert dp.loss_and_grads(x, y) == pytest.approx(loss, rel=1e-12)
+        for name, p in model.params.items():
+            np.testing.assert_allclose(p.grad, grads[name], rtol=1e-10, atol=1e-13,
+                                       err_msg=name)
+
+
+def test_dask_backend_logs_the_losses_of_one_worker(text_file, tmp_path, one_worker_losses,
+                                                    dask_scheduler):
+    r = run_train(text_file, tmp_path, "--workers", "2", "--backend", "dask",
+                  "--scheduler", dask_scheduler)
+    assert r.returncode == 0, r.stderr
+    assert_same_losses(logged_losses(tmp_path), one_worker_losses)
