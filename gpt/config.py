@@ -90,7 +90,7 @@ class TrainConfig:
     n_embd: int = field(default=128, metadata=_help("width of the residual stream"))
     block_size: int = field(default=64, metadata=_help("context length in tokens"))
     batch_size: int = field(default=12, metadata=_help("sequences per optimizer step"))
-    max_iters: int = field(default=2000, metadata=_help("number of optimizer steps"))
+    max_iters: int = field(default=1000, metadata=_help("number of optimizer steps"))
     lr: float = field(default=1e-3, metadata=_help("peak learning rate (after warmup)"))
     min_lr: float = field(
         default=1e-4, metadata=_help("learning rate at the end of the cosine decay")
