@@ -260,7 +260,9 @@ def resolve_resume(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Chec
         saved = TrainConfig.from_dict(ckpt.config["train"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt.path}/config.json holds no valid train config ({e})") from None
-    merged = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in given})
+    override = {k: getattr(cfg, k) for k in given}
+    override["out_dir"] = cfg.out_dir  # where it is now (the folder may have been moved)
+    merged = dataclasses.replace(saved, **override)
     shape = SHAPE_FIELDS + (("vocab_size",) if merged.tokenizer == "bpe" else ())
     changed = [f"--{k.replace('_', '-')} {getattr(merged, k)} (checkpoint: {getattr(saved, k)})"
                for k in shape if getattr(merged, k) != getattr(saved, k)]
@@ -310,11 +312,15 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
         opt.load_state_dict(ckpt.optimizer)
-        for name in ("data", "dropout"):
-            set_rng_state(rngs[name], ckpt.state["rng"][name])
-        start_iter = int(ckpt.state["iter"])
-        best_val = float(ckpt.state.get("best_val_loss") or math.inf)
-        elapsed_before = float(ckpt.state.get("elapsed_s", 0.0))
+        try:
+            for name in ("data", "dropout"):
+                set_rng_state(rngs[name], ckpt.state["rng"][name])
+            start_iter = int(ckpt.state["iter"])
+            best_val = float(ckpt.state.get("best_val_loss") or math.inf)
+            elapsed_before = float(ckpt.state.get("elapsed_s", 0.0))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{ckpt.path}/state.json lacks a valid iteration or random "
+                                  f"state ({type(e).__name__}: {e}); it cannot be resumed") from None
         if start_iter >= cfg.max_iters:
             raise TrainError(f"the checkpoint is at iter {start_iter} and --max-iters is "
                              f"{cfg.max_iters}: give a larger --max-iters to train further")
