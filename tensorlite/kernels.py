@@ -2,10 +2,13 @@
 when numexpr pays, and thread settings. Ops call the small named helpers below and read as
 math; each helper has a NumPy path and a numexpr path that give the same result (tested).
 
-Why per family: numexpr costs ~40-50 us a call and, without VML, is slower than NumPy for
-short expressions (`a*b+c`) even at 1e6 elements. It wins on long fused expressions that
-would otherwise make several NumPy temporaries and on large transcendental work. The
-switch points below come from `python benchmarks/ops.py` (table in docs/performance.md).
+Why per family: numexpr costs ~7-30 us a call and, without VML, evaluates exp/tanh with
+scalar libm calls, while NumPy 2 has SIMD loops for float32 exp/tanh. Measured here
+(`python3 benchmarks/ops.py`, 2 cores, 1e3..1e6 float32 elements, 1 and 2 threads) NumPy won
+every family at every size: numexpr was 1.6-100x slower, even on the long fused expressions
+(AdamW, activation backward) where it saves temporaries. So every family defaults to None
+(NumPy); the switch stays, per family, for machines where numexpr pays (VML, many cores):
+re-run the benchmark there and call `set_numexpr_threshold`. Table in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import numpy as np
 
 # Minimum number of elements before a family goes through numexpr (None: never).
 NUMEXPR_MIN_SIZE: dict[str, int | None] = {
-    "transcendental": 1 << 20,  # exp, tanh, sigmoid, log: break-even near 1e6 elements
-    "fused": 1 << 17,  # 4+ operations in one expression (activation backward, optimizer)
+    "transcendental": None,  # exp, tanh, sigmoid: numexpr 1.6-100x slower up to 1e6
+    "fused": None,  # activation backward, AdamW: numexpr 2.7-33x slower up to 1e6
 }
 _env = os.environ.get("TENSORLITE_NUMEXPR")  # "0": never, "1": always (tests, benchmarks)
 _FORCE: bool | None = None if _env is None else _env == "1"
