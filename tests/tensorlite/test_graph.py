@@ -133,8 +133,8 @@ def test_leaf_and_no_grad_results_are_single_nodes():
 def test_a_deep_chain_is_walked_without_recursion():
     x = tl.Tensor([1.0], requires_grad=True)
     y = x
-    for _ in range(5000):
+    for _ in range(3000):  # deeper than Python's default recursion limit (1000)
         y = y * 1.0
     nodes, _ = _parse_dot(y.to_dot())
-    assert len([v for v in nodes.values() if "ellipse" in v]) == 5000
-    assert len(show_graph(y, file=io.StringIO()).splitlines()) == 10001
+    assert len([v for v in nodes.values() if "ellipse" in v]) == 3000
+    assert len(show_graph(y, file=io.StringIO()).splitlines()) == 6001
