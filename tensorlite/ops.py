@@ -212,7 +212,7 @@ class Relu(Function):
         return np.maximum(x, 0)
 
     def backward(self, dout):
-        return np.where(self.x > 0, dout, 0).astype(dout.dtype, copy=False)
+        return dout * (self.x > 0)
 
 
 # ---- reductions ------------------------------------------------------------------------------
