@@ -95,19 +95,22 @@ def main() -> None:
                     results[s.name].append(tps)
                     print(f"batch {batch:3d} round {r + 1} {s.name:12s} {tps:8.0f} tok/s",
                           flush=True)
+            a, b = (results[s.name] for s in settings)
+            paired = statistics.median(tb / ta for ta, tb in zip(a, b))  # same round, side by side
             rows.append((batch, {k: statistics.median(v) for k, v in results.items()},
-                         {k: (min(v), max(v)) for k, v in results.items()}))
+                         {k: (min(v), max(v)) for k, v in results.items()}, paired))
     finally:
         for s in settings:
             s.close()
 
     names = [s.name for s in settings]
     print(f"\n| batch | {' | '.join(f'{n} (tok/s, median [min-max])' for n in names)} | "
-          f"{names[1]} / {names[0]} |")
-    print("|---:|" + "---:|" * len(names) + "---:|")
-    for batch, med, span in rows:
+          f"ratio of medians | median of per-round ratios |")
+    print("|---:|" + "---:|" * len(names) + "---:|---:|")
+    for batch, med, span, paired in rows:
         cells = " | ".join(f"{med[n]:,.0f} [{span[n][0]:,.0f}-{span[n][1]:,.0f}]" for n in names)
-        print(f"| {batch} | {cells} | {med[names[1]] / med[names[0]]:.2f}x |")
+        print(f"| {batch} | {cells} | {med[names[1]] / med[names[0]]:.2f}x | {paired:.2f}x |")
+    print(f"(ratios: {names[1]} / {names[0]})")
 
 
 if __name__ == "__main__":
