@@ -94,14 +94,14 @@ def tanh(x: np.ndarray) -> np.ndarray:
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    """1 / (1 + exp(-x)) = (1 + tanh(x/2)) / 2: the tanh form never overflows and avoids
-    a data-dependent np.where (which cost ~40x more than tanh at 1e6 elements)."""
-    half = x.dtype.type(0.5)
+    """1 / (1 + exp(-x)) written as exp(min(x, 0)) / (1 + exp(-|x|)): never overflows, keeps
+    full relative precision in both tails, and needs no data-dependent np.where (which
+    cost ~8x more at 1e6 elements)."""
+    one = x.dtype.type(1)
     if use_numexpr("transcendental", x.size):
-        return _ne("half + half * tanh(half * x)", x=x, half=half)
-    y = np.tanh(x * half)
-    y *= half
-    y += half
+        return _ne("exp(where(x < 0, x, 0)) / (one + exp(-abs(x)))", x=x, one=one)
+    y = np.exp(np.minimum(x, 0))
+    y /= one + np.exp(-np.abs(x))
     return y
 
 
