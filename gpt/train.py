@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
         else:
-            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
+            metavar = {int: "N", float: "X"}.get(kind, "PATH" if f.name in ("data", "out_dir")
+                                                   else "NAME")
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=metavar,
                            help=f"{help_text} (default: {f.default})")
     return p
 
