@@ -95,7 +95,10 @@ class DataParallel:
         self.model, self.workers, self.backend = model, int(workers), backend
         self.step = 0  # calls so far (named in errors; the dropout seed without an rng)
         self._client = None
-        self._parallel = None
+        self._executor = None  # loky: a process pool, tasks submitted directly
+        self._parallel = None  # dask: a joblib Parallel on the dask backend
+        self._closed = False
+        self.timeout = timeout  # seconds a step may take (None: no limit)
         self._dir = None
 
         layout, offset = [], 0
@@ -129,9 +132,17 @@ class DataParallel:
         self.shard_fn = _shard_loss_and_grads  # what each task runs (tests swap it)
         if os.environ.get("GPT_PARALLEL_WORKER_EXIT") == "1":
             self.shard_fn = _exit_worker
-        self._start(scheduler, timeout)
+        self._start(scheduler)
 
-    def _start(self, scheduler: str | None, timeout: float | None) -> None:
+    def _start(self, scheduler: str | None) -> None:
+        if self.backend == "loky":
+            # joblib's process pool (loky), reused across steps and runs: each task is
+            # submitted to it directly. (joblib.Parallel over the same pool adds ~10 ms a
+            # step here: it polls for finished tasks every 10 ms, half a shard's work.)
+            from joblib.externals.loky import get_reusable_executor
+
+            self._executor = get_reusable_executor(max_workers=self.workers)
+            return
         import joblib
 
         if self.backend == "dask":
@@ -147,13 +158,11 @@ class DataParallel:
                 raise RuntimeError(
                     f"cannot reach the dask scheduler at {scheduler} ({e}); is it running?"
                 ) from None
-        # One Parallel, entered once: its pool of workers lives until close(). parallel_config
-        # resolves the backend by name (joblib registers "dask" on first use); with "dask" it
-        # runs the tasks through the default dask Client, the one made above.
-        # (max_nbytes=None: joblib must not memmap the small shards itself.)
-        with joblib.parallel_config(backend=self.backend):
-            self._parallel = joblib.Parallel(n_jobs=self.workers, max_nbytes=None,
-                                             timeout=timeout)
+        # One Parallel, entered once, used for every step until close(). parallel_config
+        # resolves the backend by name (joblib registers "dask" on first use) and runs the
+        # tasks through the default dask Client, the one made above.
+        with joblib.parallel_config(backend="dask"):
+            self._parallel = joblib.Parallel(n_jobs=self.workers, timeout=self.timeout)
         self._parallel.__enter__()
 
     # ---- one step ----------------------------------------------------------------------------
@@ -162,7 +171,7 @@ class DataParallel:
         .grad is set to the gradient of that mean (a fresh array, owned by the parent).
         `rng` (the run's dropout stream) gives one seed per step for the shards' dropout
         masks; without it the seed is the step number."""
-        if self._parallel is None:
+        if self._closed:
             raise RuntimeError("DataParallel is closed")
         x, y = np.asarray(x), np.asarray(y)
         if x.ndim != 2 or x.shape != y.shape:
@@ -177,10 +186,13 @@ class DataParallel:
         seed = self.step if rng is None else int(rng.integers(2**63))
         shared = self.spec.weights_path is not None
         weights = None if shared else self._weights
-        tasks = [(self.shard_fn, (self.spec, seed, k, x[r], y[r], weights), {})
-                 for k, r in enumerate(rows)]
+        tasks = [(self.spec, seed, k, x[r], y[r], weights) for k, r in enumerate(rows)]
         try:
-            results = self._parallel(tasks)
+            if self._executor is not None:
+                futures = [self._executor.submit(self.shard_fn, *task) for task in tasks]
+                results = [f.result(timeout=self.timeout) for f in futures]
+            else:
+                results = self._parallel((self.shard_fn, task, {}) for task in tasks)
         except Exception as e:  # a worker raised, died (loky) or the cluster failed
             raise RuntimeError(
                 f"data-parallel worker failed at step {self.step}: {type(e).__name__}: "
@@ -203,6 +215,7 @@ class DataParallel:
     # ---- cleaning up -------------------------------------------------------------------------
     def close(self) -> None:
         """Stop using the workers and remove the shared files. Safe to call twice."""
+        self._closed, self._executor = True, None  # the pool stays, for the next run to reuse
         parallel, self._parallel = self._parallel, None
         if parallel is not None:
             with contextlib.suppress(Exception):  # a broken pool (a dead worker) still
