@@ -1,4 +1,4 @@
-"""Every `>>>` example in docs/*.md runs as a doctest, so the docs cannot drift from the code.
+"""Every `>>>` example in docs/*.md and README.md runs as a doctest, so the docs cannot drift from the code.
 
 New files in docs/ are picked up automatically. Examples are written inside ```python fences;
 fence lines are blanked before parsing, so a closing fence right after an expected output is
@@ -19,7 +19,7 @@ import pytest
 from tensorlite import kernels
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-PAGES = sorted(DOCS.glob("*.md"))
+PAGES = sorted(DOCS.glob("*.md")) + [DOCS.parent / "README.md"]
 MUST_HAVE_EXAMPLES = {"autograd.md", "verifying-gradients.md"}
 FENCE = re.compile(r"^[ \t]*```.*$", flags=re.MULTILINE)
 
