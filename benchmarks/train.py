@@ -51,7 +51,8 @@ def flops_per_token(n_layer: int, n_embd: int, block: int, vocab: int) -> float:
 def load_ids(path: str, n: int = 200_000):
     import numpy as np
 
-    text = open(path, encoding="utf-8").read()[:n]
+    with open(path, encoding="utf-8") as f:
+        text = f.read()[:n]
     chars = sorted(set(text))
     lookup = {c: i for i, c in enumerate(chars)}
     return np.array([lookup[c] for c in text], dtype=np.int64), len(chars) + 2
@@ -211,7 +212,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", e, "--config", args.config,
                    "--iters", str(args.iters), "--warmup", str(args.warmup),
                    "--threads", str(args.threads), "--data", args.data]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 sys.exit(f"{e} worker failed:\n{out.stderr}")
             res = json.loads(out.stdout.strip().splitlines()[-1])

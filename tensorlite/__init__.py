@@ -18,16 +18,16 @@ from .tensor import Tensor, concatenate, stack, where
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradcheckError",
     "Tensor",
     "concatenate",
-    "stack",
-    "where",
-    "no_grad",
-    "is_grad_enabled",
-    "set_num_threads",
+    "functional",
     "get_num_threads",
     "gradcheck",
-    "GradcheckError",
+    "is_grad_enabled",
+    "no_grad",
+    "set_num_threads",
     "show_graph",
-    "functional",
+    "stack",
+    "where",
 ]

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -68,7 +69,7 @@ class Function:
     parents: tuple = ()
 
     @classmethod
-    def apply(cls, *inputs, **options) -> "Tensor":
+    def apply(cls, *inputs, **options) -> Tensor:
         from .tensor import Tensor, as_tensor
 
         tensors = tuple(as_tensor(t) for t in inputs)
@@ -104,7 +105,7 @@ class Function:
         self.released = True
 
 
-def topological_order(root: "Tensor") -> list:
+def topological_order(root: Tensor) -> list:
     """Nodes that lead to `root` and require grad, each after all of its inputs.
 
     Iterative depth-first search (no recursion limit: a 10,000-op chain works).
@@ -127,7 +128,7 @@ def topological_order(root: "Tensor") -> list:
     return order
 
 
-def backward(root: "Tensor", grad: np.ndarray) -> None:
+def backward(root: Tensor, grad: np.ndarray) -> None:
     """Reverse-mode autodiff from `root`, seeded with `grad` (dL/droot).
 
     Walk the graph from the output back to the leaves. Each node's gradient is complete
@@ -176,7 +177,7 @@ def backward(root: "Tensor", grad: np.ndarray) -> None:
         fn.release()
 
 
-def _accumulate_into_leaf(node: "Tensor", g, owned: bool = False) -> None:
+def _accumulate_into_leaf(node: Tensor, g, owned: bool = False) -> None:
     if g is None:
         return
     if g.shape != node.data.shape:

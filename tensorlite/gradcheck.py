@@ -9,7 +9,7 @@ Run it in float64: float32 differences are too noisy to tell a bug from rounding
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import autograd
-from . import ops
+from . import autograd, ops
 
 _FLOAT_KINDS = ("f",)
 
@@ -33,7 +32,7 @@ class Tensor:
     array([2., 4., 6.], dtype=float32)
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_retain_grad", "name")
+    __slots__ = ("_ctx", "_retain_grad", "data", "grad", "name", "requires_grad")
     __array_priority__ = 100  # ndarray <op> Tensor defers to Tensor's reflected operator
 
     def __init__(self, data, requires_grad: bool = False, dtype=None, name: str | None = None):
@@ -82,11 +81,11 @@ class Tensor:
     def item(self) -> float:
         return self.data.item()
 
-    def detach(self) -> "Tensor":
+    def detach(self) -> Tensor:
         """The same data, cut from the graph (shares memory, like PyTorch)."""
         return Tensor(self.data)
 
-    def retain_grad(self) -> "Tensor":
+    def retain_grad(self) -> Tensor:
         """Keep this non-leaf tensor's gradient in `.grad` after backward (for inspection)."""
         self._retain_grad = True
         return self

@@ -14,7 +14,7 @@ See docs/verifying-gradients.md for a worked example.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from hypothesis import strategies as st
@@ -24,12 +24,12 @@ from .gradcheck import GradcheckError, gradcheck
 from .tensor import Tensor
 
 __all__ = [
-    "shapes",
-    "arrays",
-    "tensors",
-    "broadcastable_shapes",
-    "assert_gradients_match",
     "GradcheckError",
+    "arrays",
+    "assert_gradients_match",
+    "broadcastable_shapes",
+    "shapes",
+    "tensors",
 ]
 
 
