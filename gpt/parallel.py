@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import uuid
@@ -141,7 +142,8 @@ class DataParallel:
             # step here: it polls for finished tasks every 10 ms, half a shard's work.)
             from joblib.externals.loky import get_reusable_executor
 
-            self._executor = get_reusable_executor(max_workers=self.workers)
+            self._executor = get_reusable_executor(max_workers=self.workers,
+                                                   initializer=_ignore_sigint)
             return
         import joblib
 
@@ -245,6 +247,12 @@ def _first_line(e: BaseException) -> str:
 
 # ---- inside a worker -------------------------------------------------------------------------
 _local = threading.local()  # per worker thread: {spec.key: (model, grads memmap or None)}
+
+
+def _ignore_sigint() -> None:
+    """Ctrl-C in a terminal reaches the workers too (one process group); only the parent
+    should act on it: gpt.train finishes the step, saves and exits, and then the pool goes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _worker_model(spec: _Spec):
