@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -126,11 +127,15 @@ def text_file(tmp_path_factory):
     return path
 
 
-def run_train(text_file, out_dir, *flags, env=None):
-    args = ["--data", str(text_file), "--out-dir", str(out_dir), "--n-layer", "2",
+def run_train_args(text_file, out_dir, *flags) -> list[str]:
+    return ["--data", str(text_file), "--out-dir", str(out_dir), "--n-layer", "2",
             "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
             "--max-iters", "40", "--warmup-iters", "5", "--log-interval", "1",
             "--eval-interval", "40", "--eval-iters", "1", *flags]
+
+
+def run_train(text_file, out_dir, *flags, env=None):
+    args = run_train_args(text_file, out_dir, *flags)
     # one BLAS thread in the parent: on a busy machine a tiny model's matmuls are much faster
     # without waiting for a second thread (the workers set their own, one each on 2 cores)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", **(env or {}))
@@ -172,6 +177,27 @@ def test_a_crashed_worker_is_a_one_line_cli_error(text_file, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "worker failed" in lines[0]
+
+
+def test_ctrl_c_with_workers_still_saves_and_stops(text_file, tmp_path):
+    """A terminal sends SIGINT to the whole process group, workers included: they must leave
+    it to the parent, which finishes the step, saves and exits 130."""
+    args = run_train_args(text_file, tmp_path, "--workers", "2", "--max-iters", "100000",
+                          "--log-interval", "5")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "gpt.train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("iter"):  # the workers are up and have done 5 steps
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted at iter" in err and "worker failed" not in err
 
 
 # ---- a dask cluster on this machine --------------------------------------------------------------
