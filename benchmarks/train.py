@@ -7,6 +7,7 @@ GFLOP/s as a fraction of measured sgemm peak, and peak RSS.
     python benchmarks/train.py                      # baby config, 2 threads, 5 rounds
     python benchmarks/train.py --config default --rounds 3
     python benchmarks/train.py --engines tensorlite  # no torch needed
+    python benchmarks/train.py --engines tensorlite,torch,tensorlite-untuned  # + glibc malloc defaults
 
 PyTorch comes from the optional `bench` extra (pip install -e ".[bench]"); gpt and
 tensorlite never import it.
@@ -18,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +31,7 @@ CONFIGS = {
     "default": (4, 8, 128, 64, 12),
     "batch64": (4, 4, 128, 64, 64),
 }
+ENGINES = ["tensorlite", "torch", "tensorlite-untuned"]  # untuned: glibc's default malloc thresholds
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
 
 
@@ -39,6 +42,18 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+_faults_at_start = 0
+
+
+def mark_page_faults() -> None:
+    global _faults_at_start
+    _faults_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def page_faults_since_mark() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - _faults_at_start
 
 
 def flops_per_token(n_layer: int, n_embd: int, block: int, vocab: int) -> float:
@@ -78,7 +93,8 @@ def run_tensorlite(args, cfg, ids, vocab) -> float:
     from gpt.model import GPT
     from gpt.optim import AdamW, clip_grad_norm
 
-    tensorlite.kernels.tune_allocator()
+    if args.worker == "tensorlite":  # "tensorlite-untuned" keeps glibc's malloc defaults
+        tensorlite.kernels.tune_allocator()
     tensorlite.set_num_threads(args.threads)
     n_layer, n_head, n_embd, block, batch = cfg
     model = GPT(GPTConfig(vocab, block, n_layer, n_head, n_embd), dtype=np.float32, seed=0)
@@ -87,6 +103,7 @@ def run_tensorlite(args, cfg, ids, vocab) -> float:
     for i, (x, y) in enumerate(batches(ids, block, batch, 0, args.warmup + args.iters)):
         if i == args.warmup:
             t0 = time.perf_counter()
+            mark_page_faults()
         model.zero_grad()
         _, loss = model(x, y, training=True)
         loss.backward()
@@ -154,6 +171,7 @@ def run_torch(args, cfg, ids, vocab) -> float:
     for i, (x, y) in enumerate(batches(ids, block, batch, 0, args.warmup + args.iters)):
         if i == args.warmup:
             t0 = time.perf_counter()
+            mark_page_faults()
         loss = model(torch.from_numpy(x), torch.from_numpy(y))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -183,11 +201,12 @@ def sgemm_peak(threads: int, n_embd: int, tokens: int) -> float:
 def worker(args) -> None:
     cfg = CONFIGS[args.config]
     ids, vocab = load_ids(args.data)
-    run = {"tensorlite": run_tensorlite, "torch": run_torch}[args.worker]
+    run = run_torch if args.worker == "torch" else run_tensorlite
     seconds = run(args, cfg, ids, vocab)
+    faults = page_faults_since_mark() / args.iters
     tokens = args.iters * cfg[3] * cfg[4]
     print(json.dumps({"tokens_per_s": tokens / seconds, "ms_per_iter": 1e3 * seconds / args.iters,
-                      "peak_rss_mb": peak_rss_mb(), "vocab": vocab}))
+                      "peak_rss_mb": peak_rss_mb(), "faults_per_iter": faults, "vocab": vocab}))
 
 
 def main() -> None:
@@ -199,7 +218,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default=DATA)
-    p.add_argument("--worker", choices=["tensorlite", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -218,7 +237,8 @@ def main() -> None:
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results[e].append(res)
             print(f"round {r + 1} {e:10s} {res['tokens_per_s']:9.0f} tok/s  "
-                  f"{res['ms_per_iter']:6.1f} ms/iter  peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+                  f"{res['ms_per_iter']:6.1f} ms/iter  peak RSS {res['peak_rss_mb']:.0f} MB  "
+                  f"{res['faults_per_iter']:.0f} page faults/iter", flush=True)
 
     n_layer, n_head, n_embd, block, batch = CONFIGS[args.config]
     vocab = results[engines[0]][0]["vocab"]
@@ -227,16 +247,22 @@ def main() -> None:
     print(f"\nconfig {args.config} (n_layer {n_layer}, n_head {n_head}, n_embd {n_embd}, block {block}, "
           f"batch {batch}), {args.threads} threads, {args.rounds} rounds x {args.iters} iters")
     print(f"{fpt / 1e6:.2f} MFLOP per training token; sgemm peak here {peak:.0f} GFLOP/s")
-    print(f"{'engine':12s} {'median tok/s':>12s} {'ms/iter':>8s} {'GFLOP/s':>8s} {'% peak':>7s} {'peak RSS MB':>11s}")
+    print(f"{'engine':18s} {'median tok/s':>12s} {'ms/iter':>8s} {'GFLOP/s':>8s} {'% peak':>7s} "
+          f"{'peak RSS MB':>11s} {'faults/iter':>11s}")
     med = {}
     for e in engines:
         tps = statistics.median(r["tokens_per_s"] for r in results[e])
         med[e] = tps
         rss = statistics.median(r["peak_rss_mb"] for r in results[e])
         gf = tps * fpt / 1e9
-        print(f"{e:12s} {tps:12.0f} {1e3 * block * batch / tps:8.1f} {gf:8.1f} {100 * gf / peak:6.1f}% {rss:11.0f}")
-    if len(engines) == 2:
-        print(f"ratio {engines[0]}/{engines[1]}: {med[engines[0]] / med[engines[1]]:.2f}x")
+        faults = statistics.median(r["faults_per_iter"] for r in results[e])
+        print(f"{e:18s} {tps:12.0f} {1e3 * block * batch / tps:8.1f} {gf:8.1f} {100 * gf / peak:6.1f}% "
+              f"{rss:11.0f} {faults:11.0f}")
+    for e in engines[1:]:
+        ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(results[engines[0]], results[e])]
+        print(f"ratio {engines[0]}/{e}: {med[engines[0]] / med[e]:.2f}x of medians; "
+              f"per-round ratios median {statistics.median(ratios):.2f}x "
+              f"[{min(ratios):.2f}-{max(ratios):.2f}]")
 
 
 if __name__ == "__main__":
