@@ -11,12 +11,13 @@ import argparse
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
 import numpy as np
+
+from .checkpoint import atomic_write
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -113,19 +114,8 @@ def download_shakespeare(out: str, url: str = SHAKESPEARE_URL,
             f"{url} is not Tiny Shakespeare: got {shown} bytes (sha256 {digest[:12]}...), "
             f"expected {size} bytes (sha256 {sha256[:12]}...); nothing written"
         )
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    atomic_write(out, data)  # temp file, fsync, rename: never a half-written corpus
     return out
 
 

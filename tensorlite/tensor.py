@@ -156,6 +156,19 @@ class Tensor:
     def __getitem__(self, index):
         return ops.GetItem.apply(self, index=index)
 
+    # ---- comparisons: plain bool arrays (no gradient), e.g. for tensorlite.where ----------
+    def __lt__(self, other):
+        return self.data < _raw(other)
+
+    def __le__(self, other):
+        return self.data <= _raw(other)
+
+    def __gt__(self, other):
+        return self.data > _raw(other)
+
+    def __ge__(self, other):
+        return self.data >= _raw(other)
+
     # ---- elementwise functions -------------------------------------------------------------
     def exp(self):
         return ops.Exp.apply(self)
@@ -211,6 +224,10 @@ class Tensor:
         from .graph import to_dot
 
         return to_dot(self)
+
+
+def _raw(x):
+    return x.data if isinstance(x, Tensor) else x
 
 
 def as_tensor(x) -> Tensor:

@@ -688,3 +688,15 @@ def test_float32_forward_matches_float64(name, x, y):
     out32 = fn(Tensor(x.astype(np.float32)), Tensor(y.astype(np.float32)))
     assert out32.dtype == np.float32 and out64.dtype == np.float64
     np.testing.assert_allclose(out32.data, out64.data, rtol=1e-5, atol=1e-5)
+
+
+def test_comparisons_give_bool_arrays_for_where():
+    x = Tensor(np.array([-1.0, 0.0, 2.0]), requires_grad=True)
+    y = Tensor(np.array([0.0, 0.0, 1.0]))
+    assert (x > 0).dtype == bool and (x > 0).tolist() == [False, False, True]
+    assert (x >= y).tolist() == [False, True, True]
+    assert (x < y).tolist() == [True, False, False]
+    assert (x <= 0).tolist() == [True, True, False]
+    out = tl.where(x > 0, x, 0.0)
+    out.backward(np.array([1.0, 2.0, 3.0]))
+    np.testing.assert_array_equal(x.grad, [0.0, 0.0, 3.0])
