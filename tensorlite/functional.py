@@ -206,6 +206,17 @@ class Dropout(Function):
         return dout * self.mask
 
 
+def _integer_array(x, what: str) -> np.ndarray:
+    """Integer ids as an int array. A Tensor made from a list of ints holds float32 (the
+    Tensor rule), so whole-number floats are accepted too; anything else is an error."""
+    a = np.asarray(x.data if isinstance(x, Tensor) else x)
+    if a.dtype.kind in "iu":
+        return a
+    if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
+        return a.astype(np.int64)
+    raise TypeError(f"{what} must be integers, got dtype {a.dtype}")
+
+
 # ---- the public functions ----------------------------------------------------------------------
 def softmax(x, axis: int = -1) -> Tensor:
     return Softmax.apply(x, axis=axis)
@@ -217,10 +228,7 @@ def log_softmax(x, axis: int = -1) -> Tensor:
 
 def cross_entropy(logits, targets) -> Tensor:
     """Mean negative log-likelihood of integer `targets` (N,) under `logits` (N, V)."""
-    targets = np.asarray(targets.data if isinstance(targets, Tensor) else targets)
-    if targets.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy: targets must be integers, got dtype {targets.dtype}")
-    return CrossEntropy.apply(logits, targets=targets)
+    return CrossEntropy.apply(logits, targets=_integer_array(targets, "cross_entropy: targets"))
 
 
 def rms_norm(x, weight=None, eps: float = 1e-5) -> Tensor:
@@ -231,10 +239,7 @@ def rms_norm(x, weight=None, eps: float = 1e-5) -> Tensor:
 
 def embedding(indices, weight) -> Tensor:
     """Rows of `weight` (V, C) picked by integer `indices` (any shape) -> (*indices.shape, C)."""
-    indices = np.asarray(indices.data if isinstance(indices, Tensor) else indices)
-    if indices.dtype.kind not in "iu":
-        raise TypeError(f"embedding: indices must be integers, got dtype {indices.dtype}")
-    return Embedding.apply(weight, indices=indices)
+    return Embedding.apply(weight, indices=_integer_array(indices, "embedding: indices"))
 
 
 def scaled_dot_product_attention(q, k, v, causal: bool = True) -> Tensor:

@@ -213,7 +213,11 @@ def test_embedding_errors():
     with pytest.raises(IndexError, match=r"\[0, 4\)"):
         F.embedding(np.array([4]), w)
     with pytest.raises(TypeError, match="integers"):
-        F.embedding(np.array([1.0]), w)
+        F.embedding(np.array([1.5]), w)
+    with pytest.raises(TypeError, match="integers"):
+        F.cross_entropy(Tensor(np.zeros((2, 4))), np.array([1.0, np.nan]))
+    # ids in a Tensor are float32 (Tensor's rule for lists): whole numbers are accepted
+    np.testing.assert_array_equal(F.embedding(Tensor([3, 0]), w).data, w.data[[3, 0]])
     with pytest.raises(ValueError, match=r"\(4, 2, 1\)"):
         F.embedding(np.array([0]), Tensor(np.zeros((4, 2, 1))))
 
