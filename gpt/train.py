@@ -392,7 +392,16 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
                           f"{loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | {fmt_time(spent)} "
                           f"elapsed, {fmt_time(left)} left", flush=True)
                     if do_eval:
-                        ev = estimate_loss(model, {"train": train_ids, "val": val_ids}, cfg)
+                        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                            ev = estimate_loss(model, {"train": train_ids, "val": val_ids}, cfg)
+                        if not (math.isfinite(ev["train"]) and math.isfinite(ev["val"])):
+                            # this step's update broke the weights: never save them
+                            kept = (f"the last good checkpoint (iter {last_saved}) is kept in "
+                                    f"{checkpoint_path(cfg.out_dir)}" if last_saved is not None
+                                    else "no checkpoint was written yet")
+                            raise TrainError(f"eval loss became {ev['val']} at iter {it}; "
+                                             f"not saved; {kept}; try a lower --lr (now "
+                                             f"{cfg.lr:g}) or --grad-clip")
                         best_val = min(best_val, ev["val"])
                         last_eval = {"iter": it, "train_loss": ev["train"], "val_loss": ev["val"]}
                         record.update(eval_train_loss=ev["train"], val_loss=ev["val"],

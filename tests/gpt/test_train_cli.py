@@ -247,3 +247,17 @@ def test_huge_learning_rate_is_caught(tmp_path, text_file):
     proc = run_cli(["--data", text_file, "--out-dir", "o", "--max-iters", "40", *TINY,
                     "--warmup-iters", "0", "--lr", "1e30", "--min-lr", "0"], cwd=tmp_path)
     assert_one_line_error(proc, "became", "--lr")
+
+
+def test_nan_at_eval_is_not_saved(tmp_path, text_file):
+    """A step that leaves finite but exploded weights shows up first at the eval right after
+    it; that eval must stop the run instead of saving the broken weights over a good one."""
+    out = tmp_path / "run"
+    proc = run_cli(["--data", text_file, "--out-dir", out, "--max-iters", "40", *TINY,
+                    "--eval-interval", "1", "--warmup-iters", "0", "--lr", "1e9",
+                    "--grad-clip", "0"], cwd=tmp_path)
+    assert_one_line_error(proc, "became nan", "--lr")
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["last_eval"]["val_loss"] < 10, state["last_eval"]
+    assert all(json.loads(line)["val_loss"] < 10  # json.loads reads a NaN as nan: not < 10
+               for line in (out / "metrics.jsonl").read_text().splitlines())
