@@ -140,8 +140,13 @@ def generate(
 
 
 # ---- the command line -------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        self.exit(2, f"gpt.sample: error: {message} (see python -m gpt.sample --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="python -m gpt.sample", description="Generate text from a gpt.train checkpoint."
     )
     ap.add_argument("--out-dir", default="out", help="the training run's folder (default: out)")

@@ -274,6 +274,8 @@ def test_cli_prints_samples_same_with_and_without_cache(run_dir):
         (["--top-p", 1.5], "--top-p must be in"),
         (["--top-k", 0], "--top-k must be"),
         (["--max-new-tokens", -1], "--max-new-tokens must be"),
+        (["--top-k", "abc"], "--top-k: invalid int value"),
+        (["--no-such-flag"], "unrecognized arguments"),
     ],
 )
 def test_cli_bad_arguments_give_one_line_errors(run_dir, args, message):
