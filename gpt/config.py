@@ -7,6 +7,7 @@ each field's `help` metadata becoming the flag's help text.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass, field
 
@@ -146,14 +147,14 @@ class TrainConfig:
                 f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head}); "
                 f"try --n-head {_divisor_hint(self.n_embd, self.n_head)}"
             )
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"--lr must be positive and finite, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"--min-lr must be in [0, --lr={self.lr}], got {self.min_lr}")
         if not isinstance(self.warmup_iters, numbers.Integral) or self.warmup_iters < 0:
             raise ValueError(f"--warmup-iters must be >= 0, got {self.warmup_iters!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"--weight-decay must be >= 0 and finite, got {self.weight_decay}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")

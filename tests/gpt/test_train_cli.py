@@ -189,6 +189,8 @@ def test_no_train_txt_says_how_to_get_data(tmp_path):
     (["--batch-size", "0"], "--batch-size"),
     (["--lr", "0"], "--lr"),
     (["--lr", "-1e-3"], "--lr"),
+    (["--lr", "inf", "--min-lr", "0"], "--lr must be positive and finite"),
+    (["--weight-decay", "inf"], "--weight-decay"),
     (["--n-layer", "two"], "--n-layer"),
 ])
 def test_bad_settings(tmp_path, text_file, flags, words):
