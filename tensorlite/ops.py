@@ -99,6 +99,8 @@ class Pow(Function):
 
     def backward(self, dout):
         x, p = self.x, self.p
+        if p == 0:  # x**0 is constant; p * x**-1 would give 0 * inf = nan at x = 0
+            return np.zeros_like(dout)
         if p == 2:
             return dout * (x + x)
         return dout * (x.dtype.type(p) * x ** x.dtype.type(p - 1))

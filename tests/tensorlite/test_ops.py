@@ -122,6 +122,12 @@ def test_pow_real_exponent_positive_base(data, p):
     check_op(lambda t: t**p, lambda a: a**p, x, atol=1e-10)
 
 
+def test_pow_zero_exponent_has_zero_gradient_at_zero():
+    x = Tensor(np.array([0.0, 0.0, 2.0]), requires_grad=True)
+    (x**0).backward(np.array([1.0, -2.0, 3.0]))
+    np.testing.assert_array_equal(x.grad, [0.0, 0.0, 0.0])  # not 0 * inf = nan at x = 0
+
+
 def test_pow_rejects_a_tensor_exponent():
     with pytest.raises(TypeError, match="scalar exponent"):
         Tensor([1.0, 2.0]) ** Tensor([2.0, 2.0])
