@@ -226,7 +226,8 @@ def _normalize_axes(axis, ndim: int) -> tuple:
     for a in axes:
         if not -ndim <= a < max(ndim, 1):
             raise ValueError(f"axis {a} is out of range for a tensor with {ndim} dims")
-        out.append(a % ndim if ndim else 0)
+        if ndim:  # axis 0 of a 0-d tensor reduces nothing
+            out.append(a % ndim)
     return tuple(sorted(set(out)))
 
 

@@ -270,6 +270,15 @@ def _max_gradient_reference(x: np.ndarray, axis, dout: np.ndarray) -> np.ndarray
     return hit * np.reshape(dout, m.shape) / count
 
 
+@pytest.mark.parametrize("name", ["sum", "mean", "max"])
+def test_reductions_over_axis_0_of_a_0d_tensor(name):
+    x = Tensor(np.array(3.0), requires_grad=True)
+    out = getattr(x, name)(axis=0)
+    assert out.shape == () and out.item() == 3.0
+    out.backward(np.array(2.0))
+    assert x.grad.shape == () and x.grad.item() == 2.0
+
+
 def test_max_ties_split_evenly_examples():
     x = Tensor(np.array([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0], [0.0, 5.0, -1.0]]), requires_grad=True)
     x.max(axis=1).backward(np.array([6.0, 9.0, 4.0]))
