@@ -24,7 +24,7 @@ SHAKESPEARE_URL = (
 )
 SHAKESPEARE_SIZE = 1115394  # bytes
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-GET_DATA_HINT = "python -m gpt.data shakespeare --out input.txt"
+GET_DATA_HINT = "python -m gpt.data shakespeare --out data.txt"
 
 
 def load_text(path: str | os.PathLike) -> str:

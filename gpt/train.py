@@ -46,11 +46,11 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
+from .data import GET_DATA_HINT as GET_DATA
 from .data import get_batch
 from .model import GPT
 from .optim import AdamW, clip_grad_norm, lr_at
 
-GET_DATA = "python -m gpt.data shakespeare --out data.txt"
 # Settings that decide the shape of the model or the meaning of its token ids: a resumed run
 # must keep them. Everything else (lr, max_iters, eval settings, ...) may change on resume.
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "tokenizer", "dtype")
@@ -243,11 +243,8 @@ def make_grad_fn(model: GPT, cfg: TrainConfig):
             return float(loss.data)
 
         return loss_and_grads, lambda: None
-    try:
-        from . import parallel
-    except ImportError:
-        raise TrainError(f"--workers {cfg.workers} needs gpt.parallel, which is not available "
-                         "here; use --workers 1") from None
+    from . import parallel  # imported here: joblib starts only when it is used
+
     dp = parallel.DataParallel(model, workers=cfg.workers, backend=cfg.backend,
                                scheduler=cfg.scheduler)
     return dp.loss_and_grads, dp.close
@@ -432,27 +429,10 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
 # ---- a short sample at the end ------------------------------------------------------------------
 def sample_text(model: GPT, tokenizer, seed: int, max_new_tokens: int = 200,
                 temperature: float = 0.8) -> str:
-    """Temperature sampling from BOS: gpt.sample.generate (KV cache, top-k/top-p) when it is
-    there, else this plain loop that recomputes the whole context per token."""
-    try:
-        from .sample import generate
-    except ImportError:
-        generate = None
-    if generate is not None:
-        return generate(model, tokenizer, None, max_new_tokens, temperature=temperature, seed=seed)
-    rng = np.random.default_rng(seed)
-    ids = [tokenizer.bos_id]
-    T = model.config.block_size
-    with tl.no_grad():
-        for _ in range(max_new_tokens):
-            logits, _ = model(np.array([ids[-T:]], dtype=np.int64))
-            z = logits.data[0, -1].astype(np.float64) / temperature
-            p = np.exp(z - z.max())
-            nxt = int(rng.choice(len(p), p=p / p.sum()))
-            if nxt == tokenizer.eos_id:
-                break
-            ids.append(nxt)
-    return tokenizer.decode(ids)
+    """A short temperature sample from BOS, with gpt.sample.generate (KV cache)."""
+    from .sample import generate
+
+    return generate(model, tokenizer, None, max_new_tokens, temperature=temperature, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> int:
