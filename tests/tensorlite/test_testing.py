@@ -195,6 +195,15 @@ def test_gradcheck_returns_true_and_clears_grads():
     assert x.grad is None
 
 
+def test_gradcheck_accepts_a_non_contiguous_input_and_restores_it():
+    data = np.arange(6.0).reshape(2, 3).T  # (3, 2), a transposed view
+    x = Tensor(data, requires_grad=True)
+    assert gradcheck(lambda t: (t * t) @ Tensor(np.array([1.0, -2.0])), [x]) is True
+    np.testing.assert_array_equal(x.data, np.arange(6.0).reshape(2, 3).T)
+    with pytest.raises(GradcheckError, match=r"element \(0, 0\)"):
+        gradcheck(lambda t: SquareMissingTwo.apply(t), [Tensor(data + 1.0, requires_grad=True)])
+
+
 def test_gradcheck_input_errors():
     x = Tensor(np.array([1.0]))
     with pytest.raises(ValueError, match="requires_grad"):
