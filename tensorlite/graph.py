@@ -87,7 +87,7 @@ def show_graph(t: Tensor, file=None) -> str:
 
     Each line is one tensor: `#k`, how it was made (`<- Op`, `leaf` or `const`) and its
     facts; its inputs hang below it. A tensor used twice is drawn once; later mentions say
-    `(see #k above)`.
+    `#k (see above)`.
 
         #0 <- Sum  shape () float32
         └── #1 <- Mul  shape (3,) float32
