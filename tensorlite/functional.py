@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from . import kernels
-from .autograd import Function
+from .autograd import Function, unbroadcast
 from .tensor import Tensor, as_tensor
 
 
@@ -180,7 +180,8 @@ class ScaledDotProductAttention(Function):
         dst *= self.scale  # dS^T, scaled
         dq = np.swapaxes(dst, -1, -2) @ k  # (..., Tq, hd)
         dk = dst @ q  # (..., Tk, hd)
-        return dq, dk, dv
+        # batch dims that were broadcast (k, v shared across a batch, say) are summed back
+        return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
 
 
 class ReluSquared(Function):

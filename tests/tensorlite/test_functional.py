@@ -270,6 +270,14 @@ def test_attention_causal_first_query_sees_only_the_first_key():
     np.testing.assert_allclose(scale_check, p @ v, rtol=1e-12)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_with_broadcast_batch_dims(causal):
+    rng = np.random.default_rng(3)
+    q, k, v = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((3, 4, 5)), rng.standard_normal((3, 4, 2))
+    check_fused(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, causal=causal),
+                lambda a, b, c: attention_composed(a, b, c, causal=causal), q, k, v)
+
+
 def test_attention_shape_errors_name_the_shapes():
     q, k, v = Tensor(np.zeros((2, 3))), Tensor(np.zeros((4, 5))), Tensor(np.zeros((4, 5)))
     with pytest.raises(ValueError, match=r"\(2, 3\).*\(4, 5\)"):
