@@ -16,17 +16,17 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-from train import CONFIGS, DATA, batches, load_ids  # noqa: E402
-
-import tensorlite  # noqa: E402
-from gpt.config import GPTConfig  # noqa: E402
-from gpt.model import GPT  # noqa: E402
-from gpt.optim import AdamW, clip_grad_norm  # noqa: E402
-from tensorlite.profiler import profile  # noqa: E402
+import tensorlite
+from gpt.config import GPTConfig
+from gpt.model import GPT
+from gpt.optim import AdamW, clip_grad_norm
+from tensorlite.profiler import profile
 
 
 def main() -> None:
+    sys.path.insert(0, os.path.dirname(__file__))
+    from train import CONFIGS, DATA, batches, load_ids  # benchmarks/train.py's data helpers
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="baby")
     p.add_argument("--steps", type=int, default=40)
