@@ -101,6 +101,8 @@ class RMSNorm(Function):
 
     def forward(self, x, weight=None, eps=1e-5):
         c = x.shape[-1]
+        if weight is not None and weight.shape != (c,):
+            raise ValueError(f"rms_norm: weight must have shape ({c},) for x {x.shape}, got {weight.shape}")
         ms = kernels.sum_of_products(x, x)[..., None] / x.dtype.type(c)  # mean(x**2), (..., 1)
         self.r = 1.0 / np.sqrt(ms + x.dtype.type(eps))  # (..., 1)
         self.xhat = x * self.r
@@ -157,6 +159,11 @@ class ScaledDotProductAttention(Function):
             raise ValueError(
                 f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit "
                 "(need q (..., Tq, hd), k (..., Tk, hd), v (..., Tk, hv))"
+            )
+        if causal and q.shape[-2] > k.shape[-2]:
+            raise ValueError(
+                f"causal attention: {q.shape[-2]} queries but only {k.shape[-2]} keys; the last "
+                "query sees every key, so the first ones would see none (need Tq <= Tk)"
             )
         self.scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
         # The scores are kept TRANSPOSED, keys along rows: st = S^T = k q^T, (..., Tk, Tq).

@@ -38,7 +38,8 @@ def gradcheck(
     """Check d(fn)/d(input) for every input that requires grad. True, or GradcheckError.
 
     `fn(*inputs)` must return a Tensor. Each input that should be checked must have
-    requires_grad=True (float64 recommended).
+    requires_grad=True (float64 recommended: the check runs in the inputs' dtype). The
+    inputs' `.grad` is reset to None before and after the check.
     """
     inputs = list(inputs)
     for t in inputs:
@@ -61,7 +62,7 @@ def gradcheck(
     for t in inputs:
         t.grad = None
 
-    def projected(i: int) -> float:
+    def projected() -> float:
         with no_grad():
             return float(np.sum(u * _as_output(fn(*inputs)).data, dtype=np.float64))
 
@@ -70,9 +71,9 @@ def gradcheck(
         for where in np.ndindex(x.shape):
             orig = x[where]
             x[where] = orig + eps
-            plus = projected(i)
+            plus = projected()
             x[where] = orig - eps
-            minus = projected(i)
+            minus = projected()
             x[where] = orig
             numeric = (plus - minus) / (2 * eps)
             a = float(analytic[i][where])

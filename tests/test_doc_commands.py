@@ -49,6 +49,6 @@ def test_shown_flags_exist(page, module, args):
     subcommand = words[0] if module == "gpt.data" and words and not words[0].startswith("-") else None
     text = help_text(module, subcommand)
     for flag in (w.split("=")[0] for w in words if w.startswith("--")):
-        assert re.search(rf"(^|[\s,\[]){re.escape(flag)}\b", text), (
+        assert re.search(rf"(^|[\s,\[]){re.escape(flag)}(?=[\s,=\]]|$)", text, re.MULTILINE), (
             f"{page}: `python -m {module}` has no flag {flag}"
         )

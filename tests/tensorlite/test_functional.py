@@ -330,3 +330,15 @@ def test_dropout_keeps_dtype_and_checks_p():
     for bad in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match=r"\[0, 1\)"):
             F.dropout(x, bad, True)
+
+
+def test_causal_attention_needs_no_more_queries_than_keys():
+    q, kv = Tensor(np.zeros((3, 4))), Tensor(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="3 queries but only 2 keys"):
+        F.scaled_dot_product_attention(q, kv, kv, causal=True)
+    assert F.scaled_dot_product_attention(q, kv, kv, causal=False).shape == (3, 4)
+
+
+def test_rms_norm_weight_shape_is_checked_up_front():
+    with pytest.raises(ValueError, match=r"weight must have shape \(4,\)"):
+        F.rms_norm(Tensor(np.ones((2, 4))), Tensor(np.ones((2, 4))))
