@@ -366,12 +366,10 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
                             else loss)
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     what = "loss" if not math.isfinite(loss) else "gradient norm"
-                    kept = (f"the last good checkpoint (iter {last_saved}) is kept in "
-                            f"{checkpoint_path(cfg.out_dir)}" if last_saved is not None
-                            else "no checkpoint was written yet")
                     raise TrainError(f"{what} became {loss if what == 'loss' else norm} at iter "
-                                     f"{it}; stopped without updating the weights; {kept}; try "
-                                     f"a lower --lr (now {cfg.lr:g}) or --grad-clip")
+                                     f"{it}; stopped without updating the weights; "
+                                     f"{kept_checkpoint(cfg, last_saved)}; try a lower --lr "
+                                     f"(now {cfg.lr:g}) or --grad-clip")
                 opt.step(lr=lr)
 
                 do_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
@@ -393,12 +391,9 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
                             ev = estimate_loss(model, {"train": train_ids, "val": val_ids}, cfg)
                         if not (math.isfinite(ev["train"]) and math.isfinite(ev["val"])):
                             # this step's update broke the weights: never save them
-                            kept = (f"the last good checkpoint (iter {last_saved}) is kept in "
-                                    f"{checkpoint_path(cfg.out_dir)}" if last_saved is not None
-                                    else "no checkpoint was written yet")
                             raise TrainError(f"eval loss became {ev['val']} at iter {it}; "
-                                             f"not saved; {kept}; try a lower --lr (now "
-                                             f"{cfg.lr:g}) or --grad-clip")
+                                             f"not saved; {kept_checkpoint(cfg, last_saved)}; "
+                                             f"try a lower --lr (now {cfg.lr:g}) or --grad-clip")
                         best_val = min(best_val, ev["val"])
                         last_eval = {"iter": it, "train_loss": ev["train"], "val_loss": ev["val"]}
                         record.update(eval_train_loss=ev["train"], val_loss=ev["val"],
@@ -424,6 +419,13 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
     print("sample (temperature 0.8):")
     print(sample_text(model, tokenizer, cfg.seed))
     return 0
+
+
+def kept_checkpoint(cfg: TrainConfig, last_saved: int | None) -> str:
+    """What a stopped run says about the checkpoint it leaves behind."""
+    if last_saved is None:
+        return "no checkpoint was written yet"
+    return f"the last good checkpoint (iter {last_saved}) is kept in {checkpoint_path(cfg.out_dir)}"
 
 
 # ---- a short sample at the end ------------------------------------------------------------------
