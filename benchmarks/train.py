@@ -7,7 +7,13 @@ GFLOP/s as a fraction of measured sgemm peak, and peak RSS.
     python benchmarks/train.py                      # baby config, 2 threads, 5 rounds
     python benchmarks/train.py --config default --rounds 3
     python benchmarks/train.py --engines tensorlite  # no torch needed
-    python benchmarks/train.py --engines tensorlite,torch,tensorlite-untuned  # + glibc malloc defaults
+    python benchmarks/train.py --engines tensorlite,tensorlite-numpy,torch,torch-compile
+    python benchmarks/train.py --config larger --rounds 3 --iters 20
+
+Engines: tensorlite (default kernels: numba), tensorlite-numpy (the NumPy reference kernels,
+TENSORLITE_KERNELS=numpy), tensorlite-untuned (glibc's default malloc thresholds), torch
+(eager), torch-compile (torch.compile, inductor; its first step, which compiles, is timed apart
+and reported as compile time).
 
 PyTorch comes from the optional `bench` extra (pip install -e ".[bench]"); gpt and
 tensorlite never import it.
@@ -30,8 +36,9 @@ CONFIGS = {
     "baby": (4, 4, 128, 64, 12),
     "default": (4, 8, 128, 64, 12),
     "batch64": (4, 4, 128, 64, 64),
+    "larger": (6, 6, 384, 256, 8),  # nanoGPT's Shakespeare-char shape, scaled for 2 cores
 }
-ENGINES = ["tensorlite", "torch", "tensorlite-untuned"]  # untuned: glibc's default malloc thresholds
+ENGINES = ["tensorlite", "tensorlite-numpy", "tensorlite-untuned", "torch", "torch-compile"]
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
 
 
@@ -93,9 +100,12 @@ def run_tensorlite(args, cfg, ids, vocab) -> float:
     from gpt.model import GPT
     from gpt.optim import AdamW, clip_grad_norm
 
-    if args.worker == "tensorlite":  # "tensorlite-untuned" keeps glibc's malloc defaults
+    if args.worker != "tensorlite-untuned":  # that one keeps glibc's malloc defaults
         tensorlite.kernels.tune_allocator()
+    if args.worker == "tensorlite-numpy":
+        tensorlite.kernels.use_kernels("numpy")
     tensorlite.set_num_threads(args.threads)
+    tensorlite.kernels.kernel_path()  # load (or compile) the kernels before the clock starts
     n_layer, n_head, n_embd, block, batch = cfg
     model = GPT(GPTConfig(vocab, block, n_layer, n_head, n_embd), dtype=np.float32, seed=0)
     opt = AdamW(model.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
@@ -161,6 +171,7 @@ def run_torch(args, cfg, ids, vocab) -> float:
             return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
     model = Model()
+    step_model = torch.compile(model) if args.worker == "torch-compile" else model
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -169,10 +180,14 @@ def run_torch(args, cfg, ids, vocab) -> float:
     )
     t0 = None
     for i, (x, y) in enumerate(batches(ids, block, batch, 0, args.warmup + args.iters)):
+        if i == 0:
+            t_first = time.perf_counter()
+        if i == 1:
+            _extra["first_step_s"] = time.perf_counter() - t_first  # torch-compile: compiling
         if i == args.warmup:
             t0 = time.perf_counter()
             mark_page_faults()
-        loss = model(torch.from_numpy(x), torch.from_numpy(y))
+        loss = step_model(torch.from_numpy(x), torch.from_numpy(y))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -198,15 +213,19 @@ def sgemm_peak(threads: int, n_embd: int, tokens: int) -> float:
     return 2 * tokens * n_embd * 4 * n_embd / statistics.median(times) / 1e9
 
 
+_extra: dict = {}
+
+
 def worker(args) -> None:
     cfg = CONFIGS[args.config]
     ids, vocab = load_ids(args.data)
-    run = run_torch if args.worker == "torch" else run_tensorlite
+    run = run_torch if args.worker.startswith("torch") else run_tensorlite
     seconds = run(args, cfg, ids, vocab)
     faults = page_faults_since_mark() / args.iters
     tokens = args.iters * cfg[3] * cfg[4]
     print(json.dumps({"tokens_per_s": tokens / seconds, "ms_per_iter": 1e3 * seconds / args.iters,
-                      "peak_rss_mb": peak_rss_mb(), "faults_per_iter": faults, "vocab": vocab}))
+                      "peak_rss_mb": peak_rss_mb(), "faults_per_iter": faults, "vocab": vocab,
+                      **_extra}))
 
 
 def main() -> None:
@@ -236,9 +255,10 @@ def main() -> None:
                 sys.exit(f"{e} worker failed:\n{out.stderr}")
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results[e].append(res)
-            print(f"round {r + 1} {e:10s} {res['tokens_per_s']:9.0f} tok/s  "
+            first = (f"  first step {res['first_step_s']:.1f} s" if e == "torch-compile" else "")
+            print(f"round {r + 1} {e:18s} {res['tokens_per_s']:9.0f} tok/s  "
                   f"{res['ms_per_iter']:6.1f} ms/iter  peak RSS {res['peak_rss_mb']:.0f} MB  "
-                  f"{res['faults_per_iter']:.0f} page faults/iter", flush=True)
+                  f"{res['faults_per_iter']:.0f} page faults/iter{first}", flush=True)
 
     n_layer, n_head, n_embd, block, batch = CONFIGS[args.config]
     vocab = results[engines[0]][0]["vocab"]
@@ -258,6 +278,10 @@ def main() -> None:
         faults = statistics.median(r["faults_per_iter"] for r in results[e])
         print(f"{e:18s} {tps:12.0f} {1e3 * block * batch / tps:8.1f} {gf:8.1f} {100 * gf / peak:6.1f}% "
               f"{rss:11.0f} {faults:11.0f}")
+    if "torch-compile" in engines:
+        firsts = [r["first_step_s"] for r in results["torch-compile"]]
+        print(f"torch-compile first step (compiling): median {statistics.median(firsts):.1f} s "
+              f"[{min(firsts):.1f}-{max(firsts):.1f}], not in the figures above")
     for e in engines[1:]:
         ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(results[engines[0]], results[e])]
         print(f"ratio {engines[0]}/{e}: {med[engines[0]] / med[e]:.2f}x of medians; "

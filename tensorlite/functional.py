@@ -64,6 +64,27 @@ class LogSoftmax(Function):
         return dout - kernels.exp(self.y) * dout.sum(axis=self.axis, keepdims=True)
 
 
+@kernels.kernel
+def cross_entropy_forward(logits, targets):
+    """NumPy reference. loss = mean_n(log sum_v exp(logits_nv) - logits_n,target_n); also
+    returns softmax(logits), which the backward needs. (The row max is subtracted first.)"""
+    rows = np.arange(len(targets))
+    shifted = logits - logits.max(axis=1, keepdims=True)  # (N, V)
+    probs = kernels.exp(shifted)
+    total = probs.sum(axis=1)  # (N,)
+    loss = np.log(total) - shifted[rows, targets]
+    probs /= total[:, None]
+    return np.asarray(loss.mean(), dtype=logits.dtype), probs
+
+
+@kernels.kernel
+def cross_entropy_backward(dout, probs, targets):
+    """NumPy reference. dlogits = (probs - onehot(targets)) * dout / N, in place on probs."""
+    probs[np.arange(len(targets)), targets] -= 1
+    probs *= dout / probs.dtype.type(len(targets))
+    return probs
+
+
 class CrossEntropy(Function):
     """loss = mean_n( -log softmax(logits_n)[target_n] ),  logits (N, V), targets (N,).
     dlogits = (softmax(logits) - onehot(targets)) / N * dout"""
@@ -77,50 +98,60 @@ class CrossEntropy(Function):
         n, v = logits.shape
         if n and (targets.min() < 0 or targets.max() >= v):
             raise ValueError(f"cross_entropy: targets must be in [0, {v}), got {targets.min()}..{targets.max()}")
-        rows = np.arange(n)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        probs = kernels.exp(shifted)
-        total = probs.sum(axis=1)
-        loss = np.log(total) - shifted[rows, targets]
-        probs /= total[:, None]
-        self.probs, self.targets, self.rows = probs, targets, rows
-        return np.asarray(loss.mean(), dtype=logits.dtype)
+        loss, self.probs = cross_entropy_forward(logits, targets)
+        self.targets = targets
+        return loss
 
     def backward(self, dout):
-        dlogits = self.probs  # softmax(logits); ours to overwrite (made in forward)
-        dlogits[self.rows, self.targets] -= 1
-        dlogits *= dout / dlogits.dtype.type(len(self.rows))
-        return dlogits
+        return cross_entropy_backward(dout, self.probs, self.targets)  # probs: ours to overwrite
+
+
+@kernels.kernel
+def rms_norm_forward(x, weight, eps):
+    """NumPy reference. y = x * r * w with r = 1/sqrt(mean(x**2) + eps) per row; returns
+    y and r (..., 1)."""
+    ms = kernels.sum_of_products(x, x)[..., None] / x.dtype.type(x.shape[-1])  # (..., 1)
+    r = 1.0 / np.sqrt(ms + x.dtype.type(eps))  # (..., 1)
+    y = x * r
+    y *= weight
+    return y, r
+
+
+@kernels.kernel
+def rms_norm_backward(dout, x, r, weight):
+    """NumPy reference. With xhat = x * r and dxhat = dout * w:
+    dx = r * (dxhat - xhat * mean(dxhat * xhat)),  dw = sum over rows of dout * xhat."""
+    c = x.shape[-1]
+    xhat = x * r
+    dxhat = dout * weight
+    mean_dot = kernels.sum_of_products(dxhat, xhat)[..., None] / x.dtype.type(c)  # (..., 1)
+    dx = xhat * mean_dot
+    np.subtract(dxhat, dx, out=dx)
+    dx *= r
+    dw = kernels.sum_of_products(dout.reshape(-1, c).T, xhat.reshape(-1, c).T)  # (C,)
+    return dx, dw
 
 
 class RMSNorm(Function):
     """y = x * r * w,  r = 1 / sqrt(mean(x**2) + eps) over the last axis (C features).
     With xhat = x * r and dxhat = dout * w:
         dw = sum over all rows of dout * xhat
-        dx = r * (dxhat - xhat * mean(dxhat * xhat))"""
+        dx = r * (dxhat - xhat * mean(dxhat * xhat))
+    (No weight: w = 1.)"""
 
     def forward(self, x, weight=None, eps=1e-5):
         c = x.shape[-1]
         if weight is not None and weight.shape != (c,):
             raise ValueError(f"rms_norm: weight must have shape ({c},) for x {x.shape}, got {weight.shape}")
-        ms = kernels.sum_of_products(x, x)[..., None] / x.dtype.type(c)  # mean(x**2), (..., 1)
-        self.r = 1.0 / np.sqrt(ms + x.dtype.type(eps))  # (..., 1)
-        self.xhat = x * self.r
-        self.weight = weight
-        return self.xhat if weight is None else self.xhat * weight
+        self.has_weight = weight is not None
+        self.weight = weight if weight is not None else np.ones(c, dtype=x.dtype)
+        y, self.r = rms_norm_forward(x, self.weight, eps)
+        self.x = x
+        return y
 
     def backward(self, dout):
-        xhat, r, w = self.xhat, self.r, self.weight
-        c = xhat.shape[-1]
-        dxhat = dout if w is None else dout * w
-        mean_dot = kernels.sum_of_products(dxhat, xhat)[..., None] / xhat.dtype.type(c)
-        dx = xhat * mean_dot
-        np.subtract(dxhat, dx, out=dx)  # dxhat - xhat * mean(dxhat * xhat)
-        dx *= r
-        if w is None:
-            return dx
-        dw = (dout.reshape(-1, c) * xhat.reshape(-1, c)).sum(axis=0)
-        return dx, dw
+        dx, dw = rms_norm_backward(dout, self.x, self.r, self.weight)
+        return (dx, dw) if self.has_weight else dx
 
 
 class Embedding(Function):
@@ -191,6 +222,62 @@ class ScaledDotProductAttention(Function):
         return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
 
 
+@kernels.kernel
+def causal_self_attention_forward(qkv, n_head, scale):
+    """NumPy reference: split qkv (B, T, 3C) into heads and run the attention math of
+    ScaledDotProductAttention above. Returns y (B, T, C) and P^T (B, H, T, T)."""
+    B, T, C3 = qkv.shape
+    hd = C3 // 3 // n_head
+    q, k, v = qkv.reshape(B, T, 3, n_head, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, T, hd)
+    st = k @ np.swapaxes(q, -1, -2)  # S^T, (B, H, T, T): keys along rows
+    st *= scale
+    st += _causal_bias(T, T, st.dtype).T
+    pt = _softmax(st, -2, inplace=True)  # P^T
+    y = np.swapaxes(pt, -1, -2) @ v  # (B, H, T, hd)
+    return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3), pt  # heads side by side
+
+
+@kernels.kernel
+def causal_self_attention_backward(dy, qkv, pt, n_head, scale):
+    """NumPy reference: the backward of ScaledDotProductAttention, with dq, dk, dv packed
+    into one dqkv (B, T, 3C) in the layout of qkv."""
+    B, T, C3 = qkv.shape
+    hd = C3 // 3 // n_head
+    q, k, v = qkv.reshape(B, T, 3, n_head, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, T, hd)
+    dout = dy.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
+    dqkv = np.empty((B, T, 3, n_head, hd), dtype=qkv.dtype)
+    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # views to write into, each (B, H, T, hd)
+    np.matmul(pt, dout, out=dv)  # P^T dout
+    dst = v @ np.swapaxes(dout, -1, -2)  # dP^T, (B, H, T, T)
+    dst -= np.einsum("...kq,...kq->...q", dst, pt)[..., None, :]
+    dst *= pt
+    dst *= scale  # dS^T
+    np.matmul(np.swapaxes(dst, -1, -2), k, out=dq)
+    np.matmul(dst, q, out=dk)
+    return dqkv.reshape(B, T, C3)
+
+
+class CausalSelfAttention(Function):
+    """Multi-head causal self-attention on the fused projection qkv = x @ W_qkv:
+    y = concat over heads of softmax(q k^T * s + causal mask) v,  q | k | v = qkv's thirds,
+    each split into n_head heads of hd = C / n_head, s = 1/sqrt(hd).
+    The gradients are those of ScaledDotProductAttention, written back into one dqkv.
+    (One op instead of reshape, transpose, three slices, attention, transpose, reshape: the
+    head split costs no copies and no graph nodes.)"""
+
+    def forward(self, qkv, n_head):
+        if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head):
+            raise ValueError(f"causal_self_attention: qkv must be (B, T, 3C) with C divisible "
+                             f"by n_head={n_head}, got {qkv.shape}")
+        self.scale = 1.0 / math.sqrt(qkv.shape[-1] // 3 // n_head)
+        self.qkv, self.n_head = qkv, n_head
+        y, self.pt = causal_self_attention_forward(qkv, n_head, self.scale)
+        return y
+
+    def backward(self, dout):
+        return causal_self_attention_backward(dout, self.qkv, self.pt, self.n_head, self.scale)
+
+
 class ReluSquared(Function):
     """y = relu(x)**2.  dx = dout * 2 * relu(x)"""
 
@@ -252,6 +339,11 @@ def embedding(indices, weight) -> Tensor:
 
 def scaled_dot_product_attention(q, k, v, causal: bool = True) -> Tensor:
     return ScaledDotProductAttention.apply(q, k, v, causal=causal)
+
+
+def causal_self_attention(qkv, n_head: int) -> Tensor:
+    """Causal multi-head attention of qkv (B, T, 3C) = q | k | v -> (B, T, C)."""
+    return CausalSelfAttention.apply(qkv, n_head=n_head)
 
 
 def relu_squared(x) -> Tensor:

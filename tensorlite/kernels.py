@@ -1,201 +1,229 @@
-"""Speed lives here, behind one door: numexpr expressions, the size thresholds that decide
-when numexpr pays, and thread settings. Ops call the small named helpers below and read as
-math; each helper has a NumPy path and a numexpr path that give the same result (tested).
+"""Speed lives here, behind one door. Ops call the small named helpers below and read as
+math; this module decides which implementation of each helper runs.
 
-Why per family: numexpr costs ~7-30 us a call and, without VML, evaluates exp/tanh with
-scalar libm calls, while NumPy 2 has SIMD loops for float32 exp/tanh. Measured here
-(`python3 benchmarks/ops.py`, 2 cores, 1e3..1e6 float32 elements, 1 and 2 threads) NumPy won
-every family at every size: numexpr was 1.6-100x slower, even on the long fused expressions
-(AdamW, activation backward) where it saves temporaries. So every family defaults to None
-(NumPy); the switch stays, per family, for machines where numexpr pays (VML, many cores):
-re-run the benchmark there and call `set_numexpr_threshold`. Table in docs/performance.md.
+Every kernel has a NumPy reference: the readable spec, the test oracle and the fallback.
+A reference is marked `@kernel` (here, or in functional.py right beside its op), and one
+table, `_TWINS`, maps each path to the compiled or threaded twins it has, by name:
+
+    numba    threaded, fused loops (tensorlite/kernels_numba.py): the default
+    numpy    the references themselves
+    numexpr  numexpr expressions for the elementwise families (kept for comparison:
+             benchmarks/ops.py; it lost to NumPy on every CPU we measured)
+
+TENSORLITE_KERNELS=numpy|numba|numexpr picks the path (or `use_kernels`); where numba cannot
+be imported, the NumPy references run and one line on stderr says so. Compiled kernels are
+cached on disk (numba's cache: beside the package, or a user cache folder where that is
+read-only), so only a fresh install's first run compiles, and says so. Thread settings and
+the allocator are here too. Measurements behind every choice: docs/performance.md.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+import time
+from collections.abc import Callable
 
 import numexpr as ne
 import numpy as np
 
-# Minimum number of elements before a family goes through numexpr (None: never).
-NUMEXPR_MIN_SIZE: dict[str, int | None] = {
-    "transcendental": None,  # exp, tanh, sigmoid: numexpr 1.6-100x slower up to 1e6
-    "fused": None,  # activation backward, AdamW: numexpr 2.7-33x slower up to 1e6
+PATHS = ("numba", "numpy", "numexpr")
+REFERENCES: dict[str, Callable] = {}  # name -> NumPy reference, filled by @kernel
+_active: dict[str, Callable] | None = None  # name -> twin in use (None: not chosen yet)
+_path = ""
+_threads: int | None = None  # the last set_num_threads(n), applied to numba when it loads
+
+
+def kernel(reference: Callable) -> Callable:
+    """Mark a NumPy function as a kernel: calls go to the active path's twin of the same
+    name, or to the reference itself where the path has none."""
+    name = reference.__name__
+    REFERENCES[name] = reference
+
+    @functools.wraps(reference)
+    def dispatch(*args, **kwargs):
+        twins = _active if _active is not None else _choose()
+        return twins.get(name, reference)(*args, **kwargs)
+
+    dispatch.reference = reference
+    return dispatch
+
+
+def _numba_twins() -> dict[str, Callable]:
+    from . import kernels_numba
+
+    if _threads is not None:
+        kernels_numba.set_num_threads(_threads)
+    return kernels_numba.KERNELS
+
+
+def _numexpr_twins() -> dict[str, Callable]:
+    return dict(_NUMEXPR)
+
+
+_TWINS: dict[str, Callable[[], dict[str, Callable]]] = {
+    "numba": _numba_twins,
+    "numpy": dict,
+    "numexpr": _numexpr_twins,
 }
-_env = os.environ.get("TENSORLITE_NUMEXPR")  # "0": never, "1": always (tests, benchmarks)
-_FORCE: bool | None = None if _env is None else _env == "1"
 
 
-def set_numexpr_threshold(family: str, min_size: int | None) -> None:
-    """Change the switch point of one op family (`None` turns numexpr off for it)."""
-    if family not in NUMEXPR_MIN_SIZE:
-        raise KeyError(f"unknown op family {family!r}; known: {sorted(NUMEXPR_MIN_SIZE)}")
-    if min_size is not None and (not isinstance(min_size, int) or min_size < 0):
-        raise ValueError(f"min_size must be an int >= 0 or None, got {min_size!r}")
-    NUMEXPR_MIN_SIZE[family] = min_size
-
-
-def force_numexpr(value: bool | None) -> None:
-    """True: every helper uses numexpr; False: none does; None: follow the thresholds."""
-    global _FORCE
-    _FORCE = value
-
-
-def use_numexpr(family: str, size: int) -> bool:
-    if _FORCE is not None:
-        return _FORCE
-    threshold = NUMEXPR_MIN_SIZE[family]
-    return threshold is not None and size >= threshold
-
-
-def _ne(expr: str, out: np.ndarray | None = None, **arrays) -> np.ndarray:
-    return ne.evaluate(expr, local_dict=arrays, out=out, casting="same_kind")
-
-
-# ---- threads -------------------------------------------------------------------------------
-_blas_limiter = None
-
-
-def set_num_threads(n: int) -> None:
-    """Use `n` threads in numexpr and in NumPy's BLAS (matmuls)."""
-    global _blas_limiter
-    if int(n) < 1:
-        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
-    ne.set_num_threads(int(n))
+def use_kernels(path: str) -> str:
+    """Run the kernels of `path` ("numba", "numpy" or "numexpr") from now on. Returns the
+    path in use: "numpy" if numba was asked for but cannot be loaded (one line says why)."""
+    global _active, _path
+    if path not in PATHS:
+        raise ValueError(f"unknown kernel path {path!r}; choose one of {', '.join(PATHS)}")
     try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-        return
-    _blas_limiter = threadpool_limits(limits=int(n), user_api="blas")
+        twins = _TWINS[path]()
+    except Exception as e:  # noqa: BLE001 - numba missing, or failing to load here: fall back
+        print(f"tensorlite: numba kernels unavailable ({type(e).__name__}: {e}); "
+              "running the NumPy reference kernels", file=sys.stderr)
+        path, twins = "numpy", {}
+    _active, _path = twins, path
+    return path
 
 
-def get_num_threads() -> int:
-    try:
-        from threadpoolctl import threadpool_info
-
-        blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
-        return blas[0] if blas else ne.get_num_threads()
-    except ImportError:  # pragma: no cover
-        return ne.get_num_threads()
+def kernel_path() -> str:
+    """The path in use: "numba", "numpy" or "numexpr"."""
+    if _active is None:
+        _choose()
+    return _path
 
 
-# ---- transcendental ----------------------------------------------------------------------
+def _choose() -> dict[str, Callable]:
+    """First kernel call: take TENSORLITE_KERNELS (default numba), load it, warm it up."""
+    wanted = os.environ.get("TENSORLITE_KERNELS", "numba").strip().lower() or "numba"
+    if wanted not in PATHS:
+        print(f"tensorlite: TENSORLITE_KERNELS={wanted!r} is not one of {', '.join(PATHS)}; "
+              "running the NumPy reference kernels", file=sys.stderr)
+        wanted = "numpy"
+    if use_kernels(wanted) == "numba":
+        warm_up()
+    assert _active is not None
+    return _active
+
+
+def warm_up() -> float:
+    """Load (or, on a fresh install, compile) the float32 numba kernels now, so the first
+    training step does not pay for it. Says so on stderr when it has to compile. Returns
+    the seconds it took (0.0 off the numba path)."""
+    if _path != "numba":
+        return 0.0
+    from . import kernels_numba as kn
+
+    cold = [d for d in kn.DISPATCHERS if not os.path.exists(d._cache._cache_file._index_path)]
+    if cold:
+        print(f"tensorlite: compiling {len(cold)} numba kernels for this CPU (once; cached in "
+              f"{kn.DISPATCHERS[0].stats.cache_path}) ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    _exercise(np.float32)
+    seconds = time.perf_counter() - t0
+    if cold:
+        print(f"tensorlite: kernels compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return seconds
+
+
+def _exercise(dtype) -> None:
+    """Call every twin once on small arrays of `dtype` (each compiles for what it is given)."""
+    from .functional import (
+        causal_self_attention_backward,
+        causal_self_attention_forward,
+        cross_entropy_backward,
+        cross_entropy_forward,
+        rms_norm_backward,
+        rms_norm_forward,
+    )
+
+    x = np.linspace(-1, 1, 24, dtype=dtype).reshape(2, 2, 6)  # (B, T, 3C), C = 2
+    y, pt = causal_self_attention_forward(x, 1, 0.5)
+    causal_self_attention_backward(y, x, pt, 1, 0.5)
+    w = np.ones(6, dtype=dtype)
+    y, r = rms_norm_forward(x, w, 1e-5)
+    rms_norm_backward(y, x, r, w)
+    targets = np.zeros(4, dtype=np.int64)
+    loss, probs = cross_entropy_forward(x.reshape(4, 6), targets)
+    cross_entropy_backward(loss, probs, targets)
+    relu_squared_backward(relu_squared(x), x)
+    p = x.copy()
+    adamw_update(p, x, np.zeros_like(x), np.zeros_like(x), 1e-3, 0.9, 0.99, 1e-8, 0.1, 1)
+    scatter_add_rows(np.zeros((3, 6), dtype=dtype), targets, x.reshape(4, 6))
+
+
+# ---- elementwise: the NumPy references -----------------------------------------------------
+@kernel
 def exp(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    if use_numexpr("transcendental", x.size):
-        return _ne("exp(x)", out=out, x=x)
     return np.exp(x, out=out)
 
 
+@kernel
 def tanh(x: np.ndarray) -> np.ndarray:
-    if use_numexpr("transcendental", x.size):
-        return _ne("tanh(x)", x=x)
     return np.tanh(x)
 
 
+@kernel
 def sigmoid(x: np.ndarray) -> np.ndarray:
     """1 / (1 + exp(-x)) written as exp(min(x, 0)) / (1 + exp(-|x|)): never overflows, keeps
     full relative precision in both tails, and needs no data-dependent np.where (which
     cost ~8x more at 1e6 elements)."""
-    one = x.dtype.type(1)
-    if use_numexpr("transcendental", x.size):
-        return _ne("exp(where(x < 0, x, 0)) / (one + exp(-abs(x)))", x=x, one=one)
     y = np.exp(np.minimum(x, 0))
-    y /= one + np.exp(-np.abs(x))
+    y /= x.dtype.type(1) + np.exp(-np.abs(x))
     return y
 
 
-# ---- fused elementwise ---------------------------------------------------------------------
+@kernel
 def tanh_backward(dout: np.ndarray, out: np.ndarray) -> np.ndarray:
     """dout * (1 - out**2)."""
-    one = out.dtype.type(1)
-    if use_numexpr("fused", out.size):
-        return _ne("dout * (one - y * y)", dout=dout, y=out, one=one)  # not out=: _ne's output buffer
-    return dout * (one - out * out)
+    return dout * (out.dtype.type(1) - out * out)
 
 
+@kernel
 def sigmoid_backward(dout: np.ndarray, out: np.ndarray) -> np.ndarray:
     """dout * out * (1 - out)."""
-    one = out.dtype.type(1)
-    if use_numexpr("fused", out.size):
-        return _ne("dout * y * (one - y)", dout=dout, y=out, one=one)
-    return dout * out * (one - out)
+    return dout * out * (out.dtype.type(1) - out)
 
 
+@kernel
 def relu_squared(x: np.ndarray) -> np.ndarray:
     """relu(x)**2 = max(x, 0)**2."""
-    if use_numexpr("fused", x.size):
-        zero = x.dtype.type(0)
-        return _ne("where(x > zero, x * x, zero)", x=x, zero=zero)
     r = np.asarray(np.maximum(x, 0))  # asarray: on a 0-d input a ufunc returns a scalar
     return np.multiply(r, r, out=r)
 
 
+@kernel
 def relu_squared_backward(dout: np.ndarray, x: np.ndarray) -> np.ndarray:
     """dout * 2 * relu(x)."""
-    two, zero = x.dtype.type(2), x.dtype.type(0)
-    if use_numexpr("fused", x.size):
-        return _ne("where(x > zero, two * x * dout, zero)", x=x, dout=dout, two=two, zero=zero)
     g = np.maximum(x, 0)
     g *= dout
-    g *= two
+    g *= x.dtype.type(2)
     return g
 
 
-def adamw_update(
-    p: np.ndarray,
-    g: np.ndarray,
-    m: np.ndarray,
-    v: np.ndarray,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    step: int,
-) -> None:
+@kernel
+def adamw_update(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float,
+                 beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> None:
     """One AdamW step, in place on p, m, v (bias-corrected, decoupled weight decay):
 
         m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g*g
         p = p*(1 - lr*wd) - lr * (m / (1-b1**t)) / (sqrt(v / (1-b2**t)) + eps)
     """
     t = p.dtype.type
-    b1, b2 = t(beta1), t(beta2)
-    c1, c2 = t(1 - beta1), t(1 - beta2)
-    decay = t(1 - lr * weight_decay)
-    step_size = t(lr / (1 - beta1**step))
-    inv_bc2 = t(1 / (1 - beta2**step))
-    eps_ = t(eps)
-    if use_numexpr("fused", p.size):
-        _ne("b1 * m + c1 * g", out=m, b1=b1, m=m, c1=c1, g=g)
-        _ne("b2 * v + c2 * g * g", out=v, b2=b2, v=v, c2=c2, g=g)
-        _ne(
-            "p * decay - step_size * m / (sqrt(v * inv_bc2) + eps_)",
-            out=p, p=p, decay=decay, step_size=step_size, m=m, v=v, inv_bc2=inv_bc2, eps_=eps_,
-        )
-        return
-    m *= b1
-    m += c1 * g
-    v *= b2
-    v += c2 * (g * g)
-    denom = v * inv_bc2
+    m *= t(beta1)
+    m += t(1 - beta1) * g
+    v *= t(beta2)
+    v += t(1 - beta2) * (g * g)
+    denom = v * t(1 / (1 - beta2**step))
     np.sqrt(denom, out=denom)
-    denom += eps_
-    if decay != 1:
-        p *= decay
+    denom += t(eps)
+    if weight_decay:
+        p *= t(1 - lr * weight_decay)
     upd = np.divide(m, denom, out=denom)
-    upd *= step_size
+    upd *= t(lr / (1 - beta1**step))
     p -= upd
 
 
-# ---- reductions -----------------------------------------------------------------------------
-def sum_of_products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """sum(a * b, axis=-1) without the (a * b) temporary (einsum), ~3x faster for rows of
-    128 floats."""
-    return np.einsum("...i,...i->...", a, b)
-
-
-# ---- scatter ------------------------------------------------------------------------------------
+@kernel
 def scatter_add_rows(target: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> None:
     """target[indices[n]] += rows[n] for every n, repeated indices accumulating.
 
@@ -208,6 +236,72 @@ def scatter_add_rows(target: np.ndarray, indices: np.ndarray, rows: np.ndarray) 
     sorted_idx = indices[order]
     starts = np.flatnonzero(np.r_[True, sorted_idx[1:] != sorted_idx[:-1]])
     target[sorted_idx[starts]] += np.add.reduceat(rows[order], starts, axis=0)
+
+
+def sum_of_products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sum(a * b, axis=-1) without the (a * b) temporary (einsum), ~3x faster for rows of
+    128 floats."""
+    return np.einsum("...i,...i->...", a, b)
+
+
+# ---- the numexpr twins of the elementwise families ----------------------------------------------
+def _ne(expr: str, out: np.ndarray | None = None, **arrays) -> np.ndarray:
+    return ne.evaluate(expr, local_dict=arrays, out=out, casting="same_kind")
+
+
+def _ne_adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step) -> None:
+    t = p.dtype.type
+    _ne("b1 * m + c1 * g", out=m, b1=t(beta1), m=m, c1=t(1 - beta1), g=g)
+    _ne("b2 * v + c2 * g * g", out=v, b2=t(beta2), v=v, c2=t(1 - beta2), g=g)
+    _ne("p * decay - step_size * m / (sqrt(v * inv_bc2) + eps_)", out=p, p=p,
+        decay=t(1 - lr * weight_decay), step_size=t(lr / (1 - beta1**step)), m=m, v=v,
+        inv_bc2=t(1 / (1 - beta2**step)), eps_=t(eps))
+
+
+_NUMEXPR: dict[str, Callable] = {
+    "exp": lambda x, out=None: _ne("exp(x)", out=out, x=x),
+    "tanh": lambda x: _ne("tanh(x)", x=x),
+    "sigmoid": lambda x: _ne("exp(where(x < 0, x, 0)) / (one + exp(-abs(x)))", x=x,
+                             one=x.dtype.type(1)),
+    "tanh_backward": lambda dout, out: _ne("dout * (one - y * y)", dout=dout, y=out,
+                                           one=out.dtype.type(1)),
+    "sigmoid_backward": lambda dout, out: _ne("dout * y * (one - y)", dout=dout, y=out,
+                                              one=out.dtype.type(1)),
+    "relu_squared": lambda x: _ne("where(x <= zero, zero, x * x)", x=x, zero=x.dtype.type(0)),
+    "relu_squared_backward": lambda dout, x: _ne(
+        "where(x <= zero, zero, two * x * dout)", x=x, dout=dout, two=x.dtype.type(2),
+        zero=x.dtype.type(0)),
+    "adamw_update": _ne_adamw_update,
+}
+
+
+# ---- threads -------------------------------------------------------------------------------
+_blas_limiter = None
+
+
+def set_num_threads(n: int) -> None:
+    """Use `n` threads everywhere: NumPy's BLAS (matmuls), the numba kernels and numexpr.
+    (A data-parallel worker calls this with cores // workers.)"""
+    global _blas_limiter, _threads
+    if int(n) < 1:
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    _threads = int(n)
+    ne.set_num_threads(_threads)
+    if _path == "numba":
+        from . import kernels_numba
+
+        kernels_numba.set_num_threads(_threads)
+    from threadpoolctl import threadpool_limits
+
+    _blas_limiter = threadpool_limits(limits=_threads, user_api="blas")
+
+
+def get_num_threads() -> int:
+    """The BLAS thread count (set_num_threads keeps the others equal to it)."""
+    from threadpoolctl import threadpool_info
+
+    blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    return blas[0] if blas else ne.get_num_threads()
 
 
 # ---- the allocator ----------------------------------------------------------------------------

@@ -3,10 +3,20 @@ Choose one explicitly with HYPOTHESIS_PROFILE=thorough (many more examples)."""
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+from tensorlite import kernels
 
 _common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 settings.register_profile("ci", max_examples=15, derandomize=True, **_common)
 settings.register_profile("dev", max_examples=30, **_common)
 settings.register_profile("thorough", max_examples=300, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernels_loaded():
+    """Load the kernels once up front (on a fresh checkout numba compiles them here, ~20 s),
+    so the CLI tests' subprocesses find them cached and print nothing about compiling."""
+    kernels.kernel_path()

@@ -46,10 +46,11 @@ def test_the_docs_folder_is_found():
 @pytest.mark.parametrize("path", PAGES, ids=[p.name for p in PAGES])
 def test_doc_examples_run(path: Path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    before = kernels.kernel_path()
     try:
         results, report = run_doctests(path)
     finally:
-        kernels.force_numexpr(None)  # an example may force a path; don't leak it
+        kernels.use_kernels(before)  # an example may switch paths; don't leak it
     assert results.failed == 0, f"{path.name}: {results.failed} example(s) failed\n{report}"
     if path.name in MUST_HAVE_EXAMPLES:
         assert results.attempted > 0, f"{path.name} has no >>> examples"

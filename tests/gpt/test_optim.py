@@ -29,8 +29,8 @@ def _reference_adamw(p, grads, lr, b1, b2, eps, wd):
     return p
 
 
-@pytest.mark.parametrize("numexpr", [False, True])
-def test_adamw_matches_numpy_reference_over_several_steps(numexpr):
+@pytest.mark.parametrize("path", ["numpy", "numexpr", "numba"])
+def test_adamw_matches_numpy_reference_over_several_steps(path):
     rng = np.random.default_rng(0)
     params = _params(rng)
     start = {n: p.data.copy() for n, p in params.items()}
@@ -38,14 +38,15 @@ def test_adamw_matches_numpy_reference_over_several_steps(numexpr):
     grads = {n: [rng.standard_normal(p.shape) for _ in range(steps)] for n, p in params.items()}
     lrs = [lr_at(i, 6, 0.01, 0.001, 2) for i in range(steps)]
     opt = AdamW(params, lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    kernels.force_numexpr(numexpr)
+    before = kernels.kernel_path()
+    kernels.use_kernels(path)
     try:
         for i in range(steps):
             for n, p in params.items():
                 p.grad = grads[n][i].copy()
             opt.step(lr=lrs[i])
     finally:
-        kernels.force_numexpr(None)
+        kernels.use_kernels(before)
     for n, p in params.items():
         wd = 0.1 if p.ndim == 2 else 0.0  # decay on 2-D weights only
         expected = _reference_adamw(start[n], grads[n], lrs, 0.9, 0.95, 1e-8, wd)

@@ -241,6 +241,27 @@ def test_scaled_dot_product_attention(causal, data):
                 lambda a, b, c: attention_composed(a, b, c, causal=causal), q, k, v)
 
 
+def causal_self_attention_composed(qkv, n_head):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    heads = qkv.reshape(B, T, 3, n_head, C // n_head).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+    y = attention_composed(heads[0], heads[1], heads[2], causal=True)  # (B, H, T, hd)
+    return y.transpose(0, 2, 1, 3).reshape(B, T, C)
+
+
+@given(data=st.data(), n_head=st.integers(1, 3), hd=st.integers(1, 3))
+def test_causal_self_attention(data, n_head, hd):
+    B, T = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 5))
+    qkv = data.draw(arrays(shape=(B, T, 3 * n_head * hd)))
+    check_fused(lambda x: F.causal_self_attention(x, n_head),
+                lambda x: causal_self_attention_composed(x, n_head), qkv)
+
+
+def test_causal_self_attention_checks_the_shape():
+    with pytest.raises(ValueError, match=r"qkv must be \(B, T, 3C\) with C divisible by n_head=2"):
+        F.causal_self_attention(np.zeros((1, 2, 9)), 2)
+
+
 @pytest.mark.parametrize("tq, tk", [(3, 3), (1, 5), (2, 6)])
 def test_attention_causal_offset_fixed_shapes(tq, tk):
     rng = np.random.default_rng(0)

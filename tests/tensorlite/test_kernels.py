@@ -1,15 +1,24 @@
-"""kernels.py: every helper gives the same result through its numexpr path and its NumPy
-path (float32 and float64), the thresholds and thread settings behave as documented, and
-the ops that call the helpers give the same values and gradients on either path.
+"""kernels.py and its twins: every compiled (numba) and numexpr twin gives its NumPy
+reference's results, forward and backward, in float32 and float64; the dispatch table, the
+fallback, the on-disk cache and the thread settings behave as documented; and the ops that
+call kernels give the same values and gradients on every path.
+
+CI runs this file twice: on the default path and with TENSORLITE_KERNELS=numpy.
 """
 
 from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 import tensorlite as tl
 import tensorlite.functional as F
@@ -17,43 +26,46 @@ from tensorlite import Tensor, kernels
 from tensorlite.testing import arrays, assert_gradients_match, shapes
 
 DTYPES = [np.float32, np.float64]
-RTOL = {np.float32: 2e-6, np.float64: 1e-13}
+# Twins sum in another order (threads, SIMD lanes) and float32 exp is a polynomial
+# (relative error ~1.2e-7): a few float32 ulps, float64 rounding only.
+TOL = {np.float32: 2e-5, np.float64: 1e-12}
+REPO = Path(__file__).resolve().parents[2]
+
+
+def numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @pytest.fixture(autouse=True)
-def restore_kernel_settings():
-    """Every test leaves the switch and the thresholds as it found them."""
-    forced, thresholds = kernels._FORCE, dict(kernels.NUMEXPR_MIN_SIZE)
+def restore_path():
+    """Every test leaves the kernel path as it found it."""
+    before = kernels.kernel_path()
     yield
-    kernels.force_numexpr(forced)
-    kernels.NUMEXPR_MIN_SIZE.clear()
-    kernels.NUMEXPR_MIN_SIZE.update(thresholds)
+    kernels.use_kernels(before)
 
 
-@pytest.fixture(params=[False, True], ids=["numpy", "numexpr"])
-def path(request):
-    """Run the test once with every helper on NumPy, once with every helper on numexpr."""
-    kernels.force_numexpr(request.param)
-    yield request.param
-    kernels.force_numexpr(None)
+def twin_paths() -> list[str]:
+    return ["numba", "numexpr"] if numba_available() else ["numexpr"]
 
 
-def both_paths(fn):
-    """fn() through NumPy, then through numexpr (each helper forced), then back to None."""
-    try:
-        kernels.force_numexpr(False)
-        a = fn()
-        kernels.force_numexpr(True)
-        b = fn()
-    finally:
-        kernels.force_numexpr(None)
+def run_on(path: str, fn):
+    """fn() with the kernels of `path`, then fn() on the NumPy references."""
+    kernels.use_kernels(path)
+    a = fn()
+    kernels.use_kernels("numpy")
+    b = fn()
     return a, b
 
 
-def assert_same(a: np.ndarray, b: np.ndarray, dtype) -> None:
-    a, b = np.asarray(a), np.asarray(b)  # a 0-d input may come back as a NumPy scalar
+def assert_close(a, b, dtype, scale: float = 1.0) -> None:
+    a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype == dtype and a.shape == b.shape
-    np.testing.assert_allclose(a, b, rtol=RTOL[dtype], atol=RTOL[dtype] * 1e-3)
+    tol = TOL[dtype] * scale
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
 
 def float_arrays(dtype, lo=-5.0, hi=5.0, shape=None):
@@ -61,65 +73,154 @@ def float_arrays(dtype, lo=-5.0, hi=5.0, shape=None):
                   min_value=lo, max_value=hi)
 
 
-# ---- each helper: numexpr path == NumPy path ----------------------------------------------------
+# ---- the table --------------------------------------------------------------------------------
+def test_every_twin_has_a_reference_of_the_same_name():
+    kernels.kernel_path()  # load the table
+    assert {"relu_squared", "rms_norm_forward", "causal_self_attention_backward",
+            "cross_entropy_forward", "adamw_update", "scatter_add_rows"} <= set(kernels.REFERENCES)
+    if numba_available():
+        from tensorlite import kernels_numba
+
+        assert set(kernels_numba.KERNELS) <= set(kernels.REFERENCES)
+    assert set(kernels._NUMEXPR) <= set(kernels.REFERENCES)
+
+
+def test_use_kernels_switches_and_reports_the_path():
+    assert kernels.use_kernels("numpy") == "numpy" and kernels.kernel_path() == "numpy"
+    assert kernels.use_kernels("numexpr") == "numexpr"
+    with pytest.raises(ValueError, match="unknown kernel path 'fast'.*numba, numpy, numexpr"):
+        kernels.use_kernels("fast")
+    assert kernels.kernel_path() == "numexpr"  # a rejected path changes nothing
+
+
+def test_a_path_that_cannot_load_falls_back_to_numpy_with_one_line(monkeypatch, capsys):
+    def broken():
+        raise ImportError("No module named 'numba'")
+
+    monkeypatch.setitem(kernels._TWINS, "numba", broken)
+    assert kernels.use_kernels("numba") == "numpy"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "numba kernels unavailable (ImportError: No module named 'numba')" in err
+    assert "NumPy reference kernels" in err
+    x = np.linspace(-1, 1, 7)
+    np.testing.assert_array_equal(kernels.relu_squared(x), np.maximum(x, 0) ** 2)
+
+
+@pytest.mark.parametrize("value, expected", [("numpy", "numpy"), ("numexpr", "numexpr"),
+                                             ("bogus", "numpy")])
+def test_the_environment_variable_picks_the_path(value, expected):
+    code = "from tensorlite import kernels; print(kernels.kernel_path())"
+    env = dict(os.environ, TENSORLITE_KERNELS=value, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
+    if value == "bogus":
+        assert out.stderr.count("\n") == 1 and "TENSORLITE_KERNELS='bogus'" in out.stderr
+
+
+# ---- each twin == its reference -------------------------------------------------------------------
+@pytest.mark.parametrize("path", twin_paths())
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(data=st.data())
-def test_transcendentals_same_on_both_paths(dtype, data):
-    x = data.draw(float_arrays(dtype))
-    x0 = x.copy()
-    for helper in (kernels.exp, kernels.tanh, kernels.sigmoid):
-        a, b = both_paths(lambda h=helper: h(x))
-        assert_same(a, b, dtype)
-    np.testing.assert_array_equal(x, x0)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@given(data=st.data())
-def test_exp_into_an_out_buffer_same_on_both_paths(dtype, data):
-    x = data.draw(float_arrays(dtype, shape=shapes(min_dims=1)))
-
-    def run():
-        buf = x.copy()
-        result = kernels.exp(buf, out=buf)  # in place, as softmax uses it
-        assert result is buf or np.shares_memory(result, buf)
-        return buf
-
-    a, b = both_paths(run)
-    assert_same(a, b, dtype)
-    np.testing.assert_allclose(a, np.exp(x), rtol=RTOL[dtype])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_sigmoid_extremes_same_on_both_paths(dtype):
-    x = np.array([-1000.0, -80.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 80.0, 1000.0], dtype=dtype)
-    with np.errstate(over="raise", invalid="raise"):
-        a, b = both_paths(lambda: kernels.sigmoid(x))
-    assert_same(a, b, dtype)
-    assert np.all(np.isfinite(a)) and a[0] == 0.0 and a[-1] == 1.0 and a[4] == 0.5
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@given(data=st.data())
-def test_fused_helpers_same_on_both_paths(dtype, data):
-    shape = data.draw(shapes(max_dims=3, max_side=5))
+def test_elementwise_twins_match_the_references(path, dtype, data):
+    shape = data.draw(shapes(max_dims=3, max_side=6))
     x = data.draw(float_arrays(dtype, shape=shape))
     dout = data.draw(float_arrays(dtype, shape=shape))
-    y = np.tanh(x)
-    s = 1 / (1 + np.exp(-x))
+    y, s = np.tanh(x), 1 / (1 + np.exp(-x))
     saved = [v.copy() for v in (x, dout, y, s)]
     cases = {
-        "tanh_backward": (lambda: kernels.tanh_backward(dout, y), dout * (1 - y * y)),
-        "sigmoid_backward": (lambda: kernels.sigmoid_backward(dout, s), dout * s * (1 - s)),
-        "relu_squared": (lambda: kernels.relu_squared(x), np.maximum(x, 0) ** 2),
-        "relu_squared_backward": (lambda: kernels.relu_squared_backward(dout, x),
-                                  2 * dout * np.maximum(x, 0)),
+        "exp": lambda: kernels.exp(x),
+        "tanh": lambda: kernels.tanh(x),
+        "sigmoid": lambda: kernels.sigmoid(x),
+        "tanh_backward": lambda: kernels.tanh_backward(dout, y),
+        "sigmoid_backward": lambda: kernels.sigmoid_backward(dout, s),
+        "relu_squared": lambda: kernels.relu_squared(x),
+        "relu_squared_backward": lambda: kernels.relu_squared_backward(dout, x),
     }
-    for name, (run, expected) in cases.items():
-        a, b = both_paths(run)
-        assert_same(a, b, dtype)
-        np.testing.assert_allclose(a, expected, rtol=1e-5, atol=1e-5, err_msg=name)
-    for v, v0 in zip((x, dout, y, s), saved):  # the helpers return new arrays
+    for name, run in cases.items():
+        a, b = run_on(path, run)
+        assert_close(a, b, dtype)
+        if name == "relu_squared_backward":
+            np.testing.assert_allclose(a, 2 * dout * np.maximum(x, 0), rtol=TOL[dtype])
+    for v, v0 in zip((x, dout, y, s), saved):  # inputs are never written
         np.testing.assert_array_equal(v, v0)
+
+
+@pytest.mark.parametrize("path", twin_paths())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exp_into_an_out_buffer_and_sigmoid_extremes(path, dtype):
+    x = np.array([-1000.0, -80.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 80.0, 1000.0], dtype=dtype)
+
+    def run():
+        buf = np.linspace(-3, 3, 9).astype(dtype)
+        result = kernels.exp(buf, out=buf)
+        assert np.shares_memory(result, buf)
+        with np.errstate(over="raise", invalid="raise"):
+            return buf, kernels.sigmoid(x)
+
+    (ea, sa), (eb, sb) = run_on(path, run)
+    assert_close(ea, eb, dtype)
+    assert_close(sa, sb, dtype)
+    assert np.all(np.isfinite(sa)) and sa[0] == 0.0 and sa[-1] == 1.0 and sa[4] == 0.5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data(), n_head=st.integers(1, 3), hd=st.integers(1, 5))
+def test_attention_twin_matches_the_reference(dtype, data, n_head, hd):
+    B, T = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 9))
+    C = n_head * hd
+    qkv = data.draw(float_arrays(dtype, -3, 3, (B, T, 3 * C)))
+    dy = data.draw(float_arrays(dtype, -3, 3, (B, T, C)))
+    scale = 1 / math.sqrt(hd)
+    qkv0 = qkv.copy()
+
+    def run():
+        y, pt = F.causal_self_attention_forward(qkv, n_head, scale)
+        return y, pt, F.causal_self_attention_backward(dy, qkv, pt.copy(), n_head, scale)
+
+    for path in twin_paths():
+        (ya, pa, ga), (yb, pb, gb) = run_on(path, run)
+        assert_close(ya, yb, dtype, scale=4)
+        assert_close(pa, pb, dtype)  # P^T, zeros above the causal diagonal
+        assert_close(ga, gb, dtype, scale=4)
+    np.testing.assert_array_equal(qkv, qkv0)
+    assert np.all(np.tril(pb, k=-1) == 0) and np.all(pb >= 0)  # key j > query i: unseen
+    np.testing.assert_allclose(pb.sum(axis=-2), 1, rtol=10 * TOL[dtype])  # each query's P sums to 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_rms_norm_twin_matches_the_reference(dtype, data):
+    shape = data.draw(shapes(min_dims=1, max_dims=3, max_side=70))
+    x = data.draw(float_arrays(dtype, -3, 3, shape))
+    w = data.draw(float_arrays(dtype, -2, 2, shape[-1:]))
+    dout = data.draw(float_arrays(dtype, -2, 2, shape))
+
+    def run():
+        y, r = F.rms_norm_forward(x, w, 1e-5)
+        return (y, r) + tuple(F.rms_norm_backward(dout, x, r, w))
+
+    for path in twin_paths():
+        for a, b in zip(*run_on(path, run)):
+            assert_close(a, b, dtype, scale=10)  # dw sums up to 70 * 70 rows
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data(), n=st.integers(1, 40), v=st.integers(1, 70))
+def test_cross_entropy_twin_matches_the_reference(dtype, data, n, v):
+    logits = data.draw(float_arrays(dtype, -30, 30, (n, v)))
+    targets = np.array(data.draw(st.lists(st.integers(0, v - 1), min_size=n, max_size=n)))
+    dout = np.asarray(data.draw(st.floats(-2, 2)), dtype=dtype)
+
+    def run():
+        loss, probs = F.cross_entropy_forward(logits, targets)
+        return loss, probs.copy(), F.cross_entropy_backward(dout, probs, targets)
+
+    for path in twin_paths():
+        for a, b in zip(*run_on(path, run)):
+            assert_close(a, b, dtype)
 
 
 def _adamw_reference(p, g, m, v, lr, b1, b2, eps, wd, step):
@@ -133,7 +234,7 @@ def _adamw_reference(p, g, m, v, lr, b1, b2, eps, wd, step):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(data=st.data(), weight_decay=st.sampled_from([0.0, 0.1]), lr=st.sampled_from([1e-3, 0.1]))
-def test_adamw_update_same_on_both_paths(dtype, data, weight_decay, lr):
+def test_adamw_twins_match_the_reference(dtype, data, weight_decay, lr):
     shape = data.draw(shapes(min_dims=1, max_dims=2, max_side=6))
     p0 = data.draw(float_arrays(dtype, -2, 2, shape))
     grads = [data.draw(float_arrays(dtype, -2, 2, shape)) for _ in range(3)]
@@ -145,54 +246,69 @@ def test_adamw_update_same_on_both_paths(dtype, data, weight_decay, lr):
             kernels.adamw_update(p, g, m, v, step=step, **hyper)  # in place on p, m, v
         return p, m, v
 
-    (pa, ma, va), (pb, mb, vb) = both_paths(run)
-    for a, b in ((pa, pb), (ma, mb), (va, vb)):
-        np.testing.assert_allclose(a, b, rtol=10 * RTOL[dtype], atol=10 * RTOL[dtype])
-        assert a.dtype == b.dtype == dtype
     ref = (p0.astype(np.float64), np.zeros(shape), np.zeros(shape))
     for step, g in enumerate(grads, start=1):
         p, m, v = ref
         ref = _adamw_reference(p, g.astype(np.float64), m, v, lr, 0.9, 0.95, 1e-8, weight_decay,
                                step)
-    tol = 1e-4 if dtype == np.float32 else 1e-10
-    for got, want in zip((pa, ma, va), ref):
-        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    for path in twin_paths():
+        ours, reference = run_on(path, run)
+        for a, b, want in zip(ours, reference, ref):
+            assert_close(a, b, dtype, scale=10)
+            tol = 1e-4 if dtype == np.float32 else 1e-10
+            np.testing.assert_allclose(b, want, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(data=st.data(), v=st.integers(1, 6), c=st.integers(1, 4))
-def test_scatter_add_rows_matches_add_at(dtype, data, v, c):
+def test_scatter_add_rows_matches_add_at_on_every_path(dtype, data, v, c):
     n = data.draw(st.integers(0, 12))
     indices = np.array(data.draw(st.lists(st.integers(0, v - 1), min_size=n, max_size=n)),
                        dtype=np.int64)
     rows = data.draw(float_arrays(dtype, shape=(n, c)))
     start = data.draw(float_arrays(dtype, shape=(v, c)))
-    got, want = start.copy(), start.copy()
-    kernels.scatter_add_rows(got, indices, rows)
+    want = start.copy()
     np.add.at(want, indices, rows)
-    assert got.dtype == dtype
-    np.testing.assert_allclose(got, want, rtol=RTOL[dtype], atol=RTOL[dtype])
+    for path in twin_paths() + ["numpy"]:
+        kernels.use_kernels(path)
+        got = start.copy()
+        kernels.scatter_add_rows(got, indices, rows)
+        assert_close(got, want, dtype)
 
 
-# ---- the ops that use the helpers: same on both paths, gradients right on both ----------------
-HELPER_OPS = {
+def test_nan_reaches_the_outputs_of_the_fused_kernels():
+    """A NaN must not be swallowed (the training loop stops on a NaN loss)."""
+    x = np.ones((2, 4, 6), dtype=np.float32)
+    x[1, 2, 3] = np.nan
+    w = np.ones(6, dtype=np.float32)
+    for path in twin_paths() + ["numpy"]:
+        kernels.use_kernels(path)
+        assert np.isnan(kernels.relu_squared(x)).any()
+        assert np.isnan(F.rms_norm_forward(x, w, 1e-5)[0]).any()
+        assert np.isnan(F.cross_entropy_forward(x.reshape(8, 6), np.zeros(8, dtype=int))[0])
+        assert np.isnan(F.causal_self_attention_forward(x, 1, 0.5)[0]).any()
+
+
+# ---- the ops that call kernels: same values and gradients on every path ---------------------------
+KERNEL_OPS = {
     "exp": lambda t: t.exp(),
     "tanh": lambda t: t.tanh(),
     "sigmoid": lambda t: t.sigmoid(),
     "relu_squared": lambda t: F.relu_squared(t),
     "softmax": lambda t: F.softmax(t),
-    "log_softmax": lambda t: F.log_softmax(t, axis=0),
+    "rms_norm": lambda t: F.rms_norm(t, t[0] * 0.5 + 1),
     "cross_entropy": lambda t: F.cross_entropy(t.reshape(-1, t.shape[-1]),
-                                               np.zeros(t.size // t.shape[-1], dtype=np.int64)),
+                                               np.arange(t.size // t.shape[-1]) % t.shape[-1]),
     "attention": lambda t: F.scaled_dot_product_attention(t, t, t),
+    "causal_self_attention": lambda t: F.causal_self_attention(t.reshape(1, 2, 6), 2),
+    "embedding": lambda t: F.embedding(np.array([[0, 1], [1, 1]]), t[:2] * 2),
 }
 
 
-@pytest.mark.parametrize("name", list(HELPER_OPS))
-@given(x=arrays(shape=hnp.array_shapes(min_dims=2, max_dims=2, max_side=4), away_from=0.0,
-                margin=1e-3))
-def test_ops_give_the_same_values_and_gradients_on_both_paths(name, x):
-    fn = HELPER_OPS[name]
+@pytest.mark.parametrize("name", list(KERNEL_OPS))
+@given(x=arrays(shape=st.just((2, 6)), away_from=0.0, margin=1e-3))
+def test_ops_give_the_same_values_and_gradients_on_every_path(name, x):
+    fn = KERNEL_OPS[name]
     u = np.random.default_rng(0).standard_normal(fn(Tensor(x)).shape)
 
     def run():
@@ -201,73 +317,78 @@ def test_ops_give_the_same_values_and_gradients_on_both_paths(name, x):
         out.backward(u)
         return out.data, t.grad
 
-    (ya, ga), (yb, gb) = both_paths(run)
-    np.testing.assert_allclose(ya, yb, rtol=1e-13, atol=1e-15)
-    np.testing.assert_allclose(ga, gb, rtol=1e-12, atol=1e-14)
+    for path in twin_paths():
+        (ya, ga), (yb, gb) = run_on(path, run)
+        assert_close(ya, yb, np.float64)
+        assert_close(ga, gb, np.float64)
 
 
-@pytest.mark.parametrize("name", list(HELPER_OPS))
-def test_gradients_match_finite_differences_on_the_numexpr_path(name, path):
-    x = np.random.default_rng(1).uniform(-1.5, 1.5, (3, 4))
-    assert_gradients_match(HELPER_OPS[name], x)
+@pytest.mark.parametrize("name", list(KERNEL_OPS))
+def test_gradients_match_finite_differences_on_the_active_path(name):
+    """The property tests elsewhere run on the default path; this runs each op's gradient
+    check on the path CI chose for this run (TENSORLITE_KERNELS) and on numexpr."""
+    x = np.random.default_rng(1).uniform(-1.5, 1.5, (2, 6))
+    assert_gradients_match(KERNEL_OPS[name], x)
+    kernels.use_kernels("numexpr")
+    assert_gradients_match(KERNEL_OPS[name], x)
 
 
-def test_numexpr_path_is_taken_when_forced(monkeypatch):
-    calls = []
-    real = kernels._ne
-    monkeypatch.setattr(kernels, "_ne", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
-    x = np.linspace(-1, 1, 5)
-    kernels.force_numexpr(True)
-    kernels.exp(x), kernels.tanh_backward(x, x)
-    assert len(calls) == 2
-    kernels.force_numexpr(False)
-    kernels.exp(x), kernels.tanh_backward(x, x)
-    assert len(calls) == 2
-
-
-# ---- thresholds -----------------------------------------------------------------------------------
-def test_thresholds_decide_the_path():
-    kernels.force_numexpr(None)
-    kernels.set_numexpr_threshold("fused", 100)
-    assert not kernels.use_numexpr("fused", 99)
-    assert kernels.use_numexpr("fused", 100) and kernels.use_numexpr("fused", 10**6)
-    kernels.set_numexpr_threshold("fused", None)  # None: never
-    assert not kernels.use_numexpr("fused", 10**9)
-    kernels.force_numexpr(True)  # forcing overrides the thresholds both ways
-    assert kernels.use_numexpr("fused", 1)
-    kernels.force_numexpr(False)
-    kernels.set_numexpr_threshold("transcendental", 0)
-    assert not kernels.use_numexpr("transcendental", 10**9)
-
-
-def test_set_numexpr_threshold_validation():
-    before = dict(kernels.NUMEXPR_MIN_SIZE)
-    with pytest.raises(KeyError, match="unknown op family 'matmul'.*fused.*transcendental"):
-        kernels.set_numexpr_threshold("matmul", 10)
-    for bad in (-1, 2.5, "1000"):
-        with pytest.raises(ValueError, match="min_size"):
-            kernels.set_numexpr_threshold("fused", bad)
-    assert kernels.NUMEXPR_MIN_SIZE == before  # a rejected value changes nothing
-    kernels.set_numexpr_threshold("fused", 0)
-    kernels.set_numexpr_threshold("fused", None)
-    assert kernels.NUMEXPR_MIN_SIZE["fused"] is None
-
-
-def test_every_family_has_a_threshold():
-    assert set(kernels.NUMEXPR_MIN_SIZE) == {"transcendental", "fused"}
-    for family, value in kernels.NUMEXPR_MIN_SIZE.items():
-        assert value is None or (isinstance(value, int) and value >= 0), family
+# ---- the compiled kernels' cache --------------------------------------------------------------------
+@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+def test_first_run_compiles_once_and_says_so_then_loads_from_a_user_cache(tmp_path):
+    """A package folder where numba cannot write its cache (here: `__pycache__` is a file)
+    makes numba fall back to the user cache folder; the first run says it is compiling and
+    how long it took, the second says nothing and finds the kernels cached."""
+    pkg = tmp_path / "site"
+    shutil.copytree(REPO / "tensorlite", pkg / "tensorlite",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "tensorlite" / "__pycache__").write_text("not a folder")
+    cache = tmp_path / "user-cache"
+    env = dict(os.environ, PYTHONPATH=str(pkg), XDG_CACHE_HOME=str(cache),
+               TENSORLITE_KERNELS="numba")
+    env.pop("NUMBA_CACHE_DIR", None)
+    code = ("import numpy as np, tensorlite.functional as F\n"
+            "from tensorlite import kernels\n"
+            "print(kernels.kernel_path())\n"
+            "print(F.relu_squared(np.array([-1.0, 2.0], dtype=np.float32)).data)")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, timeout=600, check=False) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == ["numba", "[0.", "4.]"]
+    first, second = runs[0].stderr.splitlines(), runs[1].stderr
+    assert len(first) == 2 and first[0].startswith("tensorlite: compiling")
+    assert str(cache) in first[0] and first[1].startswith("tensorlite: kernels compiled in")
+    assert second == ""
+    assert list(cache.rglob("kernels_numba.*.nbi"))
 
 
 # ---- threads --------------------------------------------------------------------------------------
-def test_set_num_threads_sets_numexpr_and_blas():
+def kernel_threads() -> int:
+    """The numba kernels' thread count (on the other paths, the count they were given)."""
+    if kernels.kernel_path() != "numba":
+        return kernels._threads
+    from tensorlite import kernels_numba
+
+    return kernels_numba.get_num_threads()
+
+
+def _numba_cap() -> int:
+    import numba
+
+    return numba.config.NUMBA_NUM_THREADS
+
+
+def test_set_num_threads_sets_blas_numba_and_numexpr():
     before = tl.get_num_threads()
     numexpr_before = kernels.ne.get_num_threads()
     try:
         tl.set_num_threads(1)
         assert tl.get_num_threads() == 1 and kernels.ne.get_num_threads() == 1
+        assert kernel_threads() == 1
         tl.set_num_threads(2)
         assert tl.get_num_threads() == 2 and kernels.ne.get_num_threads() == 2
+        assert kernel_threads() == (min(2, _numba_cap()) if kernels.kernel_path() == "numba" else 2)
         # results do not depend on the thread count
         a = np.random.default_rng(0).standard_normal((64, 64))
         tl.set_num_threads(1)

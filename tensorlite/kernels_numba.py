@@ -1,0 +1,358 @@
+"""The compiled twins of tensorlite's hot kernels: numba loops, threaded over rows (or heads)
+with `prange`, fused so that each pass reads its inputs once and makes no temporaries.
+
+Each public function here has the same name, arguments and results as its NumPy reference
+(functional.py / kernels.py), which is the spec; `tensorlite.kernels` decides which one runs
+and is the only module that imports this one. A learner can skip this file entirely.
+
+Conventions: the loops are plain llm.c-style C in Python syntax. Scalars that meet float32
+arrays are made float32 first (`x.dtype.type(...)` in the wrapper) so that numba does not
+widen the arithmetic to float64. `fastmath` allows reassociation (vectorized sums) but not
+"no NaNs/infs", so a NaN still reaches the loss and stops training as it should.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange, types
+from numba.extending import overload
+
+_FAST = {"nsz", "arcp", "contract", "reassoc"}
+_parallel = numba.njit(parallel=True, cache=True, fastmath=_FAST, nogil=True)
+_serial = numba.njit(cache=True, fastmath=_FAST, nogil=True)
+
+
+def _c(a: np.ndarray) -> np.ndarray:
+    """C-contiguous (no copy if it already is): one compiled signature per dtype and rank."""
+    return a if a.flags.c_contiguous else np.array(a, order="C")  # (ascontiguousarray: 0-d -> 1-d)
+
+
+# ---- exp, vectorized -----------------------------------------------------------------------------
+def exp_inplace(a, bits):
+    """a[:] = exp(a) for a contiguous 1-D array; bits: int64 scratch of at least a.size."""
+
+
+@overload(exp_inplace, fastmath=_FAST)
+def _exp_inplace(a, bits):
+    """numba calls libm's scalar expf, which does not vectorize (~10x slower than NumPy's
+    SIMD exp). For float32 we write exp as the classic range reduction plus polynomial
+    (Cephes' expf: exp(x) = 2**n * exp(r), |r| <= ln2/2, max relative error ~1.2e-7
+    here), with 2**n built in the exponent bits: every step vectorizes. float64 keeps
+    math.exp (full precision)."""
+    if a.dtype != types.float32:
+        def exp64(a, bits):
+            for i in range(a.size):
+                a[i] = math.exp(a[i])
+        return exp64
+
+    def exp32(a, bits):
+        b32 = bits.view(np.int32)
+        lo, hi = np.float32(-87.33654), np.float32(88.37626)
+        log2e, half = np.float32(1.4426950408889634), np.float32(0.5)
+        ln2_hi, ln2_lo = np.float32(0.693359375), np.float32(-2.12194440e-4)
+        for i in range(a.size):
+            x = a[i]
+            if x < lo:  # noqa: PLR1730 - comparisons, not min/max: a NaN stays NaN
+                x = lo
+            if x > hi:  # noqa: PLR1730
+                x = hi
+            n = np.floor(x * log2e + half)
+            r = x - n * ln2_hi - n * ln2_lo
+            p = np.float32(1.9875691500e-4)
+            p = p * r + np.float32(1.3981999507e-3)
+            p = p * r + np.float32(8.3334519073e-3)
+            p = p * r + np.float32(4.1665795894e-2)
+            p = p * r + np.float32(1.6666665459e-1)
+            p = p * r + np.float32(5.0000001201e-1)
+            a[i] = p * r * r + r + np.float32(1)
+            b32[i] = (np.int32(n) + np.int32(127)) << np.int32(23)  # the float 2**n
+        two_n = b32[: a.size].view(np.float32)
+        for i in range(a.size):
+            a[i] *= two_n[i]
+    return exp32
+
+
+# ---- relu(x)**2 ---------------------------------------------------------------------------------
+@_parallel
+def _relu_squared(x, y):
+    for i in prange(x.size):
+        r = x[i]
+        if r <= 0:
+            y[i] = 0
+        else:  # NaN lands here and stays NaN, as in np.maximum
+            y[i] = r * r
+
+
+@_parallel
+def _relu_squared_backward(dout, x, dx):
+    for i in prange(x.size):
+        r = x[i]
+        if r <= 0:
+            dx[i] = 0
+        else:
+            dx[i] = (r + r) * dout[i]
+
+
+def relu_squared(x):
+    x = _c(x)
+    y = np.empty_like(x)
+    _relu_squared(x.reshape(-1), y.reshape(-1))
+    return y
+
+
+def relu_squared_backward(dout, x):
+    x, dout = _c(x), _c(dout)
+    dx = np.empty_like(x)
+    _relu_squared_backward(dout.reshape(-1), x.reshape(-1), dx.reshape(-1))
+    return dx
+
+
+# ---- RMSNorm --------------------------------------------------------------------------------------
+@_parallel
+def _rms_norm_forward(x, w, eps, inv_c, one, y, r):
+    n, c = x.shape
+    for i in prange(n):
+        ss = one - one
+        for j in range(c):
+            ss += x[i, j] * x[i, j]
+        ri = one / math.sqrt(ss * inv_c + eps)
+        r[i] = ri
+        for j in range(c):
+            y[i, j] = x[i, j] * ri * w[j]
+
+
+@_parallel
+def _rms_norm_backward(dout, x, r, w, inv_c, one, dx, dw_parts):
+    n, c = x.shape
+    chunks = dw_parts.shape[0]
+    for part in prange(chunks):  # each chunk of rows sums its own share of dw
+        dw = dw_parts[part]
+        for i in range(part * n // chunks, (part + 1) * n // chunks):
+            ri = r[i]
+            dot = one - one  # mean of dxhat * xhat over the row
+            for j in range(c):
+                xhat = x[i, j] * ri
+                dot += dout[i, j] * w[j] * xhat
+                dw[j] += dout[i, j] * xhat
+            dot *= inv_c
+            for j in range(c):
+                dx[i, j] = ri * (dout[i, j] * w[j] - x[i, j] * ri * dot)
+
+
+def rms_norm_forward(x, weight, eps):
+    c, t = x.shape[-1], x.dtype.type
+    x2 = _c(x).reshape(-1, c)
+    y = np.empty_like(x2)
+    r = np.empty(x2.shape[0], dtype=x.dtype)
+    _rms_norm_forward(x2, _c(weight).astype(x.dtype, copy=False), t(eps), t(1 / c), t(1), y, r)
+    return y.reshape(x.shape), r.reshape(x.shape[:-1] + (1,))
+
+
+def rms_norm_backward(dout, x, r, weight):
+    c = x.shape[-1]
+    x2, d2 = _c(x).reshape(-1, c), _c(dout).reshape(-1, c)
+    dx = np.empty_like(x2)
+    chunks = max(1, min(numba.get_num_threads(), x2.shape[0] // 64))
+    dw_parts = np.zeros((chunks, c), dtype=x.dtype)
+    t = x.dtype.type
+    _rms_norm_backward(d2, x2, _c(r).reshape(-1), _c(weight).astype(x.dtype, copy=False),
+                       t(1 / c), t(1), dx, dw_parts)
+    return dx.reshape(x.shape), dw_parts.sum(axis=0)
+
+
+# ---- causal self-attention on a fused qkv ---------------------------------------------------------
+# The four products go to BLAS (np.matmul on strided views of qkv: no copies); what lies
+# between them, scale + causal mask + softmax and the softmax backward, is one fused pass
+# each, threaded over (batch, head). As in the reference, scores are kept transposed, keys
+# along rows: st[j, i] = k_j . q_i, so P^T feeds both products without a copy.
+@_parallel
+def _causal_softmax_columns(st, scale, one):
+    """In place: st (N, Tk, Tq) scores^T -> P^T = softmax over keys j <= i of st * scale."""
+    N, T, _ = st.shape
+    zero = one - one
+    for n in prange(N):
+        s = st[n]
+        m = s[0].copy()  # per query (column): the max over visible keys, later 1 / sum
+        for j in range(1, T):
+            for i in range(j, T):  # key j is visible to queries i >= j
+                m[i] = max(m[i], s[j, i])
+        total = np.zeros(T, dtype=st.dtype)
+        bits = np.empty(T, dtype=np.int64)
+        for j in range(T):
+            row = s[j, j:]  # queries that see key j
+            for i in range(j):
+                s[j, i] = zero  # the future: key j comes after query i
+            for i in range(row.size):
+                row[i] = (row[i] - m[j + i]) * scale
+            exp_inplace(row, bits)
+            for i in range(row.size):
+                total[j + i] += row[i]
+        for i in range(T):
+            m[i] = one / total[i]
+        for j in range(T):
+            for i in range(j, T):
+                s[j, i] *= m[i]
+
+
+@_parallel
+def _softmax_backward_columns(dst, pt, scale):
+    """In place: dst (N, Tk, Tq) = dP^T -> dS^T = P^T * (dP^T - colsum(dP^T * P^T)) * scale."""
+    N, T, Q = dst.shape
+    for n in prange(N):
+        d, p = dst[n], pt[n]
+        c = np.zeros(Q, dtype=dst.dtype)
+        for j in range(T):
+            for i in range(Q):
+                c[i] += d[j, i] * p[j, i]
+        for j in range(T):
+            for i in range(Q):
+                d[j, i] = p[j, i] * (d[j, i] - c[i]) * scale
+
+
+def _heads(qkv, n_head):
+    B, T, C3 = qkv.shape
+    return qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head).transpose(2, 0, 3, 1, 4)
+
+
+def causal_self_attention_forward(qkv, n_head, scale):
+    qkv = _c(qkv)
+    B, T, C3 = qkv.shape
+    q, k, v = _heads(qkv, n_head)  # each (B, H, T, hd), views
+    st = np.matmul(k, np.swapaxes(q, -1, -2))  # S^T unscaled, (B, H, T, T)
+    t = qkv.dtype.type
+    # scale applied inside exp: softmax(s * scale) = exp((s - max) * scale) / sum, scale > 0
+    _causal_softmax_columns(st.reshape(B * n_head, T, T), t(scale), t(1))
+    y = np.empty((B, T, n_head, C3 // 3 // n_head), dtype=qkv.dtype)
+    np.matmul(np.swapaxes(st, -1, -2), v, out=y.transpose(0, 2, 1, 3))  # P v, heads side by side
+    return y.reshape(B, T, C3 // 3), st
+
+
+def causal_self_attention_backward(dy, qkv, pt, n_head, scale):
+    qkv, pt = _c(qkv), _c(pt)
+    B, T, C3 = qkv.shape
+    hd = C3 // 3 // n_head
+    q, k, v = _heads(qkv, n_head)
+    dout = _c(dy).reshape(B, T, n_head, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
+    dqkv = np.empty((B, T, 3, n_head, hd), dtype=qkv.dtype)
+    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)
+    np.matmul(pt, dout, out=dv)
+    dst = np.matmul(v, np.swapaxes(dout, -1, -2))  # dP^T, (B, H, T, T)
+    _softmax_backward_columns(dst.reshape(B * n_head, T, T), pt.reshape(B * n_head, T, T),
+                              qkv.dtype.type(scale))
+    np.matmul(np.swapaxes(dst, -1, -2), k, out=dq)
+    np.matmul(dst, q, out=dk)
+    return dqkv.reshape(B, T, C3)
+
+
+# ---- softmax cross-entropy ------------------------------------------------------------------------
+@_parallel
+def _cross_entropy_forward(logits, targets, one, probs, losses):
+    n, v = logits.shape
+    chunks = min(n, 16)
+    for part in prange(chunks):
+        bits = np.empty(v, dtype=np.int64)
+        for i in range(part * n // chunks, (part + 1) * n // chunks):
+            row, p = logits[i], probs[i]
+            m = row[0]
+            for j in range(1, v):
+                m = max(m, row[j])
+            for j in range(v):
+                p[j] = row[j] - m
+            exp_inplace(p, bits)
+            total = one - one
+            for j in range(v):
+                total += p[j]
+            losses[i] = math.log(total) - (row[targets[i]] - m)
+            inv = one / total
+            for j in range(v):
+                p[j] *= inv
+
+
+@_parallel
+def _cross_entropy_backward(probs, targets, one, scale):
+    n, v = probs.shape
+    for i in prange(n):
+        probs[i, targets[i]] -= one
+        for j in range(v):
+            probs[i, j] *= scale
+
+
+def cross_entropy_forward(logits, targets):
+    logits = _c(logits)
+    probs = np.empty_like(logits)
+    losses = np.empty(logits.shape[0], dtype=logits.dtype)
+    _cross_entropy_forward(logits, _c(targets).astype(np.int64, copy=False),
+                           logits.dtype.type(1), probs, losses)
+    return np.asarray(losses.mean(), dtype=logits.dtype), probs
+
+
+def cross_entropy_backward(dout, probs, targets):
+    t = probs.dtype.type
+    _cross_entropy_backward(probs, _c(targets).astype(np.int64, copy=False), t(1),
+                            t(dout / t(len(targets))))
+    return probs
+
+
+# ---- the embedding backward -----------------------------------------------------------------------
+@_serial
+def _scatter_add_rows(target, indices, rows):
+    for n in range(indices.size):
+        t = indices[n]
+        for j in range(rows.shape[1]):
+            target[t, j] += rows[n, j]
+
+
+def scatter_add_rows(target, indices, rows):
+    if indices.size == 0:
+        return
+    _scatter_add_rows(target, _c(indices).astype(np.int64, copy=False), _c(rows))
+
+
+# ---- AdamW ----------------------------------------------------------------------------------------
+@_parallel
+def _adamw_update(p, g, m, v, b1, b2, c1, c2, decay, step_size, inv_bc2, eps):
+    for i in prange(p.size):
+        mi = b1 * m[i] + c1 * g[i]
+        vi = b2 * v[i] + c2 * (g[i] * g[i])
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] * decay - step_size * mi / (math.sqrt(vi * inv_bc2) + eps)
+
+
+def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
+        raise ValueError("adamw_update: p, m and v must be C-contiguous (they are updated in place)")
+    t = p.dtype.type
+    _adamw_update(
+        p.reshape(-1), _c(g).reshape(-1), m.reshape(-1), v.reshape(-1),
+        t(beta1), t(beta2), t(1 - beta1), t(1 - beta2), t(1 - lr * weight_decay),
+        t(lr / (1 - beta1**step)), t(1 / (1 - beta2**step)), t(eps),
+    )
+
+
+# ---- threads --------------------------------------------------------------------------------------
+def set_num_threads(n: int) -> None:
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+def get_num_threads() -> int:
+    return numba.get_num_threads()
+
+
+DISPATCHERS = [
+    _relu_squared, _relu_squared_backward, _rms_norm_forward, _rms_norm_backward,
+    _causal_softmax_columns, _softmax_backward_columns, _cross_entropy_forward, _cross_entropy_backward,
+    _scatter_add_rows, _adamw_update,
+]
+
+KERNELS = {
+    f.__name__: f
+    for f in (
+        relu_squared, relu_squared_backward, rms_norm_forward, rms_norm_backward,
+        causal_self_attention_forward, causal_self_attention_backward,
+        cross_entropy_forward, cross_entropy_backward, scatter_add_rows, adamw_update,
+    )
+}
