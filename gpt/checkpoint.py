@@ -4,7 +4,7 @@ and a folder swap so that a crash at any instant leaves one whole checkpoint on 
 A training run's folder OUT holds `metrics.jsonl` and the checkpoint folder `OUT/checkpoint/`:
 
     model.safetensors      the weights, nanoGPT names ("wte", "h.0.attn.c_attn.weight", ...)
-    optimizer.safetensors  AdamW's moments m and v; its step count goes in the header metadata
+    optimizer.safetensors  AdamW's state_dict: "step" (0-d int64), "m.<name>", "v.<name>"
     config.json            {"model": GPTConfig fields, "train": TrainConfig fields}
     tokenizer.json         the tokenizer's to_dict() (kind "char" or "bpe")
     state.json             iteration, RNG states, losses, and the size and sha256 of each file
@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UserError
+
 CHECKPOINT_DIR = "checkpoint"
 FILES = ("model.safetensors", "optimizer.safetensors", "config.json", "tokenizer.json")
 STATE = "state.json"
@@ -38,11 +40,6 @@ _DTYPES = {
     "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
 }
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, corrupt or does not fit: the message is one line
-    that says what to do."""
 
 
 # ---- writing files atomically -----------------------------------------------------------------
@@ -102,10 +99,10 @@ def encode_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] 
 
 def decode_safetensors(buf: bytes, name: str = "file") -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Parse safetensors bytes -> ({name: array}, metadata), checking every length and offset.
-    Raises CheckpointError naming `name` when the bytes are truncated or inconsistent."""
+    Raises UserError naming `name` when the bytes are truncated or inconsistent."""
 
-    def bad(why: str) -> CheckpointError:
-        return CheckpointError(f"{name} is truncated or corrupt ({why})")
+    def bad(why: str) -> UserError:
+        return UserError(f"{name} is truncated or corrupt ({why})")
 
     if len(buf) < 8:
         raise bad(f"{len(buf)} bytes, shorter than the 8-byte header length")
@@ -146,59 +143,6 @@ def decode_safetensors(buf: bytes, name: str = "file") -> tuple[dict[str, np.nda
     return tensors, metadata
 
 
-def save_safetensors(path: str, tensors: dict[str, np.ndarray],
-                     metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` to `path` as safetensors, atomically."""
-    atomic_write(path, encode_safetensors(tensors, metadata))
-
-
-def load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a safetensors file -> ({name: array}, metadata)."""
-    with open(path, "rb") as f:
-        return decode_safetensors(f.read(), path)
-
-
-# ---- nested state (e.g. an optimizer's state_dict) <-> flat tensors + JSON skeleton -----------
-def _flatten(obj: Any, prefix: str, out: dict[str, np.ndarray]) -> Any:
-    """Replace every ndarray in a nested dict/list by {"__tensor__": key}, collecting it in out."""
-    if isinstance(obj, np.ndarray):
-        out[prefix] = obj
-        return {"__tensor__": prefix}
-    if isinstance(obj, dict):
-        return {str(k): _flatten(v, f"{prefix}/{k}" if prefix else str(k), out) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_flatten(v, f"{prefix}/{i}", out) for i, v in enumerate(obj)]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
-def _unflatten(skel: Any, tensors: dict[str, np.ndarray]) -> Any:
-    if isinstance(skel, dict):
-        if set(skel) == {"__tensor__"}:
-            return tensors[skel["__tensor__"]]
-        return {k: _unflatten(v, tensors) for k, v in skel.items()}
-    if isinstance(skel, list):
-        return [_unflatten(v, tensors) for v in skel]
-    return skel
-
-
-def encode_state(state: dict) -> bytes:
-    """A nested state dict (arrays, numbers, strings) as safetensors bytes."""
-    tensors: dict[str, np.ndarray] = {}
-    skeleton = _flatten(state, "", tensors)
-    return encode_safetensors(tensors, {"skeleton": json.dumps(skeleton)})
-
-
-def decode_state(buf: bytes, name: str = "file") -> dict:
-    tensors, metadata = decode_safetensors(buf, name)
-    try:
-        return _unflatten(json.loads(metadata["skeleton"]), tensors)
-    except (KeyError, json.JSONDecodeError):
-        raise CheckpointError(f"{name} lacks its 'skeleton' metadata; it is not an optimizer "
-                              "file written by gpt.checkpoint") from None
-
-
 # ---- a whole checkpoint -----------------------------------------------------------------------
 @dataclass
 class Checkpoint:
@@ -222,7 +166,7 @@ def _file_bytes(ckpt: Checkpoint) -> dict[str, bytes]:
 
     return {
         "model.safetensors": encode_safetensors(ckpt.model),
-        "optimizer.safetensors": encode_state(ckpt.optimizer),
+        "optimizer.safetensors": encode_safetensors(ckpt.optimizer),
         "config.json": js(ckpt.config),
         "tokenizer.json": js(ckpt.tokenizer),
     }
@@ -276,12 +220,12 @@ def has_checkpoint(out_dir: str) -> bool:
 
 def load_checkpoint(out_dir: str) -> Checkpoint:
     """Read and verify OUT/checkpoint (or OUT/checkpoint.old after an interrupted save).
-    Never writes anything. Raises CheckpointError (one line) if anything is missing or corrupt."""
+    Never writes anything. Raises UserError (one line) if anything is missing or corrupt."""
     path = checkpoint_path(out_dir)
     if not os.path.isdir(path) and os.path.isdir(path + ".old"):
         path += ".old"
     if not os.path.isdir(path):
-        raise CheckpointError(f"no checkpoint in {out_dir} (looked for {path}/); "
+        raise UserError(f"no checkpoint in {out_dir} (looked for {path}/); "
                               "train without --resume first, or point --out-dir at a run's folder")
     state_file = os.path.join(path, STATE)
     try:
@@ -289,9 +233,9 @@ def load_checkpoint(out_dir: str) -> Checkpoint:
             state = json.loads(f.read().decode("utf-8"))
         files = state["files"]
     except FileNotFoundError:
-        raise CheckpointError(f"{state_file} is missing; the checkpoint is incomplete") from None
+        raise UserError(f"{state_file} is missing; the checkpoint is incomplete") from None
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{state_file} is corrupt (not the JSON a checkpoint writes)") from None
+        raise UserError(f"{state_file} is corrupt (not the JSON a checkpoint writes)") from None
     raw = {}
     for name in FILES:
         file = os.path.join(path, name)
@@ -299,24 +243,26 @@ def load_checkpoint(out_dir: str) -> Checkpoint:
             with open(file, "rb") as f:
                 raw[name] = f.read()
         except FileNotFoundError:
-            raise CheckpointError(f"{file} is missing; the checkpoint is incomplete") from None
+            raise UserError(f"{file} is missing; the checkpoint is incomplete") from None
         expect = files.get(name, {}) if isinstance(files, dict) else {}
         if expect.get("bytes") not in (None, len(raw[name])):
-            raise CheckpointError(f"{file} is truncated or corrupt ({len(raw[name])} bytes, "
+            raise UserError(f"{file} is truncated or corrupt ({len(raw[name])} bytes, "
                                   f"state.json says {expect['bytes']})")
         if name.endswith(".safetensors"):
             decode_safetensors(raw[name], file)  # names what is wrong before the hash does
         if expect.get("sha256") not in (None, hashlib.sha256(raw[name]).hexdigest()):
-            raise CheckpointError(f"{file} is corrupt (its sha256 differs from state.json's)")
+            raise UserError(f"{file} is corrupt (its sha256 differs from state.json's)")
 
     def js(name: str) -> dict:
         try:
             return json.loads(raw[name].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{os.path.join(path, name)} is not valid JSON") from None
+            raise UserError(f"{os.path.join(path, name)} is not valid JSON") from None
 
     model, _ = decode_safetensors(raw["model.safetensors"], os.path.join(path, "model.safetensors"))
-    optimizer = decode_state(raw["optimizer.safetensors"], os.path.join(path, "optimizer.safetensors"))
+    # (older checkpoints also carry a "skeleton" entry in its metadata: unused, the state is flat)
+    optimizer, _ = decode_safetensors(raw["optimizer.safetensors"],
+                                      os.path.join(path, "optimizer.safetensors"))
     state = {k: v for k, v in state.items() if k not in ("files", "format_version")}
     return Checkpoint(model=model, optimizer=optimizer, config=js("config.json"),
                       tokenizer=js("tokenizer.json"), state=state, path=path)
@@ -333,7 +279,7 @@ def load_model(out_dir: str, dtype: Any = None):
     try:
         config = GPTConfig.from_dict(ckpt.config["model"])
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{ckpt.path}/config.json has no valid model config ({e})") from None
+        raise UserError(f"{ckpt.path}/config.json has no valid model config ({e})") from None
     if dtype is None:
         dtype = ckpt.model["wte"].dtype if "wte" in ckpt.model else np.float32
     model = GPT(config, dtype=dtype)
