@@ -84,6 +84,7 @@ class Function:
         out = Tensor(data, requires_grad=needs_grad)
         if needs_grad:
             fn.parents = tensors
+            fn.versions = tuple(t._version for t in tensors)  # checked again by backward
             out._ctx = fn
         return out
 
@@ -153,6 +154,7 @@ def backward(root: Tensor, grad: np.ndarray) -> None:
                 "backward() through a graph that was already freed: call backward() once "
                 "per forward pass (intermediate buffers are released after backward)"
             )
+        check_unchanged(node, fn)
         if _profile is None:
             input_grads = fn.backward(dout)
         else:
@@ -175,6 +177,20 @@ def backward(root: Tensor, grad: np.ndarray) -> None:
                 grads[key] = grads[key] + g
                 owned.add(key)
         fn.release()
+
+
+def check_unchanged(node: Tensor, fn: Function) -> None:
+    """Refuse to differentiate `fn` if its output or an input had `.data` assigned since the
+    forward pass: the arrays it saved would no longer be the ones it computed with."""
+    saved = ((node, 0, "output"),) + tuple(
+        (t, v, f"input {i}") for i, (t, v) in enumerate(zip(fn.parents, fn.versions)))
+    for t, version, role in saved:
+        if t._version != version:
+            label = repr(t.name) if t.name else f"of shape {t.shape}"
+            raise RuntimeError(
+                f"backward through {type(fn).__name__}: its {role}, the tensor {label}, was "
+                f"changed in place after the forward pass (version {t._version}, saved at "
+                f"{version}); redo the forward pass after changing .data, or change a copy")
 
 
 def _accumulate_into_leaf(node: Tensor, g, owned: bool = False) -> None:
