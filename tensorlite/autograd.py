@@ -6,6 +6,7 @@ broadcasting rule `unbroadcast`, `no_grad`, and the iterative reverse-mode drive
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -15,23 +16,25 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from .tensor import Tensor
 
-_grad_enabled = True
+_grad_mode = threading.local()  # per thread, like PyTorch's: a server's sampling threads
+# each enter and leave no_grad on their own; a global flag would let one thread's exit switch
+# recording back on under another thread still inside its block.
 _profile = None  # set by tensorlite.profiler.profile(): {(op name, "forward"|"backward"): [calls, s]}
 
 
 def is_grad_enabled() -> bool:
-    return _grad_enabled
+    """Whether ops in this thread record the graph (True unless inside no_grad)."""
+    return getattr(_grad_mode, "enabled", True)
 
 
 @contextlib.contextmanager
 def no_grad() -> Iterator[None]:
-    """Inside this block ops record no graph: results never require grad."""
-    global _grad_enabled
-    previous, _grad_enabled = _grad_enabled, False
+    """Inside this block ops record no graph: results never require grad (in this thread)."""
+    previous, _grad_mode.enabled = is_grad_enabled(), False
     try:
         yield
     finally:
-        _grad_enabled = previous
+        _grad_mode.enabled = previous
 
 
 def _record(op: str, phase: str, seconds: float) -> None:
@@ -80,7 +83,7 @@ class Function:
             t0 = time.perf_counter()
             data = fn.forward(*(t.data for t in tensors), **options)
             _record(cls.__name__, "forward", time.perf_counter() - t0)
-        needs_grad = _grad_enabled and any(t.requires_grad for t in tensors)
+        needs_grad = is_grad_enabled() and any(t.requires_grad for t in tensors)
         out = Tensor(data, requires_grad=needs_grad)
         if needs_grad:
             fn.parents = tensors

@@ -643,6 +643,33 @@ def test_no_grad():
     assert (x * 2.0).requires_grad
 
 
+def test_no_grad_is_per_thread():
+    """Two threads interleaving no_grad blocks (as a server's sampling threads do): one's exit
+    must not switch recording back on inside the other's block, nor leak into a third."""
+    import threading
+
+    inside, left = threading.Event(), threading.Event()
+    seen = {}
+
+    def other():
+        seen["before"] = tl.is_grad_enabled()  # main is inside no_grad: not this thread's state
+        with tl.no_grad():
+            inside.set()
+            left.wait(5)
+        seen["after"] = tl.is_grad_enabled()
+
+    x = Tensor(np.array([1.0, 2.0]), requires_grad=True)
+    t = threading.Thread(target=other)
+    with tl.no_grad():
+        t.start()
+        assert inside.wait(5)
+        left.set()
+        t.join(5)
+        assert not tl.is_grad_enabled() and not (x * 2.0).requires_grad  # still off here
+    assert seen == {"before": True, "after": True}
+    assert tl.is_grad_enabled() and (x * 2.0).requires_grad
+
+
 def test_detach():
     x = Tensor(np.array([1.0, 2.0]), requires_grad=True)
     h = x * 3.0
