@@ -7,6 +7,7 @@ and the functions built on it: `grad` (gradients of gradients), `jvp` and `hvp`.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -16,30 +17,32 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from .tensor import Tensor
 
-_grad_enabled = True
-_tangents = None  # inside tensorlite.jvp: {id(tensor): (tensor, its tangent ndarray)}
+_grad_mode = threading.local()  # per thread, like PyTorch's: a server's sampling threads
+# each enter and leave no_grad on their own; a global flag would let one thread's exit switch
+# recording back on under another thread still inside its block.
+_forward_mode = threading.local()  # .tangents inside tensorlite.jvp: {id(t): (t, tangent)}
 _profile = None  # set by tensorlite.profiler.profile(): {(op name, "forward"|"backward"): [calls, s]}
 
 
 def is_grad_enabled() -> bool:
-    return _grad_enabled
+    """Whether ops in this thread record the graph (True unless inside no_grad)."""
+    return getattr(_grad_mode, "enabled", True)
 
 
 @contextlib.contextmanager
 def no_grad() -> Iterator[None]:
-    """Inside this block ops record no graph: results never require grad."""
-    with _grad_mode(False):
+    """Inside this block ops record no graph: results never require grad (in this thread)."""
+    with _recording(False):
         yield
 
 
 @contextlib.contextmanager
-def _grad_mode(enabled: bool) -> Iterator[None]:
-    global _grad_enabled
-    previous, _grad_enabled = _grad_enabled, enabled
+def _recording(enabled: bool) -> Iterator[None]:
+    previous, _grad_mode.enabled = is_grad_enabled(), enabled
     try:
         yield
     finally:
-        _grad_enabled = previous
+        _grad_mode.enabled = previous
 
 
 def _record(op: str, phase: str, seconds: float) -> None:
@@ -96,13 +99,15 @@ class Function:
             t0 = time.perf_counter()
             data = fn.forward(*(t.data for t in tensors), **options)
             _record(cls.__name__, "forward", time.perf_counter() - t0)
-        needs_grad = _grad_enabled and any(t.requires_grad for t in tensors)
+        needs_grad = is_grad_enabled() and any(t.requires_grad for t in tensors)
         out = Tensor(data, requires_grad=needs_grad)
         if needs_grad:
             fn.parents = tensors
+            fn.versions = tuple(t._version for t in tensors)  # checked again by backward
             out._ctx = fn
-        if _tangents is not None:  # inside tensorlite.jvp: push the tangents forward too
-            _push_tangents(fn, tensors, out)
+        tangents = getattr(_forward_mode, "tangents", None)
+        if tangents is not None:  # inside tensorlite.jvp: push the tangents forward too
+            _push_tangents(tangents, fn, tensors, out)
         return out
 
     def forward(self, *arrays, **options):  # pragma: no cover - abstract
@@ -174,8 +179,8 @@ def backward(root, grad, create_graph: bool = False, collect: dict | None = None
     create_graph=True: gradients are Tensors, each Function's `backward_graph` runs (Tensor
     ops, recorded like any others), and the graph is kept, since the new one refers to it.
     """
-    if create_graph and not _grad_enabled:  # the backward pass must be recorded
-        with _grad_mode(True):
+    if create_graph and not is_grad_enabled():  # the backward pass must be recorded
+        with _recording(True):
             return backward(root, grad, create_graph, collect)
     roots, seeds = (root, grad) if isinstance(root, (list, tuple)) else ([root], [grad])
     order = topological_order(roots)
@@ -203,6 +208,7 @@ def backward(root, grad, create_graph: bool = False, collect: dict | None = None
                 "backward() through a graph that was already freed: call backward() once "
                 "per forward pass (intermediate buffers are released after backward)"
             )
+        check_unchanged(node, fn)
         step = fn.backward_graph if create_graph else fn.backward
         if _profile is None:
             input_grads = step(dout)
@@ -237,6 +243,20 @@ def _leading_to(order: list, wanted: dict) -> list:
         if node._ctx is not None and any(id(p) in keep for p in node._ctx.parents):
             keep.add(id(node))
     return [node for node in order if id(node) in keep]
+
+
+def check_unchanged(node: Tensor, fn: Function) -> None:
+    """Refuse to differentiate `fn` if its output or an input had `.data` assigned since the
+    forward pass: the arrays it saved would no longer be the ones it computed with."""
+    saved = ((node, 0, "output"),) + tuple(
+        (t, v, f"input {i}") for i, (t, v) in enumerate(zip(fn.parents, fn.versions)))
+    for t, version, role in saved:
+        if t._version != version:
+            label = repr(t.name) if t.name else f"of shape {t.shape}"
+            raise RuntimeError(
+                f"backward through {type(fn).__name__}: its {role}, the tensor {label}, was "
+                f"changed in place after the forward pass (version {t._version}, saved at "
+                f"{version}); redo the forward pass after changing .data, or change a copy")
 
 
 def _accumulate_into_leaf(node: Tensor, g, owned: bool = False) -> None:
@@ -305,14 +325,14 @@ def grad(outputs, inputs, grad_outputs=None, create_graph: bool = False) -> tupl
     return tuple(result)
 
 
-def _push_tangents(fn: Function, inputs: tuple, out: Tensor) -> None:
+def _push_tangents(table: dict, fn: Function, inputs: tuple, out: Tensor) -> None:
     """Forward mode, one op: out's tangent from its inputs' tangents (fn.jvp)."""
-    tangents = [_tangents.get(id(t)) for t in inputs]
+    tangents = [table.get(id(t)) for t in inputs]
     if all(t is None for t in tangents):
         return
     tangents = [np.zeros_like(t.data) if tan is None else tan[1] for t, tan in zip(inputs, tangents)]
     tangent = fn.jvp(*tangents)
-    _tangents[id(out)] = (out, np.asarray(tangent, dtype=out.dtype))
+    table[id(out)] = (out, np.asarray(tangent, dtype=out.dtype))
 
 
 def jvp(fn, primals, tangents) -> tuple:
@@ -324,10 +344,9 @@ def jvp(fn, primals, tangents) -> tuple:
     Primals that are Tensors keep their requires_grad, so `fn` may itself call `grad`
     (forward-over-reverse); tangents are plain values (no graph through them).
     """
-    global _tangents
     from .tensor import Tensor, _to_array
 
-    if _tangents is not None:
+    if getattr(_forward_mode, "tangents", None) is not None:
         raise RuntimeError("jvp inside jvp (forward over forward) is not supported")
     if len(primals) != len(tangents):
         raise ValueError(f"jvp: {len(primals)} primals but {len(tangents)} tangents")
@@ -339,11 +358,11 @@ def jvp(fn, primals, tangents) -> tuple:
             raise ValueError(f"jvp: tangent {i} has shape {v.shape}, primal {x.shape}")
         table[id(x)] = (x, v)
         xs.append(x)
-    _tangents = table
+    _forward_mode.tangents = table
     try:
         out = fn(*xs)
     finally:
-        _tangents = None
+        _forward_mode.tangents = None
     outs = [out] if isinstance(out, Tensor) else list(out)
     tangent_outs = tuple(
         Tensor(table[id(o)][1] if id(o) in table else np.zeros_like(o.data)) for o in outs
