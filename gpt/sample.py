@@ -102,7 +102,7 @@ def sample_tokens(
     use_kv_cache=False every step runs the whole context through the model; the tokens are
     the same (see the module docstring for the context window both paths share).
     """
-    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     if not ids:
         raise ValueError("sample_tokens needs at least one context token (BOS for an empty prompt)")
     rng = rng if rng is not None else np.random.default_rng()
