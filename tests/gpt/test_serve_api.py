@@ -146,9 +146,14 @@ def test_stream_stops_before_the_first_stop_string(text, stops):
     tok = CharTokenizer.from_text("ab\n")
     s = TextStream(tok, stops)
     sent = "".join(s.push(t) for t in tok.encode(text)) + s.finish()
-    found = [i for i in (text.find(x) for x in stops) if i >= 0]
-    assert sent == (text[: min(found)] if found else text)
-    assert s.stopped == bool(found)
+    # Generation stops as soon as a stop string is complete: at the first end e of text[:e]
+    # that is a stop string (the earliest-starting one if several end there).
+    ends = [e for e in range(1, len(text) + 1) if any(text[:e].endswith(x) for x in stops)]
+    if ends:
+        cut = min(ends[0] - len(x) for x in stops if text[: ends[0]].endswith(x))
+        assert sent == text[:cut] and s.stopped
+    else:
+        assert sent == text and not s.stopped
 
 
 def test_text_that_may_begin_a_stop_waits():
