@@ -115,8 +115,12 @@ class Tensor:
         return self
 
     # ---- autograd ------------------------------------------------------------------------
-    def backward(self, grad=None) -> None:
-        """Compute d(self)/d(leaf) for every leaf that requires grad; add it to leaf.grad."""
+    def backward(self, grad=None, create_graph: bool = False) -> None:
+        """Compute d(self)/d(leaf) for every leaf that requires grad; add it to leaf.grad.
+
+        create_graph=True records the backward pass itself as a graph (and keeps this one);
+        leaf.grad is still an ndarray. `tensorlite.grad` returns those gradients as Tensors.
+        """
         if not self.requires_grad:
             raise RuntimeError(
                 "backward() on a tensor that does not require grad: create the inputs with "
@@ -130,13 +134,18 @@ class Tensor:
                 )
             grad = np.ones_like(self.data)
         else:
+            seed = grad
             grad = _to_array(grad)
             if grad.shape != self.shape:
                 raise ValueError(
                     f"backward(grad): grad has shape {grad.shape}, tensor has shape {self.shape}"
                 )
             grad = grad.astype(self.dtype, copy=False)
-        autograd.backward(self, grad)
+            if create_graph and isinstance(seed, Tensor):
+                grad = seed  # the gradient flows on into a seed that requires grad
+        if create_graph and not isinstance(grad, Tensor):
+            grad = Tensor(grad)
+        autograd.backward(self, grad, create_graph)
 
     # ---- arithmetic: one line per operator --------------------------------------------
     def __add__(self, other):
@@ -237,6 +246,9 @@ class Tensor:
         axes = list(range(self.ndim))
         axes[axis1], axes[axis2] = axes[axis2], axes[axis1]
         return ops.Transpose.apply(self, axes=tuple(axes))
+
+    def broadcast_to(self, shape):
+        return ops.BroadcastTo.apply(self, shape=tuple(shape))
 
     @property
     def T(self):
