@@ -93,7 +93,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
                      presets: dict[str, dict] | None = None) -> None:
     """One flag per field of the dataclass `cls` (fields of a nested dataclass too, in an
     argument group named after it). The annotation decides the flag: bool -> a switch,
-    int/float/str -> a value, Literal[...] -> a choice. Defaults are not stored in the
+    int/float/str -> a value, Literal[...] -> a choice, list[X] -> one or more values. Defaults are not stored in the
     namespace (SUPPRESS), so `parse_config` can tell which flags were given; the help text
     shows them. With `presets`, --preset NAME sets several fields at once."""
     if presets:
@@ -115,7 +115,9 @@ def _add_flag(group, f, kind) -> None:
         group.add_argument(flag(f.name), action="store_true", default=argparse.SUPPRESS,
                            help=text)
         return
-    choices = None
+    choices, many = None, {}
+    if typing.get_origin(kind) is list:  # list[X]: the flag takes one or more values, and adds
+        kind, many = typing.get_args(kind)[0], {"action": "extend", "nargs": "+"}
     if typing.get_origin(kind) is typing.Literal:
         choices, kind = typing.get_args(kind), str
     elif type(None) in typing.get_args(kind):  # X | None: a value of X
@@ -124,7 +126,7 @@ def _add_flag(group, f, kind) -> None:
     if shown is not None:
         text += f" (default: {shown})"
     group.add_argument(flag(f.name), type=kind, choices=choices, default=argparse.SUPPRESS,
-                       metavar=metavar, help=text.replace("%", "%%"))
+                       metavar=metavar, help=text.replace("%", "%%"), **many)
 
 
 def _show(values: dict) -> str:

@@ -90,11 +90,19 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+# Upper limits of the model's shape: far beyond what a NumPy GPT can train, low enough that
+# a hostile config.json or a typo (--n-layer 100000000) is refused before anything is built.
+LIMITS = {"vocab_size": 1 << 20, "block_size": 1 << 16, "n_layer": 1 << 10, "n_head": 1 << 10,
+          "n_embd": 1 << 16}
+
+
 def check_positive(obj, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(obj, name)
         if not _is_int(value) or value <= 0:
             raise UserError(f"must be a positive integer, got {value!r}", field=name)
+        if value > LIMITS.get(name, value):
+            raise UserError(f"is {value}, above the limit {LIMITS[name]:,}", field=name)
 
 
 def check_choice(obj, name: str) -> None:
@@ -125,8 +133,8 @@ class GPTConfig:
             raise UserError(f"({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                             f"try n_head {_divisor_hint(self.n_embd, self.n_head)}",
                             field="n_embd")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise UserError(f"must be in [0, 1), got {self.dropout!r}", field="dropout")
+        if not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"must be a number in [0, 1), got {self.dropout!r}", field="dropout")
         return self
 
     @property
@@ -142,8 +150,10 @@ class GPTConfig:
 
 
 def _divisor_hint(n_embd: int, n_head: int) -> int:
-    """The divisor of n_embd closest to n_head (for the error message)."""
-    divisors = [d for d in range(1, n_embd + 1) if n_embd % d == 0]
+    """The divisor of n_embd closest to n_head (for the error message); pairs d, n_embd // d
+    up to sqrt(n_embd), so a huge n_embd cannot stall the message."""
+    small = [d for d in range(1, min(math.isqrt(n_embd), 1 << 20) + 1) if n_embd % d == 0]
+    divisors = small + [n_embd // d for d in small]
     return min(divisors, key=lambda d: (abs(d - n_head), d))
 
 

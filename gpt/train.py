@@ -138,7 +138,7 @@ def resume_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Check
     given now; settings that are fixed (the model's shape, tokenizer, dtype) may not change."""
     ckpt = load_checkpoint(cfg.out_dir)
     try:
-        saved = TrainConfig.from_dict(ckpt.config["train"])
+        saved = TrainConfig.from_dict(ckpt.config["train"]).validate()
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{ckpt.path}/config.json holds no valid train config ({e})") from None
     flat = dict(saved.to_dict(), **{k: v for k, v in cfg.to_dict().items() if k in given})
