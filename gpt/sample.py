@@ -3,7 +3,8 @@ KV cache so that each new token costs one position of work per layer.
 
     python -m gpt.sample --out-dir out --prompt "ROMEO:" --max-new-tokens 200 --top-k 40
 
-The library entry point is `generate(model, tokenizer, prompt, max_new_tokens, ...)`; the
+The library entry point is `generate(model, tokenizer, prompt, max_new_tokens, ...)`; its loop,
+one token at a time, is `sample_tokens(model, ids, ...)` (what gpt.serve streams from); the
 filtering is the pure function `filter_probs(logits, temperature, top_k, top_p)`.
 
 The context window. The model learned one position embedding per position 0..block_size-1, so
@@ -18,13 +19,16 @@ token for a window that slides by one (which would shift every position at every
 
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 
 from tensorlite import no_grad
 
+from . import cli
+from .config import SampleConfig, check_sampling
+from .errors import UserError
 from .model import GPT, KVCache
 
 
@@ -41,7 +45,7 @@ def filter_probs(
        top_p (at least one token).
     The kept probabilities are renormalised to sum to 1; the rest are 0.
     """
-    check_sampling_args(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p)
     logits = np.asarray(logits, dtype=np.float64).reshape(-1)  # (V,)
     V = logits.size
     if temperature == 0:
@@ -74,24 +78,60 @@ def sample_from(probs: np.ndarray, rng: np.random.Generator) -> int:
     return min(i, int(np.flatnonzero(probs)[-1]))  # never past the last possible token
 
 
-def check_sampling_args(
-    temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int = 0
-) -> None:
-    """Raise ValueError (one line, naming the CLI flag) for settings that make no sense."""
-    if not temperature >= 0:  # also catches NaN
-        raise ValueError(f"--temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and (int(top_k) != top_k or top_k < 1):
-        raise ValueError(f"--top-k must be an integer >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be an integer >= 0, got {max_new_tokens}")
-
-
 # ---- the generation loop --------------------------------------------------------------------
 def keep_after_slide(block_size: int) -> int:
     """How many of the latest tokens stay in the context when the window is full."""
     return max(1, block_size // 2)
+
+
+def sample_tokens(
+    model: GPT,
+    ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    rng: np.random.Generator | None = None,
+    eos_id: int | None = None,
+    use_kv_cache: bool = True,
+) -> Iterator[int]:
+    """Yield up to `max_new_tokens` token ids sampled after the context `ids` (non-empty), one
+    at a time, as soon as each is drawn. Stops early, without yielding it, at `eos_id`.
+
+    A caller that stops iterating stops the sampling: nothing is computed ahead. With
+    use_kv_cache=False every step runs the whole context through the model; the tokens are
+    the same (see the module docstring for the context window both paths share).
+    """
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    if not ids:
+        raise ValueError("sample_tokens needs at least one context token (BOS for an empty prompt)")
+    rng = rng if rng is not None else np.random.default_rng()
+    ids = list(ids)
+    block = model.config.block_size
+    start = max(0, len(ids) - block)  # the context is ids[start:], at positions 0, 1, ...
+    cache = KVCache(model.config, 1, model.dtype) if use_kv_cache else None
+    for _ in range(max_new_tokens):
+        if cache is not None:
+            new = ids[start + cache.length :]  # the tokens the cache has not seen yet
+            logits = model.forward_cached(np.array([new]), cache).data[0, -1]  # (V,)
+        else:
+            with no_grad():
+                logits = model(np.array([ids[start:]]))[0].data[0, -1]  # (V,)
+        token = sample_from(filter_probs(logits, temperature, top_k, top_p), rng)
+        if token == eos_id:
+            return
+        ids.append(token)
+        yield token
+        if len(ids) - start > block:  # the window is full: keep its last half, from 0 again
+            start = len(ids) - keep_after_slide(block)
+            if cache is not None:
+                cache.reset()
+
+
+def prompt_ids(tokenizer, prompt: str | None) -> list[int]:
+    """The context a generation starts from: the prompt's ids, or [BOS] for an empty prompt."""
+    ids = list(tokenizer.encode(prompt)) if prompt else []
+    return ids or [tokenizer.bos_id]
 
 
 def generate(
@@ -111,100 +151,48 @@ def generate(
     An empty or None prompt starts from BOS. Generation stops early when the model samples
     EOS (which is not part of the text). `rng` (if given) is used instead of `seed`.
     With use_kv_cache=False every step runs the whole context through the model; the result
-    is the same text (see the module docstring for the context window both paths share).
+    is the same text. `sample_tokens` is the same loop, one token at a time.
     """
-    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     rng = rng if rng is not None else np.random.default_rng(seed)
-    ids = list(tokenizer.encode(prompt)) if prompt else []
-    if not ids:
-        ids = [tokenizer.bos_id]
-    block = model.config.block_size
-    start = max(0, len(ids) - block)  # the context is ids[start:], at positions 0, 1, ...
-    cache = KVCache(model.config, 1, model.dtype) if use_kv_cache else None
-    for _ in range(max_new_tokens):
-        if cache is not None:
-            new = ids[start + cache.length :]  # the tokens the cache has not seen yet
-            logits = model.forward_cached(np.array([new]), cache).data[0, -1]  # (V,)
-        else:
-            with no_grad():
-                logits = model(np.array([ids[start:]]))[0].data[0, -1]  # (V,)
-        token = sample_from(filter_probs(logits, temperature, top_k, top_p), rng)
-        if token == tokenizer.eos_id:
-            break
-        ids.append(token)
-        if len(ids) - start > block:  # the window is full: keep its last half, from 0 again
-            start = len(ids) - keep_after_slide(block)
-            if cache is not None:
-                cache.reset()
-    return tokenizer.decode(ids)
+    ids = prompt_ids(tokenizer, prompt)
+    new = sample_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, rng,
+                        tokenizer.eos_id, use_kv_cache)
+    return tokenizer.decode(ids + list(new))
 
 
 # ---- the command line -------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        self.exit(2, f"gpt.sample: error: {message} (see python -m gpt.sample --help)\n")
+def build_parser() -> cli.Parser:
+    p = cli.Parser("python -m gpt.sample", "Generate text from a gpt.train checkpoint.")
+    cli.add_config_flags(p, SampleConfig)
+    return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(
-        prog="python -m gpt.sample", description="Generate text from a gpt.train checkpoint."
-    )
-    ap.add_argument("--out-dir", default="out", help="the training run's folder (default: out)")
-    ap.add_argument("--prompt", default="", help="text to continue (default: start from BOS)")
-    ap.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
-    ap.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (argmax)")
-    ap.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
-    ap.add_argument(
-        "--top-p", type=float, default=None, help="keep the smallest set reaching probability p"
-    )
-    ap.add_argument("--num-samples", type=int, default=1, help="how many samples to print")
-    ap.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
-    ap.add_argument(
-        "--no-kv-cache", action="store_true", help="recompute the whole context at every step"
-    )
-    return ap
+def sample(cfg: SampleConfig) -> int:
+    """Print cfg.num_samples samples from the checkpoint in cfg.out_dir."""
+    from .checkpoint import load_model
+
+    cfg.validate()
+    model, tokenizer = load_model(cfg.out_dir)
+    if cfg.prompt:
+        ids = tokenizer.encode(cfg.prompt)  # unknown characters: ValueError naming them
+        if ids and max(ids) >= model.config.vocab_size:
+            raise UserError(
+                f"the prompt encodes to token id {max(ids)} but the model has only "
+                f"{model.config.vocab_size}; the checkpoint's tokenizer and model disagree"
+            )
+    rng = np.random.default_rng(cfg.seed)
+    for n in range(cfg.num_samples):
+        if cfg.num_samples > 1:
+            print(f"{chr(10) if n else ''}---------- sample {n + 1} ----------", flush=True)
+        text = generate(model, tokenizer, cfg.prompt, cfg.max_new_tokens, cfg.temperature,
+                        cfg.top_k, cfg.top_p, use_kv_cache=not cfg.no_kv_cache, rng=rng)
+        print(text, flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
-        if args.num_samples < 1:
-            raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-        from .checkpoint import load_model
-
-        model, tokenizer = load_model(args.out_dir)
-        if args.prompt:
-            ids = tokenizer.encode(args.prompt)  # unknown characters: ValueError naming them
-            if ids and max(ids) >= model.config.vocab_size:
-                raise ValueError(
-                    f"the prompt encodes to token id {max(ids)} but the model has only "
-                    f"{model.config.vocab_size}; the checkpoint's tokenizer and model disagree"
-                )
-        rng = np.random.default_rng(args.seed)
-        for n in range(args.num_samples):
-            if n:
-                print(f"\n---------- sample {n + 1} ----------", flush=True)
-            elif args.num_samples > 1:
-                print("---------- sample 1 ----------", flush=True)
-            text = generate(
-                model,
-                tokenizer,
-                args.prompt,
-                args.max_new_tokens,
-                args.temperature,
-                args.top_k,
-                args.top_p,
-                use_kv_cache=not args.no_kv_cache,
-                rng=rng,
-            )
-            print(text, flush=True)
-    except (ValueError, OSError) as e:
-        print(f"gpt.sample: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return cli.run(lambda: sample(cli.parse_config(build_parser(), SampleConfig, argv)[0]))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@ hand-derived backward (llm.c style) instead of a chain of primitives. That saves
 intermediate buffers and the per-op overhead. Each is tested against the same function
 composed from primitive ops (tests/tensorlite/test_functional.py), and each derivation
 is written out in its docstring.
+
+Training runs only forward/backward. `backward_graph` (gradients of gradients) writes the
+same gradient with Tensor ops, recomputing what it needs from the inputs (a softmax by the
+fused Softmax, RMSNorm's r from primitives); `jvp` is the forward-mode derivative.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import numpy as np
 
 from . import kernels
 from .autograd import Function, unbroadcast
-from .tensor import Tensor, as_tensor
+from .ops import ScatterAdd
+from .tensor import Tensor, as_tensor, stack
 
 
 def _softmax(x: np.ndarray, axis: int, inplace: bool = False) -> np.ndarray:
@@ -49,6 +54,14 @@ class Softmax(Function):
         y = self.y
         return y * (dout - (dout * y).sum(axis=self.axis, keepdims=True))
 
+    def backward_graph(self, dout):
+        y = Softmax.apply(self.parents[0], axis=self.axis)
+        return y * (dout - (dout * y).sum(axis=self.axis, keepdims=True))
+
+    def jvp(self, dx):  # the Jacobian is symmetric, so J dx has the same form
+        y = self.y
+        return y * (dx - (dx * y).sum(axis=self.axis, keepdims=True))
+
 
 class LogSoftmax(Function):
     """y = x - log(sum(exp(x))) along axis (the max is subtracted first, for stability).
@@ -62,6 +75,13 @@ class LogSoftmax(Function):
 
     def backward(self, dout):
         return dout - kernels.exp(self.y) * dout.sum(axis=self.axis, keepdims=True)
+
+    def backward_graph(self, dout):
+        p = Softmax.apply(self.parents[0], axis=self.axis)
+        return dout - p * dout.sum(axis=self.axis, keepdims=True)
+
+    def jvp(self, dx):  # dy = dx - sum(softmax(x) * dx)
+        return dx - (np.exp(self.y) * dx).sum(axis=self.axis, keepdims=True)
 
 
 @kernels.kernel
@@ -99,11 +119,21 @@ class CrossEntropy(Function):
         if n and (targets.min() < 0 or targets.max() >= v):
             raise ValueError(f"cross_entropy: targets must be in [0, {v}), got {targets.min()}..{targets.max()}")
         loss, self.probs = cross_entropy_forward(logits, targets)
-        self.targets = targets
+        self.targets, self.rows = targets, np.arange(n)
         return loss
 
     def backward(self, dout):
         return cross_entropy_backward(dout, self.probs, self.targets)  # probs: ours to overwrite
+
+    def backward_graph(self, dout):
+        (logits,) = self.parents
+        onehot = np.zeros(logits.shape, dtype=logits.dtype)
+        onehot[self.rows, self.targets] = 1
+        return (Softmax.apply(logits, axis=1) - onehot) * (dout / len(self.rows))
+
+    def jvp(self, dlogits):  # mean_n( sum_v softmax * dlogits - dlogits[n, target_n] )
+        picked = dlogits[self.rows, self.targets]
+        return ((self.probs * dlogits).sum() - picked.sum()) / len(self.rows)
 
 
 @kernels.kernel
@@ -143,7 +173,7 @@ class RMSNorm(Function):
         c = x.shape[-1]
         if weight is not None and weight.shape != (c,):
             raise ValueError(f"rms_norm: weight must have shape ({c},) for x {x.shape}, got {weight.shape}")
-        self.has_weight = weight is not None
+        self.has_weight, self.eps = weight is not None, eps
         self.weight = weight if weight is not None else np.ones(c, dtype=x.dtype)
         y, self.r = rms_norm_forward(x, self.weight, eps)
         self.x = x
@@ -152,6 +182,21 @@ class RMSNorm(Function):
     def backward(self, dout):
         dx, dw = rms_norm_backward(dout, self.x, self.r, self.weight)
         return (dx, dw) if self.has_weight else dx
+
+    def backward_graph(self, dout):
+        x, w = self.parents[0], self.parents[1] if len(self.parents) > 1 else None
+        r = ((x * x).mean(axis=-1, keepdims=True) + self.eps) ** -0.5  # (..., 1)
+        xhat = x * r
+        dxhat = dout if w is None else dout * w
+        dx = r * (dxhat - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+        if w is None:
+            return dx
+        return dx, (dout * xhat).reshape(-1, x.shape[-1]).sum(axis=0)
+
+    def jvp(self, dx, dw=None):  # d(xhat) = r * (dx - xhat * mean(xhat * dx))
+        xhat = self.x * self.r
+        dxhat = self.r * (dx - xhat * (xhat * dx).mean(axis=-1, keepdims=True))
+        return dxhat * self.weight + xhat * dw if self.has_weight else dxhat
 
 
 class Embedding(Function):
@@ -173,6 +218,12 @@ class Embedding(Function):
         dweight = np.zeros(self.weight_shape, dtype=self.dtype)
         kernels.scatter_add_rows(dweight, self.indices.ravel(), dout.reshape(-1, self.weight_shape[1]))
         return dweight
+
+    def backward_graph(self, dout):
+        return ScatterAdd.apply(dout, index=self.indices, shape=self.weight_shape)
+
+    def jvp(self, dweight):
+        return dweight[self.indices]
 
 
 class ScaledDotProductAttention(Function):
@@ -205,7 +256,7 @@ class ScaledDotProductAttention(Function):
         if causal:
             st += _causal_bias(*st.shape[-1:-3:-1], st.dtype).T  # -inf where key j is future
         self.pt = _softmax(st, -2, inplace=True)  # P^T, (..., Tk, Tq)
-        self.q, self.k, self.v = q, k, v
+        self.q, self.k, self.v, self.causal = q, k, v, causal
         return np.swapaxes(self.pt, -1, -2) @ v  # P v, (..., Tq, hv)
 
     def backward(self, dout):
@@ -220,6 +271,25 @@ class ScaledDotProductAttention(Function):
         dk = dst @ q  # (..., Tk, hd)
         # batch dims that were broadcast (k, v shared across a batch, say) are summed back
         return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+
+    def backward_graph(self, dout):
+        q, k, v = self.parents
+        s = float(self.scale)
+        scores = (q @ k.swapaxes(-1, -2)) * s  # (..., Tq, Tk), not transposed here
+        if self.causal:
+            scores = scores + _causal_bias(q.shape[-2], k.shape[-2], scores.dtype)
+        p = Softmax.apply(scores, axis=-1)  # P, (..., Tq, Tk)
+        dv = p.swapaxes(-1, -2) @ dout  # (..., Tk, hv)
+        dp = dout @ v.swapaxes(-1, -2)  # (..., Tq, Tk)
+        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * s
+        dq, dk = ds @ k, ds.swapaxes(-1, -2) @ q
+        return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+
+    def jvp(self, dq, dk, dv):  # dS -> dP by the softmax JVP, then d(P v) = dP v + P dv
+        p = np.swapaxes(self.pt, -1, -2)  # P, (..., Tq, Tk)
+        ds = (dq @ np.swapaxes(self.k, -1, -2) + self.q @ np.swapaxes(dk, -1, -2)) * self.scale
+        dp = p * (ds - (ds * p).sum(axis=-1, keepdims=True))
+        return dp @ self.v + p @ dv
 
 
 @kernels.kernel
@@ -277,6 +347,32 @@ class CausalSelfAttention(Function):
     def backward(self, dout):
         return causal_self_attention_backward(dout, self.qkv, self.pt, self.n_head, self.scale)
 
+    def _as_attention(self, q, k, v) -> ScaledDotProductAttention:
+        """The same attention as a ScaledDotProductAttention on q, k, v (B, H, T, hd), whose
+        higher-order rules the two methods below reuse."""
+        sdpa = ScaledDotProductAttention()
+        sdpa.q, sdpa.k, sdpa.v, sdpa.parents = q, k, v, (q, k, v)
+        sdpa.scale, sdpa.causal = self.scale, True
+        sdpa.pt = self.pt if hasattr(self, "pt") else None
+        return sdpa
+
+    def backward_graph(self, dout):
+        (qkv,) = self.parents
+        B, T, C3 = qkv.shape
+        heads = qkv.reshape(B, T, 3, self.n_head, C3 // 3 // self.n_head).transpose(2, 0, 3, 1, 4)
+        d = dout.reshape(B, T, self.n_head, C3 // 3 // self.n_head).transpose(0, 2, 1, 3)
+        dq, dk, dv = self._as_attention(heads[0], heads[1], heads[2]).backward_graph(d)
+        return stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, T, C3)  # like qkv
+
+    def jvp(self, dqkv):
+        B, T, C3 = dqkv.shape
+
+        def heads(a):  # (B, T, 3C) -> q, k, v, each (B, H, T, hd)
+            return a.reshape(B, T, 3, self.n_head, C3 // 3 // self.n_head).transpose(2, 0, 3, 1, 4)
+
+        dy = self._as_attention(*heads(self.qkv)).jvp(*heads(dqkv))  # (B, H, T, hd)
+        return dy.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)
+
 
 class ReluSquared(Function):
     """y = relu(x)**2.  dx = dout * 2 * relu(x)"""
@@ -287,6 +383,12 @@ class ReluSquared(Function):
 
     def backward(self, dout):
         return kernels.relu_squared_backward(dout, self.x)
+
+    def backward_graph(self, dout):
+        return dout * self.parents[0].relu() * 2.0
+
+    def jvp(self, dx):
+        return dx * np.maximum(self.x, 0) * 2
 
 
 class Dropout(Function):
@@ -299,6 +401,11 @@ class Dropout(Function):
 
     def backward(self, dout):
         return dout * self.mask
+
+    backward_graph = backward  # the mask is a constant
+
+    def jvp(self, dx):
+        return dx * self.mask
 
 
 def _integer_array(x, what: str) -> np.ndarray:

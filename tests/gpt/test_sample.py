@@ -15,9 +15,18 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from gpt.bpe import BPETokenizer
+from gpt.cli import describe
 from gpt.config import GPTConfig
+from gpt.errors import UserError
 from gpt.model import GPT, KVCache
-from gpt.sample import filter_probs, generate, keep_after_slide, sample_from
+from gpt.sample import (
+    filter_probs,
+    generate,
+    keep_after_slide,
+    prompt_ids,
+    sample_from,
+    sample_tokens,
+)
 from gpt.tokenizer import CharTokenizer
 from tensorlite import Tensor, no_grad
 
@@ -102,8 +111,9 @@ def test_temperature_to_zero_is_argmax(logits):
     ],
 )
 def test_filter_rejects_bad_settings(kwargs, flag):
-    with pytest.raises(ValueError, match=flag):
-        filter_probs(np.zeros(3), **kwargs)
+    with pytest.raises(UserError, match=f"^{next(iter(kwargs))} must") as e:
+        filter_probs(np.zeros(3), **kwargs)  # the library speaks of the value...
+    assert describe(e.value).startswith(flag + " must")  # ...the command line of its flag
 
 
 def test_sample_from_follows_the_distribution():
@@ -193,7 +203,7 @@ def test_bpe_generation_same_with_and_without_cache():
 
 def test_generate_rejects_bad_settings(char_setup):
     model, tok = char_setup
-    with pytest.raises(ValueError, match="--max-new-tokens"):
+    with pytest.raises(ValueError, match="^max_new_tokens must"):
         generate(model, tok, "To", -1)
     with pytest.raises(ValueError, match="do not know|does not know"):
         generate(model, tok, "To be? Zebra!", 5)
@@ -230,6 +240,29 @@ def test_generation_stops_at_eos_and_the_cache_costs_one_position_per_token():
     # last 4 tokens, which are re-read into the reset cache (twice here).
     assert keep_after_slide(8) == 4
     assert model.calls == [1] * 8 + [4] + [1] * 4 + [4] + [1] * 3
+
+
+def test_sample_tokens_is_generate_one_token_at_a_time(char_setup):
+    model, tok = char_setup
+    for prompt in ("To be", None):
+        ids = prompt_ids(tok, prompt)
+        kwargs = {"temperature": 0.9, "top_k": 8}
+        tokens = list(sample_tokens(model, ids, 40, rng=np.random.default_rng(4),
+                                    eos_id=tok.eos_id, **kwargs))
+        assert tok.decode(ids + tokens) == generate(model, tok, prompt, 40, seed=4, **kwargs)
+        assert 0 < len(tokens) <= 40 and tok.eos_id not in tokens
+
+
+def test_sample_tokens_computes_nothing_ahead():
+    tok = CharTokenizer.from_text("abc")
+    model = ScriptedModel([0, 1, 2, 0, 1], tok.vocab_size, block_size=8)
+    tokens = sample_tokens(model, [tok.bos_id], 100, temperature=0.0, eos_id=tok.eos_id)
+    assert model.calls == []  # a generator: nothing runs before the first next()
+    assert [next(tokens), next(tokens)] == [0, 1] and model.calls == [1, 1]
+    tokens.close()  # a caller that stops (a client that went away) stops the model calls
+    assert model.calls == [1, 1]
+    with pytest.raises(ValueError, match="at least one context token"):
+        next(sample_tokens(model, [], 5))
 
 
 # ---- python -m gpt.sample ------------------------------------------------------------------------
