@@ -73,7 +73,7 @@ class RunLock:
             os.close(self._fd)  # closing releases the lock; the file stays (harmless)
             self._fd = None
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self):
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
