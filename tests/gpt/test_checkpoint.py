@@ -377,7 +377,7 @@ def test_readers_never_see_a_half_written_checkpoint_nor_false_corruption(tmp_pa
             while not stop.is_set():
                 ck.save_checkpoint(out, b if saves[0] % 2 else a)
                 saves[0] += 1
-        except Exception as e:  # reported below, in the test's thread
+        except (OSError, ValueError) as e:  # reported below, in the test's thread
             errors.append(e)
 
     thread = threading.Thread(target=saver)

@@ -13,9 +13,8 @@ HOLD = ("import sys, time; from gpt.lock import RunLock; RunLock(sys.argv[1]).ac
 
 
 def test_a_second_lock_names_the_holder_and_a_released_lock_is_free(tmp_path):
-    with RunLock(str(tmp_path)):
-        with pytest.raises(RunInUseError, match=rf"is in use by pid {os.getpid()}\b"):
-            RunLock(str(tmp_path)).acquire()
+    with RunLock(str(tmp_path)), pytest.raises(RunInUseError, match=rf"pid {os.getpid()}\b"):
+        RunLock(str(tmp_path)).acquire()
     with RunLock(str(tmp_path)):  # released on exit
         pass
 
