@@ -33,6 +33,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from .errors import UserError
+
 CHECKPOINT_DIR = "checkpoint"  # the latest checkpoint: what --resume continues
 BEST_DIR = "best"  # the checkpoint with the lowest validation loss so far: what sampling takes
 FILES = ("model.safetensors", "optimizer.safetensors", "config.json", "tokenizer.json")
@@ -41,11 +43,6 @@ FORMAT_VERSION = 1
 JSON_LIMIT = 1 << 20  # bytes of config.json or state.json
 TOKENIZER_LIMIT = 64 << 20  # bytes of tokenizer.json (a BPE of a million merges fits)
 HEADER_PER_TENSOR = 256  # bytes of safetensors header allowed per tensor (names, shapes)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, corrupt or does not fit: the message is one line
-    that says what to do."""
 
 
 # ---- writing files atomically -----------------------------------------------------------------
@@ -107,7 +104,7 @@ def tensors_to_bytes(tensors: dict[str, np.ndarray]) -> bytes:
 
 
 def tensors_from_bytes(data: bytes, name: str) -> dict[str, np.ndarray]:
-    """The tensors of a safetensors file's bytes; CheckpointError naming `name` if they are not
+    """The tensors of a safetensors file's bytes; UserError naming `name` if they are not
     a valid file (the package checks the header, the dtypes, and that the offsets tile the data
     exactly)."""
     try:
@@ -115,7 +112,7 @@ def tensors_from_bytes(data: bytes, name: str) -> dict[str, np.ndarray]:
     except (safetensors.SafetensorError, ValueError, TypeError, KeyError) as e:  # KeyError,
         # TypeError: a dtype (BF16, F8) that NumPy does not have
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{name} is truncated or corrupt ({why})") from None
+        raise UserError(f"{name} is truncated or corrupt ({why})") from None
 
 
 def _file_bytes(ckpt: Checkpoint) -> dict[str, bytes]:
@@ -145,13 +142,13 @@ def _recover(final: str) -> None:
         os.replace(old, final)
 
 
-def _save_failed(e: OSError, file: str, final: str, had_previous: bool) -> CheckpointError:
+def _save_failed(e: OSError, file: str, final: str, had_previous: bool) -> UserError:
     """The one-line message of a save that could not write `file` (the temp folder is gone)."""
     why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (
         e.strerror or str(e) or type(e).__name__)
     kept = (f"the previous checkpoint in {final} is intact" if had_previous
             else "no checkpoint was written")
-    return CheckpointError(f"could not save the checkpoint: writing {file} failed ({why}); "
+    return UserError(f"could not save the checkpoint: writing {file} failed ({why}); "
                            f"{kept}; free some space (or fix the folder) and run again")
 
 
@@ -165,7 +162,7 @@ def save_checkpoint(out_dir: str, ckpt: Checkpoint, best: bool = False) -> str:
     3. delete OUT/checkpoint.old.
     A crash in 1 leaves the old folder untouched; between the two renames of 2, load_checkpoint
     (and the next save) find OUT/checkpoint.old and use it. An error while writing in 1 (a full
-    disk) removes OUT/checkpoint.tmp and raises CheckpointError naming the file. A symlinked
+    disk) removes OUT/checkpoint.tmp and raises UserError naming the file. A symlinked
     OUT/checkpoint is replaced by a real folder (the link goes, the folder it pointed to stays).
     Returns the checkpoint's path.
     """
@@ -174,7 +171,7 @@ def save_checkpoint(out_dir: str, ckpt: Checkpoint, best: bool = False) -> str:
     _recover(final)
     tmp, old = final + ".tmp", final + ".old"
     if os.path.lexists(final) and not os.path.isdir(final):
-        raise CheckpointError(f"{final} exists but is not a folder; move it away and run again")
+        raise UserError(f"{final} exists but is not a folder; move it away and run again")
     _remove(tmp)  # debris of an earlier crash during step 1
     had_previous = os.path.isdir(final)
     file = tmp
@@ -222,22 +219,22 @@ def read_regular_file(path: str, limit: int, expect: int | None = None,
         else:
             fd = os.open(os.path.basename(path), flags, dir_fd=dir_fd)
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
+        raise UserError(f"{path} is missing; the checkpoint is incomplete") from None
     except OSError as e:
         if os.path.islink(path):
-            raise CheckpointError(f"{path} is a symbolic link; a checkpoint holds regular files "
+            raise UserError(f"{path} is a symbolic link; a checkpoint holds regular files "
                                   "only") from None
-        raise CheckpointError(f"{path} cannot be read ({e.strerror or e})") from None
+        raise UserError(f"{path} cannot be read ({e.strerror or e})") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{path} is not a regular file (a FIFO, device or folder); "
+            raise UserError(f"{path} is not a regular file (a FIFO, device or folder); "
                                   "a checkpoint holds regular files only")
         if expect is not None and st.st_size != expect:
-            raise CheckpointError(f"{path} is truncated or corrupt ({st.st_size} bytes, "
+            raise UserError(f"{path} is truncated or corrupt ({st.st_size} bytes, "
                                   f"state.json says {expect})")
         if st.st_size > limit:
-            raise CheckpointError(f"{path} is {st.st_size:,} bytes, more than the {limit:,} it "
+            raise UserError(f"{path} is {st.st_size:,} bytes, more than the {limit:,} it "
                                   "can hold here; the checkpoint is corrupt")
         parts, left = [], st.st_size
         while left > 0:
@@ -249,7 +246,7 @@ def read_regular_file(path: str, limit: int, expect: int | None = None,
     finally:
         os.close(fd)
     if left:
-        raise CheckpointError(f"{path} is truncated (it shrank while being read)")
+        raise UserError(f"{path} is truncated (it shrank while being read)")
     return b"".join(parts)
 
 
@@ -257,7 +254,7 @@ def _parse_json(data: bytes, path: str) -> Any:
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise CheckpointError(f"{path} is corrupt (not the JSON a checkpoint writes)") from None
+        raise UserError(f"{path} is corrupt (not the JSON a checkpoint writes)") from None
 
 
 def _read_state(path: str, dir_fd: int | None) -> dict:
@@ -266,14 +263,14 @@ def _read_state(path: str, dir_fd: int | None) -> dict:
     state = _parse_json(read_regular_file(file, JSON_LIMIT, dir_fd=dir_fd), file)
     files = state.get("files") if isinstance(state, dict) else None
     if not isinstance(files, dict):
-        raise CheckpointError(f"{file} is corrupt (not the JSON a checkpoint writes)")
+        raise UserError(f"{file} is corrupt (not the JSON a checkpoint writes)")
     for name in FILES:
         entry = files.get(name)
         ok = (isinstance(entry, dict) and type(entry.get("bytes")) is int
               and entry["bytes"] >= 0 and isinstance(entry.get("sha256"), str)
               and _SHA256.fullmatch(entry["sha256"]))
         if not ok:
-            raise CheckpointError(f"{file} lists no valid size and sha256 for {name}; the "
+            raise UserError(f"{file} lists no valid size and sha256 for {name}; the "
                                   "checkpoint is corrupt")
     return state
 
@@ -284,7 +281,7 @@ def _read_listed(path: str, name: str, files: dict, limit: int, dir_fd: int | No
     expect = files[name]["bytes"]
     data = read_regular_file(file, limit, expect, dir_fd)
     if hashlib.sha256(data).hexdigest() != files[name]["sha256"]:
-        raise CheckpointError(f"{file} is corrupt (its sha256 differs from state.json's)")
+        raise UserError(f"{file} is corrupt (its sha256 differs from state.json's)")
     return data
 
 
@@ -296,7 +293,7 @@ def _model_config(config: Any, file: str):
         return GPTConfig.from_dict(config["model"]).validate()
     except (KeyError, TypeError, ValueError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
-        raise CheckpointError(f"{file} holds no valid model config ({msg})") from None
+        raise UserError(f"{file} holds no valid model config ({msg})") from None
 
 
 def _check_sizes(path: str, files: dict, config) -> tuple[int, int]:
@@ -315,7 +312,7 @@ def _check_sizes(path: str, files: dict, config) -> tuple[int, int]:
         high = 8 * values + 8 + 8 + HEADER_PER_TENSOR * (tensors + 1)
         size = files[name]["bytes"]
         if not low <= size <= high:
-            raise CheckpointError(f"{os.path.join(path, name)}: state.json says {size:,} bytes, "
+            raise UserError(f"{os.path.join(path, name)}: state.json says {size:,} bytes, "
                                   f"but the model in config.json ({P:,} parameters) needs "
                                   f"{low:,} to {high:,}; the checkpoint is corrupt")
         limits.append(high)
@@ -331,7 +328,7 @@ def _current_folder(out_dir: str, best: bool) -> str:
     if not os.path.isdir(path) and os.path.isdir(path + ".old"):
         path += ".old"
     if not os.path.isdir(path):
-        raise CheckpointError(f"no checkpoint in {out_dir} (looked for {path}/); "
+        raise UserError(f"no checkpoint in {out_dir} (looked for {path}/); "
                               "train without --resume first, or point --out-dir at a run's folder")
     return path
 
@@ -350,7 +347,7 @@ def load_checkpoint(out_dir: str, best: bool = False) -> Checkpoint:
 
     Never writes anything. Order: state.json (bounded), then config.json and tokenizer.json
     (bounded, hashed, validated), then the sizes of the tensor files against the model the
-    config describes, and only then the tensors. Raises CheckpointError (one line) if anything
+    config describes, and only then the tensors. Raises UserError (one line) if anything
     is missing, corrupt, hostile or inconsistent.
 
     A training may save while we read: the folder is opened once and every file is read from
@@ -368,7 +365,7 @@ def load_checkpoint(out_dir: str, best: bool = False) -> Checkpoint:
                                                         os.fstat(dir_fd).st_ino)
         try:
             return _read_checkpoint(path, dir_fd)
-        except CheckpointError:
+        except UserError:
             now = _identity(checkpoint_path(out_dir, best))
             if attempt + 1 < LOAD_ATTEMPTS and now != held:
                 continue  # a save swapped the folder under us: read the new one
@@ -395,9 +392,9 @@ def _read_checkpoint(path: str, dir_fd: int | None) -> Checkpoint:
     try:
         vocab = tokenizer_from_dict(tokenizer).vocab_size
     except (TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{tok_file} is not a valid tokenizer ({e})") from None
+        raise UserError(f"{tok_file} is not a valid tokenizer ({e})") from None
     if vocab != model_config.vocab_size:
-        raise CheckpointError(f"{tok_file} has {vocab} tokens but config.json's model has "
+        raise UserError(f"{tok_file} has {vocab} tokens but config.json's model has "
                               f"vocab_size {model_config.vocab_size}; the checkpoint is corrupt")
 
     model_limit, opt_limit = _check_sizes(path, state["files"], model_config)
@@ -407,7 +404,7 @@ def _read_checkpoint(path: str, dir_fd: int | None) -> Checkpoint:
     optimizer = tensors_from_bytes(read("optimizer.safetensors", opt_limit), opt_file)
     step = optimizer.get("step", np.array(0)) if optimizer else np.array(0)
     if step.shape != () or step.dtype.kind not in "iu" or step < 0:
-        raise CheckpointError(f"{opt_file} has no valid 'step' (a 0-d integer >= 0); the "
+        raise UserError(f"{opt_file} has no valid 'step' (a 0-d integer >= 0); the "
                               "checkpoint is corrupt")
     state = {k: v for k, v in state.items() if k not in ("files", "format_version")}
     return Checkpoint(model=model, optimizer=optimizer, config=config, tokenizer=tokenizer,
@@ -434,12 +431,12 @@ def load_model(out_dir: str, dtype: Any = None, *, latest: bool = False):
     if dtype is None:
         dtype = ckpt.model["wte"].dtype if "wte" in ckpt.model else np.float32
     if np.dtype(dtype).kind != "f":
-        raise CheckpointError(f"{ckpt.path}/model.safetensors holds {np.dtype(dtype)} weights, "
+        raise UserError(f"{ckpt.path}/model.safetensors holds {np.dtype(dtype)} weights, "
                               "not floats; the checkpoint is corrupt")
     model = GPT(config, dtype=dtype)
     try:
         model.load_state_dict({k: v.astype(dtype, copy=False) for k, v in ckpt.model.items()})
     except ValueError as e:
-        raise CheckpointError(f"{ckpt.path}/model.safetensors does not fit config.json: {e}") \
+        raise UserError(f"{ckpt.path}/model.safetensors does not fit config.json: {e}") \
             from None
     return model, tokenizer_from_dict(ckpt.tokenizer)
