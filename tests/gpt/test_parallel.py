@@ -289,7 +289,7 @@ def test_a_lost_dask_worker_is_retried_with_the_same_loss_and_none_left_is_one_l
     x, y = batch(4)
     reference, _ = single_process(model, x, y)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, \
+                      dashboard_address=":0") as cluster, \
             DataParallel(model, 2, backend="dask", scheduler=cluster.scheduler_address) as dp:
         dp.shard_fn = die_once
         assert dp.loss_and_grads(x, y) == pytest.approx(reference, rel=1e-12)
