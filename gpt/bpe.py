@@ -105,6 +105,31 @@ def _learn_merges(chunk_counts: Counter, num_merges: int) -> list[Pair]:
     return merges
 
 
+MAX_TOKEN_BYTES = 64 << 20  # the bytes all tokens spell out together (see check_merges)
+
+
+def check_merges(merges: Iterable[Iterable[int]]) -> list[Pair]:
+    """The merges as pairs, after checking their structure: each is two earlier token ids
+    (plain ints), and the tokens they make spell out at most MAX_TOKEN_BYTES bytes together.
+    The lengths are added up before any token is built, so a saved tokenizer whose merges
+    double a token again and again (2**61 bytes after 61 merges) is refused at once."""
+    pairs: list[Pair] = []
+    lengths = [1] * 256  # bytes behind each token id so far
+    total = 256
+    for i, m in enumerate(merges):
+        m = list(m) if isinstance(m, (list, tuple)) else [m]
+        if len(m) != 2 or not all(type(t) is int and 0 <= t < 256 + i for t in m):
+            raise ValueError(f"BPE merge {i} is {m!r:.60}: each merge must be two earlier "
+                             "token ids")
+        lengths.append(lengths[m[0]] + lengths[m[1]])
+        total += lengths[-1]
+        if total > MAX_TOKEN_BYTES:
+            raise ValueError(f"BPE merges 0..{i} spell out more than {MAX_TOKEN_BYTES:,} bytes "
+                             "of tokens; this tokenizer is corrupt")
+        pairs.append((m[0], m[1]))
+    return pairs
+
+
 class BPETokenizer:
     """Byte-level BPE with the same interface as CharTokenizer (encode, decode, vocab_size,
     bos_id, eos_id, to_dict/from_dict) plus `BPETokenizer.train(text, vocab_size)`."""
@@ -112,12 +137,7 @@ class BPETokenizer:
     kind = "bpe"
 
     def __init__(self, merges: Iterable[Iterable[int]]):
-        self.merges: list[Pair] = [tuple(int(t) for t in m) for m in merges]  # type: ignore[misc]
-        for i, m in enumerate(self.merges):
-            if len(m) != 2 or not all(0 <= t < 256 + i for t in m):
-                raise ValueError(
-                    f"BPE merge {i} is {list(m)}: each merge must be two earlier token ids"
-                )
+        self.merges: list[Pair] = check_merges(merges)
         self.ranks: dict[Pair, int] = {m: 256 + i for i, m in enumerate(self.merges)}
         # The bytes each token stands for: a byte itself, or its merge's two halves joined.
         self.token_bytes: list[bytes] = [bytes([b]) for b in range(256)]

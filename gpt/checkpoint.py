@@ -1,43 +1,45 @@
-"""Checkpoints: safetensors files written and read here (no dependency), JSON for the rest,
-and a folder swap so that a crash at any instant leaves one whole checkpoint on disk.
+"""Checkpoints: tensors in safetensors files (written and read by the official `safetensors`
+package), JSON for the rest, a folder swap so that a crash at any instant leaves one whole
+checkpoint on disk, and a loader that checks what a folder claims before it reads or builds it.
 
 A training run's folder OUT holds `metrics.jsonl` and the checkpoint folder `OUT/checkpoint/`:
 
     model.safetensors      the weights, nanoGPT names ("wte", "h.0.attn.c_attn.weight", ...)
-    optimizer.safetensors  AdamW's moments m and v; its step count goes in the header metadata
+    optimizer.safetensors  AdamW's state: "step" (0-d int64), "m.<name>" and "v.<name>"
     config.json            {"model": GPTConfig fields, "train": TrainConfig fields}
     tokenizer.json         the tokenizer's to_dict() (kind "char" or "bpe")
     state.json             iteration, RNG states, losses, and the size and sha256 of each file
 
-A safetensors file is: 8 bytes (little-endian uint64) giving the header's length N, then N bytes
-of JSON `{name: {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, ...}` (plus an
-optional "__metadata__" map of strings), then the raw little-endian bytes of every tensor; the
-offsets count from the end of the header and tile the data with no gaps.
+docs/gpt.md explains the safetensors layout byte by byte. A checkpoint folder may come from
+anywhere, so loading trusts nothing in it: every file must be a regular file (no symlink, FIFO
+or device) listed in state.json with its size and sha256; sizes are compared with the file
+and with the model that config.json describes before a byte is read, and config.json and
+tokenizer.json are validated before any array is made.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 CHECKPOINT_DIR = "checkpoint"
 FILES = ("model.safetensors", "optimizer.safetensors", "config.json", "tokenizer.json")
 STATE = "state.json"
 FORMAT_VERSION = 1
-
-# safetensors dtype names <-> NumPy dtypes (always stored little-endian)
-_DTYPES = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2",
-    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
-}
-_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+JSON_LIMIT = 1 << 20  # bytes of config.json or state.json
+TOKENIZER_LIMIT = 64 << 20  # bytes of tokenizer.json (a BPE of a million merges fits)
+HEADER_PER_TENSOR = 256  # bytes of safetensors header allowed per tensor (names, shapes)
 
 
 class CheckpointError(ValueError):
@@ -78,127 +80,6 @@ def atomic_write(path: str, data: bytes) -> None:
     _fsync_dir(folder)
 
 
-# ---- safetensors ------------------------------------------------------------------------------
-def encode_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
-    """The bytes of a safetensors file holding `tensors` (in the given order)."""
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    chunks, offset = [], 0
-    for name, arr in tensors.items():
-        arr = np.asarray(arr)
-        little = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
-        if little not in _NAMES:
-            raise TypeError(f"safetensors cannot store dtype {arr.dtype} ({name})")
-        raw = np.ascontiguousarray(arr, dtype=little).tobytes()
-        header[name] = {"dtype": _NAMES[little], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)  # pad with spaces so the data starts 8-byte aligned
-    return len(head).to_bytes(8, "little") + head + b"".join(chunks)
-
-
-def decode_safetensors(buf: bytes, name: str = "file") -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Parse safetensors bytes -> ({name: array}, metadata), checking every length and offset.
-    Raises CheckpointError naming `name` when the bytes are truncated or inconsistent."""
-
-    def bad(why: str) -> CheckpointError:
-        return CheckpointError(f"{name} is truncated or corrupt ({why})")
-
-    if len(buf) < 8:
-        raise bad(f"{len(buf)} bytes, shorter than the 8-byte header length")
-    n = int.from_bytes(buf[:8], "little")
-    if 8 + n > len(buf):
-        raise bad(f"header says {n} bytes of JSON but the file has {len(buf)} bytes")
-    try:
-        header = json.loads(buf[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"header is not JSON: {e.__class__.__name__}") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    data = memoryview(buf)[8 + n :]
-    tensors, spans = {}, []
-    for key, info in header.items():
-        try:
-            dtype = np.dtype(_DTYPES[info["dtype"]])
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"entry {key!r} lacks a known dtype, a shape or data_offsets") from None
-        size = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != size:
-            raise bad(f"entry {key!r}: offsets {begin}..{end} do not fit shape {list(shape)}")
-        if end > len(data):
-            raise bad(f"entry {key!r} ends at byte {end} but only {len(data)} data bytes remain")
-        spans.append((begin, end))
-        tensors[key] = np.frombuffer(data[begin:end], dtype=dtype).reshape(shape).copy()
-    spans.sort()
-    covered = 0
-    for begin, end in spans:  # the spec: the tensors tile the data buffer, no holes or overlaps
-        if begin != covered:
-            raise bad(f"data offsets leave a gap or overlap at byte {covered}")
-        covered = end
-    if covered != len(data):
-        raise bad(f"tensors cover {covered} data bytes but the file has {len(data)}")
-    return tensors, metadata
-
-
-def save_safetensors(path: str, tensors: dict[str, np.ndarray],
-                     metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` to `path` as safetensors, atomically."""
-    atomic_write(path, encode_safetensors(tensors, metadata))
-
-
-def load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a safetensors file -> ({name: array}, metadata)."""
-    with open(path, "rb") as f:
-        return decode_safetensors(f.read(), path)
-
-
-# ---- nested state (e.g. an optimizer's state_dict) <-> flat tensors + JSON skeleton -----------
-def _flatten(obj: Any, prefix: str, out: dict[str, np.ndarray]) -> Any:
-    """Replace every ndarray in a nested dict/list by {"__tensor__": key}, collecting it in out."""
-    if isinstance(obj, np.ndarray):
-        out[prefix] = obj
-        return {"__tensor__": prefix}
-    if isinstance(obj, dict):
-        return {str(k): _flatten(v, f"{prefix}/{k}" if prefix else str(k), out) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_flatten(v, f"{prefix}/{i}", out) for i, v in enumerate(obj)]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
-def _unflatten(skel: Any, tensors: dict[str, np.ndarray]) -> Any:
-    if isinstance(skel, dict):
-        if set(skel) == {"__tensor__"}:
-            return tensors[skel["__tensor__"]]
-        return {k: _unflatten(v, tensors) for k, v in skel.items()}
-    if isinstance(skel, list):
-        return [_unflatten(v, tensors) for v in skel]
-    return skel
-
-
-def encode_state(state: dict) -> bytes:
-    """A nested state dict (arrays, numbers, strings) as safetensors bytes."""
-    tensors: dict[str, np.ndarray] = {}
-    skeleton = _flatten(state, "", tensors)
-    return encode_safetensors(tensors, {"skeleton": json.dumps(skeleton)})
-
-
-def decode_state(buf: bytes, name: str = "file") -> dict:
-    tensors, metadata = decode_safetensors(buf, name)
-    try:
-        return _unflatten(json.loads(metadata["skeleton"]), tensors)
-    except (KeyError, json.JSONDecodeError):
-        raise CheckpointError(f"{name} lacks its 'skeleton' metadata; it is not an optimizer "
-                              "file written by gpt.checkpoint") from None
-
-
 # ---- a whole checkpoint -----------------------------------------------------------------------
 @dataclass
 class Checkpoint:
@@ -216,16 +97,43 @@ def checkpoint_path(out_dir: str) -> str:
     return os.path.join(out_dir, CHECKPOINT_DIR)
 
 
+def tensors_to_bytes(tensors: dict[str, np.ndarray]) -> bytes:
+    """A safetensors file holding `tensors` (the safetensors package writes it)."""
+    return safetensors.numpy.save({k: np.asarray(v).copy(order="C") if not
+                                   np.asarray(v).flags.c_contiguous else np.asarray(v)
+                                   for k, v in tensors.items()})
+
+
+def tensors_from_bytes(data: bytes, name: str) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file's bytes; CheckpointError naming `name` if they are not
+    a valid file (the package checks the header, the dtypes, and that the offsets tile the data
+    exactly)."""
+    try:
+        return safetensors.numpy.load(data)
+    except (safetensors.SafetensorError, ValueError, TypeError, KeyError) as e:  # KeyError,
+        # TypeError: a dtype (BF16, F8) that NumPy does not have
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{name} is truncated or corrupt ({why})") from None
+
+
 def _file_bytes(ckpt: Checkpoint) -> dict[str, bytes]:
     def js(obj: Any) -> bytes:
         return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
 
     return {
-        "model.safetensors": encode_safetensors(ckpt.model),
-        "optimizer.safetensors": encode_state(ckpt.optimizer),
+        "model.safetensors": tensors_to_bytes(ckpt.model),
+        "optimizer.safetensors": tensors_to_bytes(ckpt.optimizer),
         "config.json": js(ckpt.config),
         "tokenizer.json": js(ckpt.tokenizer),
     }
+
+
+def _remove(path: str) -> None:
+    """Delete a folder, or only the link when `path` is a symbolic link to one."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
 
 
 def _recover(out_dir: str) -> None:
@@ -233,6 +141,16 @@ def _recover(out_dir: str) -> None:
     final, old = checkpoint_path(out_dir), checkpoint_path(out_dir) + ".old"
     if not os.path.isdir(final) and os.path.isdir(old):
         os.replace(old, final)
+
+
+def _save_failed(e: OSError, file: str, final: str, had_previous: bool) -> CheckpointError:
+    """The one-line message of a save that could not write `file` (the temp folder is gone)."""
+    why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (
+        e.strerror or str(e) or type(e).__name__)
+    kept = (f"the previous checkpoint in {final} is intact" if had_previous
+            else "no checkpoint was written")
+    return CheckpointError(f"could not save the checkpoint: writing {file} failed ({why}); "
+                           f"{kept}; free some space (or fix the folder) and run again")
 
 
 def save_checkpoint(out_dir: str, ckpt: Checkpoint) -> str:
@@ -243,29 +161,39 @@ def save_checkpoint(out_dir: str, ckpt: Checkpoint) -> str:
     2. rename OUT/checkpoint -> OUT/checkpoint.old, then OUT/checkpoint.tmp -> OUT/checkpoint;
     3. delete OUT/checkpoint.old.
     A crash in 1 leaves the old folder untouched; between the two renames of 2, load_checkpoint
-    (and the next save) find OUT/checkpoint.old and use it. Returns the checkpoint's path.
+    (and the next save) find OUT/checkpoint.old and use it. An error while writing in 1 (a full
+    disk) removes OUT/checkpoint.tmp and raises CheckpointError naming the file. A symlinked
+    OUT/checkpoint is replaced by a real folder (the link goes, the folder it pointed to stays).
+    Returns the checkpoint's path.
     """
     os.makedirs(out_dir, exist_ok=True)
     _recover(out_dir)
     final = checkpoint_path(out_dir)
     tmp, old = final + ".tmp", final + ".old"
-    if os.path.isdir(tmp):
-        shutil.rmtree(tmp)  # debris of an earlier crash during step 1
-    os.makedirs(tmp)
-    files = {}
-    for name, data in _file_bytes(ckpt).items():
-        atomic_write(os.path.join(tmp, name), data)
-        files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    state = dict(ckpt.state, format_version=FORMAT_VERSION, files=files)
-    atomic_write(os.path.join(tmp, STATE), (json.dumps(state, indent=2) + "\n").encode("utf-8"))
-    if os.path.isdir(old):
-        shutil.rmtree(old)  # only reached when `final` exists (see _recover), so this is stale
-    if os.path.isdir(final):
+    if os.path.lexists(final) and not os.path.isdir(final):
+        raise CheckpointError(f"{final} exists but is not a folder; move it away and run again")
+    _remove(tmp)  # debris of an earlier crash during step 1
+    had_previous = os.path.isdir(final)
+    file = tmp
+    try:
+        os.makedirs(tmp)
+        files = {}
+        for name, data in _file_bytes(ckpt).items():
+            file = os.path.join(tmp, name)
+            atomic_write(file, data)
+            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        state = dict(ckpt.state, format_version=FORMAT_VERSION, files=files)
+        file = os.path.join(tmp, STATE)
+        atomic_write(file, (json.dumps(state, indent=2) + "\n").encode("utf-8"))
+    except OSError as e:
+        _remove(tmp)
+        raise _save_failed(e, file, final, had_previous) from None
+    _remove(old)  # only reached when `final` exists (see _recover), so this is stale
+    if had_previous:
         os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(out_dir)
-    if os.path.isdir(old):
-        shutil.rmtree(old)
+    _remove(old)
     return final
 
 
@@ -274,52 +202,163 @@ def has_checkpoint(out_dir: str) -> bool:
     return os.path.isdir(path) or os.path.isdir(path + ".old")
 
 
+# ---- reading, trusting nothing -----------------------------------------------------------------
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def read_regular_file(path: str, limit: int, expect: int | None = None) -> bytes:
+    """The bytes of `path`, which must be a regular file (not a symlink, FIFO, device or
+    folder) of at most `limit` bytes, and of exactly `expect` bytes when given. The checks use
+    the opened file's own fstat, before a byte is read; a FIFO does not block the open."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
+    except OSError as e:
+        if os.path.islink(path):
+            raise CheckpointError(f"{path} is a symbolic link; a checkpoint holds regular files "
+                                  "only") from None
+        raise CheckpointError(f"{path} cannot be read ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path} is not a regular file (a FIFO, device or folder); "
+                                  "a checkpoint holds regular files only")
+        if expect is not None and st.st_size != expect:
+            raise CheckpointError(f"{path} is truncated or corrupt ({st.st_size} bytes, "
+                                  f"state.json says {expect})")
+        if st.st_size > limit:
+            raise CheckpointError(f"{path} is {st.st_size:,} bytes, more than the {limit:,} it "
+                                  "can hold here; the checkpoint is corrupt")
+        parts, left = [], st.st_size
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 30))
+            if not chunk:
+                break
+            parts.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    if left:
+        raise CheckpointError(f"{path} is truncated (it shrank while being read)")
+    return b"".join(parts)
+
+
+def _parse_json(data: bytes, path: str) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{path} is corrupt (not the JSON a checkpoint writes)") from None
+
+
+def _read_state(path: str) -> dict:
+    """state.json, with a valid {"bytes", "sha256"} entry for every file of FILES."""
+    file = os.path.join(path, STATE)
+    state = _parse_json(read_regular_file(file, JSON_LIMIT), file)
+    files = state.get("files") if isinstance(state, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{file} is corrupt (not the JSON a checkpoint writes)")
+    for name in FILES:
+        entry = files.get(name)
+        ok = (isinstance(entry, dict) and type(entry.get("bytes")) is int
+              and entry["bytes"] >= 0 and isinstance(entry.get("sha256"), str)
+              and _SHA256.fullmatch(entry["sha256"]))
+        if not ok:
+            raise CheckpointError(f"{file} lists no valid size and sha256 for {name}; the "
+                                  "checkpoint is corrupt")
+    return state
+
+
+def _read_listed(path: str, name: str, files: dict, limit: int) -> bytes:
+    """A file of the checkpoint, checked against its size and sha256 in state.json."""
+    file = os.path.join(path, name)
+    expect = files[name]["bytes"]
+    data = read_regular_file(file, limit, expect)
+    if hashlib.sha256(data).hexdigest() != files[name]["sha256"]:
+        raise CheckpointError(f"{file} is corrupt (its sha256 differs from state.json's)")
+    return data
+
+
+def _model_config(config: Any, file: str):
+    """The GPTConfig in config.json, validated (every field within its limits)."""
+    from .config import GPTConfig
+
+    try:
+        return GPTConfig.from_dict(config["model"]).validate()
+    except (KeyError, TypeError, ValueError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"{file} holds no valid model config ({msg})") from None
+
+
+def _check_sizes(path: str, files: dict, config) -> tuple[int, int]:
+    """Byte limits of the two safetensors files for the model that config.json describes:
+    its P parameters in float32 or float64, and a header of at most HEADER_PER_TENSOR bytes a
+    tensor. A size outside them is corruption, found before reading the file. (The optimizer
+    file may be smaller: a checkpoint made only for sampling can hold no optimizer state.)"""
+    from .model import GPT
+
+    specs = GPT.param_specs(config)
+    P = sum(int(np.prod(shape)) for _, shape, _ in specs)
+    limits = []
+    for name, values, tensors in (("model.safetensors", P, len(specs)),
+                                  ("optimizer.safetensors", 2 * P, 2 * len(specs) + 1)):
+        low = 4 * values if name == "model.safetensors" else 0
+        high = 8 * values + 8 + 8 + HEADER_PER_TENSOR * (tensors + 1)
+        size = files[name]["bytes"]
+        if not low <= size <= high:
+            raise CheckpointError(f"{os.path.join(path, name)}: state.json says {size:,} bytes, "
+                                  f"but the model in config.json ({P:,} parameters) needs "
+                                  f"{low:,} to {high:,}; the checkpoint is corrupt")
+        limits.append(high)
+    return limits[0], limits[1]
+
+
 def load_checkpoint(out_dir: str) -> Checkpoint:
     """Read and verify OUT/checkpoint (or OUT/checkpoint.old after an interrupted save).
-    Never writes anything. Raises CheckpointError (one line) if anything is missing or corrupt."""
+
+    Never writes anything. Order: state.json (bounded), then config.json and tokenizer.json
+    (bounded, hashed, validated), then the sizes of the tensor files against the model the
+    config describes, and only then the tensors. Raises CheckpointError (one line) if anything
+    is missing, corrupt, hostile or inconsistent."""
+    from .tokenizer import tokenizer_from_dict
+
     path = checkpoint_path(out_dir)
     if not os.path.isdir(path) and os.path.isdir(path + ".old"):
         path += ".old"
     if not os.path.isdir(path):
         raise CheckpointError(f"no checkpoint in {out_dir} (looked for {path}/); "
                               "train without --resume first, or point --out-dir at a run's folder")
-    state_file = os.path.join(path, STATE)
+    state = _read_state(path)
+    files = state["files"]
+
+    config_file = os.path.join(path, "config.json")
+    config = _parse_json(_read_listed(path, "config.json", files, JSON_LIMIT), config_file)
+    model_config = _model_config(config, config_file)
+    tok_file = os.path.join(path, "tokenizer.json")
+    tokenizer = _parse_json(_read_listed(path, "tokenizer.json", files, TOKENIZER_LIMIT), tok_file)
     try:
-        with open(state_file, "rb") as f:
-            state = json.loads(f.read().decode("utf-8"))
-        files = state["files"]
-    except FileNotFoundError:
-        raise CheckpointError(f"{state_file} is missing; the checkpoint is incomplete") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{state_file} is corrupt (not the JSON a checkpoint writes)") from None
-    raw = {}
-    for name in FILES:
-        file = os.path.join(path, name)
-        try:
-            with open(file, "rb") as f:
-                raw[name] = f.read()
-        except FileNotFoundError:
-            raise CheckpointError(f"{file} is missing; the checkpoint is incomplete") from None
-        expect = files.get(name, {}) if isinstance(files, dict) else {}
-        if expect.get("bytes") not in (None, len(raw[name])):
-            raise CheckpointError(f"{file} is truncated or corrupt ({len(raw[name])} bytes, "
-                                  f"state.json says {expect['bytes']})")
-        if name.endswith(".safetensors"):
-            decode_safetensors(raw[name], file)  # names what is wrong before the hash does
-        if expect.get("sha256") not in (None, hashlib.sha256(raw[name]).hexdigest()):
-            raise CheckpointError(f"{file} is corrupt (its sha256 differs from state.json's)")
+        vocab = tokenizer_from_dict(tokenizer).vocab_size
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{tok_file} is not a valid tokenizer ({e})") from None
+    if vocab != model_config.vocab_size:
+        raise CheckpointError(f"{tok_file} has {vocab} tokens but config.json's model has "
+                              f"vocab_size {model_config.vocab_size}; the checkpoint is corrupt")
 
-    def js(name: str) -> dict:
-        try:
-            return json.loads(raw[name].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{os.path.join(path, name)} is not valid JSON") from None
-
-    model, _ = decode_safetensors(raw["model.safetensors"], os.path.join(path, "model.safetensors"))
-    optimizer = decode_state(raw["optimizer.safetensors"], os.path.join(path, "optimizer.safetensors"))
+    model_limit, opt_limit = _check_sizes(path, files, model_config)
+    model_file = os.path.join(path, "model.safetensors")
+    model = tensors_from_bytes(_read_listed(path, "model.safetensors", files, model_limit),
+                               model_file)
+    opt_file = os.path.join(path, "optimizer.safetensors")
+    optimizer = tensors_from_bytes(_read_listed(path, "optimizer.safetensors", files, opt_limit),
+                                   opt_file)
+    step = optimizer.get("step", np.array(0)) if optimizer else np.array(0)
+    if step.shape != () or step.dtype.kind not in "iu" or step < 0:
+        raise CheckpointError(f"{opt_file} has no valid 'step' (a 0-d integer >= 0); the "
+                              "checkpoint is corrupt")
     state = {k: v for k, v in state.items() if k not in ("files", "format_version")}
-    return Checkpoint(model=model, optimizer=optimizer, config=js("config.json"),
-                      tokenizer=js("tokenizer.json"), state=state, path=path)
+    return Checkpoint(model=model, optimizer=optimizer, config=config, tokenizer=tokenizer,
+                      state=state, path=path)
 
 
 def load_model(out_dir: str, dtype: Any = None):
@@ -330,12 +369,16 @@ def load_model(out_dir: str, dtype: Any = None):
     from .tokenizer import tokenizer_from_dict
 
     ckpt = load_checkpoint(out_dir)
-    try:
-        config = GPTConfig.from_dict(ckpt.config["model"])
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{ckpt.path}/config.json has no valid model config ({e})") from None
+    config = GPTConfig.from_dict(ckpt.config["model"])  # validated by load_checkpoint
     if dtype is None:
         dtype = ckpt.model["wte"].dtype if "wte" in ckpt.model else np.float32
+    if np.dtype(dtype).kind != "f":
+        raise CheckpointError(f"{ckpt.path}/model.safetensors holds {np.dtype(dtype)} weights, "
+                              "not floats; the checkpoint is corrupt")
     model = GPT(config, dtype=dtype)
-    model.load_state_dict({k: v.astype(dtype, copy=False) for k, v in ckpt.model.items()})
+    try:
+        model.load_state_dict({k: v.astype(dtype, copy=False) for k, v in ckpt.model.items()})
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt.path}/model.safetensors does not fit config.json: {e}") \
+            from None
     return model, tokenizer_from_dict(ckpt.tokenizer)

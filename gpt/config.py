@@ -16,12 +16,20 @@ TOKENIZERS = ("char", "bpe")
 BACKENDS = ("loky", "dask")
 
 
+# Upper limits of the model's shape: far beyond what a NumPy GPT can train, low enough that
+# a hostile config.json or a typo (--n-layer 100000000) is refused before anything is built.
+LIMITS = {"vocab_size": 1 << 20, "block_size": 1 << 16, "n_layer": 1 << 10, "n_head": 1 << 10,
+          "n_embd": 1 << 16}
+
+
 def _check_positive(obj, names: tuple[str, ...], as_flags: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
+        shown = "--" + name.replace("_", "-") if as_flags else name
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-            shown = "--" + name.replace("_", "-") if as_flags else name
             raise ValueError(f"{shown} must be a positive integer, got {value!r}")
+        if value > LIMITS.get(name, value):
+            raise ValueError(f"{shown} is {value}, above the limit {LIMITS[name]:,}")
 
 
 def _from_dict(cls, d: dict):
@@ -52,8 +60,8 @@ class GPTConfig:
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"try n_head {_divisor_hint(self.n_embd, self.n_head)}"
             )
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         return self
 
     @property
@@ -69,8 +77,10 @@ class GPTConfig:
 
 
 def _divisor_hint(n_embd: int, n_head: int) -> int:
-    """The divisor of n_embd closest to n_head (for the error message)."""
-    divisors = [d for d in range(1, n_embd + 1) if n_embd % d == 0]
+    """The divisor of n_embd closest to n_head (for the error message); pairs d, n_embd // d
+    up to sqrt(n_embd), so a huge n_embd cannot stall the message."""
+    small = [d for d in range(1, min(math.isqrt(n_embd), 1 << 20) + 1) if n_embd % d == 0]
+    divisors = small + [n_embd // d for d in small]
     return min(divisors, key=lambda d: (abs(d - n_head), d))
 
 

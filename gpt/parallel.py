@@ -55,7 +55,8 @@ class _Spec:
     layout: tuple  # ((name, shape, offset), ...) of each parameter in the flat vector
     size: int  # total number of parameter values
     threads: int | None  # BLAS/numexpr threads in the worker (None: leave as is)
-    weights_path: str | None  # shared files (loky); None: weights come with each task (dask)
+    weights_path: str | None  # shared files (loky; on Linux /proc/PID/fd/N of the parent's
+    # open descriptor, the name already deleted); None: weights come with each task (dask)
     grads_path: str | None
     shards: int
 
@@ -110,6 +111,7 @@ class DataParallel:
             threads_per_worker = max(1, (os.cpu_count() or 1) // self.workers)
 
         weights_path = grads_path = None
+        self._fds: list[int] = []
         if backend == "loky":
             # /dev/shm keeps the files in memory on Linux; any temp dir works elsewhere
             base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
@@ -120,10 +122,11 @@ class DataParallel:
                                       shape=(offset,))  # (P,) every parameter, flattened
             self._grads = np.memmap(grads_path, dtype=model.dtype, mode="w+",
                                     shape=(self.workers, offset))  # (workers, P)
+            weights_path, grads_path = self._unlink_early(weights_path, grads_path)
         else:
             self._weights = np.empty(offset, dtype=model.dtype)  # (P,) sent with each task
-        # remove the files even if close() is never called
-        self._finalizer = weakref.finalize(self, _remove_dir, self._dir)
+        # remove the files (or close their descriptors) even if close() is never called
+        self._finalizer = weakref.finalize(self, _release, self._dir, self._fds)
 
         self.spec = _Spec(
             key=uuid.uuid4().hex, config=model.config.to_dict(), dtype=model.dtype.name,
@@ -134,6 +137,23 @@ class DataParallel:
         if os.environ.get("GPT_PARALLEL_WORKER_EXIT") == "1":
             self.shard_fn = _exit_worker
         self._start(scheduler)
+
+    def _unlink_early(self, *paths: str) -> tuple[str, ...]:
+        """Where /proc/PID/fd exists (Linux), keep each file open, delete its name at once and
+        give the workers /proc/<our pid>/fd/<fd> to map instead: a deleted file lives while
+        someone has it open or mapped, so the memory goes back to the system when the last
+        process using it ends, even after a kill -9 of the parent. Elsewhere the named files
+        stay until close() (or the finalizer) removes them."""
+        if not os.path.isdir(f"/proc/{os.getpid()}/fd"):
+            return paths
+        opened = []
+        for path in paths:
+            fd = os.open(path, os.O_RDWR)
+            self._fds.append(fd)
+            opened.append(f"/proc/{os.getpid()}/fd/{fd}")
+        _remove_dir(self._dir)
+        self._dir = None
+        return tuple(opened)
 
     def _start(self, scheduler: str | None) -> None:
         if self.backend == "loky":
@@ -238,6 +258,13 @@ class DataParallel:
 def _remove_dir(path: str | None) -> None:
     if path is not None:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _release(path: str | None, fds: list[int]) -> None:
+    _remove_dir(path)
+    while fds:
+        with contextlib.suppress(OSError):
+            os.close(fds.pop())
 
 
 def _first_line(e: BaseException) -> str:

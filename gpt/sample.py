@@ -3,7 +3,8 @@ KV cache so that each new token costs one position of work per layer.
 
     python -m gpt.sample --out-dir out --prompt "ROMEO:" --max-new-tokens 200 --top-k 40
 
-The library entry point is `generate(model, tokenizer, prompt, max_new_tokens, ...)`; the
+The library entry point is `generate(model, tokenizer, prompt, max_new_tokens, ...)`; its loop,
+one token at a time, is `sample_tokens(model, ids, ...)` (what gpt.serve streams from); the
 filtering is the pure function `filter_probs(logits, temperature, top_k, top_p)`.
 
 The context window. The model learned one position embedding per position 0..block_size-1, so
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -94,6 +96,56 @@ def keep_after_slide(block_size: int) -> int:
     return max(1, block_size // 2)
 
 
+def sample_tokens(
+    model: GPT,
+    ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    rng: np.random.Generator | None = None,
+    eos_id: int | None = None,
+    use_kv_cache: bool = True,
+) -> Iterator[int]:
+    """Yield up to `max_new_tokens` token ids sampled after the context `ids` (non-empty), one
+    at a time, as soon as each is drawn. Stops early, without yielding it, at `eos_id`.
+
+    A caller that stops iterating stops the sampling: nothing is computed ahead. With
+    use_kv_cache=False every step runs the whole context through the model; the tokens are
+    the same (see the module docstring for the context window both paths share).
+    """
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    if not ids:
+        raise ValueError("sample_tokens needs at least one context token (BOS for an empty prompt)")
+    rng = rng if rng is not None else np.random.default_rng()
+    ids = list(ids)
+    block = model.config.block_size
+    start = max(0, len(ids) - block)  # the context is ids[start:], at positions 0, 1, ...
+    cache = KVCache(model.config, 1, model.dtype) if use_kv_cache else None
+    for _ in range(max_new_tokens):
+        if cache is not None:
+            new = ids[start + cache.length :]  # the tokens the cache has not seen yet
+            logits = model.forward_cached(np.array([new]), cache).data[0, -1]  # (V,)
+        else:
+            with no_grad():
+                logits = model(np.array([ids[start:]]))[0].data[0, -1]  # (V,)
+        token = sample_from(filter_probs(logits, temperature, top_k, top_p), rng)
+        if token == eos_id:
+            return
+        ids.append(token)
+        yield token
+        if len(ids) - start > block:  # the window is full: keep its last half, from 0 again
+            start = len(ids) - keep_after_slide(block)
+            if cache is not None:
+                cache.reset()
+
+
+def prompt_ids(tokenizer, prompt: str | None) -> list[int]:
+    """The context a generation starts from: the prompt's ids, or [BOS] for an empty prompt."""
+    ids = list(tokenizer.encode(prompt)) if prompt else []
+    return ids or [tokenizer.bos_id]
+
+
 def generate(
     model: GPT,
     tokenizer,
@@ -111,32 +163,14 @@ def generate(
     An empty or None prompt starts from BOS. Generation stops early when the model samples
     EOS (which is not part of the text). `rng` (if given) is used instead of `seed`.
     With use_kv_cache=False every step runs the whole context through the model; the result
-    is the same text (see the module docstring for the context window both paths share).
+    is the same text. `sample_tokens` is the same loop, one token at a time.
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     rng = rng if rng is not None else np.random.default_rng(seed)
-    ids = list(tokenizer.encode(prompt)) if prompt else []
-    if not ids:
-        ids = [tokenizer.bos_id]
-    block = model.config.block_size
-    start = max(0, len(ids) - block)  # the context is ids[start:], at positions 0, 1, ...
-    cache = KVCache(model.config, 1, model.dtype) if use_kv_cache else None
-    for _ in range(max_new_tokens):
-        if cache is not None:
-            new = ids[start + cache.length :]  # the tokens the cache has not seen yet
-            logits = model.forward_cached(np.array([new]), cache).data[0, -1]  # (V,)
-        else:
-            with no_grad():
-                logits = model(np.array([ids[start:]]))[0].data[0, -1]  # (V,)
-        token = sample_from(filter_probs(logits, temperature, top_k, top_p), rng)
-        if token == tokenizer.eos_id:
-            break
-        ids.append(token)
-        if len(ids) - start > block:  # the window is full: keep its last half, from 0 again
-            start = len(ids) - keep_after_slide(block)
-            if cache is not None:
-                cache.reset()
-    return tokenizer.decode(ids)
+    ids = prompt_ids(tokenizer, prompt)
+    new = sample_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, rng,
+                        tokenizer.eos_id, use_kv_cache)
+    return tokenizer.decode(ids + list(new))
 
 
 # ---- the command line -------------------------------------------------------------------------

@@ -256,7 +256,7 @@ def resolve_resume(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Chec
     given now; flags that would change the model's shape are refused (nothing is written)."""
     ckpt = load_checkpoint(cfg.out_dir)
     try:
-        saved = TrainConfig.from_dict(ckpt.config["train"])
+        saved = TrainConfig.from_dict(ckpt.config["train"]).validate()
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt.path}/config.json holds no valid train config ({e})") from None
     override = {k: getattr(cfg, k) for k in given}

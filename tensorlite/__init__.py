@@ -3,13 +3,14 @@
     import tensorlite as tl
     x = tl.Tensor([1.0, 2.0], requires_grad=True)
     (x * x).sum().backward()   # x.grad == [2, 4]
+    (g,) = tl.grad((x ** 3).sum(), [x], create_graph=True)   # g = 3x^2, differentiable again
 
-Read docs/autograd.md for the tour; `tensorlite.functional` holds the fused ops,
+Read docs/autograd.md for the tour, docs/higher-order.md for grad, jvp and hvp; `tensorlite.functional` holds the fused ops,
 `tensorlite.testing` the tools to verify your own.
 """
 
 from . import functional
-from .autograd import is_grad_enabled, no_grad
+from .autograd import grad, hvp, is_grad_enabled, jvp, no_grad
 from .gradcheck import GradcheckError, gradcheck
 from .graph import show_graph
 from .kernels import get_num_threads, set_num_threads
@@ -23,8 +24,11 @@ __all__ = [
     "concatenate",
     "functional",
     "get_num_threads",
+    "grad",
     "gradcheck",
+    "hvp",
     "is_grad_enabled",
+    "jvp",
     "no_grad",
     "set_num_threads",
     "show_graph",

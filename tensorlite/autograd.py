@@ -1,11 +1,13 @@
-"""The autograd machinery: `Function` (one op = forward + backward), the shared
-broadcasting rule `unbroadcast`, `no_grad`, and the iterative reverse-mode driver
-`backward` that walks the recorded graph in topological order.
+"""The autograd machinery: `Function` (one op = forward + backward, plus the rules for
+higher-order and forward mode), the shared broadcasting rule `unbroadcast`, `no_grad`, the
+iterative reverse-mode driver `backward` that walks the recorded graph in topological order,
+and the functions built on it: `grad` (gradients of gradients), `jvp` and `hvp`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -15,23 +17,32 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from .tensor import Tensor
 
-_grad_enabled = True
+_grad_mode = threading.local()  # per thread, like PyTorch's: a server's sampling threads
+# each enter and leave no_grad on their own; a global flag would let one thread's exit switch
+# recording back on under another thread still inside its block.
+_forward_mode = threading.local()  # .tangents inside tensorlite.jvp: {id(t): (t, tangent)}
 _profile = None  # set by tensorlite.profiler.profile(): {(op name, "forward"|"backward"): [calls, s]}
 
 
 def is_grad_enabled() -> bool:
-    return _grad_enabled
+    """Whether ops in this thread record the graph (True unless inside no_grad)."""
+    return getattr(_grad_mode, "enabled", True)
 
 
 @contextlib.contextmanager
 def no_grad() -> Iterator[None]:
-    """Inside this block ops record no graph: results never require grad."""
-    global _grad_enabled
-    previous, _grad_enabled = _grad_enabled, False
+    """Inside this block ops record no graph: results never require grad (in this thread)."""
+    with _recording(False):
+        yield
+
+
+@contextlib.contextmanager
+def _recording(enabled: bool) -> Iterator[None]:
+    previous, _grad_mode.enabled = is_grad_enabled(), enabled
     try:
         yield
     finally:
-        _grad_enabled = previous
+        _grad_mode.enabled = previous
 
 
 def _record(op: str, phase: str, seconds: float) -> None:
@@ -44,7 +55,8 @@ def unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
     """Sum `grad` back down to `shape`: the one broadcasting rule every binary op uses.
 
     Broadcasting copies an input along new leading axes and along its size-1 axes, so the
-    gradient of that input is the sum over exactly those axes.
+    gradient of that input is the sum over exactly those axes. Works on ndarrays (backward)
+    and on Tensors (backward_graph: then the sum is recorded and can be differentiated).
     """
     if grad.shape == shape:
         return grad
@@ -62,8 +74,15 @@ class Function:
 
         forward(self, *arrays, **options) -> ndarray   # save what backward needs on self
         backward(self, dout) -> one gradient per input  # ndarray, or None for "no gradient"
+        backward_graph(self, dout) -> the same gradients, computed with Tensor ops from
+            `self.parents` (the input Tensors) and a Tensor dout, so that they are recorded
+            and can be differentiated again (create_graph=True: gradients of gradients)
+        jvp(self, *tangents) -> d(out) for these input tangents (forward mode; ndarrays,
+            one per input Tensor, zeros for inputs without one)
 
-    `apply` wraps the arrays in and out of Tensors and records the graph.
+    `apply` wraps the arrays in and out of Tensors and records the graph.  Training only
+    ever calls forward and backward: the other two serve `grad(create_graph=True)`, `hvp`
+    and `jvp`.
     """
 
     parents: tuple = ()
@@ -80,11 +99,15 @@ class Function:
             t0 = time.perf_counter()
             data = fn.forward(*(t.data for t in tensors), **options)
             _record(cls.__name__, "forward", time.perf_counter() - t0)
-        needs_grad = _grad_enabled and any(t.requires_grad for t in tensors)
+        needs_grad = is_grad_enabled() and any(t.requires_grad for t in tensors)
         out = Tensor(data, requires_grad=needs_grad)
         if needs_grad:
             fn.parents = tensors
+            fn.versions = tuple(t._version for t in tensors)  # checked again by backward
             out._ctx = fn
+        tangents = getattr(_forward_mode, "tangents", None)
+        if tangents is not None:  # inside tensorlite.jvp: push the tangents forward too
+            _push_tangents(tangents, fn, tensors, out)
         return out
 
     def forward(self, *arrays, **options):  # pragma: no cover - abstract
@@ -92,6 +115,17 @@ class Function:
 
     def backward(self, dout):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def backward_graph(self, dout):
+        raise NotImplementedError(
+            f"{type(self).__name__} has no backward_graph (its backward written with Tensor "
+            "ops), so it cannot be differentiated twice (create_graph=True, hvp)"
+        )
+
+    def jvp(self, *tangents):
+        raise NotImplementedError(
+            f"{type(self).__name__} has no jvp rule, so it cannot run in forward mode (jvp)"
+        )
 
     def needs(self, i: int) -> bool:
         """Does input i want a gradient? (Skip work for inputs that don't.)"""
@@ -105,13 +139,14 @@ class Function:
         self.released = True
 
 
-def topological_order(root: Tensor) -> list:
-    """Nodes that lead to `root` and require grad, each after all of its inputs.
+def topological_order(root) -> list:
+    """Nodes that lead to `root` (a Tensor, or a list of them) and require grad, each after
+    all of its inputs.
 
     Iterative depth-first search (no recursion limit: a 10,000-op chain works).
     """
     order, visited = [], set()
-    stack = [(root, False)]
+    stack = [(r, False) for r in reversed(root if isinstance(root, (list, tuple)) else [root])]
     while stack:
         node, expanded = stack.pop()
         if expanded:
@@ -128,23 +163,43 @@ def topological_order(root: Tensor) -> list:
     return order
 
 
-def backward(root: Tensor, grad: np.ndarray) -> None:
-    """Reverse-mode autodiff from `root`, seeded with `grad` (dL/droot).
+def backward(root, grad, create_graph: bool = False, collect: dict | None = None) -> None:
+    """Reverse-mode autodiff from `root` (a Tensor or a list), seeded with `grad` (dL/droot,
+    one per root).
 
     Walk the graph from the output back to the leaves. Each node's gradient is complete
     by the time we reach it (topological order), so we hand it to the node's Function,
     which returns one gradient per input; those are summed into the inputs' slots.
-    Leaves (tensors the user made with requires_grad=True) keep theirs in `.grad`.
+    Leaves (tensors the user made with requires_grad=True) keep theirs in `.grad`; or, when
+    `collect` ({id(tensor): None}) is given, the wanted tensors' gradients are put there
+    instead and no `.grad` is touched (that is `tensorlite.grad`).
+
+    create_graph=False (training): gradients are ndarrays, each Function's `backward` runs,
+    buffers are added into in place and released as soon as they are used.
+    create_graph=True: gradients are Tensors, each Function's `backward_graph` runs (Tensor
+    ops, recorded like any others), and the graph is kept, since the new one refers to it.
     """
-    order = topological_order(root)
-    grads = {id(root): grad}  # id(tensor) -> gradient so far
-    owned = set()  # ids whose gradient buffer is ours to add into in place
+    if create_graph and not is_grad_enabled():  # the backward pass must be recorded
+        with _recording(True):
+            return backward(root, grad, create_graph, collect)
+    roots, seeds = (root, grad) if isinstance(root, (list, tuple)) else ([root], [grad])
+    order = topological_order(roots)
+    if collect is not None:
+        order = _leading_to(order, collect)
+    grads, owned = {}, set()  # id(tensor) -> gradient so far; ids whose buffer is ours
+    for r, seed in zip(roots, seeds):
+        grads[id(r)] = seed if id(r) not in grads else grads[id(r)] + seed
     for node in reversed(order):
         dout = grads.pop(id(node), None)
         is_owned = id(node) in owned
         owned.discard(id(node))
         fn = node._ctx
-        if fn is None or node._retain_grad:
+        if collect is not None:
+            if id(node) in collect and dout is not None:
+                collect[id(node)] = dout if create_graph else np.array(dout, copy=True)
+        elif fn is None or node._retain_grad:
+            if create_graph and dout is not None:
+                dout, is_owned = dout.data, False  # .grad stays an ndarray
             _accumulate_into_leaf(node, dout, is_owned and fn is None)
         if fn is None or dout is None:
             continue
@@ -153,11 +208,13 @@ def backward(root: Tensor, grad: np.ndarray) -> None:
                 "backward() through a graph that was already freed: call backward() once "
                 "per forward pass (intermediate buffers are released after backward)"
             )
+        check_unchanged(node, fn)
+        step = fn.backward_graph if create_graph else fn.backward
         if _profile is None:
-            input_grads = fn.backward(dout)
+            input_grads = step(dout)
         else:
             t0 = time.perf_counter()
-            input_grads = fn.backward(dout)
+            input_grads = step(dout)
             _record(type(fn).__name__, "backward", time.perf_counter() - t0)
         if not isinstance(input_grads, tuple):
             input_grads = (input_grads,)
@@ -167,14 +224,39 @@ def backward(root: Tensor, grad: np.ndarray) -> None:
             key = id(parent)
             if key not in grads:
                 grads[key] = g
-                if g is not dout and g.base is None and g.flags.writeable:
+                if not create_graph and g is not dout and g.base is None and g.flags.writeable:
                     owned.add(key)
             elif key in owned:
                 grads[key] += g  # in place: no new buffer
             else:
                 grads[key] = grads[key] + g
                 owned.add(key)
-        fn.release()
+        if not create_graph:
+            fn.release()
+
+
+def _leading_to(order: list, wanted: dict) -> list:
+    """The nodes of `order` (topological) from which some wanted tensor can be reached:
+    backward needs to visit only those."""
+    keep = set(wanted)
+    for node in order:
+        if node._ctx is not None and any(id(p) in keep for p in node._ctx.parents):
+            keep.add(id(node))
+    return [node for node in order if id(node) in keep]
+
+
+def check_unchanged(node: Tensor, fn: Function) -> None:
+    """Refuse to differentiate `fn` if its output or an input had `.data` assigned since the
+    forward pass: the arrays it saved would no longer be the ones it computed with."""
+    saved = ((node, 0, "output"),) + tuple(
+        (t, v, f"input {i}") for i, (t, v) in enumerate(zip(fn.parents, fn.versions)))
+    for t, version, role in saved:
+        if t._version != version:
+            label = repr(t.name) if t.name else f"of shape {t.shape}"
+            raise RuntimeError(
+                f"backward through {type(fn).__name__}: its {role}, the tensor {label}, was "
+                f"changed in place after the forward pass (version {t._version}, saved at "
+                f"{version}); redo the forward pass after changing .data, or change a copy")
 
 
 def _accumulate_into_leaf(node: Tensor, g, owned: bool = False) -> None:
@@ -190,3 +272,120 @@ def _accumulate_into_leaf(node: Tensor, g, owned: bool = False) -> None:
             node.grad = np.array(g, dtype=node.data.dtype, copy=True)
     else:
         node.grad += g  # .grad accumulates across backward calls (PyTorch's rule)
+
+
+# ---- gradients of gradients, forward mode, Hessian-vector products --------------------------
+def grad(outputs, inputs, grad_outputs=None, create_graph: bool = False) -> tuple:
+    """The gradients of `outputs` (a Tensor or a sequence) with respect to `inputs` (a
+    sequence of Tensors), seeded with `grad_outputs` (default: 1 for a scalar output).
+
+    Returns a tuple of Tensors, one per input (zeros where the outputs do not depend on it),
+    and leaves every `.grad` alone. With create_graph=True the returned Tensors carry a graph
+    of their own, so `grad` can be applied to them again, to any order.
+    """
+    from .tensor import Tensor, _to_array
+
+    if isinstance(outputs, Tensor):
+        outputs, grad_outputs = [outputs], [grad_outputs]
+    else:
+        outputs = list(outputs)
+        grad_outputs = [None] * len(outputs) if grad_outputs is None else list(grad_outputs)
+        if len(grad_outputs) != len(outputs):
+            raise ValueError(f"grad: {len(outputs)} outputs but {len(grad_outputs)} grad_outputs")
+    inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+    for i, t in enumerate(inputs):
+        if not isinstance(t, Tensor) or not t.requires_grad:
+            raise ValueError(f"grad: input {i} is not a Tensor with requires_grad=True")
+    seeds = []
+    for i, (out, g) in enumerate(zip(outputs, grad_outputs)):
+        if g is None:
+            if out.size != 1:
+                raise RuntimeError(
+                    f"grad: output {i} has shape {out.shape}; pass grad_outputs (one per output)"
+                    " or reduce it to a scalar first"
+                )
+            g = np.ones_like(out.data)
+        elif np.shape(_to_array(g)) != out.shape:
+            raise ValueError(f"grad: grad_outputs[{i}] has shape {np.shape(g)}, output {out.shape}")
+        if create_graph:
+            seeds.append(g if isinstance(g, Tensor) else Tensor(_to_array(g).astype(out.dtype)))
+        else:
+            seeds.append(_to_array(g).astype(out.dtype, copy=False))
+    collect = {id(t): None for t in inputs}
+    # outputs that depend on nothing that requires grad contribute nothing
+    live = [(out, s) for out, s in zip(outputs, seeds) if out.requires_grad or id(out) in collect]
+    if live:
+        backward([out for out, _ in live], [s for _, s in live], create_graph, collect)
+    result = []
+    for t in inputs:
+        g = collect[id(t)]
+        if g is None:
+            g = np.zeros_like(t.data)
+        result.append(g if isinstance(g, Tensor) else Tensor(g))
+    return tuple(result)
+
+
+def _push_tangents(table: dict, fn: Function, inputs: tuple, out: Tensor) -> None:
+    """Forward mode, one op: out's tangent from its inputs' tangents (fn.jvp)."""
+    tangents = [table.get(id(t)) for t in inputs]
+    if all(t is None for t in tangents):
+        return
+    tangents = [np.zeros_like(t.data) if tan is None else tan[1] for t, tan in zip(inputs, tangents)]
+    tangent = fn.jvp(*tangents)
+    table[id(out)] = (out, np.asarray(tangent, dtype=out.dtype))
+
+
+def jvp(fn, primals, tangents) -> tuple:
+    """Forward mode: run `fn(*primals)` and push `tangents` (one per primal, same shapes)
+    through every op with its `jvp` rule.
+
+    Returns `(outputs, tangent_outputs)`: fn's output (a Tensor or a tuple of them) and the
+    directional derivative J(primals) @ tangents in the same structure, as Tensors.
+    Primals that are Tensors keep their requires_grad, so `fn` may itself call `grad`
+    (forward-over-reverse); tangents are plain values (no graph through them).
+    """
+    from .tensor import Tensor, _to_array
+
+    if getattr(_forward_mode, "tangents", None) is not None:
+        raise RuntimeError("jvp inside jvp (forward over forward) is not supported")
+    if len(primals) != len(tangents):
+        raise ValueError(f"jvp: {len(primals)} primals but {len(tangents)} tangents")
+    xs, table = [], {}
+    for i, (p, v) in enumerate(zip(primals, tangents)):
+        x = Tensor(p.data, requires_grad=p.requires_grad) if isinstance(p, Tensor) else Tensor(p)
+        v = np.asarray(_to_array(v), dtype=x.dtype)
+        if v.shape != x.shape:
+            raise ValueError(f"jvp: tangent {i} has shape {v.shape}, primal {x.shape}")
+        table[id(x)] = (x, v)
+        xs.append(x)
+    _forward_mode.tangents = table
+    try:
+        out = fn(*xs)
+    finally:
+        _forward_mode.tangents = None
+    outs = [out] if isinstance(out, Tensor) else list(out)
+    tangent_outs = tuple(
+        Tensor(table[id(o)][1] if id(o) in table else np.zeros_like(o.data)) for o in outs
+    )
+    return out, (tangent_outs[0] if isinstance(out, Tensor) else tangent_outs)
+
+
+def hvp(fn, inputs, vectors) -> tuple:
+    """Hessian-vector products of a scalar `fn`: H(inputs) @ vectors, one Tensor per input.
+
+    Reverse over reverse: g = grad(fn(x), x, create_graph=True), then the gradient of
+    <g, v> (v held constant) is H v.
+    """
+    from .tensor import Tensor, _to_array
+
+    single = isinstance(inputs, Tensor)
+    inputs, vectors = ([inputs], [vectors]) if single else (list(inputs), list(vectors))
+    if len(inputs) != len(vectors):
+        raise ValueError(f"hvp: {len(inputs)} inputs but {len(vectors)} vectors")
+    xs = [Tensor(_to_array(x), requires_grad=True) for x in inputs]
+    y = fn(*xs)
+    if not isinstance(y, Tensor) or y.size != 1:
+        raise ValueError(f"hvp: fn must return a scalar Tensor, got shape {np.shape(y)}")
+    gs = grad(y, xs, create_graph=True)
+    dot = sum((g * Tensor(np.asarray(_to_array(v), dtype=g.dtype))).sum() for g, v in zip(gs, vectors))
+    return grad(dot, xs)

@@ -3,6 +3,10 @@ hand-derived backward (llm.c style) instead of a chain of primitives. That saves
 intermediate buffers and the per-op overhead. Each is tested against the same function
 composed from primitive ops (tests/tensorlite/test_functional.py). Each docstring gives
 the result; docs/derivations.md derives each one step by step, with what forward saves.
+
+Training runs only forward/backward. `backward_graph` (gradients of gradients) writes the
+same gradient with Tensor ops, recomputing what it needs from the inputs (a softmax by the
+fused Softmax, RMSNorm's r from primitives); `jvp` is the forward-mode derivative.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import numpy as np
 
 from . import kernels
 from .autograd import Function, unbroadcast
+from .ops import ScatterAdd
 from .tensor import Tensor, as_tensor
 
 
@@ -49,6 +54,14 @@ class Softmax(Function):
         y = self.y
         return y * (dout - (dout * y).sum(axis=self.axis, keepdims=True))
 
+    def backward_graph(self, dout):
+        y = Softmax.apply(self.parents[0], axis=self.axis)
+        return y * (dout - (dout * y).sum(axis=self.axis, keepdims=True))
+
+    def jvp(self, dx):  # the Jacobian is symmetric, so J dx has the same form
+        y = self.y
+        return y * (dx - (dx * y).sum(axis=self.axis, keepdims=True))
+
 
 class LogSoftmax(Function):
     """y = x - log(sum(exp(x))) along axis (the max is subtracted first, for stability).
@@ -62,6 +75,13 @@ class LogSoftmax(Function):
 
     def backward(self, dout):
         return dout - kernels.exp(self.y) * dout.sum(axis=self.axis, keepdims=True)
+
+    def backward_graph(self, dout):
+        p = Softmax.apply(self.parents[0], axis=self.axis)
+        return dout - p * dout.sum(axis=self.axis, keepdims=True)
+
+    def jvp(self, dx):  # dy = dx - sum(softmax(x) * dx)
+        return dx - (np.exp(self.y) * dx).sum(axis=self.axis, keepdims=True)
 
 
 class CrossEntropy(Function):
@@ -92,6 +112,16 @@ class CrossEntropy(Function):
         dlogits *= dout / dlogits.dtype.type(len(self.rows))
         return dlogits
 
+    def backward_graph(self, dout):
+        (logits,) = self.parents
+        onehot = np.zeros(logits.shape, dtype=logits.dtype)
+        onehot[self.rows, self.targets] = 1
+        return (Softmax.apply(logits, axis=1) - onehot) * (dout / len(self.rows))
+
+    def jvp(self, dlogits):  # mean_n( sum_v softmax * dlogits - dlogits[n, target_n] )
+        picked = dlogits[self.rows, self.targets]
+        return ((self.probs * dlogits).sum() - picked.sum()) / len(self.rows)
+
 
 class RMSNorm(Function):
     """y = x * r * w,  r = 1 / sqrt(mean(x**2) + eps) over the last axis (C features).
@@ -106,7 +136,7 @@ class RMSNorm(Function):
         ms = kernels.sum_of_products(x, x)[..., None] / x.dtype.type(c)  # mean(x**2), (..., 1)
         self.r = 1.0 / np.sqrt(ms + x.dtype.type(eps))  # (..., 1)
         self.xhat = x * self.r
-        self.weight = weight
+        self.weight, self.eps = weight, eps
         return self.xhat if weight is None else self.xhat * weight
 
     def backward(self, dout):
@@ -121,6 +151,21 @@ class RMSNorm(Function):
             return dx
         dw = (dout.reshape(-1, c) * xhat.reshape(-1, c)).sum(axis=0)
         return dx, dw
+
+    def backward_graph(self, dout):
+        x, w = self.parents[0], self.parents[1] if len(self.parents) > 1 else None
+        r = ((x * x).mean(axis=-1, keepdims=True) + self.eps) ** -0.5  # (..., 1)
+        xhat = x * r
+        dxhat = dout if w is None else dout * w
+        dx = r * (dxhat - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+        if w is None:
+            return dx
+        return dx, (dout * xhat).reshape(-1, x.shape[-1]).sum(axis=0)
+
+    def jvp(self, dx, dw=None):  # d(xhat) = r * (dx - xhat * mean(xhat * dx))
+        xhat, w = self.xhat, self.weight
+        dxhat = self.r * (dx - xhat * (xhat * dx).mean(axis=-1, keepdims=True))
+        return dxhat if w is None else dxhat * w + xhat * dw
 
 
 class Embedding(Function):
@@ -142,6 +187,12 @@ class Embedding(Function):
         dweight = np.zeros(self.weight_shape, dtype=self.dtype)
         kernels.scatter_add_rows(dweight, self.indices.ravel(), dout.reshape(-1, self.weight_shape[1]))
         return dweight
+
+    def backward_graph(self, dout):
+        return ScatterAdd.apply(dout, index=self.indices, shape=self.weight_shape)
+
+    def jvp(self, dweight):
+        return dweight[self.indices]
 
 
 class ScaledDotProductAttention(Function):
@@ -174,7 +225,7 @@ class ScaledDotProductAttention(Function):
         if causal:
             st += _causal_bias(*st.shape[-1:-3:-1], st.dtype).T  # -inf where key j is future
         self.pt = _softmax(st, -2, inplace=True)  # P^T, (..., Tk, Tq)
-        self.q, self.k, self.v = q, k, v
+        self.q, self.k, self.v, self.causal = q, k, v, causal
         return np.swapaxes(self.pt, -1, -2) @ v  # P v, (..., Tq, hv)
 
     def backward(self, dout):
@@ -190,6 +241,25 @@ class ScaledDotProductAttention(Function):
         # batch dims that were broadcast (k, v shared across a batch, say) are summed back
         return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
 
+    def backward_graph(self, dout):
+        q, k, v = self.parents
+        s = float(self.scale)
+        scores = (q @ k.swapaxes(-1, -2)) * s  # (..., Tq, Tk), not transposed here
+        if self.causal:
+            scores = scores + _causal_bias(q.shape[-2], k.shape[-2], scores.dtype)
+        p = Softmax.apply(scores, axis=-1)  # P, (..., Tq, Tk)
+        dv = p.swapaxes(-1, -2) @ dout  # (..., Tk, hv)
+        dp = dout @ v.swapaxes(-1, -2)  # (..., Tq, Tk)
+        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * s
+        dq, dk = ds @ k, ds.swapaxes(-1, -2) @ q
+        return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+
+    def jvp(self, dq, dk, dv):  # dS -> dP by the softmax JVP, then d(P v) = dP v + P dv
+        p = np.swapaxes(self.pt, -1, -2)  # P, (..., Tq, Tk)
+        ds = (dq @ np.swapaxes(self.k, -1, -2) + self.q @ np.swapaxes(dk, -1, -2)) * self.scale
+        dp = p * (ds - (ds * p).sum(axis=-1, keepdims=True))
+        return dp @ self.v + p @ dv
+
 
 class ReluSquared(Function):
     """y = relu(x)**2.  dx = dout * 2 * relu(x)"""
@@ -200,6 +270,12 @@ class ReluSquared(Function):
 
     def backward(self, dout):
         return kernels.relu_squared_backward(dout, self.x)
+
+    def backward_graph(self, dout):
+        return dout * self.parents[0].relu() * 2.0
+
+    def jvp(self, dx):
+        return dx * np.maximum(self.x, 0) * 2
 
 
 class Dropout(Function):
@@ -212,6 +288,11 @@ class Dropout(Function):
 
     def backward(self, dout):
         return dout * self.mask
+
+    backward_graph = backward  # the mask is a constant
+
+    def jvp(self, dx):
+        return dx * self.mask
 
 
 def _integer_array(x, what: str) -> np.ndarray:

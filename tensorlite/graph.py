@@ -90,6 +90,9 @@ def to_dot(t: Tensor) -> str:
     return "\n".join(lines) + "\n"
 
 
+MAX_DEPTH = 16  # show_graph indents at most this many levels; deeper inputs start a new tree
+
+
 def show_graph(t: Tensor, file=None) -> str:
     """Print (to `file`, default stdout) and return a text tree of the graph that produced `t`.
 
@@ -101,24 +104,40 @@ def show_graph(t: Tensor, file=None) -> str:
         └── #1 <- Mul  shape (3,) float32
             ├── #2 leaf  'x'  shape (3,) float32
             └── #2 (see above)
+
+    Indentation stops at MAX_DEPTH levels: a tensor deeper than that is mentioned as
+    `#k (continued below)` and drawn later as the root of its own tree. So every line is at
+    most MAX_DEPTH indents wide and the text grows linearly with the graph (a 10,000-op chain
+    is a few MB, not the 400 MB a fully indented tree would need).
     """
     number: dict[int, int] = {}
+    drawn: set[int] = set()
     lines = []
-    stack = [(t, "", "")]  # (tensor, prefix of its line, prefix of its children's lines)
-    while stack:
-        x, head, tail = stack.pop()
-        if id(x) in number:
-            lines.append(f"{head}#{number[id(x)]} (see above)")
-            continue
-        number[id(x)] = len(number)
-        kind = _kind(x)
-        made = f"<- {kind}" if x._ctx is not None else kind
-        lines.append(f"{head}#{number[id(x)]} {made}  " + "  ".join(_describe(x)))
-        parents = x._ctx.parents if x._ctx is not None else ()
-        for i in reversed(range(len(parents))):  # pushed last-first, so popped in order
-            last = i == len(parents) - 1
-            branch, indent = ("└── ", "    ") if last else ("├── ", "│   ")
-            stack.append((parents[i], tail + branch, tail + indent))
+    roots = [t]  # trees still to draw, in order
+    while roots:
+        root = roots.pop(0)
+        if id(root) in drawn:
+            continue  # reached at a shallower depth after being deferred
+        stack = [(root, "", "", 0)]  # (tensor, prefix of its line, of its children's, depth)
+        while stack:
+            x, head, tail, depth = stack.pop()
+            k = number.setdefault(id(x), len(number))
+            if id(x) in drawn:
+                lines.append(f"{head}#{k} (see above)")
+                continue
+            if depth > MAX_DEPTH and x._ctx is not None:  # leaves end a branch: drawn here
+                lines.append(f"{head}#{k} (continued below)")
+                roots.append(x)
+                continue
+            drawn.add(id(x))
+            kind = _kind(x)
+            made = f"<- {kind}" if x._ctx is not None else kind
+            lines.append(f"{head}#{k} {made}  " + "  ".join(_describe(x)))
+            parents = x._ctx.parents if x._ctx is not None else ()
+            for i in reversed(range(len(parents))):  # pushed last-first, so popped in order
+                last = i == len(parents) - 1
+                branch, indent = ("└── ", "    ") if last else ("├── ", "│   ")
+                stack.append((parents[i], tail + branch, tail + indent, depth + 1))
     text = "\n".join(lines)
     print(text, file=file)
     return text

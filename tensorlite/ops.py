@@ -2,9 +2,15 @@
 (forward, then each input's gradient), `forward` takes and returns plain ndarrays and
 saves what `backward` needs, `backward(dout)` returns one gradient per input.
 Binary ops reduce broadcast gradients with the shared `unbroadcast`.
+
+Below backward, two more rules (docs/higher-order.md): `backward_graph(dout)`, the same
+gradient written with Tensor ops on `self.parents` so it can be differentiated again, and
+`jvp(*tangents)`, the forward-mode derivative: d(out) for the inputs' tangents d(x), d(y).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
@@ -35,6 +41,11 @@ class Add(Function):
     def backward(self, dout):
         return unbroadcast(dout, self.x_shape), unbroadcast(dout, self.y_shape)
 
+    backward_graph = backward  # unbroadcast works on Tensors too
+
+    def jvp(self, dx, dy):
+        return dx + dy
+
 
 class Sub(Function):
     """out = x - y.  dx = dout,  dy = -dout"""
@@ -46,6 +57,11 @@ class Sub(Function):
 
     def backward(self, dout):
         return unbroadcast(dout, self.x_shape), unbroadcast(-dout, self.y_shape)
+
+    backward_graph = backward
+
+    def jvp(self, dx, dy):
+        return dx - dy
 
 
 class Mul(Function):
@@ -62,6 +78,13 @@ class Mul(Function):
         dy = unbroadcast(dout * x, y.shape) if self.needs(1) else None
         return dx, dy
 
+    def backward_graph(self, dout):
+        x, y = self.parents
+        return unbroadcast(dout * y, x.shape), unbroadcast(dout * x, y.shape)
+
+    def jvp(self, dx, dy):
+        return dx * self.y + self.x * dy
+
 
 class Div(Function):
     """out = x / y.  dx = dout / y,  dy = -dout * x / y**2"""
@@ -77,6 +100,14 @@ class Div(Function):
         dy = unbroadcast(-dx * x / y, y.shape) if self.needs(1) else None
         return unbroadcast(dx, x.shape), dy
 
+    def backward_graph(self, dout):
+        x, y = self.parents
+        dx = dout / y
+        return unbroadcast(dx, x.shape), unbroadcast(-dx * x / y, y.shape)
+
+    def jvp(self, dx, dy):
+        return (dx - self.x / self.y * dy) / self.y
+
 
 class Neg(Function):
     """out = -x.  dx = -dout"""
@@ -86,6 +117,11 @@ class Neg(Function):
 
     def backward(self, dout):
         return -dout
+
+    backward_graph = backward
+
+    def jvp(self, dx):
+        return -dx
 
 
 class Pow(Function):
@@ -104,6 +140,13 @@ class Pow(Function):
         if p == 2:
             return dout * (x + x)
         return dout * (x.dtype.type(p) * x ** x.dtype.type(p - 1))
+
+    def backward_graph(self, dout):
+        (x,), p = self.parents, self.p
+        return dout * 0.0 if p == 0 else dout * (x ** (p - 1) * p)
+
+    def jvp(self, dx):
+        return self.backward(dx)  # elementwise: the JVP is the same product
 
 
 class MatMul(Function):
@@ -149,6 +192,21 @@ class MatMul(Function):
             dy = dy.reshape(y.shape)
         return dx, dy
 
+    def backward_graph(self, dout):
+        x, y = self.parents
+        x2 = x.reshape(1, -1) if x.ndim == 1 else x  # (1, k) row
+        y2 = y.reshape(-1, 1) if y.ndim == 1 else y  # (k, 1) column
+        if y.ndim == 1:
+            dout = dout.reshape(dout.shape + (1,))
+        if x.ndim == 1:
+            dout = dout.reshape(dout.shape[:-1] + (1,) + dout.shape[-1:])
+        dx = unbroadcast(dout @ y2.swapaxes(-1, -2), x2.shape).reshape(x.shape)
+        dy = unbroadcast(x2.swapaxes(-1, -2) @ dout, y2.shape).reshape(y.shape)
+        return dx, dy
+
+    def jvp(self, dx, dy):
+        return np.matmul(dx, self.y) + np.matmul(self.x, dy)
+
 
 # ---- elementwise functions ------------------------------------------------------------------
 class Exp(Function):
@@ -161,6 +219,11 @@ class Exp(Function):
     def backward(self, dout):
         return dout * self.out
 
+    def backward_graph(self, dout):
+        return dout * self.parents[0].exp()
+
+    jvp = backward  # elementwise: d(out) = dx * out as well
+
 
 class Log(Function):
     """out = log(x).  dx = dout / x"""
@@ -171,6 +234,11 @@ class Log(Function):
 
     def backward(self, dout):
         return dout / self.x
+
+    def backward_graph(self, dout):
+        return dout / self.parents[0]
+
+    jvp = backward
 
 
 class Sqrt(Function):
@@ -183,6 +251,11 @@ class Sqrt(Function):
     def backward(self, dout):
         return dout / (self.out + self.out)
 
+    def backward_graph(self, dout):
+        return dout / (self.parents[0].sqrt() * 2.0)
+
+    jvp = backward
+
 
 class Tanh(Function):
     """out = tanh(x).  dx = dout * (1 - out**2)"""
@@ -193,6 +266,13 @@ class Tanh(Function):
 
     def backward(self, dout):
         return kernels.tanh_backward(dout, self.out)
+
+    def backward_graph(self, dout):
+        out = self.parents[0].tanh()
+        return dout * (1.0 - out * out)
+
+    def jvp(self, dx):
+        return dx * (1 - self.out * self.out)
 
 
 class Sigmoid(Function):
@@ -205,6 +285,13 @@ class Sigmoid(Function):
     def backward(self, dout):
         return kernels.sigmoid_backward(dout, self.out)
 
+    def backward_graph(self, dout):
+        out = self.parents[0].sigmoid()
+        return dout * out * (1.0 - out)
+
+    def jvp(self, dx):
+        return dx * self.out * (1 - self.out)
+
 
 class Relu(Function):
     """out = max(x, 0).  dx = dout where x > 0, else 0"""
@@ -215,6 +302,11 @@ class Relu(Function):
 
     def backward(self, dout):
         return dout * (self.x > 0)
+
+    def backward_graph(self, dout):
+        return dout * (self.parents[0].data > 0)  # the mask is a constant: relu'' = 0
+
+    jvp = backward
 
 
 # ---- reductions ------------------------------------------------------------------------------
@@ -238,6 +330,13 @@ def _expand_to(dout: np.ndarray, axes: tuple, keepdims: bool, shape: tuple) -> n
     return np.broadcast_to(dout, shape)
 
 
+def _expand_graph(dout, axes: tuple, keepdims: bool, shape: tuple):
+    """`_expand_to` with Tensor ops (Reshape, then BroadcastTo), for backward_graph."""
+    if not keepdims and shape:
+        dout = dout.reshape(tuple(1 if i in axes else n for i, n in enumerate(shape)))
+    return dout.broadcast_to(shape)
+
+
 class Sum(Function):
     """out = sum of x over axes.  dx = dout copied back along the summed axes"""
 
@@ -248,6 +347,12 @@ class Sum(Function):
 
     def backward(self, dout):
         return _expand_to(dout, self.axes, self.keepdims, self.x_shape)
+
+    def backward_graph(self, dout):
+        return _expand_graph(dout, self.axes, self.keepdims, self.x_shape)
+
+    def jvp(self, dx):
+        return np.sum(dx, axis=self.axes, keepdims=self.keepdims)
 
 
 class Mean(Function):
@@ -261,6 +366,12 @@ class Mean(Function):
 
     def backward(self, dout):
         return _expand_to(dout / dout.dtype.type(self.n), self.axes, self.keepdims, self.x_shape)
+
+    def backward_graph(self, dout):
+        return _expand_graph(dout / self.n, self.axes, self.keepdims, self.x_shape)
+
+    def jvp(self, dx):
+        return np.mean(dx, axis=self.axes, keepdims=self.keepdims)
 
 
 class Max(Function):
@@ -280,13 +391,24 @@ class Max(Function):
         share = _expand_to(dout, self.axes, self.keepdims, self.out.shape) / count
         return (is_max * share).astype(dout.dtype, copy=False)
 
+    def _weights(self) -> np.ndarray:
+        """1/count at the maxima, 0 elsewhere (a constant: the derivative of max picks)."""
+        is_max = self.x == self.out
+        return (is_max / is_max.sum(axis=self.axes, keepdims=True)).astype(self.x.dtype)
+
+    def backward_graph(self, dout):
+        return dout.reshape(self.out.shape) * self._weights()
+
+    def jvp(self, dx):
+        return (dx * self._weights()).sum(axis=self.axes, keepdims=self.keepdims)
+
 
 # ---- shape and indexing ----------------------------------------------------------------------
 class Reshape(Function):
     """out = x viewed with a new shape.  dx = dout viewed with x's shape"""
 
     def forward(self, x, shape):
-        self.x_shape = x.shape
+        self.x_shape, self.shape = x.shape, shape
         try:
             return x.reshape(shape)
         except ValueError:
@@ -294,6 +416,11 @@ class Reshape(Function):
 
     def backward(self, dout):
         return dout.reshape(self.x_shape)
+
+    backward_graph = backward
+
+    def jvp(self, dx):
+        return dx.reshape(self.shape)
 
 
 class Transpose(Function):
@@ -307,6 +434,32 @@ class Transpose(Function):
 
     def backward(self, dout):
         return np.transpose(dout, np.argsort([a % dout.ndim for a in self.axes]))
+
+    def backward_graph(self, dout):
+        return dout.transpose(tuple(np.argsort([a % dout.ndim for a in self.axes])))
+
+    def jvp(self, dx):
+        return np.transpose(dx, self.axes)
+
+
+class BroadcastTo(Function):
+    """out = x copied along new leading axes and along its size-1 axes, up to `shape`.
+    dx = unbroadcast(dout, x.shape)"""
+
+    def forward(self, x, shape):
+        self.x_shape, self.shape = x.shape, shape
+        try:
+            return np.broadcast_to(x, shape)
+        except ValueError:
+            raise _shape_error("broadcast_to", x.shape, shape) from None
+
+    def backward(self, dout):
+        return unbroadcast(dout, self.x_shape)
+
+    backward_graph = backward
+
+    def jvp(self, dx):
+        return np.broadcast_to(dx, self.shape)
 
 
 def _is_basic_index(index) -> bool:
@@ -333,12 +486,39 @@ class GetItem(Function):
             raise IndexError(f"index into a tensor of shape {x.shape}: {e}") from None
 
     def backward(self, dout):
-        dx = np.zeros(self.x_shape, dtype=self.dtype)
-        if _is_basic_index(self.index):
-            dx[self.index] = dout
-        else:
-            np.add.at(dx, self.index, dout)
-        return dx
+        return _scatter_add(dout, self.index, self.x_shape)
+
+    def backward_graph(self, dout):
+        return ScatterAdd.apply(dout, index=self.index, shape=self.x_shape)
+
+    def jvp(self, dx):
+        return dx[self.index]
+
+
+def _scatter_add(x: np.ndarray, index, shape: tuple) -> np.ndarray:
+    out = np.zeros(shape, dtype=x.dtype)
+    if _is_basic_index(index):
+        out[index] = x
+    else:
+        np.add.at(out, index, x)
+    return out
+
+
+class ScatterAdd(Function):
+    """out = zeros(shape), then out[index] += x (an index picked twice gets both).
+    dx = dout[index]   (GetItem and ScatterAdd are each other's gradient)"""
+
+    def forward(self, x, index, shape):
+        self.index, self.shape = index, shape
+        return _scatter_add(x, index, shape)
+
+    def backward(self, dout):
+        return dout[self.index]
+
+    backward_graph = backward  # dout[index] on a Tensor is GetItem
+
+    def jvp(self, dx):
+        return _scatter_add(dx, self.index, self.shape)
 
 
 class Concatenate(Function):
@@ -357,6 +537,14 @@ class Concatenate(Function):
     def backward(self, dout):
         return tuple(np.split(dout, self.splits, axis=self.axis))
 
+    def backward_graph(self, dout):
+        bounds = [0, *self.splits, dout.shape[self.axis]]
+        lead = (slice(None),) * self.axis
+        return tuple(dout[lead + (slice(a, b),)] for a, b in itertools.pairwise(bounds))
+
+    def jvp(self, *dxs):
+        return np.concatenate(dxs, axis=self.axis)
+
 
 class Stack(Function):
     """out = [x0, x1, ...] stacked on a new axis.  dxi = dout taken at position i of it"""
@@ -372,6 +560,13 @@ class Stack(Function):
 
     def backward(self, dout):
         return tuple(np.moveaxis(dout, self.axis, 0))
+
+    def backward_graph(self, dout):
+        lead = (slice(None),) * self.axis
+        return tuple(dout[lead + (i,)] for i in range(dout.shape[self.axis]))
+
+    def jvp(self, *dxs):
+        return np.stack(dxs, axis=self.axis)
 
 
 class Where(Function):
@@ -390,3 +585,11 @@ class Where(Function):
         da = unbroadcast(np.where(self.cond, dout, zero), self.a_shape) if self.needs(0) else None
         db = unbroadcast(np.where(self.cond, zero, dout), self.b_shape) if self.needs(1) else None
         return da, db
+
+    def backward_graph(self, dout):
+        da = unbroadcast(Where.apply(dout, 0.0, cond=self.cond), self.a_shape)
+        db = unbroadcast(Where.apply(0.0, dout, cond=self.cond), self.b_shape)
+        return da, db
+
+    def jvp(self, da, db):
+        return np.where(self.cond, da, db)

@@ -1,6 +1,9 @@
 """`Tensor`: an ndarray plus the bookkeeping autograd needs (`grad`, `requires_grad`, and
 `_ctx`, the Function that produced it). Every operator is one explicit line that calls
 its op in ops.py, so "go to definition" lands on the math.
+
+`_version` counts assignments to `.data` (`t.data = a`, `t.data += d`, `t[i] = v`): an op
+records its inputs' versions, and backward refuses to use arrays that changed since then.
 """
 
 from __future__ import annotations
@@ -32,18 +35,39 @@ class Tensor:
     array([2., 4., 6.], dtype=float32)
     """
 
-    __slots__ = ("_ctx", "_retain_grad", "data", "grad", "name", "requires_grad")
+    __slots__ = ("_ctx", "_data", "_retain_grad", "_version", "grad", "name", "requires_grad")
     __array_priority__ = 100  # ndarray <op> Tensor defers to Tensor's reflected operator
 
     def __init__(self, data, requires_grad: bool = False, dtype=None, name: str | None = None):
-        self.data = _to_array(data, dtype)
-        if requires_grad and self.data.dtype.kind not in _FLOAT_KINDS:
-            raise TypeError(f"only float tensors can require grad, got dtype {self.data.dtype}")
+        if requires_grad and dtype is None:
+            given = np.asarray(data.data if isinstance(data, Tensor) else data).dtype
+            if given.kind not in _FLOAT_KINDS:  # casting 2**24 + 1 to float32 would lose it
+                raise TypeError(f"only float tensors can require grad, got {given} data: pass "
+                                "floats, or dtype=np.float64 to convert on purpose")
+        self._data = _to_array(data, dtype)
+        self._version = 0  # bumped by every assignment to .data (see the module docstring)
+        if requires_grad and self._data.dtype.kind not in _FLOAT_KINDS:
+            raise TypeError(f"only float tensors can require grad, got dtype {self._data.dtype}")
         self.grad = None
         self.requires_grad = bool(requires_grad)
         self._ctx = None  # the Function that made this tensor (None for leaves)
         self._retain_grad = False
         self.name = name
+
+    # ---- the array, and its version ------------------------------------------------------
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value) -> None:  # also runs for `t.data += d` (Python assigns the result)
+        self._data = value
+        self._version += 1
+
+    def __setitem__(self, index, value) -> None:
+        """In-place write `t[index] = value` (no gradient flows through it; bumps the version)."""
+        self._data[index] = _raw(value)
+        self._version += 1
 
     # ---- plain attributes -------------------------------------------------------------
     @property
@@ -91,8 +115,12 @@ class Tensor:
         return self
 
     # ---- autograd ------------------------------------------------------------------------
-    def backward(self, grad=None) -> None:
-        """Compute d(self)/d(leaf) for every leaf that requires grad; add it to leaf.grad."""
+    def backward(self, grad=None, create_graph: bool = False) -> None:
+        """Compute d(self)/d(leaf) for every leaf that requires grad; add it to leaf.grad.
+
+        create_graph=True records the backward pass itself as a graph (and keeps this one);
+        leaf.grad is still an ndarray. `tensorlite.grad` returns those gradients as Tensors.
+        """
         if not self.requires_grad:
             raise RuntimeError(
                 "backward() on a tensor that does not require grad: create the inputs with "
@@ -106,13 +134,18 @@ class Tensor:
                 )
             grad = np.ones_like(self.data)
         else:
+            seed = grad
             grad = _to_array(grad)
             if grad.shape != self.shape:
                 raise ValueError(
                     f"backward(grad): grad has shape {grad.shape}, tensor has shape {self.shape}"
                 )
             grad = grad.astype(self.dtype, copy=False)
-        autograd.backward(self, grad)
+            if create_graph and isinstance(seed, Tensor):
+                grad = seed  # the gradient flows on into a seed that requires grad
+        if create_graph and not isinstance(grad, Tensor):
+            grad = Tensor(grad)
+        autograd.backward(self, grad, create_graph)
 
     # ---- arithmetic: one line per operator --------------------------------------------
     def __add__(self, other):
@@ -213,6 +246,9 @@ class Tensor:
         axes = list(range(self.ndim))
         axes[axis1], axes[axis2] = axes[axis2], axes[axis1]
         return ops.Transpose.apply(self, axes=tuple(axes))
+
+    def broadcast_to(self, shape):
+        return ops.BroadcastTo.apply(self, shape=tuple(shape))
 
     @property
     def T(self):

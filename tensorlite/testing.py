@@ -1,6 +1,9 @@
 """Tools to verify an op's gradient the way tensorlite verifies its own: hypothesis
-strategies for float arrays, Tensors and broadcastable shape pairs, and
-`assert_gradients_match`, a float64 finite-difference check on a random cotangent.
+strategies for float arrays, Tensors and broadcastable shape pairs;
+`assert_gradients_match`, a float64 finite-difference check on a random cotangent;
+`check_grads`, the same for second derivatives and forward mode; and `check_vjp` /
+`check_jvp`, which verify the hand-written gradient of a plain NumPy function (no
+tensorlite needed) by letting hypothesis search shapes and values for a counterexample.
 
     from hypothesis import given
     from tensorlite.testing import tensors, assert_gradients_match
@@ -9,25 +12,27 @@ strategies for float arrays, Tensors and broadcastable shape pairs, and
     def test_my_op(x):
         assert_gradients_match(my_op, x)
 
-See docs/verifying-gradients.md for a worked example.
+See docs/verifying-gradients.md and docs/higher-order.md for worked examples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from .autograd import grad, jvp
 from .gradcheck import GradcheckError, gradcheck
-from .tensor import Tensor
+from .tensor import Tensor, concatenate
 
 __all__ = [
     "GradcheckError",
     "arrays",
     "assert_gradients_match",
     "broadcastable_shapes",
+    "check_grads",
     "shapes",
     "tensors",
 ]
@@ -84,15 +89,130 @@ def assert_gradients_match(
     `inputs` are Tensors or arrays (arrays become float64 Tensors with requires_grad=True).
     The check runs in float64, element by element, projected on a random cotangent.
     """
+    ts = _float64_copies(inputs)
+    before = [t.data.copy() for t in ts]
+    gradcheck(fn, ts, eps=eps, atol=atol, rtol=rtol, seed=seed)
+    _check_unchanged(ts, before)
+
+
+def _float64_copies(inputs) -> list:
+    """Private float64 copies of the inputs (the checks nudge them); arrays become Tensors
+    with requires_grad=True, Tensors keep theirs (False: held constant, not checked)."""
     ts = []
     for x in inputs:
         if isinstance(x, Tensor):
-            data = np.array(x.data, dtype=np.float64)  # a private copy: the check nudges it
-            ts.append(Tensor(data, requires_grad=x.requires_grad))
+            ts.append(Tensor(np.array(x.data, dtype=np.float64), requires_grad=x.requires_grad))
         else:
             ts.append(Tensor(np.array(x, dtype=np.float64), requires_grad=True))
-    before = [t.data.copy() for t in ts]
-    gradcheck(fn, ts, eps=eps, atol=atol, rtol=rtol, seed=seed)
+    return ts
+
+
+def _check_unchanged(ts: list, before: list) -> None:
     for i, (t, b) in enumerate(zip(ts, before)):
         if not np.array_equal(t.data, b):
             raise GradcheckError(f"input {i} was modified in place by fn")
+
+
+def _close(got, expected, atol: float, rtol: float) -> bool:
+    return bool(np.all(np.abs(np.asarray(got) - expected) <= atol + rtol * np.abs(expected)))
+
+
+# ---- second order and forward mode, on tensorlite functions ------------------------------------
+def check_grads(
+    fn: Callable[..., Tensor],
+    *inputs,
+    order: int = 2,
+    modes: Sequence[str] = ("rev", "fwd"),
+    eps: float = 1e-6,
+    atol: float = 1e-6,
+    rtol: float = 1e-4,
+    seed: int = 0,
+) -> None:
+    """Raise GradcheckError unless fn's derivatives match central finite differences, up to
+    `order`, in reverse mode ("rev": tensorlite.grad) and forward mode ("fwd": tensorlite.jvp).
+
+    For each input that requires grad, along a random direction v (float64, seeded):
+      rev, order 1: <grad of <u, fn>, v>  vs  the central difference of <u, fn> along v
+      fwd, order 1: jvp(fn, v), every element  vs  the central difference of fn along v
+    and for order 2 the same two checks run on the gradient function
+    x -> grad(<u, fn(x)>, x, create_graph=True): reverse over reverse (second derivatives)
+    and forward over reverse (the JVPs of every op in the backward graph). Order 3 checks
+    the gradient of that, and so on. Inputs as in `assert_gradients_match`.
+    """
+    unknown = set(modes) - {"rev", "fwd"}
+    if unknown or not modes:
+        raise ValueError(f"check_grads: modes must be some of ('rev', 'fwd'), got {modes}")
+    ts = _float64_copies(inputs)
+    if not any(t.requires_grad for t in ts):
+        raise ValueError("check_grads: no input has requires_grad=True, nothing to check")
+    before = [t.data.copy() for t in ts]
+    rng = np.random.default_rng(seed)
+    for level in range(1, order + 1):
+        _check_one_order(fn, ts, level, modes, eps, atol, rtol, rng)
+        fn = _gradient_function(fn, ts, rng)
+    _check_unchanged(ts, before)
+
+
+def _gradient_function(fn, ts: list, rng) -> Callable[..., Tensor]:
+    """x -> the gradient of <u, fn(x)> w.r.t. the inputs that require grad, flattened into one
+    Tensor, with the graph kept (create_graph=True) so it can be differentiated again."""
+    u = rng.standard_normal(_as_tensor_output(fn(*ts)).shape)
+
+    def gradient(*xs, create_graph=True):
+        out = _as_tensor_output(fn(*xs))
+        gs = grad(out, [x for x in xs if x.requires_grad], grad_outputs=u, create_graph=create_graph)
+        return concatenate([g.reshape(-1) for g in gs])
+
+    # Its values must be the plain backward's; the derivatives are checked by the next order.
+    recorded, plain = gradient(*ts).data, gradient(*ts, create_graph=False).data
+    if not _close(recorded, plain, 1e-12, 1e-9):
+        e = int(np.argmax(np.abs(recorded - plain)))
+        raise GradcheckError(
+            f"check_grads: the gradient with create_graph=True (backward_graph) differs from "
+            f"the plain backward: flattened element {e}: {recorded[e]:.8g} vs {plain[e]:.8g}"
+        )
+    return gradient
+
+
+def _as_tensor_output(out) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(f"check_grads: fn must return a Tensor, got {type(out).__name__}")
+    return out
+
+
+def _moved(fn, ts: list, i: int, step: np.ndarray) -> np.ndarray:
+    """fn's value with input i moved by `step`."""
+    moved = [Tensor(t.data + step, requires_grad=True) if j == i else t for j, t in enumerate(ts)]
+    return _as_tensor_output(fn(*moved)).data
+
+
+def _check_one_order(fn, ts, level, modes, eps, atol, rtol, rng) -> None:
+    what = "fn" if level == 1 else f"derivative {level - 1} of fn (its gradient, differentiated)"
+    out = _as_tensor_output(fn(*ts))
+    u = rng.standard_normal(out.shape)
+    for i, x in enumerate(ts):
+        if not x.requires_grad:
+            continue
+        v = rng.standard_normal(x.shape)
+        plus, minus = (_moved(fn, ts, i, step * v) for step in (eps, -eps))
+        numeric = (plus - minus) / (2 * eps)  # d fn along v, shaped like fn's output
+        where = f"order {level} ({what}), input {i} (shape {x.shape}), along a random direction"
+        if "rev" in modes:
+            (g,) = grad(_as_tensor_output(fn(*ts)), [x], grad_outputs=u)
+            got, expected = float(np.sum(g.data * v)), float(np.sum(u * numeric))
+            if not _close(got, expected, atol, rtol):
+                raise GradcheckError(
+                    f"check_grads: reverse mode, {where}: grad gives {got:.8g}, finite "
+                    f"differences {expected:.8g} (|diff| {abs(got - expected):.3g})"
+                )
+        if "fwd" in modes:
+            tangents = [v if j == i else np.zeros(t.shape) for j, t in enumerate(ts)]
+            _, tangent = jvp(fn, ts, tangents)
+            got = np.broadcast_to(tangent.data, numeric.shape)
+            bad = np.abs(got - numeric) - (atol + rtol * np.abs(numeric))
+            if np.any(bad > 0):
+                e = np.unravel_index(np.argmax(bad), bad.shape) if bad.ndim else ()
+                raise GradcheckError(
+                    f"check_grads: forward mode, {where}: output element {e}: jvp gives "
+                    f"{got[e]:.8g}, finite differences {numeric[e]:.8g}"
+                )

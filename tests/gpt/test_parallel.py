@@ -4,6 +4,7 @@ and a worker that raises or dies becomes a one-line error instead of a hang."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -73,11 +74,17 @@ def test_more_workers_than_rows_and_float32():
 def test_close_removes_the_shared_files_and_refuses_more_work():
     model = GPT(TINY, seed=0)
     dp = DataParallel(model, 2, threads_per_worker=1)
-    folder = os.path.dirname(dp.spec.weights_path)
-    assert os.path.exists(os.path.join(folder, "weights.bin"))
+    x, y = batch(2)
+    loss, _ = single_process(GPT(TINY, seed=0), x, y)
+    assert dp.loss_and_grads(x, y) == pytest.approx(loss, rel=1e-6)
+    if LINUX_PROC:  # the names were deleted at once; the workers map the parent's descriptors
+        assert dp._dir is None and dp.spec.weights_path.startswith(f"/proc/{os.getpid()}/fd/")
+        assert os.readlink(dp.spec.weights_path).endswith("weights.bin (deleted)")
+    path = dp.spec.weights_path
+    assert os.path.exists(path)
     dp.close()
     dp.close()  # twice is fine
-    assert not os.path.exists(folder)
+    assert not os.path.exists(path)  # the descriptor is closed (or the named file removed)
     with pytest.raises(RuntimeError, match="closed"):
         dp.loss_and_grads(*batch(2))
 
@@ -125,6 +132,45 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "text.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def start_long_run(text_file, out_dir, log_interval: int) -> subprocess.Popen:
+    """A --workers 2 training in its own process group, returned once it printed its first
+    progress line (the workers are up and have done log_interval steps)."""
+    args = run_train_args(text_file, out_dir, "--workers", "2", "--max-iters", "100000",
+                          "--log-interval", str(log_interval))
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "gpt.train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("iter"):
+            break
+    return proc
+
+
+LINUX_PROC = os.path.isdir(f"/proc/{os.getpid()}/fd")
+
+
+@pytest.mark.skipif(not LINUX_PROC, reason="checks /proc/PID/fd (Linux)")
+def test_kill_9_of_a_two_worker_run_leaves_no_shared_memory_files(text_file, tmp_path):
+    """The shared files have no name left once the workers run: a kill -9 of the parent
+    cannot leave /dev/shm/gpt-parallel-* behind (nothing named is left to delete)."""
+    proc = start_long_run(text_file, tmp_path, log_interval=2)  # the files are mapped
+    try:
+        fd_dir = f"/proc/{proc.pid}/fd"
+        targets = [os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)]
+        shared = [t for t in targets if "gpt-parallel-" in t]
+        assert len(set(shared)) == 2 and all(t.endswith(" (deleted)") for t in shared), targets
+        folder = os.path.dirname(shared[0].removesuffix(" (deleted)"))
+        assert not os.path.exists(folder)
+        proc.kill()  # SIGKILL: no cleanup code runs
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the orphaned workers too
+    assert not os.path.exists(folder)
 
 
 def run_train_args(text_file, out_dir, *flags) -> list[str]:
@@ -182,15 +228,8 @@ def test_a_crashed_worker_is_a_one_line_cli_error(text_file, tmp_path):
 def test_ctrl_c_with_workers_still_saves_and_stops(text_file, tmp_path):
     """A terminal sends SIGINT to the whole process group, workers included: they must leave
     it to the parent, which finishes the step, saves and exits 130."""
-    args = run_train_args(text_file, tmp_path, "--workers", "2", "--max-iters", "100000",
-                          "--log-interval", "5")
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "gpt.train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = start_long_run(text_file, tmp_path, log_interval=5)
     try:
-        for line in proc.stdout:
-            if line.startswith("iter"):  # the workers are up and have done 5 steps
-                break
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:

@@ -17,7 +17,14 @@ from hypothesis.extra.numpy import arrays
 from gpt.bpe import BPETokenizer
 from gpt.config import GPTConfig
 from gpt.model import GPT, KVCache
-from gpt.sample import filter_probs, generate, keep_after_slide, sample_from
+from gpt.sample import (
+    filter_probs,
+    generate,
+    keep_after_slide,
+    prompt_ids,
+    sample_from,
+    sample_tokens,
+)
 from gpt.tokenizer import CharTokenizer
 from tensorlite import Tensor, no_grad
 
@@ -230,6 +237,29 @@ def test_generation_stops_at_eos_and_the_cache_costs_one_position_per_token():
     # last 4 tokens, which are re-read into the reset cache (twice here).
     assert keep_after_slide(8) == 4
     assert model.calls == [1] * 8 + [4] + [1] * 4 + [4] + [1] * 3
+
+
+def test_sample_tokens_is_generate_one_token_at_a_time(char_setup):
+    model, tok = char_setup
+    for prompt in ("To be", None):
+        ids = prompt_ids(tok, prompt)
+        kwargs = {"temperature": 0.9, "top_k": 8}
+        tokens = list(sample_tokens(model, ids, 40, rng=np.random.default_rng(4),
+                                    eos_id=tok.eos_id, **kwargs))
+        assert tok.decode(ids + tokens) == generate(model, tok, prompt, 40, seed=4, **kwargs)
+        assert 0 < len(tokens) <= 40 and tok.eos_id not in tokens
+
+
+def test_sample_tokens_computes_nothing_ahead():
+    tok = CharTokenizer.from_text("abc")
+    model = ScriptedModel([0, 1, 2, 0, 1], tok.vocab_size, block_size=8)
+    tokens = sample_tokens(model, [tok.bos_id], 100, temperature=0.0, eos_id=tok.eos_id)
+    assert model.calls == []  # a generator: nothing runs before the first next()
+    assert [next(tokens), next(tokens)] == [0, 1] and model.calls == [1, 1]
+    tokens.close()  # a caller that stops (a client that went away) stops the model calls
+    assert model.calls == [1, 1]
+    with pytest.raises(ValueError, match="at least one context token"):
+        next(sample_tokens(model, [], 5))
 
 
 # ---- python -m gpt.sample ------------------------------------------------------------------------

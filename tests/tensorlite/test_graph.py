@@ -10,7 +10,7 @@ import re
 import numpy as np
 
 import tensorlite as tl
-from tensorlite.graph import show_graph, to_dot
+from tensorlite.graph import MAX_DEPTH, show_graph, to_dot
 
 
 def _parse_dot(text: str):
@@ -137,4 +137,22 @@ def test_a_deep_chain_is_walked_without_recursion():
         y = y * 1.0
     nodes, _ = _parse_dot(y.to_dot())
     assert len([v for v in nodes.values() if "ellipse" in v]) == 3000
-    assert len(show_graph(y, file=io.StringIO()).splitlines()) == 6001
+    lines = show_graph(y, file=io.StringIO()).splitlines()
+    drawn = [s for s in lines if not s.endswith(("(see above)", "(continued below)"))]
+    assert len(drawn) == 6001  # 3000 Mul, 3000 constants, one leaf: each drawn once
+    numbers = [int(re.search(r"#(\d+) ", s).group(1)) for s in drawn]
+    assert sorted(numbers) == list(range(6001))
+
+
+def test_show_graph_text_grows_linearly_with_depth():
+    def chain_text(n):
+        y = tl.Tensor([1.0], requires_grad=True)
+        for _ in range(n):
+            y = y * 1.0
+        return show_graph(y, file=io.StringIO())
+
+    small, big = chain_text(2000), chain_text(8000)
+    assert len(big) < 4.2 * len(small)  # a fully indented tree: 16x
+    assert max(len(s) for s in big.splitlines()) < 4 * (MAX_DEPTH + 2) + 60
+    deferred = re.findall(r"#(\d+) \(continued below\)", big)
+    assert deferred and all(re.search(rf"^#{k} <- Mul", big, re.MULTILINE) for k in deferred)

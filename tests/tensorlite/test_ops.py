@@ -643,6 +643,33 @@ def test_no_grad():
     assert (x * 2.0).requires_grad
 
 
+def test_no_grad_is_per_thread():
+    """Two threads interleaving no_grad blocks (as a server's sampling threads do): one's exit
+    must not switch recording back on inside the other's block, nor leak into a third."""
+    import threading
+
+    inside, left = threading.Event(), threading.Event()
+    seen = {}
+
+    def other():
+        seen["before"] = tl.is_grad_enabled()  # main is inside no_grad: not this thread's state
+        with tl.no_grad():
+            inside.set()
+            left.wait(5)
+        seen["after"] = tl.is_grad_enabled()
+
+    x = Tensor(np.array([1.0, 2.0]), requires_grad=True)
+    t = threading.Thread(target=other)
+    with tl.no_grad():
+        t.start()
+        assert inside.wait(5)
+        left.set()
+        t.join(5)
+        assert not tl.is_grad_enabled() and not (x * 2.0).requires_grad  # still off here
+    assert seen == {"before": True, "after": True}
+    assert tl.is_grad_enabled() and (x * 2.0).requires_grad
+
+
 def test_detach():
     x = Tensor(np.array([1.0, 2.0]), requires_grad=True)
     h = x * 3.0
@@ -715,3 +742,44 @@ def test_comparisons_give_bool_arrays_for_where():
     out = tl.where(x > 0, x, 0.0)
     out.backward(np.array([1.0, 2.0, 3.0]))
     np.testing.assert_array_equal(x.grad, [0.0, 0.0, 3.0])
+
+
+# ---- the version counter: backward refuses arrays changed after the forward pass ------------
+def test_changing_an_input_after_forward_makes_backward_raise_naming_op_and_tensor():
+    x = Tensor(np.array([1.0, 2.0]), requires_grad=True, name="x")
+    y = (x * x).sum()
+    x.data *= 2  # in place: Mul saved x's array, which now holds other numbers
+    with pytest.raises(RuntimeError, match=r"Mul.*'x'.*changed in place"):
+        y.backward()
+
+
+def test_changing_a_saved_output_or_item_assignment_is_caught():
+    x = Tensor(np.array([0.5, -1.0]), requires_grad=True)
+    h = x.exp()  # Exp's backward uses its own output
+    h[0] = 7.0
+    with pytest.raises(RuntimeError, match=r"Exp: its output, the tensor of shape \(2,\)"):
+        h.backward(np.ones(2))
+    g = x.exp()
+    loss = (g * 3.0).sum()
+    g[1] = 0.0
+    with pytest.raises(RuntimeError, match=r"Mul: its input 0"):
+        loss.backward()
+
+
+def test_unchanged_tensors_and_changes_before_forward_pass():
+    x = Tensor(np.array([1.0, 2.0]), requires_grad=True)
+    x.data = x.data + 1  # before the forward pass: fine
+    y = (x * x).sum()
+    y.backward()
+    np.testing.assert_allclose(x.grad, [4.0, 6.0])
+    x.data -= 1.0  # after backward (an optimizer step): fine, and the next pass sees it
+    (x * x).sum().backward()
+    np.testing.assert_allclose(x.grad, [4.0 + 2.0, 6.0 + 4.0])
+
+
+@pytest.mark.parametrize("data", [np.array([2**24 + 1]), [1, 2], 3, np.array([True])])
+def test_requires_grad_on_integer_data_raises(data):
+    with pytest.raises(TypeError, match="only float tensors can require grad"):
+        Tensor(data, requires_grad=True)
+    t = Tensor(data, requires_grad=True, dtype=np.float64)  # converting on purpose is allowed
+    assert t.dtype == np.float64 and t.requires_grad

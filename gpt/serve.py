@@ -1,0 +1,486 @@
+"""`python -m gpt.serve`: a trained model behind an OpenAI-compatible HTTP API (completions and
+chat, whole or streamed as server-sent events), with an API key, CORS, a health check and a
+page to try it in a browser. The only importer of the web stack (Starlette on uvicorn: the
+`serve` extra); the API's rules and shapes live in gpt/api.py.
+
+    python -m gpt.serve --out-dir out --port 8000 --api-key KEY
+
+Each request samples in a worker thread of its own, with its own KV cache and random
+generator, so the event loop goes on serving other clients while the model works, and a
+client that disconnects stops its generation after the current token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .api import (
+    Answer,
+    Choice,
+    CompletionRequest,
+    RequestError,
+    encode_prompt,
+    parse_request,
+    sample_choice,
+)
+
+MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB gets 413
+PUBLIC_PATHS = ("/", "/health")  # served without the API key (the page holds no secrets)
+
+
+@dataclass
+class ServeConfig:
+    """The settings of `python -m gpt.serve`, one field per flag."""
+
+    out_dir: str = "out"  # the training run whose checkpoint is served
+    host: str = "127.0.0.1"  # loopback only unless asked
+    port: int = 8000
+    api_key: str | None = None  # None: no key needed (default: $GPT_API_KEY)
+    cors_origin: list[str] = field(default_factory=list)  # browser origins allowed; [] = no CORS
+    max_tokens: int = 1024  # the most tokens one choice may ask for
+    model_name: str | None = None  # default: the run folder's name
+
+
+# ---- one request's sampling, in a worker thread -------------------------------------------------
+class Generation:
+    """The choices of one request, sampled in a thread of their own (the event loop never waits
+    on the model). The thread sends events back through an asyncio queue:
+    ("text", index, piece), ("end", index, finish_reason), ("error", message), ("done",).
+    `cancel()` stops it after the current token."""
+
+    def __init__(self, app_state: ModelState, ids: list[int], req: CompletionRequest):
+        self.state, self.ids, self.req = app_state, ids, req
+        self.choices = [Choice(i) for i in range(req.n)]
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="gpt.serve sampling", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def _emit(self, *event) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            self.cancelled.set()
+
+    def _run(self) -> None:
+        model, tokenizer, req = self.state.model, self.state.tokenizer, self.req
+        self.state.count(active=+1)
+        try:
+            rng = np.random.default_rng(req.seed)  # one generator for all n, as gpt.sample's
+            for choice in self.choices:
+                for piece in sample_choice(model, tokenizer, self.ids, req, rng, choice):
+                    self.state.count(sampled=1)
+                    if self.cancelled.is_set():
+                        return
+                    if piece:
+                        self._emit("text", choice.index, piece)
+                self._emit("end", choice.index, choice.finish_reason)
+        except Exception as e:  # noqa: BLE001 - a bug, not a bad request: log it, tell the client
+            traceback.print_exc()
+            self._emit("error", f"sampling failed: {type(e).__name__}: {e}")
+        finally:
+            self._emit("done")
+            self.state.count(active=-1)
+
+    async def all_events(self) -> AsyncIterator[tuple]:
+        """The events as they come, up to (not including) "done"."""
+        while True:
+            event = await self.events.get()
+            if event[0] == "done":
+                return
+            yield event
+
+
+@dataclass
+class ModelState:
+    """What the requests share: the model (read only), its name and limits, and counters."""
+
+    model: object
+    tokenizer: object
+    name: str
+    max_tokens: int
+    active: int = 0  # generations running now
+    sampled: int = 0  # tokens sampled since the start
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, active: int = 0, sampled: int = 0) -> None:
+        with self._lock:
+            self.active += active
+            self.sampled += sampled
+
+
+# ---- the HTTP side ------------------------------------------------------------------------------
+def error_response(err: RequestError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def sse(obj) -> str:
+    """One server-sent event."""
+    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+async def read_json(request: Request):
+    """The request's JSON body; 413 past MAX_BODY_BYTES, 400 if it is not JSON."""
+    too_big = RequestError(f"the request body is over the limit of {MAX_BODY_BYTES} bytes",
+                           status=413, code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise too_big
+    body, size = bytearray(), 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        body += chunk
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON ({e})",
+                           code="invalid_json") from None
+
+
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body must have been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class App:
+    """The routes, bound to one ModelState."""
+
+    def __init__(self, state: ModelState):
+        self.state = state
+        self.page = resources.files("gpt").joinpath("serve.html").read_text(encoding="utf-8")
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def page_html(self, request: Request) -> Response:
+        return HTMLResponse(self.page, headers={"Cache-Control": "no-cache"})
+
+    async def models(self, request: Request) -> Response:
+        card = {"id": self.state.name, "object": "model", "created": 0, "owned_by": "gpt.serve"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def completions(self, request: Request) -> Response:
+        return await self.complete(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.complete(request, chat=True)
+
+    async def complete(self, request: Request, chat: bool) -> Response:
+        state = self.state
+        req = parse_request(await read_json(request), chat, state.max_tokens)
+        # encoding a long prompt (BPE) takes a while: not on the event loop either
+        ids = await asyncio.to_thread(encode_prompt, state.tokenizer, req.prompt,
+                                      state.model.config.vocab_size, chat)
+        gen = Generation(state, ids, req)
+        answer = Answer(state.name, chat)
+        if req.stream:
+            return StreamingResponse(self.stream(gen, answer, len(ids)),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})
+        gen.start()
+        try:
+            waiting = asyncio.ensure_future(until_disconnected(request))
+            try:
+                async for event in gen.all_events():
+                    if event[0] == "error":
+                        raise RequestError(event[1], status=500, code="server_error",
+                                           type="server_error")
+                    if waiting.done():  # the client has gone: stop sampling for nobody
+                        return Response(status_code=499)
+            finally:
+                waiting.cancel()
+        finally:
+            gen.cancel()
+        return JSONResponse(answer.whole(gen.choices, len(ids)))
+
+    async def stream(self, gen: Generation, answer: Answer, prompt_tokens: int
+                     ) -> AsyncIterator[str]:
+        """The server-sent events of one streamed request: a chunk per piece of text, a last
+        chunk per choice with its finish_reason, then [DONE]. If the client disconnects,
+        Starlette cancels this generator and the `finally` stops the sampling."""
+        gen.start()
+        try:
+            if answer.chat:
+                for c in gen.choices:
+                    yield sse(answer.chunk(c.index, role=True))
+            async for event in gen.all_events():
+                if event[0] == "text":
+                    yield sse(answer.chunk(event[1], text=event[2]))
+                elif event[0] == "end":
+                    yield sse(answer.chunk(event[1], finish_reason=event[2]))
+                else:  # "error": the status line has gone out already
+                    yield sse(RequestError(event[1], status=500, code="server_error",
+                                           type="server_error").body())
+                    return
+            if gen.req.include_usage:
+                yield sse(answer.usage_chunk(gen.choices, prompt_tokens))
+            yield sse("[DONE]")
+        finally:
+            gen.cancel()
+
+
+class KeyCheck:
+    """ASGI middleware: every request but the public paths and CORS preflights (OPTIONS) needs
+    `Authorization: Bearer KEY`, compared in constant time; otherwise 401."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode("utf-8")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and \
+                scope["path"] not in PUBLIC_PATHS:
+            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+            if not (scheme.lower() == "bearer"
+                    and hmac.compare_digest(token.strip().encode("utf-8"), self.key)):
+                err = RequestError("missing or wrong API key: send the header "
+                                   "'Authorization: Bearer KEY'", status=401,
+                                   code="invalid_api_key", type="authentication_error")
+                await error_response(err, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def on_request_error(request: Request, exc: RequestError) -> Response:
+    return error_response(exc)
+
+
+async def on_http_error(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code == 404:
+        msg = f"no route {request.url.path}; the routes are /v1/completions, " \
+              "/v1/chat/completions, /v1/models, /health and /"
+        err = RequestError(msg, status=404, code="not_found")
+    else:
+        err = RequestError(f"{request.method} {request.url.path}: {exc.detail}",
+                           status=exc.status_code, code="http_error")
+    return error_response(err, exc.headers)
+
+
+async def on_server_error(request: Request, exc: Exception) -> Response:
+    return error_response(RequestError(f"internal error: {type(exc).__name__}", status=500,
+                                       code="server_error", type="server_error"))
+
+
+def create_app(model, tokenizer, model_name: str, max_tokens: int = 1024,
+               api_key: str | None = None, cors_origins: list[str] | tuple = ()) -> Starlette:
+    """The ASGI application serving `model`. `app.state.model` is its ModelState."""
+    state = ModelState(model, tokenizer, model_name, max_tokens)
+    routes = App(state)
+    middleware = []
+    if cors_origins:  # outermost, so preflights and 401s carry the CORS headers
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=list(cors_origins), allow_credentials=False,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"], max_age=600))
+    if api_key:
+        middleware.append(Middleware(KeyCheck, api_key=api_key))
+    app = Starlette(
+        routes=[
+            Route("/", routes.page_html, methods=["GET"]),
+            Route("/health", routes.health, methods=["GET"]),
+            Route("/v1/models", routes.models, methods=["GET"]),
+            Route("/v1/completions", routes.completions, methods=["POST"]),
+            Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
+        ],
+        middleware=middleware,
+        exception_handlers={RequestError: on_request_error, HTTPException: on_http_error,
+                            Exception: on_server_error},
+    )
+    app.state.model = state
+    return app
+
+
+# ---- listening ----------------------------------------------------------------------------------
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: any free port)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def open_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for listening beyond this machine without a key (None when all is well)."""
+    if is_loopback(host) or api_key:
+        return None
+    return (f"gpt.serve: warning: listening on {host} without an API key: anyone who can "
+            "reach this machine can use the model (set --api-key or GPT_API_KEY)")
+
+
+def make_server(app, **options):
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
+                            server_header=False, **options)
+    return uvicorn.Server(config)
+
+
+@contextlib.contextmanager
+def running(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `app` from a background thread during a with-block; yields its URL. For tests,
+    benchmarks and notebooks (port 0: a free port)."""
+    sock = bind(host, port)
+    server = make_server(app)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(1000):  # 10 s at most
+            if server.started or not thread.is_alive():
+                break
+            threading.Event().wait(0.01)
+        if not server.started:
+            raise RuntimeError("the server did not start within 10 s")
+        yield url_of(sock)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+# ---- the command line ---------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        self.exit(2, f"gpt.serve: error: {message} (see python -m gpt.serve --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServeConfig()
+    ap = _Parser(prog="python -m gpt.serve",
+                 description="Serve a gpt.train checkpoint over an OpenAI-compatible HTTP API, "
+                             "with a page to try it at /.")
+    ap.add_argument("--out-dir", default=d.out_dir, help="the training run's folder (default: out)")
+    ap.add_argument("--host", default=d.host,
+                    help="address to listen on (default: 127.0.0.1, this machine only)")
+    ap.add_argument("--port", type=int, default=d.port, help="TCP port, 0 = any free one "
+                    "(default: 8000)")
+    ap.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' (default: $GPT_API_KEY, else none)")
+    ap.add_argument("--cors-origin", action="extend", nargs="+", default=[], metavar="ORIGIN",
+                    help="let pages from these origins call the API (e.g. http://localhost:3000)")
+    ap.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                    help=f"the most tokens one choice may ask for (default: {d.max_tokens})")
+    ap.add_argument("--model-name", default=None,
+                    help="the model's id in the API (default: the run folder's name)")
+    return ap
+
+
+def parse_config(argv: list[str] | None = None) -> ServeConfig:
+    """The flags as a ServeConfig; ValueError (one line) for values that cannot work."""
+    cfg = ServeConfig(**vars(build_parser().parse_args(argv)))
+    if cfg.api_key is None:
+        cfg.api_key = os.environ.get("GPT_API_KEY") or None
+    elif not cfg.api_key.strip():
+        raise ValueError("--api-key is empty; give a key, or leave the flag out")
+    if not 0 <= cfg.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {cfg.port}")
+    if cfg.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {cfg.max_tokens}")
+    for origin in cfg.cors_origin:
+        scheme, sep, rest = origin.partition("://")
+        if origin != "*" and (scheme not in ("http", "https") or not sep or not rest
+                              or "/" in rest):
+            raise ValueError(f"--cors-origin {origin!r} is not an origin: write "
+                             "scheme://host[:port] with no path, e.g. http://localhost:3000")
+    if cfg.model_name is not None and not cfg.model_name.strip():
+        raise ValueError("--model-name is empty")
+    return cfg
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return serve(parse_config(argv))
+    except (ValueError, OSError) as e:
+        print(f"gpt.serve: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading: nothing to clean up
+        return 0
+
+
+def serve(cfg: ServeConfig) -> int:
+    """Load the checkpoint, listen, serve until Ctrl-C (or SIGTERM); 0 when stopped cleanly."""
+    from .checkpoint import load_model
+
+    model, tokenizer = load_model(cfg.out_dir)
+    name = cfg.model_name or os.path.basename(os.path.abspath(cfg.out_dir))
+    app = create_app(model, tokenizer, name, cfg.max_tokens, cfg.api_key, cfg.cors_origin)
+    try:
+        sock = bind(cfg.host, cfg.port)
+    except OSError as e:
+        raise OSError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}; "
+                      "choose another --port (0 picks a free one)") from None
+    warning = open_warning(cfg.host, cfg.api_key)
+    if warning:
+        print(warning, file=sys.stderr)
+    print(f"gpt.serve: serving {name} at {url_of(sock)} (Ctrl-C to stop)", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the same way on SIGTERM
+    try:
+        make_server(app).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled after shutting down
+        pass
+    finally:
+        sock.close()
+    print("gpt.serve: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,447 @@
+"""gpt.serve on a live server (127.0.0.1, a free port): the official `openai` client against
+every endpoint, raw HTTP for every error status, concurrency, disconnects, CORS, and the
+`python -m gpt.serve` command itself (a subprocess: its URL line, its key, Ctrl-C, its errors)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from urllib.parse import urlsplit
+
+import openai
+import pytest
+from conftest import API_KEY, REPO, SERVER_MAX_TOKENS
+
+from gpt.sample import generate
+from gpt.serve import create_app, is_loopback, open_warning, running
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def request(url: str, method: str, path: str, body=None, headers=None, timeout=30):
+    """(status, headers as a lower-case dict, body bytes) of one HTTP request."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+def post(url: str, path: str, body, headers=AUTH):
+    status, _, data = request(url, "POST", path, body, {"Content-Type": "application/json",
+                                                        **headers})
+    return status, json.loads(data)
+
+
+def events(data: bytes) -> list:
+    """The data of each server-sent event; [DONE] as the string."""
+    out = []
+    for block in data.decode("utf-8").split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            payload = block[len("data: "):]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def wait_until(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    url, _ = server
+    return openai.OpenAI(base_url=url + "v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def state(server):
+    """The server's counters, once no generation from an earlier test is running."""
+    st = server[1].state.model
+    assert wait_until(lambda: st.active == 0)
+    return st
+
+
+# ---- the official client -----------------------------------------------------------------------
+def test_health_needs_no_key(server):
+    status, _, body = request(server[0], "GET", "/health")
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+
+
+def test_models_list(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"] and models.data[0].object == "model"
+
+
+def test_completion(client, tiny_model):
+    model, tok = tiny_model
+    r = client.completions.create(model="tiny", prompt="The boat", max_tokens=20, seed=1)
+    assert r.object == "text_completion" and r.model == "tiny" and len(r.choices) == 1
+    c = r.choices[0]
+    assert c.index == 0 and isinstance(c.text, str)
+    n = r.usage.completion_tokens  # 20, or fewer if the model sampled its end-of-text token
+    assert c.finish_reason == ("length" if n == 20 else "stop") and n == len(c.text)
+    assert r.usage.prompt_tokens == len(tok.encode("The boat"))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + n
+    assert "The boat" + c.text == generate(model, tok, "The boat", 20, seed=1)
+
+
+def test_chat_completion_reads_every_message(client, tiny_model):
+    model, tok = tiny_model
+    messages = [{"role": "system", "content": "Tell a story."},
+                {"role": "user", "content": "Where is the boat?"},
+                {"role": "assistant", "content": "At the harbour."},
+                {"role": "user", "content": "And the miller?"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=60, seed=2,
+                                       temperature=0.8)
+    c = r.choices[0]
+    assert r.object == "chat.completion" and c.message.role == "assistant"
+    assert "\n\n" not in c.message.content and c.finish_reason in ("stop", "length")
+    prompt = ("system: Tell a story.\n\nuser: Where is the boat?\n\nassistant: At the harbour."
+              "\n\nuser: And the miller?\n\nassistant: ")
+    assert r.usage.prompt_tokens == len(tok.encode(prompt))
+    whole = generate(model, tok, prompt, 60, temperature=0.8, seed=2)[len(prompt):]
+    assert c.message.content == whole.split("\n\n")[0]
+
+
+def test_streams_give_the_same_text_as_whole_answers(client):
+    kwargs = {"model": "tiny", "max_tokens": 40, "seed": 3, "temperature": 0.9}
+    whole = client.completions.create(prompt="Rosa", **kwargs).choices[0]
+    chunks = list(client.completions.create(prompt="Rosa", stream=True, **kwargs))
+    assert all(ch.object == "text_completion" for ch in chunks)
+    assert "".join(ch.choices[0].text for ch in chunks) == whole.text
+    assert [ch.choices[0].finish_reason for ch in chunks][-1] == whole.finish_reason
+    assert all(ch.choices[0].finish_reason is None for ch in chunks[:-1])
+    assert len(chunks) == len(whole.text) + 1  # a chunk per (char) token, and the last
+
+    messages = [{"role": "user", "content": "Hello"}]
+    whole = client.chat.completions.create(messages=messages, **kwargs).choices[0]
+    chunks = list(client.chat.completions.create(messages=messages, stream=True, **kwargs))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == whole.message.content
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+
+
+def test_wrong_or_missing_key_is_an_authentication_error(server):
+    for key in ("wrong", API_KEY[:-1], API_KEY + "4"):  # (no key at all: see the raw tests)
+        bad = openai.OpenAI(base_url=server[0] + "v1", api_key=key, max_retries=0, timeout=30)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        with pytest.raises(openai.AuthenticationError):
+            bad.completions.create(model="tiny", prompt="The", max_tokens=3)
+
+
+def test_n_and_seed_give_what_gpt_sample_prints(client, tiny_run):
+    """n=2 with a seed: the two samples of `python -m gpt.sample --num-samples 2` (one random
+    generator for both, in order)."""
+    args = ["--out-dir", str(tiny_run), "--prompt", "The ", "--max-new-tokens", "40",
+            "--seed", "5", "--num-samples", "2", "--temperature", "0.9", "--top-k", "10",
+            "--top-p", "0.95"]
+    cli = subprocess.run([sys.executable, "-m", "gpt.sample", *args], capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert cli.returncode == 0, cli.stderr
+    printed = re.split(r"\n?-{10} sample \d -{10}\n", cli.stdout)[1:]
+    r = client.completions.create(model="tiny", prompt="The ", max_tokens=40, seed=5, n=2,
+                                  temperature=0.9, top_p=0.95, extra_body={"top_k": 10})
+    assert [c.index for c in r.choices] == [0, 1]
+    assert ["The " + c.text + "\n" for c in r.choices] == printed
+    assert r.choices[0].text != r.choices[1].text
+    assert r.usage.completion_tokens == sum(len(c.text) for c in r.choices)  # char tokens
+
+
+def test_stop_cuts_the_text_before_the_stop_string(client):
+    # greedy: a model never trained on its end-of-text token does not choose it, so the text
+    # is long enough to cut
+    kwargs = {"model": "tiny", "prompt": "The ", "max_tokens": 60, "temperature": 0}
+    whole = client.completions.create(**kwargs).choices[0].text
+    assert len(whole) == 60
+    stop = whole[30:32]
+    cut = client.completions.create(stop=[stop, "\n\n"], **kwargs).choices[0]
+    assert cut.text == whole[: whole.find(stop)] and cut.finish_reason == "stop"
+    streamed = list(client.completions.create(stop=stop, stream=True, **kwargs))
+    assert "".join(ch.choices[0].text for ch in streamed) == cut.text
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_stream_options_include_usage(server):
+    status, headers, data = request(server[0], "POST", "/v1/completions", {
+        "prompt": "The", "max_tokens": 5, "stream": True, "temperature": 0,
+        "stream_options": {"include_usage": True}}, AUTH)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    evs = events(data)
+    assert evs[-1] == "[DONE]" and evs[-2]["choices"] == []
+    assert evs[-2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+
+
+# ---- every error, and the server survives each -------------------------------------------------
+BIG = json.dumps({"prompt": "a" * (1 << 20)})
+
+
+def chunked_big_body():
+    for _ in range(20):
+        yield b" " * 100_000  # 2 MB of whitespace, sent without a Content-Length
+
+
+@pytest.mark.parametrize("method, path, body, headers, status, code", [
+    ("POST", "/v1/completions", b'{"prompt": "The", ', AUTH, 400, "invalid_json"),
+    ("POST", "/v1/completions", b'\xff\xfe{}', AUTH, 400, "invalid_json"),
+    ("POST", "/v1/completions", {"prompt": 5}, AUTH, 400, "invalid_type"),
+    ("POST", "/v1/completions", {"prompt": "x", "temperature": "hot"}, AUTH, 400, "invalid_type"),
+    ("POST", "/v1/completions", {"prompt": "x", "max_tokens": SERVER_MAX_TOKENS + 1}, AUTH, 400,
+     "invalid_value"),
+    ("POST", "/v1/chat/completions", {"messages": "hi"}, AUTH, 400, "invalid_type"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "bot", "content": "x"}]}, AUTH, 400,
+     "invalid_value"),
+    ("GET", "/v1/nothing", None, AUTH, 404, "not_found"),
+    ("POST", "/v2/completions", {"prompt": "x"}, AUTH, 404, "not_found"),
+    ("GET", "/v1/completions", None, AUTH, 405, "http_error"),
+    ("POST", "/v1/completions", {"prompt": "x"}, {}, 401, "invalid_api_key"),
+    ("POST", "/v1/completions", {"prompt": "x"}, {"Authorization": "Bearer nope"}, 401,
+     "invalid_api_key"),
+    ("GET", "/v1/models", None, {"Authorization": API_KEY}, 401, "invalid_api_key"),
+    ("POST", "/v1/completions", BIG, AUTH, 413, "request_too_large"),
+    ("POST", "/v1/completions", chunked_big_body, AUTH, 413, "request_too_large"),
+])
+def test_errors_have_openai_shape_and_the_server_goes_on(server, method, path, body, headers,
+                                                         status, code):
+    url = server[0]
+    if callable(body):  # chunked transfer encoding: the limit is counted as the body arrives
+        parts = urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.request(method, path, body=body(), headers=headers, encode_chunked=True)
+        r = conn.getresponse()
+        got, data = r.status, r.read()
+        conn.close()
+    else:
+        got, _, data = request(url, method, path, body, headers)
+    err = json.loads(data)["error"]
+    assert got == status, err
+    assert err["code"] == code and err["message"] and err["type"]
+    assert "Traceback" not in err["message"]
+    good, answer = post(url, "/v1/completions", {"prompt": "The", "max_tokens": 3})
+    assert good == 200 and len(answer["choices"][0]["text"]) <= 3
+
+
+def test_unknown_characters_are_named(server):
+    status, body = post(server[0], "/v1/completions", {"prompt": "Zoë's UFO", "max_tokens": 3})
+    assert status == 400 and body["error"]["param"] == "prompt"
+    msg = body["error"]["message"]
+    assert "3 character(s)" in msg and all(c in msg for c in ("'Z'", "'ë'", "'U'"))
+    status, body = post(server[0], "/v1/chat/completions",
+                        {"messages": [{"role": "user", "content": "Zebra"}]})
+    assert status == 400 and "'Z'" in body["error"]["message"]
+
+
+def test_public_paths_and_preflights_need_no_key(server):
+    assert request(server[0], "GET", "/")[0] == 200
+    assert request(server[0], "GET", "/health")[0] == 200
+    status, headers, _ = request(server[0], "OPTIONS", "/v1/completions", headers={
+        "Origin": "http://elsewhere.test", "Access-Control-Request-Method": "POST"})
+    assert status == 405  # not 401; and CORS is off: no header lets the origin in
+    assert "access-control-allow-origin" not in headers
+
+
+# ---- concurrency, streaming as tokens come, disconnects -----------------------------------------
+def test_eight_concurrent_streams_are_each_correct(client, tiny_model, state):
+    model, tok = tiny_model
+    prompts = ["The ", "Silas", "Down at", "A boy", "Rosa", "Years later", "The rain", "Tobin"]
+    start, results, most_active = threading.Barrier(len(prompts)), {}, [0]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            most_active[0] = max(most_active[0], state.active)
+            time.sleep(0.002)
+
+    def stream(i):
+        start.wait(30)
+        try:
+            chunks = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=150,
+                                               seed=i, temperature=0.9, stream=True,
+                                               extra_body={"top_k": 20})
+            results[i] = "".join(ch.choices[0].text for ch in chunks)
+        except Exception as e:  # noqa: BLE001 - reported by the assert below
+            results[i] = e
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    done.set()
+    watcher.join()
+    assert most_active[0] >= 2  # they really ran side by side
+    for i, prompt in enumerate(prompts):
+        expect = generate(model, tok, prompt, 150, temperature=0.9, top_k=20, seed=i)
+        assert prompt + results[i] == expect, i
+
+
+def open_stream(url: str, max_tokens: int):
+    """A streaming request whose first event has been read: (connection, response, event)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps(  # greedy: it never picks EOS here
+        {"prompt": "The", "max_tokens": max_tokens, "stream": True, "temperature": 0}),
+        {"Content-Type": "application/json", **AUTH})
+    r = conn.getresponse()
+    assert r.status == 200
+    first = r.readline()
+    assert first.startswith(b"data: ")
+    return conn, r, json.loads(first[len(b"data: "):])
+
+
+def test_tokens_arrive_as_sampled_and_a_disconnect_stops_the_generation(server, state):
+    before = state.sampled
+    conn, r, first = open_stream(server[0], SERVER_MAX_TOKENS)
+    assert first["choices"][0]["text"]
+    # The first token is here while the model is still sampling (not one burst at the end) ...
+    assert state.active == 1 and state.sampled - before < SERVER_MAX_TOKENS
+    # ... and the event loop answers others meanwhile: sampling runs in a worker thread.
+    assert request(server[0], "GET", "/health")[0] == 200 and state.active == 1
+    r.close()
+    conn.close()
+    assert wait_until(lambda: state.active == 0), "the generation went on after the disconnect"
+    assert state.sampled - before < SERVER_MAX_TOKENS // 2
+
+
+def test_a_disconnect_stops_a_whole_answer_too(server, state):
+    parts = urlsplit(server[0])
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"prompt": "The", "max_tokens": SERVER_MAX_TOKENS, "temperature": 0}),
+        {"Content-Type": "application/json", **AUTH})
+    assert wait_until(lambda: state.active == 1)
+    before = state.sampled
+    conn.close()
+    assert wait_until(lambda: state.active == 0), "the generation went on after the disconnect"
+    assert state.sampled - before < SERVER_MAX_TOKENS // 2
+
+
+# ---- CORS --------------------------------------------------------------------------------------
+PREFLIGHT = {"Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization, content-type"}
+
+
+def test_cors_lets_the_named_origins_in_and_no_others(tiny_model):
+    model, tok = tiny_model
+    app = create_app(model, tok, "tiny", 100, API_KEY, cors_origins=["http://page.test"])
+    with running(app) as url:
+        status, headers, _ = request(url, "OPTIONS", "/v1/completions",
+                                     headers={"Origin": "http://page.test", **PREFLIGHT})
+        assert status == 200 and headers["access-control-allow-origin"] == "http://page.test"
+        assert "authorization" in headers["access-control-allow-headers"].lower()
+        assert "access-control-allow-credentials" not in headers
+        status, headers, _ = request(url, "OPTIONS", "/v1/completions",
+                                     headers={"Origin": "http://evil.test", **PREFLIGHT})
+        assert status == 400 and "access-control-allow-origin" not in headers
+        status, headers, _ = request(url, "POST", "/v1/completions", {"prompt": "The"},
+                                     {"Origin": "http://page.test", **AUTH})
+        assert status == 200 and headers["access-control-allow-origin"] == "http://page.test"
+        status, headers, _ = request(url, "POST", "/v1/completions", {"prompt": "The"},
+                                     {"Origin": "http://page.test"})  # a 401 the page can read
+        assert status == 401 and headers["access-control-allow-origin"] == "http://page.test"
+
+
+def test_cors_star_never_comes_with_credentials(tiny_model):
+    model, tok = tiny_model
+    with running(create_app(model, tok, "tiny", cors_origins=["*"])) as url:
+        status, headers, _ = request(url, "OPTIONS", "/v1/completions",
+                                     headers={"Origin": "http://any.test", **PREFLIGHT})
+        assert status == 200 and headers["access-control-allow-origin"] == "*"
+        assert "access-control-allow-credentials" not in headers
+
+
+# ---- python -m gpt.serve -----------------------------------------------------------------------
+def serve_cli(*args, env_extra=None, timeout=60):
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
+    env.pop("GPT_API_KEY", None) if "GPT_API_KEY" not in (env_extra or {}) else None
+    return subprocess.run([sys.executable, "-m", "gpt.serve", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def assert_one_line_error(proc, *words):
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+
+
+def test_missing_or_corrupt_checkpoint_exits_2(tiny_run, tmp_path):
+    assert_one_line_error(serve_cli("--out-dir", tmp_path / "nothing", "--port", 0),
+                          "no checkpoint")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    weights = broken / "checkpoint" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(serve_cli("--out-dir", broken, "--port", 0), "model.safetensors")
+    assert weights.read_bytes() == data[: len(data) // 2]  # left as it was
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--port", "70000"], "--port"),
+    (["--port", "http"], "--port"),
+    (["--max-tokens", "0"], "--max-tokens"),
+    (["--api-key", " "], "--api-key"),
+    (["--cors-origin", "http://page.test/app"], "--cors-origin"),
+    (["--model-name", ""], "--model-name"),
+    (["--no-such-flag"], "unrecognized"),
+])
+def test_bad_flags_exit_2_with_one_line(tiny_run, args, words):
+    assert_one_line_error(serve_cli("--out-dir", tiny_run, *args), words)
+
+
+def test_the_command_serves_until_ctrl_c(tiny_run):
+    env = dict(os.environ, PYTHONPATH=str(REPO), GPT_API_KEY="from-the-env")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpt.serve", "--out-dir", str(tiny_run), "--port", "0",
+         "--model-name", "my-model", "--max-tokens", "8"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"serving my-model at (http://127\.0\.0\.1:\d+/)", line)
+        assert match, line + proc.stderr.read() if proc.poll() is not None else line
+        url = match.group(1)
+        assert request(url, "GET", "/health")[0] == 200
+        assert request(url, "GET", "/v1/models")[0] == 401
+        key = {"Authorization": "Bearer from-the-env"}
+        status, _, body = request(url, "GET", "/v1/models", headers=key)
+        assert status == 200 and json.loads(body)["data"][0]["id"] == "my-model"
+        status, body = post(url, "/v1/completions", {"prompt": "The", "max_tokens": 9}, key)
+        assert status == 400 and "at most 8" in body["error"]["message"]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "stopped" in out and err == ""
+
+
+def test_listening_beyond_loopback_without_a_key_warns():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    assert open_warning("127.0.0.1", None) is None and open_warning("0.0.0.0", "k") is None
+    assert "without an API key" in open_warning("0.0.0.0", None)
