@@ -328,10 +328,9 @@ def causal_self_attention_backward(dy, qkv, pt, n_head, scale):
 
 
 class CausalSelfAttention(Function):
-    """Multi-head causal self-attention on the fused projection qkv = x @ W_qkv:
-    y = concat over heads of softmax(q k^T * s + causal mask) v,  q | k | v = qkv's thirds,
-    each split into n_head heads of hd = C / n_head, s = 1/sqrt(hd).
-    The gradients are those of ScaledDotProductAttention, written back into one dqkv.
+    """y = heads side by side of softmax(q k^T * s + causal mask) v,  q | k | v = qkv's thirds
+    (B, T, 3C), each split into n_head heads of hd = C / n_head, s = 1/sqrt(hd).
+    dqkv = dq | dk | dv of ScaledDotProductAttention, head by head, in qkv's layout.
     (One op instead of reshape, transpose, three slices, attention, transpose, reshape: the
     head split costs no copies and no graph nodes.)"""
 
