@@ -1,8 +1,8 @@
 """Fused ops: functions a transformer calls many times, each written as ONE op with a
 hand-derived backward (llm.c style) instead of a chain of primitives. That saves the
 intermediate buffers and the per-op overhead. Each is tested against the same function
-composed from primitive ops (tests/tensorlite/test_functional.py), and each derivation
-is written out in its docstring.
+composed from primitive ops (tests/tensorlite/test_functional.py). Each docstring gives
+the result; docs/derivations.md derives each one step by step, with what forward saves.
 
 Training runs only forward/backward. `backward_graph` (gradients of gradients) writes the
 same gradient with Tensor ops, recomputing what it needs from the inputs (a softmax by the
