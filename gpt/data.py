@@ -99,7 +99,7 @@ def download_shakespeare(out: str, url: str = SHAKESPEARE_URL,
     local = urllib.parse.urlsplit(url)
     if local.scheme == "file":  # open() of a FIFO would wait forever: regular files only
         file = urllib.request.url2pathname(local.path)
-        if not os.path.isfile(file):
+        if os.path.exists(file) and not os.path.isfile(file):
             raise UserError(f"{url} is not a regular file; give the file:// URL of a copy of "
                             "Tiny Shakespeare", field="url")
     try:
