@@ -6,7 +6,8 @@ the result; docs/derivations.md derives each one step by step, with what forward
 
 Training runs only forward/backward. `backward_graph` (gradients of gradients) writes the
 same gradient with Tensor ops, recomputing what it needs from the inputs (a softmax by the
-fused Softmax, RMSNorm's r from primitives); `jvp` is the forward-mode derivative.
+fused Softmax, RMSNorm's r from primitives), or differentiates the op's composition
+(attention: `composed_backward`); `jvp` is the forward-mode derivative.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import math
 import numpy as np
 
 from . import kernels
-from .autograd import Function, unbroadcast
+from .autograd import Function, composed_backward, unbroadcast
 from .ops import ScatterAdd
-from .tensor import Tensor, as_tensor, stack
+from .tensor import Tensor, as_tensor
 
 
 def _softmax(x: np.ndarray, axis: int, inplace: bool = False) -> np.ndarray:
@@ -127,13 +128,15 @@ class CrossEntropy(Function):
 
     def backward_graph(self, dout):
         (logits,) = self.parents
+        n = len(self.targets)
         onehot = np.zeros(logits.shape, dtype=logits.dtype)
-        onehot[self.rows, self.targets] = 1
-        return (Softmax.apply(logits, axis=1) - onehot) * (dout / len(self.rows))
+        onehot[np.arange(n), self.targets] = 1
+        return (Softmax.apply(logits, axis=1) - onehot) * (dout / n)
 
     def jvp(self, dlogits):  # mean_n( sum_v softmax * dlogits - dlogits[n, target_n] )
-        picked = dlogits[self.rows, self.targets]
-        return ((self.probs * dlogits).sum() - picked.sum()) / len(self.rows)
+        n = len(self.targets)
+        picked = dlogits[np.arange(n), self.targets]
+        return ((self.probs * dlogits).sum() - picked.sum()) / n
 
 
 @kernels.kernel
@@ -272,24 +275,23 @@ class ScaledDotProductAttention(Function):
         # batch dims that were broadcast (k, v shared across a batch, say) are summed back
         return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
 
-    def backward_graph(self, dout):
-        q, k, v = self.parents
-        s = float(self.scale)
-        scores = (q @ k.swapaxes(-1, -2)) * s  # (..., Tq, Tk), not transposed here
-        if self.causal:
-            scores = scores + _causal_bias(q.shape[-2], k.shape[-2], scores.dtype)
-        p = Softmax.apply(scores, axis=-1)  # P, (..., Tq, Tk)
-        dv = p.swapaxes(-1, -2) @ dout  # (..., Tk, hv)
-        dp = dout @ v.swapaxes(-1, -2)  # (..., Tq, Tk)
-        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * s
-        dq, dk = ds @ k, ds.swapaxes(-1, -2) @ q
-        return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+    def backward_graph(self, dout):  # by its composition: softmax(q k^T s + mask) v
+        return composed_backward(self, functools.partial(_attention_composed, causal=self.causal),
+                                 dout)
 
     def jvp(self, dq, dk, dv):  # dS -> dP by the softmax JVP, then d(P v) = dP v + P dv
         p = np.swapaxes(self.pt, -1, -2)  # P, (..., Tq, Tk)
         ds = (dq @ np.swapaxes(self.k, -1, -2) + self.q @ np.swapaxes(dk, -1, -2)) * self.scale
         dp = p * (ds - (ds * p).sum(axis=-1, keepdims=True))
         return dp @ self.v + p @ dv
+
+
+def _attention_composed(q, k, v, causal: bool) -> Tensor:
+    """Attention from Tensor ops (the fused Softmax included), for backward_graph."""
+    scores = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (..., Tq, Tk)
+    if causal:
+        scores = scores + _causal_bias(q.shape[-2], k.shape[-2], scores.dtype)
+    return Softmax.apply(scores, axis=-1) @ v  # (..., Tq, hv)
 
 
 @kernels.kernel
@@ -346,31 +348,28 @@ class CausalSelfAttention(Function):
     def backward(self, dout):
         return causal_self_attention_backward(dout, self.qkv, self.pt, self.n_head, self.scale)
 
-    def _as_attention(self, q, k, v) -> ScaledDotProductAttention:
-        """The same attention as a ScaledDotProductAttention on q, k, v (B, H, T, hd), whose
-        higher-order rules the two methods below reuse."""
-        sdpa = ScaledDotProductAttention()
-        sdpa.q, sdpa.k, sdpa.v, sdpa.parents = q, k, v, (q, k, v)
-        sdpa.scale, sdpa.causal = self.scale, True
-        sdpa.pt = self.pt if hasattr(self, "pt") else None
-        return sdpa
+    def backward_graph(self, dout):  # by its composition: split heads, attention, merge
+        composed = functools.partial(_causal_self_attention_composed, n_head=self.n_head)
+        return composed_backward(self, composed, dout)
 
-    def backward_graph(self, dout):
-        (qkv,) = self.parents
-        B, T, C3 = qkv.shape
-        heads = qkv.reshape(B, T, 3, self.n_head, C3 // 3 // self.n_head).transpose(2, 0, 3, 1, 4)
-        d = dout.reshape(B, T, self.n_head, C3 // 3 // self.n_head).transpose(0, 2, 1, 3)
-        dq, dk, dv = self._as_attention(heads[0], heads[1], heads[2]).backward_graph(d)
-        return stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, T, C3)  # like qkv
-
-    def jvp(self, dqkv):
+    def jvp(self, dqkv):  # ScaledDotProductAttention's rule, head by head
         B, T, C3 = dqkv.shape
 
         def heads(a):  # (B, T, 3C) -> q, k, v, each (B, H, T, hd)
             return a.reshape(B, T, 3, self.n_head, C3 // 3 // self.n_head).transpose(2, 0, 3, 1, 4)
 
-        dy = self._as_attention(*heads(self.qkv)).jvp(*heads(dqkv))  # (B, H, T, hd)
+        sdpa = ScaledDotProductAttention()
+        (sdpa.q, sdpa.k, sdpa.v), sdpa.pt, sdpa.scale = heads(self.qkv), self.pt, self.scale
+        dy = sdpa.jvp(*heads(dqkv))  # (B, H, T, hd)
         return dy.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)
+
+
+def _causal_self_attention_composed(qkv, n_head: int) -> Tensor:
+    """CausalSelfAttention from Tensor ops, for backward_graph."""
+    B, T, C3 = qkv.shape
+    heads = qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head).transpose(2, 0, 3, 1, 4)
+    y = _attention_composed(heads[0], heads[1], heads[2], causal=True)  # (B, H, T, hd)
+    return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)
 
 
 class ReluSquared(Function):
