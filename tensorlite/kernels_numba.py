@@ -25,6 +25,23 @@ _parallel = numba.njit(parallel=True, cache=True, fastmath=_FAST, nogil=True)
 _serial = numba.njit(cache=True, fastmath=_FAST, nogil=True)
 
 
+SERIAL_BELOW = 1 << 15  # elements: smaller calls run on the calling thread alone
+
+
+def _run(kernel, size: int, *args):
+    """kernel(*args), on one thread when the work is small: waking a second thread costs
+    ~10 us on an idle machine and milliseconds on a busy one (it may not be scheduled),
+    more than a small kernel's work (gradient checks and sampling make thousands of those)."""
+    threads = numba.get_num_threads()
+    if size >= SERIAL_BELOW or threads == 1:
+        return kernel(*args)
+    numba.set_num_threads(1)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(threads)
+
+
 def _c(a: np.ndarray) -> np.ndarray:
     """C-contiguous (no copy if it already is): one compiled signature per dtype and rank."""
     return a if a.flags.c_contiguous else np.array(a, order="C")  # (ascontiguousarray: 0-d -> 1-d)
@@ -99,14 +116,14 @@ def _relu_squared_backward(dout, x, dx):
 def relu_squared(x):
     x = _c(x)
     y = np.empty_like(x)
-    _relu_squared(x.reshape(-1), y.reshape(-1))
+    _run(_relu_squared, x.size, x.reshape(-1), y.reshape(-1))
     return y
 
 
 def relu_squared_backward(dout, x):
     x, dout = _c(x), _c(dout)
     dx = np.empty_like(x)
-    _relu_squared_backward(dout.reshape(-1), x.reshape(-1), dx.reshape(-1))
+    _run(_relu_squared_backward, x.size, dout.reshape(-1), x.reshape(-1), dx.reshape(-1))
     return dx
 
 
@@ -147,7 +164,8 @@ def rms_norm_forward(x, weight, eps):
     x2 = _c(x).reshape(-1, c)
     y = np.empty_like(x2)
     r = np.empty(x2.shape[0], dtype=x.dtype)
-    _rms_norm_forward(x2, _c(weight).astype(x.dtype, copy=False), t(eps), t(1 / c), t(1), y, r)
+    _run(_rms_norm_forward, x.size, x2, _c(weight).astype(x.dtype, copy=False), t(eps), t(1 / c),
+         t(1), y, r)
     return y.reshape(x.shape), r.reshape(x.shape[:-1] + (1,))
 
 
@@ -158,8 +176,8 @@ def rms_norm_backward(dout, x, r, weight):
     chunks = max(1, min(numba.get_num_threads(), x2.shape[0] // 64))
     dw_parts = np.zeros((chunks, c), dtype=x.dtype)
     t = x.dtype.type
-    _rms_norm_backward(d2, x2, _c(r).reshape(-1), _c(weight).astype(x.dtype, copy=False),
-                       t(1 / c), t(1), dx, dw_parts)
+    _run(_rms_norm_backward, x.size, d2, x2, _c(r).reshape(-1),
+         _c(weight).astype(x.dtype, copy=False), t(1 / c), t(1), dx, dw_parts)
     return dx.reshape(x.shape), dw_parts.sum(axis=0)
 
 
@@ -224,7 +242,7 @@ def causal_self_attention_forward(qkv, n_head, scale):
     st = np.matmul(k, np.swapaxes(q, -1, -2))  # S^T unscaled, (B, H, T, T)
     t = qkv.dtype.type
     # scale applied inside exp: softmax(s * scale) = exp((s - max) * scale) / sum, scale > 0
-    _causal_softmax_columns(st.reshape(B * n_head, T, T), t(scale), t(1))
+    _run(_causal_softmax_columns, st.size, st.reshape(B * n_head, T, T), t(scale), t(1))
     y = np.empty((B, T, n_head, C3 // 3 // n_head), dtype=qkv.dtype)
     np.matmul(np.swapaxes(st, -1, -2), v, out=y.transpose(0, 2, 1, 3))  # P v, heads side by side
     return y.reshape(B, T, C3 // 3), st
@@ -240,8 +258,8 @@ def causal_self_attention_backward(dy, qkv, pt, n_head, scale):
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)
     np.matmul(pt, dout, out=dv)
     dst = np.matmul(v, np.swapaxes(dout, -1, -2))  # dP^T, (B, H, T, T)
-    _softmax_backward_columns(dst.reshape(B * n_head, T, T), pt.reshape(B * n_head, T, T),
-                              qkv.dtype.type(scale))
+    _run(_softmax_backward_columns, dst.size, dst.reshape(B * n_head, T, T),
+         pt.reshape(B * n_head, T, T), qkv.dtype.type(scale))
     np.matmul(np.swapaxes(dst, -1, -2), k, out=dq)
     np.matmul(dst, q, out=dk)
     return dqkv.reshape(B, T, C3)
@@ -284,15 +302,15 @@ def cross_entropy_forward(logits, targets):
     logits = _c(logits)
     probs = np.empty_like(logits)
     losses = np.empty(logits.shape[0], dtype=logits.dtype)
-    _cross_entropy_forward(logits, _c(targets).astype(np.int64, copy=False),
-                           logits.dtype.type(1), probs, losses)
+    _run(_cross_entropy_forward, logits.size, logits, _c(targets).astype(np.int64, copy=False),
+         logits.dtype.type(1), probs, losses)
     return np.asarray(losses.mean(), dtype=logits.dtype), probs
 
 
 def cross_entropy_backward(dout, probs, targets):
     t = probs.dtype.type
-    _cross_entropy_backward(probs, _c(targets).astype(np.int64, copy=False), t(1),
-                            t(dout / t(len(targets))))
+    _run(_cross_entropy_backward, probs.size, probs, _c(targets).astype(np.int64, copy=False),
+         t(1), t(dout / t(len(targets))))
     return probs
 
 
@@ -326,8 +344,8 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
         raise ValueError("adamw_update: p, m and v must be C-contiguous (they are updated in place)")
     t = p.dtype.type
-    _adamw_update(
-        p.reshape(-1), _c(g).reshape(-1), m.reshape(-1), v.reshape(-1),
+    _run(
+        _adamw_update, p.size, p.reshape(-1), _c(g).reshape(-1), m.reshape(-1), v.reshape(-1),
         t(beta1), t(beta2), t(1 - beta1), t(1 - beta2), t(1 - lr * weight_decay),
         t(lr / (1 - beta1**step)), t(1 / (1 - beta2**step)), t(eps),
     )
