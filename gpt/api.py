@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import UserError
 from .sample import sample_tokens
 
 MAX_N = 8  # choices per request
@@ -46,9 +47,9 @@ def chat_prompt(messages: list[tuple[str, str]]) -> str:
 
 
 # ---- checking a request ------------------------------------------------------------------------
-class RequestError(ValueError):
-    """A request the server refuses: an HTTP status, a one-line message, an OpenAI error code
-    and the request field at fault (if any)."""
+class RequestError(UserError):
+    """A request the server refuses (the HTTP face of a UserError): an HTTP status, a one-line
+    message, an OpenAI error code and the request field at fault (if any)."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
                  code: str = "invalid_value", type: str = "invalid_request_error"):

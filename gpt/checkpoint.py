@@ -33,6 +33,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from .errors import UserError
+
 CHECKPOINT_DIR = "checkpoint"
 FILES = ("model.safetensors", "optimizer.safetensors", "config.json", "tokenizer.json")
 STATE = "state.json"
@@ -40,11 +42,6 @@ FORMAT_VERSION = 1
 JSON_LIMIT = 1 << 20  # bytes of config.json or state.json
 TOKENIZER_LIMIT = 64 << 20  # bytes of tokenizer.json (a BPE of a million merges fits)
 HEADER_PER_TENSOR = 256  # bytes of safetensors header allowed per tensor (names, shapes)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, corrupt or does not fit: the message is one line
-    that says what to do."""
 
 
 # ---- writing files atomically -----------------------------------------------------------------
@@ -105,7 +102,7 @@ def tensors_to_bytes(tensors: dict[str, np.ndarray]) -> bytes:
 
 
 def tensors_from_bytes(data: bytes, name: str) -> dict[str, np.ndarray]:
-    """The tensors of a safetensors file's bytes; CheckpointError naming `name` if they are not
+    """The tensors of a safetensors file's bytes; UserError naming `name` if they are not
     a valid file (the package checks the header, the dtypes, and that the offsets tile the data
     exactly)."""
     try:
@@ -113,7 +110,7 @@ def tensors_from_bytes(data: bytes, name: str) -> dict[str, np.ndarray]:
     except (safetensors.SafetensorError, ValueError, TypeError, KeyError) as e:  # KeyError,
         # TypeError: a dtype (BF16, F8) that NumPy does not have
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{name} is truncated or corrupt ({why})") from None
+        raise UserError(f"{name} is truncated or corrupt ({why})") from None
 
 
 def _file_bytes(ckpt: Checkpoint) -> dict[str, bytes]:
@@ -143,13 +140,13 @@ def _recover(out_dir: str) -> None:
         os.replace(old, final)
 
 
-def _save_failed(e: OSError, file: str, final: str, had_previous: bool) -> CheckpointError:
+def _save_failed(e: OSError, file: str, final: str, had_previous: bool) -> UserError:
     """The one-line message of a save that could not write `file` (the temp folder is gone)."""
     why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (
         e.strerror or str(e) or type(e).__name__)
     kept = (f"the previous checkpoint in {final} is intact" if had_previous
             else "no checkpoint was written")
-    return CheckpointError(f"could not save the checkpoint: writing {file} failed ({why}); "
+    return UserError(f"could not save the checkpoint: writing {file} failed ({why}); "
                            f"{kept}; free some space (or fix the folder) and run again")
 
 
@@ -162,7 +159,7 @@ def save_checkpoint(out_dir: str, ckpt: Checkpoint) -> str:
     3. delete OUT/checkpoint.old.
     A crash in 1 leaves the old folder untouched; between the two renames of 2, load_checkpoint
     (and the next save) find OUT/checkpoint.old and use it. An error while writing in 1 (a full
-    disk) removes OUT/checkpoint.tmp and raises CheckpointError naming the file. A symlinked
+    disk) removes OUT/checkpoint.tmp and raises UserError naming the file. A symlinked
     OUT/checkpoint is replaced by a real folder (the link goes, the folder it pointed to stays).
     Returns the checkpoint's path.
     """
@@ -171,7 +168,7 @@ def save_checkpoint(out_dir: str, ckpt: Checkpoint) -> str:
     final = checkpoint_path(out_dir)
     tmp, old = final + ".tmp", final + ".old"
     if os.path.lexists(final) and not os.path.isdir(final):
-        raise CheckpointError(f"{final} exists but is not a folder; move it away and run again")
+        raise UserError(f"{final} exists but is not a folder; move it away and run again")
     _remove(tmp)  # debris of an earlier crash during step 1
     had_previous = os.path.isdir(final)
     file = tmp
@@ -214,22 +211,22 @@ def read_regular_file(path: str, limit: int, expect: int | None = None) -> bytes
     try:
         fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
+        raise UserError(f"{path} is missing; the checkpoint is incomplete") from None
     except OSError as e:
         if os.path.islink(path):
-            raise CheckpointError(f"{path} is a symbolic link; a checkpoint holds regular files "
+            raise UserError(f"{path} is a symbolic link; a checkpoint holds regular files "
                                   "only") from None
-        raise CheckpointError(f"{path} cannot be read ({e.strerror or e})") from None
+        raise UserError(f"{path} cannot be read ({e.strerror or e})") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{path} is not a regular file (a FIFO, device or folder); "
+            raise UserError(f"{path} is not a regular file (a FIFO, device or folder); "
                                   "a checkpoint holds regular files only")
         if expect is not None and st.st_size != expect:
-            raise CheckpointError(f"{path} is truncated or corrupt ({st.st_size} bytes, "
+            raise UserError(f"{path} is truncated or corrupt ({st.st_size} bytes, "
                                   f"state.json says {expect})")
         if st.st_size > limit:
-            raise CheckpointError(f"{path} is {st.st_size:,} bytes, more than the {limit:,} it "
+            raise UserError(f"{path} is {st.st_size:,} bytes, more than the {limit:,} it "
                                   "can hold here; the checkpoint is corrupt")
         parts, left = [], st.st_size
         while left > 0:
@@ -241,7 +238,7 @@ def read_regular_file(path: str, limit: int, expect: int | None = None) -> bytes
     finally:
         os.close(fd)
     if left:
-        raise CheckpointError(f"{path} is truncated (it shrank while being read)")
+        raise UserError(f"{path} is truncated (it shrank while being read)")
     return b"".join(parts)
 
 
@@ -249,7 +246,7 @@ def _parse_json(data: bytes, path: str) -> Any:
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise CheckpointError(f"{path} is corrupt (not the JSON a checkpoint writes)") from None
+        raise UserError(f"{path} is corrupt (not the JSON a checkpoint writes)") from None
 
 
 def _read_state(path: str) -> dict:
@@ -258,14 +255,14 @@ def _read_state(path: str) -> dict:
     state = _parse_json(read_regular_file(file, JSON_LIMIT), file)
     files = state.get("files") if isinstance(state, dict) else None
     if not isinstance(files, dict):
-        raise CheckpointError(f"{file} is corrupt (not the JSON a checkpoint writes)")
+        raise UserError(f"{file} is corrupt (not the JSON a checkpoint writes)")
     for name in FILES:
         entry = files.get(name)
         ok = (isinstance(entry, dict) and type(entry.get("bytes")) is int
               and entry["bytes"] >= 0 and isinstance(entry.get("sha256"), str)
               and _SHA256.fullmatch(entry["sha256"]))
         if not ok:
-            raise CheckpointError(f"{file} lists no valid size and sha256 for {name}; the "
+            raise UserError(f"{file} lists no valid size and sha256 for {name}; the "
                                   "checkpoint is corrupt")
     return state
 
@@ -276,7 +273,7 @@ def _read_listed(path: str, name: str, files: dict, limit: int) -> bytes:
     expect = files[name]["bytes"]
     data = read_regular_file(file, limit, expect)
     if hashlib.sha256(data).hexdigest() != files[name]["sha256"]:
-        raise CheckpointError(f"{file} is corrupt (its sha256 differs from state.json's)")
+        raise UserError(f"{file} is corrupt (its sha256 differs from state.json's)")
     return data
 
 
@@ -288,7 +285,7 @@ def _model_config(config: Any, file: str):
         return GPTConfig.from_dict(config["model"]).validate()
     except (KeyError, TypeError, ValueError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
-        raise CheckpointError(f"{file} holds no valid model config ({msg})") from None
+        raise UserError(f"{file} holds no valid model config ({msg})") from None
 
 
 def _check_sizes(path: str, files: dict, config) -> tuple[int, int]:
@@ -307,7 +304,7 @@ def _check_sizes(path: str, files: dict, config) -> tuple[int, int]:
         high = 8 * values + 8 + 8 + HEADER_PER_TENSOR * (tensors + 1)
         size = files[name]["bytes"]
         if not low <= size <= high:
-            raise CheckpointError(f"{os.path.join(path, name)}: state.json says {size:,} bytes, "
+            raise UserError(f"{os.path.join(path, name)}: state.json says {size:,} bytes, "
                                   f"but the model in config.json ({P:,} parameters) needs "
                                   f"{low:,} to {high:,}; the checkpoint is corrupt")
         limits.append(high)
@@ -319,7 +316,7 @@ def load_checkpoint(out_dir: str) -> Checkpoint:
 
     Never writes anything. Order: state.json (bounded), then config.json and tokenizer.json
     (bounded, hashed, validated), then the sizes of the tensor files against the model the
-    config describes, and only then the tensors. Raises CheckpointError (one line) if anything
+    config describes, and only then the tensors. Raises UserError (one line) if anything
     is missing, corrupt, hostile or inconsistent."""
     from .tokenizer import tokenizer_from_dict
 
@@ -327,7 +324,7 @@ def load_checkpoint(out_dir: str) -> Checkpoint:
     if not os.path.isdir(path) and os.path.isdir(path + ".old"):
         path += ".old"
     if not os.path.isdir(path):
-        raise CheckpointError(f"no checkpoint in {out_dir} (looked for {path}/); "
+        raise UserError(f"no checkpoint in {out_dir} (looked for {path}/); "
                               "train without --resume first, or point --out-dir at a run's folder")
     state = _read_state(path)
     files = state["files"]
@@ -340,9 +337,9 @@ def load_checkpoint(out_dir: str) -> Checkpoint:
     try:
         vocab = tokenizer_from_dict(tokenizer).vocab_size
     except (TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{tok_file} is not a valid tokenizer ({e})") from None
+        raise UserError(f"{tok_file} is not a valid tokenizer ({e})") from None
     if vocab != model_config.vocab_size:
-        raise CheckpointError(f"{tok_file} has {vocab} tokens but config.json's model has "
+        raise UserError(f"{tok_file} has {vocab} tokens but config.json's model has "
                               f"vocab_size {model_config.vocab_size}; the checkpoint is corrupt")
 
     model_limit, opt_limit = _check_sizes(path, files, model_config)
@@ -354,7 +351,7 @@ def load_checkpoint(out_dir: str) -> Checkpoint:
                                    opt_file)
     step = optimizer.get("step", np.array(0)) if optimizer else np.array(0)
     if step.shape != () or step.dtype.kind not in "iu" or step < 0:
-        raise CheckpointError(f"{opt_file} has no valid 'step' (a 0-d integer >= 0); the "
+        raise UserError(f"{opt_file} has no valid 'step' (a 0-d integer >= 0); the "
                               "checkpoint is corrupt")
     state = {k: v for k, v in state.items() if k not in ("files", "format_version")}
     return Checkpoint(model=model, optimizer=optimizer, config=config, tokenizer=tokenizer,
@@ -373,12 +370,12 @@ def load_model(out_dir: str, dtype: Any = None):
     if dtype is None:
         dtype = ckpt.model["wte"].dtype if "wte" in ckpt.model else np.float32
     if np.dtype(dtype).kind != "f":
-        raise CheckpointError(f"{ckpt.path}/model.safetensors holds {np.dtype(dtype)} weights, "
+        raise UserError(f"{ckpt.path}/model.safetensors holds {np.dtype(dtype)} weights, "
                               "not floats; the checkpoint is corrupt")
     model = GPT(config, dtype=dtype)
     try:
         model.load_state_dict({k: v.astype(dtype, copy=False) for k, v in ckpt.model.items()})
     except ValueError as e:
-        raise CheckpointError(f"{ckpt.path}/model.safetensors does not fit config.json: {e}") \
+        raise UserError(f"{ckpt.path}/model.safetensors does not fit config.json: {e}") \
             from None
     return model, tokenizer_from_dict(ckpt.tokenizer)

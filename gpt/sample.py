@@ -19,7 +19,6 @@ token for a window that slides by one (which would shift every position at every
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterator
 
@@ -27,6 +26,9 @@ import numpy as np
 
 from tensorlite import no_grad
 
+from . import cli
+from .config import SampleConfig, check_sampling
+from .errors import UserError
 from .model import GPT, KVCache
 
 
@@ -43,7 +45,7 @@ def filter_probs(
        top_p (at least one token).
     The kept probabilities are renormalised to sum to 1; the rest are 0.
     """
-    check_sampling_args(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p)
     logits = np.asarray(logits, dtype=np.float64).reshape(-1)  # (V,)
     V = logits.size
     if temperature == 0:
@@ -76,20 +78,6 @@ def sample_from(probs: np.ndarray, rng: np.random.Generator) -> int:
     return min(i, int(np.flatnonzero(probs)[-1]))  # never past the last possible token
 
 
-def check_sampling_args(
-    temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int = 0
-) -> None:
-    """Raise ValueError (one line, naming the CLI flag) for settings that make no sense."""
-    if not temperature >= 0:  # also catches NaN
-        raise ValueError(f"--temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and (int(top_k) != top_k or top_k < 1):
-        raise ValueError(f"--top-k must be an integer >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be an integer >= 0, got {max_new_tokens}")
-
-
 # ---- the generation loop --------------------------------------------------------------------
 def keep_after_slide(block_size: int) -> int:
     """How many of the latest tokens stay in the context when the window is full."""
@@ -114,7 +102,7 @@ def sample_tokens(
     use_kv_cache=False every step runs the whole context through the model; the tokens are
     the same (see the module docstring for the context window both paths share).
     """
-    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     if not ids:
         raise ValueError("sample_tokens needs at least one context token (BOS for an empty prompt)")
     rng = rng if rng is not None else np.random.default_rng()
@@ -165,7 +153,7 @@ def generate(
     With use_kv_cache=False every step runs the whole context through the model; the result
     is the same text. `sample_tokens` is the same loop, one token at a time.
     """
-    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     rng = rng if rng is not None else np.random.default_rng(seed)
     ids = prompt_ids(tokenizer, prompt)
     new = sample_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, rng,
@@ -174,71 +162,37 @@ def generate(
 
 
 # ---- the command line -------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        self.exit(2, f"gpt.sample: error: {message} (see python -m gpt.sample --help)\n")
+def build_parser() -> cli.Parser:
+    p = cli.Parser("python -m gpt.sample", "Generate text from a gpt.train checkpoint.")
+    cli.add_config_flags(p, SampleConfig)
+    return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(
-        prog="python -m gpt.sample", description="Generate text from a gpt.train checkpoint."
-    )
-    ap.add_argument("--out-dir", default="out", help="the training run's folder (default: out)")
-    ap.add_argument("--prompt", default="", help="text to continue (default: start from BOS)")
-    ap.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
-    ap.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (argmax)")
-    ap.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
-    ap.add_argument(
-        "--top-p", type=float, default=None, help="keep the smallest set reaching probability p"
-    )
-    ap.add_argument("--num-samples", type=int, default=1, help="how many samples to print")
-    ap.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
-    ap.add_argument(
-        "--no-kv-cache", action="store_true", help="recompute the whole context at every step"
-    )
-    return ap
+def sample(cfg: SampleConfig) -> int:
+    """Print cfg.num_samples samples from the checkpoint in cfg.out_dir."""
+    from .checkpoint import load_model
+
+    cfg.validate()
+    model, tokenizer = load_model(cfg.out_dir)
+    if cfg.prompt:
+        ids = tokenizer.encode(cfg.prompt)  # unknown characters: ValueError naming them
+        if ids and max(ids) >= model.config.vocab_size:
+            raise UserError(
+                f"the prompt encodes to token id {max(ids)} but the model has only "
+                f"{model.config.vocab_size}; the checkpoint's tokenizer and model disagree"
+            )
+    rng = np.random.default_rng(cfg.seed)
+    for n in range(cfg.num_samples):
+        if cfg.num_samples > 1:
+            print(f"{chr(10) if n else ''}---------- sample {n + 1} ----------", flush=True)
+        text = generate(model, tokenizer, cfg.prompt, cfg.max_new_tokens, cfg.temperature,
+                        cfg.top_k, cfg.top_p, use_kv_cache=not cfg.no_kv_cache, rng=rng)
+        print(text, flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
-        if args.num_samples < 1:
-            raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-        from .checkpoint import load_model
-
-        model, tokenizer = load_model(args.out_dir)
-        if args.prompt:
-            ids = tokenizer.encode(args.prompt)  # unknown characters: ValueError naming them
-            if ids and max(ids) >= model.config.vocab_size:
-                raise ValueError(
-                    f"the prompt encodes to token id {max(ids)} but the model has only "
-                    f"{model.config.vocab_size}; the checkpoint's tokenizer and model disagree"
-                )
-        rng = np.random.default_rng(args.seed)
-        for n in range(args.num_samples):
-            if n:
-                print(f"\n---------- sample {n + 1} ----------", flush=True)
-            elif args.num_samples > 1:
-                print("---------- sample 1 ----------", flush=True)
-            text = generate(
-                model,
-                tokenizer,
-                args.prompt,
-                args.max_new_tokens,
-                args.temperature,
-                args.top_k,
-                args.top_p,
-                use_kv_cache=not args.no_kv_cache,
-                rng=rng,
-            )
-            print(text, flush=True)
-    except (ValueError, OSError) as e:
-        print(f"gpt.sample: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return cli.run(lambda: sample(cli.parse_config(build_parser(), SampleConfig, argv)[0]))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ client that disconnects stops its generation after the current token.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hmac
@@ -38,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from . import cli
 from .api import (
     Answer,
     Choice,
@@ -47,6 +47,8 @@ from .api import (
     parse_request,
     sample_choice,
 )
+from .config import setting
+from .errors import UserError
 
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB gets 413
 PUBLIC_PATHS = ("/", "/health")  # served without the API key (the page holds no secrets)
@@ -56,13 +58,36 @@ PUBLIC_PATHS = ("/", "/health")  # served without the API key (the page holds no
 class ServeConfig:
     """The settings of `python -m gpt.serve`, one field per flag."""
 
-    out_dir: str = "out"  # the training run whose checkpoint is served
-    host: str = "127.0.0.1"  # loopback only unless asked
-    port: int = 8000
-    api_key: str | None = None  # None: no key needed (default: $GPT_API_KEY)
-    cors_origin: list[str] = field(default_factory=list)  # browser origins allowed; [] = no CORS
-    max_tokens: int = 1024  # the most tokens one choice may ask for
-    model_name: str | None = None  # default: the run folder's name
+    out_dir: str = setting("out", "the training run's folder", metavar="PATH")
+    host: str = setting("127.0.0.1", "address to listen on (127.0.0.1: this machine only)",
+                        metavar="ADDRESS")
+    port: int = setting(8000, "TCP port, 0 = any free one")
+    api_key: str | None = setting(None, "require 'Authorization: Bearer KEY'",
+                                  shown="$GPT_API_KEY, else none", metavar="KEY")
+    cors_origin: list[str] = setting(None, "let pages from these origins call the API (e.g. "
+                                     "http://localhost:3000)", shown="none", metavar="ORIGIN",
+                                     default_factory=list)
+    max_tokens: int = setting(1024, "the most tokens one choice may ask for")
+    model_name: str | None = setting(None, "the model's id in the API",
+                                     shown="the run folder's name", metavar="NAME")
+
+    def validate(self) -> ServeConfig:
+        """Raise UserError (one line) for values that cannot work; return self."""
+        if self.api_key is not None and not self.api_key.strip():
+            raise UserError("is empty; give a key, or leave the flag out", field="api_key")
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"must be in 0..65535, got {self.port}", field="port")
+        if self.max_tokens < 1:
+            raise UserError(f"must be >= 1, got {self.max_tokens}", field="max_tokens")
+        for origin in self.cors_origin:
+            scheme, sep, rest = origin.partition("://")
+            if origin != "*" and (scheme not in ("http", "https") or not sep or not rest
+                                  or "/" in rest):
+                raise UserError(f"{origin!r} is not an origin: write scheme://host[:port] with "
+                                "no path, e.g. http://localhost:3000", field="cors_origin")
+        if self.model_name is not None and not self.model_name.strip():
+            raise UserError("is empty", field="model_name")
+        return self
 
 
 # ---- one request's sampling, in a worker thread -------------------------------------------------
@@ -393,52 +418,19 @@ def running(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
 
 
 # ---- the command line ---------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        self.exit(2, f"gpt.serve: error: {message} (see python -m gpt.serve --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = ServeConfig()
-    ap = _Parser(prog="python -m gpt.serve",
-                 description="Serve a gpt.train checkpoint over an OpenAI-compatible HTTP API, "
-                             "with a page to try it at /.")
-    ap.add_argument("--out-dir", default=d.out_dir, help="the training run's folder (default: out)")
-    ap.add_argument("--host", default=d.host,
-                    help="address to listen on (default: 127.0.0.1, this machine only)")
-    ap.add_argument("--port", type=int, default=d.port, help="TCP port, 0 = any free one "
-                    "(default: 8000)")
-    ap.add_argument("--api-key", default=None,
-                    help="require 'Authorization: Bearer KEY' (default: $GPT_API_KEY, else none)")
-    ap.add_argument("--cors-origin", action="extend", nargs="+", default=[], metavar="ORIGIN",
-                    help="let pages from these origins call the API (e.g. http://localhost:3000)")
-    ap.add_argument("--max-tokens", type=int, default=d.max_tokens,
-                    help=f"the most tokens one choice may ask for (default: {d.max_tokens})")
-    ap.add_argument("--model-name", default=None,
-                    help="the model's id in the API (default: the run folder's name)")
-    return ap
+def build_parser() -> cli.Parser:
+    p = cli.Parser("python -m gpt.serve", "Serve a gpt.train checkpoint over an "
+                   "OpenAI-compatible HTTP API, with a page to try it at /.")
+    cli.add_config_flags(p, ServeConfig)
+    return p
 
 
 def parse_config(argv: list[str] | None = None) -> ServeConfig:
-    """The flags as a ServeConfig; ValueError (one line) for values that cannot work."""
-    cfg = ServeConfig(**vars(build_parser().parse_args(argv)))
-    if cfg.api_key is None:
+    """The flags as a checked ServeConfig (the API key from $GPT_API_KEY if not given)."""
+    cfg, given = cli.parse_config(build_parser(), ServeConfig, argv)
+    if "api_key" not in given:
         cfg.api_key = os.environ.get("GPT_API_KEY") or None
-    elif not cfg.api_key.strip():
-        raise ValueError("--api-key is empty; give a key, or leave the flag out")
-    if not 0 <= cfg.port <= 65535:
-        raise ValueError(f"--port must be in 0..65535, got {cfg.port}")
-    if cfg.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be >= 1, got {cfg.max_tokens}")
-    for origin in cfg.cors_origin:
-        scheme, sep, rest = origin.partition("://")
-        if origin != "*" and (scheme not in ("http", "https") or not sep or not rest
-                              or "/" in rest):
-            raise ValueError(f"--cors-origin {origin!r} is not an origin: write "
-                             "scheme://host[:port] with no path, e.g. http://localhost:3000")
-    if cfg.model_name is not None and not cfg.model_name.strip():
-        raise ValueError("--model-name is empty")
-    return cfg
+    return cfg.validate()
 
 
 def _interrupt(signum, frame) -> None:
@@ -446,13 +438,8 @@ def _interrupt(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return serve(parse_config(argv))
-    except (ValueError, OSError) as e:
-        print(f"gpt.serve: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C while loading: nothing to clean up
-        return 0
+    # Ctrl-C while loading: nothing to clean up (serving handles its own Ctrl-C)
+    return cli.run(lambda: serve(parse_config(argv)), tune_process=True)
 
 
 def serve(cfg: ServeConfig) -> int:

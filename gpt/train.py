@@ -3,137 +3,215 @@ that resume exactly, and one-line errors for bad input.
 
     python -m gpt.train                                   # the bundled train.txt, a few minutes
     python -m gpt.train --data my.txt --out-dir my_run --max-iters 3000
+    python -m gpt.train --preset baby --data my.txt       # a named set of sizes (config.PRESETS)
     python -m gpt.train --out-dir my_run --resume --max-iters 5000   # continue a run
 
-Every flag is a field of gpt.config.TrainConfig (`out_dir` -> `--out-dir`). One step:
+Every flag is a field of gpt.config.TrainConfig or of the GPTConfig it holds (`out_dir` ->
+`--out-dir`). `train` reads top to bottom in named phases, like nanoGPT's loop:
 
-    x, y = batch of B windows of T tokens (y is x shifted by one)
-    loss = cross_entropy(model(x), y);  loss.backward()
-    clip the global gradient norm to grad_clip;  AdamW step at lr_at(step)
+    run = set_up(cfg)                      config, data, tokenizer, model, optimizer, state
+    for it in steps:
+        loss, norm, lr = take_step(run, it)      x, y = batch;  loss.backward();
+                                                 clip to grad_clip;  AdamW step at lr_at(it)
+        log_and_evaluate(run, it, ...)           metrics.jsonl; every eval_interval: eval, save
+    finish(run)                            summary and a short sample
 
 Reproducibility: three random streams come from one seed (batches, dropout, evaluation
 batches); the first two and the optimizer state are saved in every checkpoint, so a resumed
 run takes exactly the steps the uninterrupted run would have taken. Evaluation draws its
 batches from a fresh generator each time, so it never disturbs the training stream.
-
-For tests, GPT_TRAIN_FAKE_NAN_AT=N makes the loss of step N read as NaN (see the NaN guard).
-Set GPT_DEBUG=1 to see a traceback instead of the one-line error.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 import tensorlite as tl
 
+from . import cli, metrics
 from .checkpoint import (
     Checkpoint,
-    CheckpointError,
-    atomic_write,
     checkpoint_path,
     has_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from .config import TrainConfig
-from .data import GET_DATA_HINT as GET_DATA
-from .data import get_batch
+from .config import PRESETS, TrainConfig, fixed_fields
+from .data import GET_DATA_HINT, get_batch, load_text, split_ids
+from .errors import UserError
 from .model import GPT
 from .optim import AdamW, clip_grad_norm, lr_at
 
-# Settings that decide the shape of the model or the meaning of its token ids: a resumed run
-# must keep them. Everything else (lr, max_iters, eval settings, ...) may change on resume.
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "tokenizer", "dtype")
 
-
-class TrainError(ValueError):
-    """Bad input or a failed run: the message is one line that says what to do."""
-
-
-# ---- the command line, built from TrainConfig's fields -----------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        self.exit(2, f"error: {message} (see python -m gpt.train --help)\n")
-
-
-def _flag_type(f: dataclasses.Field):
-    if isinstance(f.default, bool):
-        return bool
-    if isinstance(f.default, int):
-        return int
-    if isinstance(f.default, float):
-        return float
-    return str
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per TrainConfig field. Defaults are SUPPRESSed so we can tell which flags were
-    given: on --resume, flags not given are taken from the checkpoint's saved config."""
-    p = _Parser(prog="python -m gpt.train",
-                description="Train a character-level (or BPE) GPT on a UTF-8 text file.",
-                epilog=f"No text? {GET_DATA} fetches Tiny Shakespeare. Metrics go to "
-                       "OUT/metrics.jsonl, the checkpoint to OUT/checkpoint/.")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        kind = _flag_type(f)
-        if kind is bool:
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
-        else:
-            metavar = {int: "N", float: "X"}.get(kind, "PATH" if f.name in ("data", "out_dir")
-                                                   else "NAME")
-            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=metavar,
-                           help=f"{help_text} (default: {f.default})")
+# ---- the command line ---------------------------------------------------------------------------
+def build_parser() -> cli.Parser:
+    p = cli.Parser("python -m gpt.train",
+                   "Train a character-level (or BPE) GPT on a UTF-8 text file.",
+                   epilog=f"No text? {GET_DATA_HINT} fetches Tiny Shakespeare. Metrics go to "
+                   "OUT/metrics.jsonl, the checkpoint to OUT/checkpoint/.")
+    cli.add_config_flags(p, TrainConfig, PRESETS)
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
-    """(config, names of the fields given on the command line)."""
-    given = vars(build_parser().parse_args(argv))
-    return TrainConfig(**given), set(given)
+    """(config, names of the fields given on the command line, by a flag or a preset)."""
+    return cli.parse_config(build_parser(), TrainConfig, argv, PRESETS)
 
 
-# ---- data -----------------------------------------------------------------------------------
-def read_text(cfg: TrainConfig, data_given: bool) -> str:
-    from .data import load_text
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(lambda: train(*parse_args(argv)), tune_process=True,
+                   interrupted="aborted; the last checkpoint on disk is intact")
 
+
+# ---- the run, in five phases (below) -----------------------------------------------------------------------------------
+def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
+    """Run training as configured; returns the exit status (0, or 130 after Ctrl-C).
+    Raises UserError/ValueError/OSError (one-line messages) on bad input."""
+    run = set_up(cfg, given)
+    try:
+        with StopFlag() as stop:
+            for it in range(run.start_iter + 1, run.cfg.max_iters + 1):
+                loss, norm, lr = take_step(run, it)
+                log_and_evaluate(run, it, loss, norm, lr)
+                if stop.set and it < run.cfg.max_iters:
+                    return stop_early(run, it)
+    finally:
+        run.close()
+    finish(run)
+    return 0
+
+
+# ---- what a run carries from phase to phase ---------------------------------------------------
+@dataclass
+class Run:
+    cfg: TrainConfig
+    tokenizer: Any
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    model: GPT
+    opt: AdamW
+    rngs: dict[str, np.random.Generator]
+    loss_and_grads: Any = None  # (x, y, rng) -> loss; fills every p.grad
+    close: Any = None  # releases the workers of loss_and_grads
+    start_iter: int = 0
+    best_val: float = math.inf
+    elapsed_before: float = 0.0  # seconds spent by the runs this one resumes
+    last_eval: dict | None = None
+    last_saved: int | None = None  # iteration of the checkpoint on disk (None: none yet)
+    t0: float = field(default_factory=time.perf_counter)
+    t_log: float = 0.0
+    it_log: int = 0
+
+
+# ---- phase 1: set up the run --------------------------------------------------------------------
+def set_up(cfg: TrainConfig, given: set[str]) -> Run:
+    """Everything the loop needs; nothing is written before every check has passed."""
+    ckpt = None
+    if cfg.resume:
+        cfg, ckpt = resume_config(cfg, set(given) - {"resume"})
+    elif has_checkpoint(cfg.out_dir):
+        raise UserError(f"{checkpoint_path(cfg.out_dir)} already holds a checkpoint: continue it "
+                        "with --resume, choose another --out-dir, or delete it to start over")
+    cfg.validate()
+    run = build_run(cfg, ckpt, data_given="data" in given or ckpt is not None)
+    if ckpt is not None:
+        restore(run, ckpt)
+    metrics.start_log(cfg.out_dir, run.start_iter)
+    run.loss_and_grads, run.close = make_grad_fn(run.model, cfg)
+    print_intro(run, resumed_from=ckpt.path if ckpt else None)
+    run.t0 = run.t_log = time.perf_counter()
+    run.it_log = run.start_iter
+    return run
+
+
+def resume_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Checkpoint]:
+    """The run's config on --resume: the checkpoint's saved config, overridden by the flags
+    given now; settings that are fixed (the model's shape, tokenizer, dtype) may not change."""
+    ckpt = load_checkpoint(cfg.out_dir)
+    try:
+        saved = TrainConfig.from_dict(ckpt.config["train"]).validate()
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{ckpt.path}/config.json holds no valid train config ({e})") from None
+    flat = dict(saved.to_dict(), **{k: v for k, v in cfg.to_dict().items() if k in given})
+    flat["out_dir"] = cfg.out_dir  # where it is now (the folder may have been moved)
+    merged = TrainConfig.from_dict(flat)
+    fixed = [k for k in fixed_fields(TrainConfig)  # the char tokenizer ignores vocab_size
+             if not (k == "vocab_size" and merged.tokenizer == "char")]
+    changed = [f"{cli.flag(k)} {flat[k]} (checkpoint: {saved.to_dict()[k]})"
+               for k in fixed if flat[k] != saved.to_dict()[k]]
+    if changed:
+        raise UserError(f"cannot resume {ckpt.path} with a different model: "
+                        f"{', '.join(changed)}; drop those flags or use a new --out-dir")
+    return merged, ckpt
+
+
+def build_run(cfg: TrainConfig, ckpt: Checkpoint | None, data_given: bool) -> Run:
+    """Data, tokenizer (trained, or the checkpoint's), model and optimizer of a run."""
     if not data_given and not os.path.exists(cfg.data):
-        raise TrainError(f"no {cfg.data} in {os.getcwd()} and no --data given: pass "
-                         f"--data FILE (UTF-8 text), or get Tiny Shakespeare with `{GET_DATA}`")
-    return load_text(cfg.data)
+        raise UserError(f"no {cfg.data} in {os.getcwd()} and no --data given: pass "
+                        f"--data FILE (UTF-8 text), or get Tiny Shakespeare with `{GET_DATA_HINT}`")
+    text = load_text(cfg.data)
+    tokenizer = load_tokenizer(ckpt.tokenizer) if ckpt else make_tokenizer(cfg, text)
+    try:
+        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+    except ValueError as e:
+        where = "the checkpoint's vocabulary" if ckpt is not None else "the tokenizer"
+        raise UserError(f"{cfg.data} does not fit {where}: {e}") from None
+    try:
+        train_ids, val_ids = split_ids(ids, 0.1, cfg.model.block_size)
+    except ValueError as e:
+        raise UserError(f"{cfg.data}: {e}") from None
+    mcfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
+    model = GPT(mcfg, dtype=np.dtype(cfg.dtype), seed=cfg.seed)
+    opt = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                weight_decay=cfg.weight_decay)
+    return Run(cfg, tokenizer, train_ids, val_ids, model, opt, make_rngs(cfg.seed))
 
 
 def make_tokenizer(cfg: TrainConfig, text: str):
     if cfg.tokenizer == "bpe":
         from .bpe import BPETokenizer
 
-        return BPETokenizer.train(text, cfg.vocab_size)
+        return BPETokenizer.train(text, cfg.model.vocab_size)
     from .tokenizer import CharTokenizer
 
     return CharTokenizer.from_text(text)
 
 
-def split_ids(ids: np.ndarray, block_size: int, path: str) -> tuple[np.ndarray, np.ndarray]:
-    """90% train, 10% validation; each part must hold at least one window of block_size + 1."""
-    from .data import split_ids as data_split_ids
+def load_tokenizer(d: dict):
+    from .tokenizer import tokenizer_from_dict
 
+    return tokenizer_from_dict(d)
+
+
+def restore(run: Run, ckpt: Checkpoint) -> None:
+    """Weights, optimizer moments, random streams and counters from a checkpoint."""
+    run.model.load_state_dict(ckpt.model)
+    run.opt.load_state_dict(ckpt.optimizer)
     try:
-        return data_split_ids(ids, 0.1, block_size)
-    except ValueError as e:
-        raise TrainError(f"{path}: {e}") from None
+        for name in ("data", "dropout"):
+            run.rngs[name].bit_generator.state = ckpt.state["rng"][name]
+        run.start_iter = int(ckpt.state["iter"])
+        run.best_val = float(ckpt.state.get("best_val_loss") or math.inf)
+        run.elapsed_before = float(ckpt.state.get("elapsed_s", 0.0))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{ckpt.path}/state.json lacks a valid iteration or random state "
+                        f"({type(e).__name__}: {e}); it cannot be resumed") from None
+    if run.start_iter >= run.cfg.max_iters:
+        raise UserError(f"the checkpoint is at iter {run.start_iter} and --max-iters is "
+                        f"{run.cfg.max_iters}: give a larger --max-iters to train further")
+    run.last_saved, run.last_eval = run.start_iter, ckpt.state.get("last_eval")
 
 
-# ---- random streams -------------------------------------------------------------------------
 def make_rngs(seed: int) -> dict[str, np.random.Generator]:
     """Independent streams from one seed: "data" (batches), "dropout" (masks), "eval"."""
     data, dropout, ev = np.random.SeedSequence(seed).spawn(3)
@@ -141,15 +219,102 @@ def make_rngs(seed: int) -> dict[str, np.random.Generator]:
             "eval": np.random.default_rng(ev)}
 
 
-def rng_state(rng: np.random.Generator) -> dict:
-    return rng.bit_generator.state  # JSON-able: ints (Python's are unbounded) and strings
+def make_grad_fn(model: GPT, cfg: TrainConfig):
+    """(loss_and_grads, close): loss_and_grads(x, y, rng) -> loss (float) leaves the gradient
+    of the mean loss in each parameter's .grad. With --workers 1 (loky) it runs here;
+    otherwise gpt.parallel.DataParallel spreads it over worker processes."""
+    if cfg.workers == 1 and cfg.backend == "loky":
+        def loss_and_grads(x, y, rng):
+            model.zero_grad()
+            _, loss = model(x, y, training=True, rng=rng)
+            loss.backward()
+            return float(loss.data)
+
+        return loss_and_grads, lambda: None
+    from . import parallel  # imported here: joblib starts only when it is used
+
+    dp = parallel.DataParallel(model, workers=cfg.workers, backend=cfg.backend,
+                               scheduler=cfg.scheduler)
+    return dp.loss_and_grads, dp.close
 
 
-def set_rng_state(rng: np.random.Generator, state: dict) -> None:
-    rng.bit_generator.state = state
+def print_intro(run: Run, resumed_from: str | None) -> None:
+    cfg, m = run.cfg, run.cfg.model
+    n = len(run.train_ids) + len(run.val_ids)
+    print(f"{cfg.data}: {n:,} tokens ({len(run.train_ids):,} train, {len(run.val_ids):,} val), "
+          f"vocab {run.tokenizer.vocab_size}; model {run.model.num_params():,} parameters "
+          f"({m.n_layer} layers, {m.n_head} heads, n_embd {m.n_embd}, {cfg.dtype})")
+    if resumed_from:
+        print(f"resuming {resumed_from} at iter {run.start_iter}")
+    else:
+        print(f"an untrained model scores about ln(vocab) = "
+              f"{math.log(run.tokenizer.vocab_size):.2f}")
 
 
-# ---- evaluation -----------------------------------------------------------------------------
+# ---- phase 2: one step --------------------------------------------------------------------------
+def take_step(run: Run, it: int) -> tuple[float, float, float]:
+    """Step `it` (1-based): a batch, its gradient, clipping, one AdamW update.
+    Returns (loss, gradient norm before clipping, learning rate). A non-finite loss or norm
+    stops the run before the weights are touched."""
+    cfg = run.cfg
+    lr = lr_at(it - 1, cfg)
+    x, y = get_batch(run.train_ids, cfg.model.block_size, cfg.batch_size, run.rngs["data"])
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        # overflow shows up as a non-finite loss or norm, checked just below
+        loss = run.loss_and_grads(x, y, run.rngs["dropout"])
+        norm = clip_grad_norm(run.model.params, cfg.grad_clip) if math.isfinite(loss) else loss
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+        raise UserError(f"{what} became {value} at iter {it}; stopped without updating the "
+                        f"weights; {kept_checkpoint(run)}; try a lower --lr (now {cfg.lr:g}) "
+                        "or --grad-clip")
+    run.opt.step(lr=lr)
+    return loss, norm, lr
+
+
+# ---- phase 3: log, evaluate, save ---------------------------------------------------------------
+def log_and_evaluate(run: Run, it: int, loss: float, norm: float, lr: float) -> None:
+    """Every log_interval steps a progress line and a metrics record; every eval_interval
+    steps (and at the last) an evaluation, which is saved as a checkpoint."""
+    cfg = run.cfg
+    do_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
+    if not (it % cfg.log_interval == 0 or do_eval):
+        return
+    now = time.perf_counter()
+    tps = (it - run.it_log) * cfg.batch_size * cfg.model.block_size / max(now - run.t_log, 1e-9)
+    run.t_log, run.it_log = now, it
+    spent = now - run.t0
+    left = spent / (it - run.start_iter) * (cfg.max_iters - it)
+    record: dict[str, Any] = {"iter": it, "train_loss": loss, "lr": lr,
+                              "tokens_per_s": round(tps, 1), "grad_norm": round(float(norm), 4),
+                              "elapsed_s": round(run.elapsed_before + spent, 2)}
+    print(f"iter {it:>{len(str(cfg.max_iters))}}/{cfg.max_iters} | loss {loss:.4f} | lr "
+          f"{lr:.2e} | {tps:,.0f} tok/s | {fmt_time(spent)} elapsed, {fmt_time(left)} left",
+          flush=True)
+    if do_eval:
+        record.update(evaluate(run, it))
+        path = save(run, it)
+        print(f"eval iter {it}: train {record['eval_train_loss']:.4f}, val "
+              f"{record['val_loss']:.4f} (perplexity {record['val_ppl']:.2f}); saved {path}",
+              flush=True)
+    metrics.append_record(cfg.out_dir, record)
+
+
+def evaluate(run: Run, it: int) -> dict[str, float]:
+    """Train and val loss (estimate_loss); a non-finite one stops the run unsaved."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        ev = estimate_loss(run.model, {"train": run.train_ids, "val": run.val_ids}, run.cfg)
+    if not (math.isfinite(ev["train"]) and math.isfinite(ev["val"])):
+        # this step's update broke the weights: never save them
+        raise UserError(f"eval loss became {ev['val']} at iter {it}; not saved; "
+                        f"{kept_checkpoint(run)}; try a lower --lr (now {run.cfg.lr:g}) "
+                        "or --grad-clip")
+    run.best_val = min(run.best_val, ev["val"])
+    run.last_eval = {"iter": it, "train_loss": ev["train"], "val_loss": ev["val"]}
+    return {"eval_train_loss": ev["train"], "val_loss": ev["val"],
+            "val_ppl": math.exp(min(ev["val"], 700.0))}
+
+
 def estimate_loss(model: GPT, splits: dict[str, np.ndarray], cfg: TrainConfig) -> dict[str, float]:
     """Mean loss over cfg.eval_iters batches of each split. The batches come from a generator
     re-made from the seed every time: every eval of a run sees the same batches, so successive
@@ -160,37 +325,60 @@ def estimate_loss(model: GPT, splits: dict[str, np.ndarray], cfg: TrainConfig) -
             rng = make_rngs(cfg.seed)["eval"]
             losses = []
             for _ in range(cfg.eval_iters):
-                x, y = get_batch(ids, cfg.block_size, cfg.batch_size, rng)
+                x, y = get_batch(ids, cfg.model.block_size, cfg.batch_size, rng)
                 _, loss = model(x, y, training=False)
                 losses.append(float(loss.data))
             out[name] = float(np.mean(losses))
     return out
 
 
-# ---- metrics.jsonl --------------------------------------------------------------------------
-def metrics_file(out_dir: str) -> str:
-    return os.path.join(out_dir, "metrics.jsonl")
+# ---- phase 4: save ------------------------------------------------------------------------------
+def save(run: Run, it: int) -> str:
+    """The run at step `it` as OUT/checkpoint (atomically); returns its path."""
+    state = {"iter": it, "best_val_loss": None if math.isinf(run.best_val) else run.best_val,
+             "last_eval": run.last_eval,
+             "elapsed_s": run.elapsed_before + time.perf_counter() - run.t0,
+             "rng": {name: run.rngs[name].bit_generator.state for name in ("data", "dropout")}}
+    path = save_checkpoint(run.cfg.out_dir, Checkpoint(
+        model=run.model.state_dict(), optimizer=run.opt.state_dict(),
+        config={"model": run.model.config.to_dict(), "train": run.cfg.to_dict()},
+        tokenizer=run.tokenizer.to_dict(), state=state))
+    run.last_saved = it
+    return path
 
 
-def prepare_metrics(out_dir: str, start_iter: int) -> None:
-    """A fresh run starts an empty file; a resumed run keeps the records up to its checkpoint
-    and drops later ones (logged after the checkpoint, before a crash), so no iteration repeats."""
-    path = metrics_file(out_dir)
-    kept = []
-    if start_iter > 0 and os.path.exists(path):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    if json.loads(line)["iter"] <= start_iter:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a torn last line from a crash
-    atomic_write(path, "".join(kept).encode("utf-8"))
+def kept_checkpoint(run: Run) -> str:
+    """What a stopped run says about the checkpoint it leaves behind."""
+    if run.last_saved is None:
+        return "no checkpoint was written yet"
+    return (f"the last good checkpoint (iter {run.last_saved}) is kept in "
+            f"{checkpoint_path(run.cfg.out_dir)}")
 
 
-def append_metrics(out_dir: str, record: dict) -> None:
-    with open(metrics_file(out_dir), "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+# ---- phase 5: finish ----------------------------------------------------------------------------
+def finish(run: Run) -> None:
+    wall = time.perf_counter() - run.t0
+    print(f"done: {run.cfg.max_iters - run.start_iter} steps in {fmt_time(wall)}; "
+          f"val loss {run.last_eval['val_loss']:.4f}, best {run.best_val:.4f}")
+    print("sample (temperature 0.8):")
+    print(sample_text(run.model, run.tokenizer, run.cfg.seed))
+
+
+def stop_early(run: Run, it: int) -> int:
+    """After Ctrl-C: save step `it` (unless just saved) and say how to go on."""
+    if run.last_saved != it:
+        save(run, it)
+    print(f"interrupted at iter {it}: checkpoint saved in {checkpoint_path(run.cfg.out_dir)}; "
+          f"continue with --resume --out-dir {run.cfg.out_dir}", file=sys.stderr)
+    return cli.EXIT_INTERRUPTED
+
+
+def sample_text(model: GPT, tokenizer, seed: int, max_new_tokens: int = 200,
+                temperature: float = 0.8) -> str:
+    """A short temperature sample from BOS, with gpt.sample.generate (KV cache)."""
+    from .sample import generate
+
+    return generate(model, tokenizer, None, max_new_tokens, temperature=temperature, seed=seed)
 
 
 def fmt_time(seconds: float) -> str:
@@ -200,7 +388,6 @@ def fmt_time(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-# ---- Ctrl-C: finish the step, save, exit ------------------------------------------------------
 class StopFlag:
     """The first SIGINT sets a flag the loop checks after each step (so we never save a
     half-updated model); a second SIGINT raises KeyboardInterrupt at once."""
@@ -227,231 +414,6 @@ class StopFlag:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
         return False
-
-
-# ---- data-parallel hook ------------------------------------------------------------------------
-def make_grad_fn(model: GPT, cfg: TrainConfig):
-    """A function (x, y, rng) -> loss (float) that leaves the gradient of the mean loss in each
-    parameter's .grad. With --workers 1 (loky) it runs here; otherwise gpt.parallel provides it:
-    `gpt.parallel.DataParallel(model, workers, backend, scheduler)` with `.loss_and_grads(x, y,
-    rng)` and `.close()`."""
-    if cfg.workers == 1 and cfg.backend == "loky":
-        def loss_and_grads(x, y, rng):
-            model.zero_grad()
-            _, loss = model(x, y, training=True, rng=rng)
-            loss.backward()
-            return float(loss.data)
-
-        return loss_and_grads, lambda: None
-    from . import parallel  # imported here: joblib starts only when it is used
-
-    dp = parallel.DataParallel(model, workers=cfg.workers, backend=cfg.backend,
-                               scheduler=cfg.scheduler)
-    return dp.loss_and_grads, dp.close
-
-
-# ---- the run ---------------------------------------------------------------------------------
-def resolve_resume(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Checkpoint]:
-    """The run's config on --resume: the checkpoint's saved config, overridden by the flags
-    given now; flags that would change the model's shape are refused (nothing is written)."""
-    ckpt = load_checkpoint(cfg.out_dir)
-    try:
-        saved = TrainConfig.from_dict(ckpt.config["train"]).validate()
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt.path}/config.json holds no valid train config ({e})") from None
-    override = {k: getattr(cfg, k) for k in given}
-    override["out_dir"] = cfg.out_dir  # where it is now (the folder may have been moved)
-    merged = dataclasses.replace(saved, **override)
-    shape = SHAPE_FIELDS + (("vocab_size",) if merged.tokenizer == "bpe" else ())
-    changed = [f"--{k.replace('_', '-')} {getattr(merged, k)} (checkpoint: {getattr(saved, k)})"
-               for k in shape if getattr(merged, k) != getattr(saved, k)]
-    if changed:
-        raise TrainError(f"cannot resume {ckpt.path} with a different model: "
-                         f"{', '.join(changed)}; drop those flags or use a new --out-dir")
-    return merged, ckpt
-
-
-def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
-    """Run training as configured; returns the exit status. Raises TrainError/ValueError/OSError
-    (one-line messages) on bad input."""
-    cfg.validate()
-    ckpt = None
-    if cfg.resume:
-        cfg, ckpt = resolve_resume(cfg, set(given) - {"resume"})
-        cfg.validate()
-    elif has_checkpoint(cfg.out_dir):
-        raise TrainError(f"{checkpoint_path(cfg.out_dir)} already holds a checkpoint: continue it "
-                         "with --resume, choose another --out-dir, or delete it to start over")
-
-    text = read_text(cfg, "data" in given or ckpt is not None)
-    if ckpt is not None:
-        from .tokenizer import tokenizer_from_dict
-
-        tokenizer = tokenizer_from_dict(ckpt.tokenizer)
-    else:
-        tokenizer = make_tokenizer(cfg, text)
-    try:
-        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
-    except ValueError as e:
-        where = "the checkpoint's vocabulary" if ckpt is not None else "the tokenizer"
-        raise TrainError(f"{cfg.data} does not fit {where}: {e}") from None
-    train_ids, val_ids = split_ids(ids, cfg.block_size, cfg.data)
-
-    mcfg = cfg.gpt_config(tokenizer.vocab_size)
-    saved_model = dict(ckpt.config.get("model") or {}, dropout=cfg.dropout) if ckpt else None
-    if ckpt is not None and saved_model != mcfg.to_dict():
-        raise TrainError(f"cannot resume {ckpt.path}: it holds a model {ckpt.config.get('model')}, "
-                         f"this run builds {mcfg.to_dict()}; use a new --out-dir")
-    dtype = np.dtype(cfg.dtype)
-    model = GPT(mcfg, dtype=dtype, seed=cfg.seed)
-    opt = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                weight_decay=cfg.weight_decay)
-    rngs = make_rngs(cfg.seed)
-    start_iter, best_val, elapsed_before = 0, math.inf, 0.0
-    if ckpt is not None:
-        model.load_state_dict(ckpt.model)
-        opt.load_state_dict(ckpt.optimizer)
-        try:
-            for name in ("data", "dropout"):
-                set_rng_state(rngs[name], ckpt.state["rng"][name])
-            start_iter = int(ckpt.state["iter"])
-            best_val = float(ckpt.state.get("best_val_loss") or math.inf)
-            elapsed_before = float(ckpt.state.get("elapsed_s", 0.0))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{ckpt.path}/state.json lacks a valid iteration or random "
-                                  f"state ({type(e).__name__}: {e}); it cannot be resumed") from None
-        if start_iter >= cfg.max_iters:
-            raise TrainError(f"the checkpoint is at iter {start_iter} and --max-iters is "
-                             f"{cfg.max_iters}: give a larger --max-iters to train further")
-
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    prepare_metrics(cfg.out_dir, start_iter)
-    tl.kernels.tune_allocator()
-    tokens_per_step = cfg.batch_size * cfg.block_size
-    print(f"{cfg.data}: {len(ids):,} tokens ({len(train_ids):,} train, {len(val_ids):,} val), "
-          f"vocab {tokenizer.vocab_size}; model {model.num_params():,} parameters "
-          f"({cfg.n_layer} layers, {cfg.n_head} heads, n_embd {cfg.n_embd}, {cfg.dtype})")
-    if ckpt is None:
-        print(f"an untrained model scores about ln(vocab) = {math.log(tokenizer.vocab_size):.2f}")
-    else:
-        print(f"resuming {ckpt.path} at iter {start_iter}")
-
-    def save(it: int, last_eval: dict | None) -> str:
-        state = {"iter": it, "best_val_loss": None if math.isinf(best_val) else best_val,
-                 "last_eval": last_eval, "elapsed_s": elapsed_before + time.perf_counter() - t0,
-                 "rng": {name: rng_state(rngs[name]) for name in ("data", "dropout")}}
-        return save_checkpoint(cfg.out_dir, Checkpoint(
-            model=model.state_dict(), optimizer=opt.state_dict(),
-            config={"model": mcfg.to_dict(), "train": cfg.to_dict()},
-            tokenizer=tokenizer.to_dict(), state=state))
-
-    loss_and_grads, close = make_grad_fn(model, cfg)
-    fake_nan = int(os.environ.get("GPT_TRAIN_FAKE_NAN_AT", "0") or 0)
-    last_saved = start_iter if ckpt is not None else None
-    last_eval = ckpt.state.get("last_eval") if ckpt is not None else None
-    t0 = t_log = time.perf_counter()
-    it_log = start_iter
-    it = start_iter
-    try:
-        with StopFlag() as stop:
-            for it in range(start_iter + 1, cfg.max_iters + 1):  # `it` = steps done after this one
-                lr = lr_at(it - 1, cfg)
-                x, y = get_batch(train_ids, cfg.block_size, cfg.batch_size, rngs["data"])
-                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                    # overflow shows up as a non-finite loss or norm, checked just below
-                    loss = loss_and_grads(x, y, rngs["dropout"])
-                    if it == fake_nan:
-                        loss = float("nan")
-                    norm = (clip_grad_norm(model.params, cfg.grad_clip) if math.isfinite(loss)
-                            else loss)
-                if not (math.isfinite(loss) and math.isfinite(norm)):
-                    what = "loss" if not math.isfinite(loss) else "gradient norm"
-                    raise TrainError(f"{what} became {loss if what == 'loss' else norm} at iter "
-                                     f"{it}; stopped without updating the weights; "
-                                     f"{kept_checkpoint(cfg, last_saved)}; try a lower --lr "
-                                     f"(now {cfg.lr:g}) or --grad-clip")
-                opt.step(lr=lr)
-
-                do_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
-                if it % cfg.log_interval == 0 or do_eval:
-                    now = time.perf_counter()
-                    tps = (it - it_log) * tokens_per_step / max(now - t_log, 1e-9)
-                    t_log, it_log = now, it
-                    spent = now - t0
-                    left = spent / (it - start_iter) * (cfg.max_iters - it)
-                    record: dict[str, Any] = {"iter": it, "train_loss": loss, "lr": lr,
-                                              "tokens_per_s": round(tps, 1),
-                                              "grad_norm": round(float(norm), 4),
-                                              "elapsed_s": round(elapsed_before + spent, 2)}
-                    print(f"iter {it:>{len(str(cfg.max_iters))}}/{cfg.max_iters} | loss "
-                          f"{loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | {fmt_time(spent)} "
-                          f"elapsed, {fmt_time(left)} left", flush=True)
-                    if do_eval:
-                        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                            ev = estimate_loss(model, {"train": train_ids, "val": val_ids}, cfg)
-                        if not (math.isfinite(ev["train"]) and math.isfinite(ev["val"])):
-                            # this step's update broke the weights: never save them
-                            raise TrainError(f"eval loss became {ev['val']} at iter {it}; "
-                                             f"not saved; {kept_checkpoint(cfg, last_saved)}; "
-                                             f"try a lower --lr (now {cfg.lr:g}) or --grad-clip")
-                        best_val = min(best_val, ev["val"])
-                        last_eval = {"iter": it, "train_loss": ev["train"], "val_loss": ev["val"]}
-                        record.update(eval_train_loss=ev["train"], val_loss=ev["val"],
-                                      val_ppl=math.exp(min(ev["val"], 700.0)))
-                        path = save(it, last_eval)
-                        last_saved = it
-                        print(f"eval iter {it}: train {ev['train']:.4f}, val {ev['val']:.4f} "
-                              f"(perplexity {record['val_ppl']:.2f}); saved {path}", flush=True)
-                    append_metrics(cfg.out_dir, record)
-                if stop.set and it < cfg.max_iters:
-                    if last_saved != it:
-                        save(it, last_eval)
-                    print(f"interrupted at iter {it}: checkpoint saved in "
-                          f"{checkpoint_path(cfg.out_dir)}; continue with --resume "
-                          f"--out-dir {cfg.out_dir}", file=sys.stderr)
-                    return 130
-    finally:
-        close()
-
-    wall = time.perf_counter() - t0
-    print(f"done: {cfg.max_iters - start_iter} steps in {fmt_time(wall)}; "
-          f"val loss {last_eval['val_loss']:.4f}, best {best_val:.4f}")
-    print("sample (temperature 0.8):")
-    print(sample_text(model, tokenizer, cfg.seed))
-    return 0
-
-
-def kept_checkpoint(cfg: TrainConfig, last_saved: int | None) -> str:
-    """What a stopped run says about the checkpoint it leaves behind."""
-    if last_saved is None:
-        return "no checkpoint was written yet"
-    return f"the last good checkpoint (iter {last_saved}) is kept in {checkpoint_path(cfg.out_dir)}"
-
-
-# ---- a short sample at the end ------------------------------------------------------------------
-def sample_text(model: GPT, tokenizer, seed: int, max_new_tokens: int = 200,
-                temperature: float = 0.8) -> str:
-    """A short temperature sample from BOS, with gpt.sample.generate (KV cache)."""
-    from .sample import generate
-
-    return generate(model, tokenizer, None, max_new_tokens, temperature=temperature, seed=seed)
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, given = parse_args(argv)
-        return train(cfg, given)
-    except (ValueError, OSError, RuntimeError) as e:  # bad input, or a parallel worker failed
-        if os.environ.get("GPT_DEBUG"):
-            raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
-            msg += f": {e.filename}"
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint on disk is whole
-        print("error: aborted; the last checkpoint on disk is intact", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

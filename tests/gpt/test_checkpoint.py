@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from gpt import checkpoint as ck
 from gpt.config import GPTConfig
+from gpt.errors import UserError
 from gpt.model import GPT
 from gpt.optim import AdamW
 from gpt.tokenizer import CharTokenizer
@@ -62,7 +64,7 @@ def test_written_files_follow_the_spec_and_spec_files_are_read():
     lambda b: struct.pack("<Q", 10**6) + b[8:], lambda b: b[:8] + b"x" + b[9:],
 ])
 def test_corrupt_bytes_give_one_line_errors(damage):
-    with pytest.raises(ck.CheckpointError, match="model.safetensors is truncated or corrupt") as e:
+    with pytest.raises(UserError, match="model.safetensors is truncated or corrupt") as e:
         ck.tensors_from_bytes(damage(ck.tensors_to_bytes(TENSORS)), "model.safetensors")
     assert "\n" not in str(e.value)
 
@@ -70,7 +72,7 @@ def test_corrupt_bytes_give_one_line_errors(damage):
 @pytest.mark.parametrize("shape", [[1e30], ["Infinity"], [2**62, 2**62], [-1]])
 def test_hostile_shapes_in_a_header_are_refused(shape):
     head = json.dumps({"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 4]}}).encode()
-    with pytest.raises(ck.CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(UserError, match="truncated or corrupt"):
         ck.tensors_from_bytes(struct.pack("<Q", len(head)) + head + b"\0" * 4, "f")
 
 
@@ -139,11 +141,11 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
             return real_replace(src, dst)
 
         monkeypatch.setattr(ck.os, "replace", flaky)
-        # the five file writes fail as a CheckpointError (temp folder removed); the folder swap
+        # the five file writes fail as a UserError (temp folder removed); the folder swap
         # itself as the OSError, with the debris left for the next save or load to recover
-        with pytest.raises((OSError, ck.CheckpointError), match="simulated") as err:
+        with pytest.raises((OSError, UserError), match="simulated") as err:
             ck.save_checkpoint(out, make_ckpt(2, seed=1)[0])
-        if err.type is ck.CheckpointError:
+        if err.type is UserError:
             assert "intact" in str(err.value) and sorted(os.listdir(out)) == ["checkpoint"]
         monkeypatch.setattr(ck.os, "replace", real_replace)
         got = ck.load_checkpoint(out)  # whole, and still the old one
@@ -162,28 +164,28 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_missing_and_damaged_checkpoints_are_named(tmp_path):
     out = str(tmp_path)
-    with pytest.raises(ck.CheckpointError, match="no checkpoint"):
+    with pytest.raises(UserError, match="no checkpoint"):
         ck.load_checkpoint(out)
     folder = ck.save_checkpoint(out, make_ckpt(1)[0])
     model_file = os.path.join(folder, "model.safetensors")
     good = Path(model_file).read_bytes()
 
     Path(model_file).write_bytes(good[: len(good) // 2])
-    with pytest.raises(ck.CheckpointError, match="truncated"):
+    with pytest.raises(UserError, match="truncated"):
         ck.load_checkpoint(out)
 
     flipped = bytearray(good)
     flipped[-1] ^= 0xFF  # same size, valid header, different bytes
     Path(model_file).write_bytes(bytes(flipped))
-    with pytest.raises(ck.CheckpointError, match="sha256"):
+    with pytest.raises(UserError, match="sha256"):
         ck.load_checkpoint(out)
 
     os.remove(model_file)
-    with pytest.raises(ck.CheckpointError, match="missing"):
+    with pytest.raises(UserError, match="missing"):
         ck.load_checkpoint(out)
 
     Path(folder, "state.json").write_text("{not json")
-    with pytest.raises(ck.CheckpointError, match="state.json is corrupt"):
+    with pytest.raises(UserError, match="state.json is corrupt"):
         ck.load_checkpoint(out)
 
 
@@ -202,7 +204,7 @@ def test_disk_full_names_the_file_keeps_the_previous_checkpoint_and_cleans_up(
         return real_write(path, data)
 
     monkeypatch.setattr(ck, "atomic_write", full_disk)
-    with pytest.raises(ck.CheckpointError) as err:
+    with pytest.raises(UserError) as err:
         ck.save_checkpoint(out, make_ckpt(2, seed=1)[0])
     msg = str(err.value)
     assert victim in msg and "disk is full" in msg and "previous checkpoint" in msg
@@ -217,7 +219,7 @@ def test_disk_full_on_the_first_save_says_nothing_was_written(tmp_path, monkeypa
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(ck, "atomic_write", full_disk)
-    with pytest.raises(ck.CheckpointError, match="no checkpoint was written"):
+    with pytest.raises(UserError, match="no checkpoint was written"):
         ck.save_checkpoint(str(tmp_path), make_ckpt(1)[0])
     assert os.listdir(tmp_path) == []
 
@@ -251,7 +253,7 @@ def saved(tmp_path) -> Path:
 
 
 def load_error(tmp_path) -> str:
-    with pytest.raises(ck.CheckpointError) as err:
+    with pytest.raises(UserError) as err:
         ck.load_model(str(tmp_path))
     assert "\n" not in str(err.value)
     return str(err.value)
@@ -312,7 +314,7 @@ def test_only_regular_files_are_read(tmp_path, kind):
         target.symlink_to(good)
     else:
         target.mkdir()
-    with pytest.raises(ck.CheckpointError) as err:
+    with pytest.raises(UserError) as err:
         ck.load_checkpoint(str(tmp_path / "run"))
     assert re.search("symbolic link|not a regular file", str(err.value))
 
@@ -328,7 +330,7 @@ def test_every_file_must_be_listed_with_size_and_hash(tmp_path):
             else:
                 files[name] = broken
             (folder / "state.json").write_text(json.dumps(dict(state, files=files)))
-            with pytest.raises(ck.CheckpointError, match=f"no valid size and sha256 for {name}"):
+            with pytest.raises(UserError, match=f"no valid size and sha256 for {name}"):
                 ck.load_checkpoint(str(tmp_path))
 
 
@@ -348,7 +350,7 @@ def test_sizes_are_checked_before_reading(tmp_path, monkeypatch):
     reads = []
     real_read = os.read
     monkeypatch.setattr(ck.os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
-    with pytest.raises(ck.CheckpointError, match="state.json says 1,000,000,000,000 bytes"):
+    with pytest.raises(UserError, match="state.json says 1,000,000,000,000 bytes"):
         ck.load_checkpoint(str(tmp_path))
     assert max(reads) < 1 << 20  # only the small JSON files were read
 
@@ -357,5 +359,30 @@ def test_a_bad_optimizer_step_is_corruption(tmp_path):
     c = make_ckpt(1)[0]
     c.optimizer["step"] = np.array([1, 2, 3])
     ck.save_checkpoint(str(tmp_path), c)
-    with pytest.raises(ck.CheckpointError, match="no valid 'step'"):
+    with pytest.raises(UserError, match="no valid 'step'"):
         ck.load_checkpoint(str(tmp_path))
+# ---- a checkpoint written by an older version ---------------------------------------------------
+OLD_RUN = Path(__file__).parent / "data" / "old_run"  # 4 steps of a tiny model, Nov 2026 format
+
+
+def test_an_older_checkpoint_loads_samples_and_resumes(tmp_path, capsys):
+    """The folder was written before the config held a GPTConfig and before the optimizer file
+    lost its "skeleton" metadata; it must still load, sample and resume."""
+    from gpt import train
+    from gpt.sample import generate
+
+    model, tok = ck.load_model(str(OLD_RUN))
+    assert model.config.n_layer == 1 and model.config.n_embd == 16 and model.config.dropout == 0.1
+    assert len(generate(model, tok, "the", 10, temperature=0, seed=0)) >= 3
+    out = tmp_path / "run"
+    shutil.copytree(OLD_RUN, out)
+    data = Path(__file__).resolve().parents[2] / "train.txt"
+    text = data.read_text(encoding="utf-8")[:20_000]
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    rc = train.main(["--resume", "--out-dir", str(out), "--data", str(tmp_path / "text.txt"),
+                     "--max-iters", "8"])
+    assert rc == 0, capsys.readouterr().err
+    state = ck.load_checkpoint(str(out)).state
+    assert state["iter"] == 8
+    saved = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert saved["train"]["n_layer"] == 1 and saved["train"]["max_iters"] == 8

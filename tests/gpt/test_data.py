@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpt.cli import describe
 from gpt.data import (
     SHAKESPEARE_SIZE,
-    CommandError,
     download_shakespeare,
     get_batch,
     load_text,
     split_ids,
 )
+from gpt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_COPY = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -37,7 +38,7 @@ def test_load_text_reads_utf8(tmp_path):
 
 
 @pytest.mark.parametrize("content, match", [
-    (None, "not found.*--data"),
+    (None, "^data file .* not found"),
     (b"", "empty"),
     (b"  \n", "empty"),
     (b"abc\xff\xfedef", r"not UTF-8.*0xff at offset 3"),
@@ -49,6 +50,7 @@ def test_load_text_errors_are_one_line(tmp_path, content, match):
     with pytest.raises(ValueError, match=match) as e:
         load_text(p)
     assert "\n" not in str(e.value)
+    assert describe(e.value).startswith("--data file ")  # the command line names its flag
 
 
 def test_load_text_refuses_a_directory(tmp_path):
@@ -107,9 +109,9 @@ def test_download_checks_size_and_sha_and_writes_atomically(tmp_path):
     download_shakespeare(str(out), src.as_uri(), size=len(data), sha256=sha)
     assert out.read_bytes() == data
     assert sorted(os.listdir(out.parent)) == ["input.txt"]  # no temp file left behind
-    with pytest.raises(CommandError, match="not Tiny Shakespeare"):
+    with pytest.raises(UserError, match="not Tiny Shakespeare"):
         download_shakespeare(str(out), src.as_uri(), size=len(data), sha256="0" * 64)
-    with pytest.raises(CommandError, match=f"got {len(data)} bytes"):
+    with pytest.raises(UserError, match=f"got {len(data)} bytes"):
         download_shakespeare(str(tmp_path / "other.txt"), src.as_uri(), size=len(data) + 1,
                              sha256=sha)
     assert not (tmp_path / "other.txt").exists()

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gpt.plot import INSTALL_HINT, PlotError, load_metrics, main, series
+from gpt.errors import UserError
+from gpt.metrics import read_metrics, series
+from gpt.plot import INSTALL_HINT, main
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -82,14 +84,14 @@ def test_unfinished_last_line_is_ignored(tmp_path):
     path = write_run(tmp_path)
     with open(path, "a") as f:
         f.write('{"iter": 60, "train_lo')  # training is writing this line right now
-    assert len(load_metrics(path)) == len(RECORDS)
+    assert len(read_metrics(path)) == len(RECORDS)
 
 
 def test_resumed_run_replaces_the_repeated_iterations(tmp_path):
     # logged up to 50, resumed from a checkpoint at 30: the old 30..50 are superseded
     resumed = [{"iter": 30, "train_loss": 2.0}, {"iter": 40, "train_loss": 1.9}]
     path = write_run(tmp_path, RECORDS + resumed)
-    records = load_metrics(path)
+    records = read_metrics(path)
     assert [r["iter"] for r in records] == [0, 10, 20, 30, 40]
     assert series(records, "train_loss")[1][-2:] == [2.0, 1.9]
     assert series(records, "val_loss")[0] == [0.0]  # the eval at 40 belonged to the old run
@@ -110,9 +112,10 @@ def test_resumed_run_replaces_the_repeated_iterations(tmp_path):
 def test_bad_metrics_one_line_error(tmp_path, capsys, content, words):
     if content is not None:
         (tmp_path / "metrics.jsonl").write_text(content)
-    with pytest.raises(PlotError, match=words):
-        load_metrics(tmp_path / "metrics.jsonl")
-    assert main([str(tmp_path)]) == 1
+    if words != "no train_loss or val_loss":  # a valid log, with nothing to plot
+        with pytest.raises(UserError, match=words):
+            read_metrics(tmp_path / "metrics.jsonl")
+    assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and words in err
     assert not (tmp_path / "loss.png").exists()
@@ -120,13 +123,13 @@ def test_bad_metrics_one_line_error(tmp_path, capsys, content, words):
 
 def test_missing_output_folder_is_an_error(tmp_path, capsys):
     write_run(tmp_path)
-    assert main([str(tmp_path), "--output", str(tmp_path / "nope" / "x.png")]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    assert main([str(tmp_path), "--output", str(tmp_path / "nope" / "x.png")]) == 2
+    assert "--output names a folder" in capsys.readouterr().err
 
 
 def test_cli_error_has_no_traceback(tmp_path):
     r = run_cli(str(tmp_path / "missing"))
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
 
 

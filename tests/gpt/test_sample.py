@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from gpt.bpe import BPETokenizer
+from gpt.cli import describe
 from gpt.config import GPTConfig
+from gpt.errors import UserError
 from gpt.model import GPT, KVCache
 from gpt.sample import (
     filter_probs,
@@ -109,8 +111,9 @@ def test_temperature_to_zero_is_argmax(logits):
     ],
 )
 def test_filter_rejects_bad_settings(kwargs, flag):
-    with pytest.raises(ValueError, match=flag):
-        filter_probs(np.zeros(3), **kwargs)
+    with pytest.raises(UserError, match=f"^{next(iter(kwargs))} must") as e:
+        filter_probs(np.zeros(3), **kwargs)  # the library speaks of the value...
+    assert describe(e.value).startswith(flag + " must")  # ...the command line of its flag
 
 
 def test_sample_from_follows_the_distribution():
@@ -200,7 +203,7 @@ def test_bpe_generation_same_with_and_without_cache():
 
 def test_generate_rejects_bad_settings(char_setup):
     model, tok = char_setup
-    with pytest.raises(ValueError, match="--max-new-tokens"):
+    with pytest.raises(ValueError, match="^max_new_tokens must"):
         generate(model, tok, "To", -1)
     with pytest.raises(ValueError, match="do not know|does not know"):
         generate(model, tok, "To be? Zebra!", 5)

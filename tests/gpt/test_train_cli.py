@@ -1,19 +1,20 @@
 """`python -m gpt.train`: a tiny end-to-end run, exact resume, Ctrl-C, and bad input (each
 through a subprocess: one line on stderr, exit != 0, no traceback, nothing destroyed)."""
 
-import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from gpt import train as gt
-from gpt.config import TrainConfig
+from gpt.config import PRESETS, TrainConfig, leaf_fields
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
@@ -49,6 +50,30 @@ def run_cli(args, cwd, env_extra=None) -> subprocess.CompletedProcess:
                           capture_output=True, check=False, text=True, env=env, timeout=120)
 
 
+def main_error(capsys, *args) -> SimpleNamespace:
+    """gpt.train.main in this process, as a finished process would look."""
+    rc = main(*args)
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=captured.out, stderr=captured.err)
+
+
+def nan_at(monkeypatch, step: int) -> None:
+    """Make the loss of the `step`-th step of the next run read as NaN (as an overflow would)."""
+    real = gt.make_grad_fn
+
+    def make_grad_fn(model, cfg):
+        loss_and_grads, close = real(model, cfg)
+        calls = itertools.count(1)
+
+        def with_nan(x, y, rng):
+            loss = loss_and_grads(x, y, rng)
+            return float("nan") if next(calls) == step else loss
+
+        return with_nan, close
+
+    monkeypatch.setattr(gt, "make_grad_fn", make_grad_fn)
+
+
 def assert_one_line_error(proc, *words):
     err = proc.stderr.strip()
     assert proc.returncode not in (0, None), proc.stdout + proc.stderr
@@ -61,7 +86,7 @@ def assert_one_line_error(proc, *words):
 # ---- the command line --------------------------------------------------------------------------
 def test_every_config_field_is_a_flag_with_help():
     text = gt.build_parser().format_help()
-    for f in dataclasses.fields(TrainConfig):
+    for _, f, _ in leaf_fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in text
         assert f.metadata["help"].split()[0] in text
     for flag in ("--data", "--out-dir", "--n-layer", "--n-head", "--n-embd", "--block-size",
@@ -75,7 +100,23 @@ def test_every_config_field_is_a_flag_with_help():
 def test_parse_args_knows_which_flags_were_given():
     cfg, given = gt.parse_args(["--n-embd", "64", "--resume", "--lr", "3e-4"])
     assert given == {"n_embd", "resume", "lr"}
-    assert cfg.n_embd == 64 and cfg.resume and cfg.lr == 3e-4 and cfg.n_layer == 4
+    assert cfg.model.n_embd == 64 and cfg.resume and cfg.lr == 3e-4 and cfg.model.n_layer == 4
+
+
+def test_a_preset_sets_its_fields_and_flags_given_beside_it_win():
+    cfg, given = gt.parse_args(["--preset", "baby", "--n-layer", "2"])
+    assert cfg.model.n_layer == 2 and cfg.model.n_head == 4 and cfg.batch_size == 12
+    assert given == set(PRESETS["baby"])
+    assert "--preset NAME" in gt.build_parser().format_help()
+    for name, values in PRESETS.items():  # every preset builds a valid config
+        cfg, _ = gt.parse_args(["--preset", name])
+        assert cfg.validate().to_dict().items() >= values.items()
+
+
+def test_every_flag_shows_its_default():
+    text = " ".join(gt.build_parser().format_help().split())
+    assert "--max-iters N number of optimizer steps (default: 1000)" in text
+    assert "--n-head N attention heads H per block (divides n_embd) (default: 8)" in text
 
 
 # ---- a real run, in process ------------------------------------------------------------------
@@ -98,17 +139,15 @@ def test_tiny_run_writes_metrics_checkpoint_and_sample(tmp_path, text_file, caps
     assert state["iter"] == 12
 
 
-def test_resume_continues_exactly(tmp_path, text_file, capsys):
-    """A 30-step run that stops at step 23 (a NaN from the test hook; the last checkpoint is
-    at 20), resumed, logs the same losses as the straight 30-step run, with dropout on."""
+def test_resume_continues_exactly(tmp_path, text_file, capsys, monkeypatch):
+    """A 30-step run that stops at step 23 (a NaN; the last checkpoint is at 20), resumed,
+    logs the same losses as the straight 30-step run, with dropout on."""
     args = ["--data", text_file, "--max-iters", "30", "--dropout", "0.1", *TINY]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert main(*args, "--out-dir", straight) == 0
-    os.environ["GPT_TRAIN_FAKE_NAN_AT"] = "23"
-    try:
-        assert main(*args, "--out-dir", broken) == 1
-    finally:
-        del os.environ["GPT_TRAIN_FAKE_NAN_AT"]
+    with monkeypatch.context() as m:
+        nan_at(m, 23)
+        assert main(*args, "--out-dir", broken) == 2
     err = capsys.readouterr().err
     assert "iter 23" in err and "last good checkpoint (iter 20)" in err
     assert [r["iter"] for r in metrics(broken)][-1] == 22  # logged past the checkpoint
@@ -230,16 +269,18 @@ def test_missing_or_truncated_checkpoint(trained, tmp_path):
     assert digest(broken) == before
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch,
+                                                           capsys):
     out = tmp_path / "run"
-    proc = run_cli(["--data", text_file, "--out-dir", out, "--max-iters", "20", *TINY],
-                   cwd=tmp_path, env_extra={"GPT_TRAIN_FAKE_NAN_AT": "14"})
+    nan_at(monkeypatch, 14)
+    proc = main_error(capsys, "--data", text_file, "--out-dir", out, "--max-iters", "20", *TINY)
     assert_one_line_error(proc, "nan at iter 14", "last good checkpoint (iter 10)")
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["iter"] == 10
     # NaN before the first checkpoint: said so, and no half-made checkpoint is left behind
-    proc = run_cli(["--data", text_file, "--out-dir", tmp_path / "run2", "--max-iters", "5",
-                    *TINY], cwd=tmp_path, env_extra={"GPT_TRAIN_FAKE_NAN_AT": "1"})
+    nan_at(monkeypatch, 1)
+    proc = main_error(capsys, "--data", text_file, "--out-dir", tmp_path / "run2",
+                      "--max-iters", "5", *TINY)
     assert_one_line_error(proc, "no checkpoint was written yet")
     assert not (tmp_path / "run2" / "checkpoint").exists()
 
@@ -263,3 +304,15 @@ def test_nan_at_eval_is_not_saved(tmp_path, text_file):
     assert state["last_eval"]["val_loss"] < 10, state["last_eval"]
     assert all(json.loads(line)["val_loss"] < 10  # json.loads reads a NaN as nan: not < 10
                for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_evaluation_does_not_touch_the_training_stream(tmp_path, text_file):
+    """Two runs that differ only in how often they evaluate take the same steps: evaluation
+    draws its batches from its own generator, never from the training batches'."""
+    args = ["--data", text_file, "--max-iters", "12", *TINY, "--log-interval", "1"]
+    assert main(*args, "--out-dir", tmp_path / "often", "--eval-interval", "3") == 0
+    assert main(*args, "--out-dir", tmp_path / "once", "--eval-interval", "12") == 0
+    often, once = metrics(tmp_path / "often"), metrics(tmp_path / "once")
+    assert [r["train_loss"] for r in often] == [r["train_loss"] for r in once]
+    assert [r["iter"] for r in often if "val_loss" in r] == [3, 6, 9, 12]
+    assert often[-1]["val_loss"] == once[-1]["val_loss"]
