@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -407,7 +408,7 @@ def running(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
         for _ in range(1000):  # 10 s at most
             if server.started or not thread.is_alive():
                 break
-            threading.Event().wait(0.01)
+            time.sleep(0.01)
         if not server.started:
             raise RuntimeError("the server did not start within 10 s")
         yield url_of(sock)

@@ -16,12 +16,16 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+import numpy as np
 import openai
 import pytest
 from conftest import API_KEY, REPO, SERVER_MAX_TOKENS
 
+from gpt.bpe import BPETokenizer
+from gpt.config import GPTConfig
 from gpt.sample import generate
 from gpt.serve import create_app, is_loopback, open_warning, running
+from tensorlite import Tensor
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -189,6 +193,36 @@ def test_stream_options_include_usage(server):
     evs = events(data)
     assert evs[-1] == "[DONE]" and evs[-2]["choices"] == []
     assert evs[-2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+
+
+class ByteScript:
+    """A stand-in model that predicts the bytes of `data` one after another, then EOS (for a
+    byte-level BPE tokenizer without merges: token id = byte). Stateless: where it is in
+    `data` follows from how many positions its cache holds, so requests do not mix."""
+
+    def __init__(self, data: bytes, eos_id: int):
+        self.config = GPTConfig(eos_id + 1, block_size=64, n_layer=1, n_head=1, n_embd=4)
+        self.dtype, self.data, self.eos_id = np.float32, data, eos_id
+
+    def forward_cached(self, idx, cache):
+        cache.length += idx.shape[1]
+        i = cache.length - 1  # the prompt is BOS alone
+        logits = np.zeros(self.config.vocab_size, dtype=np.float32)
+        logits[self.data[i] if i < len(self.data) else self.eos_id] = 50.0
+        return Tensor(logits[None, None])
+
+
+def test_a_character_split_over_tokens_streams_whole():
+    text = "héllo wörld, 5 € ✓"
+    tok = BPETokenizer([])  # bytes only: é is 2 tokens, € and ✓ are 3
+    with running(create_app(ByteScript(text.encode(), tok.eos_id), tok, "bytes")) as url:
+        status, _, data = request(url, "POST", "/v1/completions",
+                                  {"prompt": "", "max_tokens": 100, "stream": True}, {})
+    assert status == 200
+    *chunks, last, done = events(data)
+    pieces = [c["choices"][0]["text"] for c in chunks]
+    assert "".join(pieces) == text and len(pieces) == len(text)  # one chunk per character
+    assert last["choices"][0]["finish_reason"] == "stop" and done == "[DONE]"
 
 
 # ---- every error, and the server survives each -------------------------------------------------
