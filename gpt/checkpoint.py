@@ -35,7 +35,8 @@ import safetensors.numpy
 
 from .errors import UserError
 
-CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_DIR = "checkpoint"  # the latest checkpoint: what --resume continues
+BEST_DIR = "best"  # the checkpoint with the lowest validation loss so far: what sampling takes
 FILES = ("model.safetensors", "optimizer.safetensors", "config.json", "tokenizer.json")
 STATE = "state.json"
 FORMAT_VERSION = 1
@@ -90,8 +91,9 @@ class Checkpoint:
     path: str = ""  # the folder it was read from
 
 
-def checkpoint_path(out_dir: str) -> str:
-    return os.path.join(out_dir, CHECKPOINT_DIR)
+def checkpoint_path(out_dir: str, best: bool = False) -> str:
+    """OUT/checkpoint (the latest), or OUT/best with best=True."""
+    return os.path.join(out_dir, BEST_DIR if best else CHECKPOINT_DIR)
 
 
 def tensors_to_bytes(tensors: dict[str, np.ndarray]) -> bytes:
@@ -133,9 +135,9 @@ def _remove(path: str) -> None:
         shutil.rmtree(path)
 
 
-def _recover(out_dir: str) -> None:
+def _recover(final: str) -> None:
     """If a crash hit between the two renames of a save, put the previous checkpoint back."""
-    final, old = checkpoint_path(out_dir), checkpoint_path(out_dir) + ".old"
+    old = final + ".old"
     if not os.path.isdir(final) and os.path.isdir(old):
         os.replace(old, final)
 
@@ -150,8 +152,9 @@ def _save_failed(e: OSError, file: str, final: str, had_previous: bool) -> UserE
                            f"{kept}; free some space (or fix the folder) and run again")
 
 
-def save_checkpoint(out_dir: str, ckpt: Checkpoint) -> str:
-    """Write `ckpt` to OUT/checkpoint so that a crash at any point leaves one whole checkpoint.
+def save_checkpoint(out_dir: str, ckpt: Checkpoint, best: bool = False) -> str:
+    """Write `ckpt` to OUT/checkpoint (OUT/best with best=True) so that a crash at any point
+    leaves one whole checkpoint.
 
     1. write every file into a fresh OUT/checkpoint.tmp (each fsynced; state.json, which lists
        the size and sha256 of the others, last);
@@ -164,8 +167,8 @@ def save_checkpoint(out_dir: str, ckpt: Checkpoint) -> str:
     Returns the checkpoint's path.
     """
     os.makedirs(out_dir, exist_ok=True)
-    _recover(out_dir)
-    final = checkpoint_path(out_dir)
+    final = checkpoint_path(out_dir, best)
+    _recover(final)
     tmp, old = final + ".tmp", final + ".old"
     if os.path.lexists(final) and not os.path.isdir(final):
         raise UserError(f"{final} exists but is not a folder; move it away and run again")
@@ -194,8 +197,8 @@ def save_checkpoint(out_dir: str, ckpt: Checkpoint) -> str:
     return final
 
 
-def has_checkpoint(out_dir: str) -> bool:
-    path = checkpoint_path(out_dir)
+def has_checkpoint(out_dir: str, best: bool = False) -> bool:
+    path = checkpoint_path(out_dir, best)
     return os.path.isdir(path) or os.path.isdir(path + ".old")
 
 
@@ -203,13 +206,18 @@ def has_checkpoint(out_dir: str) -> bool:
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def read_regular_file(path: str, limit: int, expect: int | None = None) -> bytes:
+def read_regular_file(path: str, limit: int, expect: int | None = None,
+                      dir_fd: int | None = None) -> bytes:
     """The bytes of `path`, which must be a regular file (not a symlink, FIFO, device or
     folder) of at most `limit` bytes, and of exactly `expect` bytes when given. The checks use
-    the opened file's own fstat, before a byte is read; a FIFO does not block the open."""
+    the opened file's own fstat, before a byte is read; a FIFO does not block the open.
+    With `dir_fd` (an open folder) the file is looked up in that folder, wherever it moved."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+        if dir_fd is None:
+            fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+        else:
+            fd = os.open(os.path.basename(path), flags, dir_fd=dir_fd)
     except FileNotFoundError:
         raise UserError(f"{path} is missing; the checkpoint is incomplete") from None
     except OSError as e:
@@ -249,10 +257,10 @@ def _parse_json(data: bytes, path: str) -> Any:
         raise UserError(f"{path} is corrupt (not the JSON a checkpoint writes)") from None
 
 
-def _read_state(path: str) -> dict:
+def _read_state(path: str, dir_fd: int | None) -> dict:
     """state.json, with a valid {"bytes", "sha256"} entry for every file of FILES."""
     file = os.path.join(path, STATE)
-    state = _parse_json(read_regular_file(file, JSON_LIMIT), file)
+    state = _parse_json(read_regular_file(file, JSON_LIMIT, dir_fd=dir_fd), file)
     files = state.get("files") if isinstance(state, dict) else None
     if not isinstance(files, dict):
         raise UserError(f"{file} is corrupt (not the JSON a checkpoint writes)")
@@ -267,11 +275,11 @@ def _read_state(path: str) -> dict:
     return state
 
 
-def _read_listed(path: str, name: str, files: dict, limit: int) -> bytes:
+def _read_listed(path: str, name: str, files: dict, limit: int, dir_fd: int | None) -> bytes:
     """A file of the checkpoint, checked against its size and sha256 in state.json."""
     file = os.path.join(path, name)
     expect = files[name]["bytes"]
-    data = read_regular_file(file, limit, expect)
+    data = read_regular_file(file, limit, expect, dir_fd)
     if hashlib.sha256(data).hexdigest() != files[name]["sha256"]:
         raise UserError(f"{file} is corrupt (its sha256 differs from state.json's)")
     return data
@@ -311,29 +319,76 @@ def _check_sizes(path: str, files: dict, config) -> tuple[int, int]:
     return limits[0], limits[1]
 
 
-def load_checkpoint(out_dir: str) -> Checkpoint:
-    """Read and verify OUT/checkpoint (or OUT/checkpoint.old after an interrupted save).
+LOAD_ATTEMPTS = 5  # reads of a checkpoint that a concurrent save may swap out under us
 
-    Never writes anything. Order: state.json (bounded), then config.json and tokenizer.json
-    (bounded, hashed, validated), then the sizes of the tensor files against the model the
-    config describes, and only then the tensors. Raises UserError (one line) if anything
-    is missing, corrupt, hostile or inconsistent."""
-    from .tokenizer import tokenizer_from_dict
 
-    path = checkpoint_path(out_dir)
+def _current_folder(out_dir: str, best: bool) -> str:
+    """OUT/checkpoint, or OUT/checkpoint.old while a save is between its two renames."""
+    path = checkpoint_path(out_dir, best)
     if not os.path.isdir(path) and os.path.isdir(path + ".old"):
         path += ".old"
     if not os.path.isdir(path):
         raise UserError(f"no checkpoint in {out_dir} (looked for {path}/); "
                               "train without --resume first, or point --out-dir at a run's folder")
-    state = _read_state(path)
-    files = state["files"]
+    return path
 
-    config_file = os.path.join(path, "config.json")
-    config = _parse_json(_read_listed(path, "config.json", files, JSON_LIMIT), config_file)
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def load_checkpoint(out_dir: str, best: bool = False) -> Checkpoint:
+    """Read and verify OUT/checkpoint (OUT/best with best=True; or the .old folder after an
+    interrupted save).
+
+    Never writes anything. Order: state.json (bounded), then config.json and tokenizer.json
+    (bounded, hashed, validated), then the sizes of the tensor files against the model the
+    config describes, and only then the tensors. Raises UserError (one line) if anything
+    is missing, corrupt, hostile or inconsistent.
+
+    A training may save while we read: the folder is opened once and every file is read from
+    that folder (POSIX), and if reading fails because a save replaced the folder meanwhile,
+    we read the new one (up to LOAD_ATTEMPTS times), so a reader never reports a checkpoint
+    as corrupt because it was being replaced, nor mixes files of two checkpoints."""
+    by_fd = os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY")
+    for attempt in range(LOAD_ATTEMPTS):
+        path = _current_folder(out_dir, best)
+        try:
+            dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY) if by_fd else None
+        except OSError:  # renamed or removed between the check and the open
+            continue
+        held = _identity(path) if dir_fd is None else (os.fstat(dir_fd).st_dev,
+                                                        os.fstat(dir_fd).st_ino)
+        try:
+            return _read_checkpoint(path, dir_fd)
+        except UserError:
+            now = _identity(checkpoint_path(out_dir, best))
+            if attempt + 1 < LOAD_ATTEMPTS and now != held:
+                continue  # a save swapped the folder under us: read the new one
+            raise
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
+    return _read_checkpoint(_current_folder(out_dir, best), None)
+
+
+def _read_checkpoint(path: str, dir_fd: int | None) -> Checkpoint:
+    """load_checkpoint's reading and checking of one folder (`dir_fd`: the folder, opened)."""
+    from .tokenizer import tokenizer_from_dict
+
+    state = _read_state(path, dir_fd)
+
+    def read(name: str, limit: int) -> bytes:
+        return _read_listed(path, name, state["files"], limit, dir_fd)
+
+    config_file, tok_file = os.path.join(path, "config.json"), os.path.join(path, "tokenizer.json")
+    config = _parse_json(read("config.json", JSON_LIMIT), config_file)
     model_config = _model_config(config, config_file)
-    tok_file = os.path.join(path, "tokenizer.json")
-    tokenizer = _parse_json(_read_listed(path, "tokenizer.json", files, TOKENIZER_LIMIT), tok_file)
+    tokenizer = _parse_json(read("tokenizer.json", TOKENIZER_LIMIT), tok_file)
     try:
         vocab = tokenizer_from_dict(tokenizer).vocab_size
     except (TypeError, ValueError, AttributeError) as e:
@@ -342,13 +397,11 @@ def load_checkpoint(out_dir: str) -> Checkpoint:
         raise UserError(f"{tok_file} has {vocab} tokens but config.json's model has "
                               f"vocab_size {model_config.vocab_size}; the checkpoint is corrupt")
 
-    model_limit, opt_limit = _check_sizes(path, files, model_config)
+    model_limit, opt_limit = _check_sizes(path, state["files"], model_config)
     model_file = os.path.join(path, "model.safetensors")
-    model = tensors_from_bytes(_read_listed(path, "model.safetensors", files, model_limit),
-                               model_file)
+    model = tensors_from_bytes(read("model.safetensors", model_limit), model_file)
     opt_file = os.path.join(path, "optimizer.safetensors")
-    optimizer = tensors_from_bytes(_read_listed(path, "optimizer.safetensors", files, opt_limit),
-                                   opt_file)
+    optimizer = tensors_from_bytes(read("optimizer.safetensors", opt_limit), opt_file)
     step = optimizer.get("step", np.array(0)) if optimizer else np.array(0)
     if step.shape != () or step.dtype.kind not in "iu" or step < 0:
         raise UserError(f"{opt_file} has no valid 'step' (a 0-d integer >= 0); the "
@@ -358,14 +411,22 @@ def load_checkpoint(out_dir: str) -> Checkpoint:
                       state=state, path=path)
 
 
-def load_model(out_dir: str, dtype: Any = None):
-    """(model, tokenizer) from a training run's folder, ready to sample from.
-    `dtype` defaults to the dtype the weights were saved in."""
+def uses_best(out_dir: str, latest: bool = False) -> bool:
+    """Whether load_model(out_dir, latest=latest) takes OUT/best: it does when OUT/best exists
+    and the latest was not asked for."""
+    return not latest and has_checkpoint(out_dir, best=True)
+
+
+def load_model(out_dir: str, dtype: Any = None, *, latest: bool = False):
+    """(model, tokenizer) from a training run's folder, ready to sample from: the checkpoint
+    with the lowest validation loss (OUT/best) when there is one, else the latest
+    (OUT/checkpoint); latest=True always takes the latest. `dtype` defaults to the dtype the
+    weights were saved in."""
     from .config import GPTConfig
     from .model import GPT
     from .tokenizer import tokenizer_from_dict
 
-    ckpt = load_checkpoint(out_dir)
+    ckpt = load_checkpoint(out_dir, best=uses_best(out_dir, latest))
     config = GPTConfig.from_dict(ckpt.config["model"])  # validated by load_checkpoint
     if dtype is None:
         dtype = ckpt.model["wte"].dtype if "wte" in ckpt.model else np.float32

@@ -12,6 +12,7 @@ then ONE matrix product (np.matmul would loop over B for a 3-D x).
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -248,3 +249,52 @@ class KVCache:
     def reset(self) -> None:
         """Forget every position (the arrays are kept and overwritten)."""
         self.length = 0
+
+
+# ---- will it fit? ---------------------------------------------------------------------------
+def training_memory(config: GPTConfig, batch_size: int, dtype=np.float32) -> tuple[int, int]:
+    """(parameter count, bytes a training step needs, roughly), computed from the shapes alone.
+
+    bytes = 4 copies of the parameters (weights, gradients, AdamW's m and v)
+          + the activations backward keeps, per layer about 16 (B*T, C) arrays and two
+            (B, H, T, T) attention matrices, and about 3 (B*T, V) arrays for the logits.
+    An estimate for refusing hopeless settings up front, not a promise."""
+    P = sum(math.prod(shape) for _, shape, _ in GPT.param_specs(config))
+    B, T, C, H = batch_size, config.block_size, config.n_embd, config.n_head
+    values = 4 * P + config.n_layer * (16 * B * T * C + 2 * B * H * T * T)
+    values += 3 * B * T * config.vocab_size
+    return P, values * np.dtype(dtype).itemsize
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable; elsewhere the
+    physical memory), or None when the system does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_fits(config: GPTConfig, batch_size: int, dtype=np.float32) -> None:
+    """Raise ValueError (one line, with the numbers) when training this model would need
+    more memory than is available, before anything is allocated."""
+    P, need = training_memory(config, batch_size, dtype)
+    have = available_memory()
+    if have is not None and need > have:
+        raise ValueError(
+            f"this model has {P:,} parameters (n_layer {config.n_layer}, n_embd "
+            f"{config.n_embd}, vocab {config.vocab_size}); training it with batch size "
+            f"{batch_size} x block size {config.block_size} needs about {_gb(need)} of memory "
+            f"and {_gb(have)} is available: use a smaller --n-embd, --n-layer, --batch-size "
+            "or --block-size")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB"

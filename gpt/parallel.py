@@ -28,6 +28,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import uuid
@@ -101,6 +102,7 @@ class DataParallel:
         self._parallel = None  # dask: a joblib Parallel on the dask backend
         self._closed = False
         self.timeout = timeout  # seconds a step may take (None: no limit)
+        self.retries = 3  # dask: times a step is retried after losing workers (loky: none)
         self._dir = None
 
         layout, offset = [], 0
@@ -165,8 +167,6 @@ class DataParallel:
             self._executor = get_reusable_executor(max_workers=self.workers,
                                                    initializer=_ignore_sigint)
             return
-        import joblib
-
         if self.backend == "dask":
             try:
                 from dask.distributed import Client
@@ -180,12 +180,28 @@ class DataParallel:
                 raise RuntimeError(
                     f"cannot reach the dask scheduler at {scheduler} ({e}); is it running?"
                 ) from None
-        # One Parallel, entered once, used for every step until close(). parallel_config
-        # resolves the backend by name (joblib registers "dask" on first use) and runs the
-        # tasks through the default dask Client, the one made above.
+        self._open_parallel()
+
+    def _open_parallel(self) -> None:
+        """One joblib Parallel, entered once, used for every step until close() (or until a
+        lost worker makes us open a fresh one). parallel_config resolves the backend by name
+        (joblib registers "dask" on first use) and runs the tasks through the default dask
+        Client, the one made in _start."""
+        import joblib
+
+        if self._parallel is not None:
+            with contextlib.suppress(Exception):  # a broken one (a lost worker) still closes
+                self._parallel.__exit__(None, None, None)
         with joblib.parallel_config(backend="dask"):
             self._parallel = joblib.Parallel(n_jobs=self.workers, timeout=self.timeout)
         self._parallel.__enter__()
+
+    def _dask_workers(self) -> int:
+        """How many workers the dask scheduler has now (0 if it cannot be asked)."""
+        try:
+            return len(self._client.scheduler_info()["workers"])
+        except Exception:  # noqa: BLE001 - a scheduler that is gone has no workers for us
+            return 0
 
     # ---- one step ----------------------------------------------------------------------------
     def loss_and_grads(self, x, y, rng: np.random.Generator | None = None) -> float:
@@ -205,21 +221,29 @@ class DataParallel:
             p = self.model.params[name].data
             self._weights[offset : offset + p.size] = p.reshape(-1)
 
+        if self.backend == "dask" and not self._dask_workers():  # tasks would wait forever
+            raise RuntimeError(f"data-parallel worker failed at step {self.step}: no dask "
+                               "worker left")
         seed = self.step if rng is None else int(rng.integers(2**63))
         shared = self.spec.weights_path is not None
         weights = None if shared else self._weights
         tasks = [(self.spec, seed, k, x[r], y[r], weights) for k, r in enumerate(rows)]
-        try:
-            if self._executor is not None:
-                futures = [self._executor.submit(self.shard_fn, *task) for task in tasks]
-                results = [f.result(timeout=self.timeout) for f in futures]
-            else:
-                results = self._parallel((self.shard_fn, task, {}) for task in tasks)
-        except Exception as e:  # a worker raised, died (loky) or the cluster failed
-            raise RuntimeError(
-                f"data-parallel worker failed at step {self.step}: {type(e).__name__}: "
-                f"{_first_line(e)}"
-            ) from e
+        for attempt in range(self.retries + 1):
+            try:
+                results = self._run(tasks)
+                break
+            except Exception as e:  # a worker raised, died (loky) or the cluster failed
+                why = f"{type(e).__name__}: {_first_line(e)}"
+                left = self._dask_workers() if self.backend == "dask" else 0
+                if not left or attempt == self.retries:
+                    more = " (no dask worker left)" if self.backend == "dask" and not left else ""
+                    raise RuntimeError(f"data-parallel worker failed at step {self.step}{more}: "
+                                       f"{why}") from e
+                # dask lost a worker (and the weights scattered to it): the same tasks again
+                # on the workers that remain give the same shard losses and gradients
+                print(f"warning: a dask worker was lost at step {self.step} ({why}); "
+                      f"retrying the step on the {left} remaining", file=sys.stderr, flush=True)
+                self._open_parallel()
         self.step += 1
 
         w = np.array([len(r) / B for r in rows], dtype=self.model.dtype)  # (K,) token weights
@@ -233,6 +257,12 @@ class DataParallel:
             p = self.model.params[name]
             p.grad = grad[offset : offset + p.size].reshape(shape)
         return loss
+
+    def _run(self, tasks: list) -> list:
+        if self._executor is not None:
+            futures = [self._executor.submit(self.shard_fn, *task) for task in tasks]
+            return [f.result(timeout=self.timeout) for f in futures]
+        return self._parallel((self.shard_fn, task, {}) for task in tasks)
 
     # ---- cleaning up -------------------------------------------------------------------------
     def close(self) -> None:

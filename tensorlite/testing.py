@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -33,6 +34,8 @@ __all__ = [
     "assert_gradients_match",
     "broadcastable_shapes",
     "check_grads",
+    "check_jvp",
+    "check_vjp",
     "shapes",
     "tensors",
 ]
@@ -216,3 +219,127 @@ def _check_one_order(fn, ts, level, modes, eps, atol, rtol, rng) -> None:
                     f"check_grads: forward mode, {where}: output element {e}: jvp gives "
                     f"{got[e]:.8g}, finite differences {numeric[e]:.8g}"
                 )
+
+
+# ---- hand-written gradients of plain NumPy functions, searched by hypothesis -----------------
+def check_vjp(
+    f: Callable[..., np.ndarray],
+    f_vjp: Callable[..., tuple],
+    shapes: Sequence,
+    *,
+    eps: float = 1e-6,
+    atol: float = 1e-6,
+    rtol: float = 1e-4,
+    **search,
+) -> None:
+    """Verify a hand-written backward of a plain NumPy function; no tensorlite needed.
+
+    f(*xs) -> array.  f_vjp(dout, *xs) -> the gradient of <dout, f(*xs)> with respect to
+    each x (a tuple, one per input; a bare array for one input).  `shapes` gives one shape
+    per input, as ints and names: `[("N", "C"), ("C", "K")]` lets hypothesis choose N, C, K
+    (1 to max_side), the same size wherever a name repeats; or pass a strategy of tuples of
+    shapes. hypothesis searches sizes, inputs and `dout` (float64) for an element where f_vjp
+    disagrees with central differences, shrinks it to a minimal case and raises
+    GradcheckError naming the argument, the element, the expected and the got value, with
+    the failing inputs. Call it from a plain test, not from inside @given.
+
+    `search` options: max_examples (default: the hypothesis profile's), max_side (4),
+    min_value and max_value of the inputs (-2.0, 2.0).
+    """
+
+    def check(xs, draw):
+        out = np.asarray(f(*xs), dtype=np.float64)
+        dout = draw(arrays(shape=out.shape), label="dout")
+        got = f_vjp(dout, *xs)
+        got = (got,) if len(xs) == 1 and not isinstance(got, (tuple, list)) else tuple(got)
+        if len(got) != len(xs):
+            raise GradcheckError(f"check_vjp: f_vjp returned {len(got)} gradients for {len(xs)} inputs")
+        for i, (x, g) in enumerate(zip(xs, got)):
+            g = np.asarray(g, dtype=np.float64)
+            if g.shape != x.shape:
+                raise GradcheckError(
+                    f"check_vjp: f_vjp's gradient for argument {i} has shape {g.shape}, "
+                    f"the argument {x.shape}" + _case(xs, dout))
+            for where in np.ndindex(x.shape):
+                step = np.zeros_like(x)
+                step[where] = eps
+                plus, minus = (np.sum(dout * _call(f, xs, i, s)) for s in (step, -step))
+                expected = (plus - minus) / (2 * eps)
+                if not _close(g[where], expected, atol, rtol):
+                    raise GradcheckError(
+                        f"check_vjp: argument {i} (shape {x.shape}), element {where}: expected "
+                        f"{expected:.8g} (finite differences), got {g[where]:.8g}" + _case(xs, dout))
+
+    _search(check, shapes, **search)
+
+
+def check_jvp(
+    f: Callable[..., np.ndarray],
+    f_jvp: Callable[..., np.ndarray],
+    shapes: Sequence,
+    *,
+    eps: float = 1e-6,
+    atol: float = 1e-6,
+    rtol: float = 1e-4,
+    **search,
+) -> None:
+    """Verify a hand-written forward-mode derivative of a plain NumPy function.
+
+    f(*xs) -> array.  f_jvp(tangents, *xs) -> d f for the input tangents (a tuple, one per
+    input, shaped like it). Each argument is checked alone (the other tangents zero), so a
+    failure names the argument and the output element. Shapes and `search` options as in
+    `check_vjp`.
+    """
+
+    def check(xs, draw):
+        tangents = [draw(arrays(shape=x.shape), label=f"tangent {i}") for i, x in enumerate(xs)]
+        for i, x in enumerate(xs):
+            only = tuple(t if j == i else np.zeros_like(t) for j, t in enumerate(tangents))
+            expected = (_call(f, xs, i, eps * only[i]) - _call(f, xs, i, -eps * only[i])) / (2 * eps)
+            got = np.broadcast_to(np.asarray(f_jvp(only, *xs), dtype=np.float64), expected.shape)
+            bad = np.abs(got - expected) - (atol + rtol * np.abs(expected))
+            if np.any(bad > 0):
+                e = np.unravel_index(np.argmax(bad), bad.shape) if bad.ndim else ()
+                raise GradcheckError(
+                    f"check_jvp: argument {i} (shape {x.shape}), output element {e}: expected "
+                    f"{expected[e]:.8g} (finite differences), got {got[e]:.8g}"
+                    + _case(xs, tangents, "tangents"))
+
+    _search(check, shapes, **search)
+
+
+def _call(f, xs, i: int, step) -> np.ndarray:
+    """f with argument i moved by `step`, as float64."""
+    return np.asarray(f(*(x + step if j == i else x for j, x in enumerate(xs))), dtype=np.float64)
+
+
+def _case(xs, extra, name: str = "dout") -> str:
+    shown = [f"  argument {i} = {np.array2string(x, precision=6)}" for i, x in enumerate(xs)]
+    return "\n" + "\n".join(shown) + f"\n  {name} = {np.array2string(np.asarray(extra), precision=6)}"
+
+
+def _shape_strategy(shapes, max_side: int):
+    """Tuples of concrete shapes: names in `shapes` become sizes hypothesis chooses."""
+    if isinstance(shapes, st.SearchStrategy):
+        return shapes
+    names = sorted({d for s in shapes for d in s if isinstance(d, str)})
+    sizes = st.fixed_dictionaries({n: st.integers(1, max_side) for n in names})
+    return sizes.map(
+        lambda size: tuple(tuple(size[d] if isinstance(d, str) else d for d in s) for s in shapes)
+    )
+
+
+def _search(check, shapes, max_examples: int | None = None, max_side: int = 4,
+            min_value: float = -2.0, max_value: float = 2.0) -> None:
+    """Run check(inputs, draw) on inputs hypothesis draws, until it fails or the examples run out."""
+    extra = {} if max_examples is None else {"max_examples": max_examples}
+
+    @settings(deadline=None, database=None, suppress_health_check=list(HealthCheck), **extra)
+    @given(st.data())
+    def search(data):
+        drawn = data.draw(_shape_strategy(shapes, max_side), label="shapes")
+        xs = [data.draw(arrays(shape=s, min_value=min_value, max_value=max_value),
+                        label=f"argument {i}") for i, s in enumerate(drawn)]
+        check(xs, data.draw)
+
+    search()

@@ -90,3 +90,11 @@ def test_buggy_softplus_is_caught_only_by_the_random_cotangent():
     with pytest.raises(GradcheckError):
         custom_op.check_gradient(custom_op.softplus_buggy, max_examples=10)
     custom_op.check_gradient(custom_op.softplus, max_examples=10)  # the right one passes
+
+
+# ---- examples/attention_backward_bug.py --------------------------------------------------------
+def test_attention_example_catches_the_q_only_backward_and_passes_the_right_one():
+    out = run_example("attention_backward_bug")
+    assert "Q-only backward: caught:\ncheck_vjp: argument 2 (shape (1, 1)), element (0, 0)" in out
+    assert "dout = [[" in out  # the shrunk example is shown
+    assert out.rstrip().endswith("right backward: passes")

@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import struct
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -361,6 +363,57 @@ def test_a_bad_optimizer_step_is_corruption(tmp_path):
     ck.save_checkpoint(str(tmp_path), c)
     with pytest.raises(UserError, match="no valid 'step'"):
         ck.load_checkpoint(str(tmp_path))
+
+
+# ---- readers during saves; best vs latest ---------------------------------------------------------
+def test_readers_never_see_a_half_written_checkpoint_nor_false_corruption(tmp_path):
+    """A thread saves over and over (alternating two checkpoints) while this one loads: every
+    load must succeed and return one whole checkpoint, never a mix of the two."""
+    out = str(tmp_path)
+    a, b = make_ckpt(1, seed=1)[0], make_ckpt(2, seed=2)[0]
+    ck.save_checkpoint(out, a)
+    stop, saves, errors = threading.Event(), [0], []
+
+    def saver():
+        try:
+            while not stop.is_set():
+                ck.save_checkpoint(out, b if saves[0] % 2 else a)
+                saves[0] += 1
+        except (OSError, ValueError) as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=saver)
+    thread.start()
+    try:
+        loads, deadline = 0, time.monotonic() + 3
+        while time.monotonic() < deadline and (loads < 300 or saves[0] < 100):
+            got = ck.load_checkpoint(out)
+            ref = a if got.state["iter"] == 1 else b
+            np.testing.assert_array_equal(got.model["wte"], ref.model["wte"])
+            loads += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors and saves[0] > 10 and loads > 10
+
+
+def test_best_and_latest_are_separate_folders(tmp_path):
+    out = str(tmp_path)
+    best, latest = make_ckpt(5, seed=1), make_ckpt(9, seed=2)
+    ck.save_checkpoint(out, latest[0])
+    assert not ck.uses_best(out)
+    model, _ = ck.load_model(out)  # no best yet: the latest
+    np.testing.assert_array_equal(model.params["wte"].data, latest[1].params["wte"].data)
+    ck.save_checkpoint(out, best[0], best=True)
+    assert sorted(os.listdir(out)) == ["best", "checkpoint"]
+    assert ck.load_checkpoint(out, best=True).state["iter"] == 5
+    assert ck.load_checkpoint(out).state["iter"] == 9  # --resume takes the latest
+    model, _ = ck.load_model(out)  # sampling takes the best...
+    np.testing.assert_array_equal(model.params["wte"].data, best[1].params["wte"].data)
+    model, _ = ck.load_model(out, latest=True)  # ...unless told otherwise
+    np.testing.assert_array_equal(model.params["wte"].data, latest[1].params["wte"].data)
+
+
 # ---- a checkpoint written by an older version ---------------------------------------------------
 OLD_RUN = Path(__file__).parent / "data" / "old_run"  # 4 steps of a tiny model, Nov 2026 format
 

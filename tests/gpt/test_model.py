@@ -243,3 +243,20 @@ def test_zero_grad_and_backward_fill_every_parameter():
         assert np.all(np.isfinite(p.grad)) and np.any(p.grad != 0), name
     model.zero_grad()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_training_memory_counts_the_parameters_and_refuses_what_cannot_fit(monkeypatch):
+    from gpt import model as gm
+
+    cfg = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=8)
+    P, need = gm.training_memory(cfg, batch_size=4, dtype=np.float64)
+    assert P == GPT(cfg).num_params() and need > 4 * P * 8
+    _, need32 = gm.training_memory(cfg, batch_size=4, dtype=np.float32)
+    assert need32 * 2 == need
+    gm.check_fits(cfg, 4)  # a tiny model fits
+    big = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=8, n_embd=65536)
+    with pytest.raises(ValueError, match=r"206,\d{3},\d{3},\d{3} parameters.*GB of memory"):
+        gm.check_fits(big, 12)
+    monkeypatch.setattr(gm, "available_memory", lambda: 10**6)
+    with pytest.raises(ValueError, match="0.0 GB is available"):
+        gm.check_fits(cfg, 10**5)

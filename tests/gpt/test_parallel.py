@@ -266,3 +266,38 @@ def test_dask_backend_logs_the_losses_of_one_worker(text_file, tmp_path, one_wor
                   "--scheduler", dask_scheduler)
     assert r.returncode == 0, r.stderr
     assert_same_losses(logged_losses(tmp_path), one_worker_losses)
+
+
+def test_a_lost_dask_worker_is_retried_with_the_same_loss_and_none_left_is_one_line(tmp_path):
+    """A worker killed mid-step loses the weights scattered to it; the step is run again on
+    the workers that remain and gives the same loss. With no worker left: one-line error."""
+    import time
+
+    from dask.distributed import LocalCluster
+
+    from gpt.parallel import _shard_loss_and_grads
+
+    marker = str(tmp_path / "died")
+
+    def die_once(*args):  # a closure, so it travels to the worker by value
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(9)
+        return _shard_loss_and_grads(*args)
+
+    model = GPT(TINY, dtype=np.float64, seed=1)
+    x, y = batch(4)
+    reference, _ = single_process(model, x, y)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, \
+            DataParallel(model, 2, backend="dask", scheduler=cluster.scheduler_address) as dp:
+        dp.shard_fn = die_once
+        assert dp.loss_and_grads(x, y) == pytest.approx(reference, rel=1e-12)
+        assert os.path.exists(marker)  # a worker did die during that step
+        cluster.scale(0)
+        deadline = time.monotonic() + 60
+        while dp._dask_workers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with pytest.raises(RuntimeError, match="no dask worker left") as err:
+            dp.loss_and_grads(x, y)
+        assert "\n" not in str(err.value)

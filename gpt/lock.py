@@ -1,0 +1,80 @@
+"""One trainer per run folder: `RunLock(OUT)` holds an exclusive lock on `OUT/.lock` for as long
+as a training runs, so a second `python -m gpt.train --out-dir OUT` stops at once with
+"OUT is in use by pid N" instead of interleaving checkpoints and metrics with the first.
+
+The lock is the operating system's (flock on POSIX, msvcrt.locking on Windows), held on an open
+file: it goes away with the process that holds it, however that process ends (kill -9
+included). A lock file left behind by a dead trainer is therefore no lock at all; the next
+trainer takes it over and writes its own pid into it. Readers (gpt.sample, load_model) take no
+lock: a save swaps whole folders, and load_checkpoint retries when one is swapped under it.
+"""
+
+from __future__ import annotations
+
+import os
+
+LOCK_FILE = ".lock"
+
+try:  # POSIX
+    import fcntl
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+except ImportError:  # pragma: no cover - Windows
+    import msvcrt
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+
+
+class RunInUseError(RuntimeError):
+    """Another live process holds the run folder's lock (the message names its pid)."""
+
+
+class RunLock:
+    """Exclusive lock on a run folder, as a context manager.
+
+        with RunLock("out"):      # RunInUseError: "out is in use by pid 1234"
+            train ...
+    """
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.path = os.path.join(out_dir, LOCK_FILE)
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        os.makedirs(self.out_dir, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children
+        if not _try_lock(fd):
+            try:
+                owner = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise RunInUseError(f"{self.out_dir} is in use by pid {owner} (another training "
+                                "writes there); wait for it to finish, stop it, or choose "
+                                "another --out-dir")
+        os.ftruncate(fd, 0)  # a dead trainer's pid may still be there: take it over
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock; the file stays (harmless)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
