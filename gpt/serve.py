@@ -444,9 +444,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(cfg: ServeConfig) -> int:
-    """Load the checkpoint, listen, serve until Ctrl-C (or SIGTERM); 0 when stopped cleanly."""
-    from .checkpoint import load_model
+    """Load the run's checkpoint (its best, as gpt.sample does, else its latest), listen, and
+    serve until Ctrl-C (or SIGTERM); 0 when stopped cleanly."""
+    from .checkpoint import checkpoint_path, load_model, uses_best
 
+    source = checkpoint_path(cfg.out_dir, uses_best(cfg.out_dir))  # OUT/best if there is one
     model, tokenizer = load_model(cfg.out_dir)
     name = cfg.model_name or os.path.basename(os.path.abspath(cfg.out_dir))
     app = create_app(model, tokenizer, name, cfg.max_tokens, cfg.api_key, cfg.cors_origin)
@@ -458,7 +460,8 @@ def serve(cfg: ServeConfig) -> int:
     warning = open_warning(cfg.host, cfg.api_key)
     if warning:
         print(warning, file=sys.stderr)
-    print(f"gpt.serve: serving {name} at {url_of(sock)} (Ctrl-C to stop)", flush=True)
+    print(f"gpt.serve: serving {name} ({source}) at {url_of(sock)} (Ctrl-C to stop)",
+          flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # stop the same way on SIGTERM
     try:
         make_server(app).run(sockets=[sock])

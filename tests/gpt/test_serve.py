@@ -22,6 +22,7 @@ import pytest
 from conftest import API_KEY, REPO, SERVER_MAX_TOKENS
 
 from gpt.bpe import BPETokenizer
+from gpt.checkpoint import checkpoint_path, uses_best
 from gpt.config import GPTConfig
 from gpt.sample import generate
 from gpt.serve import create_app, is_loopback, open_warning, running
@@ -454,9 +455,11 @@ def test_the_command_serves_until_ctrl_c(tiny_run):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        match = re.search(r"serving my-model at (http://127\.0\.0\.1:\d+/)", line)
+        match = re.search(r"serving my-model \((.+)\) at (http://127\.0\.0\.1:\d+/)", line)
         assert match, line + proc.stderr.read() if proc.poll() is not None else line
-        url = match.group(1)
+        source, url = match.groups()
+        # the checkpoint gpt.sample takes: OUT/best when training wrote one, else the latest
+        assert source == checkpoint_path(str(tiny_run), uses_best(str(tiny_run)))
         assert request(url, "GET", "/health")[0] == 200
         assert request(url, "GET", "/v1/models")[0] == 401
         key = {"Authorization": "Bearer from-the-env"}
