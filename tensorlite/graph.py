@@ -36,19 +36,27 @@ def _kind(t: Tensor) -> str:
     return "leaf" if t.requires_grad else "const"
 
 
-def grad_summary(g: np.ndarray) -> str:
-    """A short description of a gradient: its values when small, else mean and max |g|."""
-    if g.size <= 4:
-        return "grad " + np.array2string(np.asarray(g), precision=4, separator=", ")
-    return f"grad mean {g.mean():.4g}, max|g| {np.abs(g).max():.4g}"
+def summary(what: str, a: np.ndarray) -> str | None:
+    """`what` and the values of `a` when it is small (<= 4 elements); else mean and max |a|
+    for a gradient ("grad mean ..., max|g| ...") and nothing for data (shape says enough)."""
+    if a.size <= 4:
+        text = np.array2string(np.asarray(a), precision=4, separator=", ")
+        return f"{what} " + " ".join(text.split())  # a 2-D one on one line too
+    if what == "grad":
+        return f"grad mean {a.mean():.4g}, max|g| {np.abs(a).max():.4g}"
+    return None
 
 
 def _describe(t: Tensor) -> list:
-    """The facts about a tensor shown in both pictures: name, shape, dtype, grad."""
+    """The facts about a tensor shown in both pictures: name, shape, dtype, data (when it
+    has at most 4 elements), grad."""
     parts = [f"{t.name!r}"] if t.name else []
     parts.append(f"shape {t.shape} {t.dtype}")
+    data = summary("data", t.data)
+    if data is not None:
+        parts.append(data)
     if t.grad is not None:
-        parts.append(grad_summary(t.grad))
+        parts.append(summary("grad", t.grad))
     return parts
 
 
@@ -59,7 +67,7 @@ def _dot_quote(text: str) -> str:
 def to_dot(t: Tensor) -> str:
     """Graphviz DOT text of the graph that produced `t`.
 
-    Tensors are boxes (name, shape, dtype, gradient summary when `.grad` is set; leaves that
+    Tensors are boxes (name, shape, dtype, data when small, gradient when `.grad` is set; leaves that
     require grad are filled, constants dashed), ops are ellipses named by their Function
     class (`MatMul`, `Sum`, ...). Edges run input -> op -> output.
     """

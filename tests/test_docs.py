@@ -53,3 +53,19 @@ def test_doc_examples_run(path: Path, tmp_path, monkeypatch):
     assert results.failed == 0, f"{path.name}: {results.failed} example(s) failed\n{report}"
     if path.name in MUST_HAVE_EXAMPLES:
         assert results.attempted > 0, f"{path.name} has no >>> examples"
+
+
+def test_each_op_docstring_opens_with_its_math():
+    """autograd.md: an op's docstring opens with the math, the forward then each gradient."""
+    import inspect
+
+    from tensorlite import functional, ops
+    from tensorlite.autograd import Function
+
+    for module in (ops, functional):
+        for name, cls in vars(module).items():
+            if not (inspect.isclass(cls) and issubclass(cls, Function) and cls.__module__ == module.__name__):
+                continue
+            opening = (cls.__doc__ or "").split("\n\n")[0]
+            assert re.match(r"(out|y|loss) = ", opening), f"{name}: docstring does not open with the forward"
+            assert re.search(r"\bd\w+ = ", opening), f"{name}: no gradient in the docstring's opening"

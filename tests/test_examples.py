@@ -98,3 +98,27 @@ def test_attention_example_catches_the_q_only_backward_and_passes_the_right_one(
     assert "Q-only backward: caught:\ncheck_vjp: argument 2 (shape (1, 1)), element (0, 0)" in out
     assert "dout = [[" in out  # the shrunk example is shown
     assert out.rstrip().endswith("right backward: passes")
+
+
+# ---- examples/exercises/: the reference solutions of the docs' exercises -----------------------
+SOLUTIONS = sorted(p.stem for p in (EXAMPLES / "exercises").glob("*.py"))
+EXERCISE_PAGES = ["autograd.md", "verifying-gradients.md", "gpt.md"]
+
+
+def exercises_in(page: str) -> list[str]:
+    """The solution files an '## Exercises' section names, in order: (`name.py`)."""
+    text = (EXAMPLES.parent / "docs" / page).read_text(encoding="utf-8")
+    section = text.split("\n## Exercises\n", 1)
+    return re.findall(r"^\d+\. \*\*[^*]+\*\* \(`(\w+)\.py`", section[1], re.MULTILINE) if len(section) > 1 else []
+
+
+@pytest.mark.parametrize("name", SOLUTIONS)
+def test_exercise_solution_runs_and_its_checks_pass(name):
+    out = run_example(f"exercises/{name}")  # each solution asserts its own claims
+    assert out.rstrip().endswith("ok"), out
+
+
+def test_every_exercise_has_a_solution_and_every_solution_an_exercise():
+    named = [n for page in EXERCISE_PAGES for n in exercises_in(page)]
+    assert sorted(named) == SOLUTIONS, "docs' exercises and examples/exercises/ differ"
+    assert len(named) == len(set(named)) >= 10
