@@ -205,12 +205,12 @@ class ByteScript:
         self.config = GPTConfig(eos_id + 1, block_size=64, n_layer=1, n_head=1, n_embd=4)
         self.dtype, self.data, self.eos_id = np.float32, data, eos_id
 
-    def forward_cached(self, idx, cache):
+    def __call__(self, idx, targets=None, cache=None):  # (logits, loss), as GPT's
         cache.length += idx.shape[1]
         i = cache.length - 1  # the prompt is BOS alone
         logits = np.zeros(self.config.vocab_size, dtype=np.float32)
         logits[self.data[i] if i < len(self.data) else self.eos_id] = 50.0
-        return Tensor(logits[None, None])
+        return Tensor(logits[None, None]), None
 
 
 def test_a_character_split_over_tokens_streams_whole():
