@@ -45,7 +45,7 @@ def browser(tmp_path, monkeypatch):
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", "--window-size=1000,620",
+                "--disable-sync", "--no-first-run", "--window-size=1000,720",
                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
