@@ -3,8 +3,8 @@ time to first token, beside gpt.sample's generate() in a plain process (no HTTP)
 
 A server subprocess (127.0.0.1, a free port) serves a random-init model of the default
 `python -m gpt.train` shape (4 layers, 8 heads, n_embd 128, block 64, a 67-token char
-vocabulary, float32) whose end-of-text token is switched off, so every request streams exactly
-the tokens it asks for. Each round runs, in turn: generate() in this process, one stream, and
+vocabulary, float32); sampling never draws EOS, so every request streams exactly the tokens
+it asks for. Each round runs, in turn: generate() in this process, one stream, and
 4 streams at once (each request: a 7-character prompt, `--tokens` tokens, temperature 1, its
 own seed). We print medians and [min-max] over the rounds, the CPU and a measured sgemm peak.
 
@@ -35,21 +35,13 @@ from gpt.tokenizer import CharTokenizer
 PROMPT = "THE SEA"  # the vocabulary is chr(32)..chr(96): capitals, digits, punctuation
 
 
-class NeverStop(CharTokenizer):
-    """A char tokenizer whose EOS id is one no model can sample: generation never ends early
-    (a random model would sample EOS every ~67 tokens)."""
-
-    def __init__(self):
-        super().__init__([chr(c) for c in range(32, 97)])  # 65 printable characters
-        self.eos_id = -1
-
-    def decode(self, ids) -> str:  # BOS and the old EOS id (65, 66) are no text
-        return "".join(self.chars[i] for i in ids if i < len(self.chars))
+def benchmark_tokenizer() -> CharTokenizer:
+    return CharTokenizer([chr(c) for c in range(32, 97)])  # 65 printable characters
 
 
 def benchmark_model() -> GPT:
-    cfg = GPTConfig(vocab_size=NeverStop().vocab_size, block_size=64, n_layer=4, n_head=8,
-                    n_embd=128)
+    cfg = GPTConfig(vocab_size=benchmark_tokenizer().vocab_size, block_size=64, n_layer=4,
+                    n_head=8, n_embd=128)
     return GPT(cfg, dtype=np.float32, seed=0)
 
 
@@ -57,7 +49,7 @@ def serve_forever() -> None:
     """The server subprocess: print the URL, serve until stdin closes."""
     from gpt.serve import create_app, running
 
-    app = create_app(benchmark_model(), NeverStop(), "bench", max_tokens=100_000)
+    app = create_app(benchmark_model(), benchmark_tokenizer(), "bench", max_tokens=100_000)
     with running(app) as url:
         print(url, flush=True)
         sys.stdin.read()  # the parent closes our stdin to stop us
@@ -147,7 +139,7 @@ def main() -> None:
     if args.serve:
         return serve_forever()
 
-    model, tok = benchmark_model(), NeverStop()
+    model, tok = benchmark_model(), benchmark_tokenizer()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     server = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=env)

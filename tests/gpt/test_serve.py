@@ -102,10 +102,9 @@ def test_completion(client, tiny_model):
     assert r.object == "text_completion" and r.model == "tiny" and len(r.choices) == 1
     c = r.choices[0]
     assert c.index == 0 and isinstance(c.text, str)
-    n = r.usage.completion_tokens  # 20, or fewer if the model sampled its end-of-text token
-    assert c.finish_reason == ("length" if n == 20 else "stop") and n == len(c.text)
+    assert c.finish_reason == "length" and r.usage.completion_tokens == 20 == len(c.text)
     assert r.usage.prompt_tokens == len(tok.encode("The boat"))
-    assert r.usage.total_tokens == r.usage.prompt_tokens + n
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 20
     assert "The boat" + c.text == generate(model, tok, "The boat", 20, seed=1)
 
 
@@ -173,8 +172,7 @@ def test_n_and_seed_give_what_gpt_sample_prints(client, tiny_run):
 
 
 def test_stop_cuts_the_text_before_the_stop_string(client):
-    # greedy: a model never trained on its end-of-text token does not choose it, so the text
-    # is long enough to cut
+    # (EOS is never drawn, as in gpt.sample: the text runs to max_tokens unless a stop cuts it)
     kwargs = {"model": "tiny", "prompt": "The ", "max_tokens": 60, "temperature": 0}
     whole = client.completions.create(**kwargs).choices[0].text
     assert len(whole) == 60
@@ -197,9 +195,9 @@ def test_stream_options_include_usage(server):
 
 
 class ByteScript:
-    """A stand-in model that predicts the bytes of `data` one after another, then EOS (for a
-    byte-level BPE tokenizer without merges: token id = byte). Stateless: where it is in
-    `data` follows from how many positions its cache holds, so requests do not mix."""
+    """A stand-in model that predicts the bytes of `data` one after another (for a byte-level
+    BPE tokenizer without merges: token id = byte), then EOS (which sampling masks).
+    Stateless: where it is in `data` follows from how many positions its cache holds."""
 
     def __init__(self, data: bytes, eos_id: int):
         self.config = GPTConfig(eos_id + 1, block_size=64, n_layer=1, n_head=1, n_embd=4)
@@ -216,9 +214,11 @@ class ByteScript:
 def test_a_character_split_over_tokens_streams_whole():
     text = "héllo wörld, 5 € ✓"
     tok = BPETokenizer([])  # bytes only: é is 2 tokens, € and ✓ are 3
-    with running(create_app(ByteScript(text.encode(), tok.eos_id), tok, "bytes")) as url:
+    model = ByteScript((text + "|").encode(), tok.eos_id)
+    with running(create_app(model, tok, "bytes")) as url:
         status, _, data = request(url, "POST", "/v1/completions",
-                                  {"prompt": "", "max_tokens": 100, "stream": True}, {})
+                                  {"prompt": "", "max_tokens": 100, "stream": True, "stop": "|"},
+                                  {})
     assert status == 200
     *chunks, last, done = events(data)
     pieces = [c["choices"][0]["text"] for c in chunks]
@@ -335,7 +335,7 @@ def open_stream(url: str, max_tokens: int):
     """A streaming request whose first event has been read: (connection, response, event)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    conn.request("POST", "/v1/completions", json.dumps(  # greedy: it never picks EOS here
+    conn.request("POST", "/v1/completions", json.dumps(
         {"prompt": "The", "max_tokens": max_tokens, "stream": True, "temperature": 0}),
         {"Content-Type": "application/json", **AUTH})
     r = conn.getresponse()
