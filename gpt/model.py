@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 import tensorlite.functional as F
-from tensorlite import Tensor, no_grad
+from tensorlite import Tensor
 
 from .config import GPTConfig
 
@@ -77,29 +77,38 @@ class GPT:
         return specs
 
     # ---- the forward pass ------------------------------------------------------------------
-    def __call__(self, idx, targets=None, training: bool = False,
+    def __call__(self, idx, targets=None, cache: KVCache | None = None, training: bool = False,
                  rng: np.random.Generator | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, V) for token ids `idx` (B, T), and the mean cross-entropy against
         `targets` (B, T) if given (else None). `training` turns dropout on; its masks come
-        from `rng` (or the model's own generator)."""
+        from `rng` (or the model's own generator).
+
+        With a `cache` (sampling), `idx` are the T tokens that follow the `cache.length`
+        tokens whose keys and values the cache holds: they sit at positions cache.length...,
+        their queries attend over the cached keys too, and their keys and values are added
+        to the cache. Up to float rounding the logits equal those of the whole sequence at
+        once. Run it under no_grad: the cached keys and values are constants."""
         idx = self._check_ids(idx, "idx")
         B, T = idx.shape
         p, cfg = self.params, self.config
+        t0 = 0 if cache is None else cache.make_room(B, T)  # position of idx[:, 0]
         drop = cfg.dropout if training else 0.0
         rng = rng if rng is not None else self._rng
 
         x = F.embedding(idx.reshape(-1), p["wte"])  # (B*T, C)
-        x = x.reshape(B, T, cfg.n_embd) + p["wpe"][:T]  # (B, T, C): one position row per t
+        x = x.reshape(B, T, cfg.n_embd) + p["wpe"][t0 : t0 + T]  # (B, T, C): a row per position
         x = x.reshape(B * T, cfg.n_embd)  # (B*T, C) residual stream
         x = F.dropout(x, drop, training, rng)  # dropout 1: on the embedding sum
         for i in range(cfg.n_layer):
             h = f"h.{i}"
-            a = self.attention(F.rms_norm(x, p[f"{h}.ln_1.weight"]), i, B, T)  # (B*T, C)
+            a = self.attention(F.rms_norm(x, p[f"{h}.ln_1.weight"]), i, B, T, cache)  # (B*T, C)
             x = x + F.dropout(a, drop, training, rng)  # dropout 2: attention branch output
             m = self.mlp(F.rms_norm(x, p[f"{h}.ln_2.weight"]), i)  # (B*T, C)
             x = x + F.dropout(m, drop, training, rng)  # dropout 3: MLP branch output
         x = F.rms_norm(x, p["ln_f.weight"])  # (B*T, C)
         logits = x @ p["lm_head.weight"]  # (B*T, V)
+        if cache is not None:
+            cache.length = t0 + T  # every layer has stored its keys and values
 
         loss = None
         if targets is not None:
@@ -109,8 +118,9 @@ class GPT:
             loss = F.cross_entropy(logits, targets.reshape(-1))
         return logits.reshape(B, T, cfg.vocab_size), loss
 
-    def attention(self, x: Tensor, i: int, B: int, T: int) -> Tensor:
-        """Causal multi-head self-attention of block i on x (B*T, C) -> (B*T, C)."""
+    def attention(self, x: Tensor, i: int, B: int, T: int, cache: KVCache | None = None) -> Tensor:
+        """Causal multi-head self-attention of block i on x (B*T, C) -> (B*T, C); with a
+        cache, over the cached positions and these."""
         C, H = self.config.n_embd, self.config.n_head
         hd = C // H
         qkv = x @ self.params[f"h.{i}.attn.c_attn.weight"]  # (B*T, 3C): q | k | v
@@ -118,6 +128,9 @@ class GPT:
         # whole saved only ~0.15 ms of a 1.7 ms attention forward+backward: not worth it.)
         qkv = qkv.reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
         q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, T, hd)
+        if cache is not None:  # keys and values of every position so far: (B, H, t0 + T, hd)
+            k, v = cache.extend(i, k.data, v.data)
+        # causal with Tk >= Tq: query t (at position t0 + t) sees keys 0 .. t0 + t
         y = F.scaled_dot_product_attention(q, k, v, causal=True)  # (B, H, T, hd)
         y = y.transpose(0, 2, 1, 3).reshape(B * T, C)  # (B*T, C): heads side by side
         return y @ self.params[f"h.{i}.attn.c_proj.weight"]  # (B*T, C)
@@ -142,51 +155,6 @@ class GPT:
                 f"[0, {self.config.vocab_size}); was it encoded with another tokenizer?"
             )
         return ids
-
-    # ---- sampling with a KV cache ----------------------------------------------------------
-    def forward_cached(self, idx_new, cache: KVCache) -> Tensor:
-        """Logits (B, Tn, V) of `idx_new` (B, Tn), the tokens that follow the `cache.length`
-        tokens whose keys and values `cache` already holds; their keys and values are added.
-
-        Each layer computes q, k, v for the new positions only; the new queries attend over
-        the cached keys plus the new ones (the causal mask lets query i see keys
-        j <= i + Tk - Tq). Up to float rounding this equals `self(all tokens)[:, -Tn:]`.
-        Inference only: runs under no_grad, no dropout."""
-        idx = self._check_ids(idx_new, "idx_new")
-        B, Tn = idx.shape
-        cfg, p, t0 = self.config, self.params, cache.length
-        if B != cache.k.shape[1] or t0 + Tn > cfg.block_size:
-            raise ValueError(
-                f"KV cache holds {t0} of {cfg.block_size} positions for batch "
-                f"{cache.k.shape[1]}; cannot add {Tn} positions for batch {B}"
-            )
-        with no_grad():
-            x = F.embedding(idx.reshape(-1), p["wte"])  # (B*Tn, C)
-            x = x.reshape(B, Tn, cfg.n_embd) + p["wpe"][t0 : t0 + Tn]  # positions t0.. t0+Tn-1
-            x = x.reshape(B * Tn, cfg.n_embd)
-            for i in range(cfg.n_layer):
-                h = f"h.{i}"
-                x = x + self._attention_cached(F.rms_norm(x, p[f"{h}.ln_1.weight"]), i, cache)
-                x = x + self.mlp(F.rms_norm(x, p[f"{h}.ln_2.weight"]), i)
-            logits = F.rms_norm(x, p["ln_f.weight"]) @ p["lm_head.weight"]  # (B*Tn, V)
-        cache.length = t0 + Tn
-        return logits.reshape(B, Tn, cfg.vocab_size)
-
-    def _attention_cached(self, x: Tensor, i: int, cache: KVCache) -> Tensor:
-        """Block i's attention for Tn new positions, x (B*Tn, C), reading and extending the
-        cache of layer i."""
-        B, H, _, hd = cache.k.shape[1:]
-        Tn, t0 = x.shape[0] // B, cache.length
-        t1 = t0 + Tn
-        qkv = x @ self.params[f"h.{i}.attn.c_attn.weight"]  # (B*Tn, 3C)
-        qkv = qkv.reshape(B, Tn, 3, H, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, Tn, hd)
-        cache.k[i, :, :, t0:t1] = qkv.data[1]  # store the new keys and values
-        cache.v[i, :, :, t0:t1] = qkv.data[2]
-        k = Tensor(cache.k[i, :, :, :t1])  # (B, H, t1, hd): every position so far
-        v = Tensor(cache.v[i, :, :, :t1])
-        y = F.scaled_dot_product_attention(qkv[0], k, v, causal=True)  # (B, H, Tn, hd)
-        y = y.transpose(0, 2, 1, 3).reshape(B * Tn, H * hd)  # (B*Tn, C)
-        return y @ self.params[f"h.{i}.attn.c_proj.weight"]
 
     # ---- parameters and their state ---------------------------------------------------------
     def parameters(self) -> list[Tensor]:
@@ -234,8 +202,8 @@ class KVCache:
     """The keys and values of the positions a GPT has already seen, for each layer.
 
     k and v are (n_layer, B, H, block_size, hd) arrays, filled from position 0; `length`
-    positions are valid. `forward_cached` writes the new positions' keys and values at
-    [length, length + Tn) and attends over [0, length + Tn). Positions are absolute (the
+    positions are valid. `model(idx_new, cache=cache)` writes the new positions' keys and
+    values at [length, length + Tn) and attends over [0, length + Tn). Positions are absolute (the
     model learned one wpe row per position), so the cache cannot be shifted: a context that
     must slide is re-read into a reset cache (see gpt/sample.py).
     """
@@ -250,6 +218,22 @@ class KVCache:
         """Forget every position (the arrays are kept and overwritten)."""
         self.length = 0
 
+    def make_room(self, B: int, Tn: int) -> int:
+        """Check that Tn new positions of a batch of B fit; return the first one's position."""
+        if B != self.k.shape[1] or self.length + Tn > self.k.shape[3]:
+            raise ValueError(
+                f"KV cache holds {self.length} of {self.k.shape[3]} positions for batch "
+                f"{self.k.shape[1]}; cannot add {Tn} positions for batch {B}"
+            )
+        return self.length
+
+    def extend(self, i: int, k: np.ndarray, v: np.ndarray) -> tuple[Tensor, Tensor]:
+        """Store layer i's keys and values k, v (B, H, Tn, hd) of the new positions; return
+        those of every position so far, (B, H, length + Tn, hd) each, as constants."""
+        t0, t1 = self.length, self.length + k.shape[2]
+        self.k[i, :, :, t0:t1] = k
+        self.v[i, :, :, t0:t1] = v
+        return Tensor(self.k[i, :, :, :t1]), Tensor(self.v[i, :, :, :t1])
 
 # ---- will it fit? ---------------------------------------------------------------------------
 def training_memory(config: GPTConfig, batch_size: int, dtype=np.float32) -> tuple[int, int]:

@@ -111,12 +111,10 @@ def sample_tokens(
     start = max(0, len(ids) - block)  # the context is ids[start:], at positions 0, 1, ...
     cache = KVCache(model.config, 1, model.dtype) if use_kv_cache else None
     for _ in range(max_new_tokens):
-        if cache is not None:
-            new = ids[start + cache.length :]  # the tokens the cache has not seen yet
-            logits = model.forward_cached(np.array([new]), cache).data[0, -1]  # (V,)
-        else:
-            with no_grad():
-                logits = model(np.array([ids[start:]]))[0].data[0, -1]  # (V,)
+        # the tokens the cache has not seen yet; without a cache, the whole context
+        new = ids[start + (cache.length if cache is not None else 0) :]
+        with no_grad():
+            logits = model(np.array([new]), cache=cache)[0].data[0, -1]  # (V,)
         token = sample_from(filter_probs(logits, temperature, top_k, top_p), rng)
         if token == eos_id:
             return

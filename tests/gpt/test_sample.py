@@ -143,7 +143,8 @@ def test_cached_forward_matches_full_forward(chunks, batch):
     for n in chunks:
         if t >= total:
             break
-        parts.append(model.forward_cached(idx[:, t : t + n], cache).data)
+        with no_grad():
+            parts.append(model(idx[:, t : t + n], cache=cache)[0].data)
         t = min(t + n, total)
     assert cache.length == total
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-10, atol=1e-12)
@@ -152,9 +153,10 @@ def test_cached_forward_matches_full_forward(chunks, batch):
 def test_cache_refuses_to_overflow():
     model = tiny_model(10, block_size=4)
     cache = KVCache(model.config, 1, np.float64)
-    model.forward_cached(np.zeros((1, 3), dtype=np.int64), cache)
+    model(np.zeros((1, 3), dtype=np.int64), cache=cache)
     with pytest.raises(ValueError, match="cannot add 2 positions"):
-        model.forward_cached(np.zeros((1, 2), dtype=np.int64), cache)
+        model(np.zeros((1, 2), dtype=np.int64), cache=cache)
+    assert cache.length == 3  # the refused call changed nothing
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +226,10 @@ class ScriptedModel:
         logits[nxt] = 50.0
         return logits
 
-    def forward_cached(self, idx, cache):
+    def __call__(self, idx, targets=None, cache=None):
         self.calls.append(idx.shape[1])
         cache.length += idx.shape[1]
-        return Tensor(self._logits(len(self.calls) - 1)[None, None])
+        return Tensor(self._logits(len(self.calls) - 1)[None, None]), None
 
 
 def test_generation_stops_at_eos_and_the_cache_costs_one_position_per_token():
