@@ -51,6 +51,16 @@ def accuracy(model: GPT, seqs: np.ndarray) -> float:
     return float((pred == seqs[:, DIGITS + 1:]).all(axis=1).mean())
 
 
+def greedy_accuracy(model: GPT, seqs: np.ndarray) -> float:
+    """Exact-match rate when the model writes its own answer: feed "dddd>", append the
+    argmax, repeat DIGITS times. (No answer token is ever shown to the model.)"""
+    ids = seqs[:, :DIGITS + 1]
+    for _ in range(DIGITS):
+        logits, _ = model(ids)  # (n, t, V)
+        ids = np.concatenate([ids, logits.data[:, -1].argmax(axis=1)[:, None]], axis=1)
+    return float((ids[:, DIGITS + 1:] == seqs[:, DIGITS + 1:]).all(axis=1).mean())
+
+
 def train(steps: int = 150, seed: int = 0, batch_size: int = 64, verbose: bool = True) -> tuple[GPT, float]:
     """Train a fresh model; return it and its exact-match accuracy on held-out strings."""
     rng = np.random.default_rng(seed)
