@@ -8,7 +8,7 @@ digits right. (Under teacher forcing every answer token is predicted from a corr
 a string is exact only if all four argmaxes are right, which is exactly when greedy decoding
 would have produced it, so one batched forward pass scores it.)
 
-    python examples/reverse_digits.py                 # 150 steps, under a minute
+    python examples/reverse_digits.py                 # 100 steps, under a minute
     python examples/reverse_digits.py --steps 20      # too short: see the difference
 
 Reversal needs attention: the answer digit at position 5+i must copy the digit at 3-i, so
@@ -61,7 +61,7 @@ def greedy_accuracy(model: GPT, seqs: np.ndarray) -> float:
     return float((ids[:, DIGITS + 1:] == seqs[:, DIGITS + 1:]).all(axis=1).mean())
 
 
-def train(steps: int = 150, seed: int = 0, batch_size: int = 64, verbose: bool = True) -> tuple[GPT, float]:
+def train(steps: int = 100, seed: int = 0, batch_size: int = 64, verbose: bool = True) -> tuple[GPT, float]:
     """Train a fresh model; return it and its exact-match accuracy on held-out strings."""
     rng = np.random.default_rng(seed)
     config = GPTConfig(vocab_size=len(VOCAB), block_size=SEQ - 1, n_layer=2, n_head=2, n_embd=64)
@@ -92,7 +92,7 @@ def draw_attention(model: GPT, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description="Train a tiny GPT to reverse digit strings.")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attention", metavar="PNG", help="also draw the trained attention maps")
     args = parser.parse_args(argv)

@@ -125,8 +125,8 @@ class GPT:
         C, H = self.config.n_embd, self.config.n_head
         hd = C // H
         qkv = x @ self.params[f"h.{i}.attn.c_attn.weight"]  # (B*T, 3C): q | k | v
-        # Split heads without copying: a (3, B, H, T, hd) view of qkv. (A fused op taking qkv
-        # whole saved only ~0.15 ms of a 1.7 ms attention forward+backward: not worth it.)
+        # Split heads without copying: a (3, B, H, T, hd) view of qkv. (Fusing this split into
+        # the attention op saved about 0.3 ms a step: not worth another op; performance.md.)
         qkv = qkv.reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
         q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, T, hd)
         if cache is not None:  # keys and values of every position so far: (B, H, t0 + T, hd)

@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from _toy import attention_variant
 
 import tensorlite.functional as F
-from _toy import attention_variant
 from gpt.config import GPTConfig
 from gpt.model import GPT
 from gpt.optim import AdamW

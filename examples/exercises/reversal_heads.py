@@ -11,7 +11,6 @@ count how often that is the digit to copy, over 200 held-out strings.
 from __future__ import annotations
 
 import numpy as np
-
 from _toy import reverse_digits as rd
 
 
