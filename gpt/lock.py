@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+from .errors import UserError
+
 LOCK_FILE = ".lock"
 
 try:  # POSIX
@@ -36,7 +38,7 @@ except ImportError:  # pragma: no cover - Windows
         return True
 
 
-class RunInUseError(RuntimeError):
+class RunInUseError(UserError):
     """Another live process holds the run folder's lock (the message names its pid)."""
 
 
@@ -62,7 +64,7 @@ class RunLock:
                 os.close(fd)
             raise RunInUseError(f"{self.out_dir} is in use by pid {owner} (another training "
                                 "writes there); wait for it to finish, stop it, or choose "
-                                "another --out-dir")
+                                "another run folder")
         os.ftruncate(fd, 0)  # a dead trainer's pid may still be there: take it over
         os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         self._fd = fd

@@ -40,6 +40,7 @@ import numpy as np
 import tensorlite
 
 from .config import GPTConfig
+from .errors import UserError
 from .model import GPT
 
 BACKENDS = ("loky", "dask")
@@ -94,7 +95,8 @@ class DataParallel:
         if int(workers) < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if backend == "dask" and not scheduler:
-            raise ValueError("--backend dask needs --scheduler ADDRESS (e.g. tcp://host:8786)")
+            raise UserError("must be given for backend 'dask' (the address of a dask "
+                            "scheduler, e.g. tcp://host:8786)", field="scheduler")
         self.model, self.workers, self.backend = model, int(workers), backend
         self.step = 0  # calls so far (named in errors; the dropout seed without an rng)
         self._client = None
@@ -172,7 +174,7 @@ class DataParallel:
                 from dask.distributed import Client
             except ImportError:
                 raise RuntimeError(
-                    "--backend dask needs dask.distributed: pip install 'tensorlite-gpt[dask]'"
+                    "the dask backend needs dask.distributed: pip install 'tensorlite-gpt[dask]'"
                 ) from None
             try:
                 self._client = Client(scheduler, timeout="10s")

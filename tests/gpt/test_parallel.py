@@ -115,7 +115,7 @@ def test_a_worker_that_dies_gives_a_one_line_error_not_a_hang():
 
 def test_bad_settings_are_refused_in_one_line(monkeypatch):
     model = GPT(TINY, seed=0)
-    with pytest.raises(ValueError, match="--scheduler ADDRESS"):
+    with pytest.raises(ValueError, match="^scheduler must be given for backend 'dask'"):
         DataParallel(model, 2, backend="dask")
     with pytest.raises(ValueError, match="backend must be one of loky, dask"):
         DataParallel(model, 2, backend="spark")
