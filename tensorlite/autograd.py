@@ -17,16 +17,25 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from .tensor import Tensor
 
-_grad_mode = threading.local()  # per thread, like PyTorch's: a server's sampling threads
-# each enter and leave no_grad on their own; a global flag would let one thread's exit switch
-# recording back on under another thread still inside its block.
-_forward_mode = threading.local()  # .tangents inside tensorlite.jvp: {id(t): (t, tangent)}
 _profile = None  # set by tensorlite.profiler.profile(): {(op name, "forward"|"backward"): [calls, s]}
+
+
+class _GradMode(threading.local):
+    """Per thread, like PyTorch's: a server's sampling threads each enter and leave no_grad
+    on their own; a global flag would let one thread's exit switch recording back on under
+    another thread still inside its block. The defaults are class attributes, so reading
+    them costs no failed lookup (every op reads `enabled`)."""
+
+    enabled = True
+    tangents = None  # inside tensorlite.jvp (in this thread): {id(tensor): (tensor, tangent)}
+
+
+_grad_mode = _GradMode()
 
 
 def is_grad_enabled() -> bool:
     """Whether ops in this thread record the graph (True unless inside no_grad)."""
-    return getattr(_grad_mode, "enabled", True)
+    return _grad_mode.enabled
 
 
 @contextlib.contextmanager
@@ -105,9 +114,8 @@ class Function:
             fn.parents = tensors
             fn.versions = tuple(t._version for t in tensors)  # checked again by backward
             out._ctx = fn
-        tangents = getattr(_forward_mode, "tangents", None)
-        if tangents is not None:  # inside tensorlite.jvp: push the tangents forward too
-            _push_tangents(tangents, fn, tensors, out)
+        if _grad_mode.tangents is not None:  # inside tensorlite.jvp: push tangents too
+            _push_tangents(_grad_mode.tangents, fn, tensors, out)
         return out
 
     def forward(self, *arrays, **options):  # pragma: no cover - abstract
@@ -281,7 +289,9 @@ def grad(outputs, inputs, grad_outputs=None, create_graph: bool = False) -> tupl
 
     Returns a tuple of Tensors, one per input (zeros where the outputs do not depend on it),
     and leaves every `.grad` alone. With create_graph=True the returned Tensors carry a graph
-    of their own, so `grad` can be applied to them again, to any order.
+    of their own, so `grad` can be applied to them again, to any order. With
+    create_graph=False this is the training backward pass (ndarrays, fused kernels) and the
+    graph is freed as it goes, as by `backward()`.
     """
     from .tensor import Tensor, _to_array
 
@@ -325,6 +335,19 @@ def grad(outputs, inputs, grad_outputs=None, create_graph: bool = False) -> tupl
     return tuple(result)
 
 
+def composed_backward(fn: Function, composed, dout) -> tuple:
+    """A backward_graph for a fused op, from its composition: run `composed(*fn.parents)`
+    (the same function written with differentiable Tensor ops) and differentiate it with
+    create_graph=True. Slower than a hand-written rule, but it cannot disagree with the
+    composition; None for inputs that do not require grad."""
+    # One stand-in per input position (attention(h, h, h) has one tensor in three places,
+    # each of which must get only its own share of the gradient).
+    stand_ins = [p.reshape(p.shape) for p in fn.parents]
+    wanted = [s for s in stand_ins if s.requires_grad]
+    grads = iter(grad(composed(*stand_ins), wanted, grad_outputs=dout, create_graph=True))
+    return tuple(next(grads) if s.requires_grad else None for s in stand_ins)
+
+
 def _push_tangents(table: dict, fn: Function, inputs: tuple, out: Tensor) -> None:
     """Forward mode, one op: out's tangent from its inputs' tangents (fn.jvp)."""
     tangents = [table.get(id(t)) for t in inputs]
@@ -346,7 +369,7 @@ def jvp(fn, primals, tangents) -> tuple:
     """
     from .tensor import Tensor, _to_array
 
-    if getattr(_forward_mode, "tangents", None) is not None:
+    if _grad_mode.tangents is not None:
         raise RuntimeError("jvp inside jvp (forward over forward) is not supported")
     if len(primals) != len(tangents):
         raise ValueError(f"jvp: {len(primals)} primals but {len(tangents)} tangents")
@@ -358,11 +381,11 @@ def jvp(fn, primals, tangents) -> tuple:
             raise ValueError(f"jvp: tangent {i} has shape {v.shape}, primal {x.shape}")
         table[id(x)] = (x, v)
         xs.append(x)
-    _forward_mode.tangents = table
+    _grad_mode.tangents = table
     try:
         out = fn(*xs)
     finally:
-        _forward_mode.tangents = None
+        _grad_mode.tangents = None
     outs = [out] if isinstance(out, Tensor) else list(out)
     tangent_outs = tuple(
         Tensor(table[id(o)][1] if id(o) in table else np.zeros_like(o.data)) for o in outs

@@ -6,7 +6,8 @@ the result; docs/derivations.md derives each one step by step, with what forward
 
 Training runs only forward/backward. `backward_graph` (gradients of gradients) writes the
 same gradient with Tensor ops, recomputing what it needs from the inputs (a softmax by the
-fused Softmax, RMSNorm's r from primitives); `jvp` is the forward-mode derivative.
+fused Softmax, RMSNorm's r from primitives), or differentiates the op's composition
+(attention: `composed_backward`); `jvp` is the forward-mode derivative.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 import numpy as np
 
 from . import kernels
-from .autograd import Function, unbroadcast
+from .autograd import Function, composed_backward, unbroadcast
 from .ops import ScatterAdd
 from .tensor import Tensor, as_tensor
 
@@ -114,13 +115,15 @@ class CrossEntropy(Function):
 
     def backward_graph(self, dout):
         (logits,) = self.parents
+        n = len(self.targets)
         onehot = np.zeros(logits.shape, dtype=logits.dtype)
-        onehot[self.rows, self.targets] = 1
-        return (Softmax.apply(logits, axis=1) - onehot) * (dout / len(self.rows))
+        onehot[np.arange(n), self.targets] = 1
+        return (Softmax.apply(logits, axis=1) - onehot) * (dout / n)
 
     def jvp(self, dlogits):  # mean_n( sum_v softmax * dlogits - dlogits[n, target_n] )
-        picked = dlogits[self.rows, self.targets]
-        return ((self.probs * dlogits).sum() - picked.sum()) / len(self.rows)
+        n = len(self.targets)
+        picked = dlogits[np.arange(n), self.targets]
+        return ((self.probs * dlogits).sum() - picked.sum()) / n
 
 
 class RMSNorm(Function):
@@ -241,24 +244,23 @@ class ScaledDotProductAttention(Function):
         # batch dims that were broadcast (k, v shared across a batch, say) are summed back
         return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
 
-    def backward_graph(self, dout):
-        q, k, v = self.parents
-        s = float(self.scale)
-        scores = (q @ k.swapaxes(-1, -2)) * s  # (..., Tq, Tk), not transposed here
-        if self.causal:
-            scores = scores + _causal_bias(q.shape[-2], k.shape[-2], scores.dtype)
-        p = Softmax.apply(scores, axis=-1)  # P, (..., Tq, Tk)
-        dv = p.swapaxes(-1, -2) @ dout  # (..., Tk, hv)
-        dp = dout @ v.swapaxes(-1, -2)  # (..., Tq, Tk)
-        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * s
-        dq, dk = ds @ k, ds.swapaxes(-1, -2) @ q
-        return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+    def backward_graph(self, dout):  # by its composition: softmax(q k^T s + mask) v
+        return composed_backward(self, functools.partial(_attention_composed, causal=self.causal),
+                                 dout)
 
     def jvp(self, dq, dk, dv):  # dS -> dP by the softmax JVP, then d(P v) = dP v + P dv
         p = np.swapaxes(self.pt, -1, -2)  # P, (..., Tq, Tk)
         ds = (dq @ np.swapaxes(self.k, -1, -2) + self.q @ np.swapaxes(dk, -1, -2)) * self.scale
         dp = p * (ds - (ds * p).sum(axis=-1, keepdims=True))
         return dp @ self.v + p @ dv
+
+
+def _attention_composed(q, k, v, causal: bool) -> Tensor:
+    """Attention from Tensor ops (the fused Softmax included), for backward_graph."""
+    scores = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (..., Tq, Tk)
+    if causal:
+        scores = scores + _causal_bias(q.shape[-2], k.shape[-2], scores.dtype)
+    return Softmax.apply(scores, axis=-1) @ v  # (..., Tq, hv)
 
 
 class ReluSquared(Function):

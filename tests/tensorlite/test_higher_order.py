@@ -86,6 +86,33 @@ def test_default_backward_still_frees_the_graph():
         y.backward()
 
 
+def test_second_derivatives_keep_float32():
+    rng = np.random.default_rng(0)
+    x = tl.Tensor(rng.standard_normal((2, 3, 4)).astype(np.float32), requires_grad=True)
+    w = tl.Tensor(rng.standard_normal(4).astype(np.float32), requires_grad=True)
+
+    def loss(x, w):
+        h = F.rms_norm(x, w)
+        a = F.scaled_dot_product_attention(h, h, h)
+        return F.cross_entropy(F.log_softmax(a.reshape(6, 4)), np.arange(6) % 4)
+
+    gx, gw = tl.grad(loss(x, w), [x, w], create_graph=True)
+    hx, hw = tl.grad((gx * gx).sum() + (gw * gw).sum(), [x, w])
+    assert {t.dtype for t in (gx, gw, hx, hw)} == {np.dtype(np.float32)}
+    fx, fw = tl.grad(loss(x, w), [x, w])  # the training path gives the same first gradients
+    np.testing.assert_allclose(gx.data, fx.data, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gw.data, fw.data, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda h: F.scaled_dot_product_attention(h, h, h),
+    lambda h: h * h / (h + 3.0),
+    lambda h: tl.concatenate([h, h], axis=-1) @ tl.stack([h, h], axis=0).reshape(-1, 3),
+], ids=["attention(h, h, h)", "h * h / (h + 3)", "concatenate-stack"])
+def test_one_tensor_in_several_places(fn):
+    check_grads(fn, np.random.default_rng(0).standard_normal((3, 3)))
+
+
 def test_create_graph_records_even_inside_no_grad():
     x = tl.Tensor(np.array([0.5, 1.5]), requires_grad=True)
     y = (x**3).sum()
