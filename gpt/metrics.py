@@ -57,7 +57,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"no metrics file at {path}: pass a run folder written by gpt.train") from None
+        raise UserError(f"no metrics file at {path}: pass a run folder written by "
+                        "gpt.train") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     lines = text.split("\n")
@@ -70,7 +71,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             if n == len(lines):  # the unfinished last line of a run in progress
                 break
-            raise UserError(f"{path} line {n} is not valid JSON: the metrics file is corrupt") from None
+            raise UserError(f"{path} line {n} is not valid JSON: the metrics file is "
+                            "corrupt") from None
         _check_record(record, path, n)
         if records and record["iter"] < records[-1]["iter"]:
             records = [r for r in records if r["iter"] < record["iter"]]  # the newer lines win
