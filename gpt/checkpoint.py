@@ -207,12 +207,14 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def read_regular_file(path: str, limit: int, expect: int | None = None,
-                      dir_fd: int | None = None) -> bytes:
+                      dir_fd: int | None = None, follow_links: bool = False) -> bytes:
     """The bytes of `path`, which must be a regular file (not a symlink, FIFO, device or
     folder) of at most `limit` bytes, and of exactly `expect` bytes when given. The checks use
     the opened file's own fstat, before a byte is read; a FIFO does not block the open.
-    With `dir_fd` (an open folder) the file is looked up in that folder, wherever it moved."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    With `dir_fd` (an open folder) the file is looked up in that folder, wherever it moved;
+    with follow_links a symlink (a path the user gave) is followed to a regular file."""
+    nofollow = 0 if follow_links else getattr(os, "O_NOFOLLOW", 0)
+    flags = os.O_RDONLY | nofollow | getattr(os, "O_NONBLOCK", 0)
     try:
         if dir_fd is None:
             fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
@@ -229,7 +231,7 @@ def read_regular_file(path: str, limit: int, expect: int | None = None,
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise UserError(f"{path} is not a regular file (a FIFO, device or folder); "
-                                  "a checkpoint holds regular files only")
+                            "only regular files are read")
         if expect is not None and st.st_size != expect:
             raise UserError(f"{path} is truncated or corrupt ({st.st_size} bytes, "
                                   f"state.json says {expect})")

@@ -9,7 +9,8 @@ The exit-code rule:
          or value, a missing or corrupt file, a run that cannot go on). GPT_DEBUG=1 shows the
          traceback instead.
     130  interrupted (Ctrl-C)
-    (1 is left to Python itself: an uncaught exception, which is a bug)
+    1    anything else (a bug, or an input no check foresaw): still one line, "error: unexpected
+         TypeError: ... (set GPT_DEBUG=1 for a traceback)", from the last-resort handler
 
 Library code raises `UserError` (gpt/errors.py) about values and names the config field it
 is about (`UserError("must be >= 0, got -1", field="temperature")`); only this layer spells
@@ -46,6 +47,7 @@ from .config import from_flat, leaf_fields
 from .errors import UserError
 
 __all__ = [
+    "EXIT_BUG",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
@@ -58,7 +60,7 @@ __all__ = [
     "run",
 ]
 
-EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_BUG = 0, 2, 130, 1
 
 
 def flag(field: str) -> str:
@@ -161,7 +163,8 @@ def run(command: Callable[[], int | None], tune_process: bool = False,
         interrupted: str = "interrupted") -> int:
     """Run a command's body and turn what it raises into the exit-code rule above.
     ValueError (UserError among them), OSError and RuntimeError (a failed worker) are things
-    the user can act on; anything else is a bug and keeps its traceback.
+    the user can act on; anything else is a bug, and the last-resort handler still turns it
+    into one line (a RecursionError or MemoryError from a hostile input, say) with exit 1.
 
     tune_process: first make the process-wide settings a command that computes wants (the
     one start-up place for them): glibc's malloc thresholds (tensorlite.kernels)."""
@@ -179,3 +182,9 @@ def run(command: Callable[[], int | None], tune_process: bool = False,
     except KeyboardInterrupt:
         print(f"error: {interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:  # the last resort: one line, never a traceback
+        if os.environ.get("GPT_DEBUG"):
+            raise
+        print(f"error: unexpected {type(e).__name__}: {describe(e)[:300]} (set GPT_DEBUG=1 "
+              "for a traceback)", file=sys.stderr)
+        return EXIT_BUG

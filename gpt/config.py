@@ -245,6 +245,8 @@ class SampleConfig:
     num_samples: int = setting(1, "how many samples to print")
     seed: int | None = setting(None, "random seed", shown="fresh")
     no_kv_cache: bool = setting(False, "recompute the whole context at every step")
+    latest: bool = setting(False, "sample the latest checkpoint (OUT/checkpoint) instead of "
+                           "the one with the lowest val loss (OUT/best, when it exists)")
 
     def validate(self) -> SampleConfig:
         check_sampling(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
@@ -252,11 +254,17 @@ class SampleConfig:
         return self
 
 
+MIN_TEMPERATURE = 1e-6  # below it, sampling is greedy in all but name: use 0
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
                    max_new_tokens: int = 0) -> None:
     """Raise UserError (one line) for sampling settings that make no sense."""
     if not temperature >= 0:  # also catches NaN
         raise UserError(f"must be >= 0 (0 means greedy), got {temperature}", field="temperature")
+    if 0 < temperature < MIN_TEMPERATURE:  # logits / 1e-320 overflows to inf, then NaN
+        raise UserError(f"is {temperature:g}, too small to divide by: use 0 for greedy sampling "
+                        f"or at least {MIN_TEMPERATURE:g}", field="temperature")
     if top_k is not None and (int(top_k) != top_k or top_k < 1):
         raise UserError(f"must be an integer >= 1, got {top_k}", field="top_k")
     if top_p is not None and not 0 < top_p <= 1:

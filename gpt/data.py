@@ -11,6 +11,7 @@ import hashlib
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 
@@ -95,6 +96,12 @@ def download_shakespeare(out: str, url: str = SHAKESPEARE_URL,
     if os.path.isdir(out):
         raise UserError(f"{out!r} is a directory; give a file path like {out}/input.txt",
                         field="out")
+    local = urllib.parse.urlsplit(url)
+    if local.scheme == "file":  # open() of a FIFO would wait forever: regular files only
+        file = urllib.request.url2pathname(local.path)
+        if os.path.exists(file) and not os.path.isfile(file):
+            raise UserError(f"{url} is not a regular file; give the file:// URL of a copy of "
+                            "Tiny Shakespeare", field="url")
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             data = response.read(size + 1)  # one byte more than expected: enough to tell

@@ -47,24 +47,35 @@ class RunLock:
 
         with RunLock("out"):      # RunInUseError: "out is in use by pid 1234"
             train ...
-    """
+
+    Releasing deletes the lock file (and the run folder, if the lock made it and it is still
+    empty), so a run that stopped on bad input leaves the folder as it found it."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
         self.path = os.path.join(out_dir, LOCK_FILE)
         self._fd: int | None = None
+        self._made_dir = False
 
-    def acquire(self) -> RunLock:
+    def acquire(self):
+        self._made_dir = not os.path.isdir(self.out_dir)
         os.makedirs(self.out_dir, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children
-        if not _try_lock(fd):
-            try:
-                owner = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
-            finally:
-                os.close(fd)
-            raise RunInUseError(f"{self.out_dir} is in use by pid {owner} (another training "
-                                "writes there); wait for it to finish, stop it, or choose "
-                                "another run folder")
+        for _ in range(100):  # a holder may delete the file between our open and our lock
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children
+            if not _try_lock(fd):
+                try:
+                    owner = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                finally:
+                    os.close(fd)
+                self._remove_made_dir()
+                raise RunInUseError(f"{self.out_dir} is in use by pid {owner} (another "
+                                    "training writes there); wait for it to finish, stop it, "
+                                    "or choose another run folder")
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # we locked a file its holder had just deleted: try the new one
+        else:  # pragma: no cover - a lock file that keeps being replaced
+            raise RunInUseError(f"{self.out_dir} is in use (its lock file keeps changing)")
         os.ftruncate(fd, 0)  # a dead trainer's pid may still be there: take it over
         os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         self._fd = fd
@@ -72,11 +83,32 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing releases the lock; the file stays (harmless)
+            try:
+                os.unlink(self.path)  # while still holding it, so no one locks a dead file
+            except OSError:
+                pass
+            os.close(self._fd)
             self._fd = None
+            self._remove_made_dir()
+
+    def _remove_made_dir(self) -> None:
+        if self._made_dir:
+            try:
+                os.rmdir(self.out_dir)  # only if empty
+            except OSError:
+                pass
 
     def __enter__(self):
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Is the open file `fd` still the file at `path` (not deleted or replaced)?"""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)

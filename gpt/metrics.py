@@ -46,6 +46,9 @@ def append_record(out_dir: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+MAX_BYTES = 1 << 30  # a metrics file larger than this is not one gpt.train wrote
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a metrics file, each with a numeric "iter".
 
@@ -53,12 +56,14 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     not parse is dropped: training may be writing it right now. When "iter" goes back (a run
     resumed without trimming), the lines it repeats are replaced by the new ones.
     """
+    from .checkpoint import read_regular_file
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not path.exists():
         raise UserError(f"no metrics file at {path}: pass a run folder written by "
-                        "gpt.train") from None
+                        "gpt.train")
+    try:  # a regular file of bounded size: a FIFO or /dev/zero in its place is refused
+        text = read_regular_file(str(path), MAX_BYTES, follow_links=True).decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     lines = text.split("\n")
@@ -68,11 +73,10 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             if n == len(lines):  # the unfinished last line of a run in progress
                 break
-            raise UserError(f"{path} line {n} is not valid JSON: the metrics file is "
-                            "corrupt") from None
+            raise UserError(f"{path} line {n} is not valid JSON: the metrics file is corrupt") from None
         _check_record(record, path, n)
         if records and record["iter"] < records[-1]["iter"]:
             records = [r for r in records if r["iter"] < record["iter"]]  # the newer lines win

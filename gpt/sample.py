@@ -43,17 +43,21 @@ def filter_probs(
     2. top_k: keep the k most probable tokens (ties broken towards the lower id).
     3. top_p: of those, keep the smallest most-probable-first set whose probability reaches
        top_p (at least one token).
-    The kept probabilities are renormalised to sum to 1; the rest are 0.
+    The kept probabilities are renormalised to sum to 1; the rest are 0. A logit of -inf
+    means "never" (a masked token); NaN or +inf means broken weights: UserError.
     """
     check_sampling(temperature, top_k, top_p)
     logits = np.asarray(logits, dtype=np.float64).reshape(-1)  # (V,)
+    if np.isnan(logits).any() or np.isposinf(logits).any():
+        raise UserError("the model's logits hold NaN or inf: its weights are broken (was the "
+                        "checkpoint saved after training diverged?); train it again")
     V = logits.size
     if temperature == 0:
         probs = np.zeros(V)
         probs[np.argmax(logits)] = 1.0
         return probs
-    z = logits / temperature
-    probs = np.exp(z - z.max())
+    z = (logits - logits.max()) / temperature  # <= 0: no overflow for a small temperature
+    probs = np.exp(z)
     probs /= probs.sum()
     if top_k is None and top_p is None:
         return probs
@@ -94,9 +98,15 @@ def sample_tokens(
     rng: np.random.Generator | None = None,
     eos_id: int | None = None,
     use_kv_cache: bool = True,
+    stop_at_eos: bool = False,
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` token ids sampled after the context `ids` (non-empty), one
-    at a time, as soon as each is drawn. Stops early, without yielding it, at `eos_id`.
+    at a time, as soon as each is drawn.
+
+    EOS: a model learns where documents end only from training data that marks them, and
+    gpt.train's data has no such marks, so by default `eos_id` is masked (never drawn) and
+    every sample runs to max_new_tokens. stop_at_eos=True (for a model taught EOS) lets it
+    be drawn and stops there, without yielding it.
 
     A caller that stops iterating stops the sampling: nothing is computed ahead. With
     use_kv_cache=False every step runs the whole context through the model; the tokens are
@@ -115,6 +125,9 @@ def sample_tokens(
         new = ids[start + (cache.length if cache is not None else 0) :]
         with no_grad():
             logits = model(np.array([new]), cache=cache)[0].data[0, -1]  # (V,)
+        if eos_id is not None and not stop_at_eos:
+            logits = logits.copy()
+            logits[eos_id] = -np.inf  # never taught: never drawn
         token = sample_from(filter_probs(logits, temperature, top_k, top_p), rng)
         if token == eos_id:
             return
@@ -143,11 +156,12 @@ def generate(
     seed: int | None = None,
     use_kv_cache: bool = True,
     rng: np.random.Generator | None = None,
+    stop_at_eos: bool = False,
 ) -> str:
     """The prompt followed by up to `max_new_tokens` sampled tokens, as text.
 
-    An empty or None prompt starts from BOS. Generation stops early when the model samples
-    EOS (which is not part of the text). `rng` (if given) is used instead of `seed`.
+    An empty or None prompt starts from BOS. EOS is never drawn unless stop_at_eos (see
+    sample_tokens), then generation stops there. `rng` (if given) is used instead of `seed`.
     With use_kv_cache=False every step runs the whole context through the model; the result
     is the same text. `sample_tokens` is the same loop, one token at a time.
     """
@@ -155,8 +169,29 @@ def generate(
     rng = rng if rng is not None else np.random.default_rng(seed)
     ids = prompt_ids(tokenizer, prompt)
     new = sample_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, rng,
-                        tokenizer.eos_id, use_kv_cache)
+                        tokenizer.eos_id, use_kv_cache, stop_at_eos)
     return tokenizer.decode(ids + list(new))
+
+
+def print_streaming(text_start: str, tokens: Iterator[int], tokenizer, out=None) -> None:
+    """Write `text_start`, then each token's text as soon as it is drawn (flushed), so long
+    samples show progress and Ctrl-C keeps what was printed. Byte-level tokens (BPE) go
+    through an incremental UTF-8 decoder, so a character split over two tokens prints whole."""
+    import codecs
+
+    out = out or sys.stdout
+    out.write(text_start)
+    out.flush()
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    by_bytes = hasattr(tokenizer, "decode_bytes")
+    try:
+        for t in tokens:
+            out.write(utf8.decode(tokenizer.decode_bytes([t])) if by_bytes
+                      else tokenizer.decode([t]))
+            out.flush()
+    finally:
+        out.write("\n")
+        out.flush()
 
 
 # ---- the command line -------------------------------------------------------------------------
@@ -171,7 +206,7 @@ def sample(cfg: SampleConfig) -> int:
     from .checkpoint import load_model
 
     cfg.validate()
-    model, tokenizer = load_model(cfg.out_dir)
+    model, tokenizer = load_model(cfg.out_dir, latest=cfg.latest)
     if cfg.prompt:
         ids = tokenizer.encode(cfg.prompt)  # unknown characters: ValueError naming them
         if ids and max(ids) >= model.config.vocab_size:
@@ -183,9 +218,10 @@ def sample(cfg: SampleConfig) -> int:
     for n in range(cfg.num_samples):
         if cfg.num_samples > 1:
             print(f"{chr(10) if n else ''}---------- sample {n + 1} ----------", flush=True)
-        text = generate(model, tokenizer, cfg.prompt, cfg.max_new_tokens, cfg.temperature,
-                        cfg.top_k, cfg.top_p, use_kv_cache=not cfg.no_kv_cache, rng=rng)
-        print(text, flush=True)
+        ids = prompt_ids(tokenizer, cfg.prompt)
+        tokens = sample_tokens(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                               cfg.top_p, rng, tokenizer.eos_id, not cfg.no_kv_cache)
+        print_streaming(tokenizer.decode(ids), tokens, tokenizer)
     return 0
 
 

@@ -48,7 +48,8 @@ from .checkpoint import (
 from .config import PRESETS, TrainConfig, fixed_fields
 from .data import GET_DATA_HINT, get_batch, load_text, split_ids
 from .errors import UserError
-from .model import GPT
+from .lock import RunLock
+from .model import GPT, check_fits
 from .optim import AdamW, clip_grad_norm, lr_at
 
 
@@ -75,18 +76,20 @@ def main(argv: list[str] | None = None) -> int:
 # ---- the run, in five phases (below) ---------------------------------------------------------
 def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
     """Run training as configured; returns the exit status (0, or 130 after Ctrl-C).
-    Raises UserError/ValueError/OSError (one-line messages) on bad input."""
-    run = set_up(cfg, given)
-    try:
-        with StopFlag() as stop:
-            for it in range(run.start_iter + 1, run.cfg.max_iters + 1):
-                loss, norm, lr = take_step(run, it)
-                log_and_evaluate(run, it, loss, norm, lr)
-                if stop.set and it < run.cfg.max_iters:
-                    return stop_early(run, it)
-    finally:
-        run.close()
-    finish(run)
+    Raises UserError/ValueError/OSError (one-line messages) on bad input. The run folder is
+    locked for the whole run: a second trainer there stops at once ("OUT is in use by pid N")."""
+    with RunLock(cfg.out_dir):
+        run = set_up(cfg, given)
+        try:
+            with StopFlag() as stop:
+                for it in range(run.start_iter + 1, run.cfg.max_iters + 1):
+                    loss, norm, lr = take_step(run, it)
+                    log_and_evaluate(run, it, loss, norm, lr)
+                    if stop.set and it < run.cfg.max_iters:
+                        return stop_early(run, it)
+        finally:
+            run.close()
+        finish(run)
     return 0
 
 
@@ -103,7 +106,8 @@ class Run:
     loss_and_grads: Any = None  # (x, y, rng) -> loss; fills every p.grad
     close: Any = None  # releases the workers of loss_and_grads
     start_iter: int = 0
-    best_val: float = math.inf
+    best_val: float = math.inf  # the lowest val loss so far, whose weights are in OUT/best
+    best_iter: int | None = None
     elapsed_before: float = 0.0  # seconds spent by the runs this one resumes
     last_eval: dict | None = None
     last_saved: int | None = None  # iteration of the checkpoint on disk (None: none yet)
@@ -171,6 +175,7 @@ def build_run(cfg: TrainConfig, ckpt: Checkpoint | None, data_given: bool) -> Ru
     except ValueError as e:
         raise UserError(f"{cfg.data}: {e}") from None
     mcfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
+    check_fits(mcfg, cfg.batch_size, cfg.dtype)  # before allocating: the numbers, if not
     model = GPT(mcfg, dtype=np.dtype(cfg.dtype), seed=cfg.seed)
     opt = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                 weight_decay=cfg.weight_decay)
@@ -201,7 +206,9 @@ def restore(run: Run, ckpt: Checkpoint) -> None:
         for name in ("data", "dropout"):
             run.rngs[name].bit_generator.state = ckpt.state["rng"][name]
         run.start_iter = int(ckpt.state["iter"])
-        run.best_val = float(ckpt.state.get("best_val_loss") or math.inf)
+        if has_checkpoint(run.cfg.out_dir, best=True):  # else that best's weights are gone
+            run.best_val = float(ckpt.state.get("best_val_loss") or math.inf)
+            run.best_iter = ckpt.state.get("best_iter")
         run.elapsed_before = float(ckpt.state.get("elapsed_s", 0.0))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{ckpt.path}/state.json lacks a valid iteration or random state "
@@ -261,7 +268,10 @@ def take_step(run: Run, it: int) -> tuple[float, float, float]:
     x, y = get_batch(run.train_ids, cfg.model.block_size, cfg.batch_size, run.rngs["data"])
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         # overflow shows up as a non-finite loss or norm, checked just below
-        loss = run.loss_and_grads(x, y, run.rngs["dropout"])
+        try:
+            loss = run.loss_and_grads(x, y, run.rngs["dropout"])
+        except RuntimeError as e:  # data-parallel workers failed (or none is left)
+            raise UserError(f"{e}; {kept_checkpoint(run)}") from e
         norm = clip_grad_norm(run.model.params, cfg.grad_clip) if math.isfinite(loss) else loss
     if not (math.isfinite(loss) and math.isfinite(norm)):
         what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
@@ -292,8 +302,12 @@ def log_and_evaluate(run: Run, it: int, loss: float, norm: float, lr: float) -> 
           f"{lr:.2e} | {tps:,.0f} tok/s | {fmt_time(spent)} elapsed, {fmt_time(left)} left",
           flush=True)
     if do_eval:
+        best_before = run.best_val
         record.update(evaluate(run, it))
         path = save(run, it)
+        if run.best_val < best_before:  # a new lowest val loss: keep these weights as the best
+            run.best_iter = it
+            path += f" and {save(run, it, best=True)} (new best)"
         print(f"eval iter {it}: train {record['eval_train_loss']:.4f}, val "
               f"{record['val_loss']:.4f} (perplexity {record['val_ppl']:.2f}); saved {path}",
               flush=True)
@@ -333,17 +347,19 @@ def estimate_loss(model: GPT, splits: dict[str, np.ndarray], cfg: TrainConfig) -
 
 
 # ---- phase 4: save ------------------------------------------------------------------------------
-def save(run: Run, it: int) -> str:
-    """The run at step `it` as OUT/checkpoint (atomically); returns its path."""
+def save(run: Run, it: int, best: bool = False) -> str:
+    """The run at step `it` as OUT/checkpoint (OUT/best with best=True), atomically; returns
+    its path."""
     state = {"iter": it, "best_val_loss": None if math.isinf(run.best_val) else run.best_val,
-             "last_eval": run.last_eval,
+             "best_iter": run.best_iter, "last_eval": run.last_eval,
              "elapsed_s": run.elapsed_before + time.perf_counter() - run.t0,
              "rng": {name: run.rngs[name].bit_generator.state for name in ("data", "dropout")}}
     path = save_checkpoint(run.cfg.out_dir, Checkpoint(
         model=run.model.state_dict(), optimizer=run.opt.state_dict(),
         config={"model": run.model.config.to_dict(), "train": run.cfg.to_dict()},
-        tokenizer=run.tokenizer.to_dict(), state=state))
-    run.last_saved = it
+        tokenizer=run.tokenizer.to_dict(), state=state), best=best)
+    if not best:
+        run.last_saved = it
     return path
 
 
@@ -357,11 +373,16 @@ def kept_checkpoint(run: Run) -> str:
 
 # ---- phase 5: finish ----------------------------------------------------------------------------
 def finish(run: Run) -> None:
+    """A short sample of the final weights, then the summary: which checkpoint is where."""
     wall = time.perf_counter() - run.t0
-    print(f"done: {run.cfg.max_iters - run.start_iter} steps in {fmt_time(wall)}; "
-          f"val loss {run.last_eval['val_loss']:.4f}, best {run.best_val:.4f}")
-    print("sample (temperature 0.8):")
+    print("sample of the final weights (temperature 0.8):")
     print(sample_text(run.model, run.tokenizer, run.cfg.seed))
+    out = run.cfg.out_dir
+    best = (f"best {run.best_val:.4f} (iter {run.best_iter}) in {checkpoint_path(out, True)}"
+            if run.best_iter is not None else "no best checkpoint")
+    print(f"done: {run.cfg.max_iters - run.start_iter} steps in {fmt_time(wall)}; "
+          f"val loss {run.last_eval['val_loss']:.4f} (iter {run.cfg.max_iters}) in "
+          f"{checkpoint_path(out)}, {best}; gpt.sample takes the best (--latest: the latest)")
 
 
 def stop_early(run: Run, it: int) -> int:

@@ -17,6 +17,11 @@ def test_a_second_lock_names_the_holder_and_a_released_lock_is_free(tmp_path):
         RunLock(str(tmp_path)).acquire()
     with RunLock(str(tmp_path)):  # released on exit
         pass
+    assert os.listdir(tmp_path) == []  # the lock file goes with the lock
+    fresh = tmp_path / "new_run"
+    with RunLock(str(fresh)):
+        assert fresh.is_dir()
+    assert not fresh.exists()  # a folder the lock made, still empty, goes too
 
 
 def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):

@@ -236,12 +236,21 @@ def test_generation_stops_at_eos_and_the_cache_costs_one_position_per_token():
     tok = CharTokenizer.from_text("abc")  # ids a=0 b=1 c=2 BOS=3 EOS=4
     script = [0, 1, 2, 0] * 4  # then EOS
     model = ScriptedModel(script, tok.vocab_size, block_size=8)
-    text = generate(model, tok, None, 100, temperature=0.0)
+    text = generate(model, tok, None, 100, temperature=0.0, stop_at_eos=True)
     assert text == "abca" * 4
     # BOS, then one position per new token; when the window (8) overflows it keeps its
     # last 4 tokens, which are re-read into the reset cache (twice here).
     assert keep_after_slide(8) == 4
     assert model.calls == [1] * 8 + [4] + [1] * 4 + [4] + [1] * 3
+
+
+def test_eos_is_masked_unless_the_model_was_taught_it():
+    """gpt.train's data marks no document ends, so by default EOS is never drawn (a sample
+    would otherwise stop at random) and the sample runs to max_new_tokens."""
+    tok = CharTokenizer.from_text("abc")
+    model = ScriptedModel([0, 1, 2, 0] * 4, tok.vocab_size, block_size=64)  # then EOS
+    text = generate(model, tok, None, 30, temperature=0.0)
+    assert len(text) == 30 and text.startswith("abca" * 4)  # the runner-up after EOS: 'a'
 
 
 def test_sample_tokens_is_generate_one_token_at_a_time(char_setup):
@@ -305,6 +314,7 @@ def test_cli_prints_samples_same_with_and_without_cache(run_dir):
     [
         (["--prompt", "To be? Zebra!"], "does not know"),
         (["--temperature", -1], "--temperature must be >= 0"),
+        (["--temperature", 1e-320], "--temperature is 9.99989e-321, too small to divide by"),
         (["--top-p", 0], "--top-p must be in"),
         (["--top-p", 1.5], "--top-p must be in"),
         (["--top-k", 0], "--top-k must be"),
@@ -339,3 +349,37 @@ def test_cli_missing_or_truncated_checkpoint(run_dir, tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "model.safetensors" in r.stderr
     assert weights.read_bytes() == data[: len(data) // 2]  # left as it was
+
+
+def test_broken_logits_are_refused_and_minus_inf_means_never():
+    with pytest.raises(UserError, match="NaN or inf"):
+        filter_probs(np.array([0.0, np.nan, 1.0]))
+    with pytest.raises(UserError, match="NaN or inf"):
+        filter_probs(np.array([0.0, np.inf]), temperature=0.0)
+    probs = filter_probs(np.array([1.0, -np.inf, 1.0]))
+    np.testing.assert_allclose(probs, [0.5, 0.0, 0.5])
+    # a small temperature divides differences (<= 0), so it cannot overflow
+    np.testing.assert_allclose(filter_probs(np.array([3.0, 1.0]), temperature=1e-6), [1, 0])
+
+
+def test_cli_streams_tokens_and_ctrl_c_keeps_what_was_printed(run_dir):
+    """Text comes out as it is drawn (a billion tokens would otherwise print nothing for
+    hours); Ctrl-C then stops with exit 130 and what was printed stays printed."""
+    import os
+    import signal
+
+    cmd = [sys.executable, "-m", "gpt.sample", "--out-dir", str(run_dir), "--prompt", "To be",
+           "--max-new-tokens", "1000000000", "--seed", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        os.set_blocking(proc.stdout.fileno(), True)
+        got = proc.stdout.read(40)  # arrives while sampling goes on
+        assert got.startswith(b"To be") and proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and b"Traceback" not in err
+    assert len(err.decode().strip().splitlines()) == 1
+    assert len(got + rest) > 40

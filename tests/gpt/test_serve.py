@@ -392,6 +392,7 @@ def test_missing_or_corrupt_checkpoint_exits_2(tiny_run, tmp_path):
                           "no checkpoint")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_run, broken)
+    shutil.rmtree(broken / "best", ignore_errors=True)  # the latest is what gets loaded then
     weights = broken / "checkpoint" / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])

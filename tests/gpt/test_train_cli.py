@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from gpt import train as gt
@@ -316,3 +317,31 @@ def test_evaluation_does_not_touch_the_training_stream(tmp_path, text_file):
     assert [r["train_loss"] for r in often] == [r["train_loss"] for r in once]
     assert [r["iter"] for r in often if "val_loss" in r] == [3, 6, 9, 12]
     assert often[-1]["val_loss"] == once[-1]["val_loss"]
+
+
+def test_the_best_checkpoint_is_kept_and_the_final_line_says_which_is_where(
+        tmp_path, monkeypatch, capsys):
+    """A run whose val loss goes down then up (overfitting) keeps the iter-4 weights in
+    OUT/best while OUT/checkpoint moves on; sampling takes the best unless told otherwise."""
+    from gpt import checkpoint, train
+
+    text = tmp_path / "text.txt"
+    text.write_text((REPO / "train.txt").read_text(encoding="utf-8")[:5000], encoding="utf-8")
+    val = iter([3.0, 2.0, 2.5])  # evals at iters 2, 4, 6
+    monkeypatch.setattr(train, "estimate_loss", lambda *a: {"train": 1.0, "val": next(val)})
+    out = tmp_path / "run"
+    code = train.main(["--data", str(text), "--out-dir", str(out), "--max-iters", "6",
+                       "--eval-interval", "2", "--n-layer", "1", "--n-head", "2", "--n-embd",
+                       "16", "--block-size", "16", "--batch-size", "4", "--log-interval", "2"])
+    assert code == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("done:") and "val loss 2.5000 (iter 6) in" in last
+    assert f"best 2.0000 (iter 4) in {out / 'best'}" in last and str(out / "checkpoint") in last
+    assert sorted(os.listdir(out)) == ["best", "checkpoint", "metrics.jsonl"]  # no .lock left
+    assert checkpoint.load_checkpoint(str(out), best=True).state["iter"] == 4
+    assert checkpoint.load_checkpoint(str(out)).state["iter"] == 6
+    best = checkpoint.load_checkpoint(str(out), best=True).model["wte"]
+    model, _ = checkpoint.load_model(str(out))
+    np.testing.assert_array_equal(model.params["wte"].data, best)
+    model, _ = checkpoint.load_model(str(out), latest=True)
+    assert not np.array_equal(model.params["wte"].data, best)
