@@ -370,7 +370,10 @@ def test_cli_streams_tokens_and_ctrl_c_keeps_what_was_printed(run_dir):
 
     cmd = [sys.executable, "-m", "gpt.sample", "--out-dir", str(run_dir), "--prompt", "To be",
            "--max-new-tokens", "1000000000", "--seed", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # a background job of a non-interactive shell ignores SIGINT, and SIG_IGN survives exec:
+    # give the sampler the default, as a terminal would
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         os.set_blocking(proc.stdout.fileno(), True)
         got = proc.stdout.read(40)  # arrives while sampling goes on
