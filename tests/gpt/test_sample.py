@@ -368,12 +368,13 @@ def test_cli_streams_tokens_and_ctrl_c_keeps_what_was_printed(run_dir):
     import os
     import signal
 
-    cmd = [sys.executable, "-m", "gpt.sample", "--out-dir", str(run_dir), "--prompt", "To be",
+    # A background job of a non-interactive shell ignores SIGINT, and that survives exec: start
+    # the sampler with Python's Ctrl-C handler, as a terminal would.
+    start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
+             " sys.argv[0] = 'gpt.sample'; runpy.run_module('gpt.sample', run_name='__main__')")
+    cmd = [sys.executable, "-c", start, "--out-dir", str(run_dir), "--prompt", "To be",
            "--max-new-tokens", "1000000000", "--seed", "1"]
-    # a background job of a non-interactive shell ignores SIGINT, and SIG_IGN survives exec:
-    # give the sampler the default, as a terminal would
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         os.set_blocking(proc.stdout.fileno(), True)
         got = proc.stdout.read(40)  # arrives while sampling goes on
