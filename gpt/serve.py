@@ -470,10 +470,10 @@ def serve(cfg: ServeConfig) -> int:
     warning = open_warning(cfg.host, cfg.api_key)
     if warning:
         print(warning, file=sys.stderr)
-    print(f"gpt.serve: serving {name} ({source}) at {url_of(sock)} (Ctrl-C to stop)",
-          flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # stop the same way on SIGTERM
-    try:
+    try:  # a Ctrl-C that comes right after the URL line is a clean stop too
+        print(f"gpt.serve: serving {name} ({source}) at {url_of(sock)} (Ctrl-C to stop)",
+              flush=True)
         make_server(app).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled after shutting down
         pass
