@@ -471,7 +471,7 @@ def serve(cfg: ServeConfig) -> int:
     if warning:
         print(warning, file=sys.stderr)
     signal.signal(signal.SIGTERM, _interrupt)  # stop the same way on SIGTERM
-    try:  # from the URL line on, Ctrl-C is a clean stop (even before uvicorn takes it over)
+    try:  # a Ctrl-C that comes right after the URL line is a clean stop too
         print(f"gpt.serve: serving {name} ({source}) at {url_of(sock)} (Ctrl-C to stop)",
               flush=True)
         make_server(app).run(sockets=[sock])
