@@ -24,6 +24,7 @@ import numpy as np
 
 import tensorlite
 import tensorlite.functional as F
+from gpt.optim import adamw_update
 from tensorlite import kernels
 
 SIZES = (1_000, 10_000, 100_000, 1_000_000)
@@ -34,8 +35,8 @@ ELEMENTWISE = {  # name -> (number of input arrays, call)
     "tanh_backward": (2, lambda d, y: kernels.tanh_backward(d, y)),
     "relu_squared": (1, lambda x: kernels.relu_squared(x)),
     "relu_squared_backward": (2, lambda d, x: kernels.relu_squared_backward(d, x)),
-    "adamw_update": (4, lambda p, g, m, v: kernels.adamw_update(p, g, m, v, 1e-3, 0.9, 0.95,
-                                                                1e-8, 0.1, 10)),
+    "adamw_update": (4, lambda p, g, m, v: (kernels.adamw_kernel(p.size) or adamw_update)(
+        p, g, m, v, 1e-3, 0.9, 0.95, 1e-8, 0.1, 10)),
 }
 
 

@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -51,6 +52,10 @@ from .config import setting
 from .errors import UserError
 
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB gets 413
+# BLAS threads while serving: a one-token step's matmuls ((1, C) @ (C, 4C)) are far too small to
+# split, and a second thread that waits for a core only slows them down. On the (busy) 2-core
+# machine 1 thread served 4-10x more tokens/s than 2 (benchmarks/serve.py, docs/serving.md).
+SAMPLING_THREADS = 1
 PUBLIC_PATHS = ("/", "/health")  # served without the API key (the page holds no secrets)
 
 
@@ -70,6 +75,8 @@ class ServeConfig:
     max_tokens: int = setting(1024, "the most tokens one choice may ask for")
     model_name: str | None = setting(None, "the model's id in the API",
                                      shown="the run folder's name", metavar="NAME")
+    latest: bool = setting(False, "serve the latest checkpoint (OUT/checkpoint) instead of the "
+                           "one with the lowest val loss (OUT/best, when it exists)")
 
     def validate(self) -> ServeConfig:
         """Raise UserError (one line) for values that cannot work; return self."""
@@ -190,8 +197,9 @@ async def read_json(request: Request):
         body += chunk
     try:
         return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(f"the request body is not valid JSON ({e})",
+    except (ValueError, RecursionError) as e:  # not UTF-8 or not JSON; too deep; a huge int
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise RequestError(f"the request body is not valid JSON ({why})",
                            code="invalid_json") from None
 
 
@@ -407,7 +415,7 @@ def running(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
         for _ in range(1000):  # 10 s at most
             if server.started or not thread.is_alive():
                 break
-            threading.Event().wait(0.01)
+            time.sleep(0.01)
         if not server.started:
             raise RuntimeError("the server did not start within 10 s")
         yield url_of(sock)
@@ -443,10 +451,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(cfg: ServeConfig) -> int:
-    """Load the checkpoint, listen, serve until Ctrl-C (or SIGTERM); 0 when stopped cleanly."""
-    from .checkpoint import load_model
+    """Load the run's checkpoint (its best unless cfg.latest, as gpt.sample), listen, and
+    serve until Ctrl-C (or SIGTERM); 0 when stopped cleanly."""
+    import tensorlite
 
-    model, tokenizer = load_model(cfg.out_dir)
+    from .checkpoint import checkpoint_path, load_model, uses_best
+
+    tensorlite.set_num_threads(SAMPLING_THREADS)
+    source = checkpoint_path(cfg.out_dir, uses_best(cfg.out_dir, cfg.latest))
+    model, tokenizer = load_model(cfg.out_dir, latest=cfg.latest)
     name = cfg.model_name or os.path.basename(os.path.abspath(cfg.out_dir))
     app = create_app(model, tokenizer, name, cfg.max_tokens, cfg.api_key, cfg.cors_origin)
     try:
@@ -457,9 +470,10 @@ def serve(cfg: ServeConfig) -> int:
     warning = open_warning(cfg.host, cfg.api_key)
     if warning:
         print(warning, file=sys.stderr)
-    print(f"gpt.serve: serving {name} at {url_of(sock)} (Ctrl-C to stop)", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # stop the same way on SIGTERM
-    try:
+    try:  # a Ctrl-C that comes right after the URL line is a clean stop too
+        print(f"gpt.serve: serving {name} ({source}) at {url_of(sock)} (Ctrl-C to stop)",
+              flush=True)
         make_server(app).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled after shutting down
         pass

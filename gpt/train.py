@@ -1,7 +1,7 @@
 """`python -m gpt.train`: train a GPT on a text file, with evaluation, metrics, checkpoints
 that resume exactly, and one-line errors for bad input.
 
-    python -m gpt.train                                   # the bundled train.txt, a few minutes
+    python -m gpt.train                                   # the bundled train.txt, about a minute
     python -m gpt.train --data my.txt --out-dir my_run --max-iters 3000
     python -m gpt.train --preset baby --data my.txt       # a named set of sizes (config.PRESETS)
     python -m gpt.train --out-dir my_run --resume --max-iters 5000   # continue a run
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                    interrupted="aborted; the last checkpoint on disk is intact")
 
 
-# ---- the run, in five phases (below) -----------------------------------------------------------------------------------
+# ---- the run, in five phases (below) ---------------------------------------------------------
 def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
     """Run training as configured; returns the exit status (0, or 130 after Ctrl-C).
     Raises UserError/ValueError/OSError (one-line messages) on bad input. The run folder is
@@ -200,8 +200,13 @@ def load_tokenizer(d: dict):
 
 def restore(run: Run, ckpt: Checkpoint) -> None:
     """Weights, optimizer moments, random streams and counters from a checkpoint."""
-    run.model.load_state_dict(ckpt.model)
-    run.opt.load_state_dict(ckpt.optimizer)
+    for name, load, tensors in (("model", run.model.load_state_dict, ckpt.model),
+                                ("optimizer", run.opt.load_state_dict, ckpt.optimizer)):
+        try:
+            load(tensors)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{ckpt.path}/{name}.safetensors does not fit this run: {e}") \
+                from None
     try:
         for name in ("data", "dropout"):
             run.rngs[name].bit_generator.state = ckpt.state["rng"][name]

@@ -146,8 +146,8 @@ def _exercise(dtype) -> None:
     loss, probs = cross_entropy_forward(x.reshape(4, 6), targets)
     cross_entropy_backward(loss, probs, targets)
     relu_squared_backward(relu_squared(x), x)
-    p = x.copy()
-    adamw_update(p, x, np.zeros_like(x), np.zeros_like(x), 1e-3, 0.9, 0.99, 1e-8, 0.1, 1)
+    adamw_kernel(x.size)(x.copy(), x, np.zeros_like(x), np.zeros_like(x), 1e-3, 0.9, 0.99, 1e-8,
+                         0.1, 1)
     scatter_add_rows(np.zeros((3, 6), dtype=dtype), targets, x.reshape(4, 6))
 
 
@@ -200,27 +200,28 @@ def relu_squared_backward(dout: np.ndarray, x: np.ndarray) -> np.ndarray:
     return g
 
 
-@kernel
-def adamw_update(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float,
-                 beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> None:
-    """One AdamW step, in place on p, m, v (bias-corrected, decoupled weight decay):
+def adamw_kernel(size: int):
+    """The fast twin of gpt.optim.adamw_update (same arguments, in place) on the active path,
+    or None: then the NumPy math in gpt/optim.py runs (tensorlite never imports gpt, so
+    that reference lives there). `size` is the parameter's number of values."""
+    twins = _active if _active is not None else _choose()
+    return twins.get("adamw_update")
 
-        m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g*g
-        p = p*(1 - lr*wd) - lr * (m / (1-b1**t)) / (sqrt(v / (1-b2**t)) + eps)
-    """
+
+def adamw_update_numexpr(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray,
+                         lr: float, beta1: float, beta2: float, eps: float,
+                         weight_decay: float, step: int) -> None:
+    """gpt.optim.adamw_update in three numexpr passes, in place on m, v, p."""
     t = p.dtype.type
-    m *= t(beta1)
-    m += t(1 - beta1) * g
-    v *= t(beta2)
-    v += t(1 - beta2) * (g * g)
-    denom = v * t(1 / (1 - beta2**step))
-    np.sqrt(denom, out=denom)
-    denom += t(eps)
-    if weight_decay:
-        p *= t(1 - lr * weight_decay)
-    upd = np.divide(m, denom, out=denom)
-    upd *= t(lr / (1 - beta1**step))
-    p -= upd
+    b1, b2, c1, c2 = t(beta1), t(beta2), t(1 - beta1), t(1 - beta2)
+    decay, step_size = t(1 - lr * weight_decay), t(lr / (1 - beta1**step))
+    inv_bc2, eps_ = t(1 / (1 - beta2**step)), t(eps)
+    _ne("b1 * m + c1 * g", out=m, b1=b1, m=m, c1=c1, g=g)
+    _ne("b2 * v + c2 * g * g", out=v, b2=b2, v=v, c2=c2, g=g)
+    _ne(
+        "p * decay - step_size * m / (sqrt(v * inv_bc2) + eps_)",
+        out=p, p=p, decay=decay, step_size=step_size, m=m, v=v, inv_bc2=inv_bc2, eps_=eps_,
+    )
 
 
 @kernel
@@ -249,15 +250,6 @@ def _ne(expr: str, out: np.ndarray | None = None, **arrays) -> np.ndarray:
     return ne.evaluate(expr, local_dict=arrays, out=out, casting="same_kind")
 
 
-def _ne_adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step) -> None:
-    t = p.dtype.type
-    _ne("b1 * m + c1 * g", out=m, b1=t(beta1), m=m, c1=t(1 - beta1), g=g)
-    _ne("b2 * v + c2 * g * g", out=v, b2=t(beta2), v=v, c2=t(1 - beta2), g=g)
-    _ne("p * decay - step_size * m / (sqrt(v * inv_bc2) + eps_)", out=p, p=p,
-        decay=t(1 - lr * weight_decay), step_size=t(lr / (1 - beta1**step)), m=m, v=v,
-        inv_bc2=t(1 / (1 - beta2**step)), eps_=t(eps))
-
-
 _NUMEXPR: dict[str, Callable] = {
     "exp": lambda x, out=None: _ne("exp(x)", out=out, x=x),
     "tanh": lambda x: _ne("tanh(x)", x=x),
@@ -271,7 +263,7 @@ _NUMEXPR: dict[str, Callable] = {
     "relu_squared_backward": lambda dout, x: _ne(
         "where(x <= zero, zero, two * x * dout)", x=x, dout=dout, two=x.dtype.type(2),
         zero=x.dtype.type(0)),
-    "adamw_update": _ne_adamw_update,
+    "adamw_update": adamw_update_numexpr,
 }
 
 

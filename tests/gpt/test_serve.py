@@ -4,6 +4,7 @@ every endpoint, raw HTTP for every error status, concurrency, disconnects, CORS,
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -16,12 +17,17 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+import numpy as np
 import openai
 import pytest
 from conftest import API_KEY, REPO, SERVER_MAX_TOKENS
 
+from gpt.bpe import BPETokenizer
+from gpt.checkpoint import checkpoint_path, uses_best
+from gpt.config import GPTConfig
 from gpt.sample import generate
 from gpt.serve import create_app, is_loopback, open_warning, running
+from tensorlite import Tensor
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -97,10 +103,9 @@ def test_completion(client, tiny_model):
     assert r.object == "text_completion" and r.model == "tiny" and len(r.choices) == 1
     c = r.choices[0]
     assert c.index == 0 and isinstance(c.text, str)
-    n = r.usage.completion_tokens  # 20, or fewer if the model sampled its end-of-text token
-    assert c.finish_reason == ("length" if n == 20 else "stop") and n == len(c.text)
+    assert c.finish_reason == "length" and r.usage.completion_tokens == 20 == len(c.text)
     assert r.usage.prompt_tokens == len(tok.encode("The boat"))
-    assert r.usage.total_tokens == r.usage.prompt_tokens + n
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 20
     assert "The boat" + c.text == generate(model, tok, "The boat", 20, seed=1)
 
 
@@ -168,8 +173,7 @@ def test_n_and_seed_give_what_gpt_sample_prints(client, tiny_run):
 
 
 def test_stop_cuts_the_text_before_the_stop_string(client):
-    # greedy: a model never trained on its end-of-text token does not choose it, so the text
-    # is long enough to cut
+    # (EOS is never drawn, as in gpt.sample: the text runs to max_tokens unless a stop cuts it)
     kwargs = {"model": "tiny", "prompt": "The ", "max_tokens": 60, "temperature": 0}
     whole = client.completions.create(**kwargs).choices[0].text
     assert len(whole) == 60
@@ -191,6 +195,38 @@ def test_stream_options_include_usage(server):
     assert evs[-2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
 
 
+class ByteScript:
+    """A stand-in model that predicts the bytes of `data` one after another (for a byte-level
+    BPE tokenizer without merges: token id = byte), then EOS (which sampling masks).
+    Stateless: where it is in `data` follows from how many positions its cache holds."""
+
+    def __init__(self, data: bytes, eos_id: int):
+        self.config = GPTConfig(eos_id + 1, block_size=64, n_layer=1, n_head=1, n_embd=4)
+        self.dtype, self.data, self.eos_id = np.float32, data, eos_id
+
+    def __call__(self, idx, targets=None, cache=None):  # (logits, loss), as GPT's
+        cache.length += idx.shape[1]
+        i = cache.length - 1  # the prompt is BOS alone
+        logits = np.zeros(self.config.vocab_size, dtype=np.float32)
+        logits[self.data[i] if i < len(self.data) else self.eos_id] = 50.0
+        return Tensor(logits[None, None]), None
+
+
+def test_a_character_split_over_tokens_streams_whole():
+    text = "héllo wörld, 5 € ✓"
+    tok = BPETokenizer([])  # bytes only: é is 2 tokens, € and ✓ are 3
+    model = ByteScript((text + "|").encode(), tok.eos_id)
+    with running(create_app(model, tok, "bytes")) as url:
+        status, _, data = request(url, "POST", "/v1/completions",
+                                  {"prompt": "", "max_tokens": 100, "stream": True, "stop": "|"},
+                                  {})
+    assert status == 200
+    *chunks, last, done = events(data)
+    pieces = [c["choices"][0]["text"] for c in chunks]
+    assert "".join(pieces) == text and len(pieces) == len(text)  # one chunk per character
+    assert last["choices"][0]["finish_reason"] == "stop" and done == "[DONE]"
+
+
 # ---- every error, and the server survives each -------------------------------------------------
 BIG = json.dumps({"prompt": "a" * (1 << 20)})
 
@@ -203,6 +239,11 @@ def chunked_big_body():
 @pytest.mark.parametrize("method, path, body, headers, status, code", [
     ("POST", "/v1/completions", b'{"prompt": "The", ', AUTH, 400, "invalid_json"),
     ("POST", "/v1/completions", b'\xff\xfe{}', AUTH, 400, "invalid_json"),
+    ("POST", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, AUTH, 400, "invalid_json"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "seed": 1' + b"0" * 5000 + b"}", AUTH, 400,
+     "invalid_json"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 1e400}', AUTH, 400,
+     "invalid_type"),
     ("POST", "/v1/completions", {"prompt": 5}, AUTH, 400, "invalid_type"),
     ("POST", "/v1/completions", {"prompt": "x", "temperature": "hot"}, AUTH, 400, "invalid_type"),
     ("POST", "/v1/completions", {"prompt": "x", "max_tokens": SERVER_MAX_TOKENS + 1}, AUTH, 400,
@@ -248,6 +289,15 @@ def test_unknown_characters_are_named(server):
     status, body = post(server[0], "/v1/chat/completions",
                         {"messages": [{"role": "user", "content": "Zebra"}]})
     assert status == 400 and "'Z'" in body["error"]["message"]
+
+
+def test_the_page_is_one_file_that_works_offline(server):
+    status, headers, body = request(server[0], "GET", "/")
+    page = body.decode("utf-8")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert "<script>" in page and "<style>" in page  # inline
+    for outside in ("://", "src=", "href=", "@import", "url("):
+        assert outside not in page, outside  # nothing fetched from elsewhere
 
 
 def test_public_paths_and_preflights_need_no_key(server):
@@ -300,7 +350,7 @@ def open_stream(url: str, max_tokens: int):
     """A streaming request whose first event has been read: (connection, response, event)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    conn.request("POST", "/v1/completions", json.dumps(  # greedy: it never picks EOS here
+    conn.request("POST", "/v1/completions", json.dumps(
         {"prompt": "The", "max_tokens": max_tokens, "stream": True, "temperature": 0}),
         {"Content-Type": "application/json", **AUTH})
     r = conn.getresponse()
@@ -372,11 +422,11 @@ def test_cors_star_never_comes_with_credentials(tiny_model):
 
 
 # ---- python -m gpt.serve -----------------------------------------------------------------------
-def serve_cli(*args, env_extra=None, timeout=60):
-    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
-    env.pop("GPT_API_KEY", None) if "GPT_API_KEY" not in (env_extra or {}) else None
+def serve_cli(*args):
+    """`python -m gpt.serve ARGS` run to its end (these all fail before serving)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "gpt.serve", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+                          capture_output=True, text=True, timeout=60, check=False)
 
 
 def assert_one_line_error(proc, *words):
@@ -413,17 +463,35 @@ def test_bad_flags_exit_2_with_one_line(tiny_run, args, words):
     assert_one_line_error(serve_cli("--out-dir", tiny_run, *args), words)
 
 
-def test_the_command_serves_until_ctrl_c(tiny_run):
-    env = dict(os.environ, PYTHONPATH=str(REPO), GPT_API_KEY="from-the-env")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gpt.serve", "--out-dir", str(tiny_run), "--port", "0",
-         "--model-name", "my-model", "--max-tokens", "8"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def serve_command(*args, env_extra=None):
+    """`python -m gpt.serve ARGS --port 0` in a subprocess: yields (process, its URL line)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
+    proc = subprocess.Popen([sys.executable, "-m", "gpt.serve", *map(str, args), "--port", "0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline()
-        match = re.search(r"serving my-model at (http://127\.0\.0\.1:\d+/)", line)
-        assert match, line + proc.stderr.read() if proc.poll() is not None else line
-        url = match.group(1)
+        yield proc, proc.stdout.readline()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def assert_ctrl_c_stops_cleanly(proc):
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "stopped" in out and err == ""
+
+
+def test_the_command_serves_until_ctrl_c(tiny_run):
+    with serve_command("--out-dir", tiny_run, "--model-name", "my-model", "--max-tokens", 8,
+                       env_extra={"GPT_API_KEY": "from-the-env"}) as (proc, line):
+        match = re.search(r"serving my-model \((.+)\) at (http://127\.0\.0\.1:\d+/)", line)
+        assert match, line
+        source, url = match.groups()
+        # the checkpoint gpt.sample takes: OUT/best when training wrote one, else the latest
+        assert source == checkpoint_path(str(tiny_run), uses_best(str(tiny_run)))
         assert request(url, "GET", "/health")[0] == 200
         assert request(url, "GET", "/v1/models")[0] == 401
         key = {"Authorization": "Bearer from-the-env"}
@@ -431,14 +499,13 @@ def test_the_command_serves_until_ctrl_c(tiny_run):
         assert status == 200 and json.loads(body)["data"][0]["id"] == "my-model"
         status, body = post(url, "/v1/completions", {"prompt": "The", "max_tokens": 9}, key)
         assert status == 400 and "at most 8" in body["error"]["message"]
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0 and "Traceback" not in err, err
-    assert "stopped" in out and err == ""
+        assert_ctrl_c_stops_cleanly(proc)
+
+
+def test_latest_serves_the_latest_checkpoint(tiny_run):
+    with serve_command("--out-dir", tiny_run, "--latest") as (proc, line):
+        assert f"({tiny_run / 'checkpoint'})" in line, line
+        assert_ctrl_c_stops_cleanly(proc)
 
 
 def test_listening_beyond_loopback_without_a_key_warns():
