@@ -31,13 +31,25 @@ def attention_composed(q, k, v, causal: bool = True, scale: bool = True) -> Tens
     return F.softmax(scores) @ v
 
 
+def self_attention_composed(qkv, n_head: int, causal: bool = True, scale: bool = True) -> Tensor:
+    """F.causal_self_attention's job (qkv (B, T, 3C) -> (B, T, C)) with attention_composed."""
+    B, T, C3 = qkv.shape
+    heads = qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head).transpose(2, 0, 3, 1, 4)
+    y = attention_composed(heads[0], heads[1], heads[2], causal=causal, scale=scale)
+    return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)
+
+
 @contextlib.contextmanager
 def attention_variant(causal: bool = True, scale: bool = True):
-    """Inside the block, gpt.model's attention is `attention_composed(causal, scale)`."""
-    original = F.scaled_dot_product_attention
+    """Inside the block, gpt.model's attention is `attention_composed(causal, scale)` (the
+    model calls the fused F.causal_self_attention in training and
+    F.scaled_dot_product_attention with a KV cache: both are swapped)."""
+    originals = F.scaled_dot_product_attention, F.causal_self_attention
     F.scaled_dot_product_attention = lambda q, k, v, **_: attention_composed(
         q, k, v, causal=causal, scale=scale)
+    F.causal_self_attention = lambda qkv, n_head: self_attention_composed(
+        qkv, n_head, causal=causal, scale=scale)
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = original
+        F.scaled_dot_product_attention, F.causal_self_attention = originals

@@ -57,6 +57,7 @@ CASES = {
     functional.ScaledDotProductAttention: (
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True),
         [(1, 2, 3, 2), (1, 2, 3, 2), (1, 2, 3, 2)], "any"),
+    functional.CausalSelfAttention: (lambda qkv: F.causal_self_attention(qkv, 2), [(2, 3, 12)], "any"),
     functional.ReluSquared: (lambda a: F.relu_squared(a), [(2, 3)], "away_from_0"),
     functional.Dropout: (_dropout, [(2, 3)], "any"),
 }
