@@ -265,7 +265,8 @@ class TextStream:
 @dataclass
 class Choice:
     """One answer as it is being sampled: the text so far, its token count and why it ended
-    ("length": max_tokens reached; "stop": the model's EOS or a stop string)."""
+    ("length": max_tokens reached; "stop": a stop string came up). EOS is never drawn, as in
+    gpt.sample: gpt.train's data never marks where a text ends, so a model has not learnt it."""
 
     index: int
     text: str = ""

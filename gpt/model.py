@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 import tensorlite.functional as F
-from tensorlite import Tensor
+from tensorlite import Tensor, no_grad
 
 from .config import GPTConfig
 
@@ -46,6 +46,7 @@ class GPT:
         if self.dtype.kind != "f":
             raise ValueError(f"GPT: dtype must be a float type, got {self.dtype}")
         self._rng = np.random.default_rng(seed)  # dropout masks when no rng is passed
+        self._attention_maps: list | None = None  # filled only inside attention_maps()
         self.params: dict[str, Tensor] = {}
         init = np.random.default_rng(seed)
         std = 0.02
@@ -124,16 +125,35 @@ class GPT:
         C, H = self.config.n_embd, self.config.n_head
         hd = C // H
         qkv = x @ self.params[f"h.{i}.attn.c_attn.weight"]  # (B*T, 3C): q | k | v
-        # Split heads without copying: a (3, B, H, T, hd) view of qkv. (A fused op taking qkv
-        # whole saved only ~0.15 ms of a 1.7 ms attention forward+backward: not worth it.)
+        # Split heads without copying: a (3, B, H, T, hd) view of qkv. (Fusing this split into
+        # the attention op saved about 0.3 ms a step: not worth another op; performance.md.)
         qkv = qkv.reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
         q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, T, hd)
         if cache is not None:  # keys and values of every position so far: (B, H, t0 + T, hd)
             k, v = cache.extend(i, k.data, v.data)
         # causal with Tk >= Tq: query t (at position t0 + t) sees keys 0 .. t0 + t
+        if self._attention_maps is not None:  # attention_maps() is reading the probabilities
+            self._attention_maps.append(attention_probabilities(q.data, np.asarray(k.data)))
         y = F.scaled_dot_product_attention(q, k, v, causal=True)  # (B, H, T, hd)
         y = y.transpose(0, 2, 1, 3).reshape(B * T, C)  # (B*T, C): heads side by side
         return y @ self.params[f"h.{i}.attn.c_proj.weight"]  # (B*T, C)
+
+    def attention_maps(self, idx) -> np.ndarray:
+        """The attention probabilities of every head for one sequence `idx`, (T,) or (1, T):
+        an (n_layer, n_head, T, T) array whose [l, h, i, j] is how much position i's query
+        weighs key j in head h of block l. Rows sum to 1; above the diagonal is 0 (causal)."""
+        idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)
+        if idx.ndim == 1:
+            idx = idx[None, :]
+        if idx.ndim != 2 or idx.shape[0] != 1 or idx.shape[1] == 0:
+            raise ValueError(f"attention_maps takes one sequence, (T,) or (1, T), got {idx.shape}")
+        self._attention_maps = []
+        try:
+            with no_grad():
+                self(idx)
+            return np.stack([p[0] for p in self._attention_maps])  # (L, H, T, T)
+        finally:
+            self._attention_maps = None
 
     def mlp(self, x: Tensor, i: int) -> Tensor:
         """The feed-forward of block i: x (B*T, C) -> 4C -> relu(.)**2 -> (B*T, C)."""
@@ -196,6 +216,16 @@ class GPT:
             arrays[name] = a
         for name, p in self.params.items():
             p.data[...] = arrays[name]
+
+
+def attention_probabilities(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """softmax(q kᵀ / sqrt(hd) + causal mask), (..., Tq, Tk) for q (..., Tq, hd) and
+    k (..., Tk, hd): what scaled_dot_product_attention weighs the values with (it keeps
+    these inside its backward buffers; this computes them for reading)."""
+    tq, tk, hd = q.shape[-2], k.shape[-2], q.shape[-1]
+    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(hd)  # (..., Tq, Tk)
+    scores = scores + np.triu(np.full((tq, tk), -np.inf, dtype=scores.dtype), k=tk - tq + 1)
+    return F.softmax(Tensor(scores)).data
 
 
 class KVCache:

@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -407,7 +408,7 @@ def running(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
         for _ in range(1000):  # 10 s at most
             if server.started or not thread.is_alive():
                 break
-            threading.Event().wait(0.01)
+            time.sleep(0.01)
         if not server.started:
             raise RuntimeError("the server did not start within 10 s")
         yield url_of(sock)
@@ -443,9 +444,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(cfg: ServeConfig) -> int:
-    """Load the checkpoint, listen, serve until Ctrl-C (or SIGTERM); 0 when stopped cleanly."""
-    from .checkpoint import load_model
+    """Load the run's checkpoint (its best, as gpt.sample does, else its latest), listen, and
+    serve until Ctrl-C (or SIGTERM); 0 when stopped cleanly."""
+    from .checkpoint import checkpoint_path, load_model, uses_best
 
+    source = checkpoint_path(cfg.out_dir, uses_best(cfg.out_dir))  # OUT/best if there is one
     model, tokenizer = load_model(cfg.out_dir)
     name = cfg.model_name or os.path.basename(os.path.abspath(cfg.out_dir))
     app = create_app(model, tokenizer, name, cfg.max_tokens, cfg.api_key, cfg.cors_origin)
@@ -457,7 +460,8 @@ def serve(cfg: ServeConfig) -> int:
     warning = open_warning(cfg.host, cfg.api_key)
     if warning:
         print(warning, file=sys.stderr)
-    print(f"gpt.serve: serving {name} at {url_of(sock)} (Ctrl-C to stop)", flush=True)
+    print(f"gpt.serve: serving {name} ({source}) at {url_of(sock)} (Ctrl-C to stop)",
+          flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # stop the same way on SIGTERM
     try:
         make_server(app).run(sockets=[sock])

@@ -1,7 +1,7 @@
 """`python -m gpt.train`: train a GPT on a text file, with evaluation, metrics, checkpoints
 that resume exactly, and one-line errors for bad input.
 
-    python -m gpt.train                                   # the bundled train.txt, a few minutes
+    python -m gpt.train                                   # the bundled train.txt, about a minute
     python -m gpt.train --data my.txt --out-dir my_run --max-iters 3000
     python -m gpt.train --preset baby --data my.txt       # a named set of sizes (config.PRESETS)
     python -m gpt.train --out-dir my_run --resume --max-iters 5000   # continue a run

@@ -20,7 +20,7 @@ from tensorlite import kernels
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PAGES = sorted(DOCS.glob("*.md")) + [DOCS.parent / "README.md"]
-MUST_HAVE_EXAMPLES = {"autograd.md", "verifying-gradients.md"}
+MUST_HAVE_EXAMPLES = {"autograd.md", "verifying-gradients.md", "derivations.md", "gpt.md"}
 FENCE = re.compile(r"^[ \t]*```.*$", flags=re.MULTILINE)
 
 

@@ -100,8 +100,30 @@ def test_attention_example_catches_the_q_only_backward_and_passes_the_right_one(
     assert out.rstrip().endswith("right backward: passes")
 
 
+# ---- examples/reverse_digits.py: the toy task --------------------------------------------------
+reverse_digits = load("reverse_digits")
+
+
+def test_reverse_digits_learns_the_task_and_greedy_agrees():
+    model, acc = reverse_digits.train(steps=80, seed=1, verbose=False)
+    assert acc >= 0.9  # chance is 1e-4
+    test = reverse_digits.make_batch(200, np.random.default_rng(5))
+    assert reverse_digits.greedy_accuracy(model, test) == reverse_digits.accuracy(model, test)
+
+
+def test_reverse_digits_untrained_is_at_chance():
+    _, acc = reverse_digits.train(steps=0, verbose=False)
+    assert acc < 0.01
+
+
+def test_reverse_digits_data_is_digits_then_their_reversal():
+    seqs = reverse_digits.make_batch(5, np.random.default_rng(0))
+    text = ["".join(reverse_digits.VOCAB[i] for i in row) for row in seqs]
+    assert all(t[:4] == t[5:][::-1] and t[4] == ">" and t.replace(">", "").isdigit() for t in text)
+
+
 # ---- examples/exercises/: the reference solutions of the docs' exercises -----------------------
-SOLUTIONS = sorted(p.stem for p in (EXAMPLES / "exercises").glob("*.py"))
+SOLUTIONS = sorted(p.stem for p in (EXAMPLES / "exercises").glob("[!_]*.py"))  # _toy.py: shared
 EXERCISE_PAGES = ["autograd.md", "verifying-gradients.md", "gpt.md"]
 
 
@@ -121,4 +143,4 @@ def test_exercise_solution_runs_and_its_checks_pass(name):
 def test_every_exercise_has_a_solution_and_every_solution_an_exercise():
     named = [n for page in EXERCISE_PAGES for n in exercises_in(page)]
     assert sorted(named) == SOLUTIONS, "docs' exercises and examples/exercises/ differ"
-    assert len(named) == len(set(named)) >= 10
+    assert len(named) == len(set(named)) >= 12

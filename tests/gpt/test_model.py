@@ -260,3 +260,52 @@ def test_training_memory_counts_the_parameters_and_refuses_what_cannot_fit(monke
     monkeypatch.setattr(gm, "available_memory", lambda: 10**6)
     with pytest.raises(ValueError, match="0.0 GB is available"):
         gm.check_fits(cfg, 10**5)
+
+
+# ---- attention_maps: the attention probabilities, read out ------------------------------------
+def test_attention_maps_shape_rows_and_causality():
+    rng = np.random.default_rng(0)
+    model = GPT(TINY)
+    _randomize(model, rng)
+    idx = _ids(rng, TINY, B=1)[0]  # (T,)
+    maps = model.attention_maps(idx)
+    T = len(idx)
+    assert maps.shape == (TINY.n_layer, TINY.n_head, T, T)
+    np.testing.assert_allclose(maps.sum(axis=-1), 1.0, rtol=1e-5)
+    assert np.all(np.triu(maps, k=1) == 0) and np.all(maps >= 0)
+    assert np.abs(np.tril(maps, k=-1)).max() > 0.05  # not just the diagonal
+    np.testing.assert_array_equal(model.attention_maps(idx[None, :]), maps)  # (1, T) too
+    changed = idx.copy()
+    changed[-1] = (changed[-1] + 1) % TINY.vocab_size  # a later token cannot move earlier rows
+    np.testing.assert_allclose(model.attention_maps(changed)[:, :, :-1], maps[:, :, :-1], rtol=1e-5)
+
+
+def test_attention_maps_are_what_layer_0_computes():
+    rng = np.random.default_rng(1)
+    cfg = GPTConfig(vocab_size=7, block_size=5, n_layer=1, n_head=2, n_embd=8)
+    model = GPT(cfg, dtype=np.float64)
+    _randomize(model, rng)
+    idx = np.array([3, 1, 4, 1, 5])
+    p = {k: v.data for k, v in model.params.items()}
+    x = p["wte"][idx] + p["wpe"][:5]  # (T, C)
+    a = x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + 1e-5) * p["h.0.ln_1.weight"]
+    q, k, _ = np.split(a @ p["h.0.attn.c_attn.weight"], 3, axis=-1)  # (T, C) each
+    for h in range(2):
+        qh, kh = q[:, 4 * h:4 * h + 4], k[:, 4 * h:4 * h + 4]
+        s = qh @ kh.T / 2.0 + np.triu(np.full((5, 5), -np.inf), k=1)
+        expected = np.exp(s - s.max(axis=1, keepdims=True))
+        expected /= expected.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(model.attention_maps(idx)[0, h], expected, rtol=1e-10)
+
+
+def test_attention_maps_leave_the_model_as_it_was():
+    rng = np.random.default_rng(2)
+    model = GPT(TINY)
+    idx = _ids(rng, TINY)
+    before, _ = model(idx)
+    model.attention_maps(idx[0])
+    after, _ = model(idx)
+    np.testing.assert_array_equal(before.data, after.data)
+    assert model._attention_maps is None
+    with pytest.raises(ValueError, match="one sequence"):
+        model.attention_maps(idx)  # (2, T): two sequences

@@ -146,3 +146,48 @@ def test_matplotlib_missing_says_how_to_install(tmp_path):
     assert 'pip install -e ".[plot]"' in r.stderr and INSTALL_HINT in r.stderr
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "loss.png").exists()
+
+
+# ---- --attention: the trained model's attention maps ------------------------------------------
+def test_attention_flag_writes_a_grid_with_the_prompt_on_the_axes(tiny_run, tmp_path):
+    r = run_cli(str(tiny_run), "--attention", "Once upon")
+    assert r.returncode == 0, r.stderr
+    out = tiny_run / "attention.png"
+    assert "wrote" in r.stdout and "1 layers x 2 heads, 9 tokens" in r.stdout
+    w, h = png_size(out)
+    assert w > 2 * 100 and h > 100  # two heads side by side
+    other = tmp_path / "a.png"
+    assert run_cli(str(tiny_run), "--attention", "O", "--output", str(other)).returncode == 0
+    assert png_size(other)[0] < w  # one token: smaller panels
+
+
+def test_plot_attention_labels_each_token(tmp_path):
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    drawn = {}
+    original = Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        drawn["fig"] = fig
+        return original(fig, *args, **kwargs)
+
+    from gpt import plot
+    maps = np.tril(np.ones((2, 3, 4, 4))) / np.arange(1, 5)[:, None]
+    Figure.savefig = keep
+    try:
+        plot.plot_attention(maps, ["a", " ", "\n", "b"], tmp_path / "m.png")
+    finally:
+        Figure.savefig = original
+    axes = [ax for ax in drawn["fig"].axes if ax.get_title()]
+    assert len(axes) == 6 and axes[5].get_title() == "layer 1, head 2"
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["a", "␣", "↵", "b"]
+    assert [t.get_text() for t in axes[0].get_yticklabels()] == ["a", "␣", "↵", "b"]
+
+
+@pytest.mark.parametrize("prompt,words", [("", "1 to 32 tokens"), ("x" * 33, "got 33"),
+                                          ("~\u00e9", "does not know")])
+def test_attention_bad_prompt_is_one_line(tiny_run, prompt, words):
+    r = run_cli(str(tiny_run), "--attention", prompt)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: --attention") and words in r.stderr

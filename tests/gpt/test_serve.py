@@ -16,12 +16,17 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+import numpy as np
 import openai
 import pytest
 from conftest import API_KEY, REPO, SERVER_MAX_TOKENS
 
+from gpt.bpe import BPETokenizer
+from gpt.checkpoint import checkpoint_path, uses_best
+from gpt.config import GPTConfig
 from gpt.sample import generate
 from gpt.serve import create_app, is_loopback, open_warning, running
+from tensorlite import Tensor
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -97,10 +102,9 @@ def test_completion(client, tiny_model):
     assert r.object == "text_completion" and r.model == "tiny" and len(r.choices) == 1
     c = r.choices[0]
     assert c.index == 0 and isinstance(c.text, str)
-    n = r.usage.completion_tokens  # 20, or fewer if the model sampled its end-of-text token
-    assert c.finish_reason == ("length" if n == 20 else "stop") and n == len(c.text)
+    assert c.finish_reason == "length" and r.usage.completion_tokens == 20 == len(c.text)
     assert r.usage.prompt_tokens == len(tok.encode("The boat"))
-    assert r.usage.total_tokens == r.usage.prompt_tokens + n
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 20
     assert "The boat" + c.text == generate(model, tok, "The boat", 20, seed=1)
 
 
@@ -168,8 +172,7 @@ def test_n_and_seed_give_what_gpt_sample_prints(client, tiny_run):
 
 
 def test_stop_cuts_the_text_before_the_stop_string(client):
-    # greedy: a model never trained on its end-of-text token does not choose it, so the text
-    # is long enough to cut
+    # (EOS is never drawn, as in gpt.sample: the text runs to max_tokens unless a stop cuts it)
     kwargs = {"model": "tiny", "prompt": "The ", "max_tokens": 60, "temperature": 0}
     whole = client.completions.create(**kwargs).choices[0].text
     assert len(whole) == 60
@@ -189,6 +192,38 @@ def test_stream_options_include_usage(server):
     evs = events(data)
     assert evs[-1] == "[DONE]" and evs[-2]["choices"] == []
     assert evs[-2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+
+
+class ByteScript:
+    """A stand-in model that predicts the bytes of `data` one after another (for a byte-level
+    BPE tokenizer without merges: token id = byte), then EOS (which sampling masks).
+    Stateless: where it is in `data` follows from how many positions its cache holds."""
+
+    def __init__(self, data: bytes, eos_id: int):
+        self.config = GPTConfig(eos_id + 1, block_size=64, n_layer=1, n_head=1, n_embd=4)
+        self.dtype, self.data, self.eos_id = np.float32, data, eos_id
+
+    def __call__(self, idx, targets=None, cache=None):  # (logits, loss), as GPT's
+        cache.length += idx.shape[1]
+        i = cache.length - 1  # the prompt is BOS alone
+        logits = np.zeros(self.config.vocab_size, dtype=np.float32)
+        logits[self.data[i] if i < len(self.data) else self.eos_id] = 50.0
+        return Tensor(logits[None, None]), None
+
+
+def test_a_character_split_over_tokens_streams_whole():
+    text = "héllo wörld, 5 € ✓"
+    tok = BPETokenizer([])  # bytes only: é is 2 tokens, € and ✓ are 3
+    model = ByteScript((text + "|").encode(), tok.eos_id)
+    with running(create_app(model, tok, "bytes")) as url:
+        status, _, data = request(url, "POST", "/v1/completions",
+                                  {"prompt": "", "max_tokens": 100, "stream": True, "stop": "|"},
+                                  {})
+    assert status == 200
+    *chunks, last, done = events(data)
+    pieces = [c["choices"][0]["text"] for c in chunks]
+    assert "".join(pieces) == text and len(pieces) == len(text)  # one chunk per character
+    assert last["choices"][0]["finish_reason"] == "stop" and done == "[DONE]"
 
 
 # ---- every error, and the server survives each -------------------------------------------------
@@ -300,7 +335,7 @@ def open_stream(url: str, max_tokens: int):
     """A streaming request whose first event has been read: (connection, response, event)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    conn.request("POST", "/v1/completions", json.dumps(  # greedy: it never picks EOS here
+    conn.request("POST", "/v1/completions", json.dumps(
         {"prompt": "The", "max_tokens": max_tokens, "stream": True, "temperature": 0}),
         {"Content-Type": "application/json", **AUTH})
     r = conn.getresponse()
@@ -421,9 +456,11 @@ def test_the_command_serves_until_ctrl_c(tiny_run):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        match = re.search(r"serving my-model at (http://127\.0\.0\.1:\d+/)", line)
+        match = re.search(r"serving my-model \((.+)\) at (http://127\.0\.0\.1:\d+/)", line)
         assert match, line + proc.stderr.read() if proc.poll() is not None else line
-        url = match.group(1)
+        source, url = match.groups()
+        # the checkpoint gpt.sample takes: OUT/best when training wrote one, else the latest
+        assert source == checkpoint_path(str(tiny_run), uses_best(str(tiny_run)))
         assert request(url, "GET", "/health")[0] == 200
         assert request(url, "GET", "/v1/models")[0] == 401
         key = {"Authorization": "Bearer from-the-env"}
