@@ -191,8 +191,9 @@ async def read_json(request: Request):
         body += chunk
     try:
         return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(f"the request body is not valid JSON ({e})",
+    except (ValueError, RecursionError) as e:  # not UTF-8 or not JSON; too deep; a huge int
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise RequestError(f"the request body is not valid JSON ({why})",
                            code="invalid_json") from None
 
 

@@ -200,8 +200,13 @@ def load_tokenizer(d: dict):
 
 def restore(run: Run, ckpt: Checkpoint) -> None:
     """Weights, optimizer moments, random streams and counters from a checkpoint."""
-    run.model.load_state_dict(ckpt.model)
-    run.opt.load_state_dict(ckpt.optimizer)
+    for name, load, tensors in (("model", run.model.load_state_dict, ckpt.model),
+                                ("optimizer", run.opt.load_state_dict, ckpt.optimizer)):
+        try:
+            load(tensors)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{ckpt.path}/{name}.safetensors does not fit this run: {e}") \
+                from None
     try:
         for name in ("data", "dropout"):
             run.rngs[name].bit_generator.state = ckpt.state["rng"][name]

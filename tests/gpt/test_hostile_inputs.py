@@ -70,8 +70,8 @@ def edit_json(folder: Path, name: str, change) -> None:
     forge(folder, name, json.dumps(data).encode())
 
 
-def header_only(tensor: dict) -> bytes:
-    head = json.dumps({"wte": tensor}).encode()
+def header_only(tensor: dict, name: str = "wte") -> bytes:
+    head = json.dumps({name: tensor}).encode()
     return struct.pack("<Q", len(head)) + head + b"\0" * 16
 
 
@@ -113,8 +113,18 @@ CHECKPOINT_CASES = {  # name -> (how to break OUT/checkpoint, words the message 
         {"dtype": "F32", "shape": ["Infinity"], "data_offsets": [0, 16]})), "model.safetensors"),
     "shape 1e30": (lambda f: forge(f, "model.safetensors", header_only(
         {"dtype": "F32", "shape": [1e30], "data_offsets": [0, 16]})), "model.safetensors"),
+    "header deeply nested": (lambda f: forge(f, "model.safetensors", header_only(
+        json.loads("[" * 50 + "]" * 50))), "model.safetensors"),
+    "header length 2**63": (lambda f: forge(f, "model.safetensors", struct.pack("<Q", 2**63)
+                                            + b"{}"), "model.safetensors"),
 }
 RESUME_ONLY = {  # read by --resume only (sampling does not need them)
+    "optimizer step a vector": (lambda f: forge(f, "optimizer.safetensors", header_only(
+        {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}, "step")),
+        "optimizer.safetensors"),
+    "optimizer without moments": (lambda f: forge(f, "optimizer.safetensors", header_only(
+        {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}, "other")),
+        "optimizer.safetensors"),
     "iter a string": (lambda f: edit_json(f, "state.json", lambda s: s.update(iter="x")),
                       "state.json"),
     "rng a number": (lambda f: edit_json(f, "state.json", lambda s: s.update(rng=5)),

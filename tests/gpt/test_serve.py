@@ -238,6 +238,11 @@ def chunked_big_body():
 @pytest.mark.parametrize("method, path, body, headers, status, code", [
     ("POST", "/v1/completions", b'{"prompt": "The", ', AUTH, 400, "invalid_json"),
     ("POST", "/v1/completions", b'\xff\xfe{}', AUTH, 400, "invalid_json"),
+    ("POST", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, AUTH, 400, "invalid_json"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "seed": 1' + b"0" * 5000 + b"}", AUTH, 400,
+     "invalid_json"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 1e400}', AUTH, 400,
+     "invalid_type"),
     ("POST", "/v1/completions", {"prompt": 5}, AUTH, 400, "invalid_type"),
     ("POST", "/v1/completions", {"prompt": "x", "temperature": "hot"}, AUTH, 400, "invalid_type"),
     ("POST", "/v1/completions", {"prompt": "x", "max_tokens": SERVER_MAX_TOKENS + 1}, AUTH, 400,

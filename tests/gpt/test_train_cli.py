@@ -345,3 +345,34 @@ def test_the_best_checkpoint_is_kept_and_the_final_line_says_which_is_where(
     np.testing.assert_array_equal(model.params["wte"].data, best)
     model, _ = checkpoint.load_model(str(out), latest=True)
     assert not np.array_equal(model.params["wte"].data, best)
+
+
+def test_workers_that_are_all_gone_stop_the_run_with_the_kept_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    """DataParallel raises RuntimeError when no worker is left (see test_parallel); the run
+    stops with one line naming the checkpoint it keeps."""
+    from gpt import train
+
+    real = train.make_grad_fn
+
+    def failing_after_5(model, cfg):
+        fn, close = real(model, cfg)
+        calls = itertools.count(1)
+
+        def loss_and_grads(x, y, rng):
+            if next(calls) > 5:
+                raise RuntimeError("data-parallel worker failed at step 5: no dask worker left")
+            return fn(x, y, rng)
+
+        return loss_and_grads, close
+
+    monkeypatch.setattr(train, "make_grad_fn", failing_after_5)
+    text = tmp_path / "text.txt"
+    text.write_text((REPO / "train.txt").read_text(encoding="utf-8")[:5000], encoding="utf-8")
+    out = tmp_path / "run"
+    code = train.main(["--data", str(text), "--out-dir", str(out), "--max-iters", "8",
+                       "--eval-interval", "4", "--n-layer", "1", "--n-head", "2", "--n-embd",
+                       "16", "--block-size", "16", "--batch-size", "4", "--log-interval", "4"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "no dask worker left" in err and "the last good checkpoint (iter 4) is kept" in err
