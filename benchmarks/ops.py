@@ -37,8 +37,12 @@ def _multiply_add(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 def _adamw(p, g, m, v):
-    kernels.adamw_update(p, g, m, v, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
-                         weight_decay=0.1, step=10)
+    """gpt.optim's AdamW update as AdamW.step runs it: the numexpr twin where it is switched
+    on, else the NumPy math."""
+    from gpt.optim import adamw_update
+
+    update = kernels.adamw_kernel(p.size) or adamw_update
+    update(p, g, m, v, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=10)
 
 
 # family -> [(op name, number of input arrays, call)]

@@ -25,11 +25,19 @@ import subprocess
 import sys
 import time
 
-CONFIGS = {
-    # name: (n_layer, n_head, n_embd, block_size, batch_size)
-    "baby": (4, 4, 128, 64, 12),
-    "default": (4, 8, 128, 64, 12),
-    "batch64": (4, 4, 128, 64, 64),
+from gpt.config import PRESETS, TrainConfig, to_flat
+
+
+def _shape(**settings) -> tuple[int, int, int, int, int]:
+    """(n_layer, n_head, n_embd, block_size, batch_size) of gpt.train's defaults + settings."""
+    flat = dict(to_flat(TrainConfig()), **settings)
+    return tuple(flat[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size"))
+
+
+CONFIGS = {  # the sizes of gpt.train --preset NAME (and of its defaults)
+    "baby": _shape(**PRESETS["baby"]),
+    "default": _shape(),
+    "batch64": _shape(**dict(PRESETS["baby"], batch_size=64)),
 }
 ENGINES = ["tensorlite", "torch", "tensorlite-untuned"]  # untuned: glibc's default malloc thresholds
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")

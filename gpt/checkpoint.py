@@ -330,8 +330,8 @@ def _current_folder(out_dir: str, best: bool) -> str:
     if not os.path.isdir(path) and os.path.isdir(path + ".old"):
         path += ".old"
     if not os.path.isdir(path):
-        raise UserError(f"no checkpoint in {out_dir} (looked for {path}/); "
-                              "train without --resume first, or point --out-dir at a run's folder")
+        raise UserError(f"{out_dir!r} holds no checkpoint (looked for {path}/): point it at "
+                        "a run's folder, or train a fresh run first", field="out_dir")
     return path
 
 

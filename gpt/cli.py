@@ -95,9 +95,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
                      presets: dict[str, dict] | None = None) -> None:
     """One flag per field of the dataclass `cls` (fields of a nested dataclass too, in an
     argument group named after it). The annotation decides the flag: bool -> a switch,
-    int/float/str -> a value, Literal[...] -> a choice, list[X] -> one or more values. Defaults are not stored in the
-    namespace (SUPPRESS), so `parse_config` can tell which flags were given; the help text
-    shows them. With `presets`, --preset NAME sets several fields at once."""
+    int/float/str -> a value, Literal[...] -> a choice, list[X] -> one or more values.
+    Defaults are not stored in the namespace (SUPPRESS), so `parse_config` can tell which
+    flags were given; the help text shows them. With `presets`, --preset NAME sets several
+    fields at once."""
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=argparse.SUPPRESS,
                             metavar="NAME", help="named settings, overridden by flags given: "

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+from .errors import UserError
+
 LOCK_FILE = ".lock"
 
 try:  # POSIX
@@ -36,7 +38,7 @@ except ImportError:  # pragma: no cover - Windows
         return True
 
 
-class RunInUseError(RuntimeError):
+class RunInUseError(UserError):
     """Another live process holds the run folder's lock (the message names its pid)."""
 
 
@@ -68,7 +70,7 @@ class RunLock:
                 self._remove_made_dir()
                 raise RunInUseError(f"{self.out_dir} is in use by pid {owner} (another "
                                     "training writes there); wait for it to finish, stop it, "
-                                    "or choose another --out-dir")
+                                    "or choose another run folder")
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # we locked a file its holder had just deleted: try the new one

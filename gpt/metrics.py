@@ -60,7 +60,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
     path = Path(path)
     if not path.exists():
-        raise UserError(f"no metrics file at {path}: pass a run folder written by gpt.train")
+        raise UserError(f"no metrics file at {path}: pass a run folder written by "
+                        "gpt.train")
     try:  # a regular file of bounded size: a FIFO or /dev/zero in its place is refused
         text = read_regular_file(str(path), MAX_BYTES, follow_links=True).decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -306,8 +306,8 @@ def check_fits(config: GPTConfig, batch_size: int, dtype=np.float32) -> None:
             f"this model has {P:,} parameters (n_layer {config.n_layer}, n_embd "
             f"{config.n_embd}, vocab {config.vocab_size}); training it with batch size "
             f"{batch_size} x block size {config.block_size} needs about {_gb(need)} of memory "
-            f"and {_gb(have)} is available: use a smaller --n-embd, --n-layer, --batch-size "
-            "or --block-size")
+            f"and {_gb(have)} is available: use a smaller n_embd, n_layer, batch_size "
+            "or block_size")
 
 
 def _gb(n: int) -> str:

@@ -1,7 +1,7 @@
 """The optimizer side of training: AdamW (bias-corrected, decoupled weight decay on 2-D
 weights only), the learning-rate schedule (linear warmup, then cosine decay to min_lr), and
-global-norm gradient clipping. The per-parameter update itself is one call to
-`tensorlite.kernels.adamw_update` (in place; NumPy or numexpr, whichever is faster there).
+global-norm gradient clipping. The update's math is `adamw_update` below, in NumPy; where a
+faster twin pays (tensorlite.kernels.adamw_kernel: numexpr today), that one runs instead.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from tensorlite import Tensor
-from tensorlite.kernels import adamw_update
+from tensorlite import Tensor, kernels
 
 
 class AdamW:
@@ -45,8 +44,9 @@ class AdamW:
             if p.grad is None:
                 continue
             decay = self.weight_decay if p.ndim == 2 else 0.0
-            adamw_update(p.data, p.grad, self.m[name], self.v[name],
-                         lr, b1, b2, self.eps, decay, self.t)
+            update = kernels.adamw_kernel(p.size) or adamw_update
+            update(p.data, p.grad, self.m[name], self.v[name], lr, b1, b2, self.eps, decay,
+                   self.t)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """A flat {key: ndarray}: "step" (0-d int64), "m.<name>" and "v.<name>" per parameter,
@@ -77,6 +77,33 @@ class AdamW:
             self.m[n][...] = state[f"m.{n}"]
             self.v[n][...] = state[f"v.{n}"]
         self.t = int(state["step"])
+
+
+def adamw_update(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float,
+                 beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> None:
+    """One AdamW step of one parameter, in place on p, m, v (t = step):
+
+        m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g*g
+        p = p*(1 - lr*wd) - lr * (m / (1-b1**t)) / (sqrt(v / (1-b2**t)) + eps)
+
+    The scalars are cast to p's dtype, and every array op writes into an existing buffer (one
+    temporary, `denom`), so a float32 model stays float32 and a step allocates little."""
+    t = p.dtype.type
+    b1, b2, c1, c2 = t(beta1), t(beta2), t(1 - beta1), t(1 - beta2)
+    decay, step_size = t(1 - lr * weight_decay), t(lr / (1 - beta1**step))
+    inv_bc2, eps_ = t(1 / (1 - beta2**step)), t(eps)
+    m *= b1
+    m += c1 * g  # m = b1*m + (1-b1)*g
+    v *= b2
+    v += c2 * (g * g)  # v = b2*v + (1-b2)*g*g
+    denom = v * inv_bc2
+    np.sqrt(denom, out=denom)
+    denom += eps_  # sqrt(v / (1-b2**t)) + eps
+    if decay != 1:
+        p *= decay  # decoupled weight decay
+    upd = np.divide(m, denom, out=denom)
+    upd *= step_size  # lr * m / (1-b1**t) / denom
+    p -= upd
 
 
 def lr_at(it: int, max_iters, lr: float | None = None, min_lr: float | None = None,

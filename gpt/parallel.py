@@ -3,7 +3,10 @@ worker processes computes every shard's loss and gradients, and the parent combi
 (weighted by tokens) into each parameter's `.grad`, ready for one clip and one optimizer step.
 This is the only module of the project that imports joblib.
 
-How the numbers travel (backend "loky", one machine):
+`DataParallel` is the one interface (loss_and_grads, close); how the numbers travel is its
+transport, one small class each:
+
+`SharedMemory` (backend "loky", one machine):
 
     parent                                      worker k (a persistent loky process)
     copy weights -> weights file (memmap)  ...  maps the file read-only once; its model's
@@ -14,12 +17,9 @@ How the numbers travel (backend "loky", one machine):
     grad = sum_k w_k * row_k,  loss = sum_k w_k * loss_k,  w_k = tokens_k / tokens
 
 So per step only the batch shards, a dropout seed and one float per shard are pickled.
-Backend "dask" (a dask.distributed cluster, through joblib's dask backend): the machines share
-no files, so the weights travel as an argument (joblib scatters it once per step to the
-cluster) and each shard's gradients come back by value.
-
-For tests, GPT_PARALLEL_WORKER_EXIT=1 (read when a DataParallel is made) makes every worker
-die at its first task, as a crash would.
+`DaskCluster` (backend "dask", a dask.distributed cluster through joblib's dask backend): the
+machines share no files, so the weights travel as an argument (joblib scatters it once per
+step to the cluster) and each shard's gradients come back by value.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import signal
 import sys
 import tempfile
 import threading
+import typing
 import uuid
 import weakref
 from dataclasses import dataclass
@@ -39,10 +40,9 @@ import numpy as np
 
 import tensorlite
 
-from .config import GPTConfig
+from .config import Backend, GPTConfig
+from .errors import UserError
 from .model import GPT
-
-BACKENDS = ("loky", "dask")
 
 
 @dataclass(frozen=True)
@@ -79,66 +79,112 @@ class DataParallel:
     optimizer step, a checkpoint load) between calls. With dropout > 0 each shard draws its
     own masks (seeded per step and shard), so runs match `workers=1` only without dropout.
 
-    backend: "loky" (processes on this machine) or "dask" (`scheduler` is the address of a
-    dask.distributed scheduler, e.g. "tcp://host:8786"). threads_per_worker: BLAS and numexpr
-    threads in each worker; by default os.cpu_count() // workers for loky (so workers x threads
-    <= cores) and unchanged for dask (set them with `dask-worker --nthreads`). A worker that
-    raises or dies turns into a RuntimeError with a one-line message.
+    backend: "loky" (SharedMemory: processes on this machine) or "dask" (DaskCluster;
+    `scheduler` is the address of a dask.distributed scheduler, e.g. "tcp://host:8786").
+    threads_per_worker: BLAS and numexpr threads in each worker; by default
+    os.cpu_count() // workers for loky (so workers x threads <= cores) and unchanged for dask
+    (set them with `dask-worker --nthreads`). A worker that raises or dies turns into a
+    RuntimeError with a one-line message.
     """
 
     def __init__(self, model: GPT, workers: int, backend: str = "loky",
                  scheduler: str | None = None, threads_per_worker: int | None = None,
                  timeout: float | None = None):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend not in TRANSPORTS:
+            raise UserError(f"must be one of {', '.join(TRANSPORTS)}, got {backend!r}",
+                            field="backend")
         if int(workers) < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        if backend == "dask" and not scheduler:
-            raise ValueError("--backend dask needs --scheduler ADDRESS (e.g. tcp://host:8786)")
+            raise UserError(f"must be >= 1, got {workers}", field="workers")
         self.model, self.workers, self.backend = model, int(workers), backend
         self.step = 0  # calls so far (named in errors; the dropout seed without an rng)
-        self._client = None
-        self._executor = None  # loky: a process pool, tasks submitted directly
-        self._parallel = None  # dask: a joblib Parallel on the dask backend
-        self._closed = False
-        self.timeout = timeout  # seconds a step may take (None: no limit)
-        self.retries = 3  # dask: times a step is retried after losing workers (loky: none)
-        self._dir = None
-
-        layout, offset = [], 0
+        layout, size = [], 0
         for name, p in model.params.items():
-            layout.append((name, p.shape, offset))
-            offset += p.size
+            layout.append((name, p.shape, size))
+            size += p.size
+        self.transport = TRANSPORTS[backend](model.dtype, self.workers, size, timeout, scheduler)
         if threads_per_worker is None and backend == "loky":
             threads_per_worker = max(1, (os.cpu_count() or 1) // self.workers)
-
-        weights_path = grads_path = None
-        self._fds: list[int] = []
-        if backend == "loky":
-            # /dev/shm keeps the files in memory on Linux; any temp dir works elsewhere
-            base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-            self._dir = tempfile.mkdtemp(prefix="gpt-parallel-", dir=base)
-            weights_path = os.path.join(self._dir, "weights.bin")
-            grads_path = os.path.join(self._dir, "grads.bin")
-            self._weights = np.memmap(weights_path, dtype=model.dtype, mode="w+",
-                                      shape=(offset,))  # (P,) every parameter, flattened
-            self._grads = np.memmap(grads_path, dtype=model.dtype, mode="w+",
-                                    shape=(self.workers, offset))  # (workers, P)
-            weights_path, grads_path = self._unlink_early(weights_path, grads_path)
-        else:
-            self._weights = np.empty(offset, dtype=model.dtype)  # (P,) sent with each task
-        # remove the files (or close their descriptors) even if close() is never called
-        self._finalizer = weakref.finalize(self, _release, self._dir, self._fds)
-
         self.spec = _Spec(
             key=uuid.uuid4().hex, config=model.config.to_dict(), dtype=model.dtype.name,
-            layout=tuple(layout), size=offset, threads=threads_per_worker,
-            weights_path=weights_path, grads_path=grads_path, shards=self.workers,
+            layout=tuple(layout), size=size, threads=threads_per_worker,
+            weights_path=self.transport.paths[0], grads_path=self.transport.paths[1],
+            shards=self.workers,
         )
-        self.shard_fn = _shard_loss_and_grads  # what each task runs (tests swap it)
-        if os.environ.get("GPT_PARALLEL_WORKER_EXIT") == "1":
-            self.shard_fn = _exit_worker
-        self._start(scheduler)
+
+    def loss_and_grads(self, x, y, rng: np.random.Generator | None = None) -> float:
+        """Mean cross-entropy of the batch (x, y), both (B, T) token ids; every parameter's
+        .grad is set to the gradient of that mean (a fresh array, owned by the parent).
+        `rng` (the run's dropout stream) gives one seed per step for the shards' dropout
+        masks; without it the seed is the step number."""
+        if self.transport is None:
+            raise RuntimeError("DataParallel is closed")
+        x, y = np.asarray(x), np.asarray(y)
+        if x.ndim != 2 or x.shape != y.shape:
+            raise ValueError(f"x and y must be (B, T) arrays of one shape, got {x.shape}, "
+                             f"{y.shape}")
+        B = x.shape[0]
+        rows = np.array_split(np.arange(B), min(self.workers, B))  # shard k: rows[k]
+        for name, shape, offset in self.spec.layout:  # the current weights, flattened
+            p = self.model.params[name].data
+            self.transport.weights[offset : offset + p.size] = p.reshape(-1)
+        seed = self.step if rng is None else int(rng.integers(2**63))
+        tasks = [(self.spec, seed, k, x[r], y[r]) for k, r in enumerate(rows)]
+        losses, grads = self.transport.run(tasks, self.step)  # (K,), (K, P)
+        self.step += 1
+
+        w = np.array([len(r) / B for r in rows], dtype=self.model.dtype)  # (K,) token weights
+        loss = float(sum(wk * lk for wk, lk in zip(w, losses)))
+        grad = np.asarray(w @ grads)  # (K,) @ (K, P) -> (P,)
+        for name, shape, offset in self.spec.layout:
+            p = self.model.params[name]
+            p.grad = grad[offset : offset + p.size].reshape(shape)
+        return loss
+
+    def close(self) -> None:
+        """Stop using the workers and release what the transport holds. Safe to call twice."""
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            transport.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _why(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else '(no message)'}"
+
+
+def _failed(step: int, e: BaseException, more: str = "") -> RuntimeError:
+    return RuntimeError(f"data-parallel worker failed at step {step}{more}: {_why(e)}")
+
+
+# ---- transport "loky": processes on this machine, numbers in shared files ------------------------
+class SharedMemory:
+    """Persistent loky processes; the weights (P,) and the gradients (workers, P) live in two
+    files in /dev/shm that every worker maps, so only shards and seeds are pickled."""
+
+    def __init__(self, dtype, workers: int, size: int, timeout: float | None, scheduler=None):
+        self.timeout = timeout  # seconds a step may take (None: no limit)
+        # /dev/shm keeps the files in memory on Linux; any temp dir works elsewhere
+        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        self._dir = tempfile.mkdtemp(prefix="gpt-parallel-", dir=base)
+        paths = (os.path.join(self._dir, "weights.bin"), os.path.join(self._dir, "grads.bin"))
+        self.weights = np.memmap(paths[0], dtype=dtype, mode="w+", shape=(size,))  # (P,)
+        self.grads = np.memmap(paths[1], dtype=dtype, mode="w+", shape=(workers, size))
+        self._fds: list[int] = []
+        self.paths = self._unlink_early(*paths)
+        # remove the files (or close their descriptors) even if close() is never called
+        self._finalizer = weakref.finalize(self, _release, self._dir, self._fds)
+        # joblib's process pool (loky), reused across steps and runs: each task is submitted
+        # to it directly. (joblib.Parallel over the same pool adds ~10 ms a step here: it
+        # polls for finished tasks every 10 ms, half a shard's work.)
+        from joblib.externals.loky import get_reusable_executor
+
+        self._executor = get_reusable_executor(max_workers=workers, initializer=_ignore_sigint)
 
     def _unlink_early(self, *paths: str) -> tuple[str, ...]:
         """Where /proc/PID/fd exists (Linux), keep each file open, delete its name at once and
@@ -157,132 +203,20 @@ class DataParallel:
         self._dir = None
         return tuple(opened)
 
-    def _start(self, scheduler: str | None) -> None:
-        if self.backend == "loky":
-            # joblib's process pool (loky), reused across steps and runs: each task is
-            # submitted to it directly. (joblib.Parallel over the same pool adds ~10 ms a
-            # step here: it polls for finished tasks every 10 ms, half a shard's work.)
-            from joblib.externals.loky import get_reusable_executor
-
-            self._executor = get_reusable_executor(max_workers=self.workers,
-                                                   initializer=_ignore_sigint)
-            return
-        if self.backend == "dask":
-            try:
-                from dask.distributed import Client
-            except ImportError:
-                raise RuntimeError(
-                    "--backend dask needs dask.distributed: pip install 'tensorlite-gpt[dask]'"
-                ) from None
-            try:
-                self._client = Client(scheduler, timeout="10s")
-            except (OSError, TimeoutError) as e:
-                raise RuntimeError(
-                    f"cannot reach the dask scheduler at {scheduler} ({e}); is it running?"
-                ) from None
-        self._open_parallel()
-
-    def _open_parallel(self) -> None:
-        """One joblib Parallel, entered once, used for every step until close() (or until a
-        lost worker makes us open a fresh one). parallel_config resolves the backend by name
-        (joblib registers "dask" on first use) and runs the tasks through the default dask
-        Client, the one made in _start."""
-        import joblib
-
-        if self._parallel is not None:
-            with contextlib.suppress(Exception):  # a broken one (a lost worker) still closes
-                self._parallel.__exit__(None, None, None)
-        with joblib.parallel_config(backend="dask"):
-            self._parallel = joblib.Parallel(n_jobs=self.workers, timeout=self.timeout)
-        self._parallel.__enter__()
-
-    def _dask_workers(self) -> int:
-        """How many workers the dask scheduler has now (0 if it cannot be asked)."""
+    def run(self, tasks: list, step: int) -> tuple[list[float], np.ndarray]:
+        """Each task's loss; the gradients are rows 0..K-1 of the shared file."""
         try:
-            return len(self._client.scheduler_info()["workers"])
-        except Exception:  # noqa: BLE001 - a scheduler that is gone has no workers for us
-            return 0
+            futures = [self._executor.submit(_shard_loss_and_grads, *task, None)
+                       for task in tasks]
+            losses = [f.result(timeout=self.timeout)[0] for f in futures]
+        except Exception as e:  # a worker raised or died
+            raise _failed(step, e) from e
+        return losses, self.grads[: len(tasks)]
 
-    # ---- one step ----------------------------------------------------------------------------
-    def loss_and_grads(self, x, y, rng: np.random.Generator | None = None) -> float:
-        """Mean cross-entropy of the batch (x, y), both (B, T) token ids; every parameter's
-        .grad is set to the gradient of that mean (a fresh array, owned by the parent).
-        `rng` (the run's dropout stream) gives one seed per step for the shards' dropout
-        masks; without it the seed is the step number."""
-        if self._closed:
-            raise RuntimeError("DataParallel is closed")
-        x, y = np.asarray(x), np.asarray(y)
-        if x.ndim != 2 or x.shape != y.shape:
-            raise ValueError(f"x and y must be (B, T) arrays of one shape, got {x.shape}, "
-                             f"{y.shape}")
-        B = x.shape[0]
-        rows = np.array_split(np.arange(B), min(self.workers, B))  # shard k: rows[k]
-        for name, shape, offset in self.spec.layout:  # the current weights, flattened
-            p = self.model.params[name].data
-            self._weights[offset : offset + p.size] = p.reshape(-1)
-
-        if self.backend == "dask" and not self._dask_workers():  # tasks would wait forever
-            raise RuntimeError(f"data-parallel worker failed at step {self.step}: no dask "
-                               "worker left")
-        seed = self.step if rng is None else int(rng.integers(2**63))
-        shared = self.spec.weights_path is not None
-        weights = None if shared else self._weights
-        tasks = [(self.spec, seed, k, x[r], y[r], weights) for k, r in enumerate(rows)]
-        for attempt in range(self.retries + 1):
-            try:
-                results = self._run(tasks)
-                break
-            except Exception as e:  # a worker raised, died (loky) or the cluster failed
-                why = f"{type(e).__name__}: {_first_line(e)}"
-                left = self._dask_workers() if self.backend == "dask" else 0
-                if not left or attempt == self.retries:
-                    more = " (no dask worker left)" if self.backend == "dask" and not left else ""
-                    raise RuntimeError(f"data-parallel worker failed at step {self.step}{more}: "
-                                       f"{why}") from e
-                # dask lost a worker (and the weights scattered to it): the same tasks again
-                # on the workers that remain give the same shard losses and gradients
-                print(f"warning: a dask worker was lost at step {self.step} ({why}); "
-                      f"retrying the step on the {left} remaining", file=sys.stderr, flush=True)
-                self._open_parallel()
-        self.step += 1
-
-        w = np.array([len(r) / B for r in rows], dtype=self.model.dtype)  # (K,) token weights
-        loss = float(sum(wk * lk for wk, (lk, _) in zip(w, results)))
-        if shared:
-            grad = w @ self._grads[: len(rows)]  # (K,) @ (K, P) -> (P,)
-        else:
-            grad = w @ np.stack([g for _, g in results])  # (K,) @ (K, P) -> (P,)
-        grad = np.asarray(grad)
-        for name, shape, offset in self.spec.layout:
-            p = self.model.params[name]
-            p.grad = grad[offset : offset + p.size].reshape(shape)
-        return loss
-
-    def _run(self, tasks: list) -> list:
-        if self._executor is not None:
-            futures = [self._executor.submit(self.shard_fn, *task) for task in tasks]
-            return [f.result(timeout=self.timeout) for f in futures]
-        return self._parallel((self.shard_fn, task, {}) for task in tasks)
-
-    # ---- cleaning up -------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop using the workers and remove the shared files. Safe to call twice."""
-        self._closed, self._executor = True, None  # the pool stays, for the next run to reuse
-        parallel, self._parallel = self._parallel, None
-        if parallel is not None:
-            with contextlib.suppress(Exception):  # a broken pool (a dead worker) still
-                parallel.__exit__(None, None, None)  # lets us clean up
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        self._weights = self._grads = None  # unmap before removing the files
+        self._executor = None  # the pool stays, for the next run to reuse
+        self.weights = self.grads = None  # unmap before removing the files
         self._finalizer()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _remove_dir(path: str | None) -> None:
@@ -297,9 +231,93 @@ def _release(path: str | None, fds: list[int]) -> None:
             os.close(fds.pop())
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else "(no message)"
+# ---- transport "dask": a cluster, numbers by value -------------------------------------------
+class DaskCluster:
+    """A dask.distributed cluster through joblib's dask backend: the weights go with each
+    step's tasks, the gradients come back by value. A step that loses workers is run again
+    on those that remain (up to `retries` times)."""
+
+    retries = 3
+
+    def __init__(self, dtype, workers: int, size: int, timeout: float | None,
+                 scheduler: str | None):
+        if not scheduler:
+            raise UserError("must be given for backend 'dask' (the address of a dask "
+                            "scheduler, e.g. tcp://host:8786)", field="scheduler")
+        self.workers, self.timeout = workers, timeout
+        self.weights = np.empty(size, dtype=dtype)  # (P,) sent with each task
+        self.paths = (None, None)
+        try:
+            from dask.distributed import Client
+        except ImportError:
+            raise RuntimeError(
+                "the dask backend needs dask.distributed: pip install 'tensorlite-gpt[dask]'"
+            ) from None
+        try:
+            self._client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as e:
+            raise RuntimeError(
+                f"cannot reach the dask scheduler at {scheduler} ({e}); is it running?"
+            ) from None
+        self._parallel = None
+        self._open_parallel()
+
+    def _open_parallel(self) -> None:
+        """One joblib Parallel, entered once, used for every step until close() (or until a
+        lost worker makes us open a fresh one). parallel_config resolves the backend by name
+        (joblib registers "dask" on first use) and runs the tasks through the default dask
+        Client, the one made above."""
+        import joblib
+
+        self._close_parallel()
+        with joblib.parallel_config(backend="dask"):
+            self._parallel = joblib.Parallel(n_jobs=self.workers, timeout=self.timeout)
+        self._parallel.__enter__()
+
+    def _close_parallel(self) -> None:
+        parallel, self._parallel = self._parallel, None
+        if parallel is not None:
+            with contextlib.suppress(Exception):  # a broken one (a lost worker) still closes
+                parallel.__exit__(None, None, None)
+
+    def live_workers(self) -> int:
+        """How many workers the dask scheduler has now (0 if it cannot be asked)."""
+        try:
+            return len(self._client.scheduler_info()["workers"])
+        except Exception:  # noqa: BLE001 - a scheduler that is gone has no workers for us
+            return 0
+
+    def run(self, tasks: list, step: int) -> tuple[list[float], np.ndarray]:
+        if not self.live_workers():  # tasks would wait forever
+            raise RuntimeError(f"data-parallel worker failed at step {step}: no dask "
+                               "worker left")
+        attempt = 0
+        while True:
+            try:
+                results = self._parallel((_shard_loss_and_grads, (*task, self.weights), {})
+                                         for task in tasks)
+                return [loss for loss, _ in results], np.stack([g for _, g in results])
+            except Exception as e:  # the cluster failed or a worker raised
+                left = self.live_workers()
+                if not left or attempt == self.retries:
+                    raise _failed(step, e, "" if left else " (no dask worker left)") from e
+                why = _why(e)
+            # a lost worker took the weights scattered to it: the same tasks again on the
+            # workers that remain give the same shard losses and gradients
+            attempt += 1
+            print(f"warning: a dask worker was lost at step {step} ({why}); retrying the "
+                  f"step on the {left} remaining", file=sys.stderr, flush=True)
+            self._open_parallel()
+
+    def close(self) -> None:
+        self._close_parallel()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+TRANSPORTS: dict[str, type] = {"loky": SharedMemory, "dask": DaskCluster}
+assert set(TRANSPORTS) == set(typing.get_args(Backend))  # the config's choices, one each
 
 
 # ---- inside a worker -------------------------------------------------------------------------
@@ -336,11 +354,6 @@ def _point_params_at(model: GPT, spec: _Spec, flat: np.ndarray) -> None:
     for name, shape, offset in spec.layout:
         p = model.params[name]
         p.data = flat[offset : offset + p.size].reshape(shape)
-
-
-def _exit_worker(*args) -> None:
-    """A task that kills its worker process (GPT_PARALLEL_WORKER_EXIT=1, for tests)."""
-    os._exit(70)
 
 
 def _shard_loss_and_grads(spec: _Spec, seed: int, k: int, x: np.ndarray, y: np.ndarray,

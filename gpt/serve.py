@@ -71,6 +71,8 @@ class ServeConfig:
     max_tokens: int = setting(1024, "the most tokens one choice may ask for")
     model_name: str | None = setting(None, "the model's id in the API",
                                      shown="the run folder's name", metavar="NAME")
+    latest: bool = setting(False, "serve the latest checkpoint (OUT/checkpoint) instead of the "
+                           "one with the lowest val loss (OUT/best, when it exists)")
 
     def validate(self) -> ServeConfig:
         """Raise UserError (one line) for values that cannot work; return self."""
@@ -445,12 +447,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(cfg: ServeConfig) -> int:
-    """Load the run's checkpoint (its best, as gpt.sample does, else its latest), listen, and
+    """Load the run's checkpoint (its best unless cfg.latest, as gpt.sample), listen, and
     serve until Ctrl-C (or SIGTERM); 0 when stopped cleanly."""
     from .checkpoint import checkpoint_path, load_model, uses_best
 
-    source = checkpoint_path(cfg.out_dir, uses_best(cfg.out_dir))  # OUT/best if there is one
-    model, tokenizer = load_model(cfg.out_dir)
+    source = checkpoint_path(cfg.out_dir, uses_best(cfg.out_dir, cfg.latest))
+    model, tokenizer = load_model(cfg.out_dir, latest=cfg.latest)
     name = cfg.model_name or os.path.basename(os.path.abspath(cfg.out_dir))
     app = create_app(model, tokenizer, name, cfg.max_tokens, cfg.api_key, cfg.cors_origin)
     try:

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                    interrupted="aborted; the last checkpoint on disk is intact")
 
 
-# ---- the run, in five phases (below) -----------------------------------------------------------------------------------
+# ---- the run, in five phases (below) ---------------------------------------------------------
 def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
     """Run training as configured; returns the exit status (0, or 130 after Ctrl-C).
     Raises UserError/ValueError/OSError (one-line messages) on bad input. The run folder is

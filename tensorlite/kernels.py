@@ -142,50 +142,26 @@ def relu_squared_backward(dout: np.ndarray, x: np.ndarray) -> np.ndarray:
     return g
 
 
-def adamw_update(
-    p: np.ndarray,
-    g: np.ndarray,
-    m: np.ndarray,
-    v: np.ndarray,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    step: int,
-) -> None:
-    """One AdamW step, in place on p, m, v (bias-corrected, decoupled weight decay):
+def adamw_kernel(size: int):
+    """The fast twin of gpt.optim.adamw_update (same arguments, in place) for a parameter of
+    `size` values, or None: then the NumPy math in gpt/optim.py runs. numexpr, where it pays."""
+    return adamw_update_numexpr if use_numexpr("fused", size) else None
 
-        m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g*g
-        p = p*(1 - lr*wd) - lr * (m / (1-b1**t)) / (sqrt(v / (1-b2**t)) + eps)
-    """
+
+def adamw_update_numexpr(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray,
+                         lr: float, beta1: float, beta2: float, eps: float,
+                         weight_decay: float, step: int) -> None:
+    """gpt.optim.adamw_update in three numexpr passes, in place on m, v, p."""
     t = p.dtype.type
-    b1, b2 = t(beta1), t(beta2)
-    c1, c2 = t(1 - beta1), t(1 - beta2)
-    decay = t(1 - lr * weight_decay)
-    step_size = t(lr / (1 - beta1**step))
-    inv_bc2 = t(1 / (1 - beta2**step))
-    eps_ = t(eps)
-    if use_numexpr("fused", p.size):
-        _ne("b1 * m + c1 * g", out=m, b1=b1, m=m, c1=c1, g=g)
-        _ne("b2 * v + c2 * g * g", out=v, b2=b2, v=v, c2=c2, g=g)
-        _ne(
-            "p * decay - step_size * m / (sqrt(v * inv_bc2) + eps_)",
-            out=p, p=p, decay=decay, step_size=step_size, m=m, v=v, inv_bc2=inv_bc2, eps_=eps_,
-        )
-        return
-    m *= b1
-    m += c1 * g
-    v *= b2
-    v += c2 * (g * g)
-    denom = v * inv_bc2
-    np.sqrt(denom, out=denom)
-    denom += eps_
-    if decay != 1:
-        p *= decay
-    upd = np.divide(m, denom, out=denom)
-    upd *= step_size
-    p -= upd
+    b1, b2, c1, c2 = t(beta1), t(beta2), t(1 - beta1), t(1 - beta2)
+    decay, step_size = t(1 - lr * weight_decay), t(lr / (1 - beta1**step))
+    inv_bc2, eps_ = t(1 / (1 - beta2**step)), t(eps)
+    _ne("b1 * m + c1 * g", out=m, b1=b1, m=m, c1=c1, g=g)
+    _ne("b2 * v + c2 * g * g", out=v, b2=b2, v=v, c2=c2, g=g)
+    _ne(
+        "p * decay - step_size * m / (sqrt(v * inv_bc2) + eps_)",
+        out=p, p=p, decay=decay, step_size=step_size, m=m, v=v, inv_bc2=inv_bc2, eps_=eps_,
+    )
 
 
 # ---- reductions -----------------------------------------------------------------------------

@@ -22,13 +22,6 @@ class Profile:
         self.stats: dict[tuple[str, str], list] = {}
         self.wall = 0.0
 
-    def totals(self) -> dict[str, float]:
-        """Seconds per op name, forward and backward together."""
-        out: dict[str, float] = {}
-        for (op, _), (_, seconds) in self.stats.items():
-            out[op] = out.get(op, 0.0) + seconds
-        return out
-
     def table(self, steps: int = 1) -> str:
         """A text table: op, phase, calls, ms (per step), share of the timed wall clock."""
         rows = sorted(self.stats.items(), key=lambda kv: -kv[1][1])

@@ -4,6 +4,7 @@ serialisation, and the incremental trainer checked against a slow from-scratch t
 import json
 from collections import Counter
 from itertools import pairwise
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -125,3 +126,35 @@ def test_tiny_text_stops_early_and_small_vocab_rejected():
 
 def test_training_is_deterministic():
     assert BPETokenizer.train(TRAIN_TEXT, 320).merges == BPETokenizer.train(TRAIN_TEXT, 320).merges
+
+
+# ---- encoding replays the merges in the order they were learned -------------------------------
+def replay_merges(tok: BPETokenizer, chunk: str) -> list[int]:
+    """The definition, slowly: apply merge 0 everywhere, then merge 1, and so on."""
+    word = list(chunk.encode("utf-8"))
+    for new_id, (a, b) in enumerate(tok.merges, start=256):
+        out, i = [], 0
+        while i < len(word):
+            if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+                out.append(new_id)
+                i += 2
+            else:
+                out.append(word[i])
+                i += 1
+        word = out
+    return word
+
+
+def test_the_earliest_learned_merge_wins_not_the_leftmost_pair():
+    b, c = ord("b"), ord("c")
+    tok = BPETokenizer([(b, c), (ord("a"), b)])  # "bc" learned before "ab"
+    assert tok.encode("abc") == [ord("a"), 256]  # not [257, c]: "ab" is leftmost but later
+    assert tok.decode(tok.encode("abc")) == "abc"
+
+
+def test_encoding_equals_replaying_the_merges_in_order():
+    """On real text with a few hundred merges (leftmost-first would give ~10% more tokens)."""
+    text = (Path(__file__).resolve().parents[2] / "train.txt").read_text(encoding="utf-8")[:30_000]
+    tok = BPETokenizer.train(text, 400)
+    chunks = _CHUNK_RE.findall(text[:5000])
+    assert tok.encode(text[:5000]) == [t for ch in chunks for t in replay_merges(tok, ch)]

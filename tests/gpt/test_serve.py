@@ -4,6 +4,7 @@ every endpoint, raw HTTP for every error status, concurrency, disconnects, CORS,
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -412,11 +413,11 @@ def test_cors_star_never_comes_with_credentials(tiny_model):
 
 
 # ---- python -m gpt.serve -----------------------------------------------------------------------
-def serve_cli(*args, env_extra=None, timeout=60):
-    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
-    env.pop("GPT_API_KEY", None) if "GPT_API_KEY" not in (env_extra or {}) else None
+def serve_cli(*args):
+    """`python -m gpt.serve ARGS` run to its end (these all fail before serving)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "gpt.serve", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+                          capture_output=True, text=True, timeout=60, check=False)
 
 
 def assert_one_line_error(proc, *words):
@@ -453,16 +454,32 @@ def test_bad_flags_exit_2_with_one_line(tiny_run, args, words):
     assert_one_line_error(serve_cli("--out-dir", tiny_run, *args), words)
 
 
-def test_the_command_serves_until_ctrl_c(tiny_run):
-    env = dict(os.environ, PYTHONPATH=str(REPO), GPT_API_KEY="from-the-env")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gpt.serve", "--out-dir", str(tiny_run), "--port", "0",
-         "--model-name", "my-model", "--max-tokens", "8"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def serve_command(*args, env_extra=None):
+    """`python -m gpt.serve ARGS --port 0` in a subprocess: yields (process, its URL line)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
+    proc = subprocess.Popen([sys.executable, "-m", "gpt.serve", *map(str, args), "--port", "0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline()
+        yield proc, proc.stdout.readline()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def assert_ctrl_c_stops_cleanly(proc):
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "stopped" in out and err == ""
+
+
+def test_the_command_serves_until_ctrl_c(tiny_run):
+    with serve_command("--out-dir", tiny_run, "--model-name", "my-model", "--max-tokens", 8,
+                       env_extra={"GPT_API_KEY": "from-the-env"}) as (proc, line):
         match = re.search(r"serving my-model \((.+)\) at (http://127\.0\.0\.1:\d+/)", line)
-        assert match, line + proc.stderr.read() if proc.poll() is not None else line
+        assert match, line
         source, url = match.groups()
         # the checkpoint gpt.sample takes: OUT/best when training wrote one, else the latest
         assert source == checkpoint_path(str(tiny_run), uses_best(str(tiny_run)))
@@ -473,14 +490,13 @@ def test_the_command_serves_until_ctrl_c(tiny_run):
         assert status == 200 and json.loads(body)["data"][0]["id"] == "my-model"
         status, body = post(url, "/v1/completions", {"prompt": "The", "max_tokens": 9}, key)
         assert status == 400 and "at most 8" in body["error"]["message"]
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0 and "Traceback" not in err, err
-    assert "stopped" in out and err == ""
+        assert_ctrl_c_stops_cleanly(proc)
+
+
+def test_latest_serves_the_latest_checkpoint(tiny_run):
+    with serve_command("--out-dir", tiny_run, "--latest") as (proc, line):
+        assert f"({tiny_run / 'checkpoint'})" in line, line
+        assert_ctrl_c_stops_cleanly(proc)
 
 
 def test_listening_beyond_loopback_without_a_key_warns():

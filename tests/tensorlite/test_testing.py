@@ -216,3 +216,34 @@ def test_gradcheck_input_errors():
         gradcheck(lambda t: Tensor(np.array([1.0])), [Tensor(np.array([1.0]), requires_grad=True)])
     assert issubclass(GradcheckError, AssertionError)
     assert tl.GradcheckError is GradcheckError and tl.gradcheck is gradcheck
+
+
+# ---- bugs the suite once let through (each test fails on its mutant) ----------------------------
+class CubeWithFlippedSign(Function):
+    """out = x**3; the correct dx is 3 x**2 dout. This one returns its negative: the same
+    magnitudes, so a check that compared only |analytic| and |numeric| would pass it."""
+
+    def forward(self, x):
+        self.x = x
+        return x**3
+
+    def backward(self, dout):
+        return -3 * self.x**2 * dout  # BUG: the sign
+
+
+@given(x=arrays(away_from=0.0, margin=0.1, shape=shapes(min_dims=1)))
+def test_gradcheck_catches_a_flipped_sign(x):
+    with pytest.raises(GradcheckError, match="input 0"):
+        gradcheck(CubeWithFlippedSign.apply, [Tensor(x, requires_grad=True)])
+    with pytest.raises(GradcheckError, match="input 0"):
+        assert_gradients_match(CubeWithFlippedSign.apply, x)
+    assert gradcheck(lambda t: t**3, [Tensor(x, requires_grad=True)]) is True
+
+
+def test_gradcheck_ignores_a_gradient_the_input_already_holds():
+    """An input left with a .grad by earlier work: backward accumulates into .grad, so unless
+    gradcheck resets it first the stale values would read as a wrong gradient."""
+    x = Tensor(np.array([0.5, -1.5, 2.0]), requires_grad=True)
+    x.grad = np.full(3, 100.0)
+    assert gradcheck(lambda t: t * t * t, [x]) is True
+    assert x.grad is None
