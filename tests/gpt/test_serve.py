@@ -291,6 +291,15 @@ def test_unknown_characters_are_named(server):
     assert status == 400 and "'Z'" in body["error"]["message"]
 
 
+def test_the_page_is_one_file_that_works_offline(server):
+    status, headers, body = request(server[0], "GET", "/")
+    page = body.decode("utf-8")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert "<script>" in page and "<style>" in page  # inline
+    for outside in ("://", "src=", "href=", "@import", "url("):
+        assert outside not in page, outside  # nothing fetched from elsewhere
+
+
 def test_public_paths_and_preflights_need_no_key(server):
     assert request(server[0], "GET", "/")[0] == 200
     assert request(server[0], "GET", "/health")[0] == 200
