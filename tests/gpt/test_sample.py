@@ -368,7 +368,11 @@ def test_cli_streams_tokens_and_ctrl_c_keeps_what_was_printed(run_dir):
     import os
     import signal
 
-    cmd = [sys.executable, "-m", "gpt.sample", "--out-dir", str(run_dir), "--prompt", "To be",
+    # A background job of a non-interactive shell ignores SIGINT, and that survives exec: start
+    # the sampler with Python's Ctrl-C handler, as a terminal would.
+    start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
+             " sys.argv[0] = 'gpt.sample'; runpy.run_module('gpt.sample', run_name='__main__')")
+    cmd = [sys.executable, "-c", start, "--out-dir", str(run_dir), "--prompt", "To be",
            "--max-new-tokens", "1000000000", "--seed", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

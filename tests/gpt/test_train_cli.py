@@ -319,20 +319,30 @@ def test_evaluation_does_not_touch_the_training_stream(tmp_path, text_file):
     assert often[-1]["val_loss"] == once[-1]["val_loss"]
 
 
+def tiny_train(tmp_path, max_iters: int, eval_interval: int) -> tuple[int, Path]:
+    """gpt.train in this process on 5,000 characters of train.txt with a 1-layer model;
+    (exit status, run folder)."""
+    from gpt import train
+
+    text = tmp_path / "text.txt"
+    text.write_text((REPO / "train.txt").read_text(encoding="utf-8")[:5000], encoding="utf-8")
+    out = tmp_path / "run"
+    code = train.main(["--data", str(text), "--out-dir", str(out), "--max-iters",
+                       str(max_iters), "--eval-interval", str(eval_interval), "--n-layer", "1",
+                       "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size",
+                       "4", "--log-interval", str(eval_interval)])
+    return code, out
+
+
 def test_the_best_checkpoint_is_kept_and_the_final_line_says_which_is_where(
         tmp_path, monkeypatch, capsys):
     """A run whose val loss goes down then up (overfitting) keeps the iter-4 weights in
     OUT/best while OUT/checkpoint moves on; sampling takes the best unless told otherwise."""
     from gpt import checkpoint, train
 
-    text = tmp_path / "text.txt"
-    text.write_text((REPO / "train.txt").read_text(encoding="utf-8")[:5000], encoding="utf-8")
     val = iter([3.0, 2.0, 2.5])  # evals at iters 2, 4, 6
     monkeypatch.setattr(train, "estimate_loss", lambda *a: {"train": 1.0, "val": next(val)})
-    out = tmp_path / "run"
-    code = train.main(["--data", str(text), "--out-dir", str(out), "--max-iters", "6",
-                       "--eval-interval", "2", "--n-layer", "1", "--n-head", "2", "--n-embd",
-                       "16", "--block-size", "16", "--batch-size", "4", "--log-interval", "2"])
+    code, out = tiny_train(tmp_path, 6, 2)
     assert code == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("done:") and "val loss 2.5000 (iter 6) in" in last
@@ -367,12 +377,31 @@ def test_workers_that_are_all_gone_stop_the_run_with_the_kept_checkpoint(
         return loss_and_grads, close
 
     monkeypatch.setattr(train, "make_grad_fn", failing_after_5)
-    text = tmp_path / "text.txt"
-    text.write_text((REPO / "train.txt").read_text(encoding="utf-8")[:5000], encoding="utf-8")
-    out = tmp_path / "run"
-    code = train.main(["--data", str(text), "--out-dir", str(out), "--max-iters", "8",
-                       "--eval-interval", "4", "--n-layer", "1", "--n-head", "2", "--n-embd",
-                       "16", "--block-size", "16", "--batch-size", "4", "--log-interval", "4"])
+    code, _ = tiny_train(tmp_path, 8, 4)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "no dask worker left" in err and "the last good checkpoint (iter 4) is kept" in err
+
+
+def test_a_full_disk_during_a_save_stops_the_run_in_one_line_keeping_the_last_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    import errno
+
+    from gpt import checkpoint
+
+    real_write, weights_written = checkpoint.atomic_write, itertools.count(1)
+
+    def disk_full_at_the_third_weights(path, data):
+        if path.endswith("model.safetensors") and next(weights_written) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # checkpoint/ at iter 4
+        return real_write(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write", disk_full_at_the_third_weights)
+    code, out = tiny_train(tmp_path, 6, 2)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    tmp_file = out / "checkpoint.tmp" / "model.safetensors"
+    assert f"writing {tmp_file} failed (the disk is full)" in err
+    assert f"the previous checkpoint in {out / 'checkpoint'} is intact" in err
+    assert sorted(os.listdir(out)) == ["best", "checkpoint", "metrics.jsonl"]  # no .tmp, .lock
+    assert checkpoint.load_checkpoint(str(out)).state["iter"] == 2
