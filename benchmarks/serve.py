@@ -8,8 +8,8 @@ it asks for. Each round runs, in turn: generate() in this process, one stream, a
 4 streams at once (each request: a 7-character prompt, `--tokens` tokens, temperature 1, its
 own seed). We print medians and [min-max] over the rounds, the CPU and a measured sgemm peak.
 
-    python benchmarks/serve.py                      # 5 rounds of 256 tokens
-    python benchmarks/serve.py --rounds 3 --tokens 128
+    python benchmarks/serve.py                      # 5 rounds of 256 tokens, 1 BLAS thread
+    python benchmarks/serve.py --rounds 3 --tokens 128 --threads 2
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+import tensorlite
 from gpt.config import GPTConfig
 from gpt.model import GPT
 from gpt.sample import generate
+from gpt.serve import SAMPLING_THREADS
 from gpt.tokenizer import CharTokenizer
 
 PROMPT = "THE SEA"  # the vocabulary is chr(32)..chr(96): capitals, digits, punctuation
@@ -45,10 +47,11 @@ def benchmark_model() -> GPT:
     return GPT(cfg, dtype=np.float32, seed=0)
 
 
-def serve_forever() -> None:
+def serve_forever(threads: int) -> None:
     """The server subprocess: print the URL, serve until stdin closes."""
     from gpt.serve import create_app, running
 
+    tensorlite.set_num_threads(threads)
     app = create_app(benchmark_model(), benchmark_tokenizer(), "bench", max_tokens=100_000)
     with running(app) as url:
         print(url, flush=True)
@@ -114,7 +117,7 @@ def cpu_name() -> str:
 
 
 def sgemm_peak(n: int = 512, repeats: int = 50) -> float:
-    """Measured float32 matmul GFLOP/s at n x n x n (NumPy's BLAS, its default threads)."""
+    """Measured float32 matmul GFLOP/s at n x n x n (NumPy's BLAS, the threads set)."""
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
     times = []
@@ -134,14 +137,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=256, help="tokens per request")
     ap.add_argument("--streams", type=int, default=4, help="concurrent streams")
+    ap.add_argument("--threads", type=int, default=SAMPLING_THREADS,
+                    help="BLAS threads, in the server and for generate() (default: gpt.serve's)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the subprocess
     args = ap.parse_args()
     if args.serve:
-        return serve_forever()
+        return serve_forever(args.threads)
+    tensorlite.set_num_threads(args.threads)
 
     model, tok = benchmark_model(), benchmark_tokenizer()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    server = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE,
+    server = subprocess.Popen([sys.executable, __file__, "--serve", "--threads",
+                               str(args.threads)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=env)
     try:
         url = server.stdout.readline().strip()
@@ -168,9 +175,10 @@ def main() -> None:
             server.kill()
 
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; sgemm peak {sgemm_peak():.0f} GFLOP/s "
-          "(512^3 float32)")
+          f"(512^3 float32, {args.threads} thread(s))")
     print(f"model: 4 layers, 8 heads, n_embd 128, block 64, vocab {tok.vocab_size}, float32; "
-          f"{args.tokens} tokens per request; {args.rounds} rounds, median [min-max]")
+          f"{args.threads} BLAS thread(s); {args.tokens} tokens per request; {args.rounds} "
+          "rounds, median [min-max]")
     print(f"  generate() in-process, no HTTP     {summary(rows['direct'])} tokens/s")
     print(f"  1 stream                           {summary(rows['one'])} tokens/s, "
           f"first token after {summary(rows['one_ttft'], '.1f')} ms")

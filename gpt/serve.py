@@ -52,6 +52,10 @@ from .config import setting
 from .errors import UserError
 
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB gets 413
+# BLAS threads while serving: a one-token step's matmuls ((1, C) @ (C, 4C)) are far too small to
+# split, and a second thread that waits for a core only slows them down. On the (busy) 2-core
+# machine 1 thread served 4-10x more tokens/s than 2 (benchmarks/serve.py, docs/serving.md).
+SAMPLING_THREADS = 1
 PUBLIC_PATHS = ("/", "/health")  # served without the API key (the page holds no secrets)
 
 
@@ -449,8 +453,11 @@ def main(argv: list[str] | None = None) -> int:
 def serve(cfg: ServeConfig) -> int:
     """Load the run's checkpoint (its best unless cfg.latest, as gpt.sample), listen, and
     serve until Ctrl-C (or SIGTERM); 0 when stopped cleanly."""
+    import tensorlite
+
     from .checkpoint import checkpoint_path, load_model, uses_best
 
+    tensorlite.set_num_threads(SAMPLING_THREADS)
     source = checkpoint_path(cfg.out_dir, uses_best(cfg.out_dir, cfg.latest))
     model, tokenizer = load_model(cfg.out_dir, latest=cfg.latest)
     name = cfg.model_name or os.path.basename(os.path.abspath(cfg.out_dir))
@@ -463,10 +470,10 @@ def serve(cfg: ServeConfig) -> int:
     warning = open_warning(cfg.host, cfg.api_key)
     if warning:
         print(warning, file=sys.stderr)
-    print(f"gpt.serve: serving {name} ({source}) at {url_of(sock)} (Ctrl-C to stop)",
-          flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # stop the same way on SIGTERM
-    try:
+    try:  # a Ctrl-C that comes right after the URL line is a clean stop too
+        print(f"gpt.serve: serving {name} ({source}) at {url_of(sock)} (Ctrl-C to stop)",
+              flush=True)
         make_server(app).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled after shutting down
         pass
