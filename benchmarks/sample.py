@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 import tensorlite
-from gpt.config import GPTConfig
+from gpt.config import PRESETS, GPTConfig
 from gpt.model import GPT
 from gpt.sample import generate
 from gpt.tokenizer import CharTokenizer
@@ -57,7 +57,8 @@ def main() -> None:
     )
     print(header + "  same text")
     for block in args.blocks:
-        cfg = GPTConfig(chars.vocab_size, block_size=block, n_layer=4, n_head=4, n_embd=128)
+        width = {k: PRESETS["baby"][k] for k in ("n_layer", "n_head", "n_embd")}
+        cfg = GPTConfig(chars.vocab_size, block_size=block, **width)
         model = GPT(cfg, dtype=np.float32, seed=0)
         for label, n in ((f"{block - 1} fill", block - 1), (f"{3 * block} 3x", 3 * block)):
             times = {True: [], False: []}

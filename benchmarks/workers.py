@@ -20,12 +20,12 @@ import time
 import numpy as np
 
 import tensorlite
-from gpt.config import GPTConfig
+from gpt.config import PRESETS, GPTConfig
 from gpt.model import GPT
 from gpt.optim import AdamW, clip_grad_norm
 from gpt.parallel import DataParallel
 
-BABY = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64}
+BABY = {k: PRESETS["baby"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
 VOCAB = 65  # Tiny Shakespeare's characters; speed does not depend on which tokens they are
 
 

@@ -159,8 +159,12 @@ def test_kill_9_of_a_two_worker_run_leaves_no_shared_memory_files(text_file, tmp
     cannot leave /dev/shm/gpt-parallel-* behind (nothing named is left to delete)."""
     proc = start_long_run(text_file, tmp_path, log_interval=2)  # the files are mapped
     try:
+        assert proc.poll() is None, proc.stderr.read()  # still training
         fd_dir = f"/proc/{proc.pid}/fd"
-        targets = [os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)]
+        targets = []
+        for fd in os.listdir(fd_dir):
+            with contextlib.suppress(FileNotFoundError):  # closed since the listing
+                targets.append(os.readlink(os.path.join(fd_dir, fd)))
         shared = [t for t in targets if "gpt-parallel-" in t]
         assert len(set(shared)) == 2 and all(t.endswith(" (deleted)") for t in shared), targets
         folder = os.path.dirname(shared[0].removesuffix(" (deleted)"))

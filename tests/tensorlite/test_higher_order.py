@@ -78,6 +78,26 @@ def test_backward_with_create_graph_keeps_grad_an_ndarray_and_the_graph():
     np.testing.assert_allclose(x.grad, 2 * expected)
 
 
+def test_the_training_backward_never_touches_the_higher_order_rules(monkeypatch):
+    """create_graph=False runs each op's ndarray backward only: no backward_graph, no jvp."""
+    def refuse(self, *args):
+        raise AssertionError(f"{type(self).__name__}: a higher-order rule ran in training")
+
+    for op in CASES:
+        monkeypatch.setattr(op, "backward_graph", refuse)
+        monkeypatch.setattr(op, "jvp", refuse)
+    rng = np.random.default_rng(0)
+    x = tl.Tensor(rng.standard_normal((2, 3, 4)).astype(np.float32), requires_grad=True)
+    w = tl.Tensor(np.ones(4, dtype=np.float32), requires_grad=True)
+    h = F.rms_norm(x, w)
+    a = F.scaled_dot_product_attention(h, h, h).reshape(6, 4)
+    loss = F.cross_entropy(F.relu_squared(a) + a.tanh(), np.arange(6) % 4)
+    loss.backward()
+    assert isinstance(x.grad, np.ndarray) and x.grad.dtype == np.float32 and np.any(x.grad)
+    (gw,) = tl.grad(F.rms_norm(x, w).sum(), [w])  # grad without create_graph: the same path
+    assert gw.shape == (4,)
+
+
 def test_default_backward_still_frees_the_graph():
     x = tl.Tensor(np.array([0.5, 1.5]), requires_grad=True)
     y = (x * x).sum()
