@@ -10,8 +10,8 @@ GFLOP/s as a fraction of measured sgemm peak, and peak RSS.
     python benchmarks/train.py --engines tensorlite,tensorlite-numpy,torch,torch-compile
     python benchmarks/train.py --config larger --rounds 3 --iters 20
 
-Engines: tensorlite (default kernels: numba), tensorlite-numpy (the NumPy reference kernels,
-TENSORLITE_KERNELS=numpy), tensorlite-untuned (glibc's default malloc thresholds), torch
+Engines: tensorlite (the default kernels, TENSORLITE_KERNELS as set), tensorlite-numpy and
+tensorlite-numba (those kernel paths), tensorlite-untuned (glibc's default malloc thresholds), torch
 (eager), torch-compile (torch.compile, inductor; its first step, which compiles, is timed apart
 and reported as compile time).
 
@@ -46,7 +46,8 @@ CONFIGS = {  # the sizes of gpt.train --preset NAME (and of its defaults)
     "batch64": _shape(**dict(PRESETS["baby"], batch_size=64)),
     "larger": (6, 6, 384, 256, 8),  # nanoGPT's Shakespeare-char shape, scaled for 2 cores
 }
-ENGINES = ["tensorlite", "tensorlite-numpy", "tensorlite-untuned", "torch", "torch-compile"]
+ENGINES = ["tensorlite", "tensorlite-numpy", "tensorlite-numba", "tensorlite-untuned", "torch",
+           "torch-compile"]
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
 
 
@@ -110,8 +111,8 @@ def run_tensorlite(args, cfg, ids, vocab) -> float:
 
     if args.worker != "tensorlite-untuned":  # that one keeps glibc's malloc defaults
         tensorlite.kernels.tune_allocator()
-    if args.worker == "tensorlite-numpy":
-        tensorlite.kernels.use_kernels("numpy")
+    if args.worker in ("tensorlite-numpy", "tensorlite-numba"):
+        tensorlite.kernels.use_kernels(args.worker.split("-")[1])
     tensorlite.set_num_threads(args.threads)
     tensorlite.kernels.kernel_path()  # load (or compile) the kernels before the clock starts
     n_layer, n_head, n_embd, block, batch = cfg

@@ -5,13 +5,15 @@ Every kernel has a NumPy reference: the readable spec, the test oracle and the f
 A reference is marked `@kernel` (here, or in functional.py right beside its op), and one
 table, `_TWINS`, maps each path to the compiled or threaded twins it has, by name:
 
-    numba    threaded, fused loops (tensorlite/kernels_numba.py): the default
-    numpy    the references themselves
+    numpy    the references themselves: the default
+    numba    threaded, fused loops (tensorlite/kernels_numba.py; the optional `numba` extra)
     numexpr  numexpr expressions for the elementwise families (kept for comparison:
              benchmarks/ops.py; it lost to NumPy on every CPU we measured)
 
 TENSORLITE_KERNELS=numpy|numba|numexpr picks the path (or `use_kernels`); where numba cannot
-be imported, the NumPy references run and one line on stderr says so. Compiled kernels are
+be imported, the NumPy references run and one line on stderr says so. numba is not the
+default: it won at 1 thread, but with 2 threads its OpenMP workers and OpenBLAS's threads
+fought over the 2 cores and training ran several times slower (docs/performance.md). Compiled kernels are
 cached on disk (numba's cache: beside the package, or a user cache folder where that is
 read-only), so only a fresh install's first run compiles, and says so. Thread settings and
 the allocator are here too. Measurements behind every choice: docs/performance.md.
@@ -28,7 +30,7 @@ from collections.abc import Callable
 import numexpr as ne
 import numpy as np
 
-PATHS = ("numba", "numpy", "numexpr")
+PATHS = ("numpy", "numba", "numexpr")
 REFERENCES: dict[str, Callable] = {}  # name -> NumPy reference, filled by @kernel
 _active: dict[str, Callable] | None = None  # name -> twin in use (None: not chosen yet)
 _path = ""
@@ -93,8 +95,8 @@ def kernel_path() -> str:
 
 
 def _choose() -> dict[str, Callable]:
-    """First kernel call: take TENSORLITE_KERNELS (default numba), load it, warm it up."""
-    wanted = os.environ.get("TENSORLITE_KERNELS", "numba").strip().lower() or "numba"
+    """First kernel call: take TENSORLITE_KERNELS (default numpy), load it, warm it up."""
+    wanted = os.environ.get("TENSORLITE_KERNELS", "numpy").strip().lower() or "numpy"
     if wanted not in PATHS:
         print(f"tensorlite: TENSORLITE_KERNELS={wanted!r} is not one of {', '.join(PATHS)}; "
               "running the NumPy reference kernels", file=sys.stderr)

@@ -91,7 +91,7 @@ def test_every_twin_has_a_reference_of_the_same_name():
 def test_use_kernels_switches_and_reports_the_path():
     assert kernels.use_kernels("numpy") == "numpy" and kernels.kernel_path() == "numpy"
     assert kernels.use_kernels("numexpr") == "numexpr"
-    with pytest.raises(ValueError, match="unknown kernel path 'fast'.*numba, numpy, numexpr"):
+    with pytest.raises(ValueError, match="unknown kernel path 'fast'.*numpy, numba, numexpr"):
         kernels.use_kernels("fast")
     assert kernels.kernel_path() == "numexpr"  # a rejected path changes nothing
 
