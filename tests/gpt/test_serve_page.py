@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,21 @@ def browser(tmp_path, monkeypatch):
         driver.quit()
 
 
+class PacedModel:
+    """The model, a few milliseconds slower per call: a tiny model on a busy machine can
+    sample all its tokens before the browser paints once, and the test must see them stream."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __call__(self, *args, **kwargs):
+        time.sleep(0.01)
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
 @pytest.fixture
 def page_server(tiny_run):
     """(url, model name) of a server with an API key: the tiny run, or $GPT_SCREENSHOT_RUN."""
@@ -63,7 +79,7 @@ def page_server(tiny_run):
 
     run = Path(os.environ.get("GPT_SCREENSHOT_RUN") or tiny_run)
     model, tokenizer = load_model(str(run))
-    with running(create_app(model, tokenizer, run.name, 1000, API_KEY)) as url:
+    with running(create_app(PacedModel(model), tokenizer, run.name, 1000, API_KEY)) as url:
         yield url, run.name
 
 
