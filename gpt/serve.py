@@ -53,8 +53,9 @@ from .errors import UserError
 
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB gets 413
 # BLAS threads while serving: a one-token step's matmuls ((1, C) @ (C, 4C)) are far too small to
-# split, and a second thread that waits for a core only slows them down. On the (busy) 2-core
-# machine 1 thread served 4-10x more tokens/s than 2 (benchmarks/serve.py, docs/serving.md).
+# split, and a second thread that waits for a core only slows them down. On the 2-core machine
+# 1 thread served about as many tokens/s as 2 when idle and 4-10x more when busy
+# (benchmarks/serve.py, docs/serving.md).
 SAMPLING_THREADS = 1
 PUBLIC_PATHS = ("/", "/health")  # served without the API key (the page holds no secrets)
 
