@@ -120,6 +120,14 @@ def _close(got, expected, atol: float, rtol: float) -> bool:
     return bool(np.all(np.abs(np.asarray(got) - expected) <= atol + rtol * np.abs(expected)))
 
 
+def _worst_mismatch(got: np.ndarray, expected: np.ndarray, atol: float, rtol: float):
+    """The index of the element furthest past the tolerance, or None when all are within it."""
+    bad = np.abs(got - expected) - (atol + rtol * np.abs(expected))
+    if not np.any(bad > 0):
+        return None
+    return np.unravel_index(np.argmax(bad), bad.shape) if bad.ndim else ()
+
+
 # ---- second order and forward mode, on tensorlite functions ------------------------------------
 def check_grads(
     fn: Callable[..., Tensor],
@@ -212,9 +220,8 @@ def _check_one_order(fn, ts, level, modes, eps, atol, rtol, rng) -> None:
             tangents = [v if j == i else np.zeros(t.shape) for j, t in enumerate(ts)]
             _, tangent = jvp(fn, ts, tangents)
             got = np.broadcast_to(tangent.data, numeric.shape)
-            bad = np.abs(got - numeric) - (atol + rtol * np.abs(numeric))
-            if np.any(bad > 0):
-                e = np.unravel_index(np.argmax(bad), bad.shape) if bad.ndim else ()
+            e = _worst_mismatch(got, numeric, atol, rtol)
+            if e is not None:
                 raise GradcheckError(
                     f"check_grads: forward mode, {where}: output element {e}: jvp gives "
                     f"{got[e]:.8g}, finite differences {numeric[e]:.8g}"
@@ -297,9 +304,8 @@ def check_jvp(
             only = tuple(t if j == i else np.zeros_like(t) for j, t in enumerate(tangents))
             expected = (_call(f, xs, i, eps * only[i]) - _call(f, xs, i, -eps * only[i])) / (2 * eps)
             got = np.broadcast_to(np.asarray(f_jvp(only, *xs), dtype=np.float64), expected.shape)
-            bad = np.abs(got - expected) - (atol + rtol * np.abs(expected))
-            if np.any(bad > 0):
-                e = np.unravel_index(np.argmax(bad), bad.shape) if bad.ndim else ()
+            e = _worst_mismatch(got, expected, atol, rtol)
+            if e is not None:
                 raise GradcheckError(
                     f"check_jvp: argument {i} (shape {x.shape}), output element {e}: expected "
                     f"{expected[e]:.8g} (finite differences), got {got[e]:.8g}"
