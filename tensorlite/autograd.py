@@ -206,9 +206,10 @@ def backward(root, grad, create_graph: bool = False, collect: dict | None = None
             if id(node) in collect and dout is not None:
                 collect[id(node)] = dout if create_graph else np.array(dout, copy=True)
         elif fn is None or node._retain_grad:
-            if create_graph and dout is not None:
-                dout, is_owned = dout.data, False  # .grad stays an ndarray
-            _accumulate_into_leaf(node, dout, is_owned and fn is None)
+            if create_graph and dout is not None:  # .grad stays an ndarray; dout goes on
+                _accumulate_into_leaf(node, dout.data, False)  # as a Tensor to the parents
+            else:
+                _accumulate_into_leaf(node, dout, is_owned and fn is None)
         if fn is None or dout is None:
             continue
         if getattr(fn, "released", False):
