@@ -257,10 +257,10 @@ def _leading_to(order: list, wanted: dict) -> list:
 def check_unchanged(node: Tensor, fn: Function) -> None:
     """Refuse to differentiate `fn` if its output or an input had `.data` assigned since the
     forward pass: the arrays it saved would no longer be the ones it computed with."""
-    saved = ((node, 0, "output"),) + tuple(
-        (t, v, f"input {i}") for i, (t, v) in enumerate(zip(fn.parents, fn.versions)))
-    for t, version, role in saved:
-        if t._version != version:
+    saved = ((node, 0), *zip(fn.parents, fn.versions))
+    for k, (t, version) in enumerate(saved):
+        if t._version != version:  # the names are spelled out only for the error
+            role = "output" if k == 0 else f"input {k - 1}"
             label = repr(t.name) if t.name else f"of shape {t.shape}"
             raise RuntimeError(
                 f"backward through {type(fn).__name__}: its {role}, the tensor {label}, was "
