@@ -30,7 +30,7 @@ from tensorlite.profiler import profile
 
 def main() -> None:
     sys.path.insert(0, os.path.dirname(__file__))
-    from train import CONFIGS, DATA, batches, load_ids  # benchmarks/train.py's data helpers
+    from train import CONFIGS, DATA, batches, gradients, load_ids  # benchmarks/train.py's data helpers
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="baby")
@@ -55,12 +55,7 @@ def main() -> None:
 
     def step(x, y, timed=False):
         t0 = time.perf_counter()
-        if shards is not None:
-            shards.loss_and_grads(x, y)
-        else:
-            model.zero_grad()
-            _, loss = model(x, y, training=True)
-            loss.backward()
+        gradients(model, shards, x, y)
         t1 = time.perf_counter()
         clip_grad_norm(model.parameters(), 1.0)
         t2 = time.perf_counter()

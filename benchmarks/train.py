@@ -131,15 +131,20 @@ def run_tensorlite(args, cfg, ids, vocab) -> float:
         if i == args.warmup:
             t0 = time.perf_counter()
             mark_page_faults()
-        if shards is not None:
-            shards.loss_and_grads(x, y)
-        else:
-            model.zero_grad()
-            _, loss = model(x, y, training=True)
-            loss.backward()
+        gradients(model, shards, x, y)
         clip_grad_norm(model.parameters(), 1.0)
         opt.step()
     return time.perf_counter() - t0
+
+
+def gradients(model, shards, x, y) -> None:
+    """Every p.grad of one training batch: on the threads' shards, or one graph."""
+    if shards is not None:
+        shards.loss_and_grads(x, y)
+    else:
+        model.zero_grad()
+        _, loss = model(x, y, training=True)
+        loss.backward()
 
 
 # ---- PyTorch eager, the same architecture ------------------------------------------------------
