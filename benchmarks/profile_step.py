@@ -2,9 +2,13 @@
 
     python benchmarks/profile_step.py                 # baby config, 2 threads, 40 steps
     python benchmarks/profile_step.py --threads 1
+    python benchmarks/profile_step.py --blas          # one graph, BLAS splits the matmuls
 
-Prints per-op forward/backward milliseconds per step, then the step split into forward,
-backward, clipping and the AdamW update.
+As gpt.train runs it: with several threads the batch is split over them (gpt.threaded), each
+thread computing its shard's forward and backward. Prints per-op forward/backward milliseconds
+per step (summed over the threads), the split of the threads' time into matmuls and the rest
+(the rest includes the Python between ops and any waiting), then the step's wall clock split
+into the shards' forward+backward, clipping and the AdamW update.
 """
 
 from __future__ import annotations
@@ -20,18 +24,21 @@ import tensorlite
 from gpt.config import GPTConfig
 from gpt.model import GPT
 from gpt.optim import AdamW, clip_grad_norm
+from gpt.threaded import ThreadShards
 from tensorlite.profiler import profile
 
 
 def main() -> None:
     sys.path.insert(0, os.path.dirname(__file__))
-    from train import CONFIGS, DATA, batches, load_ids  # benchmarks/train.py's data helpers
+    from train import CONFIGS, DATA, batches, gradients, load_ids  # benchmarks/train.py's data helpers
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="baby")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default=DATA)
+    p.add_argument("--blas", action="store_true",
+                   help="one graph for the whole batch; BLAS splits each matmul over the threads")
     args = p.parse_args()
 
     tensorlite.kernels.tune_allocator()
@@ -42,21 +49,20 @@ def main() -> None:
     opt = AdamW(model.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
     data = list(batches(ids, block, batch, 0, 2 * args.steps + 5))
 
-    phases = np.zeros(4)  # forward, backward, clip, AdamW
+    threads = min(args.threads, batch)
+    shards = ThreadShards(model, threads) if threads > 1 and not args.blas else None
+    phases = np.zeros(3)  # forward+backward, clip, AdamW
 
     def step(x, y, timed=False):
         t0 = time.perf_counter()
-        model.zero_grad()
-        _, loss = model(x, y, training=True)
+        gradients(model, shards, x, y)
         t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
         clip_grad_norm(model.parameters(), 1.0)
-        t3 = time.perf_counter()
+        t2 = time.perf_counter()
         opt.step()
-        t4 = time.perf_counter()
+        t3 = time.perf_counter()
         if timed:
-            phases[:] += (t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+            phases[:] += (t1 - t0, t2 - t1, t3 - t2)
 
     for x, y in data[:5]:  # warm up
         step(x, y)
@@ -66,13 +72,21 @@ def main() -> None:
     for x, y in data[5 + args.steps :]:
         step(x, y, timed=True)
 
-    print(f"config {args.config}, {args.threads} threads, {args.steps} steps\n")
+    how = (f"batch split over {threads} threads" if shards is not None
+           else f"one graph, {args.threads} BLAS threads")
+    print(f"config {args.config}, {how}, {args.steps} steps, kernels {tensorlite.kernels.kernel_path()}\n")
     print(prof.table(args.steps))
+    # the threads' time: each of the `lanes` threads is busy or waiting for the whole wall clock
+    lanes = threads if shards is not None else 1
+    matmul = sum(sec for (op, _), (_, sec) in prof.stats.items() if op == "MatMul")
+    lane_time = lanes * prof.wall
+    print(f"\nthreads' time {1e3 * lane_time / args.steps:.2f} ms/step ({lanes} x wall): "
+          f"matmuls {matmul / lane_time:.1%}, everything else {1 - matmul / lane_time:.1%}")
     total = phases.sum()
-    print("\nphase      ms/step  share")
-    for name, t in zip(("forward", "backward", "clip", "AdamW"), phases):
-        print(f"{name:9s} {1e3 * t / args.steps:8.2f} {t / total:6.1%}")
-    print(f"{'step':9s} {1e3 * total / args.steps:8.2f}")
+    print("\nphase          ms/step  share")
+    for name, t in zip(("forward+backward", "clip", "AdamW"), phases):
+        print(f"{name:16s} {1e3 * t / args.steps:8.2f} {t / total:6.1%}")
+    print(f"{'step':16s} {1e3 * total / args.steps:8.2f}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import time
 from urllib.parse import urlsplit
 
 import numpy as np
+from machine import cpu_name, sgemm_peak, summary  # benchmarks/machine.py
 
 import tensorlite
 from gpt.config import GPTConfig
@@ -102,34 +103,6 @@ def concurrent(url: str, tokens: int, streams: int, seed: int) -> tuple[float, l
     for t in threads:
         t.join()
     return time.perf_counter() - t0, results
-
-
-# ---- the machine -------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
-def sgemm_peak(n: int = 512, repeats: int = 50) -> float:
-    """Measured float32 matmul GFLOP/s at n x n x n (NumPy's BLAS, the threads set)."""
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
-
-
-def summary(values: list[float], fmt: str = ".0f") -> str:
-    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
 
 
 def main() -> None:

@@ -10,8 +10,10 @@ GFLOP/s as a fraction of measured sgemm peak, and peak RSS.
     python benchmarks/train.py --engines tensorlite,tensorlite-numpy,torch,torch-compile
     python benchmarks/train.py --config larger --rounds 3 --iters 20
 
-Engines: tensorlite (the default kernels, TENSORLITE_KERNELS as set), tensorlite-numpy and
-tensorlite-numba (those kernel paths), tensorlite-untuned (glibc's default malloc thresholds), torch
+Engines: tensorlite (the default kernels, TENSORLITE_KERNELS as set, the batch split over the
+threads as gpt.train does), tensorlite-numpy and tensorlite-numba (those kernel paths),
+tensorlite-blas (one graph for the whole batch, BLAS splitting each matmul over the threads:
+how gpt.train ran before gpt.threaded), tensorlite-untuned (glibc's default malloc thresholds), torch
 (eager), torch-compile (torch.compile, inductor; its first step, which compiles, is timed apart
 and reported as compile time).
 
@@ -46,8 +48,8 @@ CONFIGS = {  # the sizes of gpt.train --preset NAME (and of its defaults)
     "batch64": _shape(**dict(PRESETS["baby"], batch_size=64)),
     "larger": (6, 6, 384, 256, 8),  # nanoGPT's Shakespeare-char shape, scaled for 2 cores
 }
-ENGINES = ["tensorlite", "tensorlite-numpy", "tensorlite-numba", "tensorlite-untuned", "torch",
-           "torch-compile"]
+ENGINES = ["tensorlite", "tensorlite-numpy", "tensorlite-numba", "tensorlite-blas",
+           "tensorlite-untuned", "torch", "torch-compile"]
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
 
 
@@ -108,6 +110,7 @@ def run_tensorlite(args, cfg, ids, vocab) -> float:
     from gpt.config import GPTConfig
     from gpt.model import GPT
     from gpt.optim import AdamW, clip_grad_norm
+    from gpt.threaded import ThreadShards
 
     if args.worker != "tensorlite-untuned":  # that one keeps glibc's malloc defaults
         tensorlite.kernels.tune_allocator()
@@ -118,17 +121,30 @@ def run_tensorlite(args, cfg, ids, vocab) -> float:
     n_layer, n_head, n_embd, block, batch = cfg
     model = GPT(GPTConfig(vocab, block, n_layer, n_head, n_embd), dtype=np.float32, seed=0)
     opt = AdamW(model.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    # what gpt.train does: the batch split over the threads (gpt.threaded), or, for the
+    # tensorlite-blas engine, one graph whose matmuls BLAS splits over the threads
+    shards = None
+    if args.worker != "tensorlite-blas" and min(args.threads, batch) > 1:
+        shards = ThreadShards(model, min(args.threads, batch))
     t0 = None
     for i, (x, y) in enumerate(batches(ids, block, batch, 0, args.warmup + args.iters)):
         if i == args.warmup:
             t0 = time.perf_counter()
             mark_page_faults()
-        model.zero_grad()
-        _, loss = model(x, y, training=True)
-        loss.backward()
+        gradients(model, shards, x, y)
         clip_grad_norm(model.parameters(), 1.0)
         opt.step()
     return time.perf_counter() - t0
+
+
+def gradients(model, shards, x, y) -> None:
+    """Every p.grad of one training batch: on the threads' shards, or one graph."""
+    if shards is not None:
+        shards.loss_and_grads(x, y)
+    else:
+        model.zero_grad()
+        _, loss = model(x, y, training=True)
+        loss.backward()
 
 
 # ---- PyTorch eager, the same architecture ------------------------------------------------------

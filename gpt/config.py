@@ -182,6 +182,8 @@ class TrainConfig:
     resume: bool = setting(False, "continue from the checkpoint in --out-dir")
     dtype: Dtype = setting("float32", "floating-point type: float32 or float64", fixed=True)
     workers: int = setting(1, "data-parallel workers, each computing a shard of the batch")
+    threads: int | None = setting(None, "threads of this process, each computing a shard of "
+                                  "the batch (with --workers 1)", shown="all cores")
     tokenizer: Tokenizer = setting("char", "tokenizer: char or bpe", fixed=True)
     backend: Backend = setting("loky", "process transport for --workers: loky or dask")
     scheduler: str | None = setting(None, "dask scheduler address (with --backend dask)",
@@ -192,6 +194,8 @@ class TrainConfig:
         self.model.validate()
         check_positive(self, ("batch_size", "max_iters", "eval_interval", "eval_iters",
                               "log_interval", "workers"))
+        if self.threads is not None:
+            check_positive(self, ("threads",))
         if not 0 < self.lr < math.inf:
             raise UserError(f"must be positive and finite, got {self.lr}", field="lr")
         if not 0 <= self.min_lr <= self.lr:

@@ -78,38 +78,30 @@ class GPT:
         return specs
 
     # ---- the forward pass ------------------------------------------------------------------
-    def __call__(self, idx, targets=None, cache: KVCache | None = None, training: bool = False,
+    def __call__(self, idx, targets=None, training: bool = False,
                  rng: np.random.Generator | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, V) for token ids `idx` (B, T), and the mean cross-entropy against
         `targets` (B, T) if given (else None). `training` turns dropout on; its masks come
-        from `rng` (or the model's own generator).
-
-        With a `cache` (sampling), `idx` are the T tokens that follow the `cache.length`
-        tokens whose keys and values the cache holds: they sit at positions cache.length...,
-        their queries attend over the cached keys too, and their keys and values are added
-        to the cache. Up to float rounding the logits equal those of the whole sequence at
-        once. Run it under no_grad: the cached keys and values are constants."""
+        from `rng` (or the model's own generator). (Sampling one token at a time goes
+        through `decoder()` instead: the same math with a KV cache, on plain arrays.)"""
         idx = self._check_ids(idx, "idx")
         B, T = idx.shape
         p, cfg = self.params, self.config
-        t0 = 0 if cache is None else cache.make_room(B, T)  # position of idx[:, 0]
         drop = cfg.dropout if training else 0.0
         rng = rng if rng is not None else self._rng
 
         x = F.embedding(idx.reshape(-1), p["wte"])  # (B*T, C)
-        x = x.reshape(B, T, cfg.n_embd) + p["wpe"][t0 : t0 + T]  # (B, T, C): a row per position
+        x = x.reshape(B, T, cfg.n_embd) + p["wpe"][:T]  # (B, T, C): a row per position
         x = x.reshape(B * T, cfg.n_embd)  # (B*T, C) residual stream
         x = F.dropout(x, drop, training, rng)  # dropout 1: on the embedding sum
         for i in range(cfg.n_layer):
             h = f"h.{i}"
-            a = self.attention(F.rms_norm(x, p[f"{h}.ln_1.weight"]), i, B, T, cache)  # (B*T, C)
+            a = self.attention(F.rms_norm(x, p[f"{h}.ln_1.weight"]), i, B, T)  # (B*T, C)
             x = x + F.dropout(a, drop, training, rng)  # dropout 2: attention branch output
             m = self.mlp(F.rms_norm(x, p[f"{h}.ln_2.weight"]), i)  # (B*T, C)
             x = x + F.dropout(m, drop, training, rng)  # dropout 3: MLP branch output
         x = F.rms_norm(x, p["ln_f.weight"])  # (B*T, C)
         logits = x @ p["lm_head.weight"]  # (B*T, V)
-        if cache is not None:
-            cache.length = t0 + T  # every layer has stored its keys and values
 
         loss = None
         if targets is not None:
@@ -119,23 +111,18 @@ class GPT:
             loss = F.cross_entropy(logits, targets.reshape(-1))
         return logits.reshape(B, T, cfg.vocab_size), loss
 
-    def attention(self, x: Tensor, i: int, B: int, T: int, cache: KVCache | None = None) -> Tensor:
-        """Causal multi-head self-attention of block i on x (B*T, C) -> (B*T, C); with a
-        cache, over the cached positions and these."""
+    def attention(self, x: Tensor, i: int, B: int, T: int) -> Tensor:
+        """Causal multi-head self-attention of block i on x (B*T, C) -> (B*T, C)."""
         C, H = self.config.n_embd, self.config.n_head
         qkv = x @ self.params[f"h.{i}.attn.c_attn.weight"]  # (B*T, 3C): q | k | v
-        if cache is None and self._attention_maps is None:  # training: one fused op does it all
+        if self._attention_maps is None:  # one fused op does it all
             y = F.causal_self_attention(qkv.reshape(B, T, 3 * C), H)  # (B, T, C)
             return y.reshape(B * T, C) @ self.params[f"h.{i}.attn.c_proj.weight"]  # (B*T, C)
-        # Sampling with a cache, or attention_maps(): split heads without copying, a
+        # attention_maps() is reading the probabilities: split heads without copying, a
         # (3, B, H, T, hd) view of qkv, and attend with the general op.
         qkv = qkv.reshape(B, T, 3, H, C // H).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
         q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, T, hd)
-        if cache is not None:  # keys and values of every position so far: (B, H, t0 + T, hd)
-            k, v = cache.extend(i, k.data, v.data)
-        # causal with Tk >= Tq: query t (at position t0 + t) sees keys 0 .. t0 + t
-        if self._attention_maps is not None:  # attention_maps() is reading the probabilities
-            self._attention_maps.append(attention_probabilities(q.data, np.asarray(k.data)))
+        self._attention_maps.append(attention_probabilities(q.data, k.data))
         y = F.scaled_dot_product_attention(q, k, v, causal=True)  # (B, H, T, hd)
         y = y.transpose(0, 2, 1, 3).reshape(B * T, C)  # (B*T, C): heads side by side
         return y @ self.params[f"h.{i}.attn.c_proj.weight"]  # (B*T, C)
@@ -177,6 +164,11 @@ class GPT:
                 f"[0, {self.config.vocab_size}); was it encoded with another tokenizer?"
             )
         return ids
+
+    def decoder(self) -> Decoder:
+        """A Decoder for sampling: this model's forward with a KV cache, one position of work
+        per layer for each new token (see Decoder)."""
+        return Decoder(self)
 
     # ---- parameters and their state ---------------------------------------------------------
     def parameters(self) -> list[Tensor]:
@@ -231,17 +223,16 @@ def attention_probabilities(q: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 
 class KVCache:
-    """The keys and values of the positions a GPT has already seen, for each layer.
+    """The keys and values of the positions one sequence has seen so far, for each layer.
 
-    k and v are (n_layer, B, H, block_size, hd) arrays, filled from position 0; `length`
-    positions are valid. `model(idx_new, cache=cache)` writes the new positions' keys and
-    values at [length, length + Tn) and attends over [0, length + Tn). Positions are absolute (the
-    model learned one wpe row per position), so the cache cannot be shifted: a context that
-    must slide is re-read into a reset cache (see gpt/sample.py).
+    k and v are (n_layer, H, block_size, hd) arrays, filled from position 0; `length`
+    positions are valid. Positions are absolute (the model learned one wpe row per position),
+    so the cache cannot be shifted: a context that must slide is re-read into a reset cache
+    (see gpt/sample.py).
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int = 1, dtype=np.float32):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_dim)
+    def __init__(self, config: GPTConfig, dtype=np.float32):
+        shape = (config.n_layer, config.n_head, config.block_size, config.head_dim)
         self.k = np.zeros(shape, dtype=dtype)
         self.v = np.zeros(shape, dtype=dtype)
         self.length = 0
@@ -250,22 +241,120 @@ class KVCache:
         """Forget every position (the arrays are kept and overwritten)."""
         self.length = 0
 
-    def make_room(self, B: int, Tn: int) -> int:
-        """Check that Tn new positions of a batch of B fit; return the first one's position."""
-        if B != self.k.shape[1] or self.length + Tn > self.k.shape[3]:
-            raise ValueError(
-                f"KV cache holds {self.length} of {self.k.shape[3]} positions for batch "
-                f"{self.k.shape[1]}; cannot add {Tn} positions for batch {B}"
-            )
+    def make_room(self, n: int) -> int:
+        """Check that n new positions fit; return the first one's position."""
+        if self.length + n > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.length} of {self.k.shape[2]} positions; "
+                             f"cannot add {n}")
         return self.length
 
-    def extend(self, i: int, k: np.ndarray, v: np.ndarray) -> tuple[Tensor, Tensor]:
-        """Store layer i's keys and values k, v (B, H, Tn, hd) of the new positions; return
-        those of every position so far, (B, H, length + Tn, hd) each, as constants."""
-        t0, t1 = self.length, self.length + k.shape[2]
-        self.k[i, :, :, t0:t1] = k
-        self.v[i, :, :, t0:t1] = v
-        return Tensor(self.k[i, :, :, :t1]), Tensor(self.v[i, :, :, :t1])
+
+class Decoder:
+    """GPT's forward pass for sampling: new tokens at the end of a sequence whose keys and
+    values a KVCache holds, so each new token costs one position of work per layer.
+
+    The same math as GPT.__call__ (tests/gpt/test_sample.py checks the logits against it at
+    every position), written as plain NumPy on the weights' arrays: no Tensors, no graph,
+    and every intermediate goes into a buffer made here, once per generation, with room for
+    block_size positions (a call on n new positions uses their first n rows). A token thus
+    costs a few dozen small NumPy calls per layer and makes no new arrays. One Decoder
+    follows one sequence; threads sampling at once each make their own (the weights are
+    only read).
+
+        dec = model.decoder()
+        logits = dec(prompt_ids)   # (V,): the next token's logits after the prompt
+        logits = dec([token])      # after one more token
+    """
+
+    def __init__(self, model: GPT):
+        cfg, dt = model.config, model.dtype
+        T, C, H, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.vocab_size
+        w = {name: p.data for name, p in model.params.items()}  # the arrays themselves
+        self.config = cfg
+        self.wte, self.wpe = w["wte"], w["wpe"]
+        self.layers = [tuple(w[f"h.{i}.{name}"] for name in (
+            "ln_1.weight", "attn.c_attn.weight", "attn.c_proj.weight",
+            "ln_2.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")) for i in range(cfg.n_layer)]
+        self.ln_f, self.lm_head = w["ln_f.weight"], w["lm_head.weight"]
+        self.scale = dt.type(1.0 / math.sqrt(cfg.head_dim))
+        self.inv_c, self.eps = dt.type(1.0 / C), dt.type(1e-5)  # rms_norm's (as F.rms_norm's)
+        self.cache = KVCache(cfg, dt)
+        # the buffers, a row per new position
+        self.x = np.zeros((T, C), dt)  # the residual stream
+        self.xn = np.zeros((T, C), dt)  # its rms_norm
+        self.rms = np.zeros((T, 1), dt)  # rms_norm's sqrt(mean(x**2) + eps), per row
+        self.qkv = np.zeros((T, 3 * C), dt)  # q | k | v
+        self.att = np.zeros((H, T, T), dt)  # attention scores, then probabilities
+        self.rows = np.zeros((H, T, 1), dt)  # their row max, then row sum
+        self.y = np.zeros((T, C), dt)  # attention output, heads side by side
+        self.branch = np.zeros((T, C), dt)  # a branch's output, before the residual add
+        self.h = np.zeros((T, 4 * C), dt)  # the MLP's hidden layer
+        self.logits = np.zeros(V, dt)
+
+    @property
+    def length(self) -> int:
+        """How many positions the cache holds (the next token's position)."""
+        return self.cache.length
+
+    def reset(self) -> None:
+        """Start a new sequence at position 0 (the buffers are kept)."""
+        self.cache.reset()
+
+    def __call__(self, ids) -> np.ndarray:
+        """The logits (V,) that follow the new tokens `ids` (a non-empty list of ints), which
+        sit at positions length, length + 1, ...; their keys and values join the cache.
+        The result is this Decoder's own buffer: the next call overwrites it."""
+        n, V = len(ids), self.config.vocab_size
+        if min(ids) < 0 or max(ids) >= V:
+            raise ValueError(f"token ids {min(ids)}..{max(ids)} outside [0, {V}); was the "
+                             "text encoded with another tokenizer?")
+        cache, H, hd = self.cache, self.config.n_head, self.config.head_dim
+        t0 = cache.make_room(n)
+        t1 = t0 + n  # the new positions are t0 .. t1-1; queries see keys 0 .. t1-1
+        x, xn, qkv, y = self.x[:n], self.xn[:n], self.qkv[:n], self.y[:n]  # (n, C), (n, 3C)
+        att, rows = self.att[:, :n, :t1], self.rows[:, :n]  # (H, n, t1), (H, n, 1)
+        branch, h = self.branch[:n], self.h[:n]  # (n, C), (n, 4C)
+
+        np.take(self.wte, ids, axis=0, out=x)  # (n, C): token embeddings
+        x += self.wpe[t0:t1]  # + a position embedding per row
+        for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(self.layers):
+            # x = x + attn(rms_norm(x, ln_1))
+            np.matmul(self.rms_norm(x, ln_1, xn), c_attn, out=qkv)  # (n, 3C): q | k | v
+            heads = qkv.reshape(n, 3, H, hd)  # a view: [:, 0] is q, [:, 1] k, [:, 2] v
+            cache.k[i, :, t0:t1] = heads[:, 1].transpose(1, 0, 2)  # (H, n, hd) into the cache
+            cache.v[i, :, t0:t1] = heads[:, 2].transpose(1, 0, 2)
+            q, k, v = heads[:, 0].transpose(1, 0, 2), cache.k[i, :, :t1], cache.v[i, :, :t1]
+            np.matmul(q, k.transpose(0, 2, 1), out=att)  # (H, n, t1): q k^T per head
+            att *= self.scale  # / sqrt(hd)
+            if n > 1:  # causal: query j, at position t0 + j, sees keys 0 .. t0 + j
+                att += np.triu(np.full((n, t1), -np.inf, dtype=att.dtype), k=t0 + 1)
+            np.maximum.reduce(att, axis=-1, keepdims=True, out=rows)  # softmax of each row:
+            att -= rows  # minus the row max, so exp cannot overflow
+            np.exp(att, out=att)
+            att /= np.add.reduce(att, axis=-1, keepdims=True, out=rows)  # / the row sum
+            np.matmul(att, v, out=y.reshape(n, H, hd).transpose(1, 0, 2))  # (H, n, hd) -> (n, C)
+            x += np.matmul(y, attn_proj, out=branch)  # (n, C)
+            # x = x + mlp(rms_norm(x, ln_2)), mlp = relu(. @ c_fc)**2 @ c_proj
+            np.matmul(self.rms_norm(x, ln_2, xn), c_fc, out=h)  # (n, 4C)
+            np.maximum(h, 0, out=h)
+            h *= h
+            x += np.matmul(h, mlp_proj, out=branch)  # (n, C)
+        cache.length = t1
+        # the head, for the last position only: the one whose next token we sample
+        last = self.rms_norm(x[-1:], self.ln_f, xn[:1])[0]  # (C,)
+        return np.matmul(last, self.lm_head, out=self.logits)  # (V,)
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """F.rms_norm into `out`: each row x / sqrt(mean(x**2) + eps) * weight (eps 1e-5)."""
+        rms = self.rms[: len(x)]  # (n, 1)
+        np.matmul(x[:, None, :], x[:, :, None], out=rms[:, :, None])  # row . row: sum of squares
+        rms *= self.inv_c
+        rms += self.eps
+        np.sqrt(rms, out=rms)
+        np.divide(x, rms, out=out)
+        out *= weight
+        return out
+
 
 # ---- will it fit? ---------------------------------------------------------------------------
 def training_memory(config: GPTConfig, batch_size: int, dtype=np.float32) -> tuple[int, int]:

@@ -1,11 +1,13 @@
 """Generating text from a trained GPT: temperature, top-k and top-p (nucleus) filtering, and a
-KV cache so that each new token costs one position of work per layer.
+KV-cached decoder (`model.decoder()`, gpt/model.py) so that each new token costs one position
+of work per layer.
 
     python -m gpt.sample --out-dir out --prompt "ROMEO:" --max-new-tokens 200 --top-k 40
 
 The library entry point is `generate(model, tokenizer, prompt, max_new_tokens, ...)`; its loop,
 one token at a time, is `sample_tokens(model, ids, ...)` (what gpt.serve streams from); the
-filtering is the pure function `filter_probs(logits, temperature, top_k, top_p)`.
+filtering is the function `filter_probs(logits, temperature, top_k, top_p)`, which (like
+`sample_from`) may write into a buffer the loop reuses, so a token makes no new arrays.
 
 The context window. The model learned one position embedding per position 0..block_size-1, so
 a context can hold at most block_size tokens and the keys/values in a cache belong to the
@@ -24,17 +26,26 @@ from collections.abc import Iterator
 
 import numpy as np
 
+import tensorlite
 from tensorlite import no_grad
 
 from . import cli
 from .config import SampleConfig, check_sampling
 from .errors import UserError
-from .model import GPT, KVCache
+from .model import GPT
+
+# BLAS threads while sampling (gpt.sample and gpt.serve): a one-token step's matmuls ((1, C) @
+# (C, 4C)) are far too small to split, and a second thread that waits for a core only slows them
+# down. On the 2-core machine 1 thread served about as many tokens/s as 2 when idle and 4-10x
+# more when busy (benchmarks/serve.py, docs/serving.md); through gpt.sample, with training
+# running beside it, 2 threads made a token 2-25x slower (docs/performance.md).
+SAMPLING_THREADS = 1
 
 
 # ---- the distribution to sample from --------------------------------------------------------
 def filter_probs(
-    logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+    logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Probabilities (V,) float64 to sample the next token from, given its logits (V,).
 
@@ -45,22 +56,27 @@ def filter_probs(
        top_p (at least one token).
     The kept probabilities are renormalised to sum to 1; the rest are 0. A logit of -inf
     means "never" (a masked token); NaN or +inf means broken weights: UserError.
+    `out`, a float64 (V,) array, receives the result (a sampling loop reuses one).
     """
     check_sampling(temperature, top_k, top_p)
-    logits = np.asarray(logits, dtype=np.float64).reshape(-1)  # (V,)
-    if np.isnan(logits).any() or np.isposinf(logits).any():
+    probs = np.empty(np.size(logits)) if out is None else out  # (V,) float64
+    np.copyto(probs, np.reshape(logits, -1))
+    top = probs.max()
+    if not top < np.inf:  # a NaN or +inf logit (the max of an array with a NaN is NaN)
         raise UserError("the model's logits hold NaN or inf: its weights are broken (was the "
                         "checkpoint saved after training diverged?); train it again")
-    V = logits.size
     if temperature == 0:
-        probs = np.zeros(V)
-        probs[np.argmax(logits)] = 1.0
+        best = np.argmax(probs)
+        probs[:] = 0.0
+        probs[best] = 1.0
         return probs
-    z = (logits - logits.max()) / temperature  # <= 0: no overflow for a small temperature
-    probs = np.exp(z)
+    probs -= top  # <= 0: no overflow in exp, even for a small temperature
+    probs /= temperature
+    np.exp(probs, out=probs)
     probs /= probs.sum()
     if top_k is None and top_p is None:
         return probs
+    V = probs.size
     order = np.argsort(-probs, kind="stable")  # most probable first; ties: lower id first
     keep = V if top_k is None else min(top_k, V)
     if top_p is not None:
@@ -69,17 +85,20 @@ def filter_probs(
         # The first prefix whose sum reaches p; 1e-12 of slack so that rounding cannot make
         # 0.5 + 0.3 miss 0.8 and take one token more.
         keep = min(int(np.searchsorted(cum, top_p - 1e-12, side="left")) + 1, keep)
-    out = np.zeros(V)
-    out[order[:keep]] = probs[order[:keep]]
-    return out / out.sum()
+    probs[order[keep:]] = 0.0
+    probs /= probs.sum()
+    return probs
 
 
-def sample_from(probs: np.ndarray, rng: np.random.Generator) -> int:
+def sample_from(probs: np.ndarray, rng: np.random.Generator, cdf: np.ndarray | None = None) -> int:
     """One token id drawn from `probs` with ONE uniform number (inverse CDF), so that two
-    runs with the same generator draw the same ids from the same probabilities."""
-    cdf = np.cumsum(probs)
+    runs with the same generator draw the same ids from the same probabilities. `cdf`, an
+    array like probs, is where the cumulative sums go (a sampling loop reuses one)."""
+    cdf = np.cumsum(probs, out=cdf)
     i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-    return min(i, int(np.flatnonzero(probs)[-1]))  # never past the last possible token
+    if i == len(cdf):  # u * total rounded up to the total: take the last possible token
+        i = int(np.flatnonzero(probs)[-1])
+    return i
 
 
 # ---- the generation loop --------------------------------------------------------------------
@@ -119,24 +138,25 @@ def sample_tokens(
     ids = list(ids)
     block = model.config.block_size
     start = max(0, len(ids) - block)  # the context is ids[start:], at positions 0, 1, ...
-    cache = KVCache(model.config, 1, model.dtype) if use_kv_cache else None
+    decoder = model.decoder() if use_kv_cache else None  # its KV cache and buffers
+    probs, cdf = np.empty(model.config.vocab_size), np.empty(model.config.vocab_size)
     for _ in range(max_new_tokens):
-        # the tokens the cache has not seen yet; without a cache, the whole context
-        new = ids[start + (cache.length if cache is not None else 0) :]
-        with no_grad():
-            logits = model(np.array([new]), cache=cache)[0].data[0, -1]  # (V,)
+        if decoder is not None:  # only the tokens the cache has not seen yet (usually one)
+            logits = decoder(ids[start + decoder.length :])  # (V,), the decoder's buffer
+        else:  # the whole context through the model
+            with no_grad():
+                logits = model(np.array([ids[start:]]))[0].data[0, -1]  # (V,)
         if eos_id is not None and not stop_at_eos:
-            logits = logits.copy()
-            logits[eos_id] = -np.inf  # never taught: never drawn
-        token = sample_from(filter_probs(logits, temperature, top_k, top_p), rng)
+            logits[eos_id] = -np.inf  # never taught: never drawn (the array is ours to change)
+        token = sample_from(filter_probs(logits, temperature, top_k, top_p, out=probs), rng, cdf)
         if token == eos_id:
             return
         ids.append(token)
         yield token
         if len(ids) - start > block:  # the window is full: keep its last half, from 0 again
             start = len(ids) - keep_after_slide(block)
-            if cache is not None:
-                cache.reset()
+            if decoder is not None:
+                decoder.reset()
 
 
 def prompt_ids(tokenizer, prompt: str | None) -> list[int]:
@@ -206,6 +226,7 @@ def sample(cfg: SampleConfig) -> int:
     from .checkpoint import load_model
 
     cfg.validate()
+    tensorlite.set_num_threads(SAMPLING_THREADS)
     model, tokenizer = load_model(cfg.out_dir, latest=cfg.latest)
     if cfg.prompt:
         ids = tokenizer.encode(cfg.prompt)  # unknown characters: ValueError naming them

@@ -50,13 +50,9 @@ from .api import (
 )
 from .config import setting
 from .errors import UserError
+from .sample import SAMPLING_THREADS  # BLAS threads while serving (why: see gpt/sample.py)
 
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB gets 413
-# BLAS threads while serving: a one-token step's matmuls ((1, C) @ (C, 4C)) are far too small to
-# split, and a second thread that waits for a core only slows them down. On the 2-core machine
-# 1 thread served about as many tokens/s as 2 when idle and 4-10x more when busy
-# (benchmarks/serve.py, docs/serving.md).
-SAMPLING_THREADS = 1
 PUBLIC_PATHS = ("/", "/health")  # served without the API key (the page holds no secrets)
 
 

@@ -50,6 +50,7 @@ from .data import GET_DATA_HINT, get_batch, load_text, split_ids
 from .errors import UserError
 from .lock import RunLock
 from .model import GPT, check_fits
+from .threaded import ThreadShards, available_cores
 from .optim import AdamW, clip_grad_norm, lr_at
 
 
@@ -104,6 +105,7 @@ class Run:
     opt: AdamW
     rngs: dict[str, np.random.Generator]
     loss_and_grads: Any = None  # (x, y, rng) -> loss; fills every p.grad
+    eval_loss: Any = None  # (x, y) -> loss, without gradients
     close: Any = None  # releases the workers of loss_and_grads
     start_iter: int = 0
     best_val: float = math.inf  # the lowest val loss so far, whose weights are in OUT/best
@@ -130,7 +132,7 @@ def set_up(cfg: TrainConfig, given: set[str]) -> Run:
     if ckpt is not None:
         restore(run, ckpt)
     metrics.start_log(cfg.out_dir, run.start_iter)
-    run.loss_and_grads, run.close = make_grad_fn(run.model, cfg)
+    run.loss_and_grads, run.eval_loss, run.close = make_grad_fn(run.model, cfg)
     print_intro(run, resumed_from=ckpt.path if ckpt else None)
     run.t0 = run.t_log = time.perf_counter()
     run.it_log = run.start_iter
@@ -232,22 +234,39 @@ def make_rngs(seed: int) -> dict[str, np.random.Generator]:
 
 
 def make_grad_fn(model: GPT, cfg: TrainConfig):
-    """(loss_and_grads, close): loss_and_grads(x, y, rng) -> loss (float) leaves the gradient
-    of the mean loss in each parameter's .grad. With --workers 1 (loky) it runs here;
-    otherwise gpt.parallel.DataParallel spreads it over worker processes."""
+    """(loss_and_grads, eval_loss, close): loss_and_grads(x, y, rng) -> loss (float) leaves the
+    gradient of the mean loss in each parameter's .grad; eval_loss(x, y) -> loss computes no
+    gradients. With --workers 1 (loky) the batch is computed here, split over --threads
+    threads (gpt.threaded) when there are several; otherwise gpt.parallel.DataParallel
+    spreads it over worker processes (and evaluation runs here)."""
     if cfg.workers == 1 and cfg.backend == "loky":
+        threads = min(cfg.threads or available_cores(), cfg.batch_size)
+        if threads > 1:
+            shards = ThreadShards(model, threads)
+            return shards.loss_and_grads, shards.loss, shards.close
+        if cfg.threads == 1:
+            tl.set_num_threads(1)
+
         def loss_and_grads(x, y, rng):
             model.zero_grad()
             _, loss = model(x, y, training=True, rng=rng)
             loss.backward()
             return float(loss.data)
 
-        return loss_and_grads, lambda: None
+        return loss_and_grads, plain_loss(model), lambda: None
     from . import parallel  # imported here: joblib starts only when it is used
 
     dp = parallel.DataParallel(model, workers=cfg.workers, backend=cfg.backend,
                                scheduler=cfg.scheduler)
-    return dp.loss_and_grads, dp.close
+    return dp.loss_and_grads, plain_loss(model), dp.close
+
+
+def plain_loss(model: GPT):
+    def eval_loss(x, y) -> float:
+        with tl.no_grad():
+            return float(model(x, y, training=False)[1].data)
+
+    return eval_loss
 
 
 def print_intro(run: Run, resumed_from: str | None) -> None:
@@ -322,7 +341,7 @@ def log_and_evaluate(run: Run, it: int, loss: float, norm: float, lr: float) -> 
 def evaluate(run: Run, it: int) -> dict[str, float]:
     """Train and val loss (estimate_loss); a non-finite one stops the run unsaved."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        ev = estimate_loss(run.model, {"train": run.train_ids, "val": run.val_ids}, run.cfg)
+        ev = estimate_loss(run.eval_loss, {"train": run.train_ids, "val": run.val_ids}, run.cfg)
     if not (math.isfinite(ev["train"]) and math.isfinite(ev["val"])):
         # this step's update broke the weights: never save them
         raise UserError(f"eval loss became {ev['val']} at iter {it}; not saved; "
@@ -334,20 +353,19 @@ def evaluate(run: Run, it: int) -> dict[str, float]:
             "val_ppl": math.exp(min(ev["val"], 700.0))}
 
 
-def estimate_loss(model: GPT, splits: dict[str, np.ndarray], cfg: TrainConfig) -> dict[str, float]:
-    """Mean loss over cfg.eval_iters batches of each split. The batches come from a generator
-    re-made from the seed every time: every eval of a run sees the same batches, so successive
-    evals are comparable, and training's random stream is not touched."""
+def estimate_loss(loss_fn, splits: dict[str, np.ndarray], cfg: TrainConfig) -> dict[str, float]:
+    """Mean loss_fn(x, y) (a model's loss without gradients) over cfg.eval_iters batches of
+    each split. The batches come from a generator re-made from the seed every time: every eval
+    of a run sees the same batches, so successive evals are comparable, and training's random
+    stream is not touched."""
     out = {}
-    with tl.no_grad():
-        for name, ids in splits.items():
-            rng = make_rngs(cfg.seed)["eval"]
-            losses = []
-            for _ in range(cfg.eval_iters):
-                x, y = get_batch(ids, cfg.model.block_size, cfg.batch_size, rng)
-                _, loss = model(x, y, training=False)
-                losses.append(float(loss.data))
-            out[name] = float(np.mean(losses))
+    for name, ids in splits.items():
+        rng = make_rngs(cfg.seed)["eval"]
+        losses = []
+        for _ in range(cfg.eval_iters):
+            x, y = get_batch(ids, cfg.model.block_size, cfg.batch_size, rng)
+            losses.append(loss_fn(x, y))
+        out[name] = float(np.mean(losses))
     return out
 
 

@@ -54,10 +54,14 @@ def _recording(enabled: bool) -> Iterator[None]:
         _grad_mode.enabled = previous
 
 
+_profile_lock = threading.Lock()  # ops of several threads (gpt.threaded) may finish at once
+
+
 def _record(op: str, phase: str, seconds: float) -> None:
-    entry = _profile.setdefault((op, phase), [0, 0.0])
-    entry[0] += 1
-    entry[1] += seconds
+    with _profile_lock:
+        entry = _profile.setdefault((op, phase), [0, 0.0])
+        entry[0] += 1
+        entry[1] += seconds
 
 
 def unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:

@@ -43,7 +43,8 @@ def self_attention_composed(qkv, n_head: int, causal: bool = True, scale: bool =
 def attention_variant(causal: bool = True, scale: bool = True):
     """Inside the block, gpt.model's attention is `attention_composed(causal, scale)` (the
     model calls the fused F.causal_self_attention in training and
-    F.scaled_dot_product_attention with a KV cache: both are swapped)."""
+    F.scaled_dot_product_attention in attention_maps: both are swapped; sampling's Decoder
+    is plain NumPy and keeps the real attention)."""
     originals = F.scaled_dot_product_attention, F.causal_self_attention
     F.scaled_dot_product_attention = lambda q, k, v, **_: attention_composed(
         q, k, v, causal=causal, scale=scale)

@@ -203,7 +203,7 @@ def logged_losses(out_dir) -> list[float]:
 @pytest.fixture(scope="module")
 def one_worker_losses(text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("w1")
-    r = run_train(text_file, out, "--workers", "1")
+    r = run_train(text_file, out, "--workers", "1", "--threads", "1")  # one graph, one thread
     assert r.returncode == 0, r.stderr
     losses = logged_losses(out)
     assert len(losses) == 40
@@ -219,6 +219,12 @@ def assert_same_losses(losses, reference):
 
 def test_two_workers_log_the_losses_of_one(text_file, tmp_path, one_worker_losses):
     r = run_train(text_file, tmp_path, "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert_same_losses(logged_losses(tmp_path), one_worker_losses)
+
+
+def test_two_threads_log_the_losses_of_one(text_file, tmp_path, one_worker_losses):
+    r = run_train(text_file, tmp_path, "--threads", "2")  # gpt.threaded: shards on 2 threads
     assert r.returncode == 0, r.stderr
     assert_same_losses(logged_losses(tmp_path), one_worker_losses)
 

@@ -1,6 +1,6 @@
 """Sampling: the temperature / top-k / top-p filter (property-tested on random distributions),
-the KV cache (same logits and same text as recomputing the whole context, also past
-block_size), and `python -m gpt.sample` (its output and its one-line errors)."""
+the KV-cached decoder (the same logits as the full forward pass at every position, the same
+text as recomputing the whole context, also past block_size), and `python -m gpt.sample` (its output and its one-line errors)."""
 
 import dataclasses
 import re
@@ -18,7 +18,7 @@ from gpt.bpe import BPETokenizer
 from gpt.cli import describe
 from gpt.config import GPTConfig
 from gpt.errors import UserError
-from gpt.model import GPT, KVCache
+from gpt.model import GPT
 from gpt.sample import (
     filter_probs,
     generate,
@@ -28,7 +28,7 @@ from gpt.sample import (
     sample_tokens,
 )
 from gpt.tokenizer import CharTokenizer
-from tensorlite import Tensor, no_grad
+from tensorlite import no_grad
 
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
 
@@ -132,31 +132,68 @@ def tiny_model(vocab_size: int, block_size: int = 16, seed: int = 0) -> GPT:
     return GPT(cfg, dtype=np.float64, seed=seed)
 
 
-@given(st.lists(st.integers(1, 6), min_size=1, max_size=6), st.integers(1, 2))
-def test_cached_forward_matches_full_forward(chunks, batch):
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=6))
+def test_decoder_matches_full_forward_for_chunks_of_any_size(chunks):
+    """A prompt fed to the decoder in chunks: after each chunk, the logits of its last
+    position equal the full forward pass's at that position."""
     model = tiny_model(20, block_size=16, seed=3)
     total = min(sum(chunks), 16)
-    idx = np.random.default_rng(sum(chunks)).integers(0, 20, (batch, total))
+    idx = np.random.default_rng(sum(chunks)).integers(0, 20, (1, total))
     with no_grad():
-        full = model(idx)[0].data  # (B, T, V)
-    cache, t, parts = KVCache(model.config, batch, np.float64), 0, []
+        full = model(idx)[0].data[0]  # (T, V)
+    decoder, t = model.decoder(), 0
     for n in chunks:
         if t >= total:
             break
-        with no_grad():
-            parts.append(model(idx[:, t : t + n], cache=cache)[0].data)
+        logits = decoder(list(idx[0, t : t + n]))
         t = min(t + n, total)
-    assert cache.length == total
-    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(logits, full[t - 1], rtol=1e-10, atol=1e-12)
+    assert decoder.length == total
 
 
-def test_cache_refuses_to_overflow():
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 2e-5)])
+def test_decoder_matches_full_forward_at_every_position_across_slides(dtype, tol):
+    """One token at a time for three windows, the context sliding as sample_tokens slides
+    it (reset, re-read the kept half in one call): at every step the decoder's logits are
+    the full forward pass's on the current context, at its last position."""
+    cfg = GPTConfig(vocab_size=30, block_size=12, n_layer=2, n_head=2, n_embd=16)
+    model = GPT(cfg, dtype=dtype, seed=4)
+    ids = list(np.random.default_rng(5).integers(0, 30, 3 * cfg.block_size))
+    decoder, start, slides = model.decoder(), 0, 0
+    for end in range(1, len(ids) + 1):
+        if end - start > cfg.block_size:  # the rule of sample_tokens
+            start, slides = end - 1 - keep_after_slide(cfg.block_size), slides + 1
+            decoder.reset()
+        logits = decoder(ids[start + decoder.length : end])
+        assert decoder.length == end - start and logits.dtype == dtype
+        with no_grad():
+            full = model(np.array([ids[start:end]]))[0].data[0, -1]  # (V,)
+        np.testing.assert_allclose(logits, full, rtol=tol, atol=tol)
+    assert slides >= 4
+
+
+def test_decoder_refuses_to_overflow_and_foreign_ids():
     model = tiny_model(10, block_size=4)
-    cache = KVCache(model.config, 1, np.float64)
-    model(np.zeros((1, 3), dtype=np.int64), cache=cache)
-    with pytest.raises(ValueError, match="cannot add 2 positions"):
-        model(np.zeros((1, 2), dtype=np.int64), cache=cache)
-    assert cache.length == 3  # the refused call changed nothing
+    decoder = model.decoder()
+    decoder([0, 1, 2])
+    with pytest.raises(ValueError, match="cannot add 2"):
+        decoder([0, 1])
+    assert decoder.length == 3  # the refused call changed nothing
+    with pytest.raises(ValueError, match="token ids 3..10 outside"):
+        decoder([3, 10])
+    assert decoder.length == 3
+
+
+def test_decoders_of_one_model_are_independent():
+    """gpt.serve samples in several threads at once: each has its own decoder (own cache
+    and buffers), and interleaving them changes nothing."""
+    model = tiny_model(10, block_size=8)
+    a, b = model.decoder(), model.decoder()
+    la = [a([1, 2]).copy(), a([3]).copy()]
+    b([5, 6, 7])
+    alone = model.decoder()
+    np.testing.assert_array_equal(la[0], alone([1, 2]))
+    np.testing.assert_array_equal(la[1], alone([3]))
 
 
 @pytest.fixture(scope="module")
@@ -213,23 +250,27 @@ def test_generate_rejects_bad_settings(char_setup):
 
 class ScriptedModel:
     """A stand-in GPT that always predicts the next id of `script` (then EOS), and records
-    how many positions each call processed, to check the cache's bookkeeping."""
+    how many positions each decoder call processed, to check the cache's bookkeeping."""
 
     def __init__(self, script, vocab_size, block_size):
         self.config = GPTConfig(vocab_size, block_size, n_layer=1, n_head=1, n_embd=4)
         self.dtype = np.float64
-        self.script, self.calls = script, []
+        self.script, self.calls, self.length = script, [], 0
 
-    def _logits(self, n_seen):
+    def decoder(self):  # the model is its own decoder
+        return self
+
+    def reset(self):
+        self.length = 0
+
+    def __call__(self, ids):
+        self.calls.append(len(ids))
+        self.length += len(ids)
+        n_seen = len(self.calls) - 1
         logits = np.zeros(self.config.vocab_size)
         nxt = self.script[n_seen] if n_seen < len(self.script) else self.config.vocab_size - 1
         logits[nxt] = 50.0
         return logits
-
-    def __call__(self, idx, targets=None, cache=None):
-        self.calls.append(idx.shape[1])
-        cache.length += idx.shape[1]
-        return Tensor(self._logits(len(self.calls) - 1)[None, None]), None
 
 
 def test_generation_stops_at_eos_and_the_cache_costs_one_position_per_token():

@@ -27,7 +27,6 @@ from gpt.checkpoint import checkpoint_path, uses_best
 from gpt.config import GPTConfig
 from gpt.sample import generate
 from gpt.serve import create_app, is_loopback, open_warning, running
-from tensorlite import Tensor
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -198,18 +197,31 @@ def test_stream_options_include_usage(server):
 class ByteScript:
     """A stand-in model that predicts the bytes of `data` one after another (for a byte-level
     BPE tokenizer without merges: token id = byte), then EOS (which sampling masks).
-    Stateless: where it is in `data` follows from how many positions its cache holds."""
+    Where it is in `data` follows from how many positions its decoder has seen."""
 
     def __init__(self, data: bytes, eos_id: int):
         self.config = GPTConfig(eos_id + 1, block_size=64, n_layer=1, n_head=1, n_embd=4)
         self.dtype, self.data, self.eos_id = np.float32, data, eos_id
 
-    def __call__(self, idx, targets=None, cache=None):  # (logits, loss), as GPT's
-        cache.length += idx.shape[1]
-        i = cache.length - 1  # the prompt is BOS alone
-        logits = np.zeros(self.config.vocab_size, dtype=np.float32)
-        logits[self.data[i] if i < len(self.data) else self.eos_id] = 50.0
-        return Tensor(logits[None, None]), None
+    def decoder(self):
+        return ByteScriptDecoder(self)
+
+
+class ByteScriptDecoder:
+    """ByteScript's decoder (as GPT.decoder()): the next byte's logits after `length` positions."""
+
+    def __init__(self, script: ByteScript):
+        self.script, self.length = script, 0
+
+    def reset(self):
+        self.length = 0
+
+    def __call__(self, ids):
+        self.length += len(ids)
+        i, data = self.length - 1, self.script.data  # the prompt is BOS alone
+        logits = np.zeros(self.script.config.vocab_size, dtype=np.float32)
+        logits[data[i] if i < len(data) else self.script.eos_id] = 50.0
+        return logits
 
 
 def test_a_character_split_over_tokens_streams_whole():

@@ -1,0 +1,122 @@
+"""One process, several cores: each step's batch is cut into shards, one per thread, and the
+threads compute their shards' losses and gradients at the same time.
+
+    thread k (k = 0 is the caller)              every thread
+    rows B_k of the batch  ---------------->    forward + backward on its rows alone, with
+                                                tensorlite.grad (so no two threads write one
+                                                .grad), its matmuls on 1 BLAS thread and the
+                                                kernels on the calling thread
+    grad = sum_k w_k * grad_k,   loss = sum_k w_k * loss_k,   w_k = rows_k / rows
+
+The mean cross-entropy over the batch is the row-weighted mean of the shards' means, so this is
+`model(x, y)` then `backward()` up to float rounding: the same rule as gpt.parallel's worker
+processes, without copying weights or gradients between processes.
+
+Why threads, when BLAS could use both cores by itself: a step is not only matmuls. On the 2-core
+machine we measure on, half of the step is attention, RMSNorm, relu^2 and the like, each one
+call at a time on one core while the second waits, and every matmul is split in two and joined
+again. Given whole shards, each core runs everything of its own half from start to end, and
+NumPy, BLAS and tensorlite's compiled kernels release Python's GIL while they compute, so the
+two threads overlap; only the Python glue between ops takes turns. docs/performance.md has
+the measurements.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+import tensorlite as tl
+
+from .model import GPT
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class ThreadShards:
+    """Loss and gradients of a batch, computed by `threads` threads of this process on shards
+    of its rows. loss_and_grads has the signature train.make_grad_fn hands out:
+
+        shards = ThreadShards(model, threads=2)
+        loss = shards.loss_and_grads(x, y, rng)   # fills every p.grad of model.params
+        ...
+        shards.close()
+
+    While it is open, BLAS (process-wide) runs 1 thread, and so does each thread's kernels.
+    With dropout > 0 each shard draws its masks from its own generator, seeded per step and
+    shard as gpt.parallel's workers do, so threads=2 matches workers=2 exactly."""
+
+    def __init__(self, model: GPT, threads: int):
+        self.model, self.threads = model, int(threads)
+        self.names = list(model.params)
+        self.params = [model.params[n] for n in self.names]
+        self.step = 0
+        tl.set_num_threads(1)
+        tl.kernels.kernel_path()  # choose and load the kernels once, before any thread asks
+        self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="gpt shard",
+                                        initializer=tl.set_num_threads, initargs=(1,))
+
+    # -- what one thread does --------------------------------------------------------------------
+    def _grads(self, x, y, rng):
+        _, loss = self.model(x, y, training=True, rng=rng)
+        grads = tl.grad(loss, self.params)
+        return float(loss.data), [g.data if isinstance(g, tl.Tensor) else g for g in grads]
+
+    def _loss(self, x, y):
+        with tl.no_grad():  # recording is off per thread: this thread must say so itself
+            _, loss = self.model(x, y, training=False)
+        return float(loss.data)
+
+    def _map(self, fn, x, y, *per_shard):
+        """fn(x_k, y_k, *extra_k) for every shard k, the others on the pool, shard 0 here.
+        Returns [(weight_k, result_k)]."""
+        B = x.shape[0]
+        bounds = np.linspace(0, B, min(self.threads, B) + 1).round().astype(int)
+        shards = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        extra = list(zip(*per_shard)) if per_shard else [()] * len(shards)
+        # NumPy's floating-point error settings are per thread: take the caller's along
+        futures = [self._pool.submit(_with_errstate, np.geterr(), fn, x[s], y[s], *e)
+                   for s, e in zip(shards[1:], extra[1:])]
+        first = fn(x[shards[0]], y[shards[0]], *extra[0])
+        results = [first] + [f.result() for f in futures]
+        return [((s.stop - s.start) / B, r) for s, r in zip(shards, results)]
+
+    # -- the two calls train uses ----------------------------------------------------------------
+    def loss_and_grads(self, x, y, rng: np.random.Generator | None = None) -> float:
+        """Mean cross-entropy of (x, y), both (B, T); every parameter's .grad is set to the
+        gradient of that mean (a fresh array)."""
+        x, y = np.asarray(x), np.asarray(y)
+        seed = self.step if rng is None else int(rng.integers(2**63))
+        self.step += 1
+        rngs = [np.random.default_rng((seed, k)) for k in range(min(self.threads, len(x)))]
+        done = self._map(self._grads, x, y, rngs)
+        loss = 0.0
+        for (w, (loss_k, _)) in done:
+            loss += w * loss_k
+        for i, p in enumerate(self.params):
+            g = done[0][1][1][i] * done[0][0]
+            for w, (_, grads) in done[1:]:
+                g = g + w * grads[i]
+            p.grad = g.astype(p.data.dtype, copy=False)
+        return loss
+
+    def loss(self, x, y) -> float:
+        """Mean cross-entropy of (x, y) without gradients (evaluation), shards in parallel."""
+        x, y = np.asarray(x), np.asarray(y)
+        return float(sum(w * l for w, l in self._map(self._loss, x, y)))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _with_errstate(err: dict, fn, *args):
+    with np.errstate(**err):
+        return fn(*args)

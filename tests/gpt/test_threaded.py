@@ -1,0 +1,106 @@
+"""gpt.threaded: a batch split over threads of this process gives the whole batch's loss and
+gradients (float64, to rounding), evaluation too, dropout masks equal to the worker
+processes' own, and the training CLI's --threads setting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tensorlite as tl
+from gpt.config import GPTConfig, TrainConfig
+from gpt.errors import UserError
+from gpt.model import GPT
+from gpt.parallel import DataParallel
+from gpt.threaded import ThreadShards, available_cores
+
+TINY = GPTConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=16)
+
+
+def batch(B: int, T: int = 16, V: int = 23, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+
+
+def whole_batch(model: GPT, x, y) -> tuple[float, dict[str, np.ndarray]]:
+    model.zero_grad()
+    _, loss = model(x, y, training=True)
+    loss.backward()
+    grads = {n: p.grad.copy() for n, p in model.params.items()}
+    model.zero_grad()
+    return float(loss.item()), grads
+
+
+@pytest.mark.parametrize("threads, B", [(2, 4), (3, 5), (4, 3)])  # (4, 3): more threads than rows
+def test_shards_on_threads_give_the_whole_batch_loss_and_gradients(threads, B):
+    model = GPT(TINY, dtype=np.float64, seed=1)
+    x, y = batch(B)
+    loss, grads = whole_batch(model, x, y)
+    shards = ThreadShards(model, threads)
+    try:
+        for _ in range(3):  # the same answer every time (no state left between calls)
+            assert shards.loss_and_grads(x, y) == pytest.approx(loss, rel=1e-12)
+            for name, p in model.params.items():
+                np.testing.assert_allclose(p.grad, grads[name], rtol=1e-10, atol=1e-13,
+                                           err_msg=name)
+        with tl.no_grad():
+            want = float(model(x, y)[1].data)
+        assert shards.loss(x, y) == pytest.approx(want, rel=1e-12)
+        assert abs(want - loss) < 1e-12  # no dropout: training and evaluation agree
+    finally:
+        shards.close()
+
+
+def test_float32_shards_stay_float32_and_match():
+    model = GPT(TINY, dtype=np.float32, seed=2)
+    x, y = batch(6, seed=3)
+    loss, grads = whole_batch(model, x, y)
+    shards = ThreadShards(model, 2)
+    try:
+        assert shards.loss_and_grads(x, y) == pytest.approx(loss, rel=1e-5)
+        for name, p in model.params.items():
+            assert p.grad.dtype == np.float32
+            np.testing.assert_allclose(p.grad, grads[name], rtol=2e-3, atol=2e-6, err_msg=name)
+    finally:
+        shards.close()
+
+
+def test_dropout_masks_are_those_of_two_worker_processes():
+    """The same step seed and shard number give the same masks in a thread as in a worker, so
+    with dropout --threads 2 trains exactly like --workers 2."""
+    config = GPTConfig(**dict(TINY.to_dict(), dropout=0.3))
+    model = GPT(config, dtype=np.float64, seed=4)
+    x, y = batch(4, seed=5)
+    shards = ThreadShards(model, 2)
+    try:
+        got = shards.loss_and_grads(x, y, np.random.default_rng(7))
+        grads = {n: p.grad.copy() for n, p in model.params.items()}
+    finally:
+        shards.close()
+    with DataParallel(model, 2) as dp:
+        want = dp.loss_and_grads(x, y, np.random.default_rng(7))
+    assert got == pytest.approx(want, rel=1e-12)
+    for name, p in model.params.items():
+        np.testing.assert_allclose(grads[name], p.grad, rtol=1e-10, atol=1e-13, err_msg=name)
+    whole, _ = whole_batch(model, x, y)
+    assert abs(whole - got) > 1e-6  # dropout did act
+
+
+def test_an_error_in_a_shard_thread_reaches_the_caller():
+    model = GPT(TINY, dtype=np.float64, seed=1)
+    x, y = batch(4)
+    y[3, 0] = 99  # a target outside the vocabulary, in the second shard's rows
+    shards = ThreadShards(model, 2)
+    try:
+        with pytest.raises((ValueError, IndexError)):
+            shards.loss_and_grads(x, y)
+    finally:
+        shards.close()
+
+
+def test_threads_setting_is_checked_and_defaults_to_the_cores():
+    assert available_cores() >= 1
+    assert TrainConfig(threads=None).validate().threads is None
+    for bad in (0, -1, 2.5, "2"):
+        with pytest.raises(UserError, match="threads"):
+            TrainConfig(threads=bad).validate()
