@@ -257,9 +257,9 @@ class Decoder:
     every position), written as plain NumPy on the weights' arrays: no Tensors, no graph,
     and every intermediate goes into a buffer made here, once per generation, with room for
     block_size positions (a call on n new positions uses their first n rows). A token thus
-    costs a few dozen small NumPy calls per layer and makes no new arrays. One Decoder
-    follows one sequence; threads sampling at once each make their own (the weights are
-    only read).
+    costs about 30 small NumPy calls per layer and makes no new arrays (only views of its
+    buffers). One Decoder follows one sequence; threads sampling at once each make their own
+    (the weights are only read).
 
         dec = model.decoder()
         logits = dec(prompt_ids)   # (V,): the next token's logits after the prompt
