@@ -518,6 +518,27 @@ def test_c_kernel_calls_release_the_gil():
     assert not fn._flags_ & ctypes._FUNCFLAG_PYTHONAPI
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_c_kernels_take_read_only_strided_and_empty_inputs(dtype):
+    """Inputs the fast pointer route refuses (read-only, empty) or that need a copy first
+    (strided, another dtype) give the reference's results."""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    x = np.linspace(-2, 2, 24).astype(dtype).reshape(4, 6)
+    x.flags.writeable = False
+    cases = {
+        "read-only": lambda: (kernels.relu_squared(x), F.rms_norm_forward(x, x[0], 1e-5)[0]),
+        "strided": lambda: (kernels.relu_squared(x[:, ::2]), F.rms_norm_forward(x.T, x[:, 0], 1e-5)[0]),
+        "empty": lambda: (kernels.relu_squared(x[:0]), F.rms_norm_forward(x[:0], x[0], 1e-5)[0]),
+        "other dtype": lambda: (kernels.relu_squared_backward(x.astype(np.float16), x),
+                                F.rms_norm_forward(x, x[0].astype(np.float16), 1e-5)[0]),
+    }
+    for name, run in cases.items():
+        for a, b in zip(*run_on("c", run)):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            np.testing.assert_allclose(a, b, rtol=TOL[dtype], atol=TOL[dtype], err_msg=name)
+
+
 def test_c_kernels_reject_out_of_range_indices_without_writing():
     """Indices are checked in C before anything is read or written out of bounds."""
     if not c_available():
