@@ -106,11 +106,16 @@ def _build(cc: list[str], target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".tmp")
     os.close(fd)
     try:
-        out = subprocess.run(cc + FLAGS + ["-o", tmp, str(SOURCE), "-lm"], capture_output=True,
-                             text=True, timeout=600, check=False)
-        if out.returncode != 0:
-            first = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[0]
-            raise CompilerError(f"{cc[0]} failed: {first}")
+        errors = []  # the first line of each failure
+        # Some compilers do not know -march=native (older clang on ARM): then without it.
+        for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):
+            out = subprocess.run(cc + flags + ["-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                                 text=True, timeout=600, check=False)
+            if out.returncode == 0:
+                break
+            errors.append((out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[0])
+        else:
+            raise CompilerError(f"{cc[0]} failed: {errors[0]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -445,6 +445,23 @@ def test_a_compiler_that_fails_falls_back_with_one_line_per_message(tmp_path):
     assert "cc: fatal: no" in lines[1]
 
 
+def test_a_compiler_without_march_native_builds_the_portable_kernels(tmp_path):
+    """A compiler that rejects -march=native (older clang on ARM) gets the flags without it."""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\n"
+                    "for a in \"$@\"; do [ \"$a\" = -march=native ] && echo 'unknown: -march' >&2 && exit 1; done\n"
+                    f"exec {shutil.which(os.environ.get('CC') or 'cc')} \"$@\"\n")
+    fake.chmod(0o755)
+    _, runs = run_in_a_package_copy(tmp_path, 2, CC=str(fake))
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == ["c", "[0.", "4.]"]
+    assert runs[0].stderr.splitlines()[1].startswith("tensorlite: C kernels compiled in")
+    assert runs[1].stderr == ""
+
+
 def test_ci_has_the_c_kernels():
     """CI installs a C compiler (.ci/run), so there the default path must be the C one."""
     if os.environ.get("CI"):
