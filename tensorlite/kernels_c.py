@@ -238,7 +238,7 @@ def relu_squared_backward(dout, x):
 
 def rms_norm_forward(x, weight, eps):
     fn = _fn("rms_norm_forward", x.dtype)
-    if fn is None or x.ndim == 0 or np.shape(weight) != x.shape[-1:]:
+    if fn is None or x.ndim == 0 or x.shape[-1] == 0 or np.shape(weight) != x.shape[-1:]:
         return _reference("rms_norm_forward", x, weight, eps)
     c = x.shape[-1]
     x2 = _c(x).reshape(-1, c)
@@ -251,7 +251,7 @@ def rms_norm_forward(x, weight, eps):
 
 def rms_norm_backward(dout, x, r, weight):
     fn = _fn("rms_norm_backward", x.dtype)
-    if (fn is None or x.ndim == 0 or np.shape(dout) != x.shape
+    if (fn is None or x.ndim == 0 or x.shape[-1] == 0 or np.shape(dout) != x.shape
             or np.shape(weight) != x.shape[-1:] or np.size(r) * x.shape[-1] != x.size):
         return _reference("rms_norm_backward", dout, x, r, weight)
     c = x.shape[-1]
