@@ -61,7 +61,7 @@ static inline double exp_f64(double x) { return exp(x); }
 #define SQRT sqrtf
 #define LOG logf
 #define KERNEL(name) name##_f32
-#include __FILE__
+#include "kernels.c" /* this file again: the second part, for this `real` */
 #undef real
 #undef EXP
 #undef SQRT
@@ -73,7 +73,7 @@ static inline double exp_f64(double x) { return exp(x); }
 #define SQRT sqrt
 #define LOG log
 #define KERNEL(name) name##_f64
-#include __FILE__
+#include "kernels.c" /* this file again: the second part, for this `real` */
 #undef real
 #undef EXP
 #undef SQRT
@@ -212,18 +212,22 @@ int64_t KERNEL(cross_entropy_forward)(const real *logits, const int64_t *targets
     for (int64_t i = 0; i < n; i++)
         if (wrap_index(targets[i], v) < 0)
             return i;
-    for (int64_t i = 0; i < n; i++) {
+    for (int64_t i = 0; i < n; i++) { /* p = logits - row max */
         const real *row = logits + i * v;
-        real *p = probs + i * v;
         real m = row[0];
         for (int64_t j = 1; j < v; j++)
             m = row[j] > m ? row[j] : m;
-        real total = 0;
-        for (int64_t j = 0; j < v; j++) {
-            p[j] = EXP(row[j] - m);
+        for (int64_t j = 0; j < v; j++)
+            probs[i * v + j] = row[j] - m;
+        losses[i] = -probs[i * v + wrap_index(targets[i], v)];
+    }
+    for (int64_t k = 0; k < n * v; k++) /* one flat loop: rows of 65 are too short for SIMD */
+        probs[k] = EXP(probs[k]);
+    for (int64_t i = 0; i < n; i++) {
+        real *p = probs + i * v, total = 0;
+        for (int64_t j = 0; j < v; j++)
             total += p[j];
-        }
-        losses[i] = LOG(total) - (row[wrap_index(targets[i], v)] - m);
+        losses[i] += LOG(total);
         real inv = 1 / total;
         for (int64_t j = 0; j < v; j++)
             p[j] *= inv;
@@ -239,12 +243,10 @@ int64_t KERNEL(cross_entropy_backward)(real *probs, const int64_t *targets, int6
     for (int64_t i = 0; i < n; i++)
         if (wrap_index(targets[i], v) < 0)
             return i;
-    for (int64_t i = 0; i < n; i++) {
-        real *p = probs + i * v;
-        p[wrap_index(targets[i], v)] -= 1;
-        for (int64_t j = 0; j < v; j++)
-            p[j] *= scale;
-    }
+    for (int64_t i = 0; i < n; i++)
+        probs[i * v + wrap_index(targets[i], v)] -= 1;
+    for (int64_t k = 0; k < n * v; k++) /* one flat loop: rows of 65 are too short for SIMD */
+        probs[k] *= scale;
     return -1;
 }
 
@@ -259,8 +261,8 @@ int64_t KERNEL(scatter_add_rows)(real *target, int64_t v, const int64_t *indices
         if (wrap_index(indices[k], v) < 0)
             return k;
     for (int64_t k = 0; k < n; k++) {
-        real *t = target + wrap_index(indices[k], v) * c;
-        const real *src = rows + k * c;
+        real *restrict t = target + wrap_index(indices[k], v) * c;
+        const real *restrict src = rows + k * c; /* (rows never overlap target) */
         for (int64_t j = 0; j < c; j++)
             t[j] += src[j];
     }

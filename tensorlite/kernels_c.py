@@ -32,7 +32,7 @@ import numpy as np
 
 from .kernels import COMPILED
 
-SOURCE = Path(__file__).with_name("kernels.c")
+SOURCE = Path(__file__).resolve().with_name("kernels.c")
 # As numba's fastmath without "no NaNs/infs": sums may be reassociated (so they vectorize),
 # but NaN and inf propagate as in NumPy. No -ffast-math.
 FLAGS = ["-O3", "-march=native", "-std=c99", "-fPIC", "-shared", "-fno-math-errno",
