@@ -13,7 +13,8 @@ Through the command line (`--cli OUT_DIR`, a gpt.train run's folder): `python -m
 8 + `--tokens`, with the cache and with --no-kv-cache, alternating round by round. The
 difference of the two wall-clock times, over `--tokens`, is the time per token without the
 start-up (imports, loading the checkpoint). We print medians and [min-max] over the rounds of
-tokens/s and of the ratio, and whether both modes printed the same text.
+tokens/s and of the ratio, by the wall clock and by the CPU time the process used (which other
+jobs on the machine disturb less), and whether both modes printed the same text.
 
     python benchmarks/sample.py                 # blocks 64 and 256, 5 rounds, 1 thread
     python benchmarks/sample.py --blocks 64 --rounds 3
@@ -24,6 +25,8 @@ tokens/s and of the ratio, and whether both modes printed the same text.
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -87,27 +90,30 @@ def in_process(args) -> None:
 START = 8  # tokens of the short run, whose time (start-up and all) is subtracted
 
 
-def cli_run(out_dir: str, n: int, cached: bool) -> tuple[float, str]:
-    """Wall-clock seconds and output of `python -m gpt.sample` generating n tokens."""
+def cli_run(out_dir: str, n: int, cached: bool) -> tuple[float, float, str]:
+    """Wall-clock and CPU seconds and the output of `python -m gpt.sample` generating n tokens."""
     cmd = [sys.executable, "-m", "gpt.sample", "--out-dir", out_dir, "--max-new-tokens", str(n),
            "--seed", "0"] + ([] if cached else ["--no-kv-cache"])
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    dt = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         sys.exit(f"{' '.join(cmd[1:])} failed: {r.stderr.strip()}")
-    return dt, r.stdout
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return wall, cpu, r.stdout
 
 
 def through_cli(args) -> None:
-    rate = {True: [], False: []}  # tokens/s per round
+    rate = {(cached, clock): [] for cached in (True, False) for clock in ("wall", "cpu")}
     texts = {}
     for _ in range(args.rounds):
         for cached in (True, False):
-            short, _ = cli_run(args.cli, START, cached)
-            whole, texts[cached] = cli_run(args.cli, START + args.tokens, cached)
-            rate[cached].append(args.tokens / (whole - short))
-    ratio = [a / b for a, b in zip(rate[True], rate[False])]
+            short_wall, short_cpu, _ = cli_run(args.cli, START, cached)
+            wall, cpu, texts[cached] = cli_run(args.cli, START + args.tokens, cached)
+            rate[cached, "wall"].append(args.tokens / (wall - short_wall))
+            rate[cached, "cpu"].append(args.tokens / (cpu - short_cpu))
     peaks = []
     for threads in (1, 2):
         tensorlite.set_num_threads(threads)
@@ -115,13 +121,17 @@ def through_cli(args) -> None:
     print(f"python -m gpt.sample --out-dir {args.cli}: {args.tokens} tokens after {START}, "
           f"{args.rounds} rounds, medians [min-max]")
     print(f"{cpu_name()}; sgemm peak ((768, 128) @ (128, 512)) {' / '.join(peaks)} GFLOP/s on "
-          "1 / 2 threads")
-    print(f"  with the KV cache: {summary(rate[True])} tokens/s "
-          f"({1e3 / statistics.median(rate[True]):.3f} ms/token)")
-    print(f"  --no-kv-cache:     {summary(rate[False])} tokens/s "
-          f"({1e3 / statistics.median(rate[False]):.3f} ms/token)")
-    print(f"  ratio {summary(ratio, '.1f')}x; same text: "
-          f"{'yes' if texts[True] == texts[False] else 'NO'}")
+          f"1 / 2 threads; load average {os.getloadavg()[0]:.1f}")
+    for clock, what in (("wall", "wall clock"), ("cpu", "CPU time (user + sys)")):
+        cached, plain = rate[True, clock], rate[False, clock]
+        ratio = [a / b for a, b in zip(cached, plain)]
+        print(f"  by {what}:")
+        print(f"    with the KV cache: {summary(cached)} tokens/s "
+              f"({1e3 / statistics.median(cached):.3f} ms/token)")
+        print(f"    --no-kv-cache:     {summary(plain)} tokens/s "
+              f"({1e3 / statistics.median(plain):.3f} ms/token)")
+        print(f"    ratio {summary(ratio, '.1f')}x")
+    print(f"  same text: {'yes' if texts[True] == texts[False] else 'NO'}")
 
 
 def main() -> None:

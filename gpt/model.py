@@ -257,9 +257,9 @@ class Decoder:
     every position), written as plain NumPy on the weights' arrays: no Tensors, no graph,
     and every intermediate goes into a buffer made here, once per generation, with room for
     block_size positions (a call on n new positions uses their first n rows). A token thus
-    costs a few dozen small NumPy calls per layer and makes no new arrays. One Decoder
-    follows one sequence; threads sampling at once each make their own (the weights are
-    only read).
+    costs about 30 small NumPy calls per layer and makes no new arrays (only views of its
+    buffers). One Decoder follows one sequence; threads sampling at once each make their own
+    (the weights are only read).
 
         dec = model.decoder()
         logits = dec(prompt_ids)   # (V,): the next token's logits after the prompt
@@ -277,6 +277,7 @@ class Decoder:
             "ln_2.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")) for i in range(cfg.n_layer)]
         self.ln_f, self.lm_head = w["ln_f.weight"], w["lm_head.weight"]
         self.scale = dt.type(1.0 / math.sqrt(cfg.head_dim))
+        self.inv_c, self.eps = dt.type(1.0 / C), dt.type(1e-5)  # rms_norm's (as F.rms_norm's)
         self.cache = KVCache(cfg, dt)
         # the buffers, a row per new position
         self.x = np.zeros((T, C), dt)  # the residual stream
@@ -346,9 +347,9 @@ class Decoder:
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> np.ndarray:
         """F.rms_norm into `out`: each row x / sqrt(mean(x**2) + eps) * weight (eps 1e-5)."""
         rms = self.rms[: len(x)]  # (n, 1)
-        np.einsum("tc,tc->t", x, x, out=rms[:, 0])  # sum of squares per row
-        rms /= x.shape[1]
-        rms += 1e-5
+        np.matmul(x[:, None, :], x[:, :, None], out=rms[:, :, None])  # row . row: sum of squares
+        rms *= self.inv_c
+        rms += self.eps
         np.sqrt(rms, out=rms)
         np.divide(x, rms, out=out)
         out *= weight
