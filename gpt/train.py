@@ -50,8 +50,8 @@ from .data import GET_DATA_HINT, get_batch, load_text, split_ids
 from .errors import UserError
 from .lock import RunLock
 from .model import GPT, check_fits
-from .threaded import ThreadShards, available_cores
 from .optim import AdamW, clip_grad_norm, lr_at
+from .threaded import ThreadShards, available_cores
 
 
 # ---- the command line ---------------------------------------------------------------------------
