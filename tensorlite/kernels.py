@@ -5,18 +5,21 @@ Every kernel has a NumPy reference: the readable spec, the test oracle and the f
 A reference is marked `@kernel` (here, or in functional.py right beside its op), and one
 table, `_TWINS`, maps each path to the compiled or threaded twins it has, by name:
 
-    numpy    the references themselves: the default
+    c        serial, fused C loops (tensorlite/kernels.c, loaded by kernels_c.py): the default
+    numpy    the references themselves
     numba    threaded, fused loops (tensorlite/kernels_numba.py; the optional `numba` extra)
     numexpr  numexpr expressions for the elementwise families (kept for comparison:
              benchmarks/ops.py; it lost to NumPy on every CPU we measured)
 
-TENSORLITE_KERNELS=numpy|numba|numexpr picks the path (or `use_kernels`); where numba cannot
-be imported, the NumPy references run and one line on stderr says so. numba is not the
-default: it won at 1 thread, but with 2 threads its OpenMP workers and OpenBLAS's threads
-fought over the 2 cores and training ran several times slower (docs/performance.md). Compiled kernels are
-cached on disk (numba's cache: beside the package, or a user cache folder where that is
-read-only), so only a fresh install's first run compiles, and says so. Thread settings and
-the allocator are here too. Measurements behind every choice: docs/performance.md.
+TENSORLITE_KERNELS=c|numpy|numba|numexpr picks the path (or `use_kernels`); where the
+chosen path cannot load (no C compiler, numba not installed) the NumPy references run and
+one line on stderr says so. C is the default: it is as fast per kernel as numba, releases
+the GIL (so the caller's threads share the work), costs a few MB and milliseconds to load
+where numba costs ~130 MB and ~1 s, and never fights BLAS for the cores (it starts no
+threads). The C library is compiled once for this CPU with the system's compiler and cached
+on disk (beside the package, or in a user cache folder where that is read-only); the first
+run says it is compiling. Thread settings and the allocator are here too. Measurements
+behind every choice: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from collections.abc import Callable
 import numexpr as ne
 import numpy as np
 
-PATHS = ("numpy", "numba", "numexpr")
+PATHS = ("numpy", "c", "numba", "numexpr")
+DEFAULT_PATH = "c"
 REFERENCES: dict[str, Callable] = {}  # name -> NumPy reference, filled by @kernel
 _active: dict[str, Callable] | None = None  # name -> twin in use (None: not chosen yet)
 _path = ""
@@ -60,11 +64,23 @@ def _numba_twins() -> dict[str, Callable]:
     return kernels_numba.KERNELS
 
 
+def _c_twins() -> dict[str, Callable]:
+    from . import kernels_c
+
+    return kernels_c.kernels()  # compiles on a fresh install (and says so), else loads
+
+
 def _numexpr_twins() -> dict[str, Callable]:
     return dict(_NUMEXPR)
 
 
-_TWINS: dict[str, Callable[[], dict[str, Callable]]] = {
+# The kernels that the compiled paths (C, numba) have twins of, by name.
+COMPILED = ("relu_squared", "relu_squared_backward", "rms_norm_forward", "rms_norm_backward",
+            "causal_self_attention_forward", "causal_self_attention_backward",
+            "cross_entropy_forward", "cross_entropy_backward", "scatter_add_rows", "adamw_update")
+
+_TWINS: dict[str, Callable[[], dict[str, Callable]]] = {  # path -> loader of its twins
+    "c": _c_twins,
     "numba": _numba_twins,
     "numpy": dict,
     "numexpr": _numexpr_twins,
@@ -72,15 +88,16 @@ _TWINS: dict[str, Callable[[], dict[str, Callable]]] = {
 
 
 def use_kernels(path: str) -> str:
-    """Run the kernels of `path` ("numba", "numpy" or "numexpr") from now on. Returns the
-    path in use: "numpy" if numba was asked for but cannot be loaded (one line says why)."""
+    """Run the kernels of `path` ("c", "numpy", "numba" or "numexpr") from now on. Returns
+    the path in use: "numpy" if the path asked for cannot be loaded (one line says why)."""
     global _active, _path
     if path not in PATHS:
         raise ValueError(f"unknown kernel path {path!r}; choose one of {', '.join(PATHS)}")
     try:
         twins = _TWINS[path]()
-    except Exception as e:  # noqa: BLE001 - numba missing, or failing to load here: fall back
-        print(f"tensorlite: numba kernels unavailable ({type(e).__name__}: {e}); "
+    except Exception as e:  # noqa: BLE001 - no compiler, numba missing, ...: fall back
+        label = "C" if path == "c" else path
+        print(f"tensorlite: {label} kernels unavailable ({type(e).__name__}: {e}); "
               "running the NumPy reference kernels", file=sys.stderr)
         path, twins = "numpy", {}
     _active, _path = twins, path
@@ -88,15 +105,17 @@ def use_kernels(path: str) -> str:
 
 
 def kernel_path() -> str:
-    """The path in use: "numba", "numpy" or "numexpr"."""
+    """The path in use: "c", "numpy", "numba" or "numexpr". The first call (or the first
+    kernel call) chooses it: TENSORLITE_KERNELS, or "c" when unset; "numpy" where the chosen
+    path cannot load."""
     if _active is None:
         _choose()
     return _path
 
 
 def _choose() -> dict[str, Callable]:
-    """First kernel call: take TENSORLITE_KERNELS (default numpy), load it, warm it up."""
-    wanted = os.environ.get("TENSORLITE_KERNELS", "numpy").strip().lower() or "numpy"
+    """First kernel call: take TENSORLITE_KERNELS (default c), load it, warm it up."""
+    wanted = os.environ.get("TENSORLITE_KERNELS", "").strip().lower() or DEFAULT_PATH
     if wanted not in PATHS:
         print(f"tensorlite: TENSORLITE_KERNELS={wanted!r} is not one of {', '.join(PATHS)}; "
               "running the NumPy reference kernels", file=sys.stderr)
@@ -108,9 +127,14 @@ def _choose() -> dict[str, Callable]:
 
 
 def warm_up() -> float:
-    """Load (or, on a fresh install, compile) the float32 numba kernels now, so the first
-    training step does not pay for it. Says so on stderr when it has to compile. Returns
-    the seconds it took (0.0 off the numba path)."""
+    """Choose the path and load (or, on a fresh install, compile) its kernels now, so the
+    first training step does not pay for it. Says so on stderr when it has to compile.
+    Returns the seconds it took (the C library compiles and loads whole when the path is
+    chosen; numba compiles each kernel on its first call, so they are all called here)."""
+    if _active is None:
+        start = time.perf_counter()
+        _choose()  # on the numba path this comes back here, below
+        return time.perf_counter() - start
     if _path != "numba":
         return 0.0
     from . import kernels_numba as kn
@@ -275,7 +299,8 @@ _blas_limiter = None
 
 def set_num_threads(n: int) -> None:
     """Use `n` threads everywhere: NumPy's BLAS (matmuls), the numba kernels and numexpr.
-    (A data-parallel worker calls this with cores // workers.)"""
+    (A data-parallel worker calls this with cores // workers. The C kernels are serial: they
+    run on the calling thread.)"""
     global _blas_limiter, _threads
     if int(n) < 1:
         raise ValueError(f"set_num_threads: n must be >= 1, got {n}")

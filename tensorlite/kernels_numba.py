@@ -20,6 +20,8 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
+from .kernels import COMPILED
+
 _FAST = {"nsz", "arcp", "contract", "reassoc"}
 _parallel = numba.njit(parallel=True, cache=True, fastmath=_FAST, nogil=True)
 _serial = numba.njit(cache=True, fastmath=_FAST, nogil=True)
@@ -366,11 +368,4 @@ DISPATCHERS = [
     _scatter_add_rows, _adamw_update,
 ]
 
-KERNELS = {
-    f.__name__: f
-    for f in (
-        relu_squared, relu_squared_backward, rms_norm_forward, rms_norm_backward,
-        causal_self_attention_forward, causal_self_attention_backward,
-        cross_entropy_forward, cross_entropy_backward, scatter_add_rows, adamw_update,
-    )
-}
+KERNELS = {name: globals()[name] for name in COMPILED}  # same names as the references

@@ -1,9 +1,9 @@
-"""kernels.py and its twins: every compiled (numba) and numexpr twin gives its NumPy
+"""kernels.py and its twins: every compiled (C, numba) and numexpr twin gives its NumPy
 reference's results, forward and backward, in float32 and float64; the dispatch table, the
-fallback, the on-disk cache and the thread settings behave as documented; and the ops that
-call kernels give the same values and gradients on every path.
+fallback, the on-disk caches, the thread settings and calls from several threads behave as
+documented; and the ops that call kernels give the same values and gradients on every path.
 
-CI runs this file twice: on the default path and with TENSORLITE_KERNELS=numpy.
+CI runs this file on the default (C) path and again with TENSORLITE_KERNELS=numpy.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,18 @@ def numba_available() -> bool:
     return True
 
 
+def c_available() -> bool:
+    """CI installs a C compiler, so there this is True; where none exists the C tests that
+    need one are left out and the fallback test below covers the machine."""
+    from tensorlite import kernels_c
+
+    try:
+        kernels_c.kernels()
+    except kernels_c.CompilerError:
+        return False
+    return True
+
+
 @pytest.fixture(autouse=True)
 def restore_path():
     """Every test leaves the kernel path as it found it."""
@@ -49,7 +62,8 @@ def restore_path():
 
 
 def twin_paths() -> list[str]:
-    return ["numba", "numexpr"] if numba_available() else ["numexpr"]
+    return (["c"] if c_available() else []) + (["numba"] if numba_available() else []) + [
+        "numexpr"]
 
 
 def run_on(path: str, fn):
@@ -82,6 +96,11 @@ def test_every_twin_has_a_reference_of_the_same_name():
         from tensorlite import kernels_numba
 
         assert set(kernels_numba.KERNELS) <= set(kernels.REFERENCES) | {"adamw_update"}
+    from tensorlite import kernels_c
+
+    assert set(kernels_c.KERNELS) <= set(kernels.REFERENCES) | {"adamw_update"}
+    if numba_available():  # the C path has a twin for every numba twin
+        assert set(kernels_c.KERNELS) == set(kernels_numba.KERNELS)
     assert set(kernels._NUMEXPR) <= set(kernels.REFERENCES) | {"adamw_update"}
     # adamw_update's reference is gpt.optim.adamw_update (tensorlite never imports gpt)
     kernels.use_kernels("numpy")
@@ -91,7 +110,7 @@ def test_every_twin_has_a_reference_of_the_same_name():
 def test_use_kernels_switches_and_reports_the_path():
     assert kernels.use_kernels("numpy") == "numpy" and kernels.kernel_path() == "numpy"
     assert kernels.use_kernels("numexpr") == "numexpr"
-    with pytest.raises(ValueError, match="unknown kernel path 'fast'.*numpy, numba, numexpr"):
+    with pytest.raises(ValueError, match="unknown kernel path 'fast'.*numpy, c, numba, numexpr"):
         kernels.use_kernels("fast")
     assert kernels.kernel_path() == "numexpr"  # a rejected path changes nothing
 
@@ -111,8 +130,10 @@ def test_a_path_that_cannot_load_falls_back_to_numpy_with_one_line(monkeypatch, 
 
 
 @pytest.mark.parametrize("value, expected", [("numpy", "numpy"), ("numexpr", "numexpr"),
-                                             ("bogus", "numpy")])
+                                             ("c", "c"), ("", "c"), ("bogus", "numpy")])
 def test_the_environment_variable_picks_the_path(value, expected):
+    if expected == "c" and not c_available():
+        expected = "numpy"
     code = "from tensorlite import kernels; print(kernels.kernel_path())"
     env = dict(os.environ, TENSORLITE_KERNELS=value, PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -146,7 +167,9 @@ def test_elementwise_twins_match_the_references(path, dtype, data):
         a, b = run_on(path, run)
         assert_close(a, b, dtype)
         if name == "relu_squared_backward":
-            np.testing.assert_allclose(a, 2 * dout * np.maximum(x, 0), rtol=TOL[dtype])
+            # (atol: below the smallest normal float, rounding is absolute, not relative)
+            np.testing.assert_allclose(a, 2 * dout * np.maximum(x, 0), rtol=TOL[dtype],
+                                       atol=np.finfo(dtype).tiny)
     for v, v0 in zip((x, dout, y, s), saved):  # inputs are never written
         np.testing.assert_array_equal(v, v0)
 
@@ -339,26 +362,36 @@ def test_gradients_match_finite_differences_on_the_active_path(name):
     assert_gradients_match(KERNEL_OPS[name], x)
 
 
-# ---- the compiled kernels' cache --------------------------------------------------------------------
-@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
-def test_first_run_compiles_once_and_says_so_then_loads_from_a_user_cache(tmp_path):
-    """A package folder where numba cannot write its cache (here: `__pycache__` is a file)
-    makes numba fall back to the user cache folder; the first run says it is compiling and
-    how long it took, the second says nothing and finds the kernels cached."""
+# ---- the compiled kernels' caches --------------------------------------------------------------------
+RELU_CODE = ("import numpy as np, tensorlite.functional as F\n"
+             "from tensorlite import kernels\n"
+             "print(kernels.kernel_path())\n"
+             "print(F.relu_squared(np.array([-1.0, 2.0], dtype=np.float32)).data)")
+
+
+def run_in_a_package_copy(tmp_path: Path, times: int, **env_vars: str):
+    """Run RELU_CODE `times` times in fresh processes, on a copy of tensorlite whose
+    `__pycache__` cannot be written (it is a file), with an empty user cache folder."""
     pkg = tmp_path / "site"
-    shutil.copytree(REPO / "tensorlite", pkg / "tensorlite",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    (pkg / "tensorlite" / "__pycache__").write_text("not a folder")
+    if not pkg.exists():
+        shutil.copytree(REPO / "tensorlite", pkg / "tensorlite",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        (pkg / "tensorlite" / "__pycache__").write_text("not a folder")
     cache = tmp_path / "user-cache"
-    env = dict(os.environ, PYTHONPATH=str(pkg), XDG_CACHE_HOME=str(cache),
-               TENSORLITE_KERNELS="numba")
-    env.pop("NUMBA_CACHE_DIR", None)
-    code = ("import numpy as np, tensorlite.functional as F\n"
-            "from tensorlite import kernels\n"
-            "print(kernels.kernel_path())\n"
-            "print(F.relu_squared(np.array([-1.0, 2.0], dtype=np.float32)).data)")
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env=env, cwd=tmp_path, timeout=600, check=False) for _ in range(2)]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TENSORLITE_KERNELS", "NUMBA_CACHE_DIR", "CC")}  # the defaults, unless
+    env.update(PYTHONPATH=str(pkg), XDG_CACHE_HOME=str(cache), **env_vars)  # given here
+    return cache, [subprocess.run([sys.executable, "-c", RELU_CODE], capture_output=True,
+                                  text=True, env=env, cwd=tmp_path, timeout=600, check=False)
+                   for _ in range(times)]
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+def test_numba_compiles_once_and_says_so_then_loads_from_a_user_cache(tmp_path):
+    """A package folder where numba cannot write its cache makes numba fall back to the user
+    cache folder; the first run says it is compiling and how long it took, the second says
+    nothing and finds the kernels cached."""
+    cache, runs = run_in_a_package_copy(tmp_path, 2, TENSORLITE_KERNELS="numba")
     for run in runs:
         assert run.returncode == 0, run.stderr
         assert run.stdout.split() == ["numba", "[0.", "4.]"]
@@ -369,7 +402,179 @@ def test_first_run_compiles_once_and_says_so_then_loads_from_a_user_cache(tmp_pa
     assert list(cache.rglob("kernels_numba.*.nbi"))
 
 
+def test_the_c_kernels_compile_once_and_say_so_then_load_from_a_user_cache(tmp_path):
+    """The default path, on a fresh install whose package folder is read-only: the first run
+    compiles into the user cache folder and says so in two lines, the second says nothing."""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one); the fallback test covers this")
+    cache, runs = run_in_a_package_copy(tmp_path, 2)
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == ["c", "[0.", "4.]"]
+    first, second = runs[0].stderr.splitlines(), runs[1].stderr
+    assert len(first) == 2, first
+    assert first[0] == (f"tensorlite: compiling C kernels for this CPU (once; cached in "
+                        f"{cache / 'tensorlite'}) ...")
+    assert first[1].startswith("tensorlite: C kernels compiled in ") and first[1].endswith(" s")
+    assert second == ""
+    libraries = list((cache / "tensorlite").glob("kernels_c-*.so"))
+    assert len(libraries) == 1 and not list((cache / "tensorlite").glob("*.tmp"))
+
+
+def test_without_a_c_compiler_the_numpy_references_run_with_one_line(tmp_path):
+    cache, (run,) = run_in_a_package_copy(tmp_path, 1, CC="/nonexistent/cc")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["numpy", "[0.", "4.]"]
+    assert run.stderr.count("\n") == 1
+    assert run.stderr.startswith("tensorlite: C kernels unavailable (CompilerError: no C compiler")
+    assert run.stderr.rstrip().endswith("running the NumPy reference kernels")
+    assert not cache.exists() or not list(cache.rglob("*.so"))
+
+
+def test_a_compiler_that_fails_falls_back_with_one_line_per_message(tmp_path):
+    """A compiler that exits with an error: the 'compiling' line, then why it failed."""
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\necho 'cc: fatal: no' >&2; exit 1\n")
+    fake.chmod(0o755)
+    _, (run,) = run_in_a_package_copy(tmp_path, 1, CC=str(fake))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["numpy", "[0.", "4.]"]
+    lines = run.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("tensorlite: compiling C kernels")
+    assert lines[1].startswith("tensorlite: C kernels unavailable (CompilerError: ")
+    assert "cc: fatal: no" in lines[1]
+
+
+def test_a_compiler_without_march_native_builds_the_portable_kernels(tmp_path):
+    """A compiler that rejects -march=native (older clang on ARM) gets the flags without it."""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\n"
+                    "for a in \"$@\"; do [ \"$a\" = -march=native ] && echo 'unknown: -march' >&2 && exit 1; done\n"
+                    f"exec {shutil.which(os.environ.get('CC') or 'cc')} \"$@\"\n")
+    fake.chmod(0o755)
+    _, runs = run_in_a_package_copy(tmp_path, 2, CC=str(fake))
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == ["c", "[0.", "4.]"]
+    assert runs[0].stderr.splitlines()[1].startswith("tensorlite: C kernels compiled in")
+    assert runs[1].stderr == ""
+
+
+def test_ci_has_the_c_kernels():
+    """CI installs a C compiler (.ci/run), so there the default path must be the C one."""
+    if os.environ.get("CI"):
+        assert c_available()
+    assert kernels.DEFAULT_PATH == "c"
+
+
 # ---- threads --------------------------------------------------------------------------------------
+def _all_c_kernels(rng, dtype):
+    """One call of every C kernel on fresh inputs, returning every output (copied)."""
+    B, T, C, H, V = 2, 9, 12, 3, 7
+    qkv = rng.standard_normal((B, T, 3 * C)).astype(dtype)
+    dy = rng.standard_normal((B, T, C)).astype(dtype)
+    w = rng.standard_normal(C).astype(dtype)
+    targets = rng.integers(0, V, B * T)
+    logits = rng.standard_normal((B * T, V)).astype(dtype)
+    out = list(F.causal_self_attention_forward(qkv, H, 0.3))
+    out.append(F.causal_self_attention_backward(dy, qkv, out[1].copy(), H, 0.3))
+    out += F.rms_norm_forward(dy, w[::-1], 1e-5)  # a strided weight: copied for the C call
+    out += F.rms_norm_backward(qkv[..., :C], dy, out[-1], w)
+    loss, probs = F.cross_entropy_forward(logits, targets)
+    out += [loss, probs.copy(), F.cross_entropy_backward(np.asarray(1.5, dtype), probs, targets)]
+    out += [kernels.relu_squared(dy), kernels.relu_squared_backward(dy, qkv[..., C:2 * C])]
+    table = np.zeros((V, C), dtype=dtype)
+    kernels.scatter_add_rows(table, targets, dy.reshape(-1, C))
+    p, m, v = w.copy(), np.zeros_like(w), np.zeros_like(w)
+    kernels.adamw_kernel(p.size)(p, qkv[0, 0, ::3], m, v, 0.1, 0.9, 0.95, 1e-8, 0.1, 1)
+    return [np.array(a, copy=True) for a in out + [table, p, m, v]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_c_kernels_called_from_two_threads_at_once_give_the_serial_results(dtype):
+    """The C kernels keep no state between calls, so threads may share them (training splits
+    a batch over threads): each thread's results equal the same calls made one by one. (This
+    caught a scratch array freed before the C call that wrote into it: the other thread's
+    next array got that memory.)"""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    kernels.use_kernels("c")
+    seeds = list(range(2 * 100))
+    serial = [_all_c_kernels(np.random.default_rng(s), dtype) for s in seeds]
+    threaded: dict[int, list] = {}
+    barrier = threading.Barrier(2)
+
+    def work(mine):
+        barrier.wait()  # start together
+        for s in mine:
+            threaded[s] = _all_c_kernels(np.random.default_rng(s), dtype)
+
+    threads = [threading.Thread(target=work, args=(seeds[k::2],)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in seeds:
+        for a, b in zip(threaded[s], serial[s]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_c_kernel_calls_release_the_gil():
+    """ctypes releases the GIL around a call unless the library was loaded as a PyDLL; the
+    threads that share a batch rely on it."""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    import ctypes
+
+    from tensorlite import kernels_c
+
+    assert type(kernels_c._lib) is ctypes.CDLL
+    fn = kernels_c._fn("relu_squared", np.dtype(np.float32))
+    assert not fn._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_c_kernels_take_read_only_strided_and_empty_inputs(dtype):
+    """Inputs the fast pointer route refuses (read-only, empty) or that need a copy first
+    (strided, another dtype) give the reference's results."""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    x = np.linspace(-2, 2, 24).astype(dtype).reshape(4, 6)
+    x.flags.writeable = False
+    cases = {
+        "read-only": lambda: (kernels.relu_squared(x), F.rms_norm_forward(x, x[0], 1e-5)[0]),
+        "strided": lambda: (kernels.relu_squared(x[:, ::2]), F.rms_norm_forward(x.T, x[:, 0], 1e-5)[0]),
+        "empty": lambda: (kernels.relu_squared(x[:0]), F.rms_norm_forward(x[:0], x[0], 1e-5)[0]),
+        "other dtype": lambda: (kernels.relu_squared_backward(x.astype(np.float16), x),
+                                F.rms_norm_forward(x, x[0].astype(np.float16), 1e-5)[0]),
+    }
+    for name, run in cases.items():
+        for a, b in zip(*run_on("c", run)):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            np.testing.assert_allclose(a, b, rtol=TOL[dtype], atol=TOL[dtype], err_msg=name)
+
+
+def test_c_kernels_reject_out_of_range_indices_without_writing():
+    """Indices are checked in C before anything is read or written out of bounds."""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    kernels.use_kernels("c")
+    table = np.zeros((3, 2))
+    with pytest.raises(IndexError, match="index 3 is out of bounds"):
+        kernels.scatter_add_rows(table, np.array([0, 3]), np.ones((2, 2)))
+    assert not table.any()
+    kernels.scatter_add_rows(table, np.array([-1, 0]), np.ones((2, 2)))  # as NumPy: from the end
+    np.testing.assert_array_equal(table, [[1, 1], [0, 0], [1, 1]])
+    with pytest.raises(IndexError, match="index 7 is out of bounds"):
+        F.cross_entropy_forward(np.zeros((2, 4)), np.array([1, 7]))
+    probs = np.full((2, 4), 0.25)
+    with pytest.raises(IndexError, match="index -5 is out of bounds"):
+        F.cross_entropy_backward(1.0, probs, np.array([1, -5]))
+    np.testing.assert_array_equal(probs, 0.25)
+
+
 def kernel_threads() -> int:
     """The numba kernels' thread count (on the other paths, the count they were given)."""
     if kernels.kernel_path() != "numba":

@@ -1,0 +1,286 @@
+/* The C twins of tensorlite's hot non-matmul kernels: plain serial loops, fused so that
+ * each pass reads its inputs once and makes no temporaries.
+ *
+ * Each kernel here is the loop form of a NumPy reference (tensorlite/kernels.py and
+ * tensorlite/functional.py hold the spec); tensorlite/kernels_c.py compiles this file with
+ * the system's C compiler, loads it with ctypes and gives every function the reference's
+ * Python name and arguments. A learner can skip this file entirely.
+ *
+ * Rules the code keeps:
+ * - Serial and thread-safe: no threads, no globals, no static buffers. Every output and
+ *   scratch buffer is allocated by the caller (NumPy) and passed in, so several Python
+ *   threads may call any kernel at once (ctypes releases the GIL during the call).
+ * - Arrays are C-contiguous; sizes are int64_t; `real` is float or double: this file is
+ *   read twice by the compiler (see the bottom of the first part), once for each.
+ * - Compiled without -ffast-math: the flags allow reassociation (vectorized sums) but not
+ *   "no NaNs/infs", so a NaN still reaches the loss and stops training, as in NumPy.
+ */
+#ifndef real /* ---- first pass: shared helpers, then the kernels once per type ---------- */
+
+#include <math.h>
+#include <stdint.h>
+
+/* exp for float32, vectorizable. libm's expf is a scalar call, so a loop calling it does not
+ * vectorize (numba has the same problem: docs/performance.md). This is the classic range
+ * reduction plus polynomial (Cephes' expf): exp(x) = 2**n * exp(r), n = round(x / ln2),
+ * |r| <= ln2 / 2, max relative error ~1.2e-7. 2**n is built in the exponent bits of a float.
+ * Every step is a plain float operation, so a loop over it becomes SIMD code. */
+static inline float exp_f32(float x)
+{
+    if (x < -87.33654f) x = -87.33654f; /* comparisons, not fminf: a NaN stays NaN */
+    if (x > 88.37626f) x = 88.37626f;
+    float n = floorf(x * 1.44269504f + 0.5f); /* x / ln2, rounded */
+    float r = x - n * 0.693359375f - n * -2.12194440e-4f; /* x - n ln2, ln2 in two parts */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f; /* exp(r) */
+    /* 2**n: adding 1.5 * 2**23 puts the integer n into the low mantissa bits (no float -> int
+     * conversion, which is undefined for NaN); shift it into the exponent field. */
+    union { float f; uint32_t u; } big = { n + 12582912.0f }, two_n;
+    two_n.u = (big.u - 0x4B400000u + 127u) << 23;
+    return p * two_n.f;
+}
+
+/* A target index in [-v, v), negative ones counting from the end (as NumPy indexing
+ * does), as an index in [0, v); -1 if it is out of range. */
+static inline int64_t wrap_index(int64_t k, int64_t v)
+{
+    k = k < 0 ? k + v : k;
+    return k >= 0 && k < v ? k : -1;
+}
+
+/* float64 keeps libm's exp (full precision; float64 is the checking dtype, not the fast one). */
+static inline double exp_f64(double x) { return exp(x); }
+
+#define real float
+#define EXP exp_f32
+#define SQRT sqrtf
+#define LOG logf
+#define KERNEL(name) name##_f32
+#include __FILE__
+#undef real
+#undef EXP
+#undef SQRT
+#undef LOG
+#undef KERNEL
+
+#define real double
+#define EXP exp_f64
+#define SQRT sqrt
+#define LOG log
+#define KERNEL(name) name##_f64
+#include __FILE__
+#undef real
+#undef EXP
+#undef SQRT
+#undef LOG
+#undef KERNEL
+
+#else /* ---- second and third pass: the kernels, written once for `real` --------------- */
+
+/* ---- relu(x)**2 ------------------------------------------------------------------------- */
+
+/* y = max(x, 0)**2 over n values. */
+void KERNEL(relu_squared)(const real *x, real *y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        real r = x[i];
+        y[i] = r <= 0 ? 0 : r * r; /* a NaN fails `<= 0` and stays NaN, as in np.maximum */
+    }
+}
+
+/* dx = dout * 2 * max(x, 0). */
+void KERNEL(relu_squared_backward)(const real *dout, const real *x, real *dx, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        real r = x[i];
+        dx[i] = r <= 0 ? 0 : (r + r) * dout[i];
+    }
+}
+
+/* ---- RMSNorm over rows of c features ------------------------------------------------------ */
+
+/* y = x * r * w,  r = 1 / sqrt(mean(x**2) + eps) per row.  x, y (rows, c); w (c); r (rows). */
+void KERNEL(rms_norm_forward)(const real *x, const real *w, real eps, int64_t rows, int64_t c,
+                              real *y, real *r)
+{
+    for (int64_t i = 0; i < rows; i++) {
+        const real *xi = x + i * c;
+        real *yi = y + i * c;
+        real ss = 0;
+        for (int64_t j = 0; j < c; j++)
+            ss += xi[j] * xi[j];
+        real ri = 1 / SQRT(ss / c + eps);
+        r[i] = ri;
+        for (int64_t j = 0; j < c; j++)
+            yi[j] = xi[j] * ri * w[j];
+    }
+}
+
+/* With xhat = x * r and dxhat = dout * w:
+ *   dx = r * (dxhat - xhat * mean(dxhat * xhat))   per row
+ *   dw = sum over rows of dout * xhat              (dw is overwritten) */
+void KERNEL(rms_norm_backward)(const real *dout, const real *x, const real *r, const real *w,
+                               int64_t rows, int64_t c, real *dx, real *dw)
+{
+    for (int64_t j = 0; j < c; j++)
+        dw[j] = 0;
+    for (int64_t i = 0; i < rows; i++) {
+        const real *xi = x + i * c, *di = dout + i * c;
+        real *dxi = dx + i * c;
+        real ri = r[i], dot = 0;
+        for (int64_t j = 0; j < c; j++) {
+            real xhat = xi[j] * ri;
+            dot += di[j] * w[j] * xhat;
+            dw[j] += di[j] * xhat;
+        }
+        dot /= c; /* mean(dxhat * xhat) */
+        for (int64_t j = 0; j < c; j++)
+            dxi[j] = ri * (di[j] * w[j] - xi[j] * ri * dot);
+    }
+}
+
+/* ---- causal attention: the passes between the matmuls ---------------------------------------
+ * Scores are kept transposed, keys along rows: st[j][i] = k_j . q_i for key j, query i, so
+ * P^T feeds both backward products without a copy. Query i sees keys j <= i: in row j the
+ * visible entries are the columns i >= j. One call handles n (batch, head) matrices t x t. */
+
+/* In place, per matrix: st -> P^T with P[i][j] = softmax over visible keys j of st[j][i] * scale
+ * (scale > 0, so softmax(s * scale) = exp((s - max s) * scale) / sum). Entries of the future
+ * (i < j) become 0. scratch: 2 t values. */
+void KERNEL(causal_softmax_columns)(real *st, int64_t n, int64_t t, real scale, real *scratch)
+{
+    real *m = scratch, *total = scratch + t; /* per query: the max over visible keys, the sum */
+    for (int64_t b = 0; b < n; b++) {
+        real *s = st + b * t * t;
+        for (int64_t i = 0; i < t; i++) {
+            m[i] = s[i]; /* key 0 is visible to every query */
+            total[i] = 0;
+        }
+        for (int64_t j = 1; j < t; j++)
+            for (int64_t i = j; i < t; i++)
+                m[i] = s[j * t + i] > m[i] ? s[j * t + i] : m[i];
+        for (int64_t j = 0; j < t; j++) {
+            real *row = s + j * t;
+            for (int64_t i = 0; i < j; i++)
+                row[i] = 0; /* the future: key j comes after query i */
+            for (int64_t i = j; i < t; i++) {
+                row[i] = EXP((row[i] - m[i]) * scale);
+                total[i] += row[i];
+            }
+        }
+        for (int64_t i = 0; i < t; i++)
+            m[i] = 1 / total[i];
+        for (int64_t j = 0; j < t; j++)
+            for (int64_t i = j; i < t; i++)
+                s[j * t + i] *= m[i];
+    }
+}
+
+/* In place, per matrix: dst = dP^T -> dS^T = P^T * (dP^T - colsum(dP^T * P^T)) * scale.
+ * scratch: t values. */
+void KERNEL(softmax_backward_columns)(real *dst, const real *pt, int64_t n, int64_t t,
+                                      real scale, real *scratch)
+{
+    real *colsum = scratch;
+    for (int64_t b = 0; b < n; b++) {
+        real *d = dst + b * t * t;
+        const real *p = pt + b * t * t;
+        for (int64_t i = 0; i < t; i++)
+            colsum[i] = 0;
+        for (int64_t j = 0; j < t; j++)
+            for (int64_t i = 0; i < t; i++)
+                colsum[i] += d[j * t + i] * p[j * t + i];
+        for (int64_t j = 0; j < t; j++)
+            for (int64_t i = 0; i < t; i++)
+                d[j * t + i] = p[j * t + i] * (d[j * t + i] - colsum[i]) * scale;
+    }
+}
+
+/* ---- softmax cross-entropy over rows of v logits ---------------------------------------------- */
+
+/* probs = softmax(logits) per row; losses[i] = log sum exp(logits_i) - logits_i[targets[i]]
+ * (the row max subtracted first). logits, probs (n, v); targets, losses (n).
+ * Returns -1, or the first row whose target is out of range (nothing is read out of bounds). */
+int64_t KERNEL(cross_entropy_forward)(const real *logits, const int64_t *targets, int64_t n,
+                                      int64_t v, real *probs, real *losses)
+{
+    for (int64_t i = 0; i < n; i++)
+        if (wrap_index(targets[i], v) < 0)
+            return i;
+    for (int64_t i = 0; i < n; i++) {
+        const real *row = logits + i * v;
+        real *p = probs + i * v;
+        real m = row[0];
+        for (int64_t j = 1; j < v; j++)
+            m = row[j] > m ? row[j] : m;
+        real total = 0;
+        for (int64_t j = 0; j < v; j++) {
+            p[j] = EXP(row[j] - m);
+            total += p[j];
+        }
+        losses[i] = LOG(total) - (row[wrap_index(targets[i], v)] - m);
+        real inv = 1 / total;
+        for (int64_t j = 0; j < v; j++)
+            p[j] *= inv;
+    }
+    return -1;
+}
+
+/* In place on probs (n, v): dlogits = (probs - onehot(targets)) * scale, scale = dout / n.
+ * Returns -1, or the first row whose target is out of range (then probs is untouched). */
+int64_t KERNEL(cross_entropy_backward)(real *probs, const int64_t *targets, int64_t n, int64_t v,
+                                       real scale)
+{
+    for (int64_t i = 0; i < n; i++)
+        if (wrap_index(targets[i], v) < 0)
+            return i;
+    for (int64_t i = 0; i < n; i++) {
+        real *p = probs + i * v;
+        p[wrap_index(targets[i], v)] -= 1;
+        for (int64_t j = 0; j < v; j++)
+            p[j] *= scale;
+    }
+    return -1;
+}
+
+/* ---- the embedding backward ---------------------------------------------------------------- */
+
+/* target[indices[k]] += rows[k] for k < n, repeated indices accumulating. target (v, c),
+ * rows (n, c). Returns -1, or the first k whose index is out of range (target untouched). */
+int64_t KERNEL(scatter_add_rows)(real *target, int64_t v, const int64_t *indices,
+                                 const real *rows, int64_t n, int64_t c)
+{
+    for (int64_t k = 0; k < n; k++)
+        if (wrap_index(indices[k], v) < 0)
+            return k;
+    for (int64_t k = 0; k < n; k++) {
+        real *t = target + wrap_index(indices[k], v) * c;
+        const real *src = rows + k * c;
+        for (int64_t j = 0; j < c; j++)
+            t[j] += src[j];
+    }
+    return -1;
+}
+
+/* ---- AdamW, in place on p, m, v ----------------------------------------------------------------
+ * m = b1 m + c1 g,  v = b2 v + c2 g*g,  p = p * decay - step_size * m / (sqrt(v * inv_bc2) + eps)
+ * with c1 = 1 - b1, c2 = 1 - b2, decay = 1 - lr wd, step_size = lr / (1 - b1**t),
+ * inv_bc2 = 1 / (1 - b2**t): the caller computes those once per step. */
+void KERNEL(adamw_update)(real *p, const real *g, real *m, real *v, int64_t n, real b1, real b2,
+                          real c1, real c2, real decay, real step_size, real inv_bc2, real eps)
+{
+    for (int64_t i = 0; i < n; i++) {
+        real mi = b1 * m[i] + c1 * g[i];
+        real vi = b2 * v[i] + c2 * (g[i] * g[i]);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] * decay - step_size * mi / (SQRT(vi * inv_bc2) + eps);
+    }
+}
+
+#endif

@@ -1,0 +1,367 @@
+"""The C twins of tensorlite's hot kernels: tensorlite/kernels.c, compiled on first use with
+the system's C compiler and loaded with ctypes.
+
+Each public function here has the same name, arguments and results as its NumPy reference
+(functional.py / kernels.py), which is the spec; `tensorlite.kernels` decides which one runs
+and is the only module that imports this one. A learner can skip this file entirely.
+
+Why C and ctypes: the kernels are serial loops (parallelism comes from the caller's
+threads), a ctypes call releases the GIL while it runs, and a loaded shared library costs
+a few MB and a few ms, where numba brings LLVM (~130 MB, ~1 s) into the process
+(docs/performance.md). The library is compiled for this CPU (-march=native) once and cached
+on disk: in the package's __pycache__, or where that cannot be written, in the user cache
+folder ($XDG_CACHE_HOME/tensorlite or ~/.cache/tensorlite).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .kernels import COMPILED
+
+SOURCE = Path(__file__).with_name("kernels.c")
+# As numba's fastmath without "no NaNs/infs": sums may be reassociated (so they vectorize),
+# but NaN and inf propagate as in NumPy. No -ffast-math.
+FLAGS = ["-O3", "-march=native", "-std=c99", "-fPIC", "-shared", "-fno-math-errno",
+         "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math", "-ffp-contract=fast"]
+
+
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
+class CompilerError(RuntimeError):
+    """The C kernels cannot be built or loaded here (no compiler, or it failed)."""
+
+
+# ---- building and loading the library ----------------------------------------------------------
+def _compiler() -> list[str]:
+    cc = shlex.split(os.environ.get("CC", "") or "cc")
+    if not cc or shutil.which(cc[0]) is None:
+        raise CompilerError(f"no C compiler: {cc[0] if cc else 'CC'!r} not found (set CC)")
+    return cc
+
+
+def _fingerprint(cc: list[str]) -> str:
+    """A hash of everything the binary depends on: the source, the flags, the compiler's
+    version and this CPU (-march=native)."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(cc + FLAGS).encode())
+    try:
+        version = subprocess.run(cc + ["--version"], capture_output=True, timeout=60, check=False)
+        h.update(version.stdout)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise CompilerError(f"cannot run {cc[0]}: {e}") from e
+    h.update(platform.machine().encode())
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")):
+                    h.update(line.encode())
+                if line.strip() == "":  # the first CPU is enough
+                    break
+    except OSError:
+        h.update(platform.processor().encode())
+    return h.hexdigest()[:16]
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def cache_folder() -> Path:
+    """Where the compiled library lives: the package's __pycache__ if writable, else the
+    user cache folder."""
+    package = Path(__file__).with_name("__pycache__")
+    if _writable(package):
+        return package
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tensorlite"
+    if _writable(user):
+        return user
+    raise CompilerError(f"no writable cache folder ({package} and {user} are read-only)")
+
+
+def _build(cc: list[str], target: Path) -> None:
+    """Compile kernels.c into `target`: first to a temporary name beside it, then renamed in
+    one step, so a process that compiles at the same time never sees half a file."""
+    print(f"tensorlite: compiling C kernels for this CPU (once; cached in {target.parent}) ...",
+          file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        errors = []  # the first line of each failure
+        # Some compilers do not know -march=native (older clang on ARM): then without it.
+        for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):
+            out = subprocess.run(cc + flags + ["-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                                 text=True, timeout=600, check=False)
+            if out.returncode == 0:
+                break
+            errors.append((out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[0])
+        else:
+            raise CompilerError(f"{cc[0]} failed: {errors[0]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"tensorlite: C kernels compiled in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr, flush=True)
+
+
+def load() -> ctypes.CDLL:
+    """The compiled library, built first if this CPU, compiler and source have none cached."""
+    cc = _compiler()
+    target = cache_folder() / f"kernels_c-{_fingerprint(cc)}.so"
+    if not target.exists():
+        _build(cc, target)
+    try:
+        lib = ctypes.CDLL(str(target))  # CDLL (not PyDLL): calls release the GIL
+    except OSError as e:
+        raise CompilerError(f"cannot load {target}: {e}") from e
+    return lib
+
+
+# The C signatures: p = pointer (an array's address), i = int64, r = a scalar of the
+# kernel's own type (float for the _f32 function, double for _f64). Kernels that index with
+# targets return an int64: -1, or the first position whose index is out of range.
+_SIGNATURES = {  # name: (arguments, returns an index)
+    "relu_squared": ("ppi", False),
+    "relu_squared_backward": ("pppi", False),
+    "rms_norm_forward": ("ppriipp", False),
+    "rms_norm_backward": ("ppppiipp", False),
+    "causal_softmax_columns": ("piirp", False),
+    "softmax_backward_columns": ("ppiirp", False),
+    "cross_entropy_forward": ("ppiipp", True),
+    "cross_entropy_backward": ("ppiir", True),
+    "scatter_add_rows": ("pippii", True),
+    "adamw_update": ("ppppirrrrrrrr", False),
+}
+
+
+def _declare(lib: ctypes.CDLL) -> dict:
+    """Set each C function's argument types; returns {(name, dtype): function}."""
+    table = {}
+    for name, (signature, returns_index) in _SIGNATURES.items():
+        for dtype, suffix, real in ((_F32, "_f32", ctypes.c_float), (_F64, "_f64", ctypes.c_double)):
+            fn = getattr(lib, name + suffix)
+            types = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "r": real}
+            fn.argtypes = [types[c] for c in signature]
+            fn.restype = ctypes.c_int64 if returns_index else None
+            table[name, dtype] = fn
+    return table
+
+
+def _check_index(bad: int, indices: np.ndarray, size: int) -> None:
+    if bad >= 0:
+        raise IndexError(f"index {indices.reshape(-1)[bad]} is out of bounds for axis 0 with size {size}")
+
+
+_lib: ctypes.CDLL | None = None
+_functions: dict = {}  # (name, dtype) -> the C function, filled when the library loads
+
+
+def _fn(name: str, dtype: np.dtype):
+    """The C function `name` for arrays of `dtype` (float32 or float64), or None."""
+    return _functions.get((name, dtype))
+
+
+def _c(a, dtype=None) -> np.ndarray:
+    """C-contiguous, of `dtype` if given (no copy if it already is). (Not
+    np.ascontiguousarray: that turns a 0-d array into a 1-d one.)"""
+    if isinstance(a, np.ndarray) and a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
+        return a
+    return np.array(a, dtype=dtype, order="C")
+
+
+def _ptr(a: np.ndarray) -> int:
+    """The address of a's first value. Keep `a` in a variable until the C call returns: a
+    temporary array would be freed (and its memory reused by another thread) before it.
+    (Through the buffer protocol: 0.3 us, where `a.ctypes.data` takes 1 us; that one for
+    the read-only and empty arrays the buffer route refuses.)"""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError):
+        return a.ctypes.data
+
+
+def _reference(name: str, *args):
+    from . import kernels
+
+    return kernels.REFERENCES[name](*args)
+
+
+# ---- the twins: same names, arguments and results as the references ------------------------------
+def relu_squared(x):
+    fn = _fn("relu_squared", np.result_type(x))  # (the references also take 0-d arrays)
+    if fn is None:
+        return _reference("relu_squared", x)
+    x = _c(x)
+    y = np.empty_like(x)
+    fn(_ptr(x), _ptr(y), x.size)
+    return y
+
+
+def relu_squared_backward(dout, x):
+    fn = _fn("relu_squared_backward", np.result_type(x))
+    if fn is None or np.shape(dout) != np.shape(x):
+        return _reference("relu_squared_backward", dout, x)
+    x = _c(x)
+    dout = _c(dout, x.dtype)
+    dx = np.empty_like(x)
+    fn(_ptr(dout), _ptr(x), _ptr(dx), x.size)
+    return dx
+
+
+def rms_norm_forward(x, weight, eps):
+    fn = _fn("rms_norm_forward", x.dtype)
+    if fn is None or x.ndim == 0 or np.shape(weight) != x.shape[-1:]:
+        return _reference("rms_norm_forward", x, weight, eps)
+    c = x.shape[-1]
+    x2 = _c(x).reshape(-1, c)
+    y = np.empty_like(x2)
+    r = np.empty(x2.shape[0], dtype=x.dtype)
+    w = _c(weight, x.dtype)
+    fn(_ptr(x2), _ptr(w), eps, x2.shape[0], c, _ptr(y), _ptr(r))
+    return y.reshape(x.shape), r.reshape(x.shape[:-1] + (1,))
+
+
+def rms_norm_backward(dout, x, r, weight):
+    fn = _fn("rms_norm_backward", x.dtype)
+    if (fn is None or x.ndim == 0 or np.shape(dout) != x.shape
+            or np.shape(weight) != x.shape[-1:] or np.size(r) * x.shape[-1] != x.size):
+        return _reference("rms_norm_backward", dout, x, r, weight)
+    c = x.shape[-1]
+    x2 = _c(x).reshape(-1, c)
+    d2 = _c(dout, x.dtype).reshape(-1, c)
+    dx, dw = np.empty_like(x2), np.empty(c, dtype=x.dtype)
+    r, w = _c(r, x.dtype), _c(weight, x.dtype)
+    fn(_ptr(d2), _ptr(x2), _ptr(r), _ptr(w), x2.shape[0], c, _ptr(dx), _ptr(dw))
+    return dx.reshape(x.shape), dw
+
+
+# Causal self-attention on a fused qkv. The four products go to BLAS (np.matmul on strided
+# views of qkv: no copies); what lies between them, scale + causal mask + softmax and the
+# softmax backward, is one C pass each over all (batch, head) matrices. As in the
+# reference, scores are kept transposed, keys along rows: st[j, i] = k_j . q_i.
+def _heads(qkv, n_head):
+    B, T, C3 = qkv.shape
+    return qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head).transpose(2, 0, 3, 1, 4)
+
+
+def causal_self_attention_forward(qkv, n_head, scale):
+    fn = _fn("causal_softmax_columns", qkv.dtype)
+    if fn is None or qkv.ndim != 3:
+        return _reference("causal_self_attention_forward", qkv, n_head, scale)
+    qkv = _c(qkv)
+    B, T, C3 = qkv.shape
+    q, k, v = _heads(qkv, n_head)  # each (B, H, T, hd), views
+    st = np.matmul(k, np.swapaxes(q, -1, -2))  # S^T unscaled, (B, H, T, T)
+    scratch = np.empty(2 * T, dtype=qkv.dtype)
+    fn(_ptr(st), B * n_head, T, scale, _ptr(scratch))  # st -> P^T, in place
+    y = np.empty((B, T, n_head, C3 // 3 // n_head), dtype=qkv.dtype)
+    np.matmul(np.swapaxes(st, -1, -2), v, out=y.transpose(0, 2, 1, 3))  # P v, heads side by side
+    return y.reshape(B, T, C3 // 3), st
+
+
+def causal_self_attention_backward(dy, qkv, pt, n_head, scale):
+    fn = _fn("softmax_backward_columns", qkv.dtype)
+    B, T, C3 = qkv.shape
+    if fn is None or np.shape(pt) != (B, n_head, T, T) or np.shape(dy) != (B, T, C3 // 3):
+        return _reference("causal_self_attention_backward", dy, qkv, pt, n_head, scale)
+    qkv, pt = _c(qkv), _c(pt, qkv.dtype)
+    hd = C3 // 3 // n_head
+    q, k, v = _heads(qkv, n_head)
+    dout = _c(dy, qkv.dtype).reshape(B, T, n_head, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
+    dqkv = np.empty((B, T, 3, n_head, hd), dtype=qkv.dtype)
+    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)
+    np.matmul(pt, dout, out=dv)
+    dst = np.matmul(v, np.swapaxes(dout, -1, -2))  # dP^T, (B, H, T, T)
+    scratch = np.empty(T, dtype=qkv.dtype)
+    fn(_ptr(dst), _ptr(pt), B * n_head, T, scale, _ptr(scratch))  # dst -> dS^T, in place
+    np.matmul(np.swapaxes(dst, -1, -2), k, out=dq)
+    np.matmul(dst, q, out=dk)
+    return dqkv.reshape(B, T, C3)
+
+
+def _targets(targets) -> np.ndarray:
+    return _c(targets, np.int64)
+
+
+def cross_entropy_forward(logits, targets):
+    fn = _fn("cross_entropy_forward", logits.dtype)
+    if fn is None or logits.ndim != 2 or np.shape(targets) != logits.shape[:1] or logits.size == 0:
+        return _reference("cross_entropy_forward", logits, targets)
+    logits, targets = _c(logits), _targets(targets)
+    n, v = logits.shape
+    probs = np.empty_like(logits)
+    losses = np.empty(n, dtype=logits.dtype)
+    _check_index(fn(_ptr(logits), _ptr(targets), n, v, _ptr(probs), _ptr(losses)), targets, v)
+    return np.asarray(losses.mean(), dtype=logits.dtype), probs
+
+
+def cross_entropy_backward(dout, probs, targets):
+    fn = _fn("cross_entropy_backward", probs.dtype)
+    if (fn is None or not probs.flags.c_contiguous  # in place: it must be probs itself
+            or probs.ndim != 2 or np.shape(targets) != probs.shape[:1]):
+        return _reference("cross_entropy_backward", dout, probs, targets)
+    t = probs.dtype.type
+    n, v = probs.shape
+    targets = _targets(targets)
+    _check_index(fn(_ptr(probs), _ptr(targets), n, v, t(dout / t(n))), targets, v)
+    return probs
+
+
+def scatter_add_rows(target, indices, rows):
+    fn = _fn("scatter_add_rows", target.dtype)
+    if (fn is None or not target.flags.c_contiguous or target.ndim != 2  # in place on target
+            or np.shape(rows) != (np.size(indices), target.shape[1])):
+        return _reference("scatter_add_rows", target, indices, rows)
+    if indices.size == 0:
+        return None
+    indices, rows = _targets(indices).reshape(-1), _c(rows, target.dtype)
+    v, c = target.shape
+    _check_index(fn(_ptr(target), v, _ptr(indices), _ptr(rows), indices.size, c), indices, v)
+    return None
+
+
+def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    """gpt.optim.adamw_update (in place on p, m, v) in one fused C pass."""
+    fn = _fn("adamw_update", p.dtype)
+    if fn is None:
+        raise TypeError(f"adamw_update: float32 or float64 parameters only, got {p.dtype}")
+    if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
+        raise ValueError("adamw_update: p, m and v must be C-contiguous (they are updated in place)")
+    if not (m.dtype == v.dtype == p.dtype and m.size == v.size == np.size(g) == p.size):
+        raise ValueError("adamw_update: p, g, m and v must have the same size (p, m, v one dtype)")
+    g = _c(g, p.dtype)
+    fn(_ptr(p), _ptr(g), _ptr(m), _ptr(v), p.size, beta1, beta2, 1 - beta1,
+       1 - beta2, 1 - lr * weight_decay, lr / (1 - beta1**step), 1 / (1 - beta2**step), eps)
+
+
+KERNELS = {name: globals()[name] for name in COMPILED}  # same names as the references
+
+
+def kernels() -> dict:
+    """Build or load the library (once per process) and return KERNELS."""
+    global _lib
+    if _lib is None:
+        lib = load()
+        _functions.update(_declare(lib))
+        _lib = lib
+    return KERNELS
