@@ -102,10 +102,11 @@ class ThreadShards:
         loss = 0.0
         for (w, (loss_k, _)) in done:
             loss += w * loss_k
+
         for i, p in enumerate(self.params):
             g = done[0][1][1][i] * done[0][0]
             for w, (_, grads) in done[1:]:
-                g = g + w * grads[i]
+                g += w * grads[i]
             p.grad = g.astype(p.data.dtype, copy=False)
         return loss
 
