@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -125,16 +126,23 @@ def _build(cc: list[str], target: Path) -> None:
 
 
 def load() -> ctypes.CDLL:
-    """The compiled library, built first if this CPU, compiler and source have none cached."""
+    """The compiled library, built first if this CPU, compiler and source have none cached
+    (or if the cached file cannot be loaded: a damaged cache is rebuilt once)."""
     cc = _compiler()
     target = cache_folder() / f"kernels_c-{_fingerprint(cc)}.so"
-    if not target.exists():
+    built = not target.exists()
+    if built:
         _build(cc, target)
     try:
-        lib = ctypes.CDLL(str(target))  # CDLL (not PyDLL): calls release the GIL
+        return ctypes.CDLL(str(target))  # CDLL (not PyDLL): calls release the GIL
+    except OSError as e:
+        if built:
+            raise CompilerError(f"cannot load {target}: {e}") from e
+    _build(cc, target)
+    try:
+        return ctypes.CDLL(str(target))
     except OSError as e:
         raise CompilerError(f"cannot load {target}: {e}") from e
-    return lib
 
 
 # The C signatures: p = pointer (an array's address), i = int64, r = a scalar of the
@@ -357,11 +365,16 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
 KERNELS = {name: globals()[name] for name in COMPILED}  # same names as the references
 
 
+_loading = threading.Lock()
+
+
 def kernels() -> dict:
-    """Build or load the library (once per process) and return KERNELS."""
+    """Build or load the library (once per process, whichever thread asks first) and
+    return KERNELS."""
     global _lib
-    if _lib is None:
-        lib = load()
-        _functions.update(_declare(lib))
-        _lib = lib
+    with _loading:
+        if _lib is None:
+            lib = load()
+            _functions.update(_declare(lib))
+            _lib = lib
     return KERNELS

@@ -462,6 +462,38 @@ def test_a_compiler_without_march_native_builds_the_portable_kernels(tmp_path):
     assert runs[1].stderr == ""
 
 
+def test_two_processes_compiling_at_once_both_get_the_kernels(tmp_path):
+    """Each compiles to a temporary name and renames it into place in one step, so neither
+    loads half a file; one library is left, and no temporary."""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    run_in_a_package_copy(tmp_path, 0)  # the package copy, no run
+    env = {k: v for k, v in os.environ.items() if k not in ("TENSORLITE_KERNELS", "CC")}
+    env.update(PYTHONPATH=str(tmp_path / "site"), XDG_CACHE_HOME=str(tmp_path / "user-cache"))
+    procs = [subprocess.Popen([sys.executable, "-c", RELU_CODE], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+             for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        assert out.split() == ["c", "[0.", "4.]"]
+    folder = tmp_path / "user-cache" / "tensorlite"
+    assert len(list(folder.glob("kernels_c-*.so"))) == 1 and not list(folder.glob("*.tmp"))
+
+
+def test_a_damaged_cached_library_is_rebuilt(tmp_path):
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    cache, _ = run_in_a_package_copy(tmp_path, 1)
+    (library,) = (cache / "tensorlite").glob("kernels_c-*.so")
+    library.write_bytes(b"not a shared library")
+    _, (run,) = run_in_a_package_copy(tmp_path, 1)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["c", "[0.", "4.]"]
+    assert run.stderr.splitlines()[0].startswith("tensorlite: compiling C kernels")
+    assert library.read_bytes() != b"not a shared library"
+
+
 def test_ci_has_the_c_kernels():
     """CI installs a C compiler (.ci/run), so there the default path must be the C one."""
     if os.environ.get("CI"):
