@@ -30,7 +30,13 @@ from tensorlite.profiler import profile
 
 def main() -> None:
     sys.path.insert(0, os.path.dirname(__file__))
-    from train import CONFIGS, DATA, batches, gradients, load_ids  # benchmarks/train.py's data helpers
+    from train import (  # benchmarks/train.py's data helpers
+        CONFIGS,
+        DATA,
+        batches,
+        gradients,
+        load_ids,
+    )
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="baby")

@@ -23,6 +23,7 @@ the measurements.
 
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -80,7 +81,7 @@ class ThreadShards:
         Returns [(weight_k, result_k)]."""
         B = x.shape[0]
         bounds = np.linspace(0, B, min(self.threads, B) + 1).round().astype(int)
-        shards = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        shards = [slice(a, b) for a, b in itertools.pairwise(bounds)]
         extra = list(zip(*per_shard)) if per_shard else [()] * len(shards)
         # NumPy's floating-point error settings are per thread: take the caller's along
         futures = [self._pool.submit(_with_errstate, np.geterr(), fn, x[s], y[s], *e)
@@ -101,10 +102,11 @@ class ThreadShards:
         loss = 0.0
         for (w, (loss_k, _)) in done:
             loss += w * loss_k
+
         for i, p in enumerate(self.params):
             g = done[0][1][1][i] * done[0][0]
             for w, (_, grads) in done[1:]:
-                g = g + w * grads[i]
+                g += w * grads[i]
             p.grad = g.astype(p.data.dtype, copy=False)
         return loss
 

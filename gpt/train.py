@@ -50,8 +50,8 @@ from .data import GET_DATA_HINT, get_batch, load_text, split_ids
 from .errors import UserError
 from .lock import RunLock
 from .model import GPT, check_fits
-from .threaded import ThreadShards, available_cores
 from .optim import AdamW, clip_grad_norm, lr_at
+from .threaded import ThreadShards, available_cores
 
 
 # ---- the command line ---------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
                     if stop.set and it < run.cfg.max_iters:
                         return stop_early(run, it)
         finally:
-            run.close()
+            run.fns.close()
         finish(run)
     return 0
 
@@ -104,9 +104,7 @@ class Run:
     model: GPT
     opt: AdamW
     rngs: dict[str, np.random.Generator]
-    loss_and_grads: Any = None  # (x, y, rng) -> loss; fills every p.grad
-    eval_loss: Any = None  # (x, y) -> loss, without gradients
-    close: Any = None  # releases the workers of loss_and_grads
+    fns: GradFns | None = None  # loss and gradients, evaluation loss (make_grad_fn)
     start_iter: int = 0
     best_val: float = math.inf  # the lowest val loss so far, whose weights are in OUT/best
     best_iter: int | None = None
@@ -132,7 +130,7 @@ def set_up(cfg: TrainConfig, given: set[str]) -> Run:
     if ckpt is not None:
         restore(run, ckpt)
     metrics.start_log(cfg.out_dir, run.start_iter)
-    run.loss_and_grads, run.eval_loss, run.close = make_grad_fn(run.model, cfg)
+    run.fns = make_grad_fn(run.model, cfg)
     print_intro(run, resumed_from=ckpt.path if ckpt else None)
     run.t0 = run.t_log = time.perf_counter()
     run.it_log = run.start_iter
@@ -233,17 +231,26 @@ def make_rngs(seed: int) -> dict[str, np.random.Generator]:
             "eval": np.random.default_rng(ev)}
 
 
-def make_grad_fn(model: GPT, cfg: TrainConfig):
-    """(loss_and_grads, eval_loss, close): loss_and_grads(x, y, rng) -> loss (float) leaves the
-    gradient of the mean loss in each parameter's .grad; eval_loss(x, y) -> loss computes no
-    gradients. With --workers 1 (loky) the batch is computed here, split over --threads
-    threads (gpt.threaded) when there are several; otherwise gpt.parallel.DataParallel
-    spreads it over worker processes (and evaluation runs here)."""
+@dataclass
+class GradFns:
+    """How a run computes: loss_and_grads(x, y, rng) -> loss (float) leaves the gradient of
+    the mean loss in each parameter's .grad; eval_loss(x, y) -> loss computes no gradients;
+    close() releases the threads or worker processes."""
+
+    loss_and_grads: Any
+    eval_loss: Any
+    close: Any
+
+
+def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
+    """With --workers 1 (loky) the batch is computed here, split over --threads threads
+    (gpt.threaded) when there are several; otherwise gpt.parallel.DataParallel spreads it
+    over worker processes (and evaluation runs here)."""
     if cfg.workers == 1 and cfg.backend == "loky":
         threads = min(cfg.threads or available_cores(), cfg.batch_size)
         if threads > 1:
             shards = ThreadShards(model, threads)
-            return shards.loss_and_grads, shards.loss, shards.close
+            return GradFns(shards.loss_and_grads, shards.loss, shards.close)
         if cfg.threads == 1:
             tl.set_num_threads(1)
 
@@ -253,12 +260,12 @@ def make_grad_fn(model: GPT, cfg: TrainConfig):
             loss.backward()
             return float(loss.data)
 
-        return loss_and_grads, plain_loss(model), lambda: None
+        return GradFns(loss_and_grads, plain_loss(model), lambda: None)
     from . import parallel  # imported here: joblib starts only when it is used
 
     dp = parallel.DataParallel(model, workers=cfg.workers, backend=cfg.backend,
                                scheduler=cfg.scheduler)
-    return dp.loss_and_grads, plain_loss(model), dp.close
+    return GradFns(dp.loss_and_grads, plain_loss(model), dp.close)
 
 
 def plain_loss(model: GPT):
@@ -293,7 +300,7 @@ def take_step(run: Run, it: int) -> tuple[float, float, float]:
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         # overflow shows up as a non-finite loss or norm, checked just below
         try:
-            loss = run.loss_and_grads(x, y, run.rngs["dropout"])
+            loss = run.fns.loss_and_grads(x, y, run.rngs["dropout"])
         except RuntimeError as e:  # data-parallel workers failed (or none is left)
             raise UserError(f"{e}; {kept_checkpoint(run)}") from e
         norm = clip_grad_norm(run.model.params, cfg.grad_clip) if math.isfinite(loss) else loss
@@ -341,7 +348,7 @@ def log_and_evaluate(run: Run, it: int, loss: float, norm: float, lr: float) -> 
 def evaluate(run: Run, it: int) -> dict[str, float]:
     """Train and val loss (estimate_loss); a non-finite one stops the run unsaved."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        ev = estimate_loss(run.eval_loss, {"train": run.train_ids, "val": run.val_ids}, run.cfg)
+        ev = estimate_loss(run.fns.eval_loss, {"train": run.train_ids, "val": run.val_ids}, run.cfg)
     if not (math.isfinite(ev["train"]) and math.isfinite(ev["val"])):
         # this step's update broke the weights: never save them
         raise UserError(f"eval loss became {ev['val']} at iter {it}; not saved; "

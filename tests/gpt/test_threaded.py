@@ -104,3 +104,4 @@ def test_threads_setting_is_checked_and_defaults_to_the_cores():
     for bad in (0, -1, 2.5, "2"):
         with pytest.raises(UserError, match="threads"):
             TrainConfig(threads=bad).validate()
+

@@ -63,14 +63,15 @@ def nan_at(monkeypatch, step: int) -> None:
     real = gt.make_grad_fn
 
     def make_grad_fn(model, cfg):
-        loss_and_grads, eval_loss, close = real(model, cfg)
-        calls = itertools.count(1)
+        fns = real(model, cfg)
+        loss_and_grads, calls = fns.loss_and_grads, itertools.count(1)
 
         def with_nan(x, y, rng):
             loss = loss_and_grads(x, y, rng)
             return float("nan") if next(calls) == step else loss
 
-        return with_nan, eval_loss, close
+        fns.loss_and_grads = with_nan
+        return fns
 
     monkeypatch.setattr(gt, "make_grad_fn", make_grad_fn)
 
@@ -366,7 +367,8 @@ def test_workers_that_are_all_gone_stop_the_run_with_the_kept_checkpoint(
     real = train.make_grad_fn
 
     def failing_after_5(model, cfg):
-        fn, eval_loss, close = real(model, cfg)
+        fns = real(model, cfg)
+        fn = fns.loss_and_grads
         calls = itertools.count(1)
 
         def loss_and_grads(x, y, rng):
@@ -374,7 +376,8 @@ def test_workers_that_are_all_gone_stop_the_run_with_the_kept_checkpoint(
                 raise RuntimeError("data-parallel worker failed at step 5: no dask worker left")
             return fn(x, y, rng)
 
-        return loss_and_grads, eval_loss, close
+        fns.loss_and_grads = loss_and_grads
+        return fns
 
     monkeypatch.setattr(train, "make_grad_fn", failing_after_5)
     code, _ = tiny_train(tmp_path, 8, 4)
