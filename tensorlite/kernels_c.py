@@ -7,7 +7,7 @@ and is the only module that imports this one. A learner can skip this file entir
 
 Why C and ctypes: the kernels are serial loops (parallelism comes from the caller's
 threads), a ctypes call releases the GIL while it runs, and a loaded shared library costs
-a few MB and a few ms, where numba brings LLVM (~130 MB, ~1 s) into the process
+a few MB and ~10 ms, where numba brings LLVM (~130 MB, ~0.5 s) into the process
 (docs/performance.md). The library is compiled for this CPU (-march=native) once and cached
 on disk: in the package's __pycache__, or where that cannot be written, in the user cache
 folder ($XDG_CACHE_HOME/tensorlite or ~/.cache/tensorlite).
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .kernels import COMPILED
+from .kernels import COMPILED, REFERENCES
 
 SOURCE = Path(__file__).resolve().with_name("kernels.c")
 # As numba's fastmath without "no NaNs/infs": sums may be reassociated (so they vectorize),
@@ -209,9 +209,7 @@ def _ptr(a: np.ndarray) -> int:
 
 
 def _reference(name: str, *args):
-    from . import kernels
-
-    return kernels.REFERENCES[name](*args)
+    return REFERENCES[name](*args)
 
 
 # ---- the twins: same names, arguments and results as the references ------------------------------
