@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import stat
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -325,14 +326,18 @@ LOAD_ATTEMPTS = 5  # reads of a checkpoint that a concurrent save may swap out u
 
 
 def _current_folder(out_dir: str, best: bool) -> str:
-    """OUT/checkpoint, or OUT/checkpoint.old while a save is between its two renames."""
+    """OUT/checkpoint, or OUT/checkpoint.old while a save is between its two renames.
+    Looked for a few times: with saves in quick succession, a reader can find neither
+    (the folder moved to .old by one save, and that .old removed by the next)."""
     path = checkpoint_path(out_dir, best)
-    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
-        path += ".old"
-    if not os.path.isdir(path):
-        raise UserError(f"{out_dir!r} holds no checkpoint (looked for {path}/): point it at "
-                        "a run's folder, or train a fresh run first", field="out_dir")
-    return path
+    for attempt in range(LOAD_ATTEMPTS):
+        for candidate in (path, path + ".old"):
+            if os.path.isdir(candidate):
+                return candidate
+        if attempt + 1 < LOAD_ATTEMPTS and os.path.isdir(os.path.dirname(path) or "."):
+            time.sleep(0.001 * 2**attempt)
+    raise UserError(f"{out_dir!r} holds no checkpoint (looked for {path}/): point it at "
+                    "a run's folder, or train a fresh run first", field="out_dir")
 
 
 def _identity(path: str) -> tuple[int, int] | None:
