@@ -132,6 +132,8 @@ def set_up(cfg: TrainConfig, given: set[str]) -> Run:
     metrics.start_log(cfg.out_dir, run.start_iter)
     run.fns = make_grad_fn(run.model, cfg)
     print_intro(run, resumed_from=ckpt.path if ckpt else None)
+    if ckpt is not None:
+        say_if_shards_differ(run, ckpt.state.get("shards"))
     run.t0 = run.t_log = time.perf_counter()
     run.it_log = run.start_iter
     return run
@@ -224,6 +226,18 @@ def restore(run: Run, ckpt: Checkpoint) -> None:
     run.last_saved, run.last_eval = run.start_iter, ckpt.state.get("last_eval")
 
 
+def say_if_shards_differ(run: Run, before) -> None:
+    """With dropout each shard draws its own masks, so a run resumed on another number of
+    threads (--threads defaults to the cores, which differ between machines) takes other
+    steps than the uninterrupted run would have: say so, and how to replay it exactly."""
+    now = run.fns.threads
+    if run.cfg.model.dropout > 0 and isinstance(before, int) and before != now:
+        flag = "--workers" if run.cfg.workers > 1 or run.cfg.backend != "loky" else "--threads"
+        print(f"note: the run split its batches into {before} shards and resumes with {now}: "
+              f"with dropout the masks differ, so its steps will not be those of an "
+              f"uninterrupted run (give {flag} {before} to replay it exactly)", file=sys.stderr)
+
+
 def make_rngs(seed: int) -> dict[str, np.random.Generator]:
     """Independent streams from one seed: "data" (batches), "dropout" (masks), "eval"."""
     data, dropout, ev = np.random.SeedSequence(seed).spawn(3)
@@ -240,6 +254,7 @@ class GradFns:
     loss_and_grads: Any
     eval_loss: Any
     close: Any
+    threads: int = 1  # how many shards a batch is split into (threads or worker processes)
 
 
 def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
@@ -254,7 +269,7 @@ def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
             threads = 1
         if threads > 1:
             shards = ThreadShards(model, threads)
-            return GradFns(shards.loss_and_grads, shards.loss, shards.close)
+            return GradFns(shards.loss_and_grads, shards.loss, shards.close, threads)
         if cfg.threads == 1:
             tl.set_num_threads(1)
 
@@ -269,7 +284,8 @@ def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
 
     dp = parallel.DataParallel(model, workers=cfg.workers, backend=cfg.backend,
                                scheduler=cfg.scheduler)
-    return GradFns(dp.loss_and_grads, plain_loss(model), dp.close)
+    return GradFns(dp.loss_and_grads, plain_loss(model), dp.close,
+                   min(cfg.workers, cfg.batch_size))
 
 
 def shard_threads(cfg: TrainConfig) -> int:
@@ -396,6 +412,7 @@ def save(run: Run, it: int, best: bool = False) -> str:
     state = {"iter": it, "best_val_loss": None if math.isinf(run.best_val) else run.best_val,
              "best_iter": run.best_iter, "last_eval": run.last_eval,
              "elapsed_s": run.elapsed_before + time.perf_counter() - run.t0,
+             "shards": run.fns.threads if run.fns else 1,
              "rng": {name: run.rngs[name].bit_generator.state for name in ("data", "dropout")}}
     path = save_checkpoint(run.cfg.out_dir, Checkpoint(
         model=run.model.state_dict(), optimizer=run.opt.state_dict(),

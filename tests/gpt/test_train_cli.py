@@ -163,6 +163,24 @@ def test_resume_continues_exactly(tmp_path, text_file, capsys, monkeypatch):
             assert abs(ra["val_loss"] - rb["val_loss"]) <= 1e-5
 
 
+def test_resume_on_another_number_of_threads_says_the_steps_differ(tmp_path, text_file,
+                                                                     capsys):
+    """With dropout each shard draws its own masks: a run resumed with other --threads (the
+    default is the cores, which differ between machines) says it will not replay the
+    uninterrupted run, and how to; resumed with the same number it says nothing."""
+    args = ["--data", text_file, "--max-iters", "4", "--dropout", "0.1", *TINY]
+    for name in ("same", "other"):
+        assert main(*args, "--out-dir", tmp_path / name, "--threads", "2") == 0
+    capsys.readouterr()
+    assert main("--resume", "--out-dir", tmp_path / "same", "--max-iters", "6") == 0
+    assert "shards" not in capsys.readouterr().err
+    assert main("--resume", "--out-dir", tmp_path / "other", "--max-iters", "6",
+                "--threads", "1") == 0
+    err = capsys.readouterr().err
+    assert "split its batches into 2 shards and resumes with 1" in err
+    assert "give --threads 2 to replay it exactly" in err
+
+
 def test_resume_with_more_iterations_continues(tmp_path, text_file):
     out = tmp_path / "run"
     assert main("--data", text_file, "--out-dir", out, "--max-iters", "10", *TINY) == 0
