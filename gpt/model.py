@@ -357,16 +357,21 @@ class Decoder:
 
 
 # ---- will it fit? ---------------------------------------------------------------------------
-def training_memory(config: GPTConfig, batch_size: int, dtype=np.float32) -> tuple[int, int]:
+def training_memory(config: GPTConfig, batch_size: int, dtype=np.float32,
+                    threads: int = 1) -> tuple[int, int]:
     """(parameter count, bytes a training step needs, roughly), computed from the shapes alone.
 
     bytes = 4 copies of the parameters (weights, gradients, AdamW's m and v)
+          + with the batch split over `threads` > 1 threads (gpt.threaded), threads + 1 more:
+            each thread's own gradients, and their sum
           + the activations backward keeps, per layer about 16 (B*T, C) arrays and two
-            (B, H, T, T) attention matrices, and about 3 (B*T, V) arrays for the logits.
+            (B, H, T, T) attention matrices, and about 3 (B*T, V) arrays for the logits
+            (split over the threads, the same in all).
     An estimate for refusing hopeless settings up front, not a promise."""
     P = sum(math.prod(shape) for _, shape, _ in GPT.param_specs(config))
     B, T, C, H = batch_size, config.block_size, config.n_embd, config.n_head
-    values = 4 * P + config.n_layer * (16 * B * T * C + 2 * B * H * T * T)
+    copies = 4 + (threads + 1 if threads > 1 else 0)
+    values = copies * P + config.n_layer * (16 * B * T * C + 2 * B * H * T * T)
     values += 3 * B * T * config.vocab_size
     return P, values * np.dtype(dtype).itemsize
 
@@ -387,18 +392,20 @@ def available_memory() -> int | None:
         return None
 
 
-def check_fits(config: GPTConfig, batch_size: int, dtype=np.float32) -> None:
+def check_fits(config: GPTConfig, batch_size: int, dtype=np.float32, threads: int = 1) -> None:
     """Raise ValueError (one line, with the numbers) when training this model would need
     more memory than is available, before anything is allocated."""
-    P, need = training_memory(config, batch_size, dtype)
+    P, need = training_memory(config, batch_size, dtype, threads)
     have = available_memory()
     if have is not None and need > have:
         raise ValueError(
             f"this model has {P:,} parameters (n_layer {config.n_layer}, n_embd "
             f"{config.n_embd}, vocab {config.vocab_size}); training it with batch size "
-            f"{batch_size} x block size {config.block_size} needs about {_gb(need)} of memory "
-            f"and {_gb(have)} is available: use a smaller n_embd, n_layer, batch_size "
-            "or block_size")
+            f"{batch_size} x block size {config.block_size}"
+            + (f" on {threads} threads" if threads > 1 else "")
+            + f" needs about {_gb(need)} of memory and {_gb(have)} is available: use a smaller "
+            "n_embd, n_layer, batch_size or block_size"
+            + (" (or fewer --threads: each holds its own gradients)" if threads > 1 else ""))
 
 
 def _gb(n: int) -> str:

@@ -33,6 +33,10 @@ import tensorlite as tl
 
 from .model import GPT
 
+NOT_THREAD_SAFE = ("the numba kernels run on numba's workqueue threading layer here, which "
+                   "aborts the process when two threads call it at once: install tbb, or use "
+                   "TENSORLITE_KERNELS=c, or one thread")
+
 
 def available_cores() -> int:
     """The cores this process may run on (its affinity mask where the OS has one)."""
@@ -60,8 +64,10 @@ class ThreadShards:
         self.names = list(model.params)
         self.params = [model.params[n] for n in self.names]
         self.step = 0
-        tl.set_num_threads(1)
         tl.kernels.kernel_path()  # choose and load the kernels once, before any thread asks
+        if self.threads > 1 and not tl.kernels.thread_safe():
+            raise ValueError(NOT_THREAD_SAFE)
+        tl.set_num_threads(1)
         self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="gpt shard",
                                         initializer=tl.set_num_threads, initargs=(1,))
 

@@ -51,7 +51,7 @@ from .errors import UserError
 from .lock import RunLock
 from .model import GPT, check_fits
 from .optim import AdamW, clip_grad_norm, lr_at
-from .threaded import ThreadShards, available_cores
+from .threaded import NOT_THREAD_SAFE, ThreadShards, available_cores
 
 
 # ---- the command line ---------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def build_run(cfg: TrainConfig, ckpt: Checkpoint | None, data_given: bool) -> Ru
     except ValueError as e:
         raise UserError(f"{cfg.data}: {e}") from None
     mcfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
-    check_fits(mcfg, cfg.batch_size, cfg.dtype)  # before allocating: the numbers, if not
+    check_fits(mcfg, cfg.batch_size, cfg.dtype, shard_threads(cfg))  # before allocating
     model = GPT(mcfg, dtype=np.dtype(cfg.dtype), seed=cfg.seed)
     opt = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                 weight_decay=cfg.weight_decay)
@@ -247,7 +247,11 @@ def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
     (gpt.threaded) when there are several; otherwise gpt.parallel.DataParallel spreads it
     over worker processes (and evaluation runs here)."""
     if cfg.workers == 1 and cfg.backend == "loky":
-        threads = min(cfg.threads or available_cores(), cfg.batch_size)
+        threads = shard_threads(cfg)
+        if threads > 1 and not tl.kernels.thread_safe():
+            print(f"gpt.train: training on one thread, not {threads}: {NOT_THREAD_SAFE}",
+                  file=sys.stderr)
+            threads = 1
         if threads > 1:
             shards = ThreadShards(model, threads)
             return GradFns(shards.loss_and_grads, shards.loss, shards.close)
@@ -266,6 +270,15 @@ def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
     dp = parallel.DataParallel(model, workers=cfg.workers, backend=cfg.backend,
                                scheduler=cfg.scheduler)
     return GradFns(dp.loss_and_grads, plain_loss(model), dp.close)
+
+
+def shard_threads(cfg: TrainConfig) -> int:
+    """How many threads make_grad_fn splits each batch over: --threads (default: all cores),
+    never more than the batch has rows; 1 with worker processes (--workers > 1 or dask),
+    which ignore --threads."""
+    if cfg.workers != 1 or cfg.backend != "loky":
+        return 1
+    return min(cfg.threads or available_cores(), cfg.batch_size)
 
 
 def plain_loss(model: GPT):

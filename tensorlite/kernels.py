@@ -323,6 +323,16 @@ def get_num_threads() -> int:
     return blas[0] if blas else ne.get_num_threads()
 
 
+def thread_safe() -> bool:
+    """Whether several threads of this process may run the kernels at once (gpt.threaded's
+    shards do). True on every path but numba on its "workqueue" threading layer."""
+    if kernel_path() != "numba":
+        return True
+    from . import kernels_numba
+
+    return kernels_numba.thread_safe()
+
+
 # ---- the allocator ----------------------------------------------------------------------------
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 _allocator_tuned = False

@@ -362,6 +362,18 @@ def get_num_threads() -> int:
     return numba.get_num_threads()
 
 
+def thread_safe() -> bool:
+    """Whether several Python threads may call these kernels at once: not on numba's
+    "workqueue" threading layer (taken where neither OpenMP nor TBB is found), which aborts
+    the whole process when two threads enter it together."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet: the layer is chosen on the first
+        _relu_squared(np.zeros(1, np.float32), np.zeros(1, np.float32))
+        layer = numba.threading_layer()
+    return layer != "workqueue"
+
+
 DISPATCHERS = [
     _relu_squared, _relu_squared_backward, _rms_norm_forward, _rms_norm_backward,
     _causal_softmax_columns, _softmax_backward_columns, _cross_entropy_forward, _cross_entropy_backward,

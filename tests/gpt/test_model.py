@@ -262,6 +262,21 @@ def test_training_memory_counts_the_parameters_and_refuses_what_cannot_fit(monke
         gm.check_fits(cfg, 10**5)
 
 
+def test_training_memory_counts_the_gradients_of_every_thread(monkeypatch):
+    """With the batch split over threads each thread holds a whole set of gradients (and the
+    sum one more), so a model that fits on one thread may not fit on eight."""
+    from gpt import model as gm
+
+    cfg = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=64)
+    P, one = gm.training_memory(cfg, batch_size=8, dtype=np.float32)
+    _, eight = gm.training_memory(cfg, batch_size=8, dtype=np.float32, threads=8)
+    assert eight - one == 9 * P * 4
+    monkeypatch.setattr(gm, "available_memory", lambda: (one + eight) // 2)
+    gm.check_fits(cfg, 8, np.float32, threads=1)
+    with pytest.raises(ValueError, match=r"on 8 threads needs .* fewer --threads"):
+        gm.check_fits(cfg, 8, np.float32, threads=8)
+
+
 # ---- attention_maps: the attention probabilities, read out ------------------------------------
 def test_attention_maps_shape_rows_and_causality():
     rng = np.random.default_rng(0)

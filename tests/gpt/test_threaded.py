@@ -105,3 +105,9 @@ def test_threads_setting_is_checked_and_defaults_to_the_cores():
         with pytest.raises(UserError, match="threads"):
             TrainConfig(threads=bad).validate()
 
+
+
+def test_kernels_that_threads_may_not_share_are_refused(monkeypatch):
+    monkeypatch.setattr(tl.kernels, "thread_safe", lambda: False)
+    with pytest.raises(ValueError, match="workqueue threading layer"):
+        ThreadShards(GPT(TINY, dtype=np.float64, seed=1), 2)
