@@ -67,6 +67,7 @@ class ThreadShards:
         tl.kernels.kernel_path()  # choose and load the kernels once, before any thread asks
         if self.threads > 1 and not tl.kernels.thread_safe():
             raise ValueError(NOT_THREAD_SAFE)
+        self._threads_before = tl.get_num_threads()  # close() gives them back
         tl.set_num_threads(1)
         self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="gpt shard",
                                         initializer=tl.set_num_threads, initargs=(1,))
@@ -122,7 +123,9 @@ class ThreadShards:
         return float(sum(w * l for w, l in self._map(self._loss, x, y)))
 
     def close(self) -> None:
+        """Wait for the threads to end, and give BLAS back the threads it had before."""
         self._pool.shutdown(wait=True)
+        tl.set_num_threads(self._threads_before)
 
 
 def _with_errstate(err: dict, fn, *args):

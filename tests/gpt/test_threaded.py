@@ -111,3 +111,17 @@ def test_kernels_that_threads_may_not_share_are_refused(monkeypatch):
     monkeypatch.setattr(tl.kernels, "thread_safe", lambda: False)
     with pytest.raises(ValueError, match="workqueue threading layer"):
         ThreadShards(GPT(TINY, dtype=np.float64, seed=1), 2)
+
+
+def test_closing_gives_blas_its_threads_back():
+    """BLAS runs one thread only while the shards are open: training, then sampling or a
+    benchmark in the same process, gets its matmuls back on every thread."""
+    before = tl.get_num_threads()
+    tl.set_num_threads(2)
+    try:
+        shards = ThreadShards(GPT(TINY, dtype=np.float64, seed=1), 2)
+        assert tl.get_num_threads() == 1
+        shards.close()
+        assert tl.get_num_threads() == 2
+    finally:
+        tl.set_num_threads(before)
