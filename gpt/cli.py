@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -149,8 +150,11 @@ def parse_config(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str]
 def describe(e: BaseException) -> str:
     """The one-line message for an error: a UserError's field spelled as its flag, an
     OSError's file name added when the message lacks it."""
-    if isinstance(e, UserError) and e.field:
-        msg = f"{flag(e.field)} {e.message}"
+    if isinstance(e, UserError) and (e.field or e.mentions):
+        msg = e.message
+        for name in e.mentions:  # other settings the message speaks of, as flags too
+            msg = re.sub(rf"\b{re.escape(name)}\b", flag(name), msg)
+        msg = f"{flag(e.field)} {msg}" if e.field else msg
     else:
         msg = str(e)
     msg = " ".join(msg.split()) or type(e).__name__

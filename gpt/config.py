@@ -132,7 +132,7 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise UserError(f"({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                             f"try n_head {_divisor_hint(self.n_embd, self.n_head)}",
-                            field="n_embd")
+                            field="n_embd", mentions=("n_head",))
         if not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
             raise UserError(f"must be a number in [0, 1), got {self.dropout!r}", field="dropout")
         return self

@@ -13,11 +13,13 @@ class UserError(ValueError):
 
     `field` is the config field (`"n_head"`) the message is about, or None. str(e) reads
     "n_head must ..." for a library caller; gpt.cli shows "--n-head must ..." instead.
+    `mentions` names other fields the message speaks of ("try n_head 2"); gpt.cli writes
+    those as flags too.
     """
 
-    def __init__(self, message: str, field: str | None = None):
+    def __init__(self, message: str, field: str | None = None, mentions: tuple[str, ...] = ()):
         super().__init__(message)
-        self.message, self.field = message, field
+        self.message, self.field, self.mentions = message, field, tuple(mentions)
 
     def __str__(self) -> str:
         return f"{self.field} {self.message}" if self.field else self.message

@@ -241,7 +241,8 @@ def test_no_train_txt_says_how_to_get_data(tmp_path):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--n-embd", "30", "--n-head", "4"], "divisible"),
+    (["--n-embd", "30", "--n-head", "4"], "divisible by --n-head (4); try --n-head "),
+    (["--threads", "0"], "--threads must be a positive integer"),
     (["--n-layer", "0"], "--n-layer"),
     (["--block-size", "-3"], "--block-size"),
     (["--max-iters", "0"], "--max-iters"),
