@@ -60,6 +60,8 @@ class ThreadShards:
     shard as gpt.parallel's workers do, so threads=2 matches workers=2 exactly."""
 
     def __init__(self, model: GPT, threads: int):
+        if int(threads) != threads or threads < 1:
+            raise ValueError(f"ThreadShards: threads must be a whole number >= 1, got {threads}")
         self.model, self.threads = model, int(threads)
         self.names = list(model.params)
         self.params = [model.params[n] for n in self.names]
@@ -69,7 +71,8 @@ class ThreadShards:
             raise ValueError(NOT_THREAD_SAFE)
         self._threads_before = tl.get_num_threads()  # close() gives them back
         tl.set_num_threads(1)
-        self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="gpt shard",
+        # (one thread: the caller computes the only shard, the pool never starts a thread)
+        self._pool = ThreadPoolExecutor(max(self.threads - 1, 1), thread_name_prefix="gpt shard",
                                         initializer=tl.set_num_threads, initargs=(1,))
 
     # -- what one thread does --------------------------------------------------------------------

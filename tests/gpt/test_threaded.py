@@ -31,7 +31,8 @@ def whole_batch(model: GPT, x, y) -> tuple[float, dict[str, np.ndarray]]:
     return float(loss.item()), grads
 
 
-@pytest.mark.parametrize("threads, B", [(2, 4), (3, 5), (4, 3)])  # (4, 3): more threads than rows
+# (4, 3): more threads than rows; (1, 3): one thread, as available_cores() gives on one core
+@pytest.mark.parametrize("threads, B", [(2, 4), (3, 5), (4, 3), (1, 3)])
 def test_shards_on_threads_give_the_whole_batch_loss_and_gradients(threads, B):
     model = GPT(TINY, dtype=np.float64, seed=1)
     x, y = batch(B)
@@ -125,3 +126,9 @@ def test_closing_gives_blas_its_threads_back():
         assert tl.get_num_threads() == 2
     finally:
         tl.set_num_threads(before)
+
+
+def test_a_thread_count_below_one_is_refused():
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="threads must be a whole number >= 1"):
+            ThreadShards(GPT(TINY, dtype=np.float64, seed=1), bad)
