@@ -70,6 +70,17 @@ def main() -> None:
         if timed:
             phases[:] += (t1 - t0, t2 - t1, t3 - t2)
 
+    shard_times = []  # (wall, thread CPU) seconds of each shard: the gap is waiting (the GIL)
+    if shards is not None:
+        compute = shards._grads
+
+        def timed_shard(x, y, rng):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            result = compute(x, y, rng)
+            shard_times.append((time.perf_counter() - wall, time.thread_time() - cpu))
+            return result
+
+        shards._grads = timed_shard
     for x, y in data[:5]:  # warm up
         step(x, y)
     with profile() as prof:
@@ -88,6 +99,9 @@ def main() -> None:
     lane_time = lanes * prof.wall
     print(f"\nthreads' time {1e3 * lane_time / args.steps:.2f} ms/step ({lanes} x wall): "
           f"matmuls {matmul / lane_time:.1%}, everything else {1 - matmul / lane_time:.1%}")
+    if shard_times:
+        wall, cpu = np.median(np.array(shard_times[5 * lanes :]), axis=0) * 1e3
+        print(f"per shard (median): wall clock {wall:.2f} ms, the thread's CPU time {cpu:.2f} ms")
     total = phases.sum()
     print("\nphase          ms/step  share")
     for name, t in zip(("forward+backward", "clip", "AdamW"), phases):
