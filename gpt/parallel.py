@@ -43,6 +43,7 @@ import tensorlite
 from .config import Backend, GPTConfig
 from .errors import UserError
 from .model import GPT
+from .threaded import available_cores
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ class DataParallel:
     backend: "loky" (SharedMemory: processes on this machine) or "dask" (DaskCluster;
     `scheduler` is the address of a dask.distributed scheduler, e.g. "tcp://host:8786").
     threads_per_worker: BLAS and numexpr threads in each worker; by default
-    os.cpu_count() // workers for loky (so workers x threads <= cores) and unchanged for dask
+    available_cores() // workers for loky (so workers x threads <= the cores this process may
+    run on: its affinity mask, as --threads counts them) and unchanged for dask
     (set them with `dask-worker --nthreads`). A worker that raises or dies turns into a
     RuntimeError with a one-line message.
     """
@@ -103,7 +105,7 @@ class DataParallel:
             size += p.size
         self.transport = TRANSPORTS[backend](model.dtype, self.workers, size, timeout, scheduler)
         if threads_per_worker is None and backend == "loky":
-            threads_per_worker = max(1, (os.cpu_count() or 1) // self.workers)
+            threads_per_worker = max(1, available_cores() // self.workers)
         self.spec = _Spec(
             key=uuid.uuid4().hex, config=model.config.to_dict(), dtype=model.dtype.name,
             layout=tuple(layout), size=size, threads=threads_per_worker,
