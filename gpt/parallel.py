@@ -83,7 +83,8 @@ class DataParallel:
     backend: "loky" (SharedMemory: processes on this machine) or "dask" (DaskCluster;
     `scheduler` is the address of a dask.distributed scheduler, e.g. "tcp://host:8786").
     threads_per_worker: BLAS and numexpr threads in each worker; by default
-    available cores // workers for loky (so workers x threads <= cores) and unchanged for dask
+    available_cores() // workers for loky (so workers x threads <= the cores this process may
+    run on: its affinity mask, as --threads counts them) and unchanged for dask
     (set them with `dask-worker --nthreads`). A worker that raises or dies turns into a
     RuntimeError with a one-line message.
     """

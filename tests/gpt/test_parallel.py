@@ -229,6 +229,19 @@ def test_two_threads_log_the_losses_of_one(text_file, tmp_path, one_worker_losse
     assert_same_losses(logged_losses(tmp_path), one_worker_losses)
 
 
+def test_workers_share_the_cores_this_process_may_run_on(monkeypatch):
+    """Under taskset (or a cpuset) the workers' BLAS threads split the cores of the affinity
+    mask, as --threads counts them, not every core of the machine."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    dp = DataParallel(GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2,
+                                    n_embd=8)), 2)
+    try:
+        assert dp.spec.threads == 1
+    finally:
+        dp.close()
+
+
 def numba_available() -> bool:
     try:
         import numba  # noqa: F401
