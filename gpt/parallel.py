@@ -43,7 +43,7 @@ import tensorlite
 from .config import Backend, GPTConfig
 from .errors import UserError
 from .model import GPT
-from .threaded import available_cores
+from .threaded import available_cores, dropout_seed, shard_rng, shard_rows
 
 
 @dataclass(frozen=True)
@@ -125,16 +125,16 @@ class DataParallel:
             raise ValueError(f"x and y must be (B, T) arrays of one shape, got {x.shape}, "
                              f"{y.shape}")
         B = x.shape[0]
-        rows = np.array_split(np.arange(B), min(self.workers, B))  # shard k: rows[k]
+        rows = shard_rows(B, self.workers)  # shard k: x[rows[k]]
         for name, shape, offset in self.spec.layout:  # the current weights, flattened
             p = self.model.params[name].data
             self.transport.weights[offset : offset + p.size] = p.reshape(-1)
-        seed = self.step if rng is None else int(rng.integers(2**63))
+        seed = dropout_seed(self.step, rng)
         tasks = [(self.spec, seed, k, x[r], y[r]) for k, r in enumerate(rows)]
         losses, grads = self.transport.run(tasks, self.step)  # (K,), (K, P)
         self.step += 1
 
-        w = np.array([len(r) / B for r in rows], dtype=self.model.dtype)  # (K,) token weights
+        w = np.array([(r.stop - r.start) / B for r in rows], dtype=self.model.dtype)  # (K,) token weights
         loss = float(sum(wk * lk for wk, lk in zip(w, losses)))
         grad = np.asarray(w @ grads)  # (K,) @ (K, P) -> (P,)
         for name, shape, offset in self.spec.layout:
@@ -367,7 +367,7 @@ def _shard_loss_and_grads(spec: _Spec, seed: int, k: int, x: np.ndarray, y: np.n
     if weights is not None:  # dask: this step's weights came with the task
         _point_params_at(model, spec, weights)
     model.zero_grad()
-    rng = np.random.default_rng((seed, k))  # dropout masks (if any) of this step and shard
+    rng = shard_rng(seed, k)  # dropout masks (if any) of this step and shard
     _, loss = model(x, y, training=True, rng=rng)
     loss.backward()
     out = grads[k] if grads is not None else np.empty(spec.size, dtype=spec.dtype)  # (P,)

@@ -38,6 +38,27 @@ NOT_THREAD_SAFE = ("the numba kernels run on numba's workqueue threading layer h
                    "TENSORLITE_KERNELS=c, or one thread")
 
 
+def shard_rows(rows: int, shards: int) -> list[slice]:
+    """The rows of each shard of a batch: min(shards, rows) contiguous slices whose sizes
+    differ by at most one, the longer first (as np.array_split cuts). gpt.parallel's worker
+    processes cut the same way, so shard k holds the same rows on threads as in a worker."""
+    n = min(shards, rows)
+    size, longer = divmod(rows, n)
+    bounds = np.cumsum([0] + [size + (k < longer) for k in range(n)])
+    return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+def dropout_seed(step: int, rng: np.random.Generator | None) -> int:
+    """One seed per step for the shards' dropout masks: drawn from the run's dropout stream,
+    or the step number without one."""
+    return step if rng is None else int(rng.integers(2**63))
+
+
+def shard_rng(seed: int, k: int) -> np.random.Generator:
+    """The dropout masks of shard k in the step of `seed`, on a thread or in a worker."""
+    return np.random.default_rng((seed, k))
+
+
 def available_cores() -> int:
     """The cores this process may run on (its affinity mask where the OS has one)."""
     try:
@@ -63,8 +84,7 @@ class ThreadShards:
         if int(threads) != threads or threads < 1:
             raise ValueError(f"ThreadShards: threads must be a whole number >= 1, got {threads}")
         self.model, self.threads = model, int(threads)
-        self.names = list(model.params)
-        self.params = [model.params[n] for n in self.names]
+        self.params = list(model.params.values())
         self.step = 0
         tl.kernels.kernel_path()  # choose and load the kernels once, before any thread asks
         if self.threads > 1 and not tl.kernels.thread_safe():
@@ -86,18 +106,15 @@ class ThreadShards:
             _, loss = self.model(x, y, training=False)
         return float(loss.data)
 
-    def _map(self, fn, x, y, *per_shard):
-        """fn(x_k, y_k, *extra_k) for every shard k, the others on the pool, shard 0 here.
+    def _map(self, fn, x, y, rngs=None):
+        """fn(x_k, y_k[, rngs[k]]) for every shard k, the others on the pool, shard 0 here.
         Returns [(weight_k, result_k)]."""
         B = x.shape[0]
-        bounds = np.linspace(0, B, min(self.threads, B) + 1).round().astype(int)
-        shards = [slice(a, b) for a, b in itertools.pairwise(bounds)]
-        extra = list(zip(*per_shard)) if per_shard else [()] * len(shards)
+        shards = shard_rows(B, self.threads)
+        args = [(x[s], y[s]) + ((rngs[k],) if rngs else ()) for k, s in enumerate(shards)]
         # NumPy's floating-point error settings are per thread: take the caller's along
-        futures = [self._pool.submit(_with_errstate, np.geterr(), fn, x[s], y[s], *e)
-                   for s, e in zip(shards[1:], extra[1:])]
-        first = fn(x[shards[0]], y[shards[0]], *extra[0])
-        results = [first] + [f.result() for f in futures]
+        futures = [self._pool.submit(_with_errstate, np.geterr(), fn, *a) for a in args[1:]]
+        results = [fn(*args[0])] + [f.result() for f in futures]
         return [((s.stop - s.start) / B, r) for s, r in zip(shards, results)]
 
     # -- the two calls train uses ----------------------------------------------------------------
@@ -105,20 +122,16 @@ class ThreadShards:
         """Mean cross-entropy of (x, y), both (B, T); every parameter's .grad is set to the
         gradient of that mean (a fresh array)."""
         x, y = np.asarray(x), np.asarray(y)
-        seed = self.step if rng is None else int(rng.integers(2**63))
+        seed = dropout_seed(self.step, rng)
         self.step += 1
-        rngs = [np.random.default_rng((seed, k)) for k in range(min(self.threads, len(x)))]
-        done = self._map(self._grads, x, y, rngs)
-        loss = 0.0
-        for (w, (loss_k, _)) in done:
-            loss += w * loss_k
-
+        rngs = [shard_rng(seed, k) for k in range(min(self.threads, len(x)))]
+        done = self._map(self._grads, x, y, rngs)  # [(w_k, (loss_k, grads_k))]
         for i, p in enumerate(self.params):
-            g = done[0][1][1][i] * done[0][0]
-            for w, (_, grads) in done[1:]:
-                g += w * grads[i]
-            p.grad = g.astype(p.data.dtype, copy=False)
-        return loss
+            (w0, (_, grads0)), rest = done[0], done[1:]
+            p.grad = w0 * grads0[i]  # a new array, the parameter's dtype (w0 is a Python float)
+            for w, (_, grads) in rest:
+                p.grad += w * grads[i]
+        return sum(w * loss_k for w, (loss_k, _) in done)
 
     def loss(self, x, y) -> float:
         """Mean cross-entropy of (x, y) without gradients (evaluation), shards in parallel."""

@@ -12,7 +12,7 @@ from gpt.config import GPTConfig, TrainConfig
 from gpt.errors import UserError
 from gpt.model import GPT
 from gpt.parallel import DataParallel
-from gpt.threaded import ThreadShards, available_cores
+from gpt.threaded import ThreadShards, available_cores, shard_rows
 
 TINY = GPTConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
@@ -66,12 +66,13 @@ def test_float32_shards_stay_float32_and_match():
         shards.close()
 
 
-def test_dropout_masks_are_those_of_two_worker_processes():
-    """The same step seed and shard number give the same masks in a thread as in a worker, so
-    with dropout --threads 2 trains exactly like --workers 2."""
+@pytest.mark.parametrize("B", [4, 5])  # 5: shards of 3 and 2 rows, cut alike in both
+def test_dropout_masks_are_those_of_two_worker_processes(B):
+    """The same rows, step seed and shard number give the same masks in a thread as in a
+    worker, so with dropout --threads 2 trains exactly like --workers 2."""
     config = GPTConfig(**dict(TINY.to_dict(), dropout=0.3))
     model = GPT(config, dtype=np.float64, seed=4)
-    x, y = batch(4, seed=5)
+    x, y = batch(B, seed=5)
     shards = ThreadShards(model, 2)
     try:
         got = shards.loss_and_grads(x, y, np.random.default_rng(7))
@@ -97,6 +98,14 @@ def test_an_error_in_a_shard_thread_reaches_the_caller():
             shards.loss_and_grads(x, y)
     finally:
         shards.close()
+
+
+def test_shard_rows_cut_as_array_split_does():
+    for rows in range(1, 14):
+        for shards in range(1, 6):
+            want = np.array_split(np.arange(rows), min(shards, rows))
+            got = [np.arange(rows)[s] for s in shard_rows(rows, shards)]
+            assert [list(g) for g in got] == [list(w) for w in want]
 
 
 def test_threads_setting_is_checked_and_defaults_to_the_cores():
