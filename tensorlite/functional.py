@@ -295,35 +295,56 @@ def _attention_composed(q, k, v, causal: bool) -> Tensor:
 
 
 @kernels.kernel
-def causal_self_attention_forward(qkv, n_head, scale):
-    """NumPy reference: split qkv (B, T, 3C) into heads and run the attention math of
-    ScaledDotProductAttention above. Returns y (B, T, C) and P^T (B, H, T, T)."""
-    B, T, C3 = qkv.shape
-    hd = C3 // 3 // n_head
-    q, k, v = qkv.reshape(B, T, 3, n_head, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, T, hd)
-    st = k @ np.swapaxes(q, -1, -2)  # S^T, (B, H, T, T): keys along rows
+def causal_softmax_columns(st, scale):
+    """NumPy reference, in place on st (..., T, T), the unscaled scores transposed (keys along
+    rows: st[j, i] = k_j . q_i): st -> P^T, P = softmax over the visible keys j <= i of
+    S * scale (the future's entries become 0). Returns st."""
+    T = st.shape[-1]
     st *= scale
     st += _causal_bias(T, T, st.dtype).T
-    pt = _softmax(st, -2, inplace=True)  # P^T
-    y = np.swapaxes(pt, -1, -2) @ v  # (B, H, T, hd)
-    return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3), pt  # heads side by side
+    return _softmax(st, -2, inplace=True)
 
 
 @kernels.kernel
+def softmax_backward_columns(dst, pt, scale):
+    """NumPy reference, in place: dst = dP^T -> dS^T = P^T * (dP^T - colsum(dP^T * P^T)) * scale
+    (the softmax backward, with its scale, on transposed matrices). Returns dst."""
+    dst -= np.einsum("...kq,...kq->...q", dst, pt)[..., None, :]
+    dst *= pt
+    dst *= scale
+    return dst
+
+
+def _heads(qkv, n_head):
+    """q, k, v of qkv (B, T, 3C), each (B, H, T, hd): views, no copies."""
+    B, T, C3 = qkv.shape
+    return qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head).transpose(2, 0, 3, 1, 4)
+
+
+def causal_self_attention_forward(qkv, n_head, scale):
+    """Split qkv (B, T, 3C) into heads and run the attention math of ScaledDotProductAttention
+    above: the two products are BLAS calls on strided views of qkv, and what lies between
+    them is the causal_softmax_columns kernel. Returns y (B, T, C) and P^T (B, H, T, T)."""
+    B, T, C3 = qkv.shape
+    q, k, v = _heads(qkv, n_head)  # each (B, H, T, hd)
+    pt = causal_softmax_columns(k @ np.swapaxes(q, -1, -2), scale)  # S^T -> P^T
+    y = np.empty((B, T, n_head, C3 // 3 // n_head), dtype=pt.dtype)
+    np.matmul(np.swapaxes(pt, -1, -2), v, out=y.transpose(0, 2, 1, 3))  # P v, heads side by side
+    return y.reshape(B, T, C3 // 3), pt
+
+
 def causal_self_attention_backward(dy, qkv, pt, n_head, scale):
-    """NumPy reference: the backward of ScaledDotProductAttention, with dq, dk, dv packed
-    into one dqkv (B, T, 3C) in the layout of qkv."""
+    """The backward of ScaledDotProductAttention, with dq, dk, dv packed into one dqkv
+    (B, T, 3C) in the layout of qkv; the softmax backward is the softmax_backward_columns
+    kernel."""
     B, T, C3 = qkv.shape
     hd = C3 // 3 // n_head
-    q, k, v = qkv.reshape(B, T, 3, n_head, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, T, hd)
+    q, k, v = _heads(qkv, n_head)
     dout = dy.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
     dqkv = np.empty((B, T, 3, n_head, hd), dtype=qkv.dtype)
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # views to write into, each (B, H, T, hd)
     np.matmul(pt, dout, out=dv)  # P^T dout
-    dst = v @ np.swapaxes(dout, -1, -2)  # dP^T, (B, H, T, T)
-    dst -= np.einsum("...kq,...kq->...q", dst, pt)[..., None, :]
-    dst *= pt
-    dst *= scale  # dS^T
+    dst = softmax_backward_columns(v @ np.swapaxes(dout, -1, -2), pt, scale)  # dP^T -> dS^T
     np.matmul(np.swapaxes(dst, -1, -2), k, out=dq)
     np.matmul(dst, q, out=dk)
     return dqkv.reshape(B, T, C3)

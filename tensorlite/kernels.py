@@ -76,7 +76,7 @@ def _numexpr_twins() -> dict[str, Callable]:
 
 # The kernels that the compiled paths (C, numba) have twins of, by name.
 COMPILED = ("relu_squared", "relu_squared_backward", "rms_norm_forward", "rms_norm_backward",
-            "causal_self_attention_forward", "causal_self_attention_backward",
+            "causal_softmax_columns", "softmax_backward_columns",
             "cross_entropy_forward", "cross_entropy_backward", "scatter_add_rows", "adamw_update")
 
 _TWINS: dict[str, Callable[[], dict[str, Callable]]] = {  # path -> loader of its twins

@@ -261,48 +261,32 @@ def rms_norm_backward(dout, x, r, weight):
     return dx.reshape(x.shape), dw
 
 
-# Causal self-attention on a fused qkv. The four products go to BLAS (np.matmul on strided
-# views of qkv: no copies); what lies between them, scale + causal mask + softmax and the
-# softmax backward, is one C pass each over all (batch, head) matrices. As in the
-# reference, scores are kept transposed, keys along rows: st[j, i] = k_j . q_i.
-def _heads(qkv, n_head):
-    B, T, C3 = qkv.shape
-    return qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head).transpose(2, 0, 3, 1, 4)
+# Causal self-attention's softmax passes (the products around them are NumPy's BLAS calls in
+# functional.causal_self_attention_forward/backward). As in the reference, the matrices are
+# transposed, keys along rows: st[j, i] = k_j . q_i; one C call covers every (batch, head).
+def _square_stack(a) -> bool:
+    """(..., T, T), T >= 1, C-contiguous: the layout the C passes walk in place."""
+    return a.ndim >= 2 and a.shape[-1] == a.shape[-2] >= 1 and a.flags.c_contiguous
 
 
-def causal_self_attention_forward(qkv, n_head, scale):
-    fn = _fn("causal_softmax_columns", qkv.dtype)
-    if fn is None or qkv.ndim != 3:
-        return _reference("causal_self_attention_forward", qkv, n_head, scale)
-    qkv = _c(qkv)
-    B, T, C3 = qkv.shape
-    q, k, v = _heads(qkv, n_head)  # each (B, H, T, hd), views
-    st = np.matmul(k, np.swapaxes(q, -1, -2))  # S^T unscaled, (B, H, T, T)
-    scratch = np.empty(2 * T, dtype=qkv.dtype)
-    fn(_ptr(st), B * n_head, T, scale, _ptr(scratch))  # st -> P^T, in place
-    y = np.empty((B, T, n_head, C3 // 3 // n_head), dtype=qkv.dtype)
-    np.matmul(np.swapaxes(st, -1, -2), v, out=y.transpose(0, 2, 1, 3))  # P v, heads side by side
-    return y.reshape(B, T, C3 // 3), st
+def causal_softmax_columns(st, scale):
+    fn = _fn("causal_softmax_columns", st.dtype)
+    if fn is None or not _square_stack(st):
+        return _reference("causal_softmax_columns", st, scale)
+    T = st.shape[-1]
+    scratch = np.empty(2 * T, dtype=st.dtype)
+    fn(_ptr(st), st.size // (T * T), T, scale, _ptr(scratch))  # st -> P^T, in place
+    return st
 
 
-def causal_self_attention_backward(dy, qkv, pt, n_head, scale):
-    fn = _fn("softmax_backward_columns", qkv.dtype)
-    B, T, C3 = qkv.shape
-    if fn is None or np.shape(pt) != (B, n_head, T, T) or np.shape(dy) != (B, T, C3 // 3):
-        return _reference("causal_self_attention_backward", dy, qkv, pt, n_head, scale)
-    qkv, pt = _c(qkv), _c(pt, qkv.dtype)
-    hd = C3 // 3 // n_head
-    q, k, v = _heads(qkv, n_head)
-    dout = _c(dy, qkv.dtype).reshape(B, T, n_head, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
-    dqkv = np.empty((B, T, 3, n_head, hd), dtype=qkv.dtype)
-    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)
-    np.matmul(pt, dout, out=dv)
-    dst = np.matmul(v, np.swapaxes(dout, -1, -2))  # dP^T, (B, H, T, T)
-    scratch = np.empty(T, dtype=qkv.dtype)
-    fn(_ptr(dst), _ptr(pt), B * n_head, T, scale, _ptr(scratch))  # dst -> dS^T, in place
-    np.matmul(np.swapaxes(dst, -1, -2), k, out=dq)
-    np.matmul(dst, q, out=dk)
-    return dqkv.reshape(B, T, C3)
+def softmax_backward_columns(dst, pt, scale):
+    fn = _fn("softmax_backward_columns", dst.dtype)
+    if fn is None or not _square_stack(dst) or np.shape(pt) != dst.shape:
+        return _reference("softmax_backward_columns", dst, pt, scale)
+    T = dst.shape[-1]
+    pt, scratch = _c(pt, dst.dtype), np.empty(T, dtype=dst.dtype)
+    fn(_ptr(dst), _ptr(pt), dst.size // (T * T), T, scale, _ptr(scratch))  # -> dS^T, in place
+    return dst
 
 
 def _targets(targets) -> np.ndarray:

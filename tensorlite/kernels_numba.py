@@ -232,39 +232,27 @@ def _softmax_backward_columns(dst, pt, scale):
                 d[j, i] = p[j, i] * (d[j, i] - c[i]) * scale
 
 
-def _heads(qkv, n_head):
-    B, T, C3 = qkv.shape
-    return qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head).transpose(2, 0, 3, 1, 4)
+def causal_softmax_columns(st, scale):
+    if not (st.ndim >= 2 and st.shape[-1] == st.shape[-2] >= 1 and st.flags.c_contiguous):
+        from .kernels import REFERENCES  # a layout the loops do not walk in place
 
-
-def causal_self_attention_forward(qkv, n_head, scale):
-    qkv = _c(qkv)
-    B, T, C3 = qkv.shape
-    q, k, v = _heads(qkv, n_head)  # each (B, H, T, hd), views
-    st = np.matmul(k, np.swapaxes(q, -1, -2))  # S^T unscaled, (B, H, T, T)
-    t = qkv.dtype.type
+        return REFERENCES["causal_softmax_columns"](st, scale)
+    T, t = st.shape[-1], st.dtype.type
     # scale applied inside exp: softmax(s * scale) = exp((s - max) * scale) / sum, scale > 0
-    _run(_causal_softmax_columns, st.size, st.reshape(B * n_head, T, T), t(scale), t(1))
-    y = np.empty((B, T, n_head, C3 // 3 // n_head), dtype=qkv.dtype)
-    np.matmul(np.swapaxes(st, -1, -2), v, out=y.transpose(0, 2, 1, 3))  # P v, heads side by side
-    return y.reshape(B, T, C3 // 3), st
+    _run(_causal_softmax_columns, st.size, st.reshape(-1, T, T), t(scale), t(1))
+    return st
 
 
-def causal_self_attention_backward(dy, qkv, pt, n_head, scale):
-    qkv, pt = _c(qkv), _c(pt)
-    B, T, C3 = qkv.shape
-    hd = C3 // 3 // n_head
-    q, k, v = _heads(qkv, n_head)
-    dout = _c(dy).reshape(B, T, n_head, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
-    dqkv = np.empty((B, T, 3, n_head, hd), dtype=qkv.dtype)
-    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)
-    np.matmul(pt, dout, out=dv)
-    dst = np.matmul(v, np.swapaxes(dout, -1, -2))  # dP^T, (B, H, T, T)
-    _run(_softmax_backward_columns, dst.size, dst.reshape(B * n_head, T, T),
-         pt.reshape(B * n_head, T, T), qkv.dtype.type(scale))
-    np.matmul(np.swapaxes(dst, -1, -2), k, out=dq)
-    np.matmul(dst, q, out=dk)
-    return dqkv.reshape(B, T, C3)
+def softmax_backward_columns(dst, pt, scale):
+    if not (dst.ndim >= 2 and dst.shape[-1] == dst.shape[-2] >= 1 and dst.flags.c_contiguous
+            and np.shape(pt) == dst.shape):
+        from .kernels import REFERENCES
+
+        return REFERENCES["softmax_backward_columns"](dst, pt, scale)
+    T = dst.shape[-1]
+    _run(_softmax_backward_columns, dst.size, dst.reshape(-1, T, T),
+         _c(pt.astype(dst.dtype, copy=False)).reshape(-1, T, T), dst.dtype.type(scale))
+    return dst
 
 
 # ---- softmax cross-entropy ------------------------------------------------------------------------

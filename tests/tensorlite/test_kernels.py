@@ -90,7 +90,7 @@ def float_arrays(dtype, lo=-5.0, hi=5.0, shape=None):
 # ---- the table --------------------------------------------------------------------------------
 def test_every_twin_has_a_reference_of_the_same_name():
     kernels.kernel_path()  # load the table
-    assert {"relu_squared", "rms_norm_forward", "causal_self_attention_backward",
+    assert {"relu_squared", "rms_norm_forward", "softmax_backward_columns",
             "cross_entropy_forward", "scatter_add_rows"} <= set(kernels.REFERENCES)
     if numba_available():
         from tensorlite import kernels_numba
