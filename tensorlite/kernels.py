@@ -74,6 +74,14 @@ def _numexpr_twins() -> dict[str, Callable]:
     return dict(_NUMEXPR)
 
 
+def contiguous(a, dtype=None) -> np.ndarray:
+    """`a` as a C-contiguous array, of `dtype` if given: no copy if it already is (what the
+    compiled twins walk). (Not np.ascontiguousarray: that turns a 0-d array into a 1-d one.)"""
+    if isinstance(a, np.ndarray) and a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
+        return a
+    return np.array(a, dtype=dtype, order="C")
+
+
 # The kernels that the compiled paths (C, numba) have twins of, by name.
 COMPILED = ("relu_squared", "relu_squared_backward", "rms_norm_forward", "rms_norm_backward",
             "causal_softmax_columns", "softmax_backward_columns",

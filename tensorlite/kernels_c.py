@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .kernels import COMPILED, REFERENCES
+from .kernels import contiguous as _c
 
 SOURCE = Path(__file__).resolve().with_name("kernels.c")
 # As numba's fastmath without "no NaNs/infs": sums may be reassociated (so they vectorize),
@@ -187,14 +188,6 @@ _functions: dict = {}  # (name, dtype) -> the C function, filled when the librar
 def _fn(name: str, dtype: np.dtype):
     """The C function `name` for arrays of `dtype` (float32 or float64), or None."""
     return _functions.get((name, dtype))
-
-
-def _c(a, dtype=None) -> np.ndarray:
-    """C-contiguous, of `dtype` if given (no copy if it already is). (Not
-    np.ascontiguousarray: that turns a 0-d array into a 1-d one.)"""
-    if isinstance(a, np.ndarray) and a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
-        return a
-    return np.array(a, dtype=dtype, order="C")
 
 
 def _ptr(a: np.ndarray) -> int:

@@ -21,6 +21,7 @@ from numba import prange, types
 from numba.extending import overload
 
 from .kernels import COMPILED
+from .kernels import contiguous as _c
 
 _FAST = {"nsz", "arcp", "contract", "reassoc"}
 _parallel = numba.njit(parallel=True, cache=True, fastmath=_FAST, nogil=True)
@@ -42,11 +43,6 @@ def _run(kernel, size: int, *args):
         return kernel(*args)
     finally:
         numba.set_num_threads(threads)
-
-
-def _c(a: np.ndarray) -> np.ndarray:
-    """C-contiguous (no copy if it already is): one compiled signature per dtype and rank."""
-    return a if a.flags.c_contiguous else np.array(a, order="C")  # (ascontiguousarray: 0-d -> 1-d)
 
 
 # ---- exp, vectorized -----------------------------------------------------------------------------
