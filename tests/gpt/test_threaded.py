@@ -4,6 +4,8 @@ processes' own, and the training CLI's --threads setting."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -109,7 +111,14 @@ def test_shard_rows_cut_as_array_split_does():
 
 
 def test_threads_setting_is_checked_and_defaults_to_the_cores():
-    assert available_cores() >= 1
+    # the cores this process may run on: its affinity mask (taskset), not every CPU
+    mask = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(mask)})  # (this thread only: restored below)
+        assert available_cores() == 1
+    finally:
+        os.sched_setaffinity(0, mask)
+    assert available_cores() == len(mask)
     assert TrainConfig(threads=None).validate().threads is None
     for bad in (0, -1, 2.5, "2"):
         with pytest.raises(UserError, match="threads"):
