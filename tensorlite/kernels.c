@@ -14,6 +14,11 @@
  *   read twice by the compiler (see the bottom of the first part), once for each.
  * - Compiled without -ffast-math: the flags allow reassociation (vectorized sums) but not
  *   "no NaNs/infs", so a NaN still reaches the loss and stops training, as in NumPy.
+ * - Every array argument is `restrict`: no buffer a kernel writes overlaps another of its
+ *   arguments (kernels_c.py makes sure). Without it the compiler vectorizes a loop twice
+ *   and picks a version at run time by how close the buffers lie; the reassociated float
+ *   sums then depend on where NumPy allocated them (rms_norm_backward's did: the same
+ *   model built twice in one process differed by up to ~240 ulps after one step).
  */
 #ifndef real /* ---- first pass: shared helpers, then the kernels once per type ---------- */
 
@@ -85,7 +90,7 @@ static inline double exp_f64(double x) { return exp(x); }
 /* ---- relu(x)**2 ------------------------------------------------------------------------- */
 
 /* y = max(x, 0)**2 over n values. */
-void KERNEL(relu_squared)(const real *x, real *y, int64_t n)
+void KERNEL(relu_squared)(const real *restrict x, real *restrict y, int64_t n)
 {
     for (int64_t i = 0; i < n; i++) {
         real r = x[i];
@@ -94,7 +99,8 @@ void KERNEL(relu_squared)(const real *x, real *y, int64_t n)
 }
 
 /* dx = dout * 2 * max(x, 0). */
-void KERNEL(relu_squared_backward)(const real *dout, const real *x, real *dx, int64_t n)
+void KERNEL(relu_squared_backward)(const real *restrict dout, const real *restrict x,
+                                   real *restrict dx, int64_t n)
 {
     for (int64_t i = 0; i < n; i++) {
         real r = x[i];
@@ -105,8 +111,8 @@ void KERNEL(relu_squared_backward)(const real *dout, const real *x, real *dx, in
 /* ---- RMSNorm over rows of c features ------------------------------------------------------ */
 
 /* y = x * r * w,  r = 1 / sqrt(mean(x**2) + eps) per row.  x, y (rows, c); w (c); r (rows). */
-void KERNEL(rms_norm_forward)(const real *x, const real *w, real eps, int64_t rows, int64_t c,
-                              real *y, real *r)
+void KERNEL(rms_norm_forward)(const real *restrict x, const real *restrict w, real eps,
+                              int64_t rows, int64_t c, real *restrict y, real *restrict r)
 {
     for (int64_t i = 0; i < rows; i++) {
         const real *xi = x + i * c;
@@ -124,8 +130,9 @@ void KERNEL(rms_norm_forward)(const real *x, const real *w, real eps, int64_t ro
 /* With xhat = x * r and dxhat = dout * w:
  *   dx = r * (dxhat - xhat * mean(dxhat * xhat))   per row
  *   dw = sum over rows of dout * xhat              (dw is overwritten) */
-void KERNEL(rms_norm_backward)(const real *dout, const real *x, const real *r, const real *w,
-                               int64_t rows, int64_t c, real *dx, real *dw)
+void KERNEL(rms_norm_backward)(const real *restrict dout, const real *restrict x,
+                               const real *restrict r, const real *restrict w, int64_t rows,
+                               int64_t c, real *restrict dx, real *restrict dw)
 {
     for (int64_t j = 0; j < c; j++)
         dw[j] = 0;
@@ -151,10 +158,11 @@ void KERNEL(rms_norm_backward)(const real *dout, const real *x, const real *r, c
 
 /* In place, per matrix: st -> P^T with P[i][j] = softmax over visible keys j of st[j][i] * scale
  * (scale > 0, so softmax(s * scale) = exp((s - max s) * scale) / sum). Entries of the future
- * (i < j) become 0. scratch: 2 t values. */
-void KERNEL(causal_softmax_columns)(real *st, int64_t n, int64_t t, real scale, real *scratch)
+ * (i < j) become 0. m, total: t values of scratch each (per query: the max over the visible
+ * keys, then the sum; two arrays, not halves of one, so the compiler knows they are apart). */
+void KERNEL(causal_softmax_columns)(real *restrict st, int64_t n, int64_t t, real scale,
+                                    real *restrict m, real *restrict total)
 {
-    real *m = scratch, *total = scratch + t; /* per query: the max over visible keys, the sum */
     for (int64_t b = 0; b < n; b++) {
         real *s = st + b * t * t;
         for (int64_t i = 0; i < t; i++) {
@@ -183,8 +191,8 @@ void KERNEL(causal_softmax_columns)(real *st, int64_t n, int64_t t, real scale, 
 
 /* In place, per matrix: dst = dP^T -> dS^T = P^T * (dP^T - colsum(dP^T * P^T)) * scale.
  * scratch: t values. */
-void KERNEL(softmax_backward_columns)(real *dst, const real *pt, int64_t n, int64_t t,
-                                      real scale, real *scratch)
+void KERNEL(softmax_backward_columns)(real *restrict dst, const real *restrict pt, int64_t n,
+                                      int64_t t, real scale, real *restrict scratch)
 {
     real *colsum = scratch;
     for (int64_t b = 0; b < n; b++) {
@@ -206,8 +214,9 @@ void KERNEL(softmax_backward_columns)(real *dst, const real *pt, int64_t n, int6
 /* probs = softmax(logits) per row; losses[i] = log sum exp(logits_i) - logits_i[targets[i]]
  * (the row max subtracted first). logits, probs (n, v); targets, losses (n).
  * Returns -1, or the first row whose target is out of range (nothing is read out of bounds). */
-int64_t KERNEL(cross_entropy_forward)(const real *logits, const int64_t *targets, int64_t n,
-                                      int64_t v, real *probs, real *losses)
+int64_t KERNEL(cross_entropy_forward)(const real *restrict logits,
+                                      const int64_t *restrict targets, int64_t n, int64_t v,
+                                      real *restrict probs, real *restrict losses)
 {
     for (int64_t i = 0; i < n; i++)
         if (wrap_index(targets[i], v) < 0)
@@ -237,8 +246,8 @@ int64_t KERNEL(cross_entropy_forward)(const real *logits, const int64_t *targets
 
 /* In place on probs (n, v): dlogits = (probs - onehot(targets)) * scale, scale = dout / n.
  * Returns -1, or the first row whose target is out of range (then probs is untouched). */
-int64_t KERNEL(cross_entropy_backward)(real *probs, const int64_t *targets, int64_t n, int64_t v,
-                                       real scale)
+int64_t KERNEL(cross_entropy_backward)(real *restrict probs, const int64_t *restrict targets,
+                                       int64_t n, int64_t v, real scale)
 {
     for (int64_t i = 0; i < n; i++)
         if (wrap_index(targets[i], v) < 0)
@@ -254,8 +263,9 @@ int64_t KERNEL(cross_entropy_backward)(real *probs, const int64_t *targets, int6
 
 /* target[indices[k]] += rows[k] for k < n, repeated indices accumulating. target (v, c),
  * rows (n, c). Returns -1, or the first k whose index is out of range (target untouched). */
-int64_t KERNEL(scatter_add_rows)(real *target, int64_t v, const int64_t *indices,
-                                 const real *rows, int64_t n, int64_t c)
+int64_t KERNEL(scatter_add_rows)(real *restrict target, int64_t v,
+                                 const int64_t *restrict indices, const real *restrict rows,
+                                 int64_t n, int64_t c)
 {
     for (int64_t k = 0; k < n; k++)
         if (wrap_index(indices[k], v) < 0)
@@ -273,8 +283,9 @@ int64_t KERNEL(scatter_add_rows)(real *target, int64_t v, const int64_t *indices
  * m = b1 m + c1 g,  v = b2 v + c2 g*g,  p = p * decay - step_size * m / (sqrt(v * inv_bc2) + eps)
  * with c1 = 1 - b1, c2 = 1 - b2, decay = 1 - lr wd, step_size = lr / (1 - b1**t),
  * inv_bc2 = 1 / (1 - b2**t): the caller computes those once per step. */
-void KERNEL(adamw_update)(real *p, const real *g, real *m, real *v, int64_t n, real b1, real b2,
-                          real c1, real c2, real decay, real step_size, real inv_bc2, real eps)
+void KERNEL(adamw_update)(real *restrict p, const real *restrict g, real *restrict m,
+                          real *restrict v, int64_t n, real b1, real b2, real c1, real c2,
+                          real decay, real step_size, real inv_bc2, real eps)
 {
     for (int64_t i = 0; i < n; i++) {
         real mi = b1 * m[i] + c1 * g[i];

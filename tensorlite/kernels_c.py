@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
 import shlex
@@ -154,7 +155,7 @@ _SIGNATURES = {  # name: (arguments, returns an index)
     "relu_squared_backward": ("pppi", False),
     "rms_norm_forward": ("ppriipp", False),
     "rms_norm_backward": ("ppppiipp", False),
-    "causal_softmax_columns": ("piirp", False),
+    "causal_softmax_columns": ("piirpp", False),
     "softmax_backward_columns": ("ppiirp", False),
     "cross_entropy_forward": ("ppiipp", True),
     "cross_entropy_backward": ("ppiir", True),
@@ -267,14 +268,15 @@ def causal_softmax_columns(st, scale):
     if fn is None or not _square_stack(st):
         return _reference("causal_softmax_columns", st, scale)
     T = st.shape[-1]
-    scratch = np.empty(2 * T, dtype=st.dtype)
-    fn(_ptr(st), st.size // (T * T), T, scale, _ptr(scratch))  # st -> P^T, in place
+    m, total = np.empty(T, dtype=st.dtype), np.empty(T, dtype=st.dtype)  # scratch
+    fn(_ptr(st), st.size // (T * T), T, scale, _ptr(m), _ptr(total))  # st -> P^T, in place
     return st
 
 
 def softmax_backward_columns(dst, pt, scale):
     fn = _fn("softmax_backward_columns", dst.dtype)
-    if fn is None or not _square_stack(dst) or np.shape(pt) != dst.shape:
+    if (fn is None or not _square_stack(dst) or np.shape(pt) != dst.shape
+            or np.may_share_memory(dst, pt)):  # the C arguments never overlap (restrict)
         return _reference("softmax_backward_columns", dst, pt, scale)
     T = dst.shape[-1]
     pt, scratch = _c(pt, dst.dtype), np.empty(T, dtype=dst.dtype)
@@ -313,7 +315,8 @@ def cross_entropy_backward(dout, probs, targets):
 def scatter_add_rows(target, indices, rows):
     fn = _fn("scatter_add_rows", target.dtype)
     if (fn is None or not target.flags.c_contiguous or target.ndim != 2  # in place on target
-            or np.shape(rows) != (np.size(indices), target.shape[1])):
+            or np.shape(rows) != (np.size(indices), target.shape[1])
+            or np.may_share_memory(target, rows)):
         return _reference("scatter_add_rows", target, indices, rows)
     if indices.size == 0:
         return None
@@ -333,6 +336,8 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     if not (m.dtype == v.dtype == p.dtype and m.size == v.size == np.size(g) == p.size):
         raise ValueError("adamw_update: p, g, m and v must have the same size (p, m, v one dtype)")
     g = _c(g, p.dtype)
+    if any(np.may_share_memory(a, b) for a, b in itertools.combinations((p, g, m, v), 2)):
+        raise ValueError("adamw_update: p, g, m and v must be four separate arrays")
     fn(_ptr(p), _ptr(g), _ptr(m), _ptr(v), p.size, beta1, beta2, 1 - beta1,
        1 - beta2, 1 - lr * weight_decay, lr / (1 - beta1**step), 1 / (1 - beta2**step), eps)
 

@@ -666,3 +666,108 @@ def test_the_c_loop_in_the_docs_is_the_one_in_kernels_c():
     shown = doc.split("```c\n", 1)[1].split("```", 1)[0]
     assert "KERNEL(rms_norm_forward)" in shown
     assert shown in (REPO / "tensorlite" / "kernels.c").read_text()
+
+
+# ---- where the buffers lie ------------------------------------------------------------------------
+def _c_kernel_calls(dtype) -> list:
+    """(kernel, buffers, written, arguments) for one call of each C kernel with two float
+    buffers or more (all but cross_entropy_backward, which writes in place), at the sizes of
+    the tiny GPT in the checkpoint tests (16 rows of 8 values; 4 attention matrices 8 x 8).
+    buffers: the float buffers' initial values by name; written: those the kernel writes;
+    arguments(p, ix): the call's arguments, p the placed buffers' addresses by name, ix the
+    address of an int64 index array."""
+    rng = np.random.default_rng(0)
+    rows, c, n, t, v = 16, 8, 4, 8, 5
+    st = np.triu(rng.standard_normal((n, t, t))).astype(dtype)
+
+    def f(*shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    x, w = f(rows, c), f(c)
+    r = (1 / np.sqrt((x * x).mean(1) + 1e-5)).astype(dtype)
+    z = np.zeros
+    return [
+        ("relu_squared", {"x": x, "y": z(x.size)}, "y", lambda p, ix: (p["x"], p["y"], x.size)),
+        ("relu_squared_backward", {"d": f(rows, c), "x": x, "dx": z(x.size)}, "dx",
+         lambda p, ix: (p["d"], p["x"], p["dx"], x.size)),
+        ("rms_norm_forward", {"x": x, "w": w, "y": z(x.size), "r": z(rows)}, "y r",
+         lambda p, ix: (p["x"], p["w"], 1e-5, rows, c, p["y"], p["r"])),
+        ("rms_norm_backward", {"d": f(rows, c), "x": x, "r": r, "w": w, "dx": z(x.size),
+                               "dw": z(c)}, "dx dw",
+         lambda p, ix: (p["d"], p["x"], p["r"], p["w"], rows, c, p["dx"], p["dw"])),
+        ("causal_softmax_columns", {"st": st, "m": z(t), "sum": z(t)}, "st m sum",
+         lambda p, ix: (p["st"], n, t, 0.3, p["m"], p["sum"])),
+        ("softmax_backward_columns", {"d": f(n, t, t), "pt": np.abs(st), "s": z(t)}, "d s",
+         lambda p, ix: (p["d"], p["pt"], n, t, 0.3, p["s"])),
+        ("cross_entropy_forward", {"l": f(rows, v), "p": z((rows, v)), "loss": z(rows)}, "p loss",
+         lambda p, ix: (p["l"], ix, rows, v, p["p"], p["loss"])),
+        ("scatter_add_rows", {"table": f(v, c), "rows": f(rows, c)}, "table",
+         lambda p, ix: (p["table"], v, ix, p["rows"], rows, c)),
+        ("adamw_update", {"p": w, "g": f(c), "m": f(c), "v": np.abs(f(c))}, "p m v",
+         lambda p, ix: (p["p"], p["g"], p["m"], p["v"], c, 0.9, 0.95, 0.1, 0.05, 0.99, 0.01,
+                        20.0, 1e-8)),
+    ]
+
+
+def _layouts(sizes: dict, written: list, k: int):
+    """Offsets of buffers in one arena: each written buffer beside each other buffer (before
+    it, after it, 0 to k values apart), every other buffer far away."""
+    far = 3 * max(sizes.values()) + 4 * k
+    home = {name: i * far + far // 2 for i, name in enumerate(sizes)}
+    for out in written:
+        for near, size in sizes.items():
+            if near == out:
+                continue
+            for at in range(home[near] - sizes[out] - k, home[near] + size + k + 1):
+                if at + sizes[out] <= home[near] or at >= home[near] + size:
+                    yield {**home, out: at}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_c_kernels_give_the_same_bits_wherever_their_buffers_lie(dtype):
+    """Same inputs, same bits, whatever the buffers' addresses. The compiler vectorizes a
+    loop with two versions when it cannot tell whether an output overlaps an input, and
+    picks one at run time from the addresses; rms_norm_backward's row sums (reassociated
+    into SIMD lanes) then came out a few ulps apart when NumPy happened to allocate dw
+    within 64 bytes after the weight: the tiny GPT built twice in one process got different
+    float32 weights after one step about twice in 100 builds. (Now every argument is restrict.)"""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    from tensorlite import kernels_c
+
+    kernels.use_kernels("c")
+    k = 64 // np.dtype(dtype).itemsize + 8  # a 64-byte vector's values, and some
+    ix = np.array([0, 4, 1, 4, 2, 2, 3, 0, 1, 1, 4, 3, 0, 2, 3, 4])  # 16 indices < 5
+    for name, buffers, written, arguments in _c_kernel_calls(dtype):
+        fn = kernels_c._fn(name, np.dtype(dtype))
+        sizes = {b: a.size for b, a in buffers.items()}
+        results = set()
+        for layout in _layouts(sizes, written.split(), k):
+            arena = np.full(max(layout.values()) + 3 * max(sizes.values()) + 4 * k, np.nan, dtype)
+            placed = {b: arena[at:at + sizes[b]] for b, at in layout.items()}
+            for b, a in buffers.items():
+                placed[b][:] = a.ravel()
+            fn(*arguments({b: kernels_c._ptr(a) for b, a in placed.items()}, kernels_c._ptr(ix)))
+            results.add(b"".join(placed[b].tobytes() for b in written.split()))
+        assert len(results) == 1, f"{name}: {len(results)} different results"
+
+
+def test_c_twins_never_hand_the_c_loops_overlapping_buffers():
+    """The C arguments are restrict (they never overlap). Where a caller's arrays do, the
+    twin runs the reference instead (softmax_backward_columns, scatter_add_rows) or refuses
+    (adamw_update: its arguments are the optimizer's own four arrays)."""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    kernels.use_kernels("c")
+    rng = np.random.default_rng(0)
+    st, table = rng.random((2, 4, 4)), rng.random((5, 3))
+    runs = {
+        F.softmax_backward_columns: lambda f, a, _: f(a, a, 0.5),  # dst is pt
+        kernels.scatter_add_rows: lambda f, _, t: (f(t, np.array([4, 0]), t[1:3]), t)[1],  # t rows
+    }
+    for twin, run in runs.items():
+        np.testing.assert_array_equal(run(twin, st.copy(), table.copy()),
+                                      run(twin.reference, st.copy(), table.copy()))
+    p = np.ones(6)
+    with pytest.raises(ValueError, match="separate arrays"):
+        kernels.adamw_kernel(p.size)(p, p, np.zeros(6), np.zeros(6), 0.1, 0.9, 0.99, 1e-8, 0, 1)
