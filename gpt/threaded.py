@@ -96,26 +96,29 @@ class ThreadShards:
                                         initializer=tl.set_num_threads, initargs=(1,))
 
     # -- what one thread does --------------------------------------------------------------------
-    def _grads(self, x, y, rng):
+    def _grads(self, x, y, weight, rng):
+        """weight * (loss, gradients) of one shard. The backward pass is seeded with the
+        weight instead of 1, so the gradients come out already weighted and the caller only
+        adds them up."""
         _, loss = self.model(x, y, training=True, rng=rng)
-        grads = tl.grad(loss, self.params)
-        return float(loss.data), [g.data if isinstance(g, tl.Tensor) else g for g in grads]
+        grads = tl.grad(loss, self.params, grad_outputs=np.asarray(weight, dtype=loss.dtype))
+        return weight * float(loss.data), [g.data if isinstance(g, tl.Tensor) else g for g in grads]
 
-    def _loss(self, x, y):
+    def _loss(self, x, y, weight):
         with tl.no_grad():  # recording is off per thread: this thread must say so itself
             _, loss = self.model(x, y, training=False)
-        return float(loss.data)
+        return weight * float(loss.data)
 
     def _map(self, fn, x, y, rngs=None):
-        """fn(x_k, y_k[, rngs[k]]) for every shard k, the others on the pool, shard 0 here.
-        Returns [(weight_k, result_k)]."""
+        """[fn(x_k, y_k, w_k[, rngs[k]]) for every shard k], w_k = rows_k / rows: the others
+        on the pool, shard 0 here."""
         B = x.shape[0]
         shards = shard_rows(B, self.threads)
-        args = [(x[s], y[s]) + ((rngs[k],) if rngs else ()) for k, s in enumerate(shards)]
+        args = [(x[s], y[s], (s.stop - s.start) / B) + ((rngs[k],) if rngs else ())
+                for k, s in enumerate(shards)]
         # NumPy's floating-point error settings are per thread: take the caller's along
         futures = [self._pool.submit(_with_errstate, np.geterr(), fn, *a) for a in args[1:]]
-        results = [fn(*args[0])] + [f.result() for f in futures]
-        return [((s.stop - s.start) / B, r) for s, r in zip(shards, results)]
+        return [fn(*args[0])] + [f.result() for f in futures]
 
     # -- the two calls train uses ----------------------------------------------------------------
     def loss_and_grads(self, x, y, rng: np.random.Generator | None = None) -> float:
@@ -125,23 +128,33 @@ class ThreadShards:
         seed = dropout_seed(self.step, rng)
         self.step += 1
         rngs = [shard_rng(seed, k) for k in range(min(self.threads, len(x)))]
-        done = self._map(self._grads, x, y, rngs)  # [(w_k, (loss_k, grads_k))]
+        done = self._map(self._grads, x, y, rngs)  # [(w_k * loss_k, w_k * grads_k)]
+        taken: set[int] = set()
         for i, p in enumerate(self.params):
-            (w0, (_, grads0)), rest = done[0], done[1:]
-            p.grad = w0 * grads0[i]  # a new array, the parameter's dtype (w0 is a Python float)
-            for w, (_, grads) in rest:
-                p.grad += w * grads[i]
-        return sum(w * loss_k for w, (loss_k, _) in done)
+            total = _own(done[0][1][i], taken)  # shard 0's array, summed into in place
+            for _, grads in done[1:]:
+                total += grads[i]
+            p.grad = total
+        return sum(loss for loss, _ in done)
 
     def loss(self, x, y) -> float:
         """Mean cross-entropy of (x, y) without gradients (evaluation), shards in parallel."""
         x, y = np.asarray(x), np.asarray(y)
-        return float(sum(w * l for w, l in self._map(self._loss, x, y)))
+        return float(sum(self._map(self._loss, x, y)))
 
     def close(self) -> None:
         """Wait for the threads to end, and give BLAS back the threads it had before."""
         self._pool.shutdown(wait=True)
         tl.set_num_threads(self._threads_before)
+
+
+def _own(a: np.ndarray, taken: set[int]) -> np.ndarray:
+    """`a` itself if it may be written in place (a plain writeable array that no other
+    parameter's gradient is), else a copy of it."""
+    if a.base is not None or not a.flags.writeable or id(a) in taken:
+        a = a.copy()
+    taken.add(id(a))
+    return a
 
 
 def _with_errstate(err: dict, fn, *args):
