@@ -60,11 +60,58 @@ def shard_rng(seed: int, k: int) -> np.random.Generator:
 
 
 def available_cores() -> int:
-    """The cores this process may run on (its affinity mask where the OS has one)."""
+    """The cores this process may use: its affinity mask where the OS has one, and no more
+    than a container's CPU quota (docker --cpus, a Kubernetes CPU limit) allows."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    quota = cpu_quota()
+    return cores if quota is None else min(cores, quota)
+
+
+def cpu_quota(root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup") -> int | None:
+    """The whole CPUs (at least 1) that this process's cgroup quota allows, or None without
+    a quota. The quota is CPU time per period (`quota period`: 150000 100000 is 1.5 CPUs,
+    taken as 1), read where Linux keeps it: cpu.max (cgroup v2) or cpu.cfs_quota_us and
+    cpu.cfs_period_us (v1), in the process's own cgroup folder and every folder above it
+    (the smallest counts)."""
+    try:
+        with open(membership, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:  # "hierarchy:controllers:path", "0::/path" in cgroup v2
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            tops, files = [root], ("cpu.max",)
+        elif "cpu" in controllers.split(","):
+            tops = [f"{root}/{controllers}", f"{root}/cpu"]
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for top in tops:
+            for depth in range(len(parts), -1, -1):  # the own folder, then each one above
+                folder = "/".join([top] + parts[:depth])
+                limit = _read_quota([os.path.join(folder, name) for name in files])
+                if limit is not None:
+                    limits.append(limit)
+    return max(1, int(min(limits))) if limits else None
+
+
+def _read_quota(paths: list[str]) -> float | None:
+    """CPUs of one quota: cpu.max ("max 100000" is none) or the v1 pair (-1 is none)."""
+    try:
+        words = []
+        for path in paths:
+            with open(path, encoding="utf-8") as f:
+                words += f.read().split()
+        quota, period = words[0], float(words[1])
+        return None if quota in ("max", "-1") or period <= 0 else float(quota) / period
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class ThreadShards:
