@@ -7,8 +7,9 @@
 As gpt.train runs it: with several threads the batch is split over them (gpt.threaded), each
 thread computing its shard's forward and backward. Prints per-op forward/backward milliseconds
 per step (summed over the threads), the split of the threads' time into matmuls and the rest
-(the rest includes the Python between ops and any waiting), then the step's wall clock split
-into the shards' forward+backward, clipping and the AdamW update.
+(the rest includes the Python between ops and any waiting), once of the profiled steps' wall
+clock and once of the same number of steps run without the profiler, then the unprofiled
+step's wall clock split into the shards' forward+backward, clipping and the AdamW update.
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ def main() -> None:
     if shards is not None:
         compute = shards._grads
 
-        def timed_shard(x, y, rng):
+        def timed_shard(*args):
             wall, cpu = time.perf_counter(), time.thread_time()
-            result = compute(x, y, rng)
+            result = compute(*args)
             shard_times.append((time.perf_counter() - wall, time.thread_time() - cpu))
             return result
 
@@ -99,6 +100,11 @@ def main() -> None:
     lane_time = lanes * prof.wall
     print(f"\nthreads' time {1e3 * lane_time / args.steps:.2f} ms/step ({lanes} x wall): "
           f"matmuls {matmul / lane_time:.1%}, everything else {1 - matmul / lane_time:.1%}")
+    # the same split of the steps run without the profiler (its bookkeeping, a lock and two
+    # clock reads per op, is not part of training): the matmuls' time is the profiled one
+    plain = lanes * phases.sum()
+    print(f"without the profiler {1e3 * plain / args.steps:.2f} ms/step ({lanes} x step): "
+          f"matmuls {matmul / plain:.1%}, everything else {1 - matmul / plain:.1%}")
     if shard_times:
         wall, cpu = np.median(np.array(shard_times[5 * lanes :]), axis=0) * 1e3
         print(f"per shard (median): wall clock {wall:.2f} ms, the thread's CPU time {cpu:.2f} ms")

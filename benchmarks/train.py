@@ -84,8 +84,15 @@ def flops_per_token(n_layer: int, n_embd: int, block: int, vocab: int) -> float:
 def load_ids(path: str, n: int = 200_000):
     import numpy as np
 
-    with open(path, encoding="utf-8") as f:
-        text = f.read()[:n]
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()[:n]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"benchmarks: cannot read the corpus {path} ({e.__class__.__name__}); "
+                         "pass --data PATH to a UTF-8 text file") from None
+    if len(text) < 1000:
+        raise SystemExit(f"benchmarks: {path} holds {len(text)} characters; pass --data PATH "
+                         "to a longer UTF-8 text file")
     chars = sorted(set(text))
     lookup = {c: i for i, c in enumerate(chars)}
     return np.array([lookup[c] for c in text], dtype=np.int64), len(chars) + 2
@@ -266,6 +273,7 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    load_ids(args.data)  # a missing or empty corpus: one line here, not one per worker
 
     engines = args.engines.split(",")
     results = {e: [] for e in engines}

@@ -60,11 +60,58 @@ def shard_rng(seed: int, k: int) -> np.random.Generator:
 
 
 def available_cores() -> int:
-    """The cores this process may run on (its affinity mask where the OS has one)."""
+    """The cores this process may use: its affinity mask where the OS has one, and no more
+    than a container's CPU quota (docker --cpus, a Kubernetes CPU limit) allows."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    quota = cpu_quota()
+    return cores if quota is None else min(cores, quota)
+
+
+def cpu_quota(root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup") -> int | None:
+    """The whole CPUs (at least 1) that this process's cgroup quota allows, or None without
+    a quota. The quota is CPU time per period (`quota period`: 150000 100000 is 1.5 CPUs,
+    taken as 1), read where Linux keeps it: cpu.max (cgroup v2) or cpu.cfs_quota_us and
+    cpu.cfs_period_us (v1), in the process's own cgroup folder and every folder above it
+    (the smallest counts)."""
+    try:
+        with open(membership, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:  # "hierarchy:controllers:path", "0::/path" in cgroup v2
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            tops, files = [root], ("cpu.max",)
+        elif "cpu" in controllers.split(","):
+            tops = [f"{root}/{controllers}", f"{root}/cpu"]
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for top in tops:
+            for depth in range(len(parts), -1, -1):  # the own folder, then each one above
+                folder = "/".join([top] + parts[:depth])
+                limit = _read_quota([os.path.join(folder, name) for name in files])
+                if limit is not None:
+                    limits.append(limit)
+    return max(1, int(min(limits))) if limits else None
+
+
+def _read_quota(paths: list[str]) -> float | None:
+    """CPUs of one quota: cpu.max ("max 100000" is none) or the v1 pair (-1 is none)."""
+    try:
+        words = []
+        for path in paths:
+            with open(path, encoding="utf-8") as f:
+                words += f.read().split()
+        quota, period = words[0], float(words[1])
+        return None if quota in ("max", "-1") or period <= 0 else float(quota) / period
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class ThreadShards:
@@ -96,26 +143,29 @@ class ThreadShards:
                                         initializer=tl.set_num_threads, initargs=(1,))
 
     # -- what one thread does --------------------------------------------------------------------
-    def _grads(self, x, y, rng):
+    def _grads(self, x, y, weight, rng):
+        """weight * (loss, gradients) of one shard. The backward pass is seeded with the
+        weight instead of 1, so the gradients come out already weighted and the caller only
+        adds them up."""
         _, loss = self.model(x, y, training=True, rng=rng)
-        grads = tl.grad(loss, self.params)
-        return float(loss.data), [g.data if isinstance(g, tl.Tensor) else g for g in grads]
+        grads = tl.grad(loss, self.params, grad_outputs=np.asarray(weight, dtype=loss.dtype))
+        return weight * float(loss.data), [g.data if isinstance(g, tl.Tensor) else g for g in grads]
 
-    def _loss(self, x, y):
+    def _loss(self, x, y, weight):
         with tl.no_grad():  # recording is off per thread: this thread must say so itself
             _, loss = self.model(x, y, training=False)
-        return float(loss.data)
+        return weight * float(loss.data)
 
     def _map(self, fn, x, y, rngs=None):
-        """fn(x_k, y_k[, rngs[k]]) for every shard k, the others on the pool, shard 0 here.
-        Returns [(weight_k, result_k)]."""
+        """[fn(x_k, y_k, w_k[, rngs[k]]) for every shard k], w_k = rows_k / rows: the others
+        on the pool, shard 0 here."""
         B = x.shape[0]
         shards = shard_rows(B, self.threads)
-        args = [(x[s], y[s]) + ((rngs[k],) if rngs else ()) for k, s in enumerate(shards)]
+        args = [(x[s], y[s], (s.stop - s.start) / B) + ((rngs[k],) if rngs else ())
+                for k, s in enumerate(shards)]
         # NumPy's floating-point error settings are per thread: take the caller's along
         futures = [self._pool.submit(_with_errstate, np.geterr(), fn, *a) for a in args[1:]]
-        results = [fn(*args[0])] + [f.result() for f in futures]
-        return [((s.stop - s.start) / B, r) for s, r in zip(shards, results)]
+        return [fn(*args[0])] + [f.result() for f in futures]
 
     # -- the two calls train uses ----------------------------------------------------------------
     def loss_and_grads(self, x, y, rng: np.random.Generator | None = None) -> float:
@@ -125,23 +175,33 @@ class ThreadShards:
         seed = dropout_seed(self.step, rng)
         self.step += 1
         rngs = [shard_rng(seed, k) for k in range(min(self.threads, len(x)))]
-        done = self._map(self._grads, x, y, rngs)  # [(w_k, (loss_k, grads_k))]
+        done = self._map(self._grads, x, y, rngs)  # [(w_k * loss_k, w_k * grads_k)]
+        taken: set[int] = set()
         for i, p in enumerate(self.params):
-            (w0, (_, grads0)), rest = done[0], done[1:]
-            p.grad = w0 * grads0[i]  # a new array, the parameter's dtype (w0 is a Python float)
-            for w, (_, grads) in rest:
-                p.grad += w * grads[i]
-        return sum(w * loss_k for w, (loss_k, _) in done)
+            total = _own(done[0][1][i], taken)  # shard 0's array, summed into in place
+            for _, grads in done[1:]:
+                total += grads[i]
+            p.grad = total
+        return sum(loss for loss, _ in done)
 
     def loss(self, x, y) -> float:
         """Mean cross-entropy of (x, y) without gradients (evaluation), shards in parallel."""
         x, y = np.asarray(x), np.asarray(y)
-        return float(sum(w * l for w, l in self._map(self._loss, x, y)))
+        return float(sum(self._map(self._loss, x, y)))
 
     def close(self) -> None:
         """Wait for the threads to end, and give BLAS back the threads it had before."""
         self._pool.shutdown(wait=True)
         tl.set_num_threads(self._threads_before)
+
+
+def _own(a: np.ndarray, taken: set[int]) -> np.ndarray:
+    """`a` itself if it may be written in place (a plain writeable array that no other
+    parameter's gradient is), else a copy of it."""
+    if a.base is not None or not a.flags.writeable or id(a) in taken:
+        a = a.copy()
+    taken.add(id(a))
+    return a
 
 
 def _with_errstate(err: dict, fn, *args):

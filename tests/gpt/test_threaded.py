@@ -14,7 +14,7 @@ from gpt.config import GPTConfig, TrainConfig
 from gpt.errors import UserError
 from gpt.model import GPT
 from gpt.parallel import DataParallel
-from gpt.threaded import ThreadShards, available_cores, shard_rows
+from gpt.threaded import ThreadShards, _own, available_cores, cpu_quota, shard_rows
 
 TINY = GPTConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
@@ -64,6 +64,28 @@ def test_float32_shards_stay_float32_and_match():
         for name, p in model.params.items():
             assert p.grad.dtype == np.float32
             np.testing.assert_allclose(p.grad, grads[name], rtol=2e-3, atol=2e-6, err_msg=name)
+    finally:
+        shards.close()
+
+
+def test_gradients_are_summed_in_place_only_into_arrays_of_their_own():
+    # each parameter's .grad is shard 0's array with the others added in: never an array
+    # that a second parameter's gradient, a view or a read-only buffer also is
+    a, taken = np.ones(3), set()
+    assert _own(a, taken) is a
+    assert _own(a, taken) is not a  # a second parameter with the same gradient array: a copy
+    view = np.ones(4)[1:]
+    assert _own(view, taken) is not view and not np.shares_memory(_own(view, taken), view)
+    frozen = np.ones(2)
+    frozen.flags.writeable = False
+    assert _own(frozen, taken) is not frozen
+    model = GPT(TINY, dtype=np.float64, seed=1)
+    shards = ThreadShards(model, 2)
+    try:
+        shards.loss_and_grads(*batch(4))
+        grads = [p.grad for p in model.params.values()]
+        assert len({id(g) for g in grads}) == len(grads)
+        assert all(g.base is None and g.flags.writeable for g in grads)
     finally:
         shards.close()
 
@@ -150,3 +172,36 @@ def test_a_thread_count_below_one_is_refused():
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="threads must be a whole number >= 1"):
             ThreadShards(GPT(TINY, dtype=np.float64, seed=1), bad)
+
+
+def cgroup_tree(tmp_path, membership: str, files: dict[str, str]):
+    """A fake /proc/self/cgroup and /sys/fs/cgroup: {path under the root: contents}."""
+    (tmp_path / "self.cgroup").write_text(membership)
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text)
+    return {"root": str(tmp_path / "fs"), "membership": str(tmp_path / "self.cgroup")}
+
+
+@pytest.mark.parametrize("membership, files, cpus", [
+    ("0::/\n", {"cpu.max": "200000 100000\n"}, 2),  # docker --cpus 2, cgroup v2
+    ("0::/\n", {"cpu.max": "150000 100000\n"}, 1),  # 1.5 CPUs: one whole core
+    ("0::/\n", {"cpu.max": "20000 100000\n"}, 1),  # a fifth of a CPU: still one thread
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),  # no quota
+    ("0::/a/b\n", {"a/cpu.max": "300000 100000", "a/b/cpu.max": "max 100000"}, 3),  # above
+    ("0::/a/b\n", {"a/cpu.max": "800000 100000", "a/b/cpu.max": "400000 100000"}, 4),
+    ("3:cpu,cpuacct:/x\n1:memory:/m\n",  # cgroup v1
+     {"cpu,cpuacct/x/cpu.cfs_quota_us": "300000", "cpu,cpuacct/x/cpu.cfs_period_us": "100000"}, 3),
+    ("3:cpu,cpuacct:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+    ("0::/\n", {"cpu.max": "garbage"}, None),  # unreadable: as no quota
+    ("0::/\n", {}, None),
+])
+def test_a_containers_cpu_quota_caps_the_default_threads(tmp_path, membership, files, cpus):
+    assert cpu_quota(**cgroup_tree(tmp_path, membership, files)) == cpus
+
+
+def test_available_cores_takes_the_smaller_of_affinity_and_quota(monkeypatch):
+    monkeypatch.setattr("gpt.threaded.cpu_quota", lambda: 1)
+    assert available_cores() == 1
+    monkeypatch.setattr("gpt.threaded.cpu_quota", lambda: 10_000)
+    assert available_cores() == len(os.sched_getaffinity(0))
