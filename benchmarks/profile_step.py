@@ -8,8 +8,9 @@ As gpt.train runs it: with several threads the batch is split over them (gpt.thr
 thread computing its shard's forward and backward. Prints per-op forward/backward milliseconds
 per step (summed over the threads), the split of the threads' time into matmuls and the rest
 (the rest includes the Python between ops and any waiting), once of the profiled steps' wall
-clock and once of the same number of steps run without the profiler, then the unprofiled
-step's wall clock split into the shards' forward+backward, clipping and the AdamW update.
+clock and once of the median step run without the profiler (profiled and plain steps take
+turns), then the plain steps' wall clock split into the shards' forward+backward, clipping
+and the AdamW update.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from gpt.config import GPTConfig
 from gpt.model import GPT
 from gpt.optim import AdamW, clip_grad_norm
 from gpt.threaded import ThreadShards
-from tensorlite.profiler import profile
+from tensorlite.profiler import Profile, profile
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def main() -> None:
     ids, vocab = load_ids(args.data)
     model = GPT(GPTConfig(vocab, block, n_layer, n_head, n_embd), dtype=np.float32, seed=0)
     opt = AdamW(model.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
-    data = list(batches(ids, block, batch, 0, 2 * args.steps + 5))
+    data = list(batches(ids, block, batch, 0, 2 * args.steps + 5))  # warm-up, then 2 x steps
 
     threads = min(args.threads, batch)
     shards = ThreadShards(model, threads) if threads > 1 and not args.blas else None
@@ -84,11 +85,26 @@ def main() -> None:
         shards._grads = timed_shard
     for x, y in data[:5]:  # warm up
         step(x, y)
-    with profile() as prof:
-        for x, y in data[5 : 5 + args.steps]:
-            step(x, y)
-    for x, y in data[5 + args.steps :]:
-        step(x, y, timed=True)
+    # Profiled and plain steps take turns, so both see the same machine (it is shared and
+    # noisy): the op table comes from the profiled ones, the wall clock of a step from the
+    # plain ones (the profiler's lock and clock reads per op are not part of training).
+    prof = Profile()
+    matmul_per_step, plain_per_step = [], []
+    for i, (x, y) in enumerate(data[5 : 5 + 2 * args.steps]):
+        if i % 2 == 0:
+            with profile() as one:
+                step(x, y)
+            for key, (calls, sec) in one.stats.items():
+                entry = prof.stats.setdefault(key, [0, 0.0])
+                entry[0] += calls
+                entry[1] += sec
+            prof.wall += one.wall
+            matmul_per_step.append(sum(sec for (op, _), (_, sec) in one.stats.items()
+                                       if op == "MatMul"))
+        else:
+            t0 = time.perf_counter()
+            step(x, y, timed=True)
+            plain_per_step.append(time.perf_counter() - t0)
 
     how = (f"batch split over {threads} threads" if shards is not None
            else f"one graph, {args.threads} BLAS threads")
@@ -100,11 +116,12 @@ def main() -> None:
     lane_time = lanes * prof.wall
     print(f"\nthreads' time {1e3 * lane_time / args.steps:.2f} ms/step ({lanes} x wall): "
           f"matmuls {matmul / lane_time:.1%}, everything else {1 - matmul / lane_time:.1%}")
-    # the same split of the steps run without the profiler (its bookkeeping, a lock and two
-    # clock reads per op, is not part of training): the matmuls' time is the profiled one
-    plain = lanes * phases.sum()
-    print(f"without the profiler {1e3 * plain / args.steps:.2f} ms/step ({lanes} x step): "
-          f"matmuls {matmul / plain:.1%}, everything else {1 - matmul / plain:.1%}")
+    # the same split against the plain steps, as medians (a step disturbed by another
+    # process moves a median less than a total)
+    plain = lanes * float(np.median(plain_per_step))
+    share = float(np.median(matmul_per_step)) / plain
+    print(f"without the profiler {1e3 * plain:.2f} ms/step ({lanes} x median step): "
+          f"matmuls {share:.1%}, everything else {1 - share:.1%}")
     if shard_times:
         wall, cpu = np.median(np.array(shard_times[5 * lanes :]), axis=0) * 1e3
         print(f"per shard (median): wall clock {wall:.2f} ms, the thread's CPU time {cpu:.2f} ms")
