@@ -76,10 +76,10 @@ def cpu_quota(root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup
     taken as 1), read where Linux keeps it: cpu.max (cgroup v2) or cpu.cfs_quota_us and
     cpu.cfs_period_us (v1), in the process's own cgroup folder and every folder above it
     (the smallest counts)."""
-    try:
-        with open(membership, encoding="utf-8") as f:
+    try:  # a cgroup's name may be any bytes: kept as they are (surrogateescape) for open()
+        with open(membership, encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
-    except OSError:
+    except (OSError, ValueError):
         return None
     limits = []
     for line in lines:  # "hierarchy:controllers:path", "0::/path" in cgroup v2
@@ -92,6 +92,8 @@ def cpu_quota(root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup
         else:
             continue
         parts = [p for p in path.split("/") if p]
+        if ".." in parts:  # a cgroup outside this cgroup namespace: none of its folders is here
+            continue
         for top in tops:
             for depth in range(len(parts), -1, -1):  # the own folder, then each one above
                 folder = "/".join([top] + parts[:depth])
@@ -102,15 +104,16 @@ def cpu_quota(root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup
 
 
 def _read_quota(paths: list[str]) -> float | None:
-    """CPUs of one quota: cpu.max ("max 100000" is none) or the v1 pair (-1 is none)."""
+    """CPUs of one quota: cpu.max ("max 100000" is none) or the v1 pair (-1 is none).
+    Linux writes whole microseconds; anything else (nan, 1e999, a zero period) is no quota."""
     try:
         words = []
         for path in paths:
             with open(path, encoding="utf-8") as f:
                 words += f.read().split()
-        quota, period = words[0], float(words[1])
-        return None if quota in ("max", "-1") or period <= 0 else float(quota) / period
-    except (OSError, IndexError, ValueError):
+        quota, period = int(words[0]), int(words[1])
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, IndexError, ValueError, OverflowError):  # "max" too
         return None
 
 

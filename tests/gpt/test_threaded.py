@@ -194,10 +194,28 @@ def cgroup_tree(tmp_path, membership: str, files: dict[str, str]):
      {"cpu,cpuacct/x/cpu.cfs_quota_us": "300000", "cpu,cpuacct/x/cpu.cfs_period_us": "100000"}, 3),
     ("3:cpu,cpuacct:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
     ("0::/\n", {"cpu.max": "garbage"}, None),  # unreadable: as no quota
+    ("0::/\n", {"cpu.max": "nan 100000"}, None),  # not microseconds: as no quota, no ValueError
+    ("0::/\n", {"cpu.max": "1e999 100000"}, None),  # nor an OverflowError
+    ("0::/\n", {"cpu.max": "1" + "0" * 400 + " 1"}, None),  # too large for a float
+    ("0::/\n", {"cpu.max": "100000 0"}, None),
+    # outside this cgroup namespace: /sys/fs/cgroup/.. is no folder of that cgroup
+    ("0::/../x\n", {"../x/cpu.max": "100000 100000", "cpu.max": "400000 100000"}, None),
     ("0::/\n", {}, None),
 ])
 def test_a_containers_cpu_quota_caps_the_default_threads(tmp_path, membership, files, cpus):
     assert cpu_quota(**cgroup_tree(tmp_path, membership, files)) == cpus
+
+
+def test_a_cgroup_name_that_is_not_utf8_is_read_as_bytes(tmp_path):
+    # a cgroup may be named with any bytes; its line in /proc/self/cgroup is then no UTF-8
+    (tmp_path / "self.cgroup").write_bytes(b"0::/caf\xe9\n")
+    folder = os.path.join(os.fsencode(tmp_path), b"fs", b"caf\xe9")
+    os.makedirs(folder)
+    with open(os.path.join(folder, b"cpu.max"), "wb") as f:
+        f.write(b"200000 100000\n")
+    assert cpu_quota(str(tmp_path / "fs"), str(tmp_path / "self.cgroup")) == 2
+    (tmp_path / "self.cgroup").write_bytes(b"\xff\xfe\x00garbage")
+    assert cpu_quota(str(tmp_path / "fs"), str(tmp_path / "self.cgroup")) is None
 
 
 def test_available_cores_takes_the_smaller_of_affinity_and_quota(monkeypatch):
