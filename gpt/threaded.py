@@ -128,7 +128,8 @@ class ThreadShards:
 
     While it is open, BLAS (process-wide) runs 1 thread, and so does each thread's kernels.
     With dropout > 0 each shard draws its masks from its own generator, seeded per step and
-    shard as gpt.parallel's workers do, so threads=2 matches workers=2 exactly."""
+    shard as gpt.parallel's workers do, so threads=2 draws the masks of workers=2 and gives
+    its gradients to float rounding (the workers' are weighted in the parent)."""
 
     def __init__(self, model: GPT, threads: int):
         if int(threads) != threads or threads < 1:
