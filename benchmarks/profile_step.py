@@ -48,6 +48,9 @@ def main() -> None:
     p.add_argument("--blas", action="store_true",
                    help="one graph for the whole batch; BLAS splits each matmul over the threads")
     args = p.parse_args()
+    if args.steps < 1 or args.threads < 1:
+        raise SystemExit(f"profile_step: --steps and --threads must be >= 1, got --steps "
+                         f"{args.steps} --threads {args.threads}")
 
     tensorlite.kernels.tune_allocator()
     tensorlite.set_num_threads(args.threads)
@@ -73,6 +76,7 @@ def main() -> None:
             phases[:] += (t1 - t0, t2 - t1, t3 - t2)
 
     shard_times = []  # (wall, thread CPU) seconds of each shard: the gap is waiting (the GIL)
+    plain_shard_times = []  # those of the plain steps (the profiler's clock reads slow the rest)
     if shards is not None:
         compute = shards._grads
 
@@ -102,9 +106,10 @@ def main() -> None:
             matmul_per_step.append(sum(sec for (op, _), (_, sec) in one.stats.items()
                                        if op == "MatMul"))
         else:
-            t0 = time.perf_counter()
+            first, t0 = len(shard_times), time.perf_counter()
             step(x, y, timed=True)
             plain_per_step.append(time.perf_counter() - t0)
+            plain_shard_times += shard_times[first:]
 
     how = (f"batch split over {threads} threads" if shards is not None
            else f"one graph, {args.threads} BLAS threads")
@@ -122,9 +127,10 @@ def main() -> None:
     share = float(np.median(matmul_per_step)) / plain
     print(f"without the profiler {1e3 * plain:.2f} ms/step ({lanes} x median step): "
           f"matmuls {share:.1%}, everything else {1 - share:.1%}")
-    if shard_times:
-        wall, cpu = np.median(np.array(shard_times[5 * lanes :]), axis=0) * 1e3
-        print(f"per shard (median): wall clock {wall:.2f} ms, the thread's CPU time {cpu:.2f} ms")
+    if plain_shard_times:
+        wall, cpu = np.median(np.array(plain_shard_times), axis=0) * 1e3
+        print(f"per shard (median of the plain steps' {len(plain_shard_times)} shards): wall "
+              f"clock {wall:.2f} ms, the thread's CPU time {cpu:.2f} ms")
     total = phases.sum()
     print("\nphase          ms/step  share")
     for name, t in zip(("forward+backward", "clip", "AdamW"), phases):

@@ -1,4 +1,5 @@
-"""The benchmark scripts refuse a corpus they cannot use in one line, as the CLIs do."""
+"""The benchmark scripts refuse a corpus or a count they cannot use in one line, as the CLIs
+do, and profile_step reports per step whatever the number of steps."""
 
 from __future__ import annotations
 
@@ -23,4 +24,34 @@ def test_a_corpus_that_cannot_be_read_is_one_line(tmp_path, script, corpus):
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 1
     assert out.stderr.count("\n") == 1 and "--data" in out.stderr and str(path) in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def profile_step(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), *flags],
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_profile_step_counts_per_step_whatever_the_number_of_steps(tmp_path):
+    # Profiled and plain steps take turns: --steps N profiles N steps and runs N plain ones.
+    # The op table's calls per step are those of one step for any N, and the per-shard
+    # median is taken over the plain steps' shards alone (N steps x 2 threads).
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("".join(chr(97 + (i * 7) % 26) for i in range(5000)))
+    tables = {}
+    for steps in (1, 3):
+        out = profile_step("--data", str(corpus), "--steps", str(steps), "--threads", "2")
+        assert out.returncode == 0, out.stderr
+        table = out.stdout.split("\nop ", 1)[1].split("\nops total", 1)[0].splitlines()[1:]
+        tables[steps] = sorted(tuple(row.split()[:3]) for row in table)  # op, phase, calls
+        assert f"median of the plain steps' {2 * steps} shards" in out.stdout
+    assert tables[1] == tables[3] and tables[1]
+
+
+@pytest.mark.parametrize("flags", [["--steps", "0"], ["--steps", "-1"], ["--threads", "0"]])
+def test_profile_step_refuses_counts_below_one_in_one_line(tmp_path, flags):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("abc " * 500)
+    out = profile_step("--data", str(corpus), *flags)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and flags[0] in out.stderr
     assert "Traceback" not in out.stderr
