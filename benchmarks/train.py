@@ -274,8 +274,15 @@ def main() -> None:
     if args.worker:
         return worker(args)
     load_ids(args.data)  # a missing or empty corpus: one line here, not one per worker
-
     engines = args.engines.split(",")
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise SystemExit(f"benchmarks: unknown engine {unknown[0]!r}; --engines takes a comma "
+                         f"list of {', '.join(ENGINES)}")
+    if min(args.rounds, args.iters, args.threads) < 1 or args.warmup < 0:
+        raise SystemExit(f"benchmarks: --rounds, --iters and --threads must be >= 1 and --warmup "
+                         f">= 0, got {args.rounds}, {args.iters}, {args.threads}, {args.warmup}")
+
     results = {e: [] for e in engines}
     for r in range(args.rounds):
         order = engines if r % 2 == 0 else engines[::-1]  # alternate who goes first

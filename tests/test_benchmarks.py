@@ -55,3 +55,15 @@ def test_profile_step_refuses_counts_below_one_in_one_line(tmp_path, flags):
     out = profile_step("--data", str(corpus), *flags)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and flags[0] in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("flags", [["--rounds", "0"], ["--iters", "0"], ["--threads", "0"],
+                                   ["--warmup", "-1"], ["--engines", "tensorlite,nope"]])
+def test_train_benchmark_refuses_counts_and_engines_it_cannot_run_in_one_line(tmp_path, flags):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("abc " * 500)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train.py"), "--data",
+                          str(corpus), *flags], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and flags[0] in out.stderr
+    assert "Traceback" not in out.stderr
