@@ -208,7 +208,9 @@ def backward(root, grad, create_graph: bool = False, collect: dict | None = None
         fn = node._ctx
         if collect is not None:
             if id(node) in collect and dout is not None:
-                collect[id(node)] = dout if create_graph else np.array(dout, copy=True)
+                # as for .grad below: keep a buffer backward made fresh for us, else copy it
+                fresh = create_graph or (is_owned and fn is None)
+                collect[id(node)] = dout if fresh else np.array(dout, copy=True)
         elif fn is None or node._retain_grad:
             if create_graph and dout is not None:  # .grad stays an ndarray; dout goes on
                 _accumulate_into_leaf(node, dout.data, False)  # as a Tensor to the parents

@@ -422,3 +422,25 @@ def test_every_op_has_a_second_order_and_forward_mode_case():
 def test_check_grads_order_2_both_modes(op, data):
     fn, inputs = CASES[op](data)
     check_grads(fn, *inputs, order=2, modes=("rev", "fwd"))
+
+
+def test_grad_hands_back_arrays_that_share_memory_with_nothing():
+    # tl.grad keeps a gradient buffer that backward made fresh (no copy) and copies the rest:
+    # a gradient passed through unchanged (Add gives both inputs dout itself), or a view
+    rng = np.random.default_rng(0)
+    a, b, w = (tl.Tensor(rng.standard_normal(s), requires_grad=True)
+               for s in [(3, 4), (3, 4), (4, 2)])
+    h = a + b  # dh reaches a and b as one and the same array
+    y = h @ w  # dw = h^T dy: a fresh array
+    out = (y * y).sum() + h.reshape(12)[::2].sum()  # a strided view in the graph too
+    ga, gb, gw = tl.grad(out, [a, b, w])
+    arrays = [ga.data, gb.data, gw.data]
+    others = [a.data, b.data, w.data, h.data, y.data]
+    for i, g in enumerate(arrays):
+        assert g.base is None and g.flags.writeable
+        assert not any(np.shares_memory(g, o) for o in others)
+        assert not any(np.shares_memory(g, o) for o in arrays[i + 1:])
+    want = 2 * y.data @ w.data.T + (np.arange(12) % 2 == 0).reshape(3, 4)
+    np.testing.assert_allclose(ga.data, want)
+    np.testing.assert_allclose(gb.data, want)
+    np.testing.assert_allclose(gw.data, h.data.T @ (2 * y.data))
