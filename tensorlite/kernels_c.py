@@ -303,7 +303,8 @@ def cross_entropy_forward(logits, targets):
 def cross_entropy_backward(dout, probs, targets):
     fn = _fn("cross_entropy_backward", probs.dtype)
     if (fn is None or not probs.flags.c_contiguous  # in place: it must be probs itself
-            or probs.ndim != 2 or np.shape(targets) != probs.shape[:1]):
+            or probs.ndim != 2 or np.shape(targets) != probs.shape[:1]
+            or np.may_share_memory(probs, targets)):  # (restrict; and checked, then reread)
         return _reference("cross_entropy_backward", dout, probs, targets)
     t = probs.dtype.type
     n, v = probs.shape
@@ -316,7 +317,7 @@ def scatter_add_rows(target, indices, rows):
     fn = _fn("scatter_add_rows", target.dtype)
     if (fn is None or not target.flags.c_contiguous or target.ndim != 2  # in place on target
             or np.shape(rows) != (np.size(indices), target.shape[1])
-            or np.may_share_memory(target, rows)):
+            or np.may_share_memory(target, rows) or np.may_share_memory(target, indices)):
         return _reference("scatter_add_rows", target, indices, rows)
     if indices.size == 0:
         return None

@@ -752,6 +752,39 @@ def test_c_kernels_give_the_same_bits_wherever_their_buffers_lie(dtype):
         assert len(results) == 1, f"{name}: {len(results)} different results"
 
 
+ALIASED_INDICES = """
+import numpy as np
+from tensorlite import kernels
+from tensorlite.functional import cross_entropy_backward
+kernels.use_kernels("c")
+
+def scatter(f):  # the indices are target's own first two values (0.0: index 0)
+    t = np.zeros((5, 3))
+    f(t, t.view(np.int64)[0, :2], np.full((2, 3), 0.5))
+    return t
+
+def cross_entropy(f):  # the targets are probs' first three values: 1, 0, 0
+    p = np.zeros((3, 4))
+    p[0, 0] = 5e-324  # the float whose bits are the int64 1
+    return f(np.asarray(1.0), p, p.view(np.int64).reshape(-1)[:3]).copy()
+
+for run, twin in ((scatter, kernels.scatter_add_rows), (cross_entropy, cross_entropy_backward)):
+    print(np.array_equal(run(twin), run(twin.reference), equal_nan=True))
+"""
+
+
+def test_c_twins_never_let_a_write_change_the_indices_they_read():
+    """The C loops check every index, then read them again while they write: indices that
+    are bytes of the array written to (a view) turned into huge ones in between, and the
+    loop wrote outside the array (heap corruption). The twins hand those to the reference.
+    In a subprocess: before the fix this crashed the interpreter."""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    out = subprocess.run([sys.executable, "-c", ALIASED_INDICES], capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert (out.returncode, out.stdout.split()) == (0, ["True", "True"]), out.stderr
+
+
 def test_c_twins_never_hand_the_c_loops_overlapping_buffers():
     """The C arguments are restrict (they never overlap). Where a caller's arrays do, the
     twin runs the reference instead (softmax_backward_columns, scatter_add_rows) or refuses
