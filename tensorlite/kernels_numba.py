@@ -228,11 +228,17 @@ def _softmax_backward_columns(dst, pt, scale):
                 d[j, i] = p[j, i] * (d[j, i] - c[i]) * scale
 
 
+def _reference(name: str, *args):
+    """The NumPy reference of kernel `name`: for layouts the loops do not walk in place, and
+    for arrays that overlap the one a loop writes (it would read what it has just written)."""
+    from .kernels import REFERENCES
+
+    return REFERENCES[name](*args)
+
+
 def causal_softmax_columns(st, scale):
     if not (st.ndim >= 2 and st.shape[-1] == st.shape[-2] >= 1 and st.flags.c_contiguous):
-        from .kernels import REFERENCES  # a layout the loops do not walk in place
-
-        return REFERENCES["causal_softmax_columns"](st, scale)
+        return _reference("causal_softmax_columns", st, scale)
     T, t = st.shape[-1], st.dtype.type
     # scale applied inside exp: softmax(s * scale) = exp((s - max) * scale) / sum, scale > 0
     _run(_causal_softmax_columns, st.size, st.reshape(-1, T, T), t(scale), t(1))
@@ -241,10 +247,8 @@ def causal_softmax_columns(st, scale):
 
 def softmax_backward_columns(dst, pt, scale):
     if not (dst.ndim >= 2 and dst.shape[-1] == dst.shape[-2] >= 1 and dst.flags.c_contiguous
-            and np.shape(pt) == dst.shape):
-        from .kernels import REFERENCES
-
-        return REFERENCES["softmax_backward_columns"](dst, pt, scale)
+            and np.shape(pt) == dst.shape) or np.may_share_memory(dst, pt):
+        return _reference("softmax_backward_columns", dst, pt, scale)
     T = dst.shape[-1]
     _run(_softmax_backward_columns, dst.size, dst.reshape(-1, T, T),
          _c(pt.astype(dst.dtype, copy=False)).reshape(-1, T, T), dst.dtype.type(scale))
@@ -294,6 +298,8 @@ def cross_entropy_forward(logits, targets):
 
 
 def cross_entropy_backward(dout, probs, targets):
+    if np.may_share_memory(probs, targets):  # the loop would write the targets it reads
+        return _reference("cross_entropy_backward", dout, probs, targets)
     t = probs.dtype.type
     _run(_cross_entropy_backward, probs.size, probs, _c(targets).astype(np.int64, copy=False),
          t(1), t(dout / t(len(targets))))
@@ -310,6 +316,8 @@ def _scatter_add_rows(target, indices, rows):
 
 
 def scatter_add_rows(target, indices, rows):
+    if np.may_share_memory(target, indices) or np.may_share_memory(target, rows):
+        return _reference("scatter_add_rows", target, indices, rows)  # (written while read)
     if indices.size == 0:
         return
     _scatter_add_rows(target, _c(indices).astype(np.int64, copy=False), _c(rows))

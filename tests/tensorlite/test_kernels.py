@@ -753,10 +753,11 @@ def test_c_kernels_give_the_same_bits_wherever_their_buffers_lie(dtype):
 
 
 ALIASED_INDICES = """
+import sys
 import numpy as np
 from tensorlite import kernels
 from tensorlite.functional import cross_entropy_backward
-kernels.use_kernels("c")
+assert kernels.use_kernels(sys.argv[1]) == sys.argv[1]
 
 def scatter(f):  # the indices are target's own first two values (0.0: index 0)
     t = np.zeros((5, 3))
@@ -773,16 +774,38 @@ for run, twin in ((scatter, kernels.scatter_add_rows), (cross_entropy, cross_ent
 """
 
 
-def test_c_twins_never_let_a_write_change_the_indices_they_read():
-    """The C loops check every index, then read them again while they write: indices that
-    are bytes of the array written to (a view) turned into huge ones in between, and the
-    loop wrote outside the array (heap corruption). The twins hand those to the reference.
-    In a subprocess: before the fix this crashed the interpreter."""
-    if not c_available():
-        pytest.skip("no C compiler here (CI installs one)")
-    out = subprocess.run([sys.executable, "-c", ALIASED_INDICES], capture_output=True,
-                         text=True, timeout=120, check=False)
+@pytest.mark.parametrize("path", ["c", "numba"])
+def test_compiled_twins_never_let_a_write_change_the_indices_they_read(path):
+    """The C loops check every index, then read them again while they write (the numba
+    loops only read them while they write): indices that are bytes of the array written to
+    (a view) turned into huge ones in between, and the loop wrote outside the array (heap
+    corruption). The twins hand those to the reference. In a subprocess: before the fix
+    this crashed the interpreter."""
+    if not {"c": c_available, "numba": numba_available}[path]():
+        pytest.skip(f"the {path} kernels cannot load here (CI installs what they need)")
+    out = subprocess.run([sys.executable, "-c", ALIASED_INDICES, path], capture_output=True,
+                         text=True, timeout=300, check=False)
     assert (out.returncode, out.stdout.split()) == (0, ["True", "True"]), out.stderr
+
+
+def test_numba_twins_run_the_reference_where_arrays_overlap():
+    """As the C twins do (they are restrict): softmax_backward_columns with dst its own
+    pt, scatter_add_rows with rows that are the target's own rows."""
+    if not numba_available():
+        pytest.skip("numba is not installed here (CI installs it)")
+    rng = np.random.default_rng(0)
+    st, table = rng.random((2, 4, 4)), rng.random((5, 3))
+    for twin in (F.softmax_backward_columns, kernels.scatter_add_rows):
+        kernels.use_kernels("numba")
+        a, t = st.copy(), table.copy()
+        got = (twin(a, a, 0.5) if twin is F.softmax_backward_columns
+               else twin(t, np.array([4, 0]), t[1:3]), a.copy(), t.copy())
+        kernels.use_kernels("numpy")
+        a, t = st.copy(), table.copy()
+        want = (twin(a, a, 0.5) if twin is F.softmax_backward_columns
+                else twin(t, np.array([4, 0]), t[1:3]), a.copy(), t.copy())
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[2], want[2])
 
 
 def test_c_twins_never_hand_the_c_loops_overlapping_buffers():
