@@ -254,23 +254,23 @@ class ScaledDotProductAttention(Function):
         # The scores are kept TRANSPOSED, keys along rows: st = S^T = k q^T, (..., Tk, Tq).
         # The softmax then reduces over axis -2, across rows, which NumPy does about twice
         # as fast as along each short row; P^T feeds both products below without a copy.
-        st = k @ np.swapaxes(q, -1, -2)  # (..., Tk, Tq)
+        st = k @ q.swapaxes(-1, -2)  # (..., Tk, Tq)
         st *= self.scale
         if causal:
             st += _causal_bias(*st.shape[-1:-3:-1], st.dtype).T  # -inf where key j is future
         self.pt = _softmax(st, -2, inplace=True)  # P^T, (..., Tk, Tq)
         self.q, self.k, self.v, self.causal = q, k, v, causal
-        return np.swapaxes(self.pt, -1, -2) @ v  # P v, (..., Tq, hv)
+        return self.pt.swapaxes(-1, -2) @ v  # P v, (..., Tq, hv)
 
     def backward(self, dout):
         pt, q, k, v = self.pt, self.q, self.k, self.v
         dv = pt @ dout  # P^T dout, (..., Tk, hv)
-        dst = v @ np.swapaxes(dout, -1, -2)  # dP^T = v dout^T, (..., Tk, Tq)
+        dst = v @ dout.swapaxes(-1, -2)  # dP^T = v dout^T, (..., Tk, Tq)
         # softmax backward, per query (a column here): dS = P * (dP - sum_keys(dP * P))
         dst -= np.einsum("...kq,...kq->...q", dst, pt)[..., None, :]
         dst *= pt
         dst *= self.scale  # dS^T, scaled
-        dq = np.swapaxes(dst, -1, -2) @ k  # (..., Tq, hd)
+        dq = dst.swapaxes(-1, -2) @ k  # (..., Tq, hd)
         dk = dst @ q  # (..., Tk, hd)
         # batch dims that were broadcast (k, v shared across a batch, say) are summed back
         return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
@@ -280,8 +280,8 @@ class ScaledDotProductAttention(Function):
                                  dout)
 
     def jvp(self, dq, dk, dv):  # dS -> dP by the softmax JVP, then d(P v) = dP v + P dv
-        p = np.swapaxes(self.pt, -1, -2)  # P, (..., Tq, Tk)
-        ds = (dq @ np.swapaxes(self.k, -1, -2) + self.q @ np.swapaxes(dk, -1, -2)) * self.scale
+        p = self.pt.swapaxes(-1, -2)  # P, (..., Tq, Tk)
+        ds = (dq @ self.k.swapaxes(-1, -2) + self.q @ dk.swapaxes(-1, -2)) * self.scale
         dp = p * (ds - (ds * p).sum(axis=-1, keepdims=True))
         return dp @ self.v + p @ dv
 
@@ -327,9 +327,9 @@ def causal_self_attention_forward(qkv, n_head, scale):
     them is the causal_softmax_columns kernel. Returns y (B, T, C) and P^T (B, H, T, T)."""
     B, T, C3 = qkv.shape
     q, k, v = _heads(qkv, n_head)  # each (B, H, T, hd)
-    pt = causal_softmax_columns(k @ np.swapaxes(q, -1, -2), scale)  # S^T -> P^T
+    pt = causal_softmax_columns(k @ q.swapaxes(-1, -2), scale)  # S^T -> P^T
     y = np.empty((B, T, n_head, C3 // 3 // n_head), dtype=pt.dtype)
-    np.matmul(np.swapaxes(pt, -1, -2), v, out=y.transpose(0, 2, 1, 3))  # P v, heads side by side
+    np.matmul(pt.swapaxes(-1, -2), v, out=y.transpose(0, 2, 1, 3))  # P v, heads side by side
     return y.reshape(B, T, C3 // 3), pt
 
 
@@ -344,8 +344,8 @@ def causal_self_attention_backward(dy, qkv, pt, n_head, scale):
     dqkv = np.empty((B, T, 3, n_head, hd), dtype=qkv.dtype)
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # views to write into, each (B, H, T, hd)
     np.matmul(pt, dout, out=dv)  # P^T dout
-    dst = softmax_backward_columns(v @ np.swapaxes(dout, -1, -2), pt, scale)  # dP^T -> dS^T
-    np.matmul(np.swapaxes(dst, -1, -2), k, out=dq)
+    dst = softmax_backward_columns(v @ dout.swapaxes(-1, -2), pt, scale)  # dP^T -> dS^T
+    np.matmul(dst.swapaxes(-1, -2), k, out=dq)
     np.matmul(dst, q, out=dk)
     return dqkv.reshape(B, T, C3)
 

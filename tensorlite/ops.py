@@ -23,6 +23,8 @@ def _shape_error(op: str, *shapes) -> ValueError:
 
 
 def _broadcast_check(op: str, x: np.ndarray, y: np.ndarray) -> None:
+    if x.shape == y.shape:  # the common case (np.broadcast_shapes is Python, ~3 us a call)
+        return
     try:
         np.broadcast_shapes(x.shape, y.shape)
     except ValueError:
@@ -181,14 +183,14 @@ class MatMul(Function):
             dout = np.expand_dims(dout, -2)
         dx = dy = None
         if self.needs(0):
-            dx = unbroadcast(np.matmul(dout, np.swapaxes(y2, -1, -2)), x2.shape).reshape(x.shape)
+            dx = unbroadcast(np.matmul(dout, y2.swapaxes(-1, -2)), x2.shape).reshape(x.shape)
         if self.needs(1):
             if y2.ndim == 2 and x2.ndim > 2:
                 # A weight shared across the batch: fold the batch into rows, one big GEMM.
                 k, n = x2.shape[-1], dout.shape[-1]
                 dy = x2.reshape(-1, k).T @ dout.reshape(-1, n)  # (k, n)
             else:
-                dy = unbroadcast(np.matmul(np.swapaxes(x2, -1, -2), dout), y2.shape)
+                dy = unbroadcast(np.matmul(x2.swapaxes(-1, -2), dout), y2.shape)
             dy = dy.reshape(y.shape)
         return dx, dy
 
