@@ -82,6 +82,18 @@ def contiguous(a, dtype=None) -> np.ndarray:
     return np.array(a, dtype=dtype, order="C")
 
 
+def square_stack(a) -> bool:
+    """(..., T, T) with T >= 1, C-contiguous: the layout the compiled twins of the attention's
+    softmax passes walk in place."""
+    return a.ndim >= 2 and a.shape[-1] == a.shape[-2] >= 1 and a.flags.c_contiguous
+
+
+def run_reference(name: str, *args):
+    """Run kernel `name`'s NumPy reference: what a compiled twin hands the inputs its loops
+    do not take (another layout, or arrays that overlap the one a loop writes)."""
+    return REFERENCES[name](*args)
+
+
 # The kernels that the compiled paths (C, numba) have twins of, by name.
 COMPILED = ("relu_squared", "relu_squared_backward", "rms_norm_forward", "rms_norm_backward",
             "causal_softmax_columns", "softmax_backward_columns",

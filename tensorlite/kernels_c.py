@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .kernels import COMPILED, REFERENCES
+from .kernels import COMPILED, square_stack
 from .kernels import contiguous as _c
+from .kernels import run_reference as _reference
 
 SOURCE = Path(__file__).resolve().with_name("kernels.c")
 # As numba's fastmath without "no NaNs/infs": sums may be reassociated (so they vectorize),
@@ -202,10 +203,6 @@ def _ptr(a: np.ndarray) -> int:
         return a.ctypes.data
 
 
-def _reference(name: str, *args):
-    return REFERENCES[name](*args)
-
-
 # ---- the twins: same names, arguments and results as the references ------------------------------
 def relu_squared(x):
     fn = _fn("relu_squared", np.result_type(x))  # (the references also take 0-d arrays)
@@ -258,14 +255,9 @@ def rms_norm_backward(dout, x, r, weight):
 # Causal self-attention's softmax passes (the products around them are NumPy's BLAS calls in
 # functional.causal_self_attention_forward/backward). As in the reference, the matrices are
 # transposed, keys along rows: st[j, i] = k_j . q_i; one C call covers every (batch, head).
-def _square_stack(a) -> bool:
-    """(..., T, T), T >= 1, C-contiguous: the layout the C passes walk in place."""
-    return a.ndim >= 2 and a.shape[-1] == a.shape[-2] >= 1 and a.flags.c_contiguous
-
-
 def causal_softmax_columns(st, scale):
     fn = _fn("causal_softmax_columns", st.dtype)
-    if fn is None or not _square_stack(st):
+    if fn is None or not square_stack(st):
         return _reference("causal_softmax_columns", st, scale)
     T = st.shape[-1]
     m, total = np.empty(T, dtype=st.dtype), np.empty(T, dtype=st.dtype)  # scratch
@@ -275,7 +267,7 @@ def causal_softmax_columns(st, scale):
 
 def softmax_backward_columns(dst, pt, scale):
     fn = _fn("softmax_backward_columns", dst.dtype)
-    if (fn is None or not _square_stack(dst) or np.shape(pt) != dst.shape
+    if (fn is None or not square_stack(dst) or np.shape(pt) != dst.shape
             or np.may_share_memory(dst, pt)):  # the C arguments never overlap (restrict)
         return _reference("softmax_backward_columns", dst, pt, scale)
     T = dst.shape[-1]

@@ -20,8 +20,9 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from .kernels import COMPILED
+from .kernels import COMPILED, square_stack
 from .kernels import contiguous as _c
+from .kernels import run_reference as _reference
 
 _FAST = {"nsz", "arcp", "contract", "reassoc"}
 _parallel = numba.njit(parallel=True, cache=True, fastmath=_FAST, nogil=True)
@@ -228,16 +229,8 @@ def _softmax_backward_columns(dst, pt, scale):
                 d[j, i] = p[j, i] * (d[j, i] - c[i]) * scale
 
 
-def _reference(name: str, *args):
-    """The NumPy reference of kernel `name`: for layouts the loops do not walk in place, and
-    for arrays that overlap the one a loop writes (it would read what it has just written)."""
-    from .kernels import REFERENCES
-
-    return REFERENCES[name](*args)
-
-
 def causal_softmax_columns(st, scale):
-    if not (st.ndim >= 2 and st.shape[-1] == st.shape[-2] >= 1 and st.flags.c_contiguous):
+    if not square_stack(st):  # a layout the loops do not walk in place
         return _reference("causal_softmax_columns", st, scale)
     T, t = st.shape[-1], st.dtype.type
     # scale applied inside exp: softmax(s * scale) = exp((s - max) * scale) / sum, scale > 0
@@ -246,8 +239,8 @@ def causal_softmax_columns(st, scale):
 
 
 def softmax_backward_columns(dst, pt, scale):
-    if not (dst.ndim >= 2 and dst.shape[-1] == dst.shape[-2] >= 1 and dst.flags.c_contiguous
-            and np.shape(pt) == dst.shape) or np.may_share_memory(dst, pt):
+    if (not square_stack(dst) or np.shape(pt) != dst.shape
+            or np.may_share_memory(dst, pt)):  # (the loop would read what it has written)
         return _reference("softmax_backward_columns", dst, pt, scale)
     T = dst.shape[-1]
     _run(_softmax_backward_columns, dst.size, dst.reshape(-1, T, T),
