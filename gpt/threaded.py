@@ -153,7 +153,7 @@ class ThreadShards:
         adds them up."""
         _, loss = self.model(x, y, training=True, rng=rng)
         grads = tl.grad(loss, self.params, grad_outputs=np.asarray(weight, dtype=loss.dtype))
-        return weight * float(loss.data), [g.data if isinstance(g, tl.Tensor) else g for g in grads]
+        return weight * float(loss.data), [g.data for g in grads]
 
     def _loss(self, x, y, weight):
         with tl.no_grad():  # recording is off per thread: this thread must say so itself
@@ -180,10 +180,9 @@ class ThreadShards:
         self.step += 1
         rngs = [shard_rng(seed, k) for k in range(min(self.threads, len(x)))]
         done = self._map(self._grads, x, y, rngs)  # [(w_k * loss_k, w_k * grads_k)]
-        taken: set[int] = set()
         for i, p in enumerate(self.params):
-            total = _own(done[0][1][i], taken)  # shard 0's array, summed into in place
-            for _, grads in done[1:]:
+            total = done[0][1][i]  # shard 0's array (tensorlite.grad's: no one else's), summed
+            for _, grads in done[1:]:  # into in place
                 total += grads[i]
             p.grad = total
         return sum(loss for loss, _ in done)
@@ -197,15 +196,6 @@ class ThreadShards:
         """Wait for the threads to end, and give BLAS back the threads it had before."""
         self._pool.shutdown(wait=True)
         tl.set_num_threads(self._threads_before)
-
-
-def _own(a: np.ndarray, taken: set[int]) -> np.ndarray:
-    """`a` itself if it may be written in place (a plain writeable array that no other
-    parameter's gradient is), else a copy of it."""
-    if a.base is not None or not a.flags.writeable or id(a) in taken:
-        a = a.copy()
-    taken.add(id(a))
-    return a
 
 
 def _with_errstate(err: dict, fn, *args):

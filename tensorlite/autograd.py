@@ -239,7 +239,10 @@ def backward(root, grad, create_graph: bool = False, collect: dict | None = None
             key = id(parent)
             if key not in grads:
                 grads[key] = g
-                if not create_graph and g is not dout and g.base is None and g.flags.writeable:
+                # ours to add into in place only if backward made it for this input alone:
+                # not dout passed through, not a view, not one array handed to two inputs
+                if (not create_graph and g is not dout and g.base is None and g.flags.writeable
+                        and sum(h is g for h in input_grads) == 1):
                     owned.add(key)
             elif key in owned:
                 grads[key] += g  # in place: no new buffer

@@ -444,3 +444,29 @@ def test_grad_hands_back_arrays_that_share_memory_with_nothing():
     np.testing.assert_allclose(ga.data, want)
     np.testing.assert_allclose(gb.data, want)
     np.testing.assert_allclose(gw.data, h.data.T @ (2 * y.data))
+
+
+class _OneArrayForBoth(Function):
+    """out = 2 (x + y): a backward that hands one and the same fresh array to both inputs."""
+
+    def forward(self, x, y):
+        return 2 * (x + y)
+
+    def backward(self, dout):
+        g = 2 * dout
+        return g, g
+
+
+@pytest.mark.parametrize("how", ["backward", "grad"])
+def test_one_array_handed_to_two_inputs_is_never_added_into_in_place(how):
+    # a's gradient gets more added to it (a is used twice); b's must not change with it
+    a, b = (tl.Tensor(np.full(3, v), requires_grad=True) for v in (1.0, 2.0))
+    out = (_OneArrayForBoth.apply(a, b) + a * a).sum()
+    if how == "backward":
+        out.backward()
+        ga, gb = a.grad, b.grad
+    else:
+        ga, gb = (g.data for g in tl.grad(out, [a, b]))
+    np.testing.assert_array_equal(ga, 2 + 2 * a.data)
+    np.testing.assert_array_equal(gb, np.full(3, 2.0))
+    assert not np.shares_memory(ga, gb)
