@@ -117,12 +117,14 @@ def _check_unchanged(ts: list, before: list) -> None:
 
 
 def _close(got, expected, atol: float, rtol: float) -> bool:
-    return bool(np.all(np.abs(np.asarray(got) - expected) <= atol + rtol * np.abs(expected)))
+    return _worst_mismatch(np.asarray(got), expected, atol, rtol) is None
 
 
 def _worst_mismatch(got: np.ndarray, expected: np.ndarray, atol: float, rtol: float):
-    """The index of the element furthest past the tolerance, or None when all are within it."""
+    """The index of the element furthest past the tolerance, or None when all are within it.
+    A NaN on either side is a mismatch (it compares as nothing)."""
     bad = np.abs(got - expected) - (atol + rtol * np.abs(expected))
+    bad = np.where(np.isnan(bad), np.inf, bad)
     if not np.any(bad > 0):
         return None
     return np.unravel_index(np.argmax(bad), bad.shape) if bad.ndim else ()

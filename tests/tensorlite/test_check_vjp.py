@@ -95,3 +95,9 @@ def test_check_jvp_passes_a_right_jvp_and_names_the_argument_of_a_wrong_one():
 
     with pytest.raises(GradcheckError, match=r"check_jvp: argument 1 .* output element"):
         check_jvp(attn.attention, forgot_dk, attn.SHAPES)
+
+
+def test_a_jvp_that_gives_nan_fails_the_check():
+    # NaN compares as nothing: a check that only asked "is any error too large?" let it pass
+    with pytest.raises(GradcheckError, match=r"check_jvp: argument 0 .* got nan"):
+        check_jvp(lambda x: x * x, lambda t, x: np.full(x.shape, np.nan), [(3,)])
