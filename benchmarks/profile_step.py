@@ -117,7 +117,7 @@ def main() -> None:
     print(prof.table(args.steps))
     # the threads' time: each of the `lanes` threads is busy or waiting for the whole wall clock
     lanes = threads if shards is not None else 1
-    matmul = sum(sec for (op, _), (_, sec) in prof.stats.items() if op == "MatMul")
+    matmul = sum(matmul_per_step)
     lane_time = lanes * prof.wall
     print(f"\nthreads' time {1e3 * lane_time / args.steps:.2f} ms/step ({lanes} x wall): "
           f"matmuls {matmul / lane_time:.1%}, everything else {1 - matmul / lane_time:.1%}")
