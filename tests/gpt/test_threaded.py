@@ -134,12 +134,12 @@ def test_threads_setting_is_checked_and_defaults_to_the_cores():
         assert available_cores() == 1
     finally:
         os.sched_setaffinity(0, mask)
-    assert available_cores() == len(mask)
+    quota = cpu_quota()  # a container's CPU quota caps it too (tested below)
+    assert available_cores() == (len(mask) if quota is None else min(len(mask), quota))
     assert TrainConfig(threads=None).validate().threads is None
     for bad in (0, -1, 2.5, "2"):
         with pytest.raises(UserError, match="threads"):
             TrainConfig(threads=bad).validate()
-
 
 
 def test_kernels_that_threads_may_not_share_are_refused(monkeypatch):
