@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .kernels import COMPILED, square_stack
+from .kernels import COMPILED, adds_in_place, square_stack
 from .kernels import contiguous as _c
 from .kernels import run_reference as _reference
 
@@ -149,31 +149,34 @@ def load() -> ctypes.CDLL:
 
 
 # The C signatures: p = pointer (an array's address), i = int64, r = a scalar of the
-# kernel's own type (float for the _f32 function, double for _f64). Kernels that index with
-# targets return an int64: -1, or the first position whose index is out of range.
-_SIGNATURES = {  # name: (arguments, returns an index)
-    "relu_squared": ("ppi", False),
-    "relu_squared_backward": ("pppi", False),
-    "rms_norm_forward": ("ppriipp", False),
-    "rms_norm_backward": ("ppppiipp", False),
-    "causal_softmax_columns": ("piirpp", False),
-    "softmax_backward_columns": ("ppiirp", False),
-    "cross_entropy_forward": ("ppiipp", True),
-    "cross_entropy_backward": ("ppiir", True),
-    "scatter_add_rows": ("pippii", True),
-    "adamw_update": ("ppppirrrrrrrr", False),
+# kernel's own type (float for the _f32 function, double for _f64), d = a double. The
+# result: None, or i (the kernels that index with targets: -1, or the first position whose
+# index is out of range), or d (a sum).
+_SIGNATURES = {  # name: (arguments, result)
+    "relu_squared": ("ppi", None),
+    "relu_squared_backward": ("pppi", None),
+    "rms_norm_forward": ("ppriipp", None),
+    "rms_norm_backward": ("ppppiipp", None),
+    "causal_softmax_columns": ("piirpp", None),
+    "softmax_backward_columns": ("ppiirp", None),
+    "cross_entropy_forward": ("ppiipp", "i"),
+    "cross_entropy_backward": ("ppiir", "i"),
+    "scatter_add_rows": ("pippii", "i"),
+    "adamw_update": ("ppppirrrrrrrr", None),
+    "add_square_sum": ("ippp", "d"),
 }
 
 
 def _declare(lib: ctypes.CDLL) -> dict:
-    """Set each C function's argument types; returns {(name, dtype): function}."""
+    """Set each C function's argument and result types; returns {(name, dtype): function}."""
     table = {}
-    for name, (signature, returns_index) in _SIGNATURES.items():
+    for name, (signature, result) in _SIGNATURES.items():
         for dtype, suffix, real in ((_F32, "_f32", ctypes.c_float), (_F64, "_f64", ctypes.c_double)):
             fn = getattr(lib, name + suffix)
-            types = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "r": real}
+            types = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "r": real, "d": ctypes.c_double,
+                     None: None}
             fn.argtypes = [types[c] for c in signature]
-            fn.restype = ctypes.c_int64 if returns_index else None
+            fn.restype = types[result]
             table[name, dtype] = fn
     return table
 
@@ -335,6 +338,26 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
         raise ValueError("adamw_update: p, g, m and v must be four separate arrays")
     fn(_ptr(p), _ptr(g), _ptr(m), _ptr(v), p.size, beta1, beta2, 1 - beta1,
        1 - beta2, 1 - lr * weight_decay, lr / (1 - beta1**step), 1 / (1 - beta2**step), eps)
+
+
+def add_square_sum(totals, *others):
+    """totals[i] += others[k][i], then the sum of the totals' squares: one C call per list of
+    others (the squares after the last one's are the result)."""
+    if not adds_in_place(totals, others):
+        return _reference("add_square_sum", totals, *others)
+    fn = _fn("add_square_sum", totals[0].dtype)
+    sizes = np.array([t.size for t in totals], dtype=np.int64)
+    at = np.array([_ptr(t) for t in totals], dtype=np.int64)
+    if not others:
+        return fn(len(totals), _ptr(at), None, _ptr(sizes))
+    added = [[_c(o) for o in more] for more in others]  # (kept until the calls return)
+    other_at = [np.array([_ptr(o) for o in more], dtype=np.int64) for more in added]
+    nbytes = sizes * totals[0].itemsize  # contiguous arrays of one size overlap where their
+    if any((abs(o - at) < nbytes).any() for o in other_at):  # starts lie closer than that
+        return _reference("add_square_sum", totals, *others)  # (the C arguments are restrict)
+    for o in other_at:
+        squares = fn(len(totals), _ptr(at), _ptr(o), _ptr(sizes))
+    return squares
 
 
 KERNELS = {name: globals()[name] for name in COMPILED}  # same names as the references

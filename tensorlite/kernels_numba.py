@@ -20,7 +20,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from .kernels import COMPILED, square_stack
+from .kernels import COMPILED, adds_in_place, square_stack
 from .kernels import contiguous as _c
 from .kernels import run_reference as _reference
 
@@ -338,6 +338,39 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     )
 
 
+# ---- the gradients' sum and norm -------------------------------------------------------------------
+@_parallel
+def _add_square_sum(total, other):
+    squares = 0.0  # float64, whatever the arrays' type
+    for i in prange(total.size):
+        t = total[i] + other[i]
+        total[i] = t
+        squares += np.float64(t) * np.float64(t)
+    return squares
+
+
+@_parallel
+def _square_sum(a):
+    squares = 0.0
+    for i in prange(a.size):
+        squares += np.float64(a[i]) * np.float64(a[i])
+    return squares
+
+
+def add_square_sum(totals, *others):
+    if not adds_in_place(totals, others) or any(  # (or the loop would read what it wrote)
+            np.may_share_memory(total, o) for total, *added in zip(totals, *others) for o in added):
+        return _reference("add_square_sum", totals, *others)
+    squares = 0.0
+    for total, *added in zip(totals, *others):
+        flat = total.reshape(-1)
+        part = 0.0 if added else _run(_square_sum, total.size, flat)
+        for other in added:  # (the squares after the last addition count)
+            part = _run(_add_square_sum, total.size, flat, _c(other).reshape(-1))
+        squares += part
+    return float(squares)
+
+
 # ---- threads --------------------------------------------------------------------------------------
 def set_num_threads(n: int) -> None:
     numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
@@ -362,7 +395,7 @@ def thread_safe() -> bool:
 DISPATCHERS = [
     _relu_squared, _relu_squared_backward, _rms_norm_forward, _rms_norm_backward,
     _causal_softmax_columns, _softmax_backward_columns, _cross_entropy_forward, _cross_entropy_backward,
-    _scatter_add_rows, _adamw_update,
+    _scatter_add_rows, _adamw_update, _add_square_sum, _square_sum,
 ]
 
 KERNELS = {name: globals()[name] for name in COMPILED}  # same names as the references
