@@ -337,17 +337,34 @@ static double KERNEL(square_sum_1)(const real *restrict a, int64_t n)
     return squares;
 }
 
-/* For each of `count` arrays (a model's gradients), one after the other: totals[k] +=
- * others[k] over sizes[k] values (others NULL: nothing is added); returns the sum of all the
- * totals' squares. One call for every array: a call from Python costs a microsecond or two,
- * about what a pass over a small gradient does. */
-double KERNEL(add_square_sum)(int64_t count, real *const *totals, const real *const *others,
-                              const int64_t *sizes)
+/* Whether n bytes from a and n bytes from b overlap (compared as integers: C leaves the
+ * order of pointers into different arrays undefined). */
+static inline int KERNEL(overlap)(const real *a, const real *b, int64_t n)
 {
+    uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return x < y + (uintptr_t)n && y < x + (uintptr_t)n;
+}
+
+/* For each of `count` arrays (a model's gradients) in turn: totals[k] += others[l * count + k]
+ * for l < lists, over sizes[k] values, then the sum of its squares (lists 0: it is only
+ * measured); returns the sum over all the arrays. One call for every array: a call from
+ * Python costs microseconds, about what a pass over a small gradient does. Returns -1, and
+ * writes nothing, where an array added into a total overlaps it (the caller then runs the
+ * NumPy reference: these loops are restrict). */
+double KERNEL(add_square_sum)(int64_t count, int64_t lists, real *const *totals,
+                              const real *const *others, const int64_t *sizes)
+{
+    for (int64_t l = 0; l < lists; l++)
+        for (int64_t k = 0; k < count; k++)
+            if (KERNEL(overlap)(totals[k], others[l * count + k], sizes[k] * (int64_t)sizeof(real)))
+                return -1;
     double squares = 0;
-    for (int64_t k = 0; k < count; k++)
-        squares += others ? KERNEL(add_square_sum_1)(totals[k], others[k], sizes[k])
-                          : KERNEL(square_sum_1)(totals[k], sizes[k]);
+    for (int64_t k = 0; k < count; k++) {
+        double mine = lists ? 0 : KERNEL(square_sum_1)(totals[k], sizes[k]);
+        for (int64_t l = 0; l < lists; l++) /* (the squares after the last addition count) */
+            mine = KERNEL(add_square_sum_1)(totals[k], others[l * count + k], sizes[k]);
+        squares += mine;
+    }
     return squares;
 }
 

@@ -89,10 +89,10 @@ def square_stack(a) -> bool:
 
 
 def adds_in_place(totals, others) -> bool:
-    """What the compiled twins of add_square_sum walk: every total C-contiguous, float32 or
-    float64, all of one dtype (and, with others, writable); each list of `others` as long as
-    totals, with arrays of their totals' dtype and shape. (Whether an array added into a
-    total overlaps it, each twin checks its own way: the C one from the addresses it takes.)"""
+    """What the compiled twins of add_square_sum walk: C-contiguous arrays, the totals float32
+    or float64, all of one dtype (and, with others, writable); each list of `others` as long
+    as totals, with arrays of their totals' dtype and shape. (Whether an array added into a
+    total overlaps it, each twin checks its own way: the C one from the addresses.)"""
     dtype = totals[0].dtype if len(totals) else None
     if dtype is None or dtype.char not in "fd" or any(len(o) != len(totals) for o in others):
         return False
@@ -101,7 +101,8 @@ def adds_in_place(totals, others) -> bool:
         if total.dtype != dtype or not flags.c_contiguous or added and not flags.writeable:
             return False
         for other in added:
-            if getattr(other, "dtype", None) != dtype or other.shape != total.shape:
+            if (getattr(other, "dtype", None) != dtype or other.shape != total.shape
+                    or not other.flags.c_contiguous):
                 return False
     return True
 

@@ -163,7 +163,7 @@ _SIGNATURES = {  # name: (arguments, result)
     "cross_entropy_backward": ("ppiir", "i"),
     "scatter_add_rows": ("pippii", "i"),
     "adamw_update": ("ppppirrrrrrrr", None),
-    "add_square_sum": ("ippp", "d"),
+    "add_square_sum": ("iippp", "d"),
 }
 
 
@@ -341,22 +341,19 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
 
 
 def add_square_sum(totals, *others):
-    """totals[i] += others[k][i], then the sum of the totals' squares: one C call per list of
-    others (the squares after the last one's are the result)."""
+    """totals[i] += others[k][i], then the sum of the totals' squares, in one C call. Its
+    arguments travel in one int64 table: the sizes, the totals' addresses, then the others'
+    (a NumPy array per list, or a check per array in NumPy, cost more than the pass saved)."""
     if not adds_in_place(totals, others):
         return _reference("add_square_sum", totals, *others)
-    fn = _fn("add_square_sum", totals[0].dtype)
-    sizes = np.array([t.size for t in totals], dtype=np.int64)
-    at = np.array([_ptr(t) for t in totals], dtype=np.int64)
-    if not others:
-        return fn(len(totals), _ptr(at), None, _ptr(sizes))
-    added = [[_c(o) for o in more] for more in others]  # (kept until the calls return)
-    other_at = [np.array([_ptr(o) for o in more], dtype=np.int64) for more in added]
-    nbytes = sizes * totals[0].itemsize  # contiguous arrays of one size overlap where their
-    if any((abs(o - at) < nbytes).any() for o in other_at):  # starts lie closer than that
-        return _reference("add_square_sum", totals, *others)  # (the C arguments are restrict)
-    for o in other_at:
-        squares = fn(len(totals), _ptr(at), _ptr(o), _ptr(sizes))
+    count = len(totals)
+    table = np.array([t.size for t in totals] + [_ptr(a) for a in itertools.chain(totals, *others)],
+                     dtype=np.int64)
+    at = _ptr(table)
+    squares = _fn("add_square_sum", totals[0].dtype)(
+        count, len(others), at + 8 * count, at + 16 * count if others else None, at)
+    if squares < 0:  # an array added into a total overlaps it: nothing was written
+        return _reference("add_square_sum", totals, *others)
     return squares
 
 

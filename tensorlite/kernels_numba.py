@@ -366,7 +366,7 @@ def add_square_sum(totals, *others):
         flat = total.reshape(-1)
         part = 0.0 if added else _run(_square_sum, total.size, flat)
         for other in added:  # (the squares after the last addition count)
-            part = _run(_add_square_sum, total.size, flat, _c(other).reshape(-1))
+            part = _run(_add_square_sum, total.size, flat, other.reshape(-1))
         squares += part
     return float(squares)
 
