@@ -260,11 +260,11 @@ static void KERNEL(transpose)(const real *restrict a, int64_t lda, int64_t t, in
             at[d * t + i] = a[i * lda + d];
 }
 
-/* c[j][i] = a_j . bt[:, i] (a: t rows of n values, stride lda; bt: n x t), for the column
- * blocks i >= the block holding j: the blocks left of it are the future of every row in the
- * tile, and are not written. */
+/* c[j][i] = (a_j . bt[:, i]) * scale (a: t rows of n values, stride lda; bt: n x t), for the
+ * column blocks i >= the block holding j: the blocks left of it are the future of every row in
+ * the tile, and are not written. */
 static void KERNEL(scores)(const real *restrict a, int64_t lda, const real *restrict bt, int64_t t,
-                           int64_t n, real *restrict c)
+                           int64_t n, real scale, real *restrict c)
 {
     for (int64_t j0 = 0; j0 < t; j0 += ROWS)
         for (int64_t i0 = j0 / COLS * COLS; i0 < t; i0 += COLS) {
@@ -275,7 +275,7 @@ static void KERNEL(scores)(const real *restrict a, int64_t lda, const real *rest
                     acc[r] += a[(j0 + r) * lda + d] * b;
             }
             for (int r = 0; r < ROWS; r++)
-                KERNEL(store)(c + (j0 + r) * t + i0, acc[r]);
+                KERNEL(store)(c + (j0 + r) * t + i0, acc[r] * scale);
         }
 }
 
@@ -316,11 +316,13 @@ static void KERNEL(by_rows)(const real *restrict a, int64_t t, const real *restr
         }
 }
 
-/* causal_softmax_columns on one t x t matrix whose future blocks `scores` did not write: every
- * row j is walked from the start of the COLS block holding j, so the loops run whole vectors.
- * The future entries inside that block are set to -inf first (their exp is ~0 and the max
- * ignores them), and every future entry is 0 at the end. */
-static void KERNEL(softmax_blocks)(real *restrict s, int64_t t, real scale, real *restrict m,
+/* causal_softmax_columns on one t x t matrix of scores already scaled (as the reference scales
+ * them before its max: so any scale, 0 or negative too, gives the reference's softmax) whose
+ * future blocks `scores` did not write: every row j is walked from the start of the COLS block
+ * holding j, so the loops run whole vectors. The future entries inside that block are set to
+ * -inf first (their exp is ~0 and the max ignores them), and every future entry is 0 at the
+ * end. */
+static void KERNEL(softmax_blocks)(real *restrict s, int64_t t, real *restrict m,
                                    real *restrict total)
 {
     for (int64_t j = 0; j < t; j++)
@@ -336,7 +338,7 @@ static void KERNEL(softmax_blocks)(real *restrict s, int64_t t, real scale, real
     for (int64_t j = 0; j < t; j++) {
         real *row = s + j * t;
         for (int64_t i = j / COLS * COLS; i < t; i++) {
-            row[i] = EXP((row[i] - m[i]) * scale);
+            row[i] = EXP(row[i] - m[i]);
             total[i] += row[i];
         }
     }
@@ -351,8 +353,8 @@ static void KERNEL(softmax_blocks)(real *restrict s, int64_t t, real scale, real
     }
 }
 
-/* y (b, t, h*hd) and pt (b, h, t, t) from qkv (b, t, 3 h hd): per (batch, head), S^T = K Q^T on
- * the visible blocks, P^T by the column softmax, y = P V. Scratch: qt (hd x t), m, total (t). */
+/* y (b, t, h*hd) and pt (b, h, t, t) from qkv (b, t, 3 h hd): per (batch, head), S^T = K Q^T
+ * scale on the visible blocks, P^T by the column softmax, y = P V. Scratch: qt (hd x t), m, total (t). */
 void KERNEL(causal_attention_forward)(const real *restrict qkv, int64_t nb, int64_t t,
                                       int64_t nh, int64_t hd, real scale, real *restrict y,
                                       real *restrict pt, real *restrict qt, real *restrict m,
@@ -364,8 +366,8 @@ void KERNEL(causal_attention_forward)(const real *restrict qkv, int64_t nb, int6
             const real *q = qkv + b * t * ld + h * hd, *k = q + c, *v = q + 2 * c;
             real *p = pt + (b * nh + h) * t * t;
             KERNEL(transpose)(q, ld, t, hd, qt);
-            KERNEL(scores)(k, ld, qt, t, hd, p); /* S^T */
-            KERNEL(softmax_blocks)(p, t, scale, m, total); /* P^T */
+            KERNEL(scores)(k, ld, qt, t, hd, scale, p); /* S^T, scaled */
+            KERNEL(softmax_blocks)(p, t, m, total); /* P^T */
             KERNEL(by_columns)(p, t, v, ld, hd, y + b * t * c + h * hd, c); /* P V */
         }
 }
@@ -388,7 +390,7 @@ void KERNEL(causal_attention_backward)(const real *restrict dy, const real *rest
             real *dq = dqkv + b * t * ld + h * hd, *dk = dq + c, *dv = dq + 2 * c;
             KERNEL(by_rows)(p, t, dout, c, hd, dv, ld); /* dV = P^T dout */
             KERNEL(transpose)(dout, c, t, hd, dt);
-            KERNEL(scores)(v, ld, dt, t, hd, ds); /* dP^T, visible blocks */
+            KERNEL(scores)(v, ld, dt, t, hd, 1, ds); /* dP^T, visible blocks */
             for (int64_t i = 0; i < t; i++)
                 colsum[i] = 0;
             for (int64_t j = 0; j < t; j++) /* P^T is 0 in the future: those add nothing */

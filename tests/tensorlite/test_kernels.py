@@ -284,6 +284,30 @@ def test_whole_attention_c_twin_propagates_nan_and_takes_strided_inputs():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [0.0, -0.25, -30.0])
+def test_whole_attention_c_twin_takes_any_scale(dtype, scale):
+    """The reference scales the scores before the softmax, so a scale of 0 gives every query
+    the mean of the values it sees, and a negative one favours the lowest scores. The C twin
+    must agree (it once took exp((s - max s) * scale): NaN at 0, from its -inf padding times
+    0, and columns that did not sum to 1 below 0)."""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    kernels.use_kernels("c")
+    u = _attention_unit(np.dtype(dtype))
+    rng = np.random.default_rng(2)
+    qkv = rng.standard_normal((2, 2 * u, 3 * 2 * u)).astype(dtype)  # two heads of u
+    dy = rng.standard_normal((2, 2 * u, 2 * u)).astype(dtype)
+    y, pt = F.causal_self_attention_forward(qkv, 2, scale)
+    d = F.causal_self_attention_backward(dy, qkv, pt, 2, scale)
+    kernels.use_kernels("numpy")  # the references' softmax passes in NumPy too
+    y0, pt0 = F.causal_self_attention_forward(qkv, 2, scale)
+    d0 = F.causal_self_attention_backward(dy, qkv, pt0, 2, scale)
+    assert_close(pt, pt0, dtype, scale=4)
+    assert_close(y, y0, dtype, scale=4)
+    assert_close(d, d0, dtype, scale=4 * abs(scale) * u + 4)  # dS carries the scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @given(data=st.data())
 def test_rms_norm_twin_matches_the_reference(dtype, data):
     shape = data.draw(shapes(min_dims=1, max_dims=3, max_side=70))
