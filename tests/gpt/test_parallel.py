@@ -12,9 +12,11 @@ import signal
 import subprocess
 import sys
 
+import numexpr
 import numpy as np
 import pytest
 
+import tensorlite
 from gpt import parallel
 from gpt.config import GPTConfig
 from gpt.model import GPT
@@ -241,6 +243,26 @@ def test_workers_share_the_cores_this_process_may_run_on(monkeypatch):
         assert dp.spec.threads == 1
     finally:
         dp.close()
+
+
+def test_each_worker_runs_on_the_threads_it_was_given():
+    """A worker sets its threads (tensorlite.set_num_threads) when it builds its model: BLAS
+    to at most that many (OpenBLAS caps it at its own start-up count) and numexpr to exactly
+    that many, whatever the previous run in the same reused process had set."""
+
+    def threads_in_a_worker(spec):  # pickled by value into the worker
+        parallel._worker_model(spec)  # what the worker does before its first shard
+        return tensorlite.get_num_threads(), numexpr.get_num_threads()
+
+    for threads in (1, 2):
+        dp = DataParallel(GPT(TINY, seed=0), 2, threads_per_worker=threads)
+        try:
+            executor = dp.transport._executor
+            for blas, numexpr_threads in (executor.submit(threads_in_a_worker, dp.spec).result()
+                                          for _ in range(4)):
+                assert 1 <= blas <= threads and numexpr_threads == threads
+        finally:
+            dp.close()
 
 
 @pytest.mark.parametrize("cc", ["", "/nonexistent/cc"])  # the default compiler; none

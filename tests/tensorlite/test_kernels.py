@@ -3,7 +3,8 @@ reference's results, forward and backward, in float32 and float64; the dispatch 
 fallback, the on-disk caches, the thread settings and calls from several threads behave as
 documented; and the ops that call kernels give the same values and gradients on every path.
 
-CI runs this file on the default (C) path and again with TENSORLITE_KERNELS=numpy.
+CI (.ci/run) runs this file on the default (C) path and again with TENSORLITE_KERNELS=numpy
+and =numba.
 """
 
 from __future__ import annotations
