@@ -168,8 +168,8 @@ void KERNEL(rms_norm_backward)(const real *restrict dout, const real *restrict x
  * visible entries are the columns i >= j. One call handles n (batch, head) matrices t x t. */
 
 /* In place, per matrix: st -> P^T with P[i][j] = softmax over visible keys j of st[j][i] * scale
- * (scale > 0, so softmax(s * scale) = exp((s - max s) * scale) / sum). Entries of the future
- * (i < j) become 0. m, total: t values of scratch each (per query: the max over the visible
+ * (scaled first, as the reference does, so that any scale works: exp((s - max s) * scale) would
+ * overflow for a negative one). Entries of the future (i < j) become 0. m, total: t values of scratch each (per query: the max over the visible
  * keys, then the sum; two arrays, not halves of one, so the compiler knows they are apart). */
 void KERNEL(causal_softmax_columns)(real *restrict st, int64_t n, int64_t t, real scale,
                                     real *restrict m, real *restrict total)
@@ -177,18 +177,21 @@ void KERNEL(causal_softmax_columns)(real *restrict st, int64_t n, int64_t t, rea
     for (int64_t b = 0; b < n; b++) {
         real *s = st + b * t * t;
         for (int64_t i = 0; i < t; i++) {
+            s[i] *= scale;
             m[i] = s[i]; /* key 0 is visible to every query */
             total[i] = 0;
         }
         for (int64_t j = 1; j < t; j++)
-            for (int64_t i = j; i < t; i++)
+            for (int64_t i = j; i < t; i++) {
+                s[j * t + i] *= scale;
                 m[i] = s[j * t + i] > m[i] ? s[j * t + i] : m[i];
+            }
         for (int64_t j = 0; j < t; j++) {
             real *row = s + j * t;
             for (int64_t i = 0; i < j; i++)
                 row[i] = 0; /* the future: key j comes after query i */
             for (int64_t i = j; i < t; i++) {
-                row[i] = EXP((row[i] - m[i]) * scale);
+                row[i] = EXP(row[i] - m[i]);
                 total[i] += row[i];
             }
         }

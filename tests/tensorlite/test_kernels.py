@@ -217,6 +217,17 @@ def test_attention_twin_matches_the_reference(dtype, data, n_head, hd):
     np.testing.assert_allclose(pb.sum(axis=-2), 1, rtol=10 * TOL[dtype])  # each query's P sums to 1
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [0.0, -30.0])
+def test_causal_softmax_columns_twins_take_any_scale(dtype, scale):
+    """The reference scales before its max; twins that took exp((s - max s) * scale) overflowed
+    to inf (columns of 0 and NaN) for a negative scale."""
+    st0 = (np.random.default_rng(3).standard_normal((2, 9, 9)) * 10).astype(dtype)
+    for path in twin_paths():
+        a, b = run_on(path, lambda: F.causal_softmax_columns(st0.copy(), scale))
+        assert_close(a, b, dtype)
+
+
 def _attention_unit(dtype) -> int:
     """The smallest T (and head size) the C attention loops take on this CPU (8 where they
     take none: a CPU without AVX, whose calls all go to the reference)."""
