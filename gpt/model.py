@@ -315,7 +315,9 @@ class Decoder:
         att, rows = self.att[:, :n, :t1], self.rows[:, :n]  # (H, n, t1), (H, n, 1)
         branch, h = self.branch[:n], self.h[:n]  # (n, C), (n, 4C)
 
-        np.take(self.wte, ids, axis=0, out=x)  # (n, C): token embeddings
+        # (n, C): token embeddings. mode "clip": the ids were checked above, and the default
+        # "raise" writes into a temporary first, a new (n, C) array per token.
+        np.take(self.wte, ids, axis=0, out=x, mode="clip")
         x += self.wpe[t0:t1]  # + a position embedding per row
         for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(self.layers):
             # x = x + attn(rms_norm(x, ln_1))

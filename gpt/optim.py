@@ -1,7 +1,8 @@
 """The optimizer side of training: AdamW (bias-corrected, decoupled weight decay on 2-D
 weights only), the learning-rate schedule (linear warmup, then cosine decay to min_lr), and
 global-norm gradient clipping. The update's math is `adamw_update` below, in NumPy; where a
-faster twin pays (tensorlite.kernels.adamw_kernel: numexpr today), that one runs instead.
+faster twin pays (tensorlite.kernels.adamw_kernel: the C loop on the default path), that one
+runs instead.
 """
 
 from __future__ import annotations

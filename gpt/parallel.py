@@ -57,6 +57,7 @@ class _Spec:
     layout: tuple  # ((name, shape, offset), ...) of each parameter in the flat vector
     size: int  # total number of parameter values
     threads: int | None  # BLAS/numexpr threads in the worker (None: leave as is)
+    kernels: str  # the parent's tensorlite kernel path, which the worker runs too
     weights_path: str | None  # shared files (loky; on Linux /proc/PID/fd/N of the parent's
     # open descriptor, the name already deleted); None: weights come with each task (dask)
     grads_path: str | None
@@ -98,6 +99,10 @@ class DataParallel:
         if int(workers) < 1:
             raise UserError(f"must be >= 1, got {workers}", field="workers")
         self.model, self.workers, self.backend = model, int(workers), backend
+        # The parent chooses the kernel path and, on a fresh install, compiles the C kernels
+        # now, before any worker starts: so "compiling" (or "unavailable") is said once, not
+        # by every worker, and the workers load the library it cached.
+        path = tensorlite.kernels.kernel_path()
         self.step = 0  # calls so far (named in errors; the dropout seed without an rng)
         layout, size = [], 0
         for name, p in model.params.items():
@@ -108,7 +113,7 @@ class DataParallel:
             threads_per_worker = max(1, available_cores() // self.workers)
         self.spec = _Spec(
             key=uuid.uuid4().hex, config=model.config.to_dict(), dtype=model.dtype.name,
-            layout=tuple(layout), size=size, threads=threads_per_worker,
+            layout=tuple(layout), size=size, threads=threads_per_worker, kernels=path,
             weights_path=self.transport.paths[0], grads_path=self.transport.paths[1],
             shards=self.workers,
         )
@@ -339,6 +344,7 @@ def _worker_model(spec: _Spec):
         cache = _local.cache = {}
     if spec.key not in cache:
         cache.clear()  # a new run: drop the previous one's model and maps
+        tensorlite.kernels.use_kernels(spec.kernels)  # the parent chose it: no second fallback line
         if spec.threads is not None:
             tensorlite.set_num_threads(spec.threads)
         model = GPT(GPTConfig.from_dict(spec.config), dtype=spec.dtype)

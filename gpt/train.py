@@ -263,6 +263,9 @@ def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
     """With --workers 1 (loky) the batch is computed here, split over --threads threads
     (gpt.threaded) when there are several; otherwise gpt.parallel.DataParallel spreads it
     over worker processes (and evaluation runs here)."""
+    if cfg.backend == "loky":  # (dask's workers run on the cluster's machines)
+        warn_if_oversubscribed(max(cfg.workers, shard_threads(cfg)),
+                               "--workers" if cfg.workers > 1 else "--threads")
     if cfg.workers == 1 and cfg.backend == "loky":
         threads = shard_threads(cfg)
         if threads > 1 and not tl.kernels.thread_safe():
@@ -289,6 +292,16 @@ def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
                                scheduler=cfg.scheduler)
     return GradFns(dp.loss_and_grads, plain_loss(model), dp.close,
                    min(cfg.workers, cfg.batch_size))
+
+
+def warn_if_oversubscribed(shards: int, flag: str) -> None:
+    """One line on stderr when a step is split into more threads or worker processes (one
+    BLAS thread each) than this process has cores: they will take turns, and a step is
+    slower than with one per core. (It is only a note: the user asked for them.)"""
+    cores = available_cores()
+    if shards > cores:
+        print(f"gpt.train: {flag} {shards} on {cores} cores: they will take turns; "
+              f"{flag} {cores} is usually faster", file=sys.stderr)
 
 
 def shard_threads(cfg: TrainConfig) -> int:

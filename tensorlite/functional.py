@@ -321,10 +321,13 @@ def _heads(qkv, n_head):
     return qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head).transpose(2, 0, 3, 1, 4)
 
 
+@kernels.kernel
 def causal_self_attention_forward(qkv, n_head, scale):
-    """Split qkv (B, T, 3C) into heads and run the attention math of ScaledDotProductAttention
-    above: the two products are BLAS calls on strided views of qkv, and what lies between
-    them is the causal_softmax_columns kernel. Returns y (B, T, C) and P^T (B, H, T, T)."""
+    """NumPy reference. Split qkv (B, T, 3C) into heads and run the attention math of
+    ScaledDotProductAttention above: the two products are BLAS calls on strided views of
+    qkv, and what lies between them is the causal_softmax_columns kernel. Returns y (B, T, C)
+    and P^T (B, H, T, T). (The C path's twin does it all in one loop per (batch, head) whose
+    products skip the future: tensorlite/kernels.c.)"""
     B, T, C3 = qkv.shape
     q, k, v = _heads(qkv, n_head)  # each (B, H, T, hd)
     pt = causal_softmax_columns(k @ q.swapaxes(-1, -2), scale)  # S^T -> P^T
@@ -333,10 +336,11 @@ def causal_self_attention_forward(qkv, n_head, scale):
     return y.reshape(B, T, C3 // 3), pt
 
 
+@kernels.kernel
 def causal_self_attention_backward(dy, qkv, pt, n_head, scale):
-    """The backward of ScaledDotProductAttention, with dq, dk, dv packed into one dqkv
-    (B, T, 3C) in the layout of qkv; the softmax backward is the softmax_backward_columns
-    kernel."""
+    """NumPy reference. The backward of ScaledDotProductAttention, with dq, dk, dv packed
+    into one dqkv (B, T, 3C) in the layout of qkv; the softmax backward is the
+    softmax_backward_columns kernel."""
     B, T, C3 = qkv.shape
     hd = C3 // 3 // n_head
     q, k, v = _heads(qkv, n_head)

@@ -1,5 +1,6 @@
-/* The C twins of tensorlite's hot non-matmul kernels: plain serial loops, fused so that
- * each pass reads its inputs once and makes no temporaries.
+/* The C twins of tensorlite's hot non-matmul kernels (and of causal attention as a whole,
+ * its small products included): plain serial loops, fused so that each pass reads its inputs
+ * once and makes no temporaries.
  *
  * Each kernel here is the loop form of a NumPy reference (tensorlite/kernels.py and
  * tensorlite/functional.py hold the spec); tensorlite/kernels_c.py compiles this file with
@@ -49,6 +50,16 @@ static inline float exp_f32(float x)
     two_n.u = (big.u - 0x4B400000u + 127u) << 23;
     return p * two_n.f;
 }
+
+/* The SIMD width the attention loops below are written for: one vector register of this CPU
+ * (AVX-512, AVX/AVX2, else 16 bytes: SSE2, NEON). */
+#if defined(__AVX512F__)
+#define VECTOR_BYTES 64
+#elif defined(__AVX__)
+#define VECTOR_BYTES 32
+#else
+#define VECTOR_BYTES 16
+#endif
 
 /* A target index in [-v, v), negative ones counting from the end (as NumPy indexing
  * does), as an index in [0, v); -1 if it is out of range. */
@@ -157,8 +168,8 @@ void KERNEL(rms_norm_backward)(const real *restrict dout, const real *restrict x
  * visible entries are the columns i >= j. One call handles n (batch, head) matrices t x t. */
 
 /* In place, per matrix: st -> P^T with P[i][j] = softmax over visible keys j of st[j][i] * scale
- * (scale > 0, so softmax(s * scale) = exp((s - max s) * scale) / sum). Entries of the future
- * (i < j) become 0. m, total: t values of scratch each (per query: the max over the visible
+ * (scaled first, as the reference does, so that any scale works: exp((s - max s) * scale) would
+ * overflow for a negative one). Entries of the future (i < j) become 0. m, total: t values of scratch each (per query: the max over the visible
  * keys, then the sum; two arrays, not halves of one, so the compiler knows they are apart). */
 void KERNEL(causal_softmax_columns)(real *restrict st, int64_t n, int64_t t, real scale,
                                     real *restrict m, real *restrict total)
@@ -166,18 +177,21 @@ void KERNEL(causal_softmax_columns)(real *restrict st, int64_t n, int64_t t, rea
     for (int64_t b = 0; b < n; b++) {
         real *s = st + b * t * t;
         for (int64_t i = 0; i < t; i++) {
+            s[i] *= scale;
             m[i] = s[i]; /* key 0 is visible to every query */
             total[i] = 0;
         }
         for (int64_t j = 1; j < t; j++)
-            for (int64_t i = j; i < t; i++)
+            for (int64_t i = j; i < t; i++) {
+                s[j * t + i] *= scale;
                 m[i] = s[j * t + i] > m[i] ? s[j * t + i] : m[i];
+            }
         for (int64_t j = 0; j < t; j++) {
             real *row = s + j * t;
             for (int64_t i = 0; i < j; i++)
                 row[i] = 0; /* the future: key j comes after query i */
             for (int64_t i = j; i < t; i++) {
-                row[i] = EXP((row[i] - m[i]) * scale);
+                row[i] = EXP(row[i] - m[i]);
                 total[i] += row[i];
             }
         }
@@ -208,6 +222,198 @@ void KERNEL(softmax_backward_columns)(real *restrict dst, const real *restrict p
                 d[j * t + i] = p[j * t + i] * (d[j * t + i] - colsum[i]) * scale;
     }
 }
+
+/* ---- causal attention, whole: products and softmax in one pass per (batch, head) -------------
+ * The same math as functional.causal_self_attention_forward/backward (the spec), in loops that
+ * skip the future: each product only computes the blocks of the t x t matrix that hold some
+ * visible entry, about half of the work BLAS does on the full matrices. A vector `vec` holds
+ * COLS values; a result tile is ROWS rows x COLS columns, kept in ROWS vector registers while
+ * the shared dimension is summed. (GCC/clang vector types: `vec * x` multiplies every lane.)
+ * The loops need t a multiple of COLS and ROWS, and hd a multiple of COLS:
+ * attention_fits says; kernels_c.py runs the reference for other sizes. */
+
+#define COLS ((int64_t)(VECTOR_BYTES / sizeof(real)))
+#define ROWS 8
+typedef real KERNEL(vec) __attribute__((vector_size(VECTOR_BYTES)));
+#define vec KERNEL(vec)
+
+static inline vec KERNEL(load)(const real *p) /* any alignment */
+{
+    vec v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void KERNEL(store)(real *p, vec v) { __builtin_memcpy(p, &v, sizeof v); }
+
+/* Does the C twin take these sizes? Not with 16-byte vectors at all: built for plain x86-64
+ * (SSE2) it took 2.6x the reference's time at the baby size (on a Zen 4, against BLAS). */
+int64_t KERNEL(attention_fits)(int64_t t, int64_t hd)
+{
+    return VECTOR_BYTES >= 32 && t > 0 && hd > 0 && t % COLS == 0 && t % ROWS == 0 &&
+           hd % COLS == 0;
+}
+
+/* at (n x t) = a^T, a: t rows of n values, row stride lda. */
+static void KERNEL(transpose)(const real *restrict a, int64_t lda, int64_t t, int64_t n,
+                              real *restrict at)
+{
+    for (int64_t d = 0; d < n; d++)
+        for (int64_t i = 0; i < t; i++)
+            at[d * t + i] = a[i * lda + d];
+}
+
+/* c[j][i] = (a_j . bt[:, i]) * scale (a: t rows of n values, stride lda; bt: n x t), for the
+ * column blocks i >= the block holding j: the blocks left of it are the future of every row in
+ * the tile, and are not written. */
+static void KERNEL(scores)(const real *restrict a, int64_t lda, const real *restrict bt, int64_t t,
+                           int64_t n, real scale, real *restrict c)
+{
+    for (int64_t j0 = 0; j0 < t; j0 += ROWS)
+        for (int64_t i0 = j0 / COLS * COLS; i0 < t; i0 += COLS) {
+            vec acc[ROWS] = {0};
+            for (int64_t d = 0; d < n; d++) {
+                vec b = KERNEL(load)(bt + d * t + i0);
+                for (int r = 0; r < ROWS; r++)
+                    acc[r] += a[(j0 + r) * lda + d] * b;
+            }
+            for (int r = 0; r < ROWS; r++)
+                KERNEL(store)(c + (j0 + r) * t + i0, acc[r] * scale);
+        }
+}
+
+/* c_i = sum over j of a[j][i] b_j, for every row i of c (stride ldc): (a^T b) with a (t x t)
+ * zero wherever j > i, so each tile of rows stops at its last visible j. b: t rows of n values,
+ * stride ldb. */
+static void KERNEL(by_columns)(const real *restrict a, int64_t t, const real *restrict b,
+                               int64_t ldb, int64_t n, real *restrict c, int64_t ldc)
+{
+    for (int64_t i0 = 0; i0 < t; i0 += ROWS)
+        for (int64_t d0 = 0; d0 < n; d0 += COLS) {
+            vec acc[ROWS] = {0};
+            for (int64_t j = 0; j < i0 + ROWS; j++) {
+                vec bj = KERNEL(load)(b + j * ldb + d0);
+                for (int r = 0; r < ROWS; r++)
+                    acc[r] += a[j * t + i0 + r] * bj;
+            }
+            for (int r = 0; r < ROWS; r++)
+                KERNEL(store)(c + (i0 + r) * ldc + d0, acc[r]);
+        }
+}
+
+/* c_j = sum over i of a[j][i] b_i, for every row j of c: (a b) with a zero wherever i < j, so
+ * each tile of rows starts at its first visible i. */
+static void KERNEL(by_rows)(const real *restrict a, int64_t t, const real *restrict b, int64_t ldb,
+                            int64_t n, real *restrict c, int64_t ldc)
+{
+    for (int64_t j0 = 0; j0 < t; j0 += ROWS)
+        for (int64_t d0 = 0; d0 < n; d0 += COLS) {
+            vec acc[ROWS] = {0};
+            for (int64_t i = j0; i < t; i++) {
+                vec bi = KERNEL(load)(b + i * ldb + d0);
+                for (int r = 0; r < ROWS; r++)
+                    acc[r] += a[(j0 + r) * t + i] * bi;
+            }
+            for (int r = 0; r < ROWS; r++)
+                KERNEL(store)(c + (j0 + r) * ldc + d0, acc[r]);
+        }
+}
+
+/* causal_softmax_columns on one t x t matrix of scores already scaled (as the reference scales
+ * them before its max: so any scale, 0 or negative too, gives the reference's softmax) whose
+ * future blocks `scores` did not write: every row j is walked from the start of the COLS block
+ * holding j, so the loops run whole vectors. The future entries inside that block are set to
+ * -inf first (their exp is ~0 and the max ignores them), and every future entry is 0 at the
+ * end. */
+static void KERNEL(softmax_blocks)(real *restrict s, int64_t t, real *restrict m,
+                                   real *restrict total)
+{
+    for (int64_t j = 0; j < t; j++)
+        for (int64_t i = j / COLS * COLS; i < j; i++)
+            s[j * t + i] = -INFINITY;
+    for (int64_t i = 0; i < t; i++) {
+        m[i] = s[i]; /* key 0 is visible to every query */
+        total[i] = 0;
+    }
+    for (int64_t j = 1; j < t; j++)
+        for (int64_t i = j / COLS * COLS; i < t; i++)
+            m[i] = s[j * t + i] > m[i] ? s[j * t + i] : m[i];
+    for (int64_t j = 0; j < t; j++) {
+        real *row = s + j * t;
+        for (int64_t i = j / COLS * COLS; i < t; i++) {
+            row[i] = EXP(row[i] - m[i]);
+            total[i] += row[i];
+        }
+    }
+    for (int64_t i = 0; i < t; i++)
+        m[i] = 1 / total[i];
+    for (int64_t j = 0; j < t; j++) {
+        real *row = s + j * t;
+        for (int64_t i = j / COLS * COLS; i < t; i++)
+            row[i] *= m[i];
+        for (int64_t i = 0; i < j; i++)
+            row[i] = 0;
+    }
+}
+
+/* y (b, t, h*hd) and pt (b, h, t, t) from qkv (b, t, 3 h hd): per (batch, head), S^T = K Q^T
+ * scale on the visible blocks, P^T by the column softmax, y = P V. Scratch: qt (hd x t), m, total (t). */
+void KERNEL(causal_attention_forward)(const real *restrict qkv, int64_t nb, int64_t t,
+                                      int64_t nh, int64_t hd, real scale, real *restrict y,
+                                      real *restrict pt, real *restrict qt, real *restrict m,
+                                      real *restrict total)
+{
+    int64_t c = nh * hd, ld = 3 * c;
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t h = 0; h < nh; h++) {
+            const real *q = qkv + b * t * ld + h * hd, *k = q + c, *v = q + 2 * c;
+            real *p = pt + (b * nh + h) * t * t;
+            KERNEL(transpose)(q, ld, t, hd, qt);
+            KERNEL(scores)(k, ld, qt, t, hd, scale, p); /* S^T, scaled */
+            KERNEL(softmax_blocks)(p, t, m, total); /* P^T */
+            KERNEL(by_columns)(p, t, v, ld, hd, y + b * t * c + h * hd, c); /* P V */
+        }
+}
+
+/* dqkv (b, t, 3 h hd) from dy (b, t, h hd), qkv and pt: per (batch, head)
+ *   dV = P^T dout,  dP^T = V dout^T,  dS^T = P^T * (dP^T - colsum(dP^T * P^T)) * scale,
+ *   dQ = dS K,  dK = dS^T Q.
+ * Scratch: ds (t x t), dt (hd x t), colsum (t). */
+void KERNEL(causal_attention_backward)(const real *restrict dy, const real *restrict qkv,
+                                       const real *restrict pt, int64_t nb, int64_t t,
+                                       int64_t nh, int64_t hd, real scale,
+                                       real *restrict dqkv, real *restrict ds,
+                                       real *restrict dt, real *restrict colsum)
+{
+    int64_t c = nh * hd, ld = 3 * c;
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t h = 0; h < nh; h++) {
+            const real *q = qkv + b * t * ld + h * hd, *k = q + c, *v = q + 2 * c;
+            const real *p = pt + (b * nh + h) * t * t, *dout = dy + b * t * c + h * hd;
+            real *dq = dqkv + b * t * ld + h * hd, *dk = dq + c, *dv = dq + 2 * c;
+            KERNEL(by_rows)(p, t, dout, c, hd, dv, ld); /* dV = P^T dout */
+            KERNEL(transpose)(dout, c, t, hd, dt);
+            KERNEL(scores)(v, ld, dt, t, hd, 1, ds); /* dP^T, visible blocks */
+            for (int64_t i = 0; i < t; i++)
+                colsum[i] = 0;
+            for (int64_t j = 0; j < t; j++) /* P^T is 0 in the future: those add nothing */
+                for (int64_t i = j / COLS * COLS; i < t; i++)
+                    colsum[i] += ds[j * t + i] * p[j * t + i];
+            for (int64_t j = 0; j < t; j++) {
+                real *row = ds + j * t;
+                for (int64_t i = 0; i < j / COLS * COLS; i++)
+                    row[i] = 0; /* the blocks `scores` skipped */
+                for (int64_t i = j / COLS * COLS; i < t; i++)
+                    row[i] = p[j * t + i] * (row[i] - colsum[i]) * scale; /* dS^T */
+            }
+            KERNEL(by_columns)(ds, t, k, ld, hd, dq, ld); /* dQ = dS K */
+            KERNEL(by_rows)(ds, t, q, ld, hd, dk, ld); /* dK = dS^T Q */
+        }
+}
+
+#undef vec
+#undef ROWS
+#undef COLS
 
 /* ---- softmax cross-entropy over rows of v logits ---------------------------------------------- */
 

@@ -118,6 +118,9 @@ COMPILED = ("relu_squared", "relu_squared_backward", "rms_norm_forward", "rms_no
             "causal_softmax_columns", "softmax_backward_columns",
             "cross_entropy_forward", "cross_entropy_backward", "scatter_add_rows", "adamw_update",
             "add_square_sum")
+# ... and those only the C path has: the whole causal attention, products included (numba's
+# path runs the references, which call its softmax twins between NumPy's BLAS products).
+C_ONLY = ("causal_self_attention_forward", "causal_self_attention_backward")
 
 _TWINS: dict[str, Callable[[], dict[str, Callable]]] = {  # path -> loader of its twins
     "c": _c_twins,

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .kernels import COMPILED, adds_in_place, square_stack
+from .kernels import C_ONLY, COMPILED, adds_in_place, square_stack
 from .kernels import contiguous as _c
 from .kernels import run_reference as _reference
 
@@ -163,6 +163,9 @@ _SIGNATURES = {  # name: (arguments, result)
     "cross_entropy_backward": ("ppiir", "i"),
     "scatter_add_rows": ("pippii", "i"),
     "adamw_update": ("ppppirrrrrrrr", None),
+    "attention_fits": ("ii", "i"),
+    "causal_attention_forward": ("piiiirppppp", None),
+    "causal_attention_backward": ("pppiiiirpppp", None),
     "add_square_sum": ("iippp", "d"),
 }
 
@@ -279,6 +282,48 @@ def softmax_backward_columns(dst, pt, scale):
     return dst
 
 
+# The whole causal attention (kernels.c: products that skip the future, and the softmax passes
+# between them), for the sizes its vector loops take; the reference for any other.
+def _attention(name, qkv, n_head):
+    """The C function `name` for this qkv (B, T, 3C) and n_head, with the head size, or
+    (None, 0) where the loops do not take these sizes."""
+    fn = _fn(name, qkv.dtype)
+    if fn is None or qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head):
+        return None, 0
+    hd = qkv.shape[-1] // 3 // n_head
+    return (fn, hd) if _fn("attention_fits", qkv.dtype)(qkv.shape[1], hd) else (None, 0)
+
+
+def causal_self_attention_forward(qkv, n_head, scale):
+    fn, hd = _attention("causal_attention_forward", qkv, n_head)
+    if fn is None:
+        return _reference("causal_self_attention_forward", qkv, n_head, scale)
+    B, T, C3 = qkv.shape
+    qkv = _c(qkv)
+    y = np.empty((B, T, C3 // 3), dtype=qkv.dtype)
+    pt = np.empty((B, n_head, T, T), dtype=qkv.dtype)
+    qt, m, total = (np.empty(n, dtype=qkv.dtype) for n in (hd * T, T, T))  # scratch
+    fn(_ptr(qkv), B, T, n_head, hd, scale, _ptr(y), _ptr(pt), _ptr(qt), _ptr(m), _ptr(total))
+    return y, pt
+
+
+def causal_self_attention_backward(dy, qkv, pt, n_head, scale):
+    fn, hd = _attention("causal_attention_backward", qkv, n_head)
+    if fn is not None:
+        B, T, C3 = qkv.shape
+        if np.shape(dy) != (B, T, C3 // 3) or np.shape(pt) != (B, n_head, T, T):
+            fn = None
+    if fn is None:
+        return _reference("causal_self_attention_backward", dy, qkv, pt, n_head, scale)
+    qkv = _c(qkv)
+    dy, pt = _c(dy, qkv.dtype), _c(pt, qkv.dtype)  # read only; the outputs below are new
+    dqkv = np.empty_like(qkv)
+    ds, dt, colsum = (np.empty(n, dtype=qkv.dtype) for n in (T * T, hd * T, T))  # scratch
+    fn(_ptr(dy), _ptr(qkv), _ptr(pt), B, T, n_head, hd, scale, _ptr(dqkv), _ptr(ds), _ptr(dt),
+       _ptr(colsum))
+    return dqkv
+
+
 def _targets(targets) -> np.ndarray:
     return _c(targets, np.int64)
 
@@ -357,7 +402,7 @@ def add_square_sum(totals, *others):
     return squares
 
 
-KERNELS = {name: globals()[name] for name in COMPILED}  # same names as the references
+KERNELS = {name: globals()[name] for name in COMPILED + C_ONLY}  # the references' names
 
 
 _loading = threading.Lock()

@@ -192,9 +192,12 @@ def _causal_softmax_columns(st, scale, one):
     zero = one - one
     for n in prange(N):
         s = st[n]
+        for j in range(T):  # scaled first, as in the reference: any scale, negative too
+            for i in range(j, T):  # key j is visible to queries i >= j
+                s[j, i] *= scale
         m = s[0].copy()  # per query (column): the max over visible keys, later 1 / sum
         for j in range(1, T):
-            for i in range(j, T):  # key j is visible to queries i >= j
+            for i in range(j, T):
                 m[i] = max(m[i], s[j, i])
         total = np.zeros(T, dtype=st.dtype)
         bits = np.empty(T, dtype=np.int64)
@@ -203,7 +206,7 @@ def _causal_softmax_columns(st, scale, one):
             for i in range(j):
                 s[j, i] = zero  # the future: key j comes after query i
             for i in range(row.size):
-                row[i] = (row[i] - m[j + i]) * scale
+                row[i] -= m[j + i]
             exp_inplace(row, bits)
             for i in range(row.size):
                 total[j + i] += row[i]
@@ -233,7 +236,6 @@ def causal_softmax_columns(st, scale):
     if not square_stack(st):  # a layout the loops do not walk in place
         return _reference("causal_softmax_columns", st, scale)
     T, t = st.shape[-1], st.dtype.type
-    # scale applied inside exp: softmax(s * scale) = exp((s - max) * scale) / sum, scale > 0
     _run(_causal_softmax_columns, st.size, st.reshape(-1, T, T), t(scale), t(1))
     return st
 

@@ -67,3 +67,25 @@ def test_train_benchmark_refuses_counts_and_engines_it_cannot_run_in_one_line(tm
                          check=False)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and flags[0] in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_ops_compares_every_training_kernel_on_each_path():
+    """benchmarks/ops.py is where the kernel paths are compared (issue 10): one row per kernel
+    of a training step, one column per path, NumPy the baseline. (Timings are not checked.)"""
+    from tensorlite import kernels
+
+    paths = ["numpy", "c", "numexpr"] if kernels.kernel_path() == "c" else ["numpy", "numexpr"]
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ops.py"), "--baby",
+                          "--rounds", "1", "--sample-ms", "0.2", "--threads", "1",
+                          "--paths", *paths], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert f"| kernel | size | threads | {' | '.join(paths)} |" in out.stdout
+    rows = {line.split(" | ")[0][2:]: line.strip(" |").split(" | ")[3:]
+            for line in out.stdout.splitlines() if " | baby | " in line}
+    for kernel in ("attention", "rms_norm", "relu_squared", "cross_entropy"):
+        for way in ("forward", "backward"):
+            assert f"{kernel} {way}" in rows, sorted(rows)
+    assert "embedding backward" in rows and any(k.startswith("adamw_update") for k in rows)
+    for cells in rows.values():
+        assert len(cells) == len(paths) and cells[0].endswith("(1.00)")  # NumPy / NumPy

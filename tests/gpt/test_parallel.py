@@ -7,13 +7,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
+import numexpr
 import numpy as np
 import pytest
 
+import tensorlite
 from gpt import parallel
 from gpt.config import GPTConfig
 from gpt.model import GPT
@@ -240,6 +243,52 @@ def test_workers_share_the_cores_this_process_may_run_on(monkeypatch):
         assert dp.spec.threads == 1
     finally:
         dp.close()
+
+
+def test_each_worker_runs_on_the_threads_it_was_given():
+    """A worker sets its threads (tensorlite.set_num_threads) when it builds its model: BLAS
+    to at most that many (OpenBLAS caps it at its own start-up count) and numexpr to exactly
+    that many, whatever the previous run in the same reused process had set."""
+
+    def threads_in_a_worker(spec):  # pickled by value into the worker
+        parallel._worker_model(spec)  # what the worker does before its first shard
+        return tensorlite.get_num_threads(), numexpr.get_num_threads()
+
+    for threads in (1, 2):
+        dp = DataParallel(GPT(TINY, seed=0), 2, threads_per_worker=threads)
+        try:
+            executor = dp.transport._executor
+            for blas, numexpr_threads in (executor.submit(threads_in_a_worker, dp.spec).result()
+                                          for _ in range(4)):
+                assert 1 <= blas <= threads and numexpr_threads == threads
+        finally:
+            dp.close()
+
+
+@pytest.mark.parametrize("cc", ["", "/nonexistent/cc"])  # the default compiler; none
+def test_a_fresh_install_says_once_that_it_compiles_or_falls_back(text_file, tmp_path, cc):
+    """On a fresh install (an empty kernel cache) `--workers 2` says once that it compiles the
+    C kernels, or once that they are unavailable: the parent chooses the path before its
+    workers start, and they run its choice (each used to compile, or fall back, and say so)."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for package in ("tensorlite", "gpt"):  # a copy with no compiled library cached yet
+        shutil.copytree(os.path.join(repo, package), tmp_path / "site" / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    env = {k: v for k, v in os.environ.items() if k not in ("TENSORLITE_KERNELS", "CC")}
+    env.update(PYTHONPATH=str(tmp_path / "site"), XDG_CACHE_HOME=str(tmp_path / "cache"),
+               OPENBLAS_NUM_THREADS="1", **({"CC": cc} if cc else {}))
+    args = run_train_args(text_file, tmp_path / "out", "--workers", "2", "--max-iters", "2")
+    r = subprocess.run([sys.executable, "-m", "gpt.train", *args], capture_output=True,
+                       text=True, timeout=300, env=env, cwd=tmp_path, check=False)
+    assert r.returncode == 0, r.stderr
+    said = [line for line in r.stderr.splitlines() if line.startswith("tensorlite:")]
+    if "unavailable" in r.stderr:
+        assert len(said) == 1 and "running the NumPy reference kernels" in said[0], said
+    else:
+        assert not cc
+        assert len(said) == 2, said
+        assert said[0].startswith("tensorlite: compiling C kernels for this CPU (once;")
+        assert said[1].startswith("tensorlite: C kernels compiled in ")
 
 
 def numba_available() -> bool:

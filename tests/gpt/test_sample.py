@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from gpt.sample import (
 )
 from gpt.tokenizer import CharTokenizer
 from tensorlite import no_grad
+from tensorlite.autograd import Function
 
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
 
@@ -194,6 +196,33 @@ def test_decoders_of_one_model_are_independent():
     alone = model.decoder()
     np.testing.assert_array_equal(la[0], alone([1, 2]))
     np.testing.assert_array_equal(la[1], alone([3]))
+
+
+def test_a_decoded_token_makes_no_new_arrays_and_no_graph(monkeypatch):
+    """The cached decode step works in the decoder's own buffers and records no graph: the
+    memory allocated while decoding tokens does not grow with the model's width (one new
+    (1, C) float64 array at C = 1024 would add 8 KB; NumPy's views and small Python objects
+    stay the same size), and no tensorlite op runs."""
+
+    def no_ops(*args, **kwargs):
+        raise AssertionError("the decoder ran a tensorlite op (a graph node)")
+
+    peaks = {}
+    for width in (16, 1024):
+        cfg = GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=width)
+        decoder = GPT(cfg, dtype=np.float64, seed=0).decoder()
+        decoder([1, 2, 3])
+        with monkeypatch.context() as m:
+            m.setattr(Function, "apply", no_ops)
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                for token in range(6):
+                    decoder([token])
+                peaks[width] = tracemalloc.get_traced_memory()[1] - before
+            finally:
+                tracemalloc.stop()
+    assert peaks[1024] - peaks[16] < 4096, peaks
 
 
 @pytest.fixture(scope="module")

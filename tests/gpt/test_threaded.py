@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+import gpt.train as train_module
 import tensorlite as tl
 from gpt.config import GPTConfig, TrainConfig
 from gpt.errors import UserError
@@ -201,6 +202,27 @@ def test_threads_setting_is_checked_and_defaults_to_the_cores():
     for bad in (0, -1, 2.5, "2"):
         with pytest.raises(UserError, match="threads"):
             TrainConfig(threads=bad).validate()
+
+
+class FakeWorkers:
+    def __init__(self, model, workers, backend, scheduler):
+        self.loss_and_grads = self.close = lambda *args: None
+
+
+@pytest.mark.parametrize("threads, workers, note", [
+    (3, 1, "--threads 3 on 2 cores"), (2, 1, None), (None, 1, None), (1, 3, "--workers 3 on 2"),
+    (1, 2, None), (8, 1, "--threads 4 on 2 cores"),  # (never more threads than rows: 4)
+])
+def test_more_shards_than_cores_get_a_one_line_note(monkeypatch, capsys, threads, workers, note):
+    monkeypatch.setattr(train_module, "available_cores", lambda: 2)
+    monkeypatch.setattr("gpt.parallel.DataParallel", FakeWorkers)  # no processes started
+    cfg = TrainConfig(threads=threads, workers=workers, batch_size=4)
+    train_module.make_grad_fn(GPT(TINY, dtype=np.float64, seed=1), cfg).close()
+    err = capsys.readouterr().err
+    if note is None:
+        assert err == ""
+    else:
+        assert note in err and err.count("\n") == 1
 
 
 def test_kernels_that_threads_may_not_share_are_refused(monkeypatch):

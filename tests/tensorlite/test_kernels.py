@@ -3,7 +3,8 @@ reference's results, forward and backward, in float32 and float64; the dispatch 
 fallback, the on-disk caches, the thread settings and calls from several threads behave as
 documented; and the ops that call kernels give the same values and gradients on every path.
 
-CI runs this file on the default (C) path and again with TENSORLITE_KERNELS=numpy.
+CI (.ci/run) runs this file on the default (C) path and again with TENSORLITE_KERNELS=numpy
+and =numba.
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def test_every_twin_has_a_reference_of_the_same_name():
     from tensorlite import kernels_c
 
     assert set(kernels_c.KERNELS) <= set(kernels.REFERENCES) | {"adamw_update"}
-    if numba_available():  # the C path has a twin for every numba twin
-        assert set(kernels_c.KERNELS) == set(kernels_numba.KERNELS)
+    if numba_available():  # the C path has a twin for every numba twin, and a few more
+        assert set(kernels_c.KERNELS) == set(kernels_numba.KERNELS) | set(kernels.C_ONLY)
     assert set(kernels._NUMEXPR) <= set(kernels.REFERENCES) | {"adamw_update"}
     # adamw_update's reference is gpt.optim.adamw_update (tensorlite never imports gpt)
     kernels.use_kernels("numpy")
@@ -214,6 +215,108 @@ def test_attention_twin_matches_the_reference(dtype, data, n_head, hd):
     np.testing.assert_array_equal(qkv, qkv0)
     assert np.all(np.tril(pb, k=-1) == 0) and np.all(pb >= 0)  # key j > query i: unseen
     np.testing.assert_allclose(pb.sum(axis=-2), 1, rtol=10 * TOL[dtype])  # each query's P sums to 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [0.0, -30.0])
+def test_causal_softmax_columns_twins_take_any_scale(dtype, scale):
+    """The reference scales before its max; twins that took exp((s - max s) * scale) overflowed
+    to inf (columns of 0 and NaN) for a negative scale."""
+    st0 = (np.random.default_rng(3).standard_normal((2, 9, 9)) * 10).astype(dtype)
+    for path in twin_paths():
+        a, b = run_on(path, lambda: F.causal_softmax_columns(st0.copy(), scale))
+        assert_close(a, b, dtype)
+
+
+def _attention_unit(dtype) -> int:
+    """The smallest T (and head size) the C attention loops take on this CPU (8 where they
+    take none: a CPU without AVX, whose calls all go to the reference)."""
+    from tensorlite import kernels_c
+
+    kernels_c.kernels()
+    fits = kernels_c._fn("attention_fits", dtype)
+    return next((u for u in (8, 16, 32) if fits(u, u)), 8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data(), n_head=st.integers(1, 3))
+def test_whole_attention_c_twin_matches_the_reference(dtype, data, n_head):
+    """The C twin of causal_self_attention_forward/backward (the products too, skipping the
+    future) at the sizes its vector loops take: T and the head size multiples of one vector
+    (attention_fits). The test above draws sizes it hands to the reference."""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    from tensorlite import kernels_c
+
+    kernels.use_kernels("c")
+    fits = kernels_c._fn("attention_fits", np.dtype(dtype))
+    unit = _attention_unit(np.dtype(dtype))  # one vector's values (8 at least: 8 rows)
+    B, T = data.draw(st.integers(1, 2)), unit * data.draw(st.integers(1, 4))
+    hd = unit * data.draw(st.integers(1, 2))
+    assert not fits(T + 1, hd) and not fits(T, hd + 1)
+    assert fits(T, hd) or not fits(32, 32)  # (no size at all without AVX)
+    C = n_head * hd
+    qkv = data.draw(float_arrays(dtype, -3, 3, (B, T, 3 * C)))
+    dy = data.draw(float_arrays(dtype, -3, 3, (B, T, C)))
+    scale = 1 / math.sqrt(hd)
+    qkv0, dy0 = qkv.copy(), dy.copy()
+    y, pt = F.causal_self_attention_forward(qkv, n_head, scale)
+    dqkv = F.causal_self_attention_backward(dy, qkv, pt, n_head, scale)
+    kernels.use_kernels("numpy")
+    y0, pt0 = F.causal_self_attention_forward(qkv, n_head, scale)
+    dqkv0 = F.causal_self_attention_backward(dy, qkv, pt0, n_head, scale)
+    assert_close(y, y0, dtype, scale=4)
+    assert_close(pt, pt0, dtype)
+    assert np.all(np.tril(pt, k=-1) == 0)  # the future is exactly 0, as in the reference
+    assert_close(dqkv, dqkv0, dtype, scale=4 * T)  # sums over up to T keys, in another order
+    np.testing.assert_array_equal(qkv, qkv0)  # inputs are never written
+    np.testing.assert_array_equal(dy, dy0)
+
+
+def test_whole_attention_c_twin_propagates_nan_and_takes_strided_inputs():
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    kernels.use_kernels("c")
+    rng = np.random.default_rng(1)
+    wide = rng.standard_normal((2, 32, 2 * 3 * 32)).astype(np.float32)
+    qkv = wide[:, :, ::2]  # (2, 32, 96), not contiguous: one head of 32
+    dy = rng.standard_normal((2, 32, 32)).astype(np.float32)
+    y, pt = F.causal_self_attention_forward(qkv, 1, 0.2)
+    d = F.causal_self_attention_backward(dy, qkv, pt, 1, 0.2)
+    ref_y, ref_pt = F.causal_self_attention_forward.reference(qkv, 1, 0.2)
+    assert_close(y, ref_y, np.float32, scale=4)
+    assert_close(d, F.causal_self_attention_backward.reference(dy, qkv, ref_pt, 1, 0.2),
+                 np.float32, scale=128)
+    bad = np.ascontiguousarray(qkv)
+    bad[1, 5, 40] = np.nan  # a key of batch 1 at position 5: every query from 5 on sees it
+    y, pt = F.causal_self_attention_forward(bad, 1, 0.2)
+    assert np.isnan(y[1, 5:]).all() and np.isfinite(y[1, :5]).all() and np.isfinite(y[0]).all()
+    dy[0, 3, 0] = np.nan
+    assert np.isnan(F.causal_self_attention_backward(dy, qkv, pt, 1, 0.2)[0]).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [0.0, -0.25, -30.0])
+def test_whole_attention_c_twin_takes_any_scale(dtype, scale):
+    """The reference scales the scores before the softmax, so a scale of 0 gives every query
+    the mean of the values it sees, and a negative one favours the lowest scores. The C twin
+    must agree (it once took exp((s - max s) * scale): NaN at 0, from its -inf padding times
+    0, and columns that did not sum to 1 below 0)."""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    kernels.use_kernels("c")
+    u = _attention_unit(np.dtype(dtype))
+    rng = np.random.default_rng(2)
+    qkv = rng.standard_normal((2, 2 * u, 3 * 2 * u)).astype(dtype)  # two heads of u
+    dy = rng.standard_normal((2, 2 * u, 2 * u)).astype(dtype)
+    y, pt = F.causal_self_attention_forward(qkv, 2, scale)
+    d = F.causal_self_attention_backward(dy, qkv, pt, 2, scale)
+    kernels.use_kernels("numpy")  # the references' softmax passes in NumPy too
+    y0, pt0 = F.causal_self_attention_forward(qkv, 2, scale)
+    d0 = F.causal_self_attention_backward(dy, qkv, pt0, 2, scale)
+    assert_close(pt, pt0, dtype, scale=4)
+    assert_close(y, y0, dtype, scale=4)
+    assert_close(d, d0, dtype, scale=4 * abs(scale) * u + 4)  # dS carries the scale
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -811,7 +914,17 @@ def _c_kernel_calls(dtype) -> list:
     x, w = f(rows, c), f(c)
     r = (1 / np.sqrt((x * x).mean(1) + 1e-5)).astype(dtype)
     z = np.zeros
+    u = _attention_unit(np.dtype(dtype))  # one head of u values, u positions
+    pt = np.triu(rng.random((u, u))).astype(dtype)
     return [
+        ("causal_attention_forward", {"qkv": f(u, 3 * u), "y": z(u * u), "pt": z(u * u),
+                                      "qt": z(u * u), "m": z(u), "sum": z(u)}, "y pt qt m sum",
+         lambda p, ix: (p["qkv"], 1, u, 1, u, 0.3, p["y"], p["pt"], p["qt"], p["m"], p["sum"])),
+        ("causal_attention_backward", {"dy": f(u, u), "qkv": f(u, 3 * u), "pt": pt,
+                                       "dqkv": z(3 * u * u), "ds": z(u * u), "dt": z(u * u),
+                                       "cs": z(u)}, "dqkv ds dt cs",
+         lambda p, ix: (p["dy"], p["qkv"], p["pt"], 1, u, 1, u, 0.3, p["dqkv"], p["ds"], p["dt"],
+                        p["cs"])),
         ("relu_squared", {"x": x, "y": z(x.size)}, "y", lambda p, ix: (p["x"], p["y"], x.size)),
         ("relu_squared_backward", {"d": f(rows, c), "x": x, "dx": z(x.size)}, "dx",
          lambda p, ix: (p["d"], p["x"], p["dx"], x.size)),
