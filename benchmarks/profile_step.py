@@ -9,8 +9,8 @@ thread computing its shard's forward and backward. Prints per-op forward/backwar
 per step (summed over the threads), the split of the threads' time into matmuls and the rest
 (the rest includes the Python between ops and any waiting), once of the profiled steps' wall
 clock and once of the median step run without the profiler (profiled and plain steps take
-turns), then the plain steps' wall clock split into the shards' forward+backward, clipping
-and the AdamW update.
+turns), then the plain steps' wall clock split into the shards' forward+backward, the sum of
+their gradients (which measures the norm too: gpt.threaded), clipping and the AdamW update.
 """
 
 from __future__ import annotations
@@ -62,18 +62,21 @@ def main() -> None:
 
     threads = min(args.threads, batch)
     shards = ThreadShards(model, threads) if threads > 1 and not args.blas else None
-    phases = np.zeros(3)  # forward+backward, clip, AdamW
+    phases = np.zeros(4)  # forward+backward, the shards' gradients summed, clip, AdamW
+    mapped = [0.0]  # seconds in the shards' forward+backward (ThreadShards._map) this step
 
     def step(x, y, timed=False):
         t0 = time.perf_counter()
+        mapped[0] = 0.0
         gradients(model, shards, x, y)
         t1 = time.perf_counter()
-        clip_grad_norm(model.parameters(), 1.0)
+        clip_grad_norm(model.parameters(), 1.0, shards.grad_norm if shards else None)
         t2 = time.perf_counter()
         opt.step()
         t3 = time.perf_counter()
         if timed:
-            phases[:] += (t1 - t0, t2 - t1, t3 - t2)
+            summed = t1 - t0 - mapped[0] if shards is not None else 0.0
+            phases[:] += (t1 - t0 - summed, summed, t2 - t1, t3 - t2)
 
     shard_times = []  # (wall, thread CPU) seconds of each shard: the gap is waiting (the GIL)
     plain_shard_times = []  # those of the plain steps (the profiler's clock reads slow the rest)
@@ -87,6 +90,15 @@ def main() -> None:
             return result
 
         shards._grads = timed_shard
+        run_shards = shards._map
+
+        def timed_map(*args):
+            start = time.perf_counter()
+            result = run_shards(*args)
+            mapped[0] += time.perf_counter() - start
+            return result
+
+        shards._map = timed_map
     for x, y in data[:5]:  # warm up
         step(x, y)
     # Profiled and plain steps take turns, so both see the same machine (it is shared and
@@ -133,7 +145,7 @@ def main() -> None:
               f"clock {wall:.2f} ms, the thread's CPU time {cpu:.2f} ms")
     total = phases.sum()
     print("\nphase          ms/step  share")
-    for name, t in zip(("forward+backward", "clip", "AdamW"), phases):
+    for name, t in zip(("forward+backward", "gradient sum", "clip", "AdamW"), phases):
         print(f"{name:16s} {1e3 * t / args.steps:8.2f} {t / total:6.1%}")
     print(f"{'step':16s} {1e3 * total / args.steps:8.2f}")
 

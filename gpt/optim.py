@@ -133,17 +133,22 @@ def lr_at(it: int, max_iters, lr: float | None = None, min_lr: float | None = No
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * r))
 
 
-def clip_grad_norm(params: Iterable[Tensor] | dict[str, Tensor], max_norm: float) -> float:
+def clip_grad_norm(params: Iterable[Tensor] | dict[str, Tensor], max_norm: float,
+                   norm: float | None = None) -> float:
     """Scale all gradients together so their global L2 norm is at most `max_norm`.
 
     norm = sqrt(sum over parameters of sum(g**2)); if norm > max_norm every g is multiplied
     by max_norm / (norm + 1e-6), in place. Returns the norm measured BEFORE clipping.
     max_norm <= 0 only measures. A non-finite norm is returned as is, nothing scaled.
+
+    `norm`: that norm where the caller already knows it, so the gradients are not read once
+    more just to measure it: gpt.threaded measures it while it sums the shards' gradients
+    (ThreadShards.grad_norm). It must be the norm of the gradients as they are now.
     """
     if isinstance(params, dict):
         params = params.values()
     grads = [p.grad for p in params if p.grad is not None]
-    total = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
+    total = math.sqrt(kernels.add_square_sum(grads)) if norm is None else float(norm)
     if max_norm > 0 and math.isfinite(total) and total > max_norm:
         scale = max_norm / (total + 1e-6)
         for g in grads:

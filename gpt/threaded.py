@@ -24,6 +24,7 @@ the measurements.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -137,6 +138,7 @@ class ThreadShards:
         self.model, self.threads = model, int(threads)
         self.params = list(model.params.values())
         self.step = 0
+        self.grad_norm: float | None = None  # of the gradients the last loss_and_grads set
         tl.kernels.kernel_path()  # choose and load the kernels once, before any thread asks
         if self.threads > 1 and not tl.kernels.thread_safe():
             raise ValueError(NOT_THREAD_SAFE)
@@ -174,17 +176,20 @@ class ThreadShards:
     # -- the two calls train uses ----------------------------------------------------------------
     def loss_and_grads(self, x, y, rng: np.random.Generator | None = None) -> float:
         """Mean cross-entropy of (x, y), both (B, T); every parameter's .grad is set to the
-        gradient of that mean (a fresh array)."""
+        gradient of that mean (a fresh array), and self.grad_norm to those gradients' global
+        L2 norm (what clip_grad_norm(..., norm=) takes instead of measuring it again)."""
         x, y = np.asarray(x), np.asarray(y)
         seed = dropout_seed(self.step, rng)
         self.step += 1
         rngs = [shard_rng(seed, k) for k in range(min(self.threads, len(x)))]
         done = self._map(self._grads, x, y, rngs)  # [(w_k * loss_k, w_k * grads_k)]
-        for i, p in enumerate(self.params):
-            total = done[0][1][i]  # shard 0's array (tensorlite.grad's: no one else's), summed
-            for _, grads in done[1:]:  # into in place
-                total += grads[i]
+        # each gradient: shard 0's array (tensorlite.grad's: no one else's) with the others
+        # added in, in place; the global norm that clipping needs is measured in that pass
+        totals = done[0][1]
+        squares = tl.kernels.add_square_sum(totals, *(grads for _, grads in done[1:]))
+        for p, total in zip(self.params, totals):
             p.grad = total
+        self.grad_norm = math.sqrt(squares)
         return sum(loss for loss, _ in done)
 
     def loss(self, x, y) -> float:

@@ -249,12 +249,14 @@ def make_rngs(seed: int) -> dict[str, np.random.Generator]:
 class GradFns:
     """How a run computes: loss_and_grads(x, y, rng) -> loss (float) leaves the gradient of
     the mean loss in each parameter's .grad; eval_loss(x, y) -> loss computes no gradients;
-    close() releases the threads or worker processes."""
+    close() releases the threads or worker processes; grad_norm() -> the global norm of the
+    gradients the last loss_and_grads left, where it measured it, else None."""
 
     loss_and_grads: Any
     eval_loss: Any
     close: Any
     threads: int = 1  # how many shards a batch is split into (threads or worker processes)
+    grad_norm: Any = lambda: None
 
 
 def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
@@ -272,7 +274,8 @@ def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
             threads = 1
         if threads > 1:
             shards = ThreadShards(model, threads)
-            return GradFns(shards.loss_and_grads, shards.loss, shards.close, threads)
+            return GradFns(shards.loss_and_grads, shards.loss, shards.close, threads,
+                           lambda: shards.grad_norm)
         if cfg.threads == 1:
             tl.set_num_threads(1)
 
@@ -345,7 +348,8 @@ def take_step(run: Run, it: int) -> tuple[float, float, float]:
             loss = run.fns.loss_and_grads(x, y, run.rngs["dropout"])
         except RuntimeError as e:  # data-parallel workers failed (or none is left)
             raise UserError(f"{e}; {kept_checkpoint(run)}") from e
-        norm = clip_grad_norm(run.model.params, cfg.grad_clip) if math.isfinite(loss) else loss
+        norm = (clip_grad_norm(run.model.params, cfg.grad_clip, run.fns.grad_norm())
+                if math.isfinite(loss) else loss)
     if not (math.isfinite(loss) and math.isfinite(norm)):
         what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
         raise UserError(f"{what} became {value} at iter {it}; stopped without updating the "

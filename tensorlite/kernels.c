@@ -168,8 +168,8 @@ void KERNEL(rms_norm_backward)(const real *restrict dout, const real *restrict x
  * visible entries are the columns i >= j. One call handles n (batch, head) matrices t x t. */
 
 /* In place, per matrix: st -> P^T with P[i][j] = softmax over visible keys j of st[j][i] * scale
- * (scale > 0, so softmax(s * scale) = exp((s - max s) * scale) / sum). Entries of the future
- * (i < j) become 0. m, total: t values of scratch each (per query: the max over the visible
+ * (scaled first, as the reference does, so that any scale works: exp((s - max s) * scale) would
+ * overflow for a negative one). Entries of the future (i < j) become 0. m, total: t values of scratch each (per query: the max over the visible
  * keys, then the sum; two arrays, not halves of one, so the compiler knows they are apart). */
 void KERNEL(causal_softmax_columns)(real *restrict st, int64_t n, int64_t t, real scale,
                                     real *restrict m, real *restrict total)
@@ -177,18 +177,21 @@ void KERNEL(causal_softmax_columns)(real *restrict st, int64_t n, int64_t t, rea
     for (int64_t b = 0; b < n; b++) {
         real *s = st + b * t * t;
         for (int64_t i = 0; i < t; i++) {
+            s[i] *= scale;
             m[i] = s[i]; /* key 0 is visible to every query */
             total[i] = 0;
         }
         for (int64_t j = 1; j < t; j++)
-            for (int64_t i = j; i < t; i++)
+            for (int64_t i = j; i < t; i++) {
+                s[j * t + i] *= scale;
                 m[i] = s[j * t + i] > m[i] ? s[j * t + i] : m[i];
+            }
         for (int64_t j = 0; j < t; j++) {
             real *row = s + j * t;
             for (int64_t i = 0; i < j; i++)
                 row[i] = 0; /* the future: key j comes after query i */
             for (int64_t i = j; i < t; i++) {
-                row[i] = EXP((row[i] - m[i]) * scale);
+                row[i] = EXP(row[i] - m[i]);
                 total[i] += row[i];
             }
         }
@@ -260,11 +263,11 @@ static void KERNEL(transpose)(const real *restrict a, int64_t lda, int64_t t, in
             at[d * t + i] = a[i * lda + d];
 }
 
-/* c[j][i] = a_j . bt[:, i] (a: t rows of n values, stride lda; bt: n x t), for the column
- * blocks i >= the block holding j: the blocks left of it are the future of every row in the
- * tile, and are not written. */
+/* c[j][i] = (a_j . bt[:, i]) * scale (a: t rows of n values, stride lda; bt: n x t), for the
+ * column blocks i >= the block holding j: the blocks left of it are the future of every row in
+ * the tile, and are not written. */
 static void KERNEL(scores)(const real *restrict a, int64_t lda, const real *restrict bt, int64_t t,
-                           int64_t n, real *restrict c)
+                           int64_t n, real scale, real *restrict c)
 {
     for (int64_t j0 = 0; j0 < t; j0 += ROWS)
         for (int64_t i0 = j0 / COLS * COLS; i0 < t; i0 += COLS) {
@@ -275,7 +278,7 @@ static void KERNEL(scores)(const real *restrict a, int64_t lda, const real *rest
                     acc[r] += a[(j0 + r) * lda + d] * b;
             }
             for (int r = 0; r < ROWS; r++)
-                KERNEL(store)(c + (j0 + r) * t + i0, acc[r]);
+                KERNEL(store)(c + (j0 + r) * t + i0, acc[r] * scale);
         }
 }
 
@@ -316,11 +319,13 @@ static void KERNEL(by_rows)(const real *restrict a, int64_t t, const real *restr
         }
 }
 
-/* causal_softmax_columns on one t x t matrix whose future blocks `scores` did not write: every
- * row j is walked from the start of the COLS block holding j, so the loops run whole vectors.
- * The future entries inside that block are set to -inf first (their exp is ~0 and the max
- * ignores them), and every future entry is 0 at the end. */
-static void KERNEL(softmax_blocks)(real *restrict s, int64_t t, real scale, real *restrict m,
+/* causal_softmax_columns on one t x t matrix of scores already scaled (as the reference scales
+ * them before its max: so any scale, 0 or negative too, gives the reference's softmax) whose
+ * future blocks `scores` did not write: every row j is walked from the start of the COLS block
+ * holding j, so the loops run whole vectors. The future entries inside that block are set to
+ * -inf first (their exp is ~0 and the max ignores them), and every future entry is 0 at the
+ * end. */
+static void KERNEL(softmax_blocks)(real *restrict s, int64_t t, real *restrict m,
                                    real *restrict total)
 {
     for (int64_t j = 0; j < t; j++)
@@ -336,7 +341,7 @@ static void KERNEL(softmax_blocks)(real *restrict s, int64_t t, real scale, real
     for (int64_t j = 0; j < t; j++) {
         real *row = s + j * t;
         for (int64_t i = j / COLS * COLS; i < t; i++) {
-            row[i] = EXP((row[i] - m[i]) * scale);
+            row[i] = EXP(row[i] - m[i]);
             total[i] += row[i];
         }
     }
@@ -351,8 +356,8 @@ static void KERNEL(softmax_blocks)(real *restrict s, int64_t t, real scale, real
     }
 }
 
-/* y (b, t, h*hd) and pt (b, h, t, t) from qkv (b, t, 3 h hd): per (batch, head), S^T = K Q^T on
- * the visible blocks, P^T by the column softmax, y = P V. Scratch: qt (hd x t), m, total (t). */
+/* y (b, t, h*hd) and pt (b, h, t, t) from qkv (b, t, 3 h hd): per (batch, head), S^T = K Q^T
+ * scale on the visible blocks, P^T by the column softmax, y = P V. Scratch: qt (hd x t), m, total (t). */
 void KERNEL(causal_attention_forward)(const real *restrict qkv, int64_t nb, int64_t t,
                                       int64_t nh, int64_t hd, real scale, real *restrict y,
                                       real *restrict pt, real *restrict qt, real *restrict m,
@@ -364,8 +369,8 @@ void KERNEL(causal_attention_forward)(const real *restrict qkv, int64_t nb, int6
             const real *q = qkv + b * t * ld + h * hd, *k = q + c, *v = q + 2 * c;
             real *p = pt + (b * nh + h) * t * t;
             KERNEL(transpose)(q, ld, t, hd, qt);
-            KERNEL(scores)(k, ld, qt, t, hd, p); /* S^T */
-            KERNEL(softmax_blocks)(p, t, scale, m, total); /* P^T */
+            KERNEL(scores)(k, ld, qt, t, hd, scale, p); /* S^T, scaled */
+            KERNEL(softmax_blocks)(p, t, m, total); /* P^T */
             KERNEL(by_columns)(p, t, v, ld, hd, y + b * t * c + h * hd, c); /* P V */
         }
 }
@@ -388,7 +393,7 @@ void KERNEL(causal_attention_backward)(const real *restrict dy, const real *rest
             real *dq = dqkv + b * t * ld + h * hd, *dk = dq + c, *dv = dq + 2 * c;
             KERNEL(by_rows)(p, t, dout, c, hd, dv, ld); /* dV = P^T dout */
             KERNEL(transpose)(dout, c, t, hd, dt);
-            KERNEL(scores)(v, ld, dt, t, hd, ds); /* dP^T, visible blocks */
+            KERNEL(scores)(v, ld, dt, t, hd, 1, ds); /* dP^T, visible blocks */
             for (int64_t i = 0; i < t; i++)
                 colsum[i] = 0;
             for (int64_t j = 0; j < t; j++) /* P^T is 0 in the future: those add nothing */
@@ -495,6 +500,78 @@ void KERNEL(adamw_update)(real *restrict p, const real *restrict g, real *restri
         v[i] = vi;
         p[i] = p[i] * decay - step_size * mi / (SQRT(vi * inv_bc2) + eps);
     }
+}
+
+/* ---- the gradients' sum and norm ---------------------------------------------------------------
+ * The squares are summed in `real` over blocks of SQUARE_BLOCK values (vectorized: each SIMD
+ * lane adds a few of them), and the blocks' sums in double: a float32 norm comes out as
+ * accurate as one summed in double throughout (~1e-9 relative) at the speed of float32
+ * arithmetic (converting every value to double made the loop 2x slower than NumPy's dot). */
+#ifndef SQUARE_BLOCK
+#define SQUARE_BLOCK 256
+#endif
+
+/* total += other over n values; returns the sum of the new total's squares. One pass where
+ * adding and then measuring took two. */
+static double KERNEL(add_square_sum_1)(real *restrict total, const real *restrict other, int64_t n)
+{
+    double squares = 0;
+    for (int64_t start = 0; start < n; start += SQUARE_BLOCK) {
+        int64_t end = n - start < SQUARE_BLOCK ? n : start + SQUARE_BLOCK;
+        real block = 0;
+        for (int64_t i = start; i < end; i++) {
+            real t = total[i] + other[i];
+            total[i] = t;
+            block += t * t;
+        }
+        squares += block;
+    }
+    return squares;
+}
+
+/* The sum of a's n squares. */
+static double KERNEL(square_sum_1)(const real *restrict a, int64_t n)
+{
+    double squares = 0;
+    for (int64_t start = 0; start < n; start += SQUARE_BLOCK) {
+        int64_t end = n - start < SQUARE_BLOCK ? n : start + SQUARE_BLOCK;
+        real block = 0;
+        for (int64_t i = start; i < end; i++)
+            block += a[i] * a[i];
+        squares += block;
+    }
+    return squares;
+}
+
+/* Whether n bytes from a and n bytes from b overlap (compared as integers: C leaves the
+ * order of pointers into different arrays undefined). */
+static inline int KERNEL(overlap)(const real *a, const real *b, int64_t n)
+{
+    uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return x < y + (uintptr_t)n && y < x + (uintptr_t)n;
+}
+
+/* For each of `count` arrays (a model's gradients) in turn: totals[k] += others[l * count + k]
+ * for l < lists, over sizes[k] values, then the sum of its squares (lists 0: it is only
+ * measured); returns the sum over all the arrays. One call for every array: a call from
+ * Python costs microseconds, about what a pass over a small gradient does. Returns -1, and
+ * writes nothing, where an array added into a total overlaps it (the caller then runs the
+ * NumPy reference: these loops are restrict). */
+double KERNEL(add_square_sum)(int64_t count, int64_t lists, real *const *totals,
+                              const real *const *others, const int64_t *sizes)
+{
+    for (int64_t l = 0; l < lists; l++)
+        for (int64_t k = 0; k < count; k++)
+            if (KERNEL(overlap)(totals[k], others[l * count + k], sizes[k] * (int64_t)sizeof(real)))
+                return -1;
+    double squares = 0;
+    for (int64_t k = 0; k < count; k++) {
+        double mine = lists ? 0 : KERNEL(square_sum_1)(totals[k], sizes[k]);
+        for (int64_t l = 0; l < lists; l++) /* (the squares after the last addition count) */
+            mine = KERNEL(add_square_sum_1)(totals[k], others[l * count + k], sizes[k]);
+        squares += mine;
+    }
+    return squares;
 }
 
 #endif

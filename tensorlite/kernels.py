@@ -88,6 +88,25 @@ def square_stack(a) -> bool:
     return a.ndim >= 2 and a.shape[-1] == a.shape[-2] >= 1 and a.flags.c_contiguous
 
 
+def adds_in_place(totals, others) -> bool:
+    """What the compiled twins of add_square_sum walk: C-contiguous arrays, the totals float32
+    or float64, all of one dtype (and, with others, writable); each list of `others` as long
+    as totals, with arrays of their totals' dtype and shape. (Whether an array added into a
+    total overlaps it, each twin checks its own way: the C one from the addresses.)"""
+    dtype = totals[0].dtype if len(totals) else None
+    if dtype is None or dtype.char not in "fd" or any(len(o) != len(totals) for o in others):
+        return False
+    for total, *added in zip(totals, *others):
+        flags = total.flags
+        if total.dtype != dtype or not flags.c_contiguous or added and not flags.writeable:
+            return False
+        for other in added:
+            if (getattr(other, "dtype", None) != dtype or other.shape != total.shape
+                    or not other.flags.c_contiguous):
+                return False
+    return True
+
+
 def run_reference(name: str, *args):
     """Run kernel `name`'s NumPy reference: what a compiled twin hands the inputs its loops
     do not take (another layout, or arrays that overlap the one a loop writes)."""
@@ -97,7 +116,8 @@ def run_reference(name: str, *args):
 # The kernels that the compiled paths (C, numba) have twins of, by name.
 COMPILED = ("relu_squared", "relu_squared_backward", "rms_norm_forward", "rms_norm_backward",
             "causal_softmax_columns", "softmax_backward_columns",
-            "cross_entropy_forward", "cross_entropy_backward", "scatter_add_rows", "adamw_update")
+            "cross_entropy_forward", "cross_entropy_backward", "scatter_add_rows", "adamw_update",
+            "add_square_sum")
 # ... and those only the C path has: the whole causal attention, products included (numba's
 # path runs the references, which call its softmax twins between NumPy's BLAS products).
 C_ONLY = ("causal_self_attention_forward", "causal_self_attention_backward")
@@ -198,6 +218,8 @@ def _exercise(dtype) -> None:
     adamw_kernel(x.size)(x.copy(), x, np.zeros_like(x), np.zeros_like(x), 1e-3, 0.9, 0.99, 1e-8,
                          0.1, 1)
     scatter_add_rows(np.zeros((3, 6), dtype=dtype), targets, x.reshape(4, 6))
+    add_square_sum([x.copy()], [x])
+    add_square_sum([x])
 
 
 # ---- elementwise: the NumPy references -----------------------------------------------------
@@ -286,6 +308,25 @@ def scatter_add_rows(target: np.ndarray, indices: np.ndarray, rows: np.ndarray) 
     sorted_idx = indices[order]
     starts = np.flatnonzero(np.r_[True, sorted_idx[1:] != sorted_idx[:-1]])
     target[sorted_idx[starts]] += np.add.reduceat(rows[order], starts, axis=0)
+
+
+@kernel
+def add_square_sum(totals: list[np.ndarray], *others: list[np.ndarray]) -> float:
+    """totals[i] += others[k][i] for each list of `others`, in place; returns the sum of the
+    results' squares, sum over i of sum(totals[i]**2): a float.
+
+    With no others it only measures: add_square_sum(grads) is the squared global norm that
+    gradient clipping needs. Where each gradient is the sum of several shards' (gpt.threaded),
+    the compiled twins measure while they add, in the same pass over memory; the C one takes
+    every array in one call (a call per parameter cost about what the saved pass did). The
+    twins sum the squares in double (C: after blocks of 256 in the arrays' own type); NumPy's
+    dot, here, sums float32 in float32."""
+    squares = 0.0
+    for i, total in enumerate(totals):
+        for other in others:
+            total += other[i]
+        squares += float(np.vdot(total, total))
+    return squares
 
 
 def sum_of_products(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .kernels import C_ONLY, COMPILED, square_stack
+from .kernels import C_ONLY, COMPILED, adds_in_place, square_stack
 from .kernels import contiguous as _c
 from .kernels import run_reference as _reference
 
@@ -149,34 +149,37 @@ def load() -> ctypes.CDLL:
 
 
 # The C signatures: p = pointer (an array's address), i = int64, r = a scalar of the
-# kernel's own type (float for the _f32 function, double for _f64). Kernels that index with
-# targets return an int64: -1, or the first position whose index is out of range.
-_SIGNATURES = {  # name: (arguments, returns an index)
-    "relu_squared": ("ppi", False),
-    "relu_squared_backward": ("pppi", False),
-    "rms_norm_forward": ("ppriipp", False),
-    "rms_norm_backward": ("ppppiipp", False),
-    "causal_softmax_columns": ("piirpp", False),
-    "softmax_backward_columns": ("ppiirp", False),
-    "cross_entropy_forward": ("ppiipp", True),
-    "cross_entropy_backward": ("ppiir", True),
-    "scatter_add_rows": ("pippii", True),
-    "adamw_update": ("ppppirrrrrrrr", False),
-    "attention_fits": ("ii", True),
-    "causal_attention_forward": ("piiiirppppp", False),
-    "causal_attention_backward": ("pppiiiirpppp", False),
+# kernel's own type (float for the _f32 function, double for _f64), d = a double. The
+# result: None, or i (the kernels that index with targets: -1, or the first position whose
+# index is out of range), or d (a sum).
+_SIGNATURES = {  # name: (arguments, result)
+    "relu_squared": ("ppi", None),
+    "relu_squared_backward": ("pppi", None),
+    "rms_norm_forward": ("ppriipp", None),
+    "rms_norm_backward": ("ppppiipp", None),
+    "causal_softmax_columns": ("piirpp", None),
+    "softmax_backward_columns": ("ppiirp", None),
+    "cross_entropy_forward": ("ppiipp", "i"),
+    "cross_entropy_backward": ("ppiir", "i"),
+    "scatter_add_rows": ("pippii", "i"),
+    "adamw_update": ("ppppirrrrrrrr", None),
+    "attention_fits": ("ii", "i"),
+    "causal_attention_forward": ("piiiirppppp", None),
+    "causal_attention_backward": ("pppiiiirpppp", None),
+    "add_square_sum": ("iippp", "d"),
 }
 
 
 def _declare(lib: ctypes.CDLL) -> dict:
-    """Set each C function's argument types; returns {(name, dtype): function}."""
+    """Set each C function's argument and result types; returns {(name, dtype): function}."""
     table = {}
-    for name, (signature, returns_index) in _SIGNATURES.items():
+    for name, (signature, result) in _SIGNATURES.items():
         for dtype, suffix, real in ((_F32, "_f32", ctypes.c_float), (_F64, "_f64", ctypes.c_double)):
             fn = getattr(lib, name + suffix)
-            types = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "r": real}
+            types = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "r": real, "d": ctypes.c_double,
+                     None: None}
             fn.argtypes = [types[c] for c in signature]
-            fn.restype = ctypes.c_int64 if returns_index else None
+            fn.restype = types[result]
             table[name, dtype] = fn
     return table
 
@@ -380,6 +383,23 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
         raise ValueError("adamw_update: p, g, m and v must be four separate arrays")
     fn(_ptr(p), _ptr(g), _ptr(m), _ptr(v), p.size, beta1, beta2, 1 - beta1,
        1 - beta2, 1 - lr * weight_decay, lr / (1 - beta1**step), 1 / (1 - beta2**step), eps)
+
+
+def add_square_sum(totals, *others):
+    """totals[i] += others[k][i], then the sum of the totals' squares, in one C call. Its
+    arguments travel in one int64 table: the sizes, the totals' addresses, then the others'
+    (a NumPy array per list, or a check per array in NumPy, cost more than the pass saved)."""
+    if not adds_in_place(totals, others):
+        return _reference("add_square_sum", totals, *others)
+    count = len(totals)
+    table = np.array([t.size for t in totals] + [_ptr(a) for a in itertools.chain(totals, *others)],
+                     dtype=np.int64)
+    at = _ptr(table)
+    squares = _fn("add_square_sum", totals[0].dtype)(
+        count, len(others), at + 8 * count, at + 16 * count if others else None, at)
+    if squares < 0:  # an array added into a total overlaps it: nothing was written
+        return _reference("add_square_sum", totals, *others)
+    return squares
 
 
 KERNELS = {name: globals()[name] for name in COMPILED + C_ONLY}  # the references' names

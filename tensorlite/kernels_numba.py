@@ -20,7 +20,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from .kernels import COMPILED, square_stack
+from .kernels import COMPILED, adds_in_place, square_stack
 from .kernels import contiguous as _c
 from .kernels import run_reference as _reference
 
@@ -192,9 +192,12 @@ def _causal_softmax_columns(st, scale, one):
     zero = one - one
     for n in prange(N):
         s = st[n]
+        for j in range(T):  # scaled first, as in the reference: any scale, negative too
+            for i in range(j, T):  # key j is visible to queries i >= j
+                s[j, i] *= scale
         m = s[0].copy()  # per query (column): the max over visible keys, later 1 / sum
         for j in range(1, T):
-            for i in range(j, T):  # key j is visible to queries i >= j
+            for i in range(j, T):
                 m[i] = max(m[i], s[j, i])
         total = np.zeros(T, dtype=st.dtype)
         bits = np.empty(T, dtype=np.int64)
@@ -203,7 +206,7 @@ def _causal_softmax_columns(st, scale, one):
             for i in range(j):
                 s[j, i] = zero  # the future: key j comes after query i
             for i in range(row.size):
-                row[i] = (row[i] - m[j + i]) * scale
+                row[i] -= m[j + i]
             exp_inplace(row, bits)
             for i in range(row.size):
                 total[j + i] += row[i]
@@ -233,7 +236,6 @@ def causal_softmax_columns(st, scale):
     if not square_stack(st):  # a layout the loops do not walk in place
         return _reference("causal_softmax_columns", st, scale)
     T, t = st.shape[-1], st.dtype.type
-    # scale applied inside exp: softmax(s * scale) = exp((s - max) * scale) / sum, scale > 0
     _run(_causal_softmax_columns, st.size, st.reshape(-1, T, T), t(scale), t(1))
     return st
 
@@ -338,6 +340,39 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     )
 
 
+# ---- the gradients' sum and norm -------------------------------------------------------------------
+@_parallel
+def _add_square_sum(total, other):
+    squares = 0.0  # float64, whatever the arrays' type
+    for i in prange(total.size):
+        t = total[i] + other[i]
+        total[i] = t
+        squares += np.float64(t) * np.float64(t)
+    return squares
+
+
+@_parallel
+def _square_sum(a):
+    squares = 0.0
+    for i in prange(a.size):
+        squares += np.float64(a[i]) * np.float64(a[i])
+    return squares
+
+
+def add_square_sum(totals, *others):
+    if not adds_in_place(totals, others) or any(  # (or the loop would read what it wrote)
+            np.may_share_memory(total, o) for total, *added in zip(totals, *others) for o in added):
+        return _reference("add_square_sum", totals, *others)
+    squares = 0.0
+    for total, *added in zip(totals, *others):
+        flat = total.reshape(-1)
+        part = 0.0 if added else _run(_square_sum, total.size, flat)
+        for other in added:  # (the squares after the last addition count)
+            part = _run(_add_square_sum, total.size, flat, other.reshape(-1))
+        squares += part
+    return float(squares)
+
+
 # ---- threads --------------------------------------------------------------------------------------
 def set_num_threads(n: int) -> None:
     numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
@@ -362,7 +397,7 @@ def thread_safe() -> bool:
 DISPATCHERS = [
     _relu_squared, _relu_squared_backward, _rms_norm_forward, _rms_norm_backward,
     _causal_softmax_columns, _softmax_backward_columns, _cross_entropy_forward, _cross_entropy_backward,
-    _scatter_add_rows, _adamw_update,
+    _scatter_add_rows, _adamw_update, _add_square_sum, _square_sum,
 ]
 
 KERNELS = {name: globals()[name] for name in COMPILED}  # same names as the references

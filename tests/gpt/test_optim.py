@@ -151,6 +151,24 @@ def test_clip_grad_norm_scales_to_max_norm_and_returns_norm_before():
     np.testing.assert_allclose(b.grad, [[0.0, 2.0], [0.0, 6.0]], rtol=1e-6)
 
 
+def test_clip_grad_norm_takes_a_norm_already_measured():
+    """Given the norm, clip_grad_norm does not measure again: it clips by that norm (here
+    deliberately not the gradients' own, to see which one it used), returns it, and keeps
+    the rules: a non-finite norm scales nothing, max_norm <= 0 only returns it."""
+    a = Tensor(np.zeros(2), requires_grad=True)
+    a.grad = np.array([3.0, 4.0])
+    assert clip_grad_norm([a], 2.0, norm=10.0) == 10.0
+    np.testing.assert_allclose(a.grad, np.array([3.0, 4.0]) * 2.0 / (10.0 + 1e-6), rtol=1e-12)
+    before = a.grad.copy()
+    for norm, max_norm in ((math.nan, 1.0), (math.inf, 1.0), (10.0, 0.0), (10.0, -1.0)):
+        result = clip_grad_norm([a], max_norm, norm)
+        assert result == norm or (math.isnan(result) and math.isnan(norm))
+        np.testing.assert_array_equal(a.grad, before)
+    assert clip_grad_norm([a], 100.0, norm=np.float32(5.0)) == 5.0  # below max_norm: as is
+    assert type(clip_grad_norm([a], 100.0, norm=np.float32(5.0))) is float
+    np.testing.assert_array_equal(a.grad, before)
+
+
 def test_clip_grad_norm_leaves_small_gradients_and_accepts_a_dict():
     a = Tensor(np.zeros(2, np.float32), requires_grad=True)
     a.grad = np.array([0.3, 0.4], np.float32)

@@ -4,6 +4,7 @@ processes' own, and the training CLI's --threads setting."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -14,8 +15,10 @@ import tensorlite as tl
 from gpt.config import GPTConfig, TrainConfig
 from gpt.errors import UserError
 from gpt.model import GPT
+from gpt.optim import clip_grad_norm
 from gpt.parallel import DataParallel
 from gpt.threaded import ThreadShards, available_cores, cpu_quota, shard_rows
+from gpt.train import make_grad_fn
 
 TINY = GPTConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
@@ -105,6 +108,64 @@ def test_dropout_masks_are_those_of_two_worker_processes(B):
         np.testing.assert_allclose(grads[name], p.grad, rtol=1e-10, atol=1e-13, err_msg=name)
     whole, _ = whole_batch(model, x, y)
     assert abs(whole - got) > 1e-6  # dropout did act
+
+
+@pytest.mark.parametrize("dtype, rel", [(np.float64, 1e-10), (np.float32, 1e-4)])
+@pytest.mark.parametrize("threads, B", [(2, 4), (3, 5), (1, 3)])
+def test_the_norm_measured_while_summing_is_the_whole_batch_gradients_norm(dtype, rel, threads, B):
+    """ThreadShards.grad_norm (measured in the pass that sums the shards' gradients) is the
+    global norm of the whole batch's gradients, and clip_grad_norm given it returns it and
+    clips exactly as when it measures itself (which the single-graph path does)."""
+    model = GPT(TINY, dtype=dtype, seed=3)
+    x, y = batch(B, seed=4)
+    _, whole = whole_batch(model, x, y)
+    want = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in whole.values()))
+    shards = ThreadShards(model, threads)
+    try:
+        shards.loss_and_grads(x, y)
+    finally:
+        shards.close()
+    assert shards.grad_norm == pytest.approx(want, rel=rel)
+    grads = {n: p.grad.copy() for n, p in model.params.items()}
+    measured = clip_grad_norm(model.params, 0.5 * want)  # measures the summed gradients
+    assert measured == pytest.approx(shards.grad_norm, rel=1e-12 if dtype == np.float64 else 1e-6)
+    clipped_measuring = {n: p.grad.copy() for n, p in model.params.items()}
+    for n, p in model.params.items():
+        p.grad = grads[n].copy()
+    assert clip_grad_norm(model.params, 0.5 * want, shards.grad_norm) == shards.grad_norm
+    for n, p in model.params.items():
+        np.testing.assert_allclose(p.grad, clipped_measuring[n], rtol=1e-12 if dtype == np.float64
+                                   else 1e-6, atol=0, err_msg=n)
+        assert np.abs(p.grad).max() < np.abs(grads[n]).max() or not grads[n].any()  # clipped
+
+
+def test_training_on_threads_and_on_one_graph_logs_the_same_norms():
+    """gpt.train's step: with --threads 2 the norm comes from the threads' sum, with one
+    thread clip_grad_norm measures it; both runs clip the same gradients the same way."""
+    norms, blas_threads = {}, tl.get_num_threads()  # (one thread sets BLAS to 1: restored)
+    for threads in (1, 2):
+        model = GPT(TINY, dtype=np.float64, seed=5)
+        cfg = TrainConfig(batch_size=4, threads=threads)
+        fns = make_grad_fn(model, cfg)
+        try:
+            assert fns.threads == threads
+            steps = []
+            for seed in range(3):
+                fns.loss_and_grads(*batch(4, seed=seed), None)
+                given = fns.grad_norm()
+                assert (given is None) == (threads == 1)
+                steps.append(clip_grad_norm(model.params, 1.0, given))
+                steps.append({n: p.grad.copy() for n, p in model.params.items()})
+            norms[threads] = steps
+        finally:
+            fns.close()
+            tl.set_num_threads(blas_threads)
+    for a, b in zip(norms[1], norms[2]):
+        if isinstance(a, float):
+            assert a == pytest.approx(b, rel=1e-10)
+        else:
+            for n in a:
+                np.testing.assert_allclose(a[n], b[n], rtol=1e-9, atol=1e-14, err_msg=n)
 
 
 def test_an_error_in_a_shard_thread_reaches_the_caller():

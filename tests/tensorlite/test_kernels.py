@@ -217,6 +217,17 @@ def test_attention_twin_matches_the_reference(dtype, data, n_head, hd):
     np.testing.assert_allclose(pb.sum(axis=-2), 1, rtol=10 * TOL[dtype])  # each query's P sums to 1
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [0.0, -30.0])
+def test_causal_softmax_columns_twins_take_any_scale(dtype, scale):
+    """The reference scales before its max; twins that took exp((s - max s) * scale) overflowed
+    to inf (columns of 0 and NaN) for a negative scale."""
+    st0 = (np.random.default_rng(3).standard_normal((2, 9, 9)) * 10).astype(dtype)
+    for path in twin_paths():
+        a, b = run_on(path, lambda: F.causal_softmax_columns(st0.copy(), scale))
+        assert_close(a, b, dtype)
+
+
 def _attention_unit(dtype) -> int:
     """The smallest T (and head size) the C attention loops take on this CPU (8 where they
     take none: a CPU without AVX, whose calls all go to the reference)."""
@@ -282,6 +293,30 @@ def test_whole_attention_c_twin_propagates_nan_and_takes_strided_inputs():
     assert np.isnan(y[1, 5:]).all() and np.isfinite(y[1, :5]).all() and np.isfinite(y[0]).all()
     dy[0, 3, 0] = np.nan
     assert np.isnan(F.causal_self_attention_backward(dy, qkv, pt, 1, 0.2)[0]).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [0.0, -0.25, -30.0])
+def test_whole_attention_c_twin_takes_any_scale(dtype, scale):
+    """The reference scales the scores before the softmax, so a scale of 0 gives every query
+    the mean of the values it sees, and a negative one favours the lowest scores. The C twin
+    must agree (it once took exp((s - max s) * scale): NaN at 0, from its -inf padding times
+    0, and columns that did not sum to 1 below 0)."""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    kernels.use_kernels("c")
+    u = _attention_unit(np.dtype(dtype))
+    rng = np.random.default_rng(2)
+    qkv = rng.standard_normal((2, 2 * u, 3 * 2 * u)).astype(dtype)  # two heads of u
+    dy = rng.standard_normal((2, 2 * u, 2 * u)).astype(dtype)
+    y, pt = F.causal_self_attention_forward(qkv, 2, scale)
+    d = F.causal_self_attention_backward(dy, qkv, pt, 2, scale)
+    kernels.use_kernels("numpy")  # the references' softmax passes in NumPy too
+    y0, pt0 = F.causal_self_attention_forward(qkv, 2, scale)
+    d0 = F.causal_self_attention_backward(dy, qkv, pt0, 2, scale)
+    assert_close(pt, pt0, dtype, scale=4)
+    assert_close(y, y0, dtype, scale=4)
+    assert_close(d, d0, dtype, scale=4 * abs(scale) * u + 4)  # dS carries the scale
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -371,6 +406,131 @@ def test_scatter_add_rows_matches_add_at_on_every_path(dtype, data, v, c):
         got = start.copy()
         kernels.scatter_add_rows(got, indices, rows)
         assert_close(got, want, dtype)
+
+
+def _exact_square_sum(arrays) -> float:
+    return sum(float(np.sum(np.square(a.astype(np.float64)))) for a in arrays)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data(), count=st.integers(1, 4), lists=st.integers(0, 3))
+def test_add_square_sum_matches_the_reference_on_every_path(dtype, data, count, lists):
+    """totals[i] += others[k][i] (the same bits as NumPy's +=, list after list), and the sum of
+    the results' squares to the dtype's rounding: checked against float64 arithmetic. With no
+    others it only measures. Sizes cross the C loops' blocks of 256 values."""
+    shapes_ = [data.draw(shapes(max_dims=2, max_side=40)) for _ in range(count)]
+    totals = [data.draw(float_arrays(dtype, -3, 3, s)) for s in shapes_]
+    others = [[data.draw(float_arrays(dtype, -3, 3, s)) for s in shapes_] for _ in range(lists)]
+    want = [t.copy() for t in totals]
+    for more in others:
+        for w, o in zip(want, more):
+            w += o
+    saved = [[o.copy() for o in more] for more in others]
+    for path in twin_paths() + ["numpy"]:
+        kernels.use_kernels(path)
+        got = [t.copy() for t in totals]
+        squares = kernels.add_square_sum(got, *others)
+        assert isinstance(squares, float), path
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w, err_msg=path)
+        exact = _exact_square_sum(want)
+        assert squares == pytest.approx(exact, rel=TOL[dtype], abs=1e-30), path
+        assert kernels.add_square_sum(got) == pytest.approx(exact, rel=TOL[dtype], abs=1e-30)
+        for more, more0 in zip(others, saved):  # what is added in is never written
+            for o, o0 in zip(more, more0):
+                np.testing.assert_array_equal(o, o0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_square_sum_on_a_large_float32_gradient_is_summed_as_in_double(dtype):
+    """A million values: a float32 running sum would be off by ~1e-4 of the result; the
+    compiled twins (blocks of float32, their sums in double) stay within ~1e-7."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal(1_000_003).astype(dtype) for _ in range(2))
+    exact = _exact_square_sum([a + b])
+    for path in [p for p in twin_paths() if p != "numexpr"]:
+        kernels.use_kernels(path)
+        total = a.copy()
+        assert kernels.add_square_sum([total], [b]) == pytest.approx(exact, rel=1e-7), path
+        assert kernels.add_square_sum([total]) == pytest.approx(exact, rel=1e-7), path
+
+
+def test_add_square_sum_propagates_nan_and_inf():
+    """A NaN or inf in any gradient reaches the norm (training stops on a non-finite norm)."""
+    for path in twin_paths() + ["numpy"]:
+        kernels.use_kernels(path)
+        for bad in (np.nan, np.inf):
+            for dtype in DTYPES:
+                totals = [np.ones(300, dtype), np.ones((3, 4), dtype)]
+                other = [np.ones(300, dtype), np.ones((3, 4), dtype)]
+                other[0][257] = bad  # in the second block of the C loop
+                squares = kernels.add_square_sum(totals, other)
+                assert np.isnan(squares) if np.isnan(bad) else squares == np.inf, (path, bad)
+                assert np.isnan(totals[0][257]) == np.isnan(bad)
+                assert np.isnan(kernels.add_square_sum(totals)) == np.isnan(bad), (path, bad)
+
+
+@pytest.mark.parametrize("path", ["c", "numba"])
+def test_add_square_sum_twins_run_the_reference_where_arrays_overlap_or_do_not_fit(path):
+    """Arrays added into a total that overlap it (the C arguments are restrict; the numba loop
+    would read what it wrote), strided, read-only, of another dtype or shape, or mixed dtypes
+    across the totals: the reference's results, or its error."""
+    if not {"c": c_available, "numba": numba_available}[path]():
+        pytest.skip(f"the {path} kernels cannot load here (CI installs what they need)")
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(800)
+    read_only = base[:5].copy()
+    read_only.flags.writeable = False
+    cases = {  # name: (totals, others) built fresh for each run
+        "itself": lambda b: ([b[:300]], [b[:300]]),
+        "shifted view": lambda b: ([b[1:301]], [b[:300]]),  # a loop would add what it wrote
+        "another total": lambda b: ([b[:100], b[100:400]], [b[100:200], b[400:700]]),
+        "strided other": lambda b: ([b[:100]], [b[200::4]]),
+        "strided total": lambda b: ([b[::2]], [b[:300].copy()]),
+        "other dtype": lambda b: ([b[:10]], [b[10:20].astype(np.float32)]),
+        "float16": lambda b: ([b[:10].astype(np.float16)], []),
+        "mixed dtypes": lambda b: ([b[:10], b[10:20].astype(np.float32)], []),
+        "other shape": lambda b: ([b[:10].reshape(2, 5)], [b[10:15]]),
+        "list lengths": lambda b: ([b[:10], b[10:20]], [b[20:30]]),
+    }
+    for name, make in cases.items():
+        outcomes = []
+        for p in (path, "numpy"):
+            kernels.use_kernels(p)
+            b = base.copy()
+            try:
+                totals, others = make(b)
+                outcomes.append((kernels.add_square_sum(totals, *([others] if others else [])), b))
+            except (ValueError, TypeError, IndexError) as e:
+                outcomes.append((type(e), None))
+        (got, got_b), (want, want_b) = outcomes
+        assert got == (want if isinstance(want, type) else pytest.approx(want, rel=1e-12)), name
+        if want_b is not None:
+            np.testing.assert_array_equal(got_b, want_b, err_msg=name)
+    kernels.use_kernels(path)
+    with pytest.raises(ValueError, match="read-only"):
+        kernels.add_square_sum([read_only], [np.ones(5)])
+    assert kernels.add_square_sum([read_only]) == pytest.approx(float(read_only @ read_only))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_square_sum_gives_the_same_bits_wherever_its_arrays_lie(dtype):
+    """The norm decides the clipping scale, so it must not depend on where NumPy put the
+    gradients: the C loops' sums (vectorized) give the same bits at every offset."""
+    if not c_available():
+        pytest.skip("no C compiler here (CI installs one)")
+    kernels.use_kernels("c")
+    rng = np.random.default_rng(1)
+    n = 1000
+    x, y = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
+    arena = np.zeros(3 * n + 64, dtype)
+    results = set()
+    for offset in range(64 // arena.itemsize + 8):
+        total, other = arena[offset:offset + n], arena[n + 40 + offset:2 * n + 40 + offset]
+        total[:], other[:] = x, y
+        squares = kernels.add_square_sum([total], [other])
+        results.add((squares, kernels.add_square_sum([total]), total.tobytes()))
+    assert len(results) == 1
 
 
 def test_nan_reaches_the_outputs_of_the_fused_kernels():
