@@ -89,3 +89,24 @@ def test_ops_compares_every_training_kernel_on_each_path():
     assert "embedding backward" in rows and any(k.startswith("adamw_update") for k in rows)
     for cells in rows.values():
         assert len(cells) == len(paths) and cells[0].endswith("(1.00)")  # NumPy / NumPy
+
+
+def test_targets_script_names_scripts_and_flags_that_exist():
+    """benchmarks/targets.sh runs every measurement the speed targets name: each command it
+    would run is a script (or module) of this repository, and each flag it passes is one that
+    the command's --help lists (so a renamed flag fails here, not an hour into a run)."""
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "targets.sh")], cwd=ROOT,
+                         env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    commands = [line.split() for line in out.stderr.splitlines() if line.startswith("python ")]
+    assert len(commands) == 15  # 2 train.py runs, 8 profile_step.py, ops, 2 start-ups, train, sample
+    helps = {}
+    for words in commands:
+        target = tuple(words[1:3]) if words[1] == "-m" else (words[1],)
+        if target not in helps:
+            helps[target] = subprocess.run([sys.executable, *target, "--help"], cwd=ROOT,
+                                           capture_output=True, text=True, timeout=120,
+                                           check=True).stdout
+        for flag in (w for w in words if w.startswith("--")):
+            assert flag in helps[target], f"{' '.join(target)} has no {flag}"
