@@ -167,39 +167,60 @@ void KERNEL(rms_norm_backward)(const real *restrict dout, const real *restrict x
  * P^T feeds both backward products without a copy. Query i sees keys j <= i: in row j the
  * visible entries are the columns i >= j. One call handles n (batch, head) matrices t x t. */
 
+#define COLS ((int64_t)(VECTOR_BYTES / sizeof(real))) /* values in one vector */
+
+/* The column softmax of one t x t matrix of scores already scaled (as the reference scales
+ * them before its max: so any scale, 0 or negative too, gives the reference's softmax), read
+ * only from the block holding each row's first visible entry on (the whole attention below
+ * does not write the blocks left of it): every row j is walked from the start of the COLS
+ * block holding j, so the loops run whole vectors. The future entries inside that block are set to
+ * -inf first (their exp is ~0 and the max ignores them), and every future entry is 0 at the
+ * end. */
+static void KERNEL(softmax_blocks)(real *restrict s, int64_t t, real *restrict m,
+                                   real *restrict total)
+{
+    for (int64_t j = 0; j < t; j++)
+        for (int64_t i = j / COLS * COLS; i < j; i++)
+            s[j * t + i] = -INFINITY;
+    for (int64_t i = 0; i < t; i++) {
+        m[i] = s[i]; /* key 0 is visible to every query */
+        total[i] = 0;
+    }
+    for (int64_t j = 1; j < t; j++)
+        for (int64_t i = j / COLS * COLS; i < t; i++)
+            m[i] = s[j * t + i] > m[i] ? s[j * t + i] : m[i];
+    for (int64_t j = 0; j < t; j++) {
+        real *row = s + j * t;
+        for (int64_t i = j / COLS * COLS; i < t; i++) {
+            row[i] = EXP(row[i] - m[i]);
+            total[i] += row[i];
+        }
+    }
+    for (int64_t i = 0; i < t; i++)
+        m[i] = 1 / total[i];
+    for (int64_t j = 0; j < t; j++) {
+        real *row = s + j * t;
+        for (int64_t i = j / COLS * COLS; i < t; i++)
+            row[i] *= m[i];
+        for (int64_t i = 0; i < j; i++)
+            row[i] = 0;
+    }
+}
+
 /* In place, per matrix: st -> P^T with P[i][j] = softmax over visible keys j of st[j][i] * scale
  * (scaled first, as the reference does, so that any scale works: exp((s - max s) * scale) would
- * overflow for a negative one). Entries of the future (i < j) become 0. m, total: t values of scratch each (per query: the max over the visible
- * keys, then the sum; two arrays, not halves of one, so the compiler knows they are apart). */
+ * overflow for a negative one). Entries of the future (i < j) become 0. m, total: t values of
+ * scratch each (per query: the max over the visible keys, then the sum; two arrays, not halves
+ * of one, so the compiler knows they are apart). */
 void KERNEL(causal_softmax_columns)(real *restrict st, int64_t n, int64_t t, real scale,
                                     real *restrict m, real *restrict total)
 {
     for (int64_t b = 0; b < n; b++) {
         real *s = st + b * t * t;
-        for (int64_t i = 0; i < t; i++) {
-            s[i] *= scale;
-            m[i] = s[i]; /* key 0 is visible to every query */
-            total[i] = 0;
-        }
-        for (int64_t j = 1; j < t; j++)
-            for (int64_t i = j; i < t; i++) {
-                s[j * t + i] *= scale;
-                m[i] = s[j * t + i] > m[i] ? s[j * t + i] : m[i];
-            }
-        for (int64_t j = 0; j < t; j++) {
-            real *row = s + j * t;
-            for (int64_t i = 0; i < j; i++)
-                row[i] = 0; /* the future: key j comes after query i */
-            for (int64_t i = j; i < t; i++) {
-                row[i] = EXP(row[i] - m[i]);
-                total[i] += row[i];
-            }
-        }
-        for (int64_t i = 0; i < t; i++)
-            m[i] = 1 / total[i];
         for (int64_t j = 0; j < t; j++)
             for (int64_t i = j; i < t; i++)
-                s[j * t + i] *= m[i];
+                s[j * t + i] *= scale; /* the visible entries; softmax_blocks sets the rest */
+        KERNEL(softmax_blocks)(s, t, m, total);
     }
 }
 
@@ -232,7 +253,6 @@ void KERNEL(softmax_backward_columns)(real *restrict dst, const real *restrict p
  * The loops need t a multiple of COLS and ROWS, and hd a multiple of COLS:
  * attention_fits says; kernels_c.py runs the reference for other sizes. */
 
-#define COLS ((int64_t)(VECTOR_BYTES / sizeof(real)))
 #define ROWS 8
 typedef real KERNEL(vec) __attribute__((vector_size(VECTOR_BYTES)));
 #define vec KERNEL(vec)
@@ -317,43 +337,6 @@ static void KERNEL(by_rows)(const real *restrict a, int64_t t, const real *restr
             for (int r = 0; r < ROWS; r++)
                 KERNEL(store)(c + (j0 + r) * ldc + d0, acc[r]);
         }
-}
-
-/* causal_softmax_columns on one t x t matrix of scores already scaled (as the reference scales
- * them before its max: so any scale, 0 or negative too, gives the reference's softmax) whose
- * future blocks `scores` did not write: every row j is walked from the start of the COLS block
- * holding j, so the loops run whole vectors. The future entries inside that block are set to
- * -inf first (their exp is ~0 and the max ignores them), and every future entry is 0 at the
- * end. */
-static void KERNEL(softmax_blocks)(real *restrict s, int64_t t, real *restrict m,
-                                   real *restrict total)
-{
-    for (int64_t j = 0; j < t; j++)
-        for (int64_t i = j / COLS * COLS; i < j; i++)
-            s[j * t + i] = -INFINITY;
-    for (int64_t i = 0; i < t; i++) {
-        m[i] = s[i]; /* key 0 is visible to every query */
-        total[i] = 0;
-    }
-    for (int64_t j = 1; j < t; j++)
-        for (int64_t i = j / COLS * COLS; i < t; i++)
-            m[i] = s[j * t + i] > m[i] ? s[j * t + i] : m[i];
-    for (int64_t j = 0; j < t; j++) {
-        real *row = s + j * t;
-        for (int64_t i = j / COLS * COLS; i < t; i++) {
-            row[i] = EXP(row[i] - m[i]);
-            total[i] += row[i];
-        }
-    }
-    for (int64_t i = 0; i < t; i++)
-        m[i] = 1 / total[i];
-    for (int64_t j = 0; j < t; j++) {
-        real *row = s + j * t;
-        for (int64_t i = j / COLS * COLS; i < t; i++)
-            row[i] *= m[i];
-        for (int64_t i = 0; i < j; i++)
-            row[i] = 0;
-    }
 }
 
 /* y (b, t, h*hd) and pt (b, h, t, t) from qkv (b, t, 3 h hd): per (batch, head), S^T = K Q^T
