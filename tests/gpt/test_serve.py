@@ -401,8 +401,9 @@ def test_the_page_is_one_file_that_works_offline(server):
 
 
 def test_the_page_has_security_headers(server):
-    status, headers, body = request(server[0], "GET", "/")
+    status, headers, _ = request(server[0], "GET", "/")
     policy = headers["content-security-policy"]
+    assert status == 200
     assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
     assert "unsafe-inline" not in policy and policy.count("'sha256-") == 2
     assert headers["x-frame-options"] == "DENY"
