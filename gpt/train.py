@@ -30,6 +30,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,16 +294,17 @@ def make_rngs(seed: int) -> dict[str, np.random.Generator]:
 
 @dataclass
 class GradFns:
-    """How a run computes: loss_and_grads(x, y, rng) -> loss (float) leaves the gradient of
-    the mean loss in each parameter's .grad; eval_loss(x, y) -> loss computes no gradients;
-    close() releases the threads or worker processes; grad_norm() -> the global norm of the
-    gradients the last loss_and_grads left, where it measured it, else None."""
+    """How a run computes: loss_and_grads(x, y, rng) -> loss leaves the gradient of the mean
+    loss in each parameter's .grad; eval_loss(x, y) -> loss computes no gradients; close()
+    releases the threads or worker processes; grad_norm() -> the global norm of the
+    gradients the last loss_and_grads left, where it measured it, else None. (With several
+    shards, the first and the last are a gpt.shards.ShardedStep's.)"""
 
-    loss_and_grads: Any
-    eval_loss: Any
-    close: Any
+    loss_and_grads: Callable[[np.ndarray, np.ndarray, np.random.Generator | None], float]
+    eval_loss: Callable[[np.ndarray, np.ndarray], float]
+    close: Callable[[], None]
     threads: int = 1  # how many shards a batch is split into (threads or worker processes)
-    grad_norm: Any = lambda: None
+    grad_norm: Callable[[], float | None] = lambda: None
 
 
 def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
@@ -337,7 +339,7 @@ def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
     dp = parallel.DataParallel(model, workers=cfg.workers, backend=cfg.backend,
                                scheduler=cfg.scheduler)
     return GradFns(dp.loss_and_grads, plain_loss(model), dp.close,
-                   min(cfg.workers, cfg.batch_size))
+                   min(cfg.workers, cfg.batch_size), lambda: dp.grad_norm)
 
 
 def warn_if_oversubscribed(shards: int, flag: str) -> None:
@@ -359,7 +361,7 @@ def shard_threads(cfg: TrainConfig) -> int:
     return min(cfg.threads or available_cores(), cfg.batch_size)
 
 
-def plain_loss(model: GPT):
+def plain_loss(model: GPT) -> Callable[[np.ndarray, np.ndarray], float]:
     def eval_loss(x, y) -> float:
         with tl.no_grad():
             return float(model(x, y, training=False)[1].data)
