@@ -13,10 +13,13 @@ client that disconnects stops its generation after the current token.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import signal
 import socket
@@ -34,7 +37,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -46,6 +49,7 @@ from .api import (
     RequestError,
     encode_prompt,
     parse_request,
+    quote,
     sample_choice,
 )
 from .config import setting
@@ -53,7 +57,10 @@ from .errors import UserError
 from .sample import SAMPLING_THREADS  # BLAS threads while serving (why: see gpt/sample.py)
 
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB gets 413
-PUBLIC_PATHS = ("/", "/health")  # served without the API key (the page holds no secrets)
+BODY_TIMEOUT_S = 30.0  # a request body still arriving after this long gets 408
+PUBLIC_PATHS = ("/", "/health", "/favicon.ico")  # no API key needed (they hold no secrets)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # the Host names a loopback bind accepts
+log = logging.getLogger("gpt.serve")
 
 
 @dataclass
@@ -179,24 +186,44 @@ def sse(obj) -> str:
     return f"data: {data}\n\n"
 
 
-async def read_json(request: Request):
-    """The request's JSON body; 413 past MAX_BODY_BYTES, 400 if it is not JSON."""
+async def read_json(request: Request, timeout: float = BODY_TIMEOUT_S):
+    """The request's JSON body; 415 unless it says it is JSON, 413 past MAX_BODY_BYTES, 408
+    when it has not all come within `timeout` seconds, 400 if it is not JSON.
+
+    Requiring `Content-Type: application/json` keeps other web pages out: a page may POST
+    text/plain anywhere without asking first, but application/json needs a CORS preflight."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise RequestError(f"the request body must be JSON, sent with 'Content-Type: "
+                           f"application/json' (got {quote(kind or 'none')})", status=415,
+                           code="unsupported_media_type")
     too_big = RequestError(f"the request body is over the limit of {MAX_BODY_BYTES} bytes",
                            status=413, code="request_too_large")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > MAX_BODY_BYTES:
         raise too_big
-    body, size = bytearray(), 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise too_big
-        body += chunk
+    body = bytearray()
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > MAX_BODY_BYTES:
+                raise too_big
+            body.extend(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(f"the request body did not arrive within {timeout:g} s",
+                           status=408, code="request_timeout") from None
+    except ClientDisconnect:  # nobody to answer: one line in the log, no traceback
+        log.warning("gpt.serve: a client went away while sending its request (%s %s)",
+                    request.method, request.url.path)
+        raise
     try:
         return json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # not UTF-8 or not JSON; too deep; a huge int
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise RequestError(f"the request body is not valid JSON ({why})",
+        raise RequestError(f"the request body is not valid JSON ({quote(why)[1:-1]})",
                            code="invalid_json") from None
 
 
@@ -209,15 +236,20 @@ async def until_disconnected(request: Request) -> None:
 class App:
     """The routes, bound to one ModelState."""
 
-    def __init__(self, state: ModelState):
-        self.state = state
+    def __init__(self, state: ModelState, body_timeout: float = BODY_TIMEOUT_S):
+        self.state, self.body_timeout = state, body_timeout
         self.page = resources.files("gpt").joinpath("serve.html").read_text(encoding="utf-8")
+        self.page_headers = {"Cache-Control": "no-cache", "X-Frame-Options": "DENY",
+                             "Content-Security-Policy": page_policy(self.page)}
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def page_html(self, request: Request) -> Response:
-        return HTMLResponse(self.page, headers={"Cache-Control": "no-cache"})
+        return HTMLResponse(self.page, headers=self.page_headers)
+
+    async def favicon(self, request: Request) -> Response:
+        return Response(status_code=204)  # no icon (browsers ask for one on every page)
 
     async def models(self, request: Request) -> Response:
         card = {"id": self.state.name, "object": "model", "created": 0, "owned_by": "gpt.serve"}
@@ -231,10 +263,12 @@ class App:
 
     async def complete(self, request: Request, chat: bool) -> Response:
         state = self.state
-        req = parse_request(await read_json(request), chat, state.max_tokens)
-        # encoding a long prompt (BPE) takes a while: not on the event loop either
+        req = parse_request(await read_json(request, self.body_timeout), chat, state.max_tokens, state.name)
+        # encoding a long prompt (BPE) takes a while: not on the event loop either. Only the
+        # last block_size tokens are kept: the model never reads further back.
+        cfg = state.model.config
         ids = await asyncio.to_thread(encode_prompt, state.tokenizer, req.prompt,
-                                      state.model.config.vocab_size, chat)
+                                      cfg.vocab_size, chat, cfg.block_size)
         gen = Generation(state, ids, req)
         answer = Answer(state.name, chat)
         if req.stream:
@@ -284,6 +318,63 @@ class App:
             gen.cancel()
 
 
+def page_policy(page: str) -> str:
+    """The page's Content-Security-Policy: nothing from elsewhere, no frames around it, and only
+    its own inline script and style (named by their SHA-256), talking to this server."""
+    def digest(tag: str) -> str:
+        body = page.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+    return (f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; "
+            "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
+
+
+class Guard:
+    """ASGI middleware, outermost: refuses what must never reach the routes, and marks every
+    answer `X-Content-Type-Options: nosniff`.
+    - both Transfer-Encoding and Content-Length (behind a proxy that reads the other one, the
+      rest of the body would be taken as a second request: request smuggling): 400;
+    - with `loopback_only`, a Host that is not a loopback name (a web page on a DNS name that
+      now points at 127.0.0.1, "DNS rebinding", would send its own name): 421."""
+
+    def __init__(self, app, loopback_only: bool):
+        self.app, self.loopback_only = app, loopback_only
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        err = None
+        if "transfer-encoding" in headers and "content-length" in headers:
+            err = RequestError("a request may not have both Transfer-Encoding and "
+                               "Content-Length", code="bad_request")
+        elif self.loopback_only and not loopback_host(headers.get("host", "")):
+            err = RequestError(f"this server answers only to {', '.join(LOOPBACK_HOSTS)} "
+                               f"(got Host {quote(headers.get('host', ''))}); to serve other "
+                               "names, listen on another --host", status=421,
+                               code="misdirected_request")
+
+        async def send_nosniff(message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-content-type-options",
+                                                             b"nosniff")]
+            await send(message)
+
+        if err is not None:
+            await error_response(err, {"Connection": "close"})(scope, receive, send_nosniff)
+            return
+        await self.app(scope, receive, send_nosniff)
+
+
+def loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine by a loopback name (any port)."""
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    return name.lower() in LOOPBACK_HOSTS
+
+
 class KeyCheck:
     """ASGI middleware: every request but the public paths and CORS preflights (OPTIONS) needs
     `Authorization: Bearer KEY`, compared in constant time; otherwise 401."""
@@ -309,6 +400,10 @@ async def on_request_error(request: Request, exc: RequestError) -> Response:
     return error_response(exc)
 
 
+async def on_client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    return Response(status_code=499)  # never sent: the client has gone (read_json logged it)
+
+
 async def on_http_error(request: Request, exc: HTTPException) -> Response:
     if exc.status_code == 404:
         msg = f"no route {request.url.path}; the routes are /v1/completions, " \
@@ -326,12 +421,15 @@ async def on_server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(model, tokenizer, model_name: str, max_tokens: int = 1024,
-               api_key: str | None = None, cors_origins: list[str] | tuple = ()) -> Starlette:
-    """The ASGI application serving `model`. `app.state.model` is its ModelState."""
+               api_key: str | None = None, cors_origins: list[str] | tuple = (),
+               loopback_only: bool = True, body_timeout: float = BODY_TIMEOUT_S) -> Starlette:
+    """The ASGI application serving `model`. `app.state.model` is its ModelState.
+    `loopback_only`: answer only requests whose Host is a loopback name (for a server that
+    listens on a loopback address: see Guard)."""
     state = ModelState(model, tokenizer, model_name, max_tokens)
-    routes = App(state)
-    middleware = []
-    if cors_origins:  # outermost, so preflights and 401s carry the CORS headers
+    routes = App(state, body_timeout)
+    middleware = [Middleware(Guard, loopback_only=loopback_only)]
+    if cors_origins:  # before the key check, so preflights and 401s carry the CORS headers
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=list(cors_origins), allow_credentials=False,
             allow_methods=["GET", "POST", "OPTIONS"],
@@ -341,6 +439,7 @@ def create_app(model, tokenizer, model_name: str, max_tokens: int = 1024,
     app = Starlette(
         routes=[
             Route("/", routes.page_html, methods=["GET"]),
+            Route("/favicon.ico", routes.favicon, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),
             Route("/v1/models", routes.models, methods=["GET"]),
             Route("/v1/completions", routes.completions, methods=["POST"]),
@@ -348,7 +447,7 @@ def create_app(model, tokenizer, model_name: str, max_tokens: int = 1024,
         ],
         middleware=middleware,
         exception_handlers={RequestError: on_request_error, HTTPException: on_http_error,
-                            Exception: on_server_error},
+                            ClientDisconnect: on_client_gone, Exception: on_server_error},
     )
     app.state.model = state
     return app
@@ -392,11 +491,13 @@ def open_warning(host: str, api_key: str | None) -> str | None:
             "reach this machine can use the model (set --api-key or GPT_API_KEY)")
 
 
-def make_server(app, **options):
+def make_server(app, max_connections: int = 256, **options):
+    """A uvicorn server for `app`. Past `max_connections` open connections and requests,
+    uvicorn answers 503 at once (uvicorn's limit_concurrency)."""
     import uvicorn
 
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
-                            server_header=False, **options)
+                            server_header=False, limit_concurrency=max_connections, **options)
     return uvicorn.Server(config)
 
 
@@ -458,7 +559,8 @@ def serve(cfg: ServeConfig) -> int:
     source = checkpoint_path(cfg.out_dir, uses_best(cfg.out_dir, cfg.latest))
     model, tokenizer = load_model(cfg.out_dir, latest=cfg.latest)
     name = cfg.model_name or os.path.basename(os.path.abspath(cfg.out_dir))
-    app = create_app(model, tokenizer, name, cfg.max_tokens, cfg.api_key, cfg.cors_origin)
+    app = create_app(model, tokenizer, name, cfg.max_tokens, cfg.api_key, cfg.cors_origin,
+                     loopback_only=is_loopback(cfg.host))
     try:
         sock = bind(cfg.host, cfg.port)
     except OSError as e:
