@@ -285,3 +285,26 @@ def test_train_refuses_a_folder_of_another_tokenizer(tmp_path, text_file, capsys
     assert gt.main(["--data", str(tmp_path / "b"), "--out-dir", str(tmp_path / "r"),
                     "--resume", "--max-iters", "20"]) == 2
     assert "another vocabulary than the checkpoint" in capsys.readouterr().err
+
+
+def mapped_kb(path: Path) -> int:
+    """Resident KB of this process's mappings of `path` (Linux's /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isalnum() and "-" in line.split()[0]:  # a mapping's first line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux's /proc/self/smaps")
+def test_forget_pages_unmaps_what_batches_touched_and_keeps_the_values(prepared):
+    data = gd.load_token_dir(prepared)
+    path = (prepared / "train.bin").resolve()
+    before = np.array(data.train)  # reads every page: all of them resident
+    assert mapped_kb(path) >= os.path.getsize(path) // 1024 - 4
+    gd.forget_pages(data.train)
+    assert mapped_kb(path) == 0
+    np.testing.assert_array_equal(data.train, before)  # read again from the file cache
+    gd.forget_pages(np.arange(5))  # an array in memory: nothing to do
