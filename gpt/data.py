@@ -435,6 +435,50 @@ def forget_pages(ids: np.ndarray) -> None:
         mapping.madvise(mmap.MADV_DONTNEED)
 
 
+@dataclass(frozen=True)
+class TokenWindows:
+    """Windows of a token file by reference: the file (path, dtype, length), the windows'
+    starts and block_size. It pickles in a few bytes, so a worker process can be sent this
+    instead of a batch's rows and read them itself: batch() maps the file (once per process)
+    and cuts the same x, y that windows() cuts in the parent."""
+
+    path: str
+    dtype: str
+    length: int
+    starts: np.ndarray  # (B,) int64
+    block_size: int
+
+    @classmethod
+    def of(cls, ids: np.ndarray, starts: np.ndarray, block_size: int) -> TokenWindows | None:
+        """The windows `starts` of a token file's memmap (load_token_dir's); None for ids
+        held in memory (nothing to read elsewhere)."""
+        if not isinstance(ids, np.memmap) or not ids.filename or ids.offset or ids.ndim != 1:
+            return None
+        return cls(os.path.abspath(ids.filename), ids.dtype.name, len(ids),
+                   np.asarray(starts, dtype=np.int64), block_size)
+
+    def rows(self, r: slice) -> TokenWindows:
+        """The windows of rows r of the batch."""
+        return TokenWindows(self.path, self.dtype, self.length, self.starts[r], self.block_size)
+
+    def batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """x, y of these windows (int64 (B, T)), read from this process's map of the file."""
+        key = (self.path, self.dtype, self.length)
+        ids = _mapped.get(key)
+        if ids is None:
+            ids = _mapped[key] = np.memmap(self.path, dtype=self.dtype, mode="r",
+                                           shape=(self.length,))
+        x, y = windows(ids, self.starts, self.block_size)
+        _reads[key] = _reads.get(key, 0) + 1
+        if _reads[key] % 16 == 0:  # keep this process's resident memory from growing
+            forget_pages(ids)
+        return x, y
+
+
+_mapped: dict[tuple, np.memmap] = {}  # (path, dtype, length) -> this process's map of it
+_reads: dict[tuple, int] = {}  # batches read through each map (forget_pages every 16)
+
+
 def _check_meta(meta: Any, refuse: Callable[[str], UserError]) -> dict[str, int]:
     """{"train": tokens, "val": tokens} from a meta.json, after checking its fields."""
     if not isinstance(meta, dict) or meta.get("format") != TOKEN_FORMAT:

@@ -49,6 +49,8 @@ from .checkpoint import (
 from .config import PRESETS, TrainConfig, fixed_fields
 from .data import (
     GET_DATA_HINT,
+    TokenWindows,
+    batch_starts,
     check_windows,
     forget_pages,
     get_batch,
@@ -56,6 +58,7 @@ from .data import (
     load_text,
     load_token_dir,
     split_ids,
+    windows,
 )
 from .errors import UserError
 from .lock import RunLock
@@ -306,6 +309,9 @@ class GradFns:
     close: Callable[[], None]
     threads: int = 1  # how many shards a batch is split into (threads or worker processes)
     grad_norm: Callable[[], float | None] = lambda: None
+    # worker processes on this machine: loss_and_grads of a batch of token files that each
+    # worker reads itself (ShardedStep.loss_and_grads_from); None: the rows are sent
+    loss_and_grads_from: Callable[[TokenWindows, np.random.Generator | None], float] | None = None
 
 
 def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
@@ -340,7 +346,9 @@ def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
     dp = parallel.DataParallel(model, workers=cfg.workers, backend=cfg.backend,
                                scheduler=cfg.scheduler)
     return GradFns(dp.loss_and_grads, plain_loss(model), dp.close,
-                   min(cfg.workers, cfg.batch_size), lambda: dp.grad_norm)
+                   min(cfg.workers, cfg.batch_size), lambda: dp.grad_norm,
+                   # (a dask worker may run on a machine without the token files)
+                   getattr(dp, "loss_and_grads_from", None) if cfg.backend == "loky" else None)
 
 
 def warn_if_oversubscribed(shards: int, flag: str) -> None:
@@ -390,11 +398,10 @@ def take_step(run: Run, it: int) -> tuple[float, float, float]:
     stops the run before the weights are touched."""
     cfg = run.cfg
     lr = lr_at(it - 1, cfg)
-    x, y = get_batch(run.train_ids, cfg.model.block_size, cfg.batch_size, run.rngs["data"])
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         # overflow shows up as a non-finite loss or norm, checked just below
         try:
-            loss = run.fns.loss_and_grads(x, y, run.rngs["dropout"])
+            loss = batch_loss_and_grads(run)
         except RuntimeError as e:  # data-parallel workers failed (or none is left)
             raise UserError(f"{e}; {kept_checkpoint(run)}") from e
         norm = (clip_grad_norm(run.model.params, cfg.grad_clip, run.fns.grad_norm())
@@ -406,6 +413,21 @@ def take_step(run: Run, it: int) -> tuple[float, float, float]:
                         "or --grad-clip")
     run.opt.step(lr=lr)
     return loss, norm, lr
+
+
+def batch_loss_and_grads(run: Run) -> float:
+    """The loss of the next training batch (random windows of the train ids), its gradients
+    left in .grad. Worker processes on this machine training on token files are sent the
+    windows' starts and read the rows themselves (cheaper than sending the rows:
+    benchmarks/token_files.py); the batch and the result are the same."""
+    cfg, ids = run.cfg, run.train_ids
+    starts = batch_starts(len(ids), cfg.model.block_size, cfg.batch_size, run.rngs["data"])
+    by_reference = run.fns.loss_and_grads_from and TokenWindows.of(ids, starts,
+                                                                   cfg.model.block_size)
+    if by_reference:
+        return run.fns.loss_and_grads_from(by_reference, run.rngs["dropout"])
+    x, y = windows(ids, starts, cfg.model.block_size)
+    return run.fns.loss_and_grads(x, y, run.rngs["dropout"])
 
 
 # ---- phase 3: log, evaluate, save ---------------------------------------------------------------
