@@ -317,7 +317,8 @@ class Histogram:
 
     def text(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        lines += [f'{self.name}_bucket{{le="{b:g}"}} {c}' for b, c in zip(self.bounds, self.counts)]
+        lines += [f'{self.name}_bucket{{le="{float(b)}"}} {c}'
+                  for b, c in zip(self.bounds, self.counts)]
         lines += [f'{self.name}_bucket{{le="+Inf"}} {self.count}',
                   f"{self.name}_sum {self.sum:.6f}", f"{self.name}_count {self.count}"]
         return lines

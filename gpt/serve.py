@@ -80,6 +80,15 @@ class ServeConfig:
                                      shown="the run folder's name", metavar="NAME")
     latest: bool = setting(False, "serve the latest checkpoint (OUT/checkpoint) instead of the "
                            "one with the lowest val loss (OUT/best, when it exists)")
+    max_batch: int = setting(8, "sequences decoded together, one batched step per token (a "
+                             "request's n choices count n)")
+    max_queue: int = setting(64, "sequences that may wait for a free slot; past that a request "
+                             "gets 429 with Retry-After")
+    time_limit: float = setting(300.0, "seconds a request may take, waiting included; then its "
+                                "choices end with finish_reason 'length' (0: no limit)",
+                                metavar="SECONDS")
+    max_connections: int = setting(256, "connections served at once; past that uvicorn answers "
+                                   "503")
 
     def validate(self) -> ServeConfig:
         """Raise UserError (one line) for values that cannot work; return self."""
@@ -97,6 +106,14 @@ class ServeConfig:
                                 "no path, e.g. http://localhost:3000", field="cors_origin")
         if self.model_name is not None and not self.model_name.strip():
             raise UserError("is empty", field="model_name")
+        for name in ("max_batch", "max_connections"):
+            if getattr(self, name) < 1:
+                raise UserError(f"must be >= 1, got {getattr(self, name)}", field=name)
+        if self.max_queue < 0:
+            raise UserError(f"must be >= 0, got {self.max_queue}", field="max_queue")
+        if not self.time_limit >= 0 or self.time_limit == math.inf:
+            raise UserError(f"must be a number of seconds >= 0 (0: no limit), got "
+                            f"{self.time_limit}", field="time_limit")
         return self
 
 
@@ -600,7 +617,8 @@ def serve(cfg: ServeConfig) -> int:
     model, tokenizer = load_model(cfg.out_dir, latest=cfg.latest)
     name = cfg.model_name or os.path.basename(os.path.abspath(cfg.out_dir))
     app = create_app(model, tokenizer, name, cfg.max_tokens, cfg.api_key, cfg.cors_origin,
-                     loopback_only=is_loopback(cfg.host))
+                     loopback_only=is_loopback(cfg.host), max_batch=cfg.max_batch,
+                     max_queue=cfg.max_queue, time_limit=cfg.time_limit or None)
     try:
         sock = bind(cfg.host, cfg.port)
     except OSError as e:
@@ -613,7 +631,7 @@ def serve(cfg: ServeConfig) -> int:
     try:  # a Ctrl-C that comes right after the URL line is a clean stop too
         print(f"gpt.serve: serving {name} ({source}) at {url_of(sock)} (Ctrl-C to stop)",
               flush=True)
-        make_server(app).run(sockets=[sock])
+        make_server(app, cfg.max_connections).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled after shutting down
         pass
     finally:
