@@ -7,6 +7,7 @@ gpt/serve.py puts this on HTTP; everything here is plain Python and testable on 
 from __future__ import annotations
 
 import codecs
+import itertools
 import math
 import time
 import uuid
@@ -343,6 +344,9 @@ class Choice:
     text: str = ""
     tokens: int = 0
     finish_reason: str | None = None
+    # (token, its log-probability, [(alternative, log-probability)] most probable first) for
+    # each token whose text has been sent, when the request asked for logprobs
+    logprobs: list = field(default_factory=list)
 
 
 def sample_choice(model, tokenizer, ids: list[int], req: CompletionRequest,
@@ -374,6 +378,8 @@ class Answer:
 
     model: str
     chat: bool
+    tokenizer: object = None  # to spell out the tokens of logprobs
+    logprobs: bool = False  # whether the request asked for them
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -387,25 +393,54 @@ class Answer:
         """The non-streamed response."""
         if self.chat:
             rows = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                     "logprobs": None, "finish_reason": c.finish_reason} for c in choices]
+                     "logprobs": self.logprobs_body(c.logprobs),
+                     "finish_reason": c.finish_reason} for c in choices]
         else:
-            rows = [{"index": c.index, "text": c.text, "logprobs": None,
+            rows = [{"index": c.index, "text": c.text, "logprobs": self.logprobs_body(c.logprobs),
                      "finish_reason": c.finish_reason} for c in choices]
         obj = "chat.completion" if self.chat else "text_completion"
         return {**self._head(obj), "choices": rows, "usage": usage(prompt_tokens, choices)}
 
     def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None,
-              role: bool = False) -> dict:
-        """One server-sent event's data: a piece of text, or a choice's end (text None)."""
+              role: bool = False, logprobs: list | None = None, offset: int = 0) -> dict:
+        """One server-sent event's data: a piece of text (with the logprobs of its tokens;
+        `offset`: where it starts in the choice's text), or a choice's end (text None)."""
+        lp = self.logprobs_body(logprobs or [], offset) if text is not None else None
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else (
                 {"content": text} if text is not None else {})
-            row = {"index": index, "delta": delta, "logprobs": None,
+            row = {"index": index, "delta": delta, "logprobs": None if role else lp,
                    "finish_reason": finish_reason}
             return {**self._head("chat.completion.chunk"), "choices": [row]}
-        row = {"index": index, "text": text or "", "logprobs": None,
+        row = {"index": index, "text": text or "", "logprobs": lp,
                "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [row]}
+
+    def logprobs_body(self, entries: list, offset: int = 0) -> dict | None:
+        """OpenAI's logprobs object for (token, logprob, top alternatives) entries: chat's
+        {"content": [{token, logprob, bytes, top_logprobs}]}, or the completions API's
+        {tokens, token_logprobs, top_logprobs, text_offset}; None when not asked for."""
+        if not self.logprobs:
+            return None
+
+        def spelled(t: int) -> tuple[str, list[int]]:
+            tok = self.tokenizer
+            raw = tok.decode_bytes([t]) if hasattr(tok, "decode_bytes") else \
+                tok.decode([t]).encode("utf-8")
+            return raw.decode("utf-8", errors="replace"), list(raw)
+
+        if self.chat:
+            def item(t: int, lp: float) -> dict:
+                text, raw = spelled(t)
+                return {"token": text, "logprob": lp, "bytes": raw}
+
+            return {"content": [{**item(t, lp), "top_logprobs": [item(a, b) for a, b in top]}
+                                for t, lp, top in entries]}
+        tokens = [spelled(t)[0] for t, _, _ in entries]
+        offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{spelled(a)[0]: b for a, b in top} for _, _, top in entries],
+                "text_offset": offsets if tokens else []}
 
     def usage_chunk(self, choices: list[Choice], prompt_tokens: int) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"

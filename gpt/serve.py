@@ -5,9 +5,11 @@ page to try it in a browser. The only importer of the web stack (Starlette on uv
 
     python -m gpt.serve --out-dir out --port 8000 --api-key KEY
 
-Each request samples in a worker thread of its own, with its own KV cache and random
-generator, so the event loop goes on serving other clients while the model works, and a
-client that disconnects stops its generation after the current token.
+The model runs in one thread, the Batcher (gpt/batching.py): the sequences of all requests
+advance together, one batched decoder step per token, each with its own KV cache slot,
+settings and random generator; the event loop goes on serving other clients meanwhile, and a
+client that disconnects leaves its slot within a step. --max-batch, --max-queue and
+--time-limit bound the work; GET /metrics reports it.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 import threading
 import time
-import traceback
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -44,14 +46,13 @@ from starlette.routing import Route
 from . import cli
 from .api import (
     Answer,
-    Choice,
     CompletionRequest,
     RequestError,
     encode_prompt,
     parse_request,
     quote,
-    sample_choice,
 )
+from .batching import Batcher, QueueFull, Sequence, ServeMetrics
 from .config import SampleDtype, check_choice, setting
 from .errors import UserError
 from .sample import SAMPLING_THREADS  # BLAS threads while serving (why: see gpt/sample.py)
@@ -83,6 +84,15 @@ class ServeConfig:
                            "one with the lowest val loss (OUT/best, when it exists)")
     dtype: SampleDtype = setting("checkpoint", "compute in float32, float64 or bfloat16 (bf16 "
                                  "matmul operands); checkpoint: as the run trained")
+    max_batch: int = setting(8, "sequences decoded together, one batched step per token (a "
+                             "request's n choices count n)")
+    max_queue: int = setting(64, "sequences that may wait for a free slot; past that a request "
+                             "gets 429 with Retry-After")
+    time_limit: float = setting(300.0, "seconds a request may take, waiting included; then its "
+                                "choices end with finish_reason 'length' (0: no limit)",
+                                metavar="SECONDS")
+    max_connections: int = setting(256, "connections served at once; past that uvicorn answers "
+                                   "503")
 
     def validate(self) -> ServeConfig:
         """Raise UserError (one line) for values that cannot work; return self."""
@@ -101,74 +111,97 @@ class ServeConfig:
                                 "no path, e.g. http://localhost:3000", field="cors_origin")
         if self.model_name is not None and not self.model_name.strip():
             raise UserError("is empty", field="model_name")
+        for name in ("max_batch", "max_connections"):
+            if getattr(self, name) < 1:
+                raise UserError(f"must be >= 1, got {getattr(self, name)}", field=name)
+        if self.max_queue < 0:
+            raise UserError(f"must be >= 0, got {self.max_queue}", field="max_queue")
+        if not self.time_limit >= 0 or self.time_limit == math.inf:
+            raise UserError(f"must be a number of seconds >= 0 (0: no limit), got "
+                            f"{self.time_limit}", field="time_limit")
         return self
 
 
-# ---- one request's sampling, in a worker thread -------------------------------------------------
+# ---- one request's sampling, in the batcher's thread ------------------------------------------
+def choice_rngs(seed: int | None, n: int, max_tokens: int) -> list[np.random.Generator]:
+    """A random generator per choice. With a seed, choice j's generator is gpt.sample's (one
+    generator for all n, in order) as it stands after choices 0..j-1 drew max_tokens numbers
+    each (one per token): the n choices can then be sampled side by side and still give
+    `python -m gpt.sample --num-samples n`'s texts. (A choice cut short by a stop string draws
+    fewer; the next choice starts where it would have after all max_tokens.)"""
+    if seed is None:
+        return [np.random.default_rng() for _ in range(n)]
+    return [np.random.Generator(np.random.PCG64(seed).advance(j * max_tokens)) for j in range(n)]
+
+
 class Generation:
-    """The choices of one request, sampled in a thread of their own (the event loop never waits
-    on the model). The thread sends events back through an asyncio queue:
-    ("text", index, piece), ("end", index, finish_reason), ("error", message), ("done",).
-    `cancel()` stops it after the current token."""
+    """The choices of one request, decoded by the server's Batcher among everyone else's. The
+    batcher's thread sends events back through an asyncio queue: ("token", index, piece,
+    logprob entry), ("end", index, finish_reason), ("error", message); all_events() stops
+    when every choice has ended. `cancel()` makes the batcher drop them within a step."""
 
     def __init__(self, app_state: ModelState, ids: list[int], req: CompletionRequest):
-        self.state, self.ids, self.req = app_state, ids, req
-        self.choices = [Choice(i) for i in range(req.n)]
+        self.state, self.req = app_state, req
         self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="gpt.serve sampling", daemon=True)
+        tokenizer, block = app_state.tokenizer, app_state.model.config.block_size
+        deadline = time.perf_counter() + (app_state.time_limit or math.inf)
+        self.seqs = [Sequence(req, ids or [tokenizer.bos_id], rng, j, tokenizer, self._emit,
+                              deadline, block)
+                     for j, rng in enumerate(choice_rngs(req.seed, req.n, req.max_tokens))]
+        self.choices = [seq.choice for seq in self.seqs]
+        self.unfinished = req.n
 
     def start(self) -> None:
-        self._thread.start()
+        """Queue the choices; a RequestError (429, Retry-After) when the queue is full."""
+        try:
+            self.state.batcher.submit(self.seqs)
+        except QueueFull:
+            raise RequestError("the server is busy: its queue of requests waiting for a slot "
+                               "is full; try again in a moment", status=429,
+                               code="rate_limit_exceeded", type="rate_limit_error") from None
+        self.state.count(active=+1)
 
     def cancel(self) -> None:
-        self.cancelled.set()
+        for seq in self.seqs:
+            seq.cancelled = True
 
-    def _emit(self, *event) -> None:
+    def _emit(self, kind: str, *data) -> None:  # in the batcher's thread
+        if kind == "token":
+            self.state.count(sampled=1)
+        elif kind == "end":
+            self.unfinished -= 1
+            if self.unfinished == 0:
+                self.state.count(active=-1)
         try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+            self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, *data))
         except RuntimeError:  # the event loop is closed: the server is shutting down
-            self.cancelled.set()
-
-    def _run(self) -> None:
-        model, tokenizer, req = self.state.model, self.state.tokenizer, self.req
-        self.state.count(active=+1)
-        try:
-            rng = np.random.default_rng(req.seed)  # one generator for all n, as gpt.sample's
-            for choice in self.choices:
-                for piece in sample_choice(model, tokenizer, self.ids, req, rng, choice):
-                    self.state.count(sampled=1)
-                    if self.cancelled.is_set():
-                        return
-                    if piece:
-                        self._emit("text", choice.index, piece)
-                self._emit("end", choice.index, choice.finish_reason)
-        except Exception as e:  # noqa: BLE001 - a bug, not a bad request: log it, tell the client
-            traceback.print_exc()
-            self._emit("error", f"sampling failed: {type(e).__name__}: {e}")
-        finally:
-            self._emit("done")
-            self.state.count(active=-1)
+            self.cancel()
 
     async def all_events(self) -> AsyncIterator[tuple]:
-        """The events as they come, up to (not including) "done"."""
-        while True:
+        """The events as they come, until every choice has ended (or an error)."""
+        ended = 0
+        while ended < len(self.seqs):
             event = await self.events.get()
-            if event[0] == "done":
-                return
+            ended += event[0] == "end"
             yield event
+            if event[0] == "error":
+                return
 
 
 @dataclass
 class ModelState:
-    """What the requests share: the model (read only), its name and limits, and counters."""
+    """What the requests share: the model (read only), its name and limits, the batcher that
+    decodes them, and counters."""
 
     model: object
     tokenizer: object
     name: str
     max_tokens: int
-    active: int = 0  # generations running now
+    batcher: Batcher | None = None
+    metrics: ServeMetrics | None = None
+    time_limit: float | None = None  # seconds a request may take, queue included
+    active: int = 0  # requests being generated now
     sampled: int = 0  # tokens sampled since the start
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -251,6 +284,13 @@ class App:
     async def page_html(self, request: Request) -> Response:
         return HTMLResponse(self.page, headers=self.page_headers)
 
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus' text format: requests, tokens, sequences active and queued, and the
+        histograms of batch size, time to first token and time per token."""
+        batcher = self.state.batcher
+        text = self.state.metrics.text(len(batcher.active), batcher.queued)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def favicon(self, request: Request) -> Response:
         return Response(status_code=204)  # no icon (browsers ask for one on every page)
 
@@ -265,6 +305,18 @@ class App:
         return await self.complete(request, chat=True)
 
     async def complete(self, request: Request, chat: bool) -> Response:
+        endpoint = "chat/completions" if chat else "completions"
+        try:
+            response = await self.answer(request, chat)
+        except RequestError as e:
+            self.state.metrics.request(endpoint, e.status)
+            if e.status == 429:
+                return error_response(e, {"Retry-After": "1"})
+            raise
+        self.state.metrics.request(endpoint, response.status_code)
+        return response
+
+    async def answer(self, request: Request, chat: bool) -> Response:
         state = self.state
         req = parse_request(await read_json(request, self.body_timeout), chat, state.max_tokens, state.name)
         # encoding a long prompt (BPE) takes a while: not on the event loop either. Only the
@@ -273,13 +325,13 @@ class App:
         ids = await asyncio.to_thread(encode_prompt, state.tokenizer, req.prompt,
                                       cfg.vocab_size, chat, cfg.block_size)
         gen = Generation(state, ids, req)
-        answer = Answer(state.name, chat)
+        answer = Answer(state.name, chat, state.tokenizer, req.logprobs is not None)
+        gen.start()  # 429 when the queue is full
         if req.stream:
             return StreamingResponse(self.stream(gen, answer, len(ids)),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
-        gen.start()
         try:
             waiting = asyncio.ensure_future(until_disconnected(request))
             try:
@@ -300,14 +352,15 @@ class App:
         """The server-sent events of one streamed request: a chunk per piece of text, a last
         chunk per choice with its finish_reason, then [DONE]. If the client disconnects,
         Starlette cancels this generator and the `finally` stops the sampling."""
-        gen.start()
         try:
             if answer.chat:
                 for c in gen.choices:
                     yield sse(answer.chunk(c.index, role=True))
             async for event in gen.all_events():
-                if event[0] == "text":
-                    yield sse(answer.chunk(event[1], text=event[2]))
+                if event[0] == "token":
+                    if event[2]:  # (a token whose text is held back sends nothing yet)
+                        yield sse(answer.chunk(event[1], text=event[2], logprobs=event[3],
+                                               offset=event[4]))
                 elif event[0] == "end":
                     yield sse(answer.chunk(event[1], finish_reason=event[2]))
                 else:  # "error": the status line has gone out already
@@ -425,11 +478,16 @@ async def on_server_error(request: Request, exc: Exception) -> Response:
 
 def create_app(model, tokenizer, model_name: str, max_tokens: int = 1024,
                api_key: str | None = None, cors_origins: list[str] | tuple = (),
-               loopback_only: bool = True, body_timeout: float = BODY_TIMEOUT_S) -> Starlette:
+               loopback_only: bool = True, body_timeout: float = BODY_TIMEOUT_S,
+               max_batch: int = 8, max_queue: int = 64,
+               time_limit: float | None = None) -> Starlette:
     """The ASGI application serving `model`. `app.state.model` is its ModelState.
     `loopback_only`: answer only requests whose Host is a loopback name (for a server that
-    listens on a loopback address: see Guard)."""
-    state = ModelState(model, tokenizer, model_name, max_tokens)
+    listens on a loopback address: see Guard). `max_batch` sequences are decoded together,
+    `max_queue` more may wait (then 429); `time_limit` seconds per request (None: none)."""
+    metrics = ServeMetrics(max_batch)
+    state = ModelState(model, tokenizer, model_name, max_tokens,
+                       Batcher(model, max_batch, max_queue, metrics), metrics, time_limit)
     routes = App(state, body_timeout)
     middleware = [Middleware(Guard, loopback_only=loopback_only)]
     if cors_origins:  # before the key check, so preflights and 401s carry the CORS headers
@@ -444,6 +502,7 @@ def create_app(model, tokenizer, model_name: str, max_tokens: int = 1024,
             Route("/", routes.page_html, methods=["GET"]),
             Route("/favicon.ico", routes.favicon, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),
+            Route("/metrics", routes.metrics, methods=["GET"]),
             Route("/v1/models", routes.models, methods=["GET"]),
             Route("/v1/completions", routes.completions, methods=["POST"]),
             Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
@@ -563,7 +622,8 @@ def serve(cfg: ServeConfig) -> int:
     model, tokenizer = load_model(cfg.out_dir, cfg.dtype, latest=cfg.latest)
     name = cfg.model_name or os.path.basename(os.path.abspath(cfg.out_dir))
     app = create_app(model, tokenizer, name, cfg.max_tokens, cfg.api_key, cfg.cors_origin,
-                     loopback_only=is_loopback(cfg.host))
+                     loopback_only=is_loopback(cfg.host), max_batch=cfg.max_batch,
+                     max_queue=cfg.max_queue, time_limit=cfg.time_limit or None)
     try:
         sock = bind(cfg.host, cfg.port)
     except OSError as e:
@@ -576,7 +636,7 @@ def serve(cfg: ServeConfig) -> int:
     try:  # a Ctrl-C that comes right after the URL line is a clean stop too
         print(f"gpt.serve: serving {name} ({source}) at {url_of(sock)} (Ctrl-C to stop)",
               flush=True)
-        make_server(app).run(sockets=[sock])
+        make_server(app, cfg.max_connections).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled after shutting down
         pass
     finally:

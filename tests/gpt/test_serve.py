@@ -211,6 +211,9 @@ class ByteScript:
     def decoder(self):
         return ByteScriptDecoder(self)
 
+    def batch_decoder(self, slots: int):
+        return ByteScriptBatch(self, slots)
+
 
 class ByteScriptDecoder:
     """ByteScript's decoder (as GPT.decoder()): the next byte's logits after `length` positions."""
@@ -227,6 +230,20 @@ class ByteScriptDecoder:
         logits = np.zeros(self.script.config.vocab_size, dtype=np.float32)
         logits[data[i] if i < len(data) else self.script.eos_id] = 50.0
         return logits
+
+
+class ByteScriptBatch:
+    """ByteScript's batch decoder (as gpt.batching.BatchDecoder): a ByteScriptDecoder a slot."""
+
+    def __init__(self, script: ByteScript, slots: int):
+        self.slots = [ByteScriptDecoder(script) for _ in range(slots)]
+
+    def prefill(self, slot, ids):
+        self.slots[slot].reset()
+        return self.slots[slot](ids)
+
+    def step(self, slots, tokens):
+        return np.stack([self.slots[s]([t]) for s, t in zip(slots, tokens)])
 
 
 def test_a_character_split_over_tokens_streams_whole():
@@ -346,7 +363,9 @@ def test_a_body_that_never_completes_gets_408(tiny_model):
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                          b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
                          b'{"prompt": ')
-            answer = sock.recv(65536)
+            answer = b""
+            while b"request_timeout" not in answer and (chunk := sock.recv(65536)):
+                answer += chunk  # (the status line and the body may come apart)
         assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer
         assert request(url, "GET", "/health")[0] == 200
 
