@@ -38,6 +38,7 @@ import numpy as np
 import tensorlite as tl
 
 from . import cli, metrics
+from .bpe import REPLACEMENT_CHAR, REPLACEMENT_NOTE
 from .checkpoint import (
     Checkpoint,
     checkpoint_path,
@@ -114,6 +115,7 @@ class Run:
     t0: float = field(default_factory=time.perf_counter)
     t_log: float = 0.0
     it_log: int = 0
+    tokenizer_note: str = ""  # what training a BPE tokenizer did, for the intro
 
 
 # ---- phase 1: set up the run --------------------------------------------------------------------
@@ -166,12 +168,16 @@ def build_run(cfg: TrainConfig, ckpt: Checkpoint | None, data_given: bool) -> Ru
         raise UserError(f"no {cfg.data} in {os.getcwd()} and no --data given: pass "
                         f"--data FILE (UTF-8 text), or get Tiny Shakespeare with `{GET_DATA_HINT}`")
     text = load_text(cfg.data)
+    t0 = time.perf_counter()
     tokenizer = load_tokenizer(ckpt.tokenizer) if ckpt else make_tokenizer(cfg, text)
     try:
         ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     except ValueError as e:
         where = "the checkpoint's vocabulary" if ckpt is not None else "the tokenizer"
         raise UserError(f"{cfg.data} does not fit {where}: {e}") from None
+    note = ""
+    if ckpt is None and cfg.tokenizer == "bpe":
+        note = bpe_note(tokenizer, len(text.encode("utf-8")), len(ids), time.perf_counter() - t0)
     try:
         train_ids, val_ids = split_ids(ids, 0.1, cfg.model.block_size)
     except ValueError as e:
@@ -181,7 +187,16 @@ def build_run(cfg: TrainConfig, ckpt: Checkpoint | None, data_given: bool) -> Ru
     model = GPT(mcfg, dtype=np.dtype(cfg.dtype), seed=cfg.seed)
     opt = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                 weight_decay=cfg.weight_decay)
-    return Run(cfg, tokenizer, train_ids, val_ids, model, opt, make_rngs(cfg.seed))
+    return Run(cfg, tokenizer, train_ids, val_ids, model, opt, make_rngs(cfg.seed),
+               tokenizer_note=note)
+
+
+def bpe_note(tokenizer, n_bytes: int, n_tokens: int, seconds: float) -> str:
+    """What training the BPE tokenizer did: its merges, the time it took (training and
+    encoding the text) and how many bytes of text a token stands for on average."""
+    return (f"BPE tokenizer: {len(tokenizer.merges):,} merges learned and the text encoded in "
+            f"{seconds:.2f} s; {n_bytes / max(n_tokens, 1):.2f} bytes per token "
+            f"({n_bytes:,} bytes -> {n_tokens:,} tokens)")
 
 
 def make_tokenizer(cfg: TrainConfig, text: str):
@@ -324,6 +339,8 @@ def plain_loss(model: GPT):
 def print_intro(run: Run, resumed_from: str | None) -> None:
     cfg, m = run.cfg, run.cfg.model
     n = len(run.train_ids) + len(run.val_ids)
+    if run.tokenizer_note:
+        print(run.tokenizer_note)
     print(f"{cfg.data}: {n:,} tokens ({len(run.train_ids):,} train, {len(run.val_ids):,} val), "
           f"vocab {run.tokenizer.vocab_size}; model {run.model.num_params():,} parameters "
           f"({m.n_layer} layers, {m.n_head} heads, n_embd {m.n_embd}, {cfg.dtype})")
@@ -453,7 +470,10 @@ def finish(run: Run) -> None:
     """A short sample of the final weights, then the summary: which checkpoint is where."""
     wall = time.perf_counter() - run.t0
     print("sample of the final weights (temperature 0.8):")
-    print(sample_text(run.model, run.tokenizer, run.cfg.seed))
+    text = sample_text(run.model, run.tokenizer, run.cfg.seed)
+    print(text)
+    if REPLACEMENT_CHAR in text:
+        print(REPLACEMENT_NOTE)
     out = run.cfg.out_dir
     best = (f"best {run.best_val:.4f} (iter {run.best_iter}) in {checkpoint_path(out, True)}"
             if run.best_iter is not None else "no best checkpoint")
