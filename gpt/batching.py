@@ -40,8 +40,8 @@ from .sample import filter_probs, keep_after_slide, sample_from
 # ---- the batched forward --------------------------------------------------------------------
 class BatchDecoder:
     """GPT's forward for sampling many sequences at once. Each of `slots` sequences has its KV
-    cache in one (n_layer, slots, H, block_size, hd) array pair; `lengths[s]` positions of
-    slot s are filled.
+    cache in one (n_layer, slots, H, block_size + 1, hd) array pair; `lengths[s]` positions
+    of slot s are filled.
 
     prefill(s, ids) reads a prompt into slot s with the model's own Decoder (its cache pointed
     at the slot's part of the arrays): the same numbers as gpt.sample's first call.
@@ -60,8 +60,9 @@ class BatchDecoder:
         cfg, dt = model.config, model.dtype
         self.config, self.slots = cfg, slots
         L, H, T, hd = cfg.n_layer, cfg.n_head, cfg.block_size, cfg.head_dim
-        self.k = np.zeros((L, slots, H, T, hd), dt)
-        self.v = np.zeros((L, slots, H, T, hd), dt)
+        # T + 1 positions: the last is scratch, where the rows of slots outside a step write
+        self.k = np.zeros((L, slots, H, T + 1, hd), dt)
+        self.v = np.zeros((L, slots, H, T + 1, hd), dt)
         self.lengths = np.zeros(slots, np.int64)
         self.prefiller = model.decoder()  # reads prompts; its cache is swapped per slot
         w = {name: p.data for name, p in model.params.items()}
@@ -104,6 +105,10 @@ class BatchDecoder:
         ids[slots], pos[slots] = tokens, self.lengths[slots]  # the new tokens' positions
         if pos.max() >= T:
             raise ValueError("a slot's cache is full: its context must slide first")
+        # where each row's key and value go: its position, or (a slot outside this step, which
+        # may hold a prompt just read) the scratch position T, which no query reads
+        put = np.full(S, T)
+        put[slots] = pos[slots]
         T1 = int(pos.max()) + 1  # the attention reads keys 0 .. T1-1 of every slot
         # (S, 1, 1, T1): 0 where key j is one of the row's positions (j <= pos), else -inf
         mask = np.where(np.arange(T1) <= pos[:, None], 0.0, -np.inf).astype(self.k.dtype)
@@ -113,8 +118,8 @@ class BatchDecoder:
             # x = x + attn(rms_norm(x, ln_1))
             qkv = rms_norm(x, ln_1, self.eps)[0] @ c_attn  # (S, 3C): q | k | v
             heads = qkv.reshape(S, 3, H, hd)
-            self.k[i, rows, :, pos] = heads[:, 1]  # (S, H, hd): each into its slot, position
-            self.v[i, rows, :, pos] = heads[:, 2]
+            self.k[i, rows, :, put] = heads[:, 1]  # (S, H, hd): each into its slot, position
+            self.v[i, rows, :, put] = heads[:, 2]
             q = heads[:, 0, :, None, :]  # (S, H, 1, hd)
             k, v = self.k[i, :S, :, :T1], self.v[i, :S, :, :T1]  # (S, H, T1, hd), views
             scores = q @ k.swapaxes(-1, -2)  # (S, H, 1, T1)
