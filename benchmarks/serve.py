@@ -39,8 +39,8 @@ from gpt.serve import SAMPLING_THREADS
 from gpt.tokenizer import CharTokenizer
 
 PROMPT = "THE SEA"  # the vocabulary is chr(32)..chr(96): capitals, digits, punctuation
-SHAPES = {"baby": dict(n_layer=4, n_head=8, n_embd=128, block_size=64),
-          "6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256)}
+SHAPES = {"baby": {"n_layer": 4, "n_head": 8, "n_embd": 128, "block_size": 64},
+          "6x384": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}}
 CONCURRENT = 8
 BURST = 200
 
