@@ -8,7 +8,10 @@ expected and the actual numbers. Nothing here prints.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,10 +24,43 @@ from hypothesis import strategies as st
 from ..testing import GradcheckError, check_jvp, check_vjp
 
 EXAMPLES = 30  # hypothesis examples per check: enough to find a wrong case, quick to run
+TIME_LIMIT = 20.0  # seconds one call of the learner's function may take (an endless loop?)
 
 
 class Failure(Exception):
     """The learner's code gave a wrong answer (or raised): the message says which and where."""
+
+
+class _TimedOut(BaseException):  # a BaseException: the learner's `except Exception` lets it by
+    pass
+
+
+_stuck: list[str] = []  # the report of a call that ran out of time: every later call fails so
+
+
+def start_grading() -> None:
+    """Forget an earlier check's time-out (the CLI calls this before each check)."""
+    _stuck.clear()
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise _TimedOut in the learner's code after `seconds` (where a timer signal exists)."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _TimedOut
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def show(a, indent: int = 0) -> str:
@@ -65,11 +101,20 @@ def call(module: ModuleType, name: str, args: Sequence, names: Sequence[str], ou
     fn = getattr(module, name, None)
     if not callable(fn):
         raise Failure(f"{Path(module.__file__).name} has no function {name}")
+    if _stuck:  # hypothesis would run it again and again while shrinking: one wait is enough
+        raise Failure(_stuck[0])
     copies = [np.array(a, copy=True) if isinstance(a, np.ndarray) else a for a in args]
     try:
-        out = fn(*copies)
+        with _time_limit(TIME_LIMIT):
+            out = fn(*copies)
+    except _TimedOut as e:
+        _stuck.append(f"{name} did not return within {TIME_LIMIT:g} s (an endless loop?); it was "
+                      f"at {learner_line(e, module)}\n  with\n{describe(names, args)}")
+        raise Failure(_stuck[0]) from None
     except NotImplementedError as e:
         raise Failure(f"{name} is not written yet ({learner_line(e, module)})") from None
+    except Failure:  # a grader's guard inside their call (tl.hvp refused, say)
+        raise
     except (Exception, SystemExit) as e:  # noqa: BLE001 - the learner's bug: their line
         raise Failure(f"{name} raised {type(e).__name__}: {e}\n  at {learner_line(e, module)}\n"
                       f"  with\n{describe(names, args)}") from None
