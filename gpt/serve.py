@@ -35,6 +35,7 @@ from importlib import resources
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -325,10 +326,12 @@ class App:
         answer = Answer(state.name, chat, state.tokenizer, req.logprobs is not None)
         gen.start()  # 429 when the queue is full
         if req.stream:
+            # (the background task cancels too: a client gone before the stream starts)
             return StreamingResponse(self.stream(gen, answer, len(ids)),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
+                                              "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(gen.cancel))
         try:
             waiting = asyncio.ensure_future(until_disconnected(request))
             try:
@@ -505,11 +508,22 @@ def create_app(model, tokenizer, model_name: str, max_tokens: int = 1024,
             Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
         ],
         middleware=middleware,
+        lifespan=stops_with_the_server(state.batcher),
         exception_handlers={RequestError: on_request_error, HTTPException: on_http_error,
                             ClientDisconnect: on_client_gone, Exception: on_server_error},
     )
     app.state.model = state
     return app
+
+
+def stops_with_the_server(batcher: Batcher):
+    """A Starlette lifespan that stops the batcher's thread when the server shuts down."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.stop()
+
+    return lifespan
 
 
 # ---- listening ----------------------------------------------------------------------------------
