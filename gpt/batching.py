@@ -25,13 +25,18 @@ from collections.abc import Callable
 import numpy as np
 
 import tensorlite.functional as F
-from tensorlite import kernels
+from tensorlite import Tensor, kernels, no_grad
 
 # The formulas are tensorlite's own (one home each), called as their NumPy references: on a
 # handful of rows a compiled twin's call costs more than the loop it saves.
 rms_norm = F.rms_norm_forward.reference  # (y, r) = (x / rms(x) * w, 1 / rms(x)), per row
 relu_squared = kernels.relu_squared.reference  # max(x, 0) ** 2
-softmax = F._softmax  # exp(x - max) / sum(exp(x - max)) along an axis
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """tensorlite's softmax over the last axis, on an array (no graph is recorded)."""
+    with no_grad():
+        return F.softmax(Tensor(x)).data
 
 from .api import Choice, CompletionRequest, TextStream
 from .sample import filter_probs, keep_after_slide, sample_from
@@ -125,7 +130,7 @@ class BatchDecoder:
             scores = q @ k.swapaxes(-1, -2)  # (S, H, 1, T1)
             scores *= self.scale
             scores += mask
-            att = softmax(scores, -1, inplace=True)  # (S, H, 1, T1)
+            att = softmax(scores)  # (S, H, 1, T1)
             y = (att @ v).reshape(S, H * hd)  # (S, H, 1, hd) -> (S, C)
             x += y @ attn_proj
             # x = x + mlp(rms_norm(x, ln_2))
