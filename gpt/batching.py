@@ -231,14 +231,16 @@ class Batcher:
     gone (`cancelled`) or when its deadline passes: within one step.
 
     `metrics` (a ServeMetrics) hears of each step's batch size, each first token's wait and
-    each token's time after the one before."""
+    each token's time after the one before; `after_step()` is called after every step."""
 
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, metrics=None):
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, metrics=None,
+                 after_step: Callable[[], None] | None = None):
         # (a stand-in model in a test may bring its own batch decoder)
         make = getattr(model, "batch_decoder", None) or (lambda n: BatchDecoder(model, n))
         self.decoder = make(max_batch)
         self.block = model.config.block_size
         self.max_batch, self.max_queue, self.metrics = max_batch, max_queue, metrics
+        self.after_step = after_step  # called after each step (gpt.serve hands events over)
         self.queue: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []
         self.free = list(range(max_batch - 1, -1, -1))  # slots; pop() gives the lowest
@@ -289,6 +291,8 @@ class Batcher:
                     seq.emit("error", f"sampling failed: {type(e).__name__}: {e}")
                     seq.finish(None)
                 self._leave(list(self.active))
+            if self.after_step is not None:
+                self.after_step()
 
     def _step(self) -> None:
         """One token for every active sequence (those whose time is up or whose client has
