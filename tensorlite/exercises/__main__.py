@@ -24,7 +24,7 @@ from types import ModuleType
 import numpy as np
 
 from . import BY_NAME, EXERCISES, Exercise
-from .grader import EXAMPLES, Failure, learner_line, start_grading
+from .grader import EXAMPLES, Failure, Stop, learner_line
 
 HINTS_FILE = ".exercise-hints.json"
 PROG = "python -m tensorlite.exercises"
@@ -113,11 +113,10 @@ def check(name: str, folder: Path, examples: int) -> int:
     if examples < 1:
         raise UsageError(f"--examples must be at least 1, got {examples}")
     try:
-        start_grading()
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")  # the learner's NaNs show as wrong numbers
             checked = ex.grade(load(path, name), examples)
-    except Failure as e:
+    except (Failure, Stop) as e:
         print(f"FAILED {name} ({path})\n{e}")
         print(f"stuck? `{PROG} hint {name}{'' if folder == Path('.') else f' --dir {folder}'}`")
         return 1

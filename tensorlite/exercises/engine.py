@@ -22,7 +22,7 @@ from .. import autograd
 from .. import functional as F
 from ..tensor import Tensor
 from ..testing import arrays, broadcastable_shapes
-from .grader import Failure, call, compare, jvp, search, show, vjp
+from .grader import Failure, Stop, call, compare, jvp, search, show, vjp
 
 
 def _data(t: Tensor) -> np.ndarray:
@@ -290,7 +290,7 @@ def grade_attention_backward(mod: ModuleType, examples: int) -> list[str]:
 def _without_hvp(mod: ModuleType):
     """tl.hvp is this exercise's answer: calling it fails the check."""
     def refused(*args, **kwargs):
-        raise Failure("hessian_vector_product called tl.hvp, which is the answer itself: "
+        raise Stop("hessian_vector_product called tl.hvp, which is the answer itself: "
                       "write it with tl.grad, twice")
 
     package = sys.modules["tensorlite"]
