@@ -21,6 +21,8 @@ from .errors import UserError
 Dtype = Literal["float32", "float64"]
 Tokenizer = Literal["char", "bpe"]
 Backend = Literal["loky", "dask"]
+Norm = Literal["rmsnorm", "layernorm"]
+Activation = Literal["relu2", "gelu"]
 
 
 def setting(default, help: str, *, shown=None, metavar: str | None = None,
@@ -125,10 +127,25 @@ class GPTConfig:
     n_head: int = setting(8, "attention heads H per block (divides n_embd)", fixed=True)
     n_embd: int = setting(128, "width C of the residual stream", fixed=True)
     dropout: float = setting(0.0, "dropout probability in training")
+    # The architecture: the defaults are ours; GPT-2 is layernorm, gelu, bias, tied_head
+    # (docs/gpt.md, "GPT-2 in and out", says what each changes and why GPT-2 chose it).
+    norm: Norm = setting("rmsnorm", "normalisation: rmsnorm, or layernorm (GPT-2's: the row's "
+                         "mean subtracted, and a bias)", fixed=True)
+    activation: Activation = setting("relu2", "MLP activation: relu2 (relu(x)**2), or gelu "
+                                     "(GPT-2's tanh approximation)", fixed=True)
+    bias: bool = setting(False, "a bias in every linear layer of the blocks (as GPT-2)",
+                         fixed=True)
+    tied_head: bool = setting(False, "the output head is the token embedding wte, transposed "
+                              "(as GPT-2), instead of its own lm_head", fixed=True)
 
     def validate(self) -> GPTConfig:
         """Raise UserError (one line) if this config cannot build a model; return self."""
         check_positive(self, ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
+        for name in ("norm", "activation"):
+            check_choice(self, name)
+        for name in ("bias", "tied_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"must be true or false, got {getattr(self, name)!r}", field=name)
         if self.n_embd % self.n_head:
             raise UserError(f"({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                             f"try n_head {_divisor_hint(self.n_embd, self.n_head)}",
@@ -140,6 +157,12 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def unlike_gpt2(self) -> list[str]:
+        """What of this architecture GPT-2 cannot represent (empty: a GPT-2)."""
+        gpt2 = {"norm": "layernorm", "activation": "gelu", "bias": True, "tied_head": True}
+        return [f"{name} {getattr(self, name)!r} (GPT-2 has {want!r})"
+                for name, want in gpt2.items() if getattr(self, name) != want]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
