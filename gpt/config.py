@@ -19,7 +19,7 @@ from typing import Literal
 from .errors import UserError
 
 Dtype = Literal["float32", "float64"]
-Tokenizer = Literal["char", "bpe"]
+Tokenizer = Literal["char", "bpe", "gpt2"]
 Backend = Literal["loky", "dask"]
 Norm = Literal["rmsnorm", "layernorm"]
 Activation = Literal["relu2", "gelu"]
@@ -159,8 +159,9 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     def unlike_gpt2(self) -> list[str]:
-        """What of this architecture GPT-2 cannot represent (empty: a GPT-2)."""
-        gpt2 = {"norm": "layernorm", "activation": "gelu", "bias": True, "tied_head": True}
+        """What of this architecture GPT-2 cannot represent (empty: a GPT-2). (An untied head
+        it can: transformers' tie_word_embeddings false.)"""
+        gpt2 = {"norm": "layernorm", "activation": "gelu", "bias": True}
         return [f"{name} {getattr(self, name)!r} (GPT-2 has {want!r})"
                 for name, want in gpt2.items() if getattr(self, name) != want]
 
@@ -203,11 +204,15 @@ class TrainConfig:
     log_interval: int = setting(10, "print a progress line every N steps")
     seed: int = setting(1337, "random seed (init, batches, dropout)")
     resume: bool = setting(False, "continue from the checkpoint in --out-dir")
+    init_from: str | None = setting(None, "fine-tune: start from the weights, shape and "
+                                    "tokenizer of this run folder or Hugging Face GPT-2 folder "
+                                    "(a fresh optimizer)", metavar="PATH")
     dtype: Dtype = setting("float32", "floating-point type: float32 or float64", fixed=True)
     workers: int = setting(1, "data-parallel workers, each computing a shard of the batch")
     threads: int | None = setting(None, "threads of this process, each computing a shard of "
                                   "the batch (with --workers 1)", shown="all cores")
-    tokenizer: Tokenizer = setting("char", "tokenizer: char or bpe", fixed=True)
+    tokenizer: Tokenizer = setting("char", "tokenizer: char or bpe (gpt2: GPT-2's, which comes "
+                                   "with --init-from)", fixed=True)
     backend: Backend = setting("loky", "process transport for --workers: loky or dask")
     scheduler: str | None = setting(None, "dask scheduler address (with --backend dask)",
                                     metavar="ADDRESS")

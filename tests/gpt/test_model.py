@@ -73,8 +73,7 @@ def test_gpt2_architecture_parameters_and_the_default_unchanged():
     assert gpt2.unlike_gpt2() == []
     assert GPTConfig().unlike_gpt2() == ["norm 'rmsnorm' (GPT-2 has 'layernorm')",
                                          "activation 'relu2' (GPT-2 has 'gelu')",
-                                         "bias False (GPT-2 has True)",
-                                         "tied_head False (GPT-2 has True)"]
+                                         "bias False (GPT-2 has True)"]
     with pytest.raises(ValueError, match="norm must be one of rmsnorm, layernorm"):
         GPTConfig(norm="batchnorm").validate()
     with pytest.raises(ValueError, match="bias must be true or false"):
