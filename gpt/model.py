@@ -389,37 +389,51 @@ class Decoder:
             np.matmul(att, v, out=y.reshape(n, H, hd).transpose(1, 0, 2))  # (H, n, hd) -> (n, C)
             x += self.linear(y, attn_proj, branch)  # (n, C)
             # x = x + mlp(norm(x, ln_2)), mlp = relu(. @ c_fc)**2 @ c_proj (or gelu)
-            self.linear(self.norm(x, ln_2, xn), c_fc, h)  # (n, 4C)
-            if self.gelu:
-                h[...] = F.gelu_forward(h)[0]
-            else:
-                np.maximum(h, 0, out=h)
-                h *= h
-            x += self.linear(h, mlp_proj, branch)  # (n, C)
+            x += self.linear(self.activation(self.linear(self.norm(x, ln_2, xn), c_fc, h)),
+                             mlp_proj, branch)  # (n, 4C) -> (n, C)
         cache.length = t1
         # the head, for the last position only: the one whose next token we sample
-        last = self.norm(x[-1:], self.ln_f, xn[:1])[0]  # (C,)
-        if self.lm_head is None:  # tied: wte (V, C) @ last
-            return np.matmul(self.wte, last, out=self.logits)  # (V,)
-        return np.matmul(last, self.lm_head, out=self.logits)  # (V,)
+        last = self.norm(x[-1:], self.ln_f, xn[:1])  # (1, C)
+        return self.head(last, self.logits[None])[0]  # (V,)
 
+    # The steps of a layer on plain arrays, each written once: gpt/batching.py's batched
+    # decoder calls them too. Without `out` they return a new array.
     @staticmethod
-    def linear(x: np.ndarray, layer: tuple, out: np.ndarray) -> np.ndarray:
-        """x @ W (+ b) into `out`, for layer = (W, b or None)."""
+    def linear(x: np.ndarray, layer: tuple, out: np.ndarray | None = None) -> np.ndarray:
+        """x @ W (+ b), for layer = (W, b or None)."""
         weight, bias = layer
-        np.matmul(x, weight, out=out)
+        out = np.matmul(x, weight, out=out)
         if bias is not None:
             out += bias
         return out
 
-    def norm(self, x: np.ndarray, layer: tuple, out: np.ndarray) -> np.ndarray:
-        """The model's normalisation of x into `out`, for layer = (weight, bias or None):
-        rms_norm, or F.layer_norm's reference (norm "layernorm")."""
+    def activation(self, h: np.ndarray) -> np.ndarray:
+        """The MLP's relu(h)**2, or gelu(h) (activation "gelu"), in place on h."""
+        if self.gelu:
+            h[...] = F.gelu_forward(h)[0]
+        else:
+            np.maximum(h, 0, out=h)
+            h *= h
+        return h
+
+    def head(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The logits (n, V) of normalised rows x (n, C): x @ lm_head, or x @ wte^T (tied)."""
+        return np.matmul(x, self.wte.T if self.lm_head is None else self.lm_head, out=out)
+
+    def norm(self, x: np.ndarray, layer: tuple, out: np.ndarray | None = None) -> np.ndarray:
+        """The model's normalisation of x, for layer = (weight, bias or None): rms_norm
+        (into this Decoder's buffers), or F.layer_norm's reference (norm "layernorm")."""
         weight, bias = layer
         if self.layernorm:
-            out[...] = F.layer_norm_forward(x, weight, bias, 1e-5)[0]
-            return out
-        return self.rms_norm(x, weight, out)
+            y = F.layer_norm_forward(x, weight, bias, 1e-5)[0]
+        elif out is None or len(x) > len(self.rms):
+            y = F.rms_norm_forward(x, weight, 1e-5)[0]
+        else:
+            return self.rms_norm(x, weight, out)
+        if out is None:
+            return y
+        out[...] = y
+        return out
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> np.ndarray:
         """F.rms_norm into `out`: each row x / sqrt(mean(x**2) + eps) * weight (eps 1e-5)."""
