@@ -410,7 +410,7 @@ class Decoder:
     def activation(self, h: np.ndarray) -> np.ndarray:
         """The MLP's relu(h)**2, or gelu(h) (activation "gelu"), in place on h."""
         if self.gelu:
-            h[...] = F.gelu_forward(h)[0]
+            h[...] = F.gelu_forward.reference(h)[0]
         else:
             np.maximum(h, 0, out=h)
             h *= h
@@ -423,11 +423,11 @@ class Decoder:
     def norm(self, x: np.ndarray, layer: tuple, out: np.ndarray | None = None) -> np.ndarray:
         """The model's normalisation of x, for layer = (weight, bias or None): rms_norm
         (into this Decoder's buffers), or F.layer_norm's reference (norm "layernorm")."""
-        weight, bias = layer
+        weight, bias = layer  # (the references: on a few rows a twin's call costs more)
         if self.layernorm:
-            y = F.layer_norm_forward(x, weight, bias, 1e-5)[0]
+            y = F.layer_norm_forward.reference(x, weight, bias, 1e-5)[0]
         elif out is None or len(x) > len(self.rms):
-            y = F.rms_norm_forward(x, weight, 1e-5)[0]
+            y = F.rms_norm_forward.reference(x, weight, 1e-5)[0]
         else:
             return self.rms_norm(x, weight, out)
         if out is None:

@@ -117,6 +117,10 @@ def check(name: str, folder: Path, examples: int) -> int:
         print(f"FAILED {name} ({path})\n{e}")
         print(f"stuck? `{PROG} hint {name}{'' if folder == Path('.') else f' --dir {folder}'}`")
         return 1
+    except Exception as e:  # noqa: BLE001 - never a traceback: say what stopped the check
+        print(f"FAILED {name} ({path}): the check stopped with {type(e).__name__}: {e}\n"
+              "(if your code is not the cause, this is a bug of the grader: please report it)")
+        return 1
     print(f"passed {name} ({path}); checked:")
     for line in checked:
         print(f"  - {line}")
