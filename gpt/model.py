@@ -18,7 +18,9 @@ import os
 import numpy as np
 
 import tensorlite.functional as F
-from tensorlite import Tensor, no_grad
+from tensorlite import Tensor, autocast, no_grad
+from tensorlite.bf16 import bf16_operand
+from tensorlite.precision import autocast_dtype
 
 from .config import GPTConfig
 
@@ -51,7 +53,10 @@ class GPT:
         of this dtype and shape), those arrays themselves, not copied (nothing is drawn: how a
         checkpoint is loaded for sampling without a second copy of the weights)."""
         self.config = config.validate()
-        self.dtype = np.dtype(dtype)
+        # dtype "bfloat16" is mixed precision: float32 weights (and so gradients and AdamW
+        # state), every linear layer's product in bf16 (tl.autocast), the rest float32
+        self.matmul_dtype = "bfloat16" if str(dtype) == "bfloat16" else None
+        self.dtype = np.dtype(np.float32 if self.matmul_dtype else dtype)
         if self.dtype.kind != "f":
             raise ValueError(f"GPT: dtype must be a float type, got {self.dtype}")
         self._rng = np.random.default_rng(seed)  # dropout masks when no rng is passed
@@ -107,6 +112,9 @@ class GPT:
         `targets` (B, T) if given (else None). `training` turns dropout on; its masks come
         from `rng` (or the model's own generator). (Sampling one token at a time goes
         through `decoder()` instead: the same math with a KV cache, on plain arrays.)"""
+        if self.matmul_dtype and autocast_dtype() != self.matmul_dtype:  # mixed precision
+            with autocast(self.matmul_dtype):
+                return self(idx, targets, training, rng)
         idx = self._check_ids(idx, "idx")
         B, T = idx.shape
         p, cfg = self.params, self.config
@@ -319,6 +327,10 @@ class Decoder:
         cfg, dt = model.config, model.dtype
         T, C, H, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.vocab_size
         w = {name: p.data for name, p in model.params.items()}  # the arrays themselves
+        self.bf16 = model.matmul_dtype == "bfloat16"  # the linear layers' products in bf16
+        if self.bf16:  # their weights rounded once here (a copy), their inputs per call
+            w = {n: bf16_operand(a) if a.ndim == 2 and n not in ("wte", "wpe") else a
+                 for n, a in w.items()}
         self.config = cfg
         self.wte, self.wpe = w["wte"], w["wpe"]
         # per block, (weight, bias) of each norm and linear layer; bias None where there is none
@@ -326,7 +338,11 @@ class Decoder:
             "ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"))
             for i in range(cfg.n_layer)]
         self.ln_f = (w["ln_f.weight"], w.get("ln_f.bias"))
-        self.lm_head = w.get("lm_head.weight")  # None with a tied head: wte is read instead
+        # the head's (C, V) matrix: lm_head, or wte read the other way (tied; for a bf16 model
+        # rounded like the linear layers' weights, a copy, as the training forward's product)
+        self.lm_head = w.get("lm_head.weight")
+        if self.lm_head is None:
+            self.lm_head = (bf16_operand(w["wte"]) if self.bf16 else w["wte"]).T
         self.layernorm, self.gelu = cfg.norm == "layernorm", cfg.activation == "gelu"
         self.scale = dt.type(1.0 / math.sqrt(cfg.head_dim))
         self.inv_c, self.eps = dt.type(1.0 / C), dt.type(1e-5)  # rms_norm's (as F.rms_norm's)
@@ -398,11 +414,11 @@ class Decoder:
 
     # The steps of a layer on plain arrays, each written once: gpt/batching.py's batched
     # decoder calls them too. Without `out` they return a new array.
-    @staticmethod
-    def linear(x: np.ndarray, layer: tuple, out: np.ndarray | None = None) -> np.ndarray:
-        """x @ W (+ b), for layer = (W, b or None)."""
+    def linear(self, x: np.ndarray, layer: tuple, out: np.ndarray | None = None) -> np.ndarray:
+        """x @ W (+ b), for layer = (W, b or None); x is rounded to bf16 first (in place)
+        for a bf16 model (see operand)."""
         weight, bias = layer
-        out = np.matmul(x, weight, out=out)
+        out = np.matmul(self.operand(x), weight, out=out)
         if bias is not None:
             out += bias
         return out
@@ -417,8 +433,9 @@ class Decoder:
         return h
 
     def head(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """The logits (n, V) of normalised rows x (n, C): x @ lm_head, or x @ wte^T (tied)."""
-        return np.matmul(x, self.wte.T if self.lm_head is None else self.lm_head, out=out)
+        """The logits (n, V) of normalised rows x (n, C): x @ lm_head (wte^T when tied);
+        x is rounded to bf16 first (in place) for a bf16 model."""
+        return np.matmul(self.operand(x), self.lm_head, out=out)
 
     def norm(self, x: np.ndarray, layer: tuple, out: np.ndarray | None = None) -> np.ndarray:
         """The model's normalisation of x, for layer = (weight, bias or None): rms_norm
@@ -434,6 +451,13 @@ class Decoder:
             return y
         out[...] = y
         return out
+
+    def operand(self, a: np.ndarray) -> np.ndarray:
+        """A linear layer's input: rounded to bf16 in place for a bf16 model (as MatMulBF16
+        rounds it), else itself."""
+        if self.bf16:
+            a[...] = bf16_operand(a)
+        return a
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> np.ndarray:
         """F.rms_norm into `out`: each row x / sqrt(mean(x**2) + eps) * weight (eps 1e-5)."""
@@ -464,7 +488,7 @@ def training_memory(config: GPTConfig, batch_size: int, dtype=np.float32,
     copies = 4 + (threads + 1 if threads > 1 else 0)
     values = copies * P + config.n_layer * (16 * B * T * C + 2 * B * H * T * T)
     values += 3 * B * T * config.vocab_size
-    return P, values * np.dtype(dtype).itemsize
+    return P, values * np.dtype(np.float32 if str(dtype) == "bfloat16" else dtype).itemsize
 
 
 def available_memory() -> int | None:

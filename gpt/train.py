@@ -193,7 +193,8 @@ def init_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, tuple]:
     with PATH's model is an error (gpt.convert.same_shape)."""
     from .convert import load_pretrained, same_shape
 
-    config, weights, tokenizer = load_pretrained(cfg.init_from, np.dtype(cfg.dtype))
+    dtype = np.float32 if cfg.dtype == "bfloat16" else np.dtype(cfg.dtype)  # (master weights)
+    config, weights, tokenizer = load_pretrained(cfg.init_from, dtype)
     if "tokenizer" in given and cfg.tokenizer != tokenizer.to_dict()["kind"]:
         raise UserError(f"is {cfg.tokenizer} but --init-from's is {tokenizer.to_dict()['kind']}; "
                         "drop the flag (the tokenizer comes from --init-from)", field="tokenizer")
@@ -220,7 +221,7 @@ def build_run(cfg: TrainConfig, ckpt: Checkpoint | None, data_given: bool,
         tokenizer, train_ids, val_ids, note = read_text(cfg, ckpt, tokenizer)
     mcfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     check_fits(mcfg, cfg.batch_size, cfg.dtype, shard_threads(cfg))  # before allocating
-    model = GPT(mcfg, dtype=np.dtype(cfg.dtype), seed=cfg.seed)
+    model = GPT(mcfg, dtype=cfg.dtype, seed=cfg.seed)  # bfloat16: float32 weights, bf16 products
     opt = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                 weight_decay=cfg.weight_decay)
     return Run(cfg, tokenizer, train_ids, val_ids, model, opt, make_rngs(cfg.seed),

@@ -163,12 +163,13 @@ def test_decoder_matches_full_forward_for_chunks_of_any_size(chunks, arch):
     assert decoder.length == total
 
 
-@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 2e-5)])
-def test_decoder_matches_full_forward_at_every_position_across_slides(dtype, tol):
+@pytest.mark.parametrize("arch", [{}, GPT2_ARCH], ids=["ours", "gpt2"])
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 2e-5), ("bfloat16", 2e-5)])
+def test_decoder_matches_full_forward_at_every_position_across_slides(dtype, tol, arch):
     """One token at a time for three windows, the context sliding as sample_tokens slides
     it (reset, re-read the kept half in one call): at every step the decoder's logits are
     the full forward pass's on the current context, at its last position."""
-    cfg = GPTConfig(vocab_size=30, block_size=12, n_layer=2, n_head=2, n_embd=16)
+    cfg = GPTConfig(vocab_size=30, block_size=12, n_layer=2, n_head=2, n_embd=16, **arch)
     model = GPT(cfg, dtype=dtype, seed=4)
     ids = list(np.random.default_rng(5).integers(0, 30, 3 * cfg.block_size))
     decoder, start, slides = model.decoder(), 0, 0
@@ -177,7 +178,7 @@ def test_decoder_matches_full_forward_at_every_position_across_slides(dtype, tol
             start, slides = end - 1 - keep_after_slide(cfg.block_size), slides + 1
             decoder.reset()
         logits = decoder(ids[start + decoder.length : end])
-        assert decoder.length == end - start and logits.dtype == dtype
+        assert decoder.length == end - start and logits.dtype == model.dtype
         with no_grad():
             full = model(np.array([ids[start:end]]))[0].data[0, -1]  # (V,)
         np.testing.assert_allclose(logits, full, rtol=tol, atol=tol)
