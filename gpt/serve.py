@@ -185,6 +185,11 @@ class Generation:
 
     def start(self) -> None:
         """Queue the choices; a RequestError (429, Retry-After) when the queue is full."""
+        batcher = self.state.batcher
+        if len(self.seqs) > batcher.max_batch + batcher.max_queue:  # could never fit
+            raise RequestError(f"'n' is {len(self.seqs)} but this server decodes at most "
+                               f"{batcher.max_batch} sequences with {batcher.max_queue} "
+                               "waiting (its --max-batch and --max-queue)", "n")
         try:
             self.state.batcher.submit(self.seqs)
         except QueueFull:

@@ -222,6 +222,15 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_model):
         assert post(url, "/v1/completions", {"prompt": "The", "max_tokens": 3})[0] == 200
 
 
+def test_more_choices_than_slots_and_queue_hold_is_400_not_429(tiny_model):
+    with small_server(tiny_model, max_batch=2, max_queue=1) as (url, _):
+        status, body = post(url, "/v1/completions", {"prompt": "x", "n": 4})
+        assert status == 400 and body["error"]["param"] == "n" and "--max-batch" in body[
+            "error"]["message"]
+        status, body = post(url, "/v1/completions", {"prompt": "x", "n": 3, "max_tokens": 2})
+        assert status == 200 and len(body["choices"]) == 3  # 2 in slots, 1 waiting its turn
+
+
 def test_the_time_limit_ends_a_request(tiny_model):
     with small_server(tiny_model, time_limit=0.3) as (url, state):
         started = time.monotonic()
