@@ -401,7 +401,9 @@ class App:
                 out = []
                 for event in batch:
                     if event[0] == "token":
-                        if event[2]:  # (a token whose text is held back sends nothing yet)
+                        if event[2] and not answer.logprobs:  # (text held back: nothing)
+                            out.append(answer.text_event(event[1], event[2]))
+                        elif event[2]:
                             out.append(sse(answer.chunk(event[1], text=event[2],
                                                         logprobs=event[3], offset=event[4])))
                     elif event[0] == "end":
