@@ -17,11 +17,13 @@ import numpy as np
 import openai
 import pytest
 from conftest import API_KEY
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve import AUTH, events, post, request, wait_until
 
 from gpt.api import CompletionRequest
-from gpt.batching import BatchDecoder, Batcher, Sequence, log_softmax
+from gpt.batching import BatchDecoder, Batcher, Sequence, log_softmax, most_probable
 from gpt.model import GPT
 from gpt.sample import generate
 from gpt.serve import create_app, running
@@ -243,6 +245,13 @@ def test_the_time_limit_ends_a_request(tiny_model):
 
 
 # ---- logprobs -----------------------------------------------------------------------------------
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=40), st.integers(0, 45))
+def test_most_probable_is_the_top_of_a_stable_sort(values, k):
+    lp = np.array(values, dtype=np.float64)  # small integers: many ties
+    k = min(k, lp.size)
+    assert most_probable(lp, k).tolist() == np.argsort(-lp, kind="stable")[:k].tolist()
+
+
 def model_log_softmax(model, ids: list[int]) -> np.ndarray:
     """(len(ids), V): log-softmax of the model's logits (its full forward) at each position."""
     with no_grad():
