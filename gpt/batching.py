@@ -64,13 +64,12 @@ class BatchDecoder:
         self.k = np.zeros((L, slots, H, T + 1, hd), dt)
         self.v = np.zeros((L, slots, H, T + 1, hd), dt)
         self.lengths = np.zeros(slots, np.int64)
-        self.prefiller = model.decoder()  # reads prompts; its cache is swapped per slot
-        w = {name: p.data for name, p in model.params.items()}
-        self.wte, self.wpe, self.ln_f, self.lm_head = w["wte"], w["wpe"], w["ln_f.weight"], \
-            w["lm_head.weight"]
-        self.layers = [tuple(w[f"h.{i}.{name}"] for name in (
-            "ln_1.weight", "attn.c_attn.weight", "attn.c_proj.weight",
-            "ln_2.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")) for i in range(L)]
+        self.prefiller = d = model.decoder()  # reads prompts; its cache is swapped per slot
+        # the decoder's weights (of a bfloat16 model: the linear layers' rounded to bf16), and
+        # what it does to a linear layer's input (rounds it, for a bfloat16 model)
+        self.wte, self.wpe, self.ln_f, self.lm_head, self.layers = d.wte, d.wpe, d.ln_f, \
+            d.lm_head, d.layers
+        self.operand = d.operand
         self.scale = dt.type(1.0 / math.sqrt(hd))
         self.eps = 1e-5  # F.rms_norm's
 
@@ -116,7 +115,7 @@ class BatchDecoder:
         x = self.wte[ids] + self.wpe[pos]  # (S, C)
         for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(self.layers):
             # x = x + attn(rms_norm(x, ln_1))
-            qkv = rms_norm(x, ln_1, self.eps)[0] @ c_attn  # (S, 3C): q | k | v
+            qkv = self.operand(rms_norm(x, ln_1, self.eps)[0]) @ c_attn  # (S, 3C): q | k | v
             heads = qkv.reshape(S, 3, H, hd)
             self.k[i, rows, :, put] = heads[:, 1]  # (S, H, hd): each into its slot, position
             self.v[i, rows, :, put] = heads[:, 2]
@@ -127,13 +126,13 @@ class BatchDecoder:
             scores += mask
             att = softmax(scores, -1, inplace=True)  # (S, H, 1, T1)
             y = (att @ v).reshape(S, H * hd)  # (S, H, 1, hd) -> (S, C)
-            x += y @ attn_proj
+            x += self.operand(y) @ attn_proj
             # x = x + mlp(rms_norm(x, ln_2))
-            h = relu_squared(rms_norm(x, ln_2, self.eps)[0] @ c_fc)  # (S, 4C)
-            x += h @ mlp_proj
+            h = relu_squared(self.operand(rms_norm(x, ln_2, self.eps)[0]) @ c_fc)  # (S, 4C)
+            x += self.operand(h) @ mlp_proj
         self.lengths[slots] += 1
         x = x[slots]  # (B, C): the rows someone reads
-        return rms_norm(x, self.ln_f, self.eps)[0] @ self.lm_head  # (B, V)
+        return self.operand(rms_norm(x, self.ln_f, self.eps)[0]) @ self.lm_head  # (B, V)
 
 
 # ---- one choice being sampled ---------------------------------------------------------------

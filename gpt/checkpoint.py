@@ -432,22 +432,26 @@ def uses_best(out_dir: str, latest: bool = False) -> bool:
 def load_model(out_dir: str, dtype: Any = None, *, latest: bool = False):
     """(model, tokenizer) from a training run's folder, ready to sample from: the checkpoint
     with the lowest validation loss (OUT/best) when there is one, else the latest
-    (OUT/checkpoint); latest=True always takes the latest. `dtype` defaults to the dtype the
-    weights were saved in."""
+    (OUT/checkpoint); latest=True always takes the latest. `dtype` (None or "checkpoint": as
+    the run trained: the weights' dtype, or "bfloat16" for a mixed-precision run, whose
+    float32 weights then multiply as bf16) is float32, float64 or "bfloat16"."""
     from .config import GPTConfig
     from .model import GPT
     from .tokenizer import tokenizer_from_dict
 
     ckpt = load_checkpoint(out_dir, best=uses_best(out_dir, latest))
     config = GPTConfig.from_dict(ckpt.config["model"])  # validated by load_checkpoint
-    if dtype is None:
+    if dtype in (None, "checkpoint"):
         dtype = ckpt.model["wte"].dtype if "wte" in ckpt.model else np.float32
-    if np.dtype(dtype).kind != "f":
+        if ckpt.config.get("train", {}).get("dtype") == "bfloat16":
+            dtype = "bfloat16"
+    if str(dtype) != "bfloat16" and np.dtype(dtype).kind != "f":
         raise UserError(f"{ckpt.path}/model.safetensors holds {np.dtype(dtype)} weights, "
                               "not floats; the checkpoint is corrupt")
     model = GPT(config, dtype=dtype)
     try:
-        model.load_state_dict({k: v.astype(dtype, copy=False) for k, v in ckpt.model.items()})
+        model.load_state_dict({k: v.astype(model.dtype, copy=False)
+                               for k, v in ckpt.model.items()})
     except ValueError as e:
         raise UserError(f"{ckpt.path}/model.safetensors does not fit config.json: {e}") \
             from None

@@ -18,7 +18,8 @@ from typing import Literal
 
 from .errors import UserError
 
-Dtype = Literal["float32", "float64"]
+Dtype = Literal["float32", "float64", "bfloat16"]
+SampleDtype = Literal["checkpoint", "float32", "float64", "bfloat16"]
 Tokenizer = Literal["char", "bpe"]
 Backend = Literal["loky", "dask"]
 
@@ -181,7 +182,8 @@ class TrainConfig:
     log_interval: int = setting(10, "print a progress line every N steps")
     seed: int = setting(1337, "random seed (init, batches, dropout)")
     resume: bool = setting(False, "continue from the checkpoint in --out-dir")
-    dtype: Dtype = setting("float32", "floating-point type: float32 or float64", fixed=True)
+    dtype: Dtype = setting("float32", "floating-point type: float32, float64, or bfloat16 (mixed "
+                           "precision: float32 weights, bf16 matmul operands)", fixed=True)
     workers: int = setting(1, "data-parallel workers, each computing a shard of the batch")
     threads: int | None = setting(None, "threads of this process, each computing a shard of "
                                   "the batch (with --workers 1)", shown="all cores")
@@ -252,10 +254,13 @@ class SampleConfig:
     no_kv_cache: bool = setting(False, "recompute the whole context at every step")
     latest: bool = setting(False, "sample the latest checkpoint (OUT/checkpoint) instead of "
                            "the one with the lowest val loss (OUT/best, when it exists)")
+    dtype: SampleDtype = setting("checkpoint", "compute in float32, float64 or bfloat16 (bf16 "
+                                 "matmul operands); checkpoint: as the run trained")
 
     def validate(self) -> SampleConfig:
         check_sampling(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
         check_positive(self, ("num_samples",))
+        check_choice(self, "dtype")
         return self
 
 

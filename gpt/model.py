@@ -17,7 +17,9 @@ import os
 import numpy as np
 
 import tensorlite.functional as F
-from tensorlite import Tensor, no_grad
+from tensorlite import Tensor, autocast, no_grad
+from tensorlite.bf16 import bf16_operand
+from tensorlite.precision import autocast_dtype
 
 from .config import GPTConfig
 
@@ -42,7 +44,10 @@ class GPT:
 
     def __init__(self, config: GPTConfig, dtype=np.float32, seed: int = 0):
         self.config = config.validate()
-        self.dtype = np.dtype(dtype)
+        # dtype "bfloat16" is mixed precision: float32 weights (and so gradients and AdamW
+        # state), every linear layer's product in bf16 (tl.autocast), the rest float32
+        self.matmul_dtype = "bfloat16" if str(dtype) == "bfloat16" else None
+        self.dtype = np.dtype(np.float32 if self.matmul_dtype else dtype)
         if self.dtype.kind != "f":
             raise ValueError(f"GPT: dtype must be a float type, got {self.dtype}")
         self._rng = np.random.default_rng(seed)  # dropout masks when no rng is passed
@@ -84,6 +89,9 @@ class GPT:
         `targets` (B, T) if given (else None). `training` turns dropout on; its masks come
         from `rng` (or the model's own generator). (Sampling one token at a time goes
         through `decoder()` instead: the same math with a KV cache, on plain arrays.)"""
+        if self.matmul_dtype and autocast_dtype() != self.matmul_dtype:  # mixed precision
+            with autocast(self.matmul_dtype):
+                return self(idx, targets, training, rng)
         idx = self._check_ids(idx, "idx")
         B, T = idx.shape
         p, cfg = self.params, self.config
@@ -270,6 +278,10 @@ class Decoder:
         cfg, dt = model.config, model.dtype
         T, C, H, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.vocab_size
         w = {name: p.data for name, p in model.params.items()}  # the arrays themselves
+        self.bf16 = model.matmul_dtype == "bfloat16"  # the linear layers' products in bf16
+        if self.bf16:  # their weights rounded once here (a copy), their inputs per call
+            w = {n: bf16_operand(a) if a.ndim == 2 and n not in ("wte", "wpe") else a
+                 for n, a in w.items()}
         self.config = cfg
         self.wte, self.wpe = w["wte"], w["wpe"]
         self.layers = [tuple(w[f"h.{i}.{name}"] for name in (
@@ -321,7 +333,7 @@ class Decoder:
         x += self.wpe[t0:t1]  # + a position embedding per row
         for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(self.layers):
             # x = x + attn(rms_norm(x, ln_1))
-            np.matmul(self.rms_norm(x, ln_1, xn), c_attn, out=qkv)  # (n, 3C): q | k | v
+            np.matmul(self.operand(self.rms_norm(x, ln_1, xn)), c_attn, out=qkv)  # (n, 3C): q | k | v
             heads = qkv.reshape(n, 3, H, hd)  # a view: [:, 0] is q, [:, 1] k, [:, 2] v
             cache.k[i, :, t0:t1] = heads[:, 1].transpose(1, 0, 2)  # (H, n, hd) into the cache
             cache.v[i, :, t0:t1] = heads[:, 2].transpose(1, 0, 2)
@@ -335,16 +347,23 @@ class Decoder:
             np.exp(att, out=att)
             att /= np.add.reduce(att, axis=-1, keepdims=True, out=rows)  # / the row sum
             np.matmul(att, v, out=y.reshape(n, H, hd).transpose(1, 0, 2))  # (H, n, hd) -> (n, C)
-            x += np.matmul(y, attn_proj, out=branch)  # (n, C)
+            x += np.matmul(self.operand(y), attn_proj, out=branch)  # (n, C)
             # x = x + mlp(rms_norm(x, ln_2)), mlp = relu(. @ c_fc)**2 @ c_proj
-            np.matmul(self.rms_norm(x, ln_2, xn), c_fc, out=h)  # (n, 4C)
+            np.matmul(self.operand(self.rms_norm(x, ln_2, xn)), c_fc, out=h)  # (n, 4C)
             np.maximum(h, 0, out=h)
             h *= h
-            x += np.matmul(h, mlp_proj, out=branch)  # (n, C)
+            x += np.matmul(self.operand(h), mlp_proj, out=branch)  # (n, C)
         cache.length = t1
         # the head, for the last position only: the one whose next token we sample
-        last = self.rms_norm(x[-1:], self.ln_f, xn[:1])[0]  # (C,)
+        last = self.operand(self.rms_norm(x[-1:], self.ln_f, xn[:1]))[0]  # (C,)
         return np.matmul(last, self.lm_head, out=self.logits)  # (V,)
+
+    def operand(self, a: np.ndarray) -> np.ndarray:
+        """A linear layer's input: rounded to bf16 in place for a bf16 model (as MatMulBF16
+        rounds it), else itself."""
+        if self.bf16:
+            a[...] = bf16_operand(a)
+        return a
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> np.ndarray:
         """F.rms_norm into `out`: each row x / sqrt(mean(x**2) + eps) * weight (eps 1e-5)."""
@@ -375,7 +394,7 @@ def training_memory(config: GPTConfig, batch_size: int, dtype=np.float32,
     copies = 4 + (threads + 1 if threads > 1 else 0)
     values = copies * P + config.n_layer * (16 * B * T * C + 2 * B * H * T * T)
     values += 3 * B * T * config.vocab_size
-    return P, values * np.dtype(dtype).itemsize
+    return P, values * np.dtype(np.float32 if str(dtype) == "bfloat16" else dtype).itemsize
 
 
 def available_memory() -> int | None:

@@ -189,7 +189,7 @@ def build_run(cfg: TrainConfig, ckpt: Checkpoint | None, data_given: bool,
         tokenizer, train_ids, val_ids, note = read_text(cfg, ckpt)
     mcfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     check_fits(mcfg, cfg.batch_size, cfg.dtype, shard_threads(cfg))  # before allocating
-    model = GPT(mcfg, dtype=np.dtype(cfg.dtype), seed=cfg.seed)
+    model = GPT(mcfg, dtype=cfg.dtype, seed=cfg.seed)  # bfloat16: float32 weights, bf16 products
     opt = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                 weight_decay=cfg.weight_decay)
     return Run(cfg, tokenizer, train_ids, val_ids, model, opt, make_rngs(cfg.seed),

@@ -8,7 +8,10 @@ expected and the actual numbers. Nothing here prints.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,14 +20,46 @@ from types import ModuleType
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.reporting import with_reporter
 
 from ..testing import GradcheckError, check_jvp, check_vjp
 
 EXAMPLES = 30  # hypothesis examples per check: enough to find a wrong case, quick to run
+TIME_LIMIT = 20.0  # seconds one call of the learner's function may take (an endless loop?)
 
 
 class Failure(Exception):
     """The learner's code gave a wrong answer (or raised): the message says which and where."""
+
+
+class Stop(BaseException):
+    """A report that no smaller example would improve (a function not written yet, an endless
+    loop): a BaseException, so hypothesis ends the search at once instead of shrinking, and
+    the learner's own `except Exception` cannot swallow it. The CLI reports it as a Failure."""
+
+
+class _TimedOut(BaseException):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise _TimedOut in the learner's code after `seconds` (where a timer signal exists)."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _TimedOut
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def show(a, indent: int = 0) -> str:
@@ -67,9 +102,15 @@ def call(module: ModuleType, name: str, args: Sequence, names: Sequence[str], ou
         raise Failure(f"{Path(module.__file__).name} has no function {name}")
     copies = [np.array(a, copy=True) if isinstance(a, np.ndarray) else a for a in args]
     try:
-        out = fn(*copies)
+        with _time_limit(TIME_LIMIT):
+            out = fn(*copies)
+    except _TimedOut as e:
+        raise Stop(f"{name} did not return within {TIME_LIMIT:g} s (an endless loop?); it was "
+                   f"at {learner_line(e, module)}\n  with\n{describe(names, args)}") from None
     except NotImplementedError as e:
-        raise Failure(f"{name} is not written yet ({learner_line(e, module)})") from None
+        raise Stop(f"{name} is not written yet ({learner_line(e, module)})") from None
+    except (Failure, Stop):  # a grader's guard inside their call (tl.hvp refused, say)
+        raise
     except (Exception, SystemExit) as e:  # noqa: BLE001 - the learner's bug: their line
         raise Failure(f"{name} raised {type(e).__name__}: {e}\n  at {learner_line(e, module)}\n"
                       f"  with\n{describe(names, args)}") from None
@@ -134,7 +175,8 @@ def jvp(f: Callable, f_jvp: Callable, shapes, names: Sequence[str],
 def _plain(run: Callable, names: Sequence[str] = ()) -> None:
     """Run a hypothesis search; its failure becomes one Failure (the first if several)."""
     try:
-        run()
+        with with_reporter(lambda text: None):  # the report is ours to write
+            run()
     except (Failure, GradcheckError) as e:
         raise _as_failure(e, names) from None
     except Exception as e:

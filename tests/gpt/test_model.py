@@ -324,3 +324,23 @@ def test_attention_maps_leave_the_model_as_it_was():
     assert model._attention_maps is None
     with pytest.raises(ValueError, match="one sequence"):
         model.attention_maps(idx)  # (2, T): two sequences
+
+
+def test_a_bfloat16_model_is_float32_with_bf16_products():
+    """dtype "bfloat16": float32 parameters and gradients; its forward is the float32 model's
+    inside tl.autocast("bfloat16") (every linear layer a MatMulBF16), close to float32's."""
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    idx = np.random.default_rng(0).integers(0, 11, (3, 8))
+    mixed, plain = GPT(cfg, dtype="bfloat16", seed=1), GPT(cfg, dtype=np.float32, seed=1)
+    assert mixed.dtype == np.float32 and mixed.matmul_dtype == "bfloat16"
+    assert plain.matmul_dtype is None
+    _, loss = mixed(idx, idx)
+    loss.backward()
+    assert all(p.data.dtype == np.float32 and p.grad.dtype == np.float32
+               for p in mixed.parameters())
+    with tl.autocast("bfloat16"):
+        _, same = plain(idx, idx)
+    _, wide = plain(idx, idx)
+    assert float(loss.data) == float(same.data)
+    assert float(loss.data) != float(wide.data)
+    assert abs(float(loss.data) - float(wide.data)) < 1e-2 * float(wide.data)

@@ -153,7 +153,7 @@ def test_decoder_matches_full_forward_for_chunks_of_any_size(chunks):
     assert decoder.length == total
 
 
-@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 2e-5)])
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 2e-5), ("bfloat16", 2e-5)])
 def test_decoder_matches_full_forward_at_every_position_across_slides(dtype, tol):
     """One token at a time for three windows, the context sliding as sample_tokens slides
     it (reset, re-read the kept half in one call): at every step the decoder's logits are
@@ -167,7 +167,7 @@ def test_decoder_matches_full_forward_at_every_position_across_slides(dtype, tol
             start, slides = end - 1 - keep_after_slide(cfg.block_size), slides + 1
             decoder.reset()
         logits = decoder(ids[start + decoder.length : end])
-        assert decoder.length == end - start and logits.dtype == dtype
+        assert decoder.length == end - start and logits.dtype == model.dtype
         with no_grad():
             full = model(np.array([ids[start:end]]))[0].data[0, -1]  # (V,)
         np.testing.assert_allclose(logits, full, rtol=tol, atol=tol)

@@ -22,6 +22,7 @@ from test_serve import AUTH, events, post, request, wait_until
 
 from gpt.api import CompletionRequest
 from gpt.batching import BatchDecoder, Batcher, Sequence, log_softmax
+from gpt.model import GPT
 from gpt.sample import generate
 from gpt.serve import create_app, running
 from tensorlite import no_grad
@@ -83,6 +84,24 @@ def test_the_batcher_samples_what_gpt_sample_does(tiny_model):
     batcher.stop()
     for i, (p, seq) in enumerate(zip(prompts, seqs)):
         assert p + seq.choice.text == generate(model, tok, p, 150, temperature=0.9, seed=i), i
+
+
+def test_a_bfloat16_model_batches_as_its_own_decoder_rounds(tiny_model):
+    """gpt.serve --dtype bfloat16: the batched step rounds the linear layers' operands as the
+    model's own decoder does (and so differs from float32's)."""
+    model, _ = tiny_model
+    mixed = GPT(model.config, dtype="bfloat16")
+    mixed.load_state_dict(model.state_dict())
+    batch, alone = BatchDecoder(mixed, 2), [mixed.decoder(), mixed.decoder()]
+    for slot, ids in enumerate(([5, 9, 3], [7])):
+        batch.prefill(slot, ids), alone[slot](ids)
+    rows = batch.step([0, 1], [4, 2])
+    for slot, t in enumerate((4, 2)):
+        np.testing.assert_allclose(rows[slot], alone[slot]([t]), rtol=1e-4, atol=1e-4)
+    wide = BatchDecoder(model, 2)
+    for slot, ids in enumerate(([5, 9, 3], [7])):
+        wide.prefill(slot, ids)
+    assert not np.allclose(wide.step([0, 1], [4, 2]), rows, rtol=1e-4, atol=1e-4)
 
 
 # ---- a server with small limits -------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tensorlite.exercises import EXERCISES, STARTERS, transformer
+from tensorlite.exercises import EXERCISES, STARTERS, grader, transformer
 from tensorlite.exercises import __main__ as cli
 from tensorlite.exercises.grader import Failure
 
@@ -226,3 +226,14 @@ def test_whatever_the_learners_file_does_the_answer_is_a_report_not_a_traceback(
     out, err = capsys.readouterr()
     assert out.startswith("FAILED softmax_backward") and "Traceback" not in out + err
     assert re.search(said, out), out
+
+
+def test_an_endless_loop_is_stopped_and_shown_where_it_was(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(grader, "TIME_LIMIT", 0.5)
+    text = (REFERENCES / "backward_driver.py").read_text()
+    (tmp_path / "backward_driver.py").write_text(  # forgets to pop: the stack never empties
+        text.replace("        node, expanded = stack.pop()", "        node, expanded = stack[-1]"))
+    assert cli.main(["check", "backward_driver", "--dir", str(tmp_path), "--examples", "5"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"topological_order did not return within 0.5 s \(an endless loop\?\); it "
+                     r"was at backward_driver\.py, line \d+, in topological_order: ", out), out
