@@ -487,7 +487,10 @@ def save_baby_data(run: Path) -> None:
     DATA.mkdir(exist_ok=True)
     records = read_metrics(run / "metrics.jsonl")
     (DATA / "baby-metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (DATA / "baby-config.json").write_text(json.dumps(run_config(run), indent=1) + "\n")
+    config = run_config(run)
+    train = config.get("train", {})  # paths of this machine: kept as the README writes them
+    train.update(data=Path(train.get("data", "shakespeare.txt")).name, out_dir="baby")
+    (DATA / "baby-config.json").write_text(json.dumps(config, indent=1) + "\n")
     model, tokenizer = load_model(str(run))
     ids = tokenizer.encode(BABY_PROMPT)
     np.savez_compressed(DATA / "attention-baby.npz", maps=model.attention_maps(ids).astype(np.float32),

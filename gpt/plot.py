@@ -66,7 +66,7 @@ def plot_metrics(records: list[dict], output: str | Path, title: str = "",
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
     if title:
-        ax_loss.set_title(title)
+        ax_loss.set_title(title, fontsize=11)
 
     bottom = ax_loss
     if ax_lr is not None:
@@ -100,7 +100,7 @@ def run_title(run: Path, config: dict) -> str:
     except (KeyError, TypeError, ValueError):
         pass
     what = ": ".join(parts) if parts else f"the run in {run.name or run.resolve().name}"
-    return f"Training loss and learning rate, {what}"
+    return f"training loss and learning rate\n{what}"
 
 
 def run_config(run: Path) -> dict:
