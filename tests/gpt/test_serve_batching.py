@@ -34,7 +34,23 @@ def test_batched_steps_give_each_sequence_its_own_logits(tiny_model):
     slot while the others take a step (as the Batcher does: that step must leave the slot's
     new cache alone), then joining: each row is what the model's own decoder gives that
     sequence alone."""
-    model, _ = tiny_model
+    check_batched_steps(tiny_model[0])
+
+
+def test_batched_steps_of_a_gpt2_shaped_model():
+    """The same with GPT-2's architecture (LayerNorm, GELU, biases, tied head)."""
+    from gpt.config import GPTConfig
+    from gpt.model import GPT
+
+    cfg = GPTConfig(vocab_size=50, block_size=40, n_layer=2, n_head=2, n_embd=16,
+                    norm="layernorm", activation="gelu", bias=True, tied_head=True)
+    model, rng = GPT(cfg, seed=1), np.random.default_rng(1)
+    for p in model.parameters():
+        p.data += rng.normal(0, 0.1, p.shape).astype(p.dtype)  # biases off 0, gains off 1
+    check_batched_steps(model)
+
+
+def check_batched_steps(model):
     rng = np.random.default_rng(0)
     V = model.config.vocab_size
     batch, alone = BatchDecoder(model, 4), {}
