@@ -20,12 +20,16 @@ import collections
 import math
 import threading
 import time
+import traceback
 from collections.abc import Callable
 
 import numpy as np
 
 import tensorlite.functional as F
 from tensorlite import Tensor, no_grad
+
+from .api import Choice, CompletionRequest, TextStream
+from .sample import filter_probs, keep_after_slide, sample_from
 
 # The formulas are tensorlite's own (one home each). The norms and the activation are the
 # model's Decoder's (which call tensorlite's NumPy references: on a handful of rows a compiled
@@ -36,9 +40,6 @@ def softmax(x: np.ndarray) -> np.ndarray:
     """tensorlite's softmax over the last axis, on an array (no graph is recorded)."""
     with no_grad():
         return F.softmax(Tensor(x)).data
-
-from .api import Choice, CompletionRequest, TextStream
-from .sample import filter_probs, keep_after_slide, sample_from
 
 
 # ---- the batched forward --------------------------------------------------------------------
@@ -286,8 +287,6 @@ class Batcher:
             try:
                 self._step()
             except Exception as e:  # noqa: BLE001 - a bug: end every sequence, keep serving
-                import traceback
-
                 traceback.print_exc()
                 for seq in self.active:
                     seq.emit("error", f"sampling failed: {type(e).__name__}: {e}")
