@@ -22,7 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 import tensorlite as tl
-from tensorlite.functional import _causal_bias, softmax
+from tensorlite.functional import softmax
+from tensorlite.references import causal_bias
 
 IMG = Path(__file__).resolve().parent / "img"
 
@@ -161,7 +162,7 @@ def draw_causal_mask(path: Path, text: str = "to be!") -> Path:
     from matplotlib.figure import Figure
 
     T = len(text)
-    bias = _causal_bias(T, T, np.dtype(np.float64))  # tensorlite's own mask
+    bias = causal_bias(T, T, np.dtype(np.float64))  # tensorlite's own mask
     scores = np.random.default_rng(0).standard_normal((T, T))
     probs = softmax(tl.Tensor(scores + bias)).data  # (T, T): rows sum to 1
     fig = Figure(figsize=(9.5, 4.6), dpi=110, layout="constrained")

@@ -34,10 +34,6 @@ import tensorlite as tl
 
 from .model import GPT
 
-NOT_THREAD_SAFE = ("the numba kernels run on numba's workqueue threading layer here, which "
-                   "aborts the process when two threads call it at once: install tbb, or use "
-                   "TENSORLITE_KERNELS=c, or one thread")
-
 
 def shard_rows(rows: int, shards: int) -> list[slice]:
     """The rows of each shard of a batch: min(shards, rows) contiguous slices whose sizes
@@ -140,8 +136,6 @@ class ThreadShards:
         self.step = 0
         self.grad_norm: float | None = None  # of the gradients the last loss_and_grads set
         tl.kernels.kernel_path()  # choose and load the kernels once, before any thread asks
-        if self.threads > 1 and not tl.kernels.thread_safe():
-            raise ValueError(NOT_THREAD_SAFE)
         self._threads_before = tl.get_num_threads()  # close() gives them back
         tl.set_num_threads(1)
         # (one thread: the caller computes the only shard, the pool never starts a thread)
