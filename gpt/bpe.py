@@ -156,11 +156,16 @@ class BPETokenizer:
         Training stops early when no pair occurs twice, so the vocabulary can come out smaller
         than asked for on a tiny text; `.vocab_size` is always the real size.
         """
+        return cls.train_on_chunks(Counter(_CHUNK_RE.findall(text)), vocab_size)
+
+    @classmethod
+    def train_on_chunks(cls, chunk_counts: Counter, vocab_size: int) -> BPETokenizer:
+        """The same as train(text, vocab_size), from {chunk: occurrences} of the text's chunks
+        (CHUNK_PATTERN): what gpt.data prepare counts while it streams a large file."""
         if vocab_size < 258:
             raise ValueError(
                 f"BPE vocab_size must be at least 258 (256 bytes + BOS + EOS), got {vocab_size}"
             )
-        chunk_counts = Counter(_CHUNK_RE.findall(text))
         byte_counts = Counter({c.encode("utf-8"): n for c, n in chunk_counts.items()})
         return cls(_learn_merges(byte_counts, vocab_size - 258))
 
@@ -179,9 +184,13 @@ class BPETokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no BOS/EOS added). Any str that UTF-8 can encode works."""
+        return self.encode_chunks(_CHUNK_RE.findall(text))
+
+    def encode_chunks(self, chunks: Iterable[str]) -> list[int]:
+        """Token ids of a text already split into its chunks (CHUNK_PATTERN), in order."""
         ids: list[int] = []
         cache = self._cache
-        for chunk in _CHUNK_RE.findall(text):
+        for chunk in chunks:
             tokens = cache.get(chunk)
             if tokens is None:
                 tokens = self._encode_chunk(chunk)

@@ -162,7 +162,8 @@ def _divisor_hint(n_embd: int, n_head: int) -> int:
 class TrainConfig:
     """One training run of `python -m gpt.train`; each field is one flag."""
 
-    data: str = setting("train.txt", "UTF-8 text file to train on", metavar="PATH")
+    data: str = setting("train.txt", "UTF-8 text file to train on, or a folder of token "
+                        "files made by python -m gpt.data prepare", metavar="PATH")
     out_dir: str = setting("out", "directory for the checkpoint and metrics.jsonl",
                            metavar="PATH")
     model: GPTConfig = field(default_factory=GPTConfig)

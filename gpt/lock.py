@@ -64,7 +64,8 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children
             if not _try_lock(fd):
                 try:
-                    owner = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                    text = os.read(fd, 32).decode("ascii", "replace")
+                    owner = text.split("\n", 1)[0].strip() or "unknown"  # the pid's line
                 finally:
                     os.close(fd)
                 self._remove_made_dir()
@@ -76,7 +77,10 @@ class RunLock:
             os.close(fd)  # we locked a file its holder had just deleted: try the new one
         else:  # pragma: no cover - a lock file that keeps being replaced
             raise RunInUseError(f"{self.out_dir} is in use (its lock file keeps changing)")
-        os.ftruncate(fd, 0)  # a dead trainer's pid may still be there: take it over
+        # A dead trainer's pid may still be there, and may be longer than ours: empty the file
+        # before writing, or "27570\n" over "2757013999\n" leaves "27570\n3999\n".
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         self._fd = fd
         return self

@@ -1,9 +1,9 @@
-"""Data-parallel gradient accumulation: each step's batch is split into shards, a pool of
-worker processes computes every shard's loss and gradients, and the parent combines them
-(weighted by tokens) into each parameter's `.grad`, ready for one clip and one optimizer step.
-This is the only module of the project that imports joblib.
+"""Data-parallel gradient accumulation over worker processes: the processes transport of
+gpt.shards (which holds the rules: how a step's batch is cut into shards, what each shard
+computes, how their weighted losses and gradients add up, the same as on threads). This is
+the only module of the project that imports joblib.
 
-`DataParallel` is the one interface (loss_and_grads, close); how the numbers travel is its
+`DataParallel` is the one interface (a gpt.shards.ShardedStep); how the numbers travel is its
 transport, one small class each:
 
 `SharedMemory` (backend "loky", one machine):
@@ -11,10 +11,10 @@ transport, one small class each:
     parent                                      worker k (a persistent loky process)
     copy weights -> weights file (memmap)  ...  maps the file read-only once; its model's
                                                 parameters ARE views into it (no copy)
-    send (seed, x_k, y_k)  ------------------>  forward + backward on its shard
-                           <------------------  loss_k; writes its gradients to row k of
-                                                the gradients file (memmap)
-    grad = sum_k w_k * row_k,  loss = sum_k w_k * loss_k,  w_k = tokens_k / tokens
+    send (spec, shard k)  ------------------->  gpt.shards.shard_grads on its rows
+                           <------------------  w_k * loss_k; writes w_k * its gradients to
+                                                row k of the gradients file (memmap)
+    gpt.shards.add_shards: grad = sum_k row_k,  loss = sum_k w_k * loss_k
 
 So per step only the batch shards, a dropout seed and one float per shard are pickled.
 `DaskCluster` (backend "dask", a dask.distributed cluster through joblib's dask backend): the
@@ -43,7 +43,8 @@ import tensorlite
 from .config import Backend, GPTConfig
 from .errors import UserError
 from .model import GPT
-from .threaded import available_cores, dropout_seed, shard_rng, shard_rows
+from .shards import Shard, ShardedStep, ShardGrads, shard_grads
+from .threaded import available_cores
 
 
 @dataclass(frozen=True)
@@ -64,18 +65,15 @@ class _Spec:
     shards: int
 
 
-class DataParallel:
-    """Loss and gradients of a batch, computed by `workers` processes on shards of it.
+class DataParallel(ShardedStep):
+    """Loss and gradients of a batch, computed by `workers` processes on shards of it: the
+    processes transport of gpt.shards.ShardedStep (which cuts the batch and adds up the
+    shards' results; the workers run gpt.shards.shard_grads).
 
         with DataParallel(model, workers=2) as dp:
             for step in range(n):
                 loss = dp.loss_and_grads(x, y)   # fills every p.grad of model.params
-                clip_grad_norm(model.params, 1.0); opt.step(lr)
-
-    The result equals `model(x, y)` then `backward()` up to float rounding, because the mean
-    cross-entropy over B*T tokens is the token-weighted mean of the shards' means:
-
-        L = sum_k (n_k / n) L_k    and so    dL/dW = sum_k (n_k / n) dL_k/dW
+                clip_grad_norm(model.params, 1.0, dp.grad_norm); opt.step(lr)
 
     Weights are read from `model` at every call, so the parent may change them freely (the
     optimizer step, a checkpoint load) between calls. With dropout > 0 each shard draws its
@@ -98,12 +96,12 @@ class DataParallel:
                             field="backend")
         if int(workers) < 1:
             raise UserError(f"must be >= 1, got {workers}", field="workers")
-        self.model, self.workers, self.backend = model, int(workers), backend
+        super().__init__(model, int(workers))
+        self.workers, self.backend = self.shards, backend
         # The parent chooses the kernel path and, on a fresh install, compiles the C kernels
         # now, before any worker starts: so "compiling" (or "unavailable") is said once, not
         # by every worker, and the workers load the library it cached.
         path = tensorlite.kernels.kernel_path()
-        self.step = 0  # calls so far (named in errors; the dropout seed without an rng)
         layout, size = [], 0
         for name, p in model.params.items():
             layout.append((name, p.shape, size))
@@ -118,46 +116,27 @@ class DataParallel:
             shards=self.workers,
         )
 
-    def loss_and_grads(self, x, y, rng: np.random.Generator | None = None) -> float:
-        """Mean cross-entropy of the batch (x, y), both (B, T) token ids; every parameter's
-        .grad is set to the gradient of that mean (a fresh array, owned by the parent).
-        `rng` (the run's dropout stream) gives one seed per step for the shards' dropout
-        masks; without it the seed is the step number."""
+    def compute_grads(self, shards: list[Shard]) -> list[ShardGrads]:
+        """The current weights to the transport, each shard to a worker, and back each
+        shard's weighted loss and flat (P,) gradients, cut into the parameters' shapes."""
         if self.transport is None:
             raise RuntimeError("DataParallel is closed")
-        x, y = np.asarray(x), np.asarray(y)
-        if x.ndim != 2 or x.shape != y.shape:
-            raise ValueError(f"x and y must be (B, T) arrays of one shape, got {x.shape}, "
-                             f"{y.shape}")
-        B = x.shape[0]
-        rows = shard_rows(B, self.workers)  # shard k: x[rows[k]]
         for name, shape, offset in self.spec.layout:  # the current weights, flattened
             p = self.model.params[name].data
             self.transport.weights[offset : offset + p.size] = p.reshape(-1)
-        seed = dropout_seed(self.step, rng)
-        tasks = [(self.spec, seed, k, x[r], y[r]) for k, r in enumerate(rows)]
-        losses, grads = self.transport.run(tasks, self.step)  # (K,), (K, P)
-        self.step += 1
+        losses, flats = self.transport.run([(self.spec, s) for s in shards], self.step)
+        flats = [np.array(flats[0])] + list(flats[1:])  # shard 0's becomes the caller's own
+        return [ShardGrads(loss, self._unflatten(flat)) for loss, flat in zip(losses, flats)]
 
-        w = np.array([(r.stop - r.start) / B for r in rows], dtype=self.model.dtype)  # (K,) token weights
-        loss = float(sum(wk * lk for wk, lk in zip(w, losses)))
-        grad = np.asarray(w @ grads)  # (K,) @ (K, P) -> (P,)
-        for name, shape, offset in self.spec.layout:
-            p = self.model.params[name]
-            p.grad = grad[offset : offset + p.size].reshape(shape)
-        return loss
+    def _unflatten(self, flat: np.ndarray) -> list[np.ndarray]:
+        return [flat[offset : offset + int(np.prod(shape))].reshape(shape)
+                for _, shape, offset in self.spec.layout]
 
     def close(self) -> None:
         """Stop using the workers and release what the transport holds. Safe to call twice."""
         transport, self.transport = self.transport, None
         if transport is not None:
             transport.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _why(e: BaseException) -> str:
@@ -210,7 +189,7 @@ class SharedMemory:
         self._dir = None
         return tuple(opened)
 
-    def run(self, tasks: list, step: int) -> tuple[list[float], np.ndarray]:
+    def run(self, tasks: list, step: int) -> tuple[list[float], list[np.ndarray]]:
         """Each task's loss; the gradients are rows 0..K-1 of the shared file."""
         try:
             futures = [self._executor.submit(_shard_loss_and_grads, *task, None)
@@ -294,7 +273,7 @@ class DaskCluster:
         except Exception:  # noqa: BLE001 - a scheduler that is gone has no workers for us
             return 0
 
-    def run(self, tasks: list, step: int) -> tuple[list[float], np.ndarray]:
+    def run(self, tasks: list, step: int) -> tuple[list[float], list[np.ndarray]]:
         if not self.live_workers():  # tasks would wait forever
             raise RuntimeError(f"data-parallel worker failed at step {step}: no dask "
                                "worker left")
@@ -303,7 +282,7 @@ class DaskCluster:
             try:
                 results = self._parallel((_shard_loss_and_grads, (*task, self.weights), {})
                                          for task in tasks)
-                return [loss for loss, _ in results], np.stack([g for _, g in results])
+                return [loss for loss, _ in results], [g for _, g in results]
             except Exception as e:  # the cluster failed or a worker raised
                 left = self.live_workers()
                 if not left or attempt == self.retries:
@@ -364,21 +343,15 @@ def _point_params_at(model: GPT, spec: _Spec, flat: np.ndarray) -> None:
         p.data = flat[offset : offset + p.size].reshape(shape)
 
 
-def _shard_loss_and_grads(spec: _Spec, seed: int, k: int, x: np.ndarray, y: np.ndarray,
-                          weights: np.ndarray | None):
-    """Task k of one step: the mean loss of shard (x, y) and its gradients, which go to row k
-    of the shared gradients file (returned as None) or, without shared files, are returned
-    as one flat (P,) array."""
+def _shard_loss_and_grads(spec: _Spec, shard: Shard, weights: np.ndarray | None):
+    """One shard of a step, in a worker: gpt.shards.shard_grads with the worker's model, its
+    weighted loss returned and its weighted gradients flattened into row k of the shared
+    gradients file (returned as None) or, without shared files, returned as one (P,) array."""
     model, grads = _worker_model(spec)
     if weights is not None:  # dask: this step's weights came with the task
         _point_params_at(model, spec, weights)
-    model.zero_grad()
-    rng = shard_rng(seed, k)  # dropout masks (if any) of this step and shard
-    _, loss = model(x, y, training=True, rng=rng)
-    loss.backward()
-    out = grads[k] if grads is not None else np.empty(spec.size, dtype=spec.dtype)  # (P,)
-    for name, shape, offset in spec.layout:
-        g = model.params[name].grad
-        out[offset : offset + int(np.prod(shape))] = 0 if g is None else g.reshape(-1)
-    model.zero_grad()
-    return float(loss.item()), (None if grads is not None else out)
+    done = shard_grads(model, shard)
+    out = grads[shard.k] if grads is not None else np.empty(spec.size, dtype=spec.dtype)  # (P,)
+    for g, (_, _, offset) in zip(done.grads, spec.layout):
+        out[offset : offset + g.size] = g.reshape(-1)
+    return done.loss, (None if grads is not None else out)

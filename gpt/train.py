@@ -30,6 +30,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,15 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import PRESETS, TrainConfig, fixed_fields
-from .data import GET_DATA_HINT, get_batch, load_text, split_ids
+from .data import (
+    GET_DATA_HINT,
+    check_windows,
+    get_batch,
+    is_token_dir,
+    load_text,
+    load_token_dir,
+    split_ids,
+)
 from .errors import UserError
 from .lock import RunLock
 from .model import GPT, check_fits
@@ -126,7 +135,7 @@ def set_up(cfg: TrainConfig, given: set[str]) -> Run:
         raise UserError(f"{checkpoint_path(cfg.out_dir)} already holds a checkpoint: continue it "
                         "with --resume, choose another --out-dir, or delete it to start over")
     cfg.validate()
-    run = build_run(cfg, ckpt, data_given="data" in given or ckpt is not None)
+    run = build_run(cfg, ckpt, data_given="data" in given or ckpt is not None, given=given)
     if ckpt is not None:
         restore(run, ckpt)
     metrics.start_log(cfg.out_dir, run.start_iter)
@@ -160,11 +169,28 @@ def resume_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Check
     return merged, ckpt
 
 
-def build_run(cfg: TrainConfig, ckpt: Checkpoint | None, data_given: bool) -> Run:
-    """Data, tokenizer (trained, or the checkpoint's), model and optimizer of a run."""
+def build_run(cfg: TrainConfig, ckpt: Checkpoint | None, data_given: bool,
+              given: set[str] = frozenset()) -> Run:
+    """Data, tokenizer (trained, the checkpoint's, or the token files'), model and optimizer
+    of a run."""
     if not data_given and not os.path.exists(cfg.data):
         raise UserError(f"no {cfg.data} in {os.getcwd()} and no --data given: pass "
                         f"--data FILE (UTF-8 text), or get Tiny Shakespeare with `{GET_DATA_HINT}`")
+    if is_token_dir(cfg.data):
+        cfg, tokenizer, train_ids, val_ids = read_token_dir(cfg, ckpt, given)
+    else:
+        tokenizer, train_ids, val_ids = read_text(cfg, ckpt)
+    mcfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
+    check_fits(mcfg, cfg.batch_size, cfg.dtype, shard_threads(cfg))  # before allocating
+    model = GPT(mcfg, dtype=np.dtype(cfg.dtype), seed=cfg.seed)
+    opt = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                weight_decay=cfg.weight_decay)
+    return Run(cfg, tokenizer, train_ids, val_ids, model, opt, make_rngs(cfg.seed))
+
+
+def read_text(cfg: TrainConfig, ckpt: Checkpoint | None):
+    """(tokenizer, train ids, val ids) of a text file: read whole, tokenized (with a tokenizer
+    trained on it, or the checkpoint's), split 90/10."""
     text = load_text(cfg.data)
     tokenizer = load_tokenizer(ckpt.tokenizer) if ckpt else make_tokenizer(cfg, text)
     try:
@@ -176,12 +202,33 @@ def build_run(cfg: TrainConfig, ckpt: Checkpoint | None, data_given: bool) -> Ru
         train_ids, val_ids = split_ids(ids, 0.1, cfg.model.block_size)
     except ValueError as e:
         raise UserError(f"{cfg.data}: {e}") from None
-    mcfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
-    check_fits(mcfg, cfg.batch_size, cfg.dtype, shard_threads(cfg))  # before allocating
-    model = GPT(mcfg, dtype=np.dtype(cfg.dtype), seed=cfg.seed)
-    opt = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                weight_decay=cfg.weight_decay)
-    return Run(cfg, tokenizer, train_ids, val_ids, model, opt, make_rngs(cfg.seed))
+    return tokenizer, train_ids, val_ids
+
+
+def read_token_dir(cfg: TrainConfig, ckpt: Checkpoint | None, given: set[str]):
+    """(config, tokenizer, train ids, val ids) of a folder of token files (gpt.data prepare),
+    mapped with np.memmap, not read. The folder brings its tokenizer: the run takes its kind
+    and size as its --tokenizer and --vocab-size, and refuses other ones given as flags (or,
+    on --resume, a checkpoint trained with another vocabulary)."""
+    data = load_token_dir(cfg.data)
+    kind, vocab = data.meta["tokenizer"], data.tokenizer.vocab_size
+    if ckpt is not None and ckpt.tokenizer != data.tokenizer.to_dict():
+        raise UserError(f"{cfg.data} was tokenized with another vocabulary than the checkpoint "
+                        f"in {cfg.out_dir}; resume with the data the run was trained on")
+    if ckpt is None:
+        for name, ours, theirs in (("tokenizer", cfg.tokenizer, kind),
+                                   ("vocab_size", cfg.model.vocab_size, vocab)):
+            if name in given and ours != theirs and not (name == "vocab_size" and kind == "char"):
+                raise UserError(f"is {ours}, but {cfg.data} holds token ids of a {kind} "
+                                f"tokenizer of {vocab} ids; drop the flag (a prepared folder "
+                                "brings its tokenizer) or prepare the text again", field=name)
+        cfg = dataclasses.replace(cfg, tokenizer=kind,
+                                  model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    try:
+        check_windows(len(data.train), len(data.val), cfg.model.block_size)
+    except ValueError as e:
+        raise UserError(f"{cfg.data}: {e}") from None
+    return cfg, data.tokenizer, data.train, data.val
 
 
 def make_tokenizer(cfg: TrainConfig, text: str):
@@ -247,16 +294,17 @@ def make_rngs(seed: int) -> dict[str, np.random.Generator]:
 
 @dataclass
 class GradFns:
-    """How a run computes: loss_and_grads(x, y, rng) -> loss (float) leaves the gradient of
-    the mean loss in each parameter's .grad; eval_loss(x, y) -> loss computes no gradients;
-    close() releases the threads or worker processes; grad_norm() -> the global norm of the
-    gradients the last loss_and_grads left, where it measured it, else None."""
+    """How a run computes: loss_and_grads(x, y, rng) -> loss leaves the gradient of the mean
+    loss in each parameter's .grad; eval_loss(x, y) -> loss computes no gradients; close()
+    releases the threads or worker processes; grad_norm() -> the global norm of the
+    gradients the last loss_and_grads left, where it measured it, else None. (With several
+    shards, the first and the last are a gpt.shards.ShardedStep's.)"""
 
-    loss_and_grads: Any
-    eval_loss: Any
-    close: Any
+    loss_and_grads: Callable[[np.ndarray, np.ndarray, np.random.Generator | None], float]
+    eval_loss: Callable[[np.ndarray, np.ndarray], float]
+    close: Callable[[], None]
     threads: int = 1  # how many shards a batch is split into (threads or worker processes)
-    grad_norm: Any = lambda: None
+    grad_norm: Callable[[], float | None] = lambda: None
 
 
 def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
@@ -287,7 +335,7 @@ def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
     dp = parallel.DataParallel(model, workers=cfg.workers, backend=cfg.backend,
                                scheduler=cfg.scheduler)
     return GradFns(dp.loss_and_grads, plain_loss(model), dp.close,
-                   min(cfg.workers, cfg.batch_size))
+                   min(cfg.workers, cfg.batch_size), lambda: dp.grad_norm)
 
 
 def warn_if_oversubscribed(shards: int, flag: str) -> None:
@@ -309,7 +357,7 @@ def shard_threads(cfg: TrainConfig) -> int:
     return min(cfg.threads or available_cores(), cfg.batch_size)
 
 
-def plain_loss(model: GPT):
+def plain_loss(model: GPT) -> Callable[[np.ndarray, np.ndarray], float]:
     def eval_loss(x, y) -> float:
         with tl.no_grad():
             return float(model(x, y, training=False)[1].data)

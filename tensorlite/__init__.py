@@ -15,6 +15,7 @@ from .gradcheck import GradcheckError, gradcheck
 from .graph import show_graph
 from .higher_order import grad, hvp, jvp
 from .kernels import get_num_threads, set_num_threads
+from .precision import autocast
 from .tensor import Tensor, concatenate, stack, where
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GradcheckError",
     "Tensor",
+    "autocast",
     "concatenate",
     "functional",
     "get_num_threads",

@@ -39,6 +39,7 @@ DEFAULT_PATH = "c"
 REFERENCES: dict[str, Callable] = {}  # name -> NumPy reference, filled by kernel() below
 _active: dict[str, Callable] | None = None  # name -> twin in use (None: not chosen yet)
 _path = ""
+_threads: int | None = None  # the last set_num_threads(n) (bf16.py splits its products so)
 
 
 def kernel(reference: Callable) -> Callable:
@@ -196,13 +197,14 @@ def set_num_threads(n: int) -> None:
     """Use `n` threads everywhere: NumPy's BLAS (matmuls) and numexpr. (A data-parallel
     worker calls this with cores // workers. The C kernels are serial: they run on the
     calling thread.)"""
-    global _blas_limiter
+    global _blas_limiter, _threads
     if int(n) < 1:
         raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
-    ne.set_num_threads(int(n))
+    _threads = int(n)
+    ne.set_num_threads(_threads)
     from threadpoolctl import threadpool_limits
 
-    _blas_limiter = threadpool_limits(limits=int(n), user_api="blas")
+    _blas_limiter = threadpool_limits(limits=_threads, user_api="blas")
 
 
 def get_num_threads() -> int:

@@ -37,3 +37,15 @@ def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
     assert (tmp_path / LOCK_FILE).read_text().strip() == str(proc.pid)
     with RunLock(str(tmp_path)):
         assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
+
+
+def test_a_stale_pid_longer_than_ours_leaves_no_tail(tmp_path):
+    """The takeover empties the lock file: writing our pid over a longer dead one would leave
+    its tail ("27570\\n3999" from "2757013999"), and the next refusal would name a pid that
+    never held the lock."""
+    stale = "9" * 12 + "\n"  # no real pid is this long: longer than any we get
+    (tmp_path / LOCK_FILE).write_text(stale)
+    with RunLock(str(tmp_path)):
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(RunInUseError, match=rf"in use by pid {os.getpid()} \("):
+            RunLock(str(tmp_path)).acquire()

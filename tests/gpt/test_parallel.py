@@ -220,16 +220,24 @@ def assert_same_losses(losses, reference):
     assert reference[-1] < reference[0] - 0.5  # and the run did learn something
 
 
-def test_two_workers_log_the_losses_of_one(text_file, tmp_path, one_worker_losses):
+@pytest.fixture(scope="module")
+def two_thread_losses(text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("t2")
+    r = run_train(text_file, out, "--threads", "2")  # gpt.threaded: shards on 2 threads
+    assert r.returncode == 0, r.stderr
+    return logged_losses(out)
+
+
+def test_two_threads_log_the_losses_of_one(two_thread_losses, one_worker_losses):
+    assert_same_losses(two_thread_losses, one_worker_losses)
+
+
+def test_two_workers_log_the_losses_of_two_threads_to_the_bit(text_file, tmp_path,
+                                                               two_thread_losses):
+    """Worker processes and threads follow one set of shard rules (gpt.shards)."""
     r = run_train(text_file, tmp_path, "--workers", "2")
     assert r.returncode == 0, r.stderr
-    assert_same_losses(logged_losses(tmp_path), one_worker_losses)
-
-
-def test_two_threads_log_the_losses_of_one(text_file, tmp_path, one_worker_losses):
-    r = run_train(text_file, tmp_path, "--threads", "2")  # gpt.threaded: shards on 2 threads
-    assert r.returncode == 0, r.stderr
-    assert_same_losses(logged_losses(tmp_path), one_worker_losses)
+    assert logged_losses(tmp_path) == two_thread_losses
 
 
 def test_workers_share_the_cores_this_process_may_run_on(monkeypatch):
@@ -339,12 +347,13 @@ def test_dask_gradients_combine_to_the_whole_batch_gradient(dask_scheduler):
                                        err_msg=name)
 
 
-def test_dask_backend_logs_the_losses_of_one_worker(text_file, tmp_path, one_worker_losses,
-                                                    dask_scheduler):
+def test_dask_backend_logs_the_losses_of_two_threads_to_the_bit(text_file, tmp_path,
+                                                                two_thread_losses,
+                                                                dask_scheduler):
     r = run_train(text_file, tmp_path, "--workers", "2", "--backend", "dask",
                   "--scheduler", dask_scheduler)
     assert r.returncode == 0, r.stderr
-    assert_same_losses(logged_losses(tmp_path), one_worker_losses)
+    assert logged_losses(tmp_path) == two_thread_losses
 
 
 def test_a_lost_dask_worker_is_retried_with_the_same_loss_and_none_left_is_one_line(tmp_path,

@@ -17,7 +17,8 @@ from gpt.errors import UserError
 from gpt.model import GPT
 from gpt.optim import clip_grad_norm
 from gpt.parallel import DataParallel
-from gpt.threaded import ThreadShards, available_cores, cpu_quota, shard_rows
+from gpt.shards import shard_rows
+from gpt.threaded import ThreadShards, available_cores, cpu_quota
 from gpt.train import make_grad_fn
 
 TINY = GPTConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=16)
