@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -109,16 +110,28 @@ def get_batch(ids: np.ndarray, block_size: int, batch_size: int,
     """`batch_size` random windows of block_size + 1 consecutive tokens: x is each window's
     first block_size tokens, y the same shifted by one (the next token to predict).
     Returns x, y, both int64 (B, T)."""
-    n = len(ids)
+    return windows(ids, batch_starts(len(ids), block_size, batch_size, rng), block_size)
+
+
+def batch_starts(n: int, block_size: int, batch_size: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Where get_batch's windows start in ids of length n: (batch_size,) int64, uniform over
+    every start that leaves room for block_size + 1 tokens."""
     if n < block_size + 1:
         raise UserError(
             f"{n} tokens are too few for one window of block_size + 1 = {block_size + 1}; "
             "use more text or a smaller block_size"
         )
-    starts = rng.integers(0, n - block_size, size=batch_size)  # (B,): window starts
-    windows = np.asarray(ids)[starts[:, None] + np.arange(block_size + 1)]  # (B, T+1)
-    x = np.ascontiguousarray(windows[:, :-1], dtype=np.int64)  # (B, T)
-    y = np.ascontiguousarray(windows[:, 1:], dtype=np.int64)  # (B, T)
+    return rng.integers(0, n - block_size, size=batch_size)  # (B,): window starts
+
+
+def windows(ids: np.ndarray, starts: np.ndarray,
+            block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """x, y of the windows of block_size + 1 tokens of `ids` (an array or a memmap) that
+    begin at `starts`: both int64 (B, T), y shifted by one."""
+    rows = np.asarray(ids)[np.asarray(starts)[:, None] + np.arange(block_size + 1)]  # (B, T+1)
+    x = np.ascontiguousarray(rows[:, :-1], dtype=np.int64)  # (B, T)
+    y = np.ascontiguousarray(rows[:, 1:], dtype=np.int64)  # (B, T)
     return x, y
 
 
@@ -190,8 +203,8 @@ def _codepoints(piece: str) -> np.ndarray:
 
 
 class _Progress:
-    """A progress line on `stream` for inputs of PROGRESS_BYTES or more: at most one a second,
-    rewritten in place (\\r) on a terminal, one line each elsewhere (a log file)."""
+    """A progress line on `stream` for inputs of PROGRESS_BYTES or more: rewritten in place
+    (\\r) once a second on a terminal; elsewhere (a log file) one line each 10 seconds."""
 
     def __init__(self, total: int, stream: TextIO | None):
         self.total, self.stream = total, stream
@@ -201,12 +214,15 @@ class _Progress:
 
     def __call__(self, what: str, done: int) -> None:
         now = time.monotonic()
-        if not self.on or (now - self.shown < 1.0 and done < self.total):
+        if not self.on or (now - self.shown < (1.0 if self.tty else 10.0) and done < self.total):
             return
         self.shown = now
         line = (f"{what}: {done / 1e6:,.0f} of {self.total / 1e6:,.0f} MB "
                 f"({100 * done / max(self.total, 1):.0f}%)")
-        print(line.ljust(60), end="\r" if self.tty else "\n", file=self.stream, flush=True)
+        if self.tty:
+            print(line.ljust(60), end="\r", file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def end(self) -> None:
         if self.tty:
@@ -405,6 +421,62 @@ def load_token_dir(path: str | os.PathLike, check_ids: bool = True) -> TokenData
                              f"the vocabulary of {vocab} ids")
         splits[split] = np.memmap(file, dtype=dtype, mode="r", shape=(n,))
     return TokenData(path, splits["train"], splits["val"], tokenizer, meta)
+
+
+def forget_pages(ids: np.ndarray) -> None:
+    """Drop the pages of a token file that batches have touched from this process's mapping
+    of it (madvise MADV_DONTNEED; a no-op for an array in memory, or where there is no
+    madvise). Each window a batch reads maps the file's pages around it (the kernel maps up to
+    64 KB around a fault), so over a long run every page of a large file would end up counted
+    in the process's resident memory; gpt.train calls this every log_interval steps. The
+    pages stay in the system's file cache: reading them again is a memory read."""
+    mapping = getattr(ids, "_mmap", None)  # np.memmap's mmap.mmap
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
+@dataclass(frozen=True)
+class TokenWindows:
+    """Windows of a token file by reference: the file (path, dtype, length), the windows'
+    starts and block_size. It pickles in a few bytes, so a worker process can be sent this
+    instead of a batch's rows and read them itself: batch() maps the file (once per process)
+    and cuts the same x, y that windows() cuts in the parent."""
+
+    path: str
+    dtype: str
+    length: int
+    starts: np.ndarray  # (B,) int64
+    block_size: int
+
+    @classmethod
+    def of(cls, ids: np.ndarray, starts: np.ndarray, block_size: int) -> TokenWindows | None:
+        """The windows `starts` of a token file's memmap (load_token_dir's); None for ids
+        held in memory (nothing to read elsewhere)."""
+        if not isinstance(ids, np.memmap) or not ids.filename or ids.offset or ids.ndim != 1:
+            return None
+        return cls(os.path.abspath(ids.filename), ids.dtype.name, len(ids),
+                   np.asarray(starts, dtype=np.int64), block_size)
+
+    def rows(self, r: slice) -> TokenWindows:
+        """The windows of rows r of the batch."""
+        return TokenWindows(self.path, self.dtype, self.length, self.starts[r], self.block_size)
+
+    def batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """x, y of these windows (int64 (B, T)), read from this process's map of the file."""
+        key = (self.path, self.dtype, self.length)
+        ids = _mapped.get(key)
+        if ids is None:
+            ids = _mapped[key] = np.memmap(self.path, dtype=self.dtype, mode="r",
+                                           shape=(self.length,))
+        x, y = windows(ids, self.starts, self.block_size)
+        _reads[key] = _reads.get(key, 0) + 1
+        if _reads[key] % 16 == 0:  # keep this process's resident memory from growing
+            forget_pages(ids)
+        return x, y
+
+
+_mapped: dict[tuple, np.memmap] = {}  # (path, dtype, length) -> this process's map of it
+_reads: dict[tuple, int] = {}  # batches read through each map (forget_pages every 16)
 
 
 def _check_meta(meta: Any, refuse: Callable[[str], UserError]) -> dict[str, int]:

@@ -5,9 +5,11 @@ page to try it in a browser. The only importer of the web stack (Starlette on uv
 
     python -m gpt.serve --out-dir out --port 8000 --api-key KEY
 
-Each request samples in a worker thread of its own, with its own KV cache and random
-generator, so the event loop goes on serving other clients while the model works, and a
-client that disconnects stops its generation after the current token.
+The model runs in one thread, the Batcher (gpt/batching.py): the sequences of all requests
+advance together, one batched decoder step per token, each with its own KV cache slot,
+settings and random generator; the event loop goes on serving other clients meanwhile, and a
+client that disconnects leaves its slot within a step. --max-batch, --max-queue and
+--time-limit bound the work; GET /metrics reports it.
 """
 
 from __future__ import annotations

@@ -49,12 +49,16 @@ from .checkpoint import (
 from .config import PRESETS, TrainConfig, fixed_fields
 from .data import (
     GET_DATA_HINT,
+    TokenWindows,
+    batch_starts,
     check_windows,
+    forget_pages,
     get_batch,
     is_token_dir,
     load_text,
     load_token_dir,
     split_ids,
+    windows,
 )
 from .errors import UserError
 from .lock import RunLock
@@ -305,6 +309,9 @@ class GradFns:
     close: Callable[[], None]
     threads: int = 1  # how many shards a batch is split into (threads or worker processes)
     grad_norm: Callable[[], float | None] = lambda: None
+    # worker processes on this machine: loss_and_grads of a batch of token files that each
+    # worker reads itself (ShardedStep.loss_and_grads_from); None: the rows are sent
+    loss_and_grads_from: Callable[[TokenWindows, np.random.Generator | None], float] | None = None
 
 
 def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
@@ -335,7 +342,9 @@ def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
     dp = parallel.DataParallel(model, workers=cfg.workers, backend=cfg.backend,
                                scheduler=cfg.scheduler)
     return GradFns(dp.loss_and_grads, plain_loss(model), dp.close,
-                   min(cfg.workers, cfg.batch_size), lambda: dp.grad_norm)
+                   min(cfg.workers, cfg.batch_size), lambda: dp.grad_norm,
+                   # (a dask worker may run on a machine without the token files)
+                   getattr(dp, "loss_and_grads_from", None) if cfg.backend == "loky" else None)
 
 
 def warn_if_oversubscribed(shards: int, flag: str) -> None:
@@ -385,11 +394,10 @@ def take_step(run: Run, it: int) -> tuple[float, float, float]:
     stops the run before the weights are touched."""
     cfg = run.cfg
     lr = lr_at(it - 1, cfg)
-    x, y = get_batch(run.train_ids, cfg.model.block_size, cfg.batch_size, run.rngs["data"])
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         # overflow shows up as a non-finite loss or norm, checked just below
         try:
-            loss = run.fns.loss_and_grads(x, y, run.rngs["dropout"])
+            loss = batch_loss_and_grads(run)
         except RuntimeError as e:  # data-parallel workers failed (or none is left)
             raise UserError(f"{e}; {kept_checkpoint(run)}") from e
         norm = (clip_grad_norm(run.model.params, cfg.grad_clip, run.fns.grad_norm())
@@ -403,6 +411,21 @@ def take_step(run: Run, it: int) -> tuple[float, float, float]:
     return loss, norm, lr
 
 
+def batch_loss_and_grads(run: Run) -> float:
+    """The loss of the next training batch (random windows of the train ids), its gradients
+    left in .grad. Worker processes on this machine training on token files are sent the
+    windows' starts and read the rows themselves (cheaper than sending the rows:
+    benchmarks/token_files.py); the batch and the result are the same."""
+    cfg, ids = run.cfg, run.train_ids
+    starts = batch_starts(len(ids), cfg.model.block_size, cfg.batch_size, run.rngs["data"])
+    by_reference = run.fns.loss_and_grads_from and TokenWindows.of(ids, starts,
+                                                                   cfg.model.block_size)
+    if by_reference:
+        return run.fns.loss_and_grads_from(by_reference, run.rngs["dropout"])
+    x, y = windows(ids, starts, cfg.model.block_size)
+    return run.fns.loss_and_grads(x, y, run.rngs["dropout"])
+
+
 # ---- phase 3: log, evaluate, save ---------------------------------------------------------------
 def log_and_evaluate(run: Run, it: int, loss: float, norm: float, lr: float) -> None:
     """Every log_interval steps a progress line and a metrics record; every eval_interval
@@ -411,6 +434,7 @@ def log_and_evaluate(run: Run, it: int, loss: float, norm: float, lr: float) -> 
     do_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
     if not (it % cfg.log_interval == 0 or do_eval):
         return
+    forget_pages(run.train_ids)  # token files: what the batches mapped since the last log
     now = time.perf_counter()
     tps = (it - run.it_log) * cfg.batch_size * cfg.model.block_size / max(now - run.t_log, 1e-9)
     run.t_log, run.it_log = now, it
@@ -444,6 +468,8 @@ def evaluate(run: Run, it: int) -> dict[str, float]:
         raise UserError(f"eval loss became {ev['val']} at iter {it}; not saved; "
                         f"{kept_checkpoint(run)}; try a lower --lr (now {run.cfg.lr:g}) "
                         "or --grad-clip")
+    for ids in (run.train_ids, run.val_ids):  # token files: the pages evaluation mapped
+        forget_pages(ids)
     run.best_val = min(run.best_val, ev["val"])
     run.last_eval = {"iter": it, "train_loss": ev["train"], "val_loss": ev["val"]}
     return {"eval_train_loss": ev["train"], "val_loss": ev["val"],

@@ -5,6 +5,7 @@ DIR`, which takes the same batches and losses as training on TEXT itself."""
 import io
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from gpt import train as gt
 from gpt.bpe import CHUNK_PATTERN, BPETokenizer
 from gpt.cli import describe
 from gpt.errors import UserError
+from gpt.shards import cut_batch, cut_windows
 from gpt.tokenizer import CharTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -285,3 +287,67 @@ def test_train_refuses_a_folder_of_another_tokenizer(tmp_path, text_file, capsys
     assert gt.main(["--data", str(tmp_path / "b"), "--out-dir", str(tmp_path / "r"),
                     "--resume", "--max-iters", "20"]) == 2
     assert "another vocabulary than the checkpoint" in capsys.readouterr().err
+
+
+def mapped_kb(path: Path) -> int:
+    """Resident KB of this process's mappings of `path` (Linux's /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isalnum() and "-" in line.split()[0]:  # a mapping's first line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux's /proc/self/smaps")
+def test_forget_pages_unmaps_what_batches_touched_and_keeps_the_values(prepared):
+    data = gd.load_token_dir(prepared)
+    path = (prepared / "train.bin").resolve()
+    before = np.array(data.train)  # reads every page: all of them resident
+    assert mapped_kb(path) >= os.path.getsize(path) // 1024 - 4
+    gd.forget_pages(data.train)
+    assert mapped_kb(path) == 0
+    np.testing.assert_array_equal(data.train, before)  # read again from the file cache
+    gd.forget_pages(np.arange(5))  # an array in memory: nothing to do
+
+
+# ---- worker processes read their rows from the token files -------------------------------------
+def test_a_file_shard_reads_the_rows_a_sent_shard_carries_in_a_few_bytes(prepared):
+    data = gd.load_token_dir(prepared)
+    starts = gd.batch_starts(len(data.train), 256, 64, np.random.default_rng(0))
+    x, y = gd.windows(data.train, starts, 256)
+    by_reference = gd.TokenWindows.of(data.train, starts, 256)
+    assert gd.TokenWindows.of(np.array(data.train), starts, 256) is None  # ids in memory
+    sent, read = cut_batch(x, y, 3, seed=5), cut_windows(by_reference, 3, seed=5)
+    for a, b in zip(sent, read, strict=True):
+        assert (a.k, a.weight, a.seed) == (b.k, b.weight, b.seed)
+        for rows, again in zip(a.batch(), b.batch()):
+            np.testing.assert_array_equal(rows, again)
+        assert len(pickle.dumps(b)) * 50 < len(pickle.dumps(a))
+
+
+def test_worker_processes_read_the_token_files_and_log_the_same_losses(tmp_path, text_file,
+                                                                       monkeypatch, capsys):
+    workers = ["--workers", "2", "--max-iters", "6"]
+    assert gt.main(["--data", str(text_file), "--out-dir", str(tmp_path / "text"), *TINY,
+                    *workers]) == 0
+    gd.prepare(text_file, tmp_path / "d", progress=None)
+    real, calls = gt.make_grad_fn, []
+
+    def counting(model, cfg):
+        fns = real(model, cfg)
+        from_files = fns.loss_and_grads_from
+        fns.loss_and_grads_from = lambda windows, rng: calls.append(windows) or from_files(
+            windows, rng)
+        return fns
+
+    monkeypatch.setattr(gt, "make_grad_fn", counting)
+    assert gt.main(["--data", str(tmp_path / "d"), "--out-dir", str(tmp_path / "files"), *TINY,
+                    *workers]) == 0
+    capsys.readouterr()
+    assert len(calls) == 6 and all(w.path == str((tmp_path / "d" / "train.bin").resolve())
+                                   for w in calls)
+    keys = ("iter", "train_loss", "grad_norm", "val_loss")
+    assert ([{k: r.get(k) for k in keys} for r in metrics(tmp_path / "text")]
+            == [{k: r.get(k) for k in keys} for r in metrics(tmp_path / "files")])

@@ -7,7 +7,7 @@ zero for every key but that one, so attention hardly learns where it is saturate
 by sqrt(hd) brings the variance back to 1. Measured here on random unit-variance q, k: the
 mean largest probability of a row, and the mean |dL/dS| that reaches the scores.
 
-    python examples/exercises/no_scale.py
+    python examples/worked/no_scale.py
 """
 
 from __future__ import annotations

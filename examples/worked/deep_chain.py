@@ -5,7 +5,7 @@ that is 10,000 nested calls, past Python's default recursion limit (1,000): Recu
 tensorlite's sort keeps its own stack, so backward works, and the gradient of
 y = x * 1.0001 * 1.0001 * ... (10,000 times) is 1.0001^10000 = e^0.99995.
 
-    python examples/exercises/deep_chain.py
+    python examples/worked/deep_chain.py
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ position of work per layer. Both give the same text for the same seed (the cache
 The timings printed here are one run on whatever machine runs it (no assertion on them:
 speed is measured by benchmarks/sample.py, never asserted).
 
-    python examples/exercises/kv_cache_timing.py
+    python examples/worked/kv_cache_timing.py
 """
 
 from __future__ import annotations

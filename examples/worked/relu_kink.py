@@ -5,7 +5,7 @@ that straddles it measures (relu(eps) - relu(-eps)) / 2eps = 1/2, which matches 
 side, so a check that draws values close to 0 fails on a correct op. Drawing values at least
 `margin` away from the kink (`tensors(away_from=0.0)`, margin 1e-2 >> eps 1e-6) fixes it.
 
-    python examples/exercises/relu_kink.py
+    python examples/worked/relu_kink.py
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Backward computes dx = doutᵀ J. With dout the one-hot vector e_i, that is row 
 out = x @ W, x (3,), W (3, 2), two backward calls give the whole 2 x 3 Jacobian, which is
 Wᵀ. (Reverse mode pays one backward per OUTPUT: cheap for a scalar loss, as here for 2.)
 
-    python examples/exercises/jacobian_rows.py
+    python examples/worked/jacobian_rows.py
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ dy/da = 2e^4 + e^2 = 116.585. The overwriting driver visits Add first (h gets 1)
 whose two contributions h and h each overwrite the slot: only the last one, h = e^2,
 survives, and da = e^2 * e^2 = e^4 = 54.598.
 
-    python examples/exercises/overwrite_bug.py
+    python examples/worked/overwrite_bug.py
 """
 
 from __future__ import annotations

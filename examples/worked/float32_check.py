@@ -7,7 +7,7 @@ as big as the gradient itself; with eps = 1e-2 the rounding error is ~1e-5 but t
 truncation error (~eps^2 * f''') is ~1e-4. float64's epsilon 2.2e-16 leaves room for both:
 eps = 1e-6 gives errors near 1e-10. (assert_gradients_match copies to float64 for you.)
 
-    python examples/exercises/float32_check.py
+    python examples/worked/float32_check.py
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
 mean of dxhat.) Verified three ways: assert_gradients_match on hypothesis-drawn inputs, the
 same function composed from primitive ops, and numpy's forward.
 
-    python examples/exercises/layer_norm.py
+    python examples/worked/layer_norm.py
 """
 
 from __future__ import annotations

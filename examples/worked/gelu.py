@@ -5,7 +5,7 @@ With t = tanh(u), the product and chain rules give
     dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
 Forward saves x and t (t appears twice in the derivative; recomputing it costs a tanh).
 
-    python examples/exercises/gelu.py
+    python examples/worked/gelu.py
 """
 
 from __future__ import annotations

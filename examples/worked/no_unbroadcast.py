@@ -6,7 +6,7 @@ broadcast, and the property test finds a shape pair where that breaks (backward 
 "gradient of shape ... for a tensor of shape ..."). Same shapes never show the bug: that is
 why the test draws pairs with `broadcastable_shapes()`.
 
-    python examples/exercises/no_unbroadcast.py
+    python examples/worked/no_unbroadcast.py
 """
 
 from __future__ import annotations

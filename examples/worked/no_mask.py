@@ -6,7 +6,7 @@ it must predict, from its input, and the training loss falls below the masked mo
 to read: with the mask on. The unmasked model learned to copy, not to predict, and its
 honest loss is worse than the masked model's (and near an untrained model's).
 
-    python examples/exercises/no_mask.py
+    python examples/worked/no_mask.py
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ loss's curvature (the Hessian 2/N XᵀX) has eigenvalues 1.16, 1.50 and 1.77 her
 stable only below 2 / (largest eigenvalue), about 1.13. So 0.1 converges (below 1e-6),
 0.01 is still far from done after 100 steps, and 1.5 overshoots further at every step.
 
-    python examples/exercises/learning_rate.py
+    python examples/worked/learning_rate.py
 """
 
 from __future__ import annotations

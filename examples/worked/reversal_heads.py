@@ -5,7 +5,7 @@ digit DIGITS - 1 - i: an anti-diagonal. `GPT.attention_maps` gives every head's
 probabilities; for each head, find the key each answer-writing query attends to most, and
 count how often that is the digit to copy, over 200 held-out strings.
 
-    python examples/exercises/reversal_heads.py
+    python examples/worked/reversal_heads.py
 """
 
 from __future__ import annotations
