@@ -130,6 +130,13 @@ def check_merges(merges: Iterable[Iterable[int]]) -> list[Pair]:
     return pairs
 
 
+REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for bytes that are not whole UTF-8
+REPLACEMENT_NOTE = (
+    "note: \ufffd marks bytes that do not form a whole UTF-8 character: BPE tokens stand for "
+    "bytes, and a model early in training (or a sample cut after max_new_tokens) can emit "
+    "half of a multi-byte character; a trained model pairs them (docs/gpt.md, the BPE tokenizer)")
+
+
 class BPETokenizer:
     """Byte-level BPE with the same interface as CharTokenizer (encode, decode, vocab_size,
     bos_id, eos_id, to_dict/from_dict) plus `BPETokenizer.train(text, vocab_size)`."""

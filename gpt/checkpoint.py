@@ -336,8 +336,13 @@ def _current_folder(out_dir: str, best: bool) -> str:
                 return candidate
         if attempt + 1 < LOAD_ATTEMPTS and os.path.isdir(os.path.dirname(path) or "."):
             time.sleep(0.001 * 2**attempt)
-    raise UserError(f"{out_dir!r} holds no checkpoint (looked for {path}/): point it at "
-                    "a run's folder, or train a fresh run first", field="out_dir")
+    looked = (f"looked for {os.path.join(out_dir, BEST_DIR)}/ and "
+              f"{os.path.join(out_dir, CHECKPOINT_DIR)}/")
+    if not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir!r} does not exist, so it holds no checkpoint ({looked}): "
+                        "check the path, or train a run there first", field="out_dir")
+    raise UserError(f"{out_dir!r} holds no checkpoint ({looked}): point it at a run's "
+                    "folder, or train a fresh run first", field="out_dir")
 
 
 def _identity(path: str) -> tuple[int, int] | None:

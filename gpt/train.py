@@ -39,6 +39,7 @@ import numpy as np
 import tensorlite as tl
 
 from . import cli, metrics
+from .bpe import REPLACEMENT_CHAR, REPLACEMENT_NOTE
 from .checkpoint import (
     Checkpoint,
     checkpoint_path,
@@ -127,6 +128,7 @@ class Run:
     t0: float = field(default_factory=time.perf_counter)
     t_log: float = 0.0
     it_log: int = 0
+    tokenizer_note: str = ""  # what training a BPE tokenizer did, for the intro
 
 
 # ---- phase 1: set up the run --------------------------------------------------------------------
@@ -180,33 +182,48 @@ def build_run(cfg: TrainConfig, ckpt: Checkpoint | None, data_given: bool,
     if not data_given and not os.path.exists(cfg.data):
         raise UserError(f"no {cfg.data} in {os.getcwd()} and no --data given: pass "
                         f"--data FILE (UTF-8 text), or get Tiny Shakespeare with `{GET_DATA_HINT}`")
+    note = ""  # what training a BPE tokenizer did
     if is_token_dir(cfg.data):
         cfg, tokenizer, train_ids, val_ids = read_token_dir(cfg, ckpt, given)
     else:
-        tokenizer, train_ids, val_ids = read_text(cfg, ckpt)
+        tokenizer, train_ids, val_ids, note = read_text(cfg, ckpt)
     mcfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     check_fits(mcfg, cfg.batch_size, cfg.dtype, shard_threads(cfg))  # before allocating
     model = GPT(mcfg, dtype=np.dtype(cfg.dtype), seed=cfg.seed)
     opt = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                 weight_decay=cfg.weight_decay)
-    return Run(cfg, tokenizer, train_ids, val_ids, model, opt, make_rngs(cfg.seed))
+    return Run(cfg, tokenizer, train_ids, val_ids, model, opt, make_rngs(cfg.seed),
+               tokenizer_note=note)
 
 
 def read_text(cfg: TrainConfig, ckpt: Checkpoint | None):
-    """(tokenizer, train ids, val ids) of a text file: read whole, tokenized (with a tokenizer
-    trained on it, or the checkpoint's), split 90/10."""
+    """(tokenizer, train ids, val ids, note) of a text file: read whole, tokenized (with a
+    tokenizer trained on it, or the checkpoint's), split 90/10; the note says what training
+    a BPE tokenizer did ("" otherwise)."""
     text = load_text(cfg.data)
+    t0 = time.perf_counter()
     tokenizer = load_tokenizer(ckpt.tokenizer) if ckpt else make_tokenizer(cfg, text)
     try:
         ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     except ValueError as e:
         where = "the checkpoint's vocabulary" if ckpt is not None else "the tokenizer"
         raise UserError(f"{cfg.data} does not fit {where}: {e}") from None
+    note = ""
+    if ckpt is None and cfg.tokenizer == "bpe":
+        note = bpe_note(tokenizer, len(text.encode("utf-8")), len(ids), time.perf_counter() - t0)
     try:
         train_ids, val_ids = split_ids(ids, 0.1, cfg.model.block_size)
     except ValueError as e:
         raise UserError(f"{cfg.data}: {e}") from None
-    return tokenizer, train_ids, val_ids
+    return tokenizer, train_ids, val_ids, note
+
+
+def bpe_note(tokenizer, n_bytes: int, n_tokens: int, seconds: float) -> str:
+    """What training the BPE tokenizer did: its merges, the time it took (training and
+    encoding the text) and how many bytes of text a token stands for on average."""
+    return (f"BPE tokenizer: {len(tokenizer.merges):,} merges learned and the text encoded in "
+            f"{seconds:.2f} s; {n_bytes / max(n_tokens, 1):.2f} bytes per token "
+            f"({n_bytes:,} bytes -> {n_tokens:,} tokens)")
 
 
 def read_token_dir(cfg: TrainConfig, ckpt: Checkpoint | None, given: set[str]):
@@ -377,6 +394,8 @@ def plain_loss(model: GPT) -> Callable[[np.ndarray, np.ndarray], float]:
 def print_intro(run: Run, resumed_from: str | None) -> None:
     cfg, m = run.cfg, run.cfg.model
     n = len(run.train_ids) + len(run.val_ids)
+    if run.tokenizer_note:
+        print(run.tokenizer_note)
     print(f"{cfg.data}: {n:,} tokens ({len(run.train_ids):,} train, {len(run.val_ids):,} val), "
           f"vocab {run.tokenizer.vocab_size}; model {run.model.num_params():,} parameters "
           f"({m.n_layer} layers, {m.n_head} heads, n_embd {m.n_embd}, {cfg.dtype})")
@@ -523,7 +542,10 @@ def finish(run: Run) -> None:
     """A short sample of the final weights, then the summary: which checkpoint is where."""
     wall = time.perf_counter() - run.t0
     print("sample of the final weights (temperature 0.8):")
-    print(sample_text(run.model, run.tokenizer, run.cfg.seed))
+    text = sample_text(run.model, run.tokenizer, run.cfg.seed)
+    print(text)
+    if REPLACEMENT_CHAR in text:
+        print(REPLACEMENT_NOTE)
     out = run.cfg.out_dir
     best = (f"best {run.best_val:.4f} (iter {run.best_iter}) in {checkpoint_path(out, True)}"
             if run.best_iter is not None else "no best checkpoint")

@@ -112,6 +112,16 @@ EXERCISES = [
          "dq = dS k * s and dk = dS^T q * s. The masked entries have P = 0, so dS is 0 there."),
         engine.grade_attention_backward),
     Exercise(
+        "hessian_vector_product", "A Hessian-vector product: differentiate the gradient",
+        "higher-order.md", "2. Hessian-vector products",
+        (("tl.grad(y, [x], create_graph=True) returns the gradient as a Tensor with a graph of "
+         "its own, so it can be differentiated again."),
+         ("H v is the gradient of <grad f(x), v> with v held constant: a scalar, so one more "
+         "tl.grad gives it."),
+         ("x = tl.Tensor(x, requires_grad=True); (g,) = tl.grad(f(x), [x], create_graph=True); "
+          "(hv,) = tl.grad((g * v).sum(), [x]); return hv.data.")),
+        engine.grade_hessian_vector_product),
+    Exercise(
         "softmax_jvp", "A forward-mode rule: softmax's JVP",
         "higher-order.md", "4. Forward mode: Jacobian-vector products",
         ("A JVP pushes a tangent forward: dp = J dx, where J is softmax's Jacobian.",

@@ -167,6 +167,17 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert ck.load_checkpoint(out).state["iter"] == 3
 
 
+def test_a_mistyped_run_folder_is_said_not_to_exist(tmp_path):
+    """gpt.sample --out-dir with a typo: the message says the folder does not exist (not just
+    that it holds no checkpoint) and names both folders it looked for, best/ too."""
+    with pytest.raises(UserError, match="does not exist") as e:
+        ck.load_model(str(tmp_path / "ouy"))
+    assert "best/" in str(e.value) and "checkpoint/" in str(e.value)
+    with pytest.raises(UserError) as e:  # the folder is there, the checkpoint is not
+        ck.load_model(str(tmp_path))
+    assert "does not exist" not in str(e.value) and "best/" in str(e.value)
+
+
 def test_missing_and_damaged_checkpoints_are_named(tmp_path):
     out = str(tmp_path)
     with pytest.raises(UserError, match="no checkpoint"):

@@ -457,3 +457,20 @@ def test_cli_streams_tokens_and_ctrl_c_keeps_what_was_printed(run_dir):
     assert proc.returncode == 130 and b"Traceback" not in err
     assert len(err.decode().strip().splitlines()) == 1
     assert len(got + rest) > 40
+
+
+def test_streaming_says_when_a_sample_shows_a_replacement_character():
+    """Byte-level tokens can end half-way through a character: print_streaming prints what
+    decode() would (U+FFFD for the cut bytes, also at the very end) and says it did."""
+    import io
+
+    from gpt.sample import print_streaming
+
+    tok = BPETokenizer([])
+    e_acute = list("é".encode())  # two bytes, two tokens
+    out = io.StringIO()
+    assert print_streaming("x", iter(e_acute + [ord("a")]), tok, out) is False
+    assert out.getvalue() == "xéa\n"
+    out = io.StringIO()
+    assert print_streaming("x", iter(e_acute[:1]), tok, out) is True  # cut after one byte
+    assert out.getvalue() == "x\ufffd\n" == tok.decode([ord("x"), e_acute[0]]) + "\n"

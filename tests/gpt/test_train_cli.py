@@ -5,6 +5,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -427,3 +428,30 @@ def test_a_full_disk_during_a_save_stops_the_run_in_one_line_keeping_the_last_ch
     assert f"the previous checkpoint in {out / 'checkpoint'} is intact" in err
     assert sorted(os.listdir(out)) == ["best", "checkpoint", "metrics.jsonl"]  # no .tmp, .lock
     assert checkpoint.load_checkpoint(str(out)).state["iter"] == 2
+
+
+def test_a_bpe_run_reports_its_tokenizer_step_and_explains_broken_characters(
+        tmp_path, monkeypatch, capsys):
+    """The intro says what training the BPE did (merges, seconds, bytes per token); a final
+    sample that shows U+FFFD (half a multi-byte character) is followed by a line saying why."""
+    from gpt import train
+    from gpt.bpe import REPLACEMENT_NOTE
+
+    text = tmp_path / "text.txt"
+    text.write_text((REPO / "train.txt").read_text(encoding="utf-8")[:5000] + " café é ü" * 50,
+                    encoding="utf-8")
+    monkeypatch.setattr(train, "sample_text", lambda *a, **k: "a broken \ufffd character")
+    code = train.main(["--data", str(text), "--out-dir", str(tmp_path / "run"), "--tokenizer",
+                       "bpe", "--vocab-size", "300", "--max-iters", "2", "--eval-interval", "2",
+                       "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+                       "--batch-size", "4", "--eval-iters", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    first = out.splitlines()[0]
+    m = re.fullmatch(r"BPE tokenizer: (\d+) merges learned and the text encoded in [\d.]+ s; "
+                     r"([\d.]+) bytes per token \(([\d,]+) bytes -> ([\d,]+) tokens\)", first)
+    assert m, first
+    assert int(m.group(1)) == 300 - 258
+    n_bytes, n_tokens = (int(m.group(i).replace(",", "")) for i in (3, 4))
+    assert n_bytes == len(text.read_bytes()) and float(m.group(2)) == round(n_bytes / n_tokens, 2)
+    assert REPLACEMENT_NOTE in out
