@@ -1,11 +1,12 @@
 """Draw the pictures in docs/img/ from the project's own code:
 
-    python docs/pictures.py                  # rewrites docs/img/{graph-abcf,graph-diamond,causal-mask,block}.png
+    python docs/pictures.py                  # rewrites docs/img/{graph-abcf,graph-diamond,causal-mask,block,float-layouts}.png
     python docs/pictures.py --out-dir /tmp   # somewhere else
 
 The two graphs are tensorlite's `to_dot()` text, parsed and laid out here and drawn with
 matplotlib, so no Graphviz is needed (`dot -Tpng` draws the same text if you have it).
-The mask is tensorlite's own causal bias; the block diagram lists gpt/model.py's steps.
+The mask is tensorlite's own causal bias; the block diagram lists gpt/model.py's steps; the
+float layouts are pi's bits, rounded to bfloat16 by tensorlite.bf16.
 matplotlib is the optional `plot` extra. (tests/test_pictures.py runs this script.)
 """
 
@@ -248,11 +249,61 @@ def draw_block(path: Path) -> Path:
     return path
 
 
+def float_layouts(x: float = np.pi) -> list[tuple[str, str, tuple[int, int, int]]]:
+    """(name, bit string, (sign, exponent, mantissa) widths) of x in float32, bfloat16 (by
+    tensorlite.bf16's rounding) and float16."""
+    from tensorlite.bf16 import bfloat16_bits
+
+    f32 = int(np.float32(x).view(np.uint32))
+    bf16 = int(bfloat16_bits(np.float32(x)))
+    f16 = int(np.float16(x).view(np.uint16))
+    return [("float32", f"{f32:032b}", (1, 8, 23)), ("bfloat16", f"{bf16:016b}", (1, 8, 7)),
+            ("float16", f"{f16:016b}", (1, 5, 10))]
+
+
+def draw_float_layouts(path: Path, x: float = np.pi) -> Path:
+    """The bits of x in float32, bfloat16 and float16, sign / exponent / mantissa coloured:
+    bf16 is float32's upper half (the same exponent range), float16 trades exponent bits
+    for mantissa bits."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    rows = float_layouts(x)
+    fig = Figure(figsize=(10.5, 3.0), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(-5.5, 38.5)
+    ax.set_ylim(-3.5, 1.5)
+    ax.axis("off")
+    colors = ("#f4b6b6", "#b9d7f0", "#c9e8c1")  # sign, exponent, mantissa
+    for r, (name, bits, widths) in enumerate(rows):
+        y = -r * 1.1
+        ax.text(-0.5, y + 0.4, name, ha="right", va="center", fontsize=11, family="monospace")
+        field = np.repeat([0, 1, 2], widths)
+        for i, bit in enumerate(bits):
+            ax.add_patch(Rectangle((i, y), 1, 0.8, fc=colors[field[i]], ec="#555555", lw=0.6))
+            ax.text(i + 0.5, y + 0.4, bit, ha="center", va="center", fontsize=9, family="monospace")
+        if name == "bfloat16":  # its bits are the upper half of a float32
+            value = float(np.array(int(bits, 2) << 16, dtype=np.uint32).view(np.float32))
+        else:
+            value = float(np.float32(x) if name == "float32" else np.float16(x))
+        ax.text(len(bits) + 0.4, y + 0.4, f"= {value:.7g}", va="center", fontsize=9.5)
+    for k, label in enumerate(("sign", "exponent", "mantissa (fraction)")):
+        ax.add_patch(Rectangle((4 + 9 * k, 0.95), 0.8, 0.3, fc=colors[k], ec="#555555", lw=0.6))
+        ax.text(5 + 9 * k, 1.1, label, va="center", fontsize=9.5)
+    ax.text(16.5, -3.1, f"x = {x:.10g}: bfloat16 keeps float32's sign and 8 exponent bits and rounds "
+            "the mantissa to 7", ha="center", fontsize=9.5)
+    fig.savefig(path, format="png")
+    return path
+
+
 PICTURES = {
     "graph-abcf.png": lambda p: draw_dot(abcf_graph().to_dot(), p, "L = (a·b + c)·f after L.backward()"),
     "graph-diamond.png": lambda p: draw_dot(diamond_graph().to_dot(), p, "y = h·h + h, h = exp(a)"),
     "causal-mask.png": draw_causal_mask,
     "block.png": draw_block,
+    "float-layouts.png": draw_float_layouts,
 }
 
 

@@ -27,9 +27,8 @@ import numpy as np
 from tensorlite import references
 
 # The formulas are tensorlite's own (one home each), called as their NumPy references: on a
-# handful of rows a compiled twin's call costs more than the loop it saves.
-rms_norm = references.rms_norm_forward  # (y, r) = (x / rms(x) * w, 1 / rms(x)), per row
-relu_squared = references.relu_squared  # max(x, 0) ** 2
+# handful of rows a compiled twin's call costs more than the loop it saves. (The norms and the
+# activation: the model's Decoder's steps, which call theirs the same way.)
 softmax = references.softmax  # exp(x - max) / sum(exp(x - max)) along an axis
 
 from .api import Choice, CompletionRequest, TextStream
@@ -64,14 +63,8 @@ class BatchDecoder:
         self.v = np.zeros((L, slots, H, T + 1, hd), dt)
         self.lengths = np.zeros(slots, np.int64)
         self.prefiller = model.decoder()  # reads prompts; its cache is swapped per slot
-        w = {name: p.data for name, p in model.params.items()}
-        self.wte, self.wpe, self.ln_f, self.lm_head = w["wte"], w["wpe"], w["ln_f.weight"], \
-            w["lm_head.weight"]
-        self.layers = [tuple(w[f"h.{i}.{name}"] for name in (
-            "ln_1.weight", "attn.c_attn.weight", "attn.c_proj.weight",
-            "ln_2.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")) for i in range(L)]
+        self.wte, self.wpe = self.prefiller.wte, self.prefiller.wpe
         self.scale = dt.type(1.0 / math.sqrt(hd))
-        self.eps = 1e-5  # F.rms_norm's
 
     def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
         """Read `ids` (at most block_size) into slot `slot` from position 0; the logits (V,)
@@ -113,9 +106,10 @@ class BatchDecoder:
         mask = np.where(np.arange(T1) <= pos[:, None], 0.0, -np.inf).astype(self.k.dtype)
         mask = mask[:, None, None, :]
         x = self.wte[ids] + self.wpe[pos]  # (S, C)
-        for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(self.layers):
-            # x = x + attn(rms_norm(x, ln_1))
-            qkv = rms_norm(x, ln_1, self.eps)[0] @ c_attn  # (S, 3C): q | k | v
+        d = self.prefiller  # the model's layer steps on arrays (norm, linear, activation, head)
+        for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(d.layers):
+            # x = x + attn(norm(x, ln_1))
+            qkv = d.linear(d.norm(x, ln_1), c_attn)  # (S, 3C): q | k | v
             heads = qkv.reshape(S, 3, H, hd)
             self.k[i, rows, :, put] = heads[:, 1]  # (S, H, hd): each into its slot, position
             self.v[i, rows, :, put] = heads[:, 2]
@@ -126,13 +120,12 @@ class BatchDecoder:
             scores += mask
             att = softmax(scores, -1, inplace=True)  # (S, H, 1, T1)
             y = (att @ v).reshape(S, H * hd)  # (S, H, 1, hd) -> (S, C)
-            x += y @ attn_proj
-            # x = x + mlp(rms_norm(x, ln_2))
-            h = relu_squared(rms_norm(x, ln_2, self.eps)[0] @ c_fc)  # (S, 4C)
-            x += h @ mlp_proj
+            x += d.linear(y, attn_proj)
+            # x = x + mlp(norm(x, ln_2)), mlp = activation(. @ c_fc) @ c_proj
+            x += d.linear(d.activation(d.linear(d.norm(x, ln_2), c_fc)), mlp_proj)  # (S, C)
         self.lengths[slots] += 1
         x = x[slots]  # (B, C): the rows someone reads
-        return rms_norm(x, self.ln_f, self.eps)[0] @ self.lm_head  # (B, V)
+        return d.head(d.norm(x, d.ln_f))  # (B, V)
 
 
 # ---- one choice being sampled ---------------------------------------------------------------

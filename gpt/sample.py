@@ -235,7 +235,7 @@ def sample(cfg: SampleConfig) -> int:
 
     cfg.validate()
     tensorlite.set_num_threads(SAMPLING_THREADS)
-    model, tokenizer = load_model(cfg.out_dir, latest=cfg.latest)
+    model, tokenizer = load_model(cfg.out_dir, cfg.dtype, latest=cfg.latest)
     if cfg.prompt:
         ids = tokenizer.encode(cfg.prompt)  # unknown characters: ValueError naming them
         if ids and max(ids) >= model.config.vocab_size:

@@ -53,7 +53,7 @@ from .api import (
     quote,
 )
 from .batching import Batcher, QueueFull, Sequence, ServeMetrics
-from .config import setting
+from .config import SampleDtype, check_choice, setting
 from .errors import UserError
 from .sample import SAMPLING_THREADS  # BLAS threads while serving (why: see gpt/sample.py)
 
@@ -82,6 +82,8 @@ class ServeConfig:
                                      shown="the run folder's name", metavar="NAME")
     latest: bool = setting(False, "serve the latest checkpoint (OUT/checkpoint) instead of the "
                            "one with the lowest val loss (OUT/best, when it exists)")
+    dtype: SampleDtype = setting("checkpoint", "compute in float32, float64 or bfloat16 (bf16 "
+                                 "matmul operands); checkpoint: as the run trained")
     max_batch: int = setting(8, "sequences decoded together, one batched step per token (a "
                              "request's n choices count n)")
     max_queue: int = setting(64, "sequences that may wait for a free slot; past that a request "
@@ -100,6 +102,7 @@ class ServeConfig:
             raise UserError(f"must be in 0..65535, got {self.port}", field="port")
         if self.max_tokens < 1:
             raise UserError(f"must be >= 1, got {self.max_tokens}", field="max_tokens")
+        check_choice(self, "dtype")
         for origin in self.cors_origin:
             scheme, sep, rest = origin.partition("://")
             if origin != "*" and (scheme not in ("http", "https") or not sep or not rest
@@ -616,7 +619,7 @@ def serve(cfg: ServeConfig) -> int:
 
     tensorlite.set_num_threads(SAMPLING_THREADS)
     source = checkpoint_path(cfg.out_dir, uses_best(cfg.out_dir, cfg.latest))
-    model, tokenizer = load_model(cfg.out_dir, latest=cfg.latest)
+    model, tokenizer = load_model(cfg.out_dir, cfg.dtype, latest=cfg.latest)
     name = cfg.model_name or os.path.basename(os.path.abspath(cfg.out_dir))
     app = create_app(model, tokenizer, name, cfg.max_tokens, cfg.api_key, cfg.cors_origin,
                      loopback_only=is_loopback(cfg.host), max_batch=cfg.max_batch,

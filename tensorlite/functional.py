@@ -26,12 +26,16 @@ from .kernels import (  # the dispatched kernels (their NumPy references: refere
     causal_softmax_columns,
     cross_entropy_backward,
     cross_entropy_forward,
+    gelu_backward,
+    gelu_forward,
+    layer_norm_backward,
+    layer_norm_forward,
     rms_norm_backward,
     rms_norm_forward,
     softmax_backward_columns,
 )
 from .ops import ScatterAdd
-from .references import causal_bias
+from .references import GELU_A, GELU_K, causal_bias
 from .tensor import Tensor, as_tensor
 
 
@@ -146,6 +150,69 @@ class RMSNorm(Function):
         xhat = self.x * self.r
         dxhat = self.r * (dx - xhat * (xhat * dx).mean(axis=-1, keepdims=True))
         return dxhat * self.weight + xhat * dw if self.has_weight else dxhat
+
+
+class LayerNorm(Function):
+    """y = xhat * w + b,  xhat = (x - mean(x)) * r,  r = 1 / sqrt(var(x) + eps) over the last
+    axis (C features; var is the biased variance). With dxhat = dout * w:
+        dw = sum over all rows of dout * xhat,   db = sum over all rows of dout
+        dx = r * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    (RMSNorm without the mean's subtraction, and without b; GPT-2 normalises with this.)"""
+
+    def forward(self, x, weight, bias, eps=1e-5):
+        c = x.shape[-1]
+        if weight.shape != (c,) or bias.shape != (c,):
+            raise ValueError(f"layer_norm: weight and bias must have shape ({c},) for x "
+                             f"{x.shape}, got {weight.shape} and {bias.shape}")
+        y, self.xhat, self.r = layer_norm_forward(x, weight, bias, eps)
+        self.weight, self.eps = weight, eps
+        return y
+
+    def backward(self, dout):
+        return layer_norm_backward(dout, self.xhat, self.r, self.weight)
+
+    def backward_graph(self, dout):
+        x, w, _ = self.parents
+        xc = x - x.mean(axis=-1, keepdims=True)
+        r = ((xc * xc).mean(axis=-1, keepdims=True) + self.eps) ** -0.5  # (..., 1)
+        xhat = xc * r
+        dxhat = dout * w
+        dx = r * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                  - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+        rows = dout.reshape(-1, x.shape[-1])
+        return dx, (rows * xhat.reshape(-1, x.shape[-1])).sum(axis=0), rows.sum(axis=0)
+
+    def jvp(self, dx, dw, db):  # d(xhat) = r * (dx - mean(dx) - xhat * mean(xhat * dx))
+        xhat = self.xhat
+        dxhat = self.r * (dx - dx.mean(axis=-1, keepdims=True)
+                          - xhat * (xhat * dx).mean(axis=-1, keepdims=True))
+        return dxhat * self.weight + xhat * dw + db
+
+
+class GELU(Function):
+    """y = x/2 * (1 + tanh(k (x + a x**3))),  k = sqrt(2/pi), a = 0.044715 (GPT-2's tanh
+    approximation of x * Phi(x)). With t = tanh(...):
+        dx = dout * ((1 + t)/2 + x/2 * (1 - t**2) * k (1 + 3 a x**2))"""
+
+    def forward(self, x):
+        y, self.t = gelu_forward(x)
+        self.x = x
+        return y
+
+    def backward(self, dout):
+        return gelu_backward(dout, self.x, self.t)
+
+    def backward_graph(self, dout):
+        return dout * _gelu_derivative(self.parents[0])
+
+    def jvp(self, dx):
+        return gelu_backward(dx, self.x, self.t)  # the Jacobian is diagonal: J dx = dx * y'
+
+
+def _gelu_derivative(x):
+    """gelu'(x) from Tensor ops (differentiable again), for backward_graph."""
+    t = ((x + x * x * x * GELU_A) * GELU_K).tanh()
+    return (t + 1.0) * 0.5 + x * 0.5 * (1.0 - t * t) * (x * x * (3 * GELU_A * GELU_K) + GELU_K)
 
 
 class Embedding(Function):
@@ -341,6 +408,16 @@ def rms_norm(x, weight=None, eps: float = 1e-5) -> Tensor:
     if weight is None:
         return RMSNorm.apply(x, eps=eps)
     return RMSNorm.apply(x, weight, eps=eps)
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-5) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis (weight, bias (C,))."""
+    return LayerNorm.apply(x, weight, bias, eps=eps)
+
+
+def gelu(x) -> Tensor:
+    """GPT-2's GELU, the tanh approximation: x/2 * (1 + tanh(sqrt(2/pi) (x + 0.044715 x**3)))."""
+    return GELU.apply(x)
 
 
 def embedding(indices, weight) -> Tensor:

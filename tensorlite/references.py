@@ -10,6 +10,7 @@ ignore the rest of the kernel layer.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
@@ -159,6 +160,73 @@ def rms_norm_backward(dout, x: np.ndarray, r: np.ndarray, weight: np.ndarray) ->
     dx *= r
     dw = sum_of_products(dout.reshape(-1, c).T, xhat.reshape(-1, c).T)  # (C,)
     return dx, dw
+
+
+# ---- LayerNorm (GPT-2's) -------------------------------------------------------------------------
+def layer_norm_forward(x, weight, bias, eps):
+    """y = (x - mean(x)) * r * w + b with r = 1/sqrt(var(x) + eps) per row
+    (the biased variance, over the last axis); returns y, xhat = (x - mean) * r and r (..., 1)."""
+    mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
+    xc = x - mean
+    var = sum_of_products(xc, xc)[..., None] / x.dtype.type(x.shape[-1])  # (..., 1)
+    r = 1.0 / np.sqrt(var + x.dtype.type(eps))  # (..., 1)
+    xc *= r  # xhat
+    y = xc * weight
+    y += bias
+    return y, xc, r
+
+
+def layer_norm_backward(dout, xhat, r, weight):
+    """With dxhat = dout * w:
+    dx = r * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
+    dw = sum over rows of dout * xhat,  db = sum over rows of dout."""
+    c = xhat.shape[-1]
+    dxhat = dout * weight
+    mean_d = dxhat.mean(axis=-1, keepdims=True)  # (..., 1)
+    mean_dot = sum_of_products(dxhat, xhat)[..., None] / xhat.dtype.type(c)  # (..., 1)
+    dx = xhat * mean_dot
+    dx += mean_d
+    np.subtract(dxhat, dx, out=dx)
+    dx *= r
+    rows = dout.reshape(-1, c)
+    dw = sum_of_products(rows.T, xhat.reshape(-1, c).T)  # (C,)
+    return dx, dw, rows.sum(axis=0)
+
+
+# ---- GELU (GPT-2's) ----------------------------------------------------------------------------
+GELU_K = math.sqrt(2.0 / math.pi)  # GPT-2's tanh approximation: gelu(x) ~ x Phi(x)
+GELU_A = 0.044715
+
+
+def gelu_forward(x):
+    """y = x/2 * (1 + t),  t = tanh(k (x + a x**3)),  k = sqrt(2/pi),
+    a = 0.044715; returns y and t (what the backward needs besides x)."""
+    k, a = x.dtype.type(GELU_K), x.dtype.type(GELU_A)
+    u = np.multiply(x, x, out=np.empty_like(x))  # (a fresh array even for a 0-d x)
+    u *= a
+    u += 1
+    u *= x
+    u *= k  # k (x + a x**3)
+    t = np.tanh(u, out=u)
+    y = t + 1
+    y *= x
+    y *= 0.5
+    return y, t
+
+
+def gelu_backward(dout, x, t):
+    """dx = dout * ((1 + t)/2 + x/2 * (1 - t**2) * k (1 + 3 a x**2))."""
+    k, a = x.dtype.type(GELU_K), x.dtype.type(GELU_A)
+    du = np.multiply(x, x, out=np.empty_like(x))
+    du *= 3 * a
+    du += 1
+    du *= k  # du/dx = k (1 + 3 a x**2)
+    du *= 1 - t * t  # dt/dx
+    du *= x
+    du += 1 + t
+    du *= 0.5
+    du *= dout
+    return du
 
 
 # ---- causal self-attention ----------------------------------------------------------------------

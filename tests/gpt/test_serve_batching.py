@@ -22,6 +22,7 @@ from test_serve import AUTH, events, post, request, wait_until
 
 from gpt.api import CompletionRequest
 from gpt.batching import BatchDecoder, Batcher, Sequence, log_softmax
+from gpt.model import GPT
 from gpt.sample import generate
 from gpt.serve import create_app, running
 from tensorlite import no_grad
@@ -33,7 +34,23 @@ def test_batched_steps_give_each_sequence_its_own_logits(tiny_model):
     slot while the others take a step (as the Batcher does: that step must leave the slot's
     new cache alone), then joining: each row is what the model's own decoder gives that
     sequence alone."""
-    model, _ = tiny_model
+    check_batched_steps(tiny_model[0])
+
+
+def test_batched_steps_of_a_gpt2_shaped_model():
+    """The same with GPT-2's architecture (LayerNorm, GELU, biases, tied head)."""
+    from gpt.config import GPTConfig
+    from gpt.model import GPT
+
+    cfg = GPTConfig(vocab_size=50, block_size=40, n_layer=2, n_head=2, n_embd=16,
+                    norm="layernorm", activation="gelu", bias=True, tied_head=True)
+    model, rng = GPT(cfg, seed=1), np.random.default_rng(1)
+    for p in model.parameters():
+        p.data += rng.normal(0, 0.1, p.shape).astype(p.dtype)  # biases off 0, gains off 1
+    check_batched_steps(model)
+
+
+def check_batched_steps(model):
     rng = np.random.default_rng(0)
     V = model.config.vocab_size
     batch, alone = BatchDecoder(model, 4), {}
@@ -83,6 +100,24 @@ def test_the_batcher_samples_what_gpt_sample_does(tiny_model):
     batcher.stop()
     for i, (p, seq) in enumerate(zip(prompts, seqs)):
         assert p + seq.choice.text == generate(model, tok, p, 150, temperature=0.9, seed=i), i
+
+
+def test_a_bfloat16_model_batches_as_its_own_decoder_rounds(tiny_model):
+    """gpt.serve --dtype bfloat16: the batched step rounds the linear layers' operands as the
+    model's own decoder does (and so differs from float32's)."""
+    model, _ = tiny_model
+    mixed = GPT(model.config, dtype="bfloat16")
+    mixed.load_state_dict(model.state_dict())
+    batch, alone = BatchDecoder(mixed, 2), [mixed.decoder(), mixed.decoder()]
+    for slot, ids in enumerate(([5, 9, 3], [7])):
+        batch.prefill(slot, ids), alone[slot](ids)
+    rows = batch.step([0, 1], [4, 2])
+    for slot, t in enumerate((4, 2)):
+        np.testing.assert_allclose(rows[slot], alone[slot]([t]), rtol=1e-4, atol=1e-4)
+    wide = BatchDecoder(model, 2)
+    for slot, ids in enumerate(([5, 9, 3], [7])):
+        wide.prefill(slot, ids)
+    assert not np.allclose(wide.step([0, 1], [4, 2]), rows, rtol=1e-4, atol=1e-4)
 
 
 # ---- a server with small limits -------------------------------------------------------------------
