@@ -24,12 +24,18 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tensorlite import references
+import tensorlite.functional as F
+from tensorlite import Tensor, no_grad
 
-# The formulas are tensorlite's own (one home each), called as their NumPy references: on a
-# handful of rows a compiled twin's call costs more than the loop it saves. (The norms and the
-# activation: the model's Decoder's steps, which call theirs the same way.)
-softmax = references.softmax  # exp(x - max) / sum(exp(x - max)) along an axis
+# The formulas are tensorlite's own (one home each). The norms and the activation are the
+# model's Decoder's (which call tensorlite's NumPy references: on a handful of rows a compiled
+# twin's call costs more than the loop it saves); the softmax is tensorlite's public one.
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """tensorlite's softmax over the last axis, on an array (no graph is recorded)."""
+    with no_grad():
+        return F.softmax(Tensor(x)).data
 
 from .api import Choice, CompletionRequest, TextStream
 from .sample import filter_probs, keep_after_slide, sample_from
@@ -118,7 +124,7 @@ class BatchDecoder:
             scores = q @ k.swapaxes(-1, -2)  # (S, H, 1, T1)
             scores *= self.scale
             scores += mask
-            att = softmax(scores, -1, inplace=True)  # (S, H, 1, T1)
+            att = softmax(scores)  # (S, H, 1, T1)
             y = (att @ v).reshape(S, H * hd)  # (S, H, 1, hd) -> (S, C)
             x += d.linear(y, attn_proj)
             # x = x + mlp(norm(x, ln_2)), mlp = activation(. @ c_fc) @ c_proj
@@ -135,6 +141,15 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     z -= z.max()
     z -= np.log(np.exp(z).sum())
     return z
+
+
+def most_probable(lp: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest values of lp, largest first (ties: the lower id first), without
+    sorting all of a large vocabulary (GPT-2's 50,257) for each token."""
+    if k == 0:
+        return np.empty(0, np.int64)
+    ids = np.argpartition(-lp, k - 1)[:k] if k < lp.size else np.arange(lp.size)
+    return ids[np.lexsort((ids, -lp[ids]))]
 
 
 class Sequence:
@@ -175,8 +190,8 @@ class Sequence:
                                          out=self.probs), self.rng, self.cdf)
         entry = None
         if lp is not None:
-            top = np.argsort(-lp, kind="stable")[: r.logprobs]
-            entry = (token, float(lp[token]), [(int(t), float(lp[t])) for t in top])
+            entry = (token, float(lp[token]), [(int(t), float(lp[t]))
+                                               for t in most_probable(lp, r.logprobs)])
         self.ids.append(token)
         if len(self.ids) - self.start > self.block:  # the window is full: keep its last half
             self.start = len(self.ids) - keep_after_slide(self.block)
@@ -218,14 +233,16 @@ class Batcher:
     gone (`cancelled`) or when its deadline passes: within one step.
 
     `metrics` (a ServeMetrics) hears of each step's batch size, each first token's wait and
-    each token's time after the one before."""
+    each token's time after the one before; `after_step()` is called after every step."""
 
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, metrics=None):
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, metrics=None,
+                 after_step: Callable[[], None] | None = None):
         # (a stand-in model in a test may bring its own batch decoder)
         make = getattr(model, "batch_decoder", None) or (lambda n: BatchDecoder(model, n))
         self.decoder = make(max_batch)
         self.block = model.config.block_size
         self.max_batch, self.max_queue, self.metrics = max_batch, max_queue, metrics
+        self.after_step = after_step  # called after each step (gpt.serve hands events over)
         self.queue: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []
         self.free = list(range(max_batch - 1, -1, -1))  # slots; pop() gives the lowest
@@ -276,6 +293,8 @@ class Batcher:
                     seq.emit("error", f"sampling failed: {type(e).__name__}: {e}")
                     seq.finish(None)
                 self._leave(list(self.active))
+            if self.after_step is not None:
+                self.after_step()
 
     def _step(self) -> None:
         """One token for every active sequence (those whose time is up or whose client has

@@ -588,6 +588,11 @@ def test_missing_or_corrupt_checkpoint_exits_2(tiny_run, tmp_path):
     (["--api-key", " "], "--api-key"),
     (["--cors-origin", "http://page.test/app"], "--cors-origin"),
     (["--model-name", ""], "--model-name"),
+    (["--max-batch", "0"], "--max-batch"),
+    (["--max-queue", "-1"], "--max-queue"),
+    (["--time-limit", "-5"], "--time-limit"),
+    (["--time-limit", "nan"], "--time-limit"),
+    (["--max-connections", "0"], "--max-connections"),
     (["--no-such-flag"], "unrecognized"),
 ])
 def test_bad_flags_exit_2_with_one_line(tiny_run, args, words):
