@@ -175,6 +175,9 @@ def main() -> None:
     a = p.parse_args()
     if a.rounds < 1 or a.steps < 1 or a.mb <= 0:
         sys.exit("error: --rounds, --steps and --mb must be positive")
+    parts = set(a.parts.split(","))
+    if not parts <= {"prepare", "train", "ship"}:
+        sys.exit(f"error: --parts takes prepare, train and ship, got {a.parts!r}")
     if not a.source.is_file():
         sys.exit(f"error: --source {a.source} is not a file; give Tiny Shakespeare's path "
                  "(python -m gpt.data shakespeare --out FILE fetches it)")
@@ -188,7 +191,6 @@ def main() -> None:
         shutil.copyfile(a.source, small)
         print(f"corpus: {a.source.name} repeated to {size / 1e6:.1f} MB")
 
-        parts = set(a.parts.split(","))
         last = work / "char"
         if "prepare" in parts:
             prepare_runs(corpus, size, work, a.rounds, a.bpe_vocab)
