@@ -52,7 +52,6 @@ from .data import (
     TokenWindows,
     batch_starts,
     check_windows,
-    forget_pages,
     get_batch,
     is_token_dir,
     load_text,
@@ -438,7 +437,6 @@ def log_and_evaluate(run: Run, it: int, loss: float, norm: float, lr: float) -> 
     do_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
     if not (it % cfg.log_interval == 0 or do_eval):
         return
-    forget_pages(run.train_ids)  # token files: what the batches mapped since the last log
     now = time.perf_counter()
     tps = (it - run.it_log) * cfg.batch_size * cfg.model.block_size / max(now - run.t_log, 1e-9)
     run.t_log, run.it_log = now, it
@@ -472,8 +470,6 @@ def evaluate(run: Run, it: int) -> dict[str, float]:
         raise UserError(f"eval loss became {ev['val']} at iter {it}; not saved; "
                         f"{kept_checkpoint(run)}; try a lower --lr (now {run.cfg.lr:g}) "
                         "or --grad-clip")
-    for ids in (run.train_ids, run.val_ids):  # token files: the pages evaluation mapped
-        forget_pages(ids)
     run.best_val = min(run.best_val, ev["val"])
     run.last_eval = {"iter": it, "train_loss": ev["train"], "val_loss": ev["val"]}
     return {"eval_train_loss": ev["train"], "val_loss": ev["val"],

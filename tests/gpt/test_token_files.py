@@ -309,6 +309,10 @@ def test_forget_pages_unmaps_what_batches_touched_and_keeps_the_values(prepared)
     gd.forget_pages(data.train)
     assert mapped_kb(path) == 0
     np.testing.assert_array_equal(data.train, before)  # read again from the file cache
+    gd.forget_pages(data.train)
+    x, y = gd.get_batch(data.train, 16, 8, np.random.default_rng(0))  # batches unmap as they go
+    assert mapped_kb(path) == 0
+    np.testing.assert_array_equal(x, gd.get_batch(before, 16, 8, np.random.default_rng(0))[0])
     gd.forget_pages(np.arange(5))  # an array in memory: nothing to do
 
 
