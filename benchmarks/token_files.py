@@ -91,7 +91,7 @@ def shipping(train_bin: str, rounds: int, reps: int = 200) -> None:
         f.result()  # the workers started, gpt.data imported and the file mapped in each
     print("\nsending a step's batch to 2 loky workers: ms per step "
           f"({rounds} rounds x {reps} steps)")
-    for B, T in ((12, 64), (64, 1024)):
+    for B, T in ((12, 64), (32, 256), (64, 1024)):
         times: dict[str, list[float]] = {"rows": [], "starts": []}
         for _ in range(rounds):
             for how, spent in times.items():

@@ -438,6 +438,13 @@ def forget_pages(ids: np.ndarray) -> None:
         mapping.madvise(mmap.MADV_DONTNEED)
 
 
+# Batches of at least this many tokens go to worker processes by reference (TokenWindows);
+# smaller ones are cheaper to send as rows than for each worker to cut from its own map of the
+# file (benchmarks/token_files.py, 2 loky workers: 12 x 64 tokens 2.8 ms a step as rows, 3.3 ms
+# as starts; 32 x 256 4.5 and 3.5 ms; 64 x 1024 9.3 and 4.3 ms).
+BY_REFERENCE_TOKENS = 4096
+
+
 @dataclass(frozen=True)
 class TokenWindows:
     """Windows of a token file by reference: the file (path, dtype, length), the windows'
@@ -496,7 +503,7 @@ def _check_meta(meta: Any, refuse: Callable[[str], UserError]) -> dict[str, int]
 
 
 def _first_id_at_least(file: str, dtype: np.dtype, limit: int,
-                       piece: int = 1 << 22) -> tuple[int, int] | None:
+                       piece: int = 1 << 20) -> tuple[int, int] | None:
     """(position, id) of the first id >= limit in the flat `dtype` file, or None. Reads it a
     piece at a time into one buffer (no memory map, so no page of it stays in this process)."""
     buf = np.empty(piece, dtype=dtype)

@@ -48,6 +48,7 @@ from .checkpoint import (
 )
 from .config import PRESETS, TrainConfig, fixed_fields
 from .data import (
+    BY_REFERENCE_TOKENS,
     GET_DATA_HINT,
     TokenWindows,
     batch_starts,
@@ -417,12 +418,13 @@ def take_step(run: Run, it: int) -> tuple[float, float, float]:
 def batch_loss_and_grads(run: Run) -> float:
     """The loss of the next training batch (random windows of the train ids), its gradients
     left in .grad. Worker processes on this machine training on token files are sent the
-    windows' starts and read the rows themselves (cheaper than sending the rows:
-    benchmarks/token_files.py); the batch and the result are the same."""
+    windows' starts and read the rows themselves where that is cheaper than sending the rows
+    (batches of BY_REFERENCE_TOKENS or more); the batch and the result are the same."""
     cfg, ids = run.cfg, run.train_ids
     starts = batch_starts(len(ids), cfg.model.block_size, cfg.batch_size, run.rngs["data"])
-    by_reference = run.fns.loss_and_grads_from and TokenWindows.of(ids, starts,
-                                                                   cfg.model.block_size)
+    large = cfg.batch_size * cfg.model.block_size >= BY_REFERENCE_TOKENS
+    by_reference = (run.fns.loss_and_grads_from and large
+                    and TokenWindows.of(ids, starts, cfg.model.block_size))
     if by_reference:
         return run.fns.loss_and_grads_from(by_reference, run.rngs["dropout"])
     x, y = windows(ids, starts, cfg.model.block_size)
