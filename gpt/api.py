@@ -1,7 +1,8 @@
 """The OpenAI completion API, without the web: what a request may hold (checked into a
 `CompletionRequest`), the chat template, the text of one choice as it is sampled (whole UTF-8
-characters only, cut before the first stop string), and the JSON shapes of the answers.
-gpt/serve.py puts this on HTTP; everything here is plain Python and testable on its own.
+characters only, cut before the first stop string), and the JSON shapes of the answers
+(logprobs included). gpt/serve.py puts this on HTTP and gpt/batching.py samples the choices;
+everything here is plain Python and testable on its own.
 """
 
 from __future__ import annotations
@@ -11,14 +12,10 @@ import itertools
 import math
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from .config import check_sampling
 from .errors import UserError
-from .sample import sample_tokens
 
 MAX_N = 8  # choices per request
 MAX_STOPS = 4  # stop strings per request (OpenAI's limit too)
@@ -347,28 +344,6 @@ class Choice:
     # (token, its log-probability, [(alternative, log-probability)] most probable first) for
     # each token whose text has been sent, when the request asked for logprobs
     logprobs: list = field(default_factory=list)
-
-
-def sample_choice(model, tokenizer, ids: list[int], req: CompletionRequest,
-                  rng: np.random.Generator, choice: Choice) -> Iterator[str]:
-    """Sample one choice, yielding once per token the text it lets us send (maybe ""), and
-    filling in `choice`. Stop iterating to stop the sampling."""
-    text = TextStream(tokenizer, req.stop)
-    tokens = sample_tokens(model, ids or [tokenizer.bos_id], req.max_tokens, req.temperature,
-                           req.top_k, req.top_p, rng, tokenizer.eos_id)
-    for token in tokens:
-        choice.tokens += 1
-        piece = text.push(token)
-        choice.text += piece
-        yield piece
-        if text.stopped:
-            break
-    if not text.stopped:
-        piece = text.finish()
-        choice.text += piece
-        yield piece
-    choice.finish_reason = "length" if choice.tokens == req.max_tokens and not text.stopped \
-        else "stop"
 
 
 # ---- the answers' JSON -------------------------------------------------------------------------

@@ -27,6 +27,16 @@ import numpy as np
 import tensorlite.functional as F
 from tensorlite import Tensor, no_grad
 
+# The formulas are tensorlite's own (one home each). The norms and the activation are the
+# model's Decoder's (which call tensorlite's NumPy references: on a handful of rows a compiled
+# twin's call costs more than the loop it saves); the softmax is tensorlite's public one.
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """tensorlite's softmax over the last axis, on an array (no graph is recorded)."""
+    with no_grad():
+        return F.softmax(Tensor(x)).data
+
 from .api import Choice, CompletionRequest, TextStream
 from .sample import filter_probs, keep_after_slide, sample_from
 
@@ -34,8 +44,8 @@ from .sample import filter_probs, keep_after_slide, sample_from
 # ---- the batched forward --------------------------------------------------------------------
 class BatchDecoder:
     """GPT's forward for sampling many sequences at once. Each of `slots` sequences has its KV
-    cache in one (n_layer, slots, H, block_size, hd) array pair; `lengths[s]` positions of
-    slot s are filled.
+    cache in one (n_layer, slots, H, block_size + 1, hd) array pair; `lengths[s]` positions
+    of slot s are filled.
 
     prefill(s, ids) reads a prompt into slot s with the model's own Decoder (its cache pointed
     at the slot's part of the arrays): the same numbers as gpt.sample's first call.
@@ -43,69 +53,85 @@ class BatchDecoder:
     (B, C) @ (C, N) product for all B sequences, and the attention reads each sequence's own
     keys up to its own length (the positions past it are masked), so prompts of different
     lengths batch together.
+
+    The batched products round differently from one sequence's (BLAS picks other kernels for
+    other shapes), so a logit can differ from the lone Decoder's in its last float32 bits; a
+    sampled token differs only if its uniform draw falls within that much of a boundary
+    between two tokens' cumulative probabilities (docs/serving.md).
     """
 
     def __init__(self, model, slots: int):
         cfg, dt = model.config, model.dtype
         self.config, self.slots = cfg, slots
         L, H, T, hd = cfg.n_layer, cfg.n_head, cfg.block_size, cfg.head_dim
-        self.k = np.zeros((L, slots, H, T, hd), dt)
-        self.v = np.zeros((L, slots, H, T, hd), dt)
+        # T + 1 positions: the last is scratch, where the rows of slots outside a step write
+        self.k = np.zeros((L, slots, H, T + 1, hd), dt)
+        self.v = np.zeros((L, slots, H, T + 1, hd), dt)
         self.lengths = np.zeros(slots, np.int64)
         self.prefiller = model.decoder()  # reads prompts; its cache is swapped per slot
-        w = {name: p.data for name, p in model.params.items()}
-        self.wte, self.wpe, self.ln_f, self.lm_head = w["wte"], w["wpe"], w["ln_f.weight"], \
-            w["lm_head.weight"]
-        self.layers = [tuple(w[f"h.{i}.{name}"] for name in (
-            "ln_1.weight", "attn.c_attn.weight", "attn.c_proj.weight",
-            "ln_2.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")) for i in range(L)]
+        self.wte, self.wpe = self.prefiller.wte, self.prefiller.wpe
         self.scale = dt.type(1.0 / math.sqrt(hd))
-        self.eps = 1e-5  # F.rms_norm's
 
     def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
         """Read `ids` (at most block_size) into slot `slot` from position 0; the logits (V,)
         of the token after them (a copy)."""
+        return self._alone(slot, ids, 0)
+
+    def _alone(self, slot: int, ids: list[int], start: int) -> np.ndarray:
+        """The model's own Decoder on one slot: `ids` at positions start, start + 1, ..."""
         cache = self.prefiller.cache
         cache.k, cache.v = self.k[:, slot], self.v[:, slot]  # (L, H, T, hd) views
-        cache.reset()
+        cache.length = start
         logits = self.prefiller(ids).copy()
         self.lengths[slot] = cache.length
         return logits
 
     def step(self, slots: list[int], tokens: list[int]) -> np.ndarray:
-        """Append token tokens[b] to slot slots[b] for every b; the logits (B, V) after each."""
-        H, hd = self.config.n_head, self.config.head_dim
-        B = len(slots)
-        sl = np.asarray(slots)
-        pos = self.lengths[sl]  # (B,) the new tokens' positions
-        if pos.max() >= self.config.block_size:
+        """Append token tokens[b] to slot slots[b] for every b; the logits (B, V) after each.
+
+        One sequence alone goes through the model's Decoder (gpt.sample's own path). Several
+        go together through every slot from 0 to the highest one used: the rows of the slots
+        not in `slots` compute a token nobody reads (slots are handed out lowest first, so
+        there are few), and in exchange each layer reads its keys and values as one view of
+        the cache, not as a gathered copy."""
+        if len(slots) == 1:
+            return self._alone(slots[0], tokens, int(self.lengths[slots[0]]))[None]
+        H, hd, T = self.config.n_head, self.config.head_dim, self.config.block_size
+        S = max(slots) + 1
+        rows = np.arange(S)
+        ids, pos = np.zeros(S, np.int64), np.zeros(S, np.int64)  # idle slots: token 0 at 0
+        ids[slots], pos[slots] = tokens, self.lengths[slots]  # the new tokens' positions
+        if pos.max() >= T:
             raise ValueError("a slot's cache is full: its context must slide first")
+        # where each row's key and value go: its position, or (a slot outside this step, which
+        # may hold a prompt just read) the scratch position T, which no query reads
+        put = np.full(S, T)
+        put[slots] = pos[slots]
         T1 = int(pos.max()) + 1  # the attention reads keys 0 .. T1-1 of every slot
-        # (B, 1, 1, T1): 0 where key j is one of the sequence's positions (j <= pos), else -inf
+        # (S, 1, 1, T1): 0 where key j is one of the row's positions (j <= pos), else -inf
         mask = np.where(np.arange(T1) <= pos[:, None], 0.0, -np.inf).astype(self.k.dtype)
         mask = mask[:, None, None, :]
-        x = self.wte[tokens] + self.wpe[pos]  # (B, C)
-        for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(self.layers):
-            # x = x + attn(rms_norm(x, ln_1))
-            qkv = F.rms_norm_forward(x, ln_1, self.eps)[0] @ c_attn  # (B, 3C): q | k | v
-            heads = qkv.reshape(B, 3, H, hd)
-            self.k[i, sl, :, pos] = heads[:, 1]  # (B, H, hd): each into its slot and position
-            self.v[i, sl, :, pos] = heads[:, 2]
-            q = heads[:, 0, :, None, :]  # (B, H, 1, hd)
-            k, v = self.k[i, sl, :, :T1], self.v[i, sl, :, :T1]  # (B, H, T1, hd)
-            scores = q @ k.swapaxes(-1, -2)  # (B, H, 1, T1)
+        x = self.wte[ids] + self.wpe[pos]  # (S, C)
+        d = self.prefiller  # the model's layer steps on arrays (norm, linear, activation, head)
+        for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(d.layers):
+            # x = x + attn(norm(x, ln_1))
+            qkv = d.linear(d.norm(x, ln_1), c_attn)  # (S, 3C): q | k | v
+            heads = qkv.reshape(S, 3, H, hd)
+            self.k[i, rows, :, put] = heads[:, 1]  # (S, H, hd): each into its slot, position
+            self.v[i, rows, :, put] = heads[:, 2]
+            q = heads[:, 0, :, None, :]  # (S, H, 1, hd)
+            k, v = self.k[i, :S, :, :T1], self.v[i, :S, :, :T1]  # (S, H, T1, hd), views
+            scores = q @ k.swapaxes(-1, -2)  # (S, H, 1, T1)
             scores *= self.scale
             scores += mask
-            with no_grad():
-                att = F.softmax(Tensor(scores)).data  # (B, H, 1, T1)
-            y = (att @ v).reshape(B, H * hd)  # (B, H, 1, hd) -> (B, C)
-            x += y @ attn_proj
-            # x = x + mlp(rms_norm(x, ln_2))
-            with no_grad():
-                h = F.relu_squared(Tensor(F.rms_norm_forward(x, ln_2, self.eps)[0] @ c_fc)).data
-            x += h @ mlp_proj
-        self.lengths[sl] += 1
-        return F.rms_norm_forward(x, self.ln_f, self.eps)[0] @ self.lm_head  # (B, V)
+            att = softmax(scores)  # (S, H, 1, T1)
+            y = (att @ v).reshape(S, H * hd)  # (S, H, 1, hd) -> (S, C)
+            x += d.linear(y, attn_proj)
+            # x = x + mlp(norm(x, ln_2)), mlp = activation(. @ c_fc) @ c_proj
+            x += d.linear(d.activation(d.linear(d.norm(x, ln_2), c_fc)), mlp_proj)  # (S, C)
+        self.lengths[slots] += 1
+        x = x[slots]  # (B, C): the rows someone reads
+        return d.head(d.norm(x, d.ln_f))  # (B, V)
 
 
 # ---- one choice being sampled ---------------------------------------------------------------
@@ -198,14 +224,16 @@ class Batcher:
     gone (`cancelled`) or when its deadline passes: within one step.
 
     `metrics` (a ServeMetrics) hears of each step's batch size, each first token's wait and
-    each token's time after the one before."""
+    each token's time after the one before; `after_step()` is called after every step."""
 
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, metrics=None):
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, metrics=None,
+                 after_step: Callable[[], None] | None = None):
         # (a stand-in model in a test may bring its own batch decoder)
         make = getattr(model, "batch_decoder", None) or (lambda n: BatchDecoder(model, n))
         self.decoder = make(max_batch)
         self.block = model.config.block_size
         self.max_batch, self.max_queue, self.metrics = max_batch, max_queue, metrics
+        self.after_step = after_step  # called after each step (gpt.serve hands events over)
         self.queue: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []
         self.free = list(range(max_batch - 1, -1, -1))  # slots; pop() gives the lowest
@@ -256,6 +284,8 @@ class Batcher:
                     seq.emit("error", f"sampling failed: {type(e).__name__}: {e}")
                     seq.finish(None)
                 self._leave(list(self.active))
+            if self.after_step is not None:
+                self.after_step()
 
     def _step(self) -> None:
         """One token for every active sequence (those whose time is up or whose client has

@@ -35,6 +35,7 @@ from importlib import resources
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -53,7 +54,7 @@ from .api import (
     quote,
 )
 from .batching import Batcher, QueueFull, Sequence, ServeMetrics
-from .config import setting
+from .config import SampleDtype, check_choice, setting
 from .errors import UserError
 from .sample import SAMPLING_THREADS  # BLAS threads while serving (why: see gpt/sample.py)
 
@@ -82,6 +83,8 @@ class ServeConfig:
                                      shown="the run folder's name", metavar="NAME")
     latest: bool = setting(False, "serve the latest checkpoint (OUT/checkpoint) instead of the "
                            "one with the lowest val loss (OUT/best, when it exists)")
+    dtype: SampleDtype = setting("checkpoint", "compute in float32, float64 or bfloat16 (bf16 "
+                                 "matmul operands); checkpoint: as the run trained")
     max_batch: int = setting(8, "sequences decoded together, one batched step per token (a "
                              "request's n choices count n)")
     max_queue: int = setting(64, "sequences that may wait for a free slot; past that a request "
@@ -100,6 +103,7 @@ class ServeConfig:
             raise UserError(f"must be in 0..65535, got {self.port}", field="port")
         if self.max_tokens < 1:
             raise UserError(f"must be >= 1, got {self.max_tokens}", field="max_tokens")
+        check_choice(self, "dtype")
         for origin in self.cors_origin:
             scheme, sep, rest = origin.partition("://")
             if origin != "*" and (scheme not in ("http", "https") or not sep or not rest
@@ -131,11 +135,41 @@ def choice_rngs(seed: int | None, n: int, max_tokens: int) -> list[np.random.Gen
     return [np.random.Generator(np.random.PCG64(seed).advance(j * max_tokens)) for j in range(n)]
 
 
+class Mailbox:
+    """Events from the batcher's thread to the event loop, handed over once per step: one
+    wake-up of the loop (a write to its self-pipe) for all the tokens of a step, not one per
+    token of each sequence."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pending: list[tuple] = []  # (loop, queue, event)
+
+    def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: tuple) -> None:
+        with self.lock:
+            self.pending.append((loop, queue, event))
+
+    def flush(self) -> None:  # the Batcher's after_step
+        with self.lock:
+            batch, self.pending = self.pending, []
+        loops: dict = {}
+        for loop, queue, event in batch:
+            loops.setdefault(loop, []).append((queue, event))
+        for loop, items in loops.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: the server is stopping
+                loop.call_soon_threadsafe(deliver, items)
+
+
+def deliver(items: list[tuple]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 class Generation:
     """The choices of one request, decoded by the server's Batcher among everyone else's. The
-    batcher's thread sends events back through an asyncio queue: ("token", index, piece,
-    logprob entry), ("end", index, finish_reason), ("error", message); all_events() stops
-    when every choice has ended. `cancel()` makes the batcher drop them within a step."""
+    batcher's thread sends events back (through the Mailbox, into an asyncio queue):
+    ("token", index, piece, logprob entries, offset), ("end", index, finish_reason),
+    ("error", message); event_batches() stops when every choice has ended. `cancel()` makes
+    the batcher drop them within a step."""
 
     def __init__(self, app_state: ModelState, ids: list[int], req: CompletionRequest):
         self.state, self.req = app_state, req
@@ -170,20 +204,22 @@ class Generation:
             self.unfinished -= 1
             if self.unfinished == 0:
                 self.state.count(active=-1)
-        try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, *data))
-        except RuntimeError:  # the event loop is closed: the server is shutting down
-            self.cancel()
+        self.state.mailbox.post(self._loop, self.events, (kind, *data))
 
-    async def all_events(self) -> AsyncIterator[tuple]:
-        """The events as they come, until every choice has ended (or an error)."""
+    async def event_batches(self) -> AsyncIterator[list[tuple]]:
+        """The events as they come, a list of all that are waiting at a time, until every
+        choice has ended (or an error)."""
         ended = 0
         while ended < len(self.seqs):
-            event = await self.events.get()
-            ended += event[0] == "end"
-            yield event
-            if event[0] == "error":
-                return
+            batch = [await self.events.get()]
+            while not self.events.empty():
+                batch.append(self.events.get_nowait())
+            for i, event in enumerate(batch):
+                ended += event[0] == "end"
+                if event[0] == "error":
+                    yield batch[: i + 1]
+                    return
+            yield batch
 
 
 @dataclass
@@ -197,6 +233,7 @@ class ModelState:
     max_tokens: int
     batcher: Batcher | None = None
     metrics: ServeMetrics | None = None
+    mailbox: Mailbox | None = None
     time_limit: float | None = None  # seconds a request may take, queue included
     active: int = 0  # requests being generated now
     sampled: int = 0  # tokens sampled since the start
@@ -325,16 +362,18 @@ class App:
         answer = Answer(state.name, chat, state.tokenizer, req.logprobs is not None)
         gen.start()  # 429 when the queue is full
         if req.stream:
+            # (the background task cancels too: a client gone before the stream starts)
             return StreamingResponse(self.stream(gen, answer, len(ids)),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
+                                              "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(gen.cancel))
         try:
             waiting = asyncio.ensure_future(until_disconnected(request))
             try:
-                async for event in gen.all_events():
-                    if event[0] == "error":
-                        raise RequestError(event[1], status=500, code="server_error",
+                async for batch in gen.event_batches():
+                    if batch[-1][0] == "error":
+                        raise RequestError(batch[-1][1], status=500, code="server_error",
                                            type="server_error")
                     if waiting.done():  # the client has gone: stop sampling for nobody
                         return Response(status_code=499)
@@ -353,17 +392,22 @@ class App:
             if answer.chat:
                 for c in gen.choices:
                     yield sse(answer.chunk(c.index, role=True))
-            async for event in gen.all_events():
-                if event[0] == "token":
-                    if event[2]:  # (a token whose text is held back sends nothing yet)
-                        yield sse(answer.chunk(event[1], text=event[2], logprobs=event[3],
-                                               offset=event[4]))
-                elif event[0] == "end":
-                    yield sse(answer.chunk(event[1], finish_reason=event[2]))
-                else:  # "error": the status line has gone out already
-                    yield sse(RequestError(event[1], status=500, code="server_error",
-                                           type="server_error").body())
-                    return
+            async for batch in gen.event_batches():  # one write for all that have come
+                out = []
+                for event in batch:
+                    if event[0] == "token":
+                        if event[2]:  # (a token whose text is held back sends nothing yet)
+                            out.append(sse(answer.chunk(event[1], text=event[2],
+                                                        logprobs=event[3], offset=event[4])))
+                    elif event[0] == "end":
+                        out.append(sse(answer.chunk(event[1], finish_reason=event[2])))
+                    else:  # "error": the status line has gone out already
+                        out.append(sse(RequestError(event[1], status=500, code="server_error",
+                                                    type="server_error").body()))
+                        yield "".join(out)
+                        return
+                if out:
+                    yield "".join(out)
             if gen.req.include_usage:
                 yield sse(answer.usage_chunk(gen.choices, prompt_tokens))
             yield sse("[DONE]")
@@ -482,9 +526,10 @@ def create_app(model, tokenizer, model_name: str, max_tokens: int = 1024,
     `loopback_only`: answer only requests whose Host is a loopback name (for a server that
     listens on a loopback address: see Guard). `max_batch` sequences are decoded together,
     `max_queue` more may wait (then 429); `time_limit` seconds per request (None: none)."""
-    metrics = ServeMetrics(max_batch)
+    metrics, mailbox = ServeMetrics(max_batch), Mailbox()
     state = ModelState(model, tokenizer, model_name, max_tokens,
-                       Batcher(model, max_batch, max_queue, metrics), metrics, time_limit)
+                       Batcher(model, max_batch, max_queue, metrics, mailbox.flush), metrics,
+                       mailbox, time_limit)
     routes = App(state, body_timeout)
     middleware = [Middleware(Guard, loopback_only=loopback_only)]
     if cors_origins:  # before the key check, so preflights and 401s carry the CORS headers
@@ -505,11 +550,22 @@ def create_app(model, tokenizer, model_name: str, max_tokens: int = 1024,
             Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
         ],
         middleware=middleware,
+        lifespan=stops_with_the_server(state.batcher),
         exception_handlers={RequestError: on_request_error, HTTPException: on_http_error,
                             ClientDisconnect: on_client_gone, Exception: on_server_error},
     )
     app.state.model = state
     return app
+
+
+def stops_with_the_server(batcher: Batcher):
+    """A Starlette lifespan that stops the batcher's thread when the server shuts down."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.stop()
+
+    return lifespan
 
 
 # ---- listening ----------------------------------------------------------------------------------
@@ -616,7 +672,7 @@ def serve(cfg: ServeConfig) -> int:
 
     tensorlite.set_num_threads(SAMPLING_THREADS)
     source = checkpoint_path(cfg.out_dir, uses_best(cfg.out_dir, cfg.latest))
-    model, tokenizer = load_model(cfg.out_dir, latest=cfg.latest)
+    model, tokenizer = load_model(cfg.out_dir, cfg.dtype, latest=cfg.latest)
     name = cfg.model_name or os.path.basename(os.path.abspath(cfg.out_dir))
     app = create_app(model, tokenizer, name, cfg.max_tokens, cfg.api_key, cfg.cors_origin,
                      loopback_only=is_loopback(cfg.host), max_batch=cfg.max_batch,

@@ -11,7 +11,8 @@ ties to even) and multiplies them with float32 accumulation. Two ways to run it,
     fallback  round the operands here, then NumPy's float32 matmul (sgemm): the same numbers
               on any CPU, with no speed-up
 
-TENSORLITE_BF16=fallback (or `path="fallback"`) forces the fallback. The hardware's dot
+TENSORLITE_BF16=fallback (or `path="fallback"`) forces the fallback, and so does a kernel
+path other than C (TENSORLITE_KERNELS=numpy: the references only) unless TENSORLITE_BF16=fast. The hardware's dot
 product reads subnormal operands as zero, so the spec does too (`bf16_operand`); a product
 smaller than float32's smallest normal number (~1e-38) is flushed to zero by the fast path
 and kept by sgemm: far below any tolerance a float32 result has.
@@ -116,9 +117,14 @@ def fast_path_available() -> bool:
 
 
 def bf16_path() -> str:
-    """"fast" or "fallback": what matmul_bf16 runs here when no path is asked for
-    (TENSORLITE_BF16=fallback forces the fallback)."""
-    if os.environ.get("TENSORLITE_BF16", "").strip().lower() == "fallback":
+    """"fast" or "fallback": what matmul_bf16 runs here when no path is asked for. Fast
+    where the CPU has it and the C kernels are the path in use (TENSORLITE_KERNELS=numpy
+    runs references only); TENSORLITE_BF16=fallback or =fast picks one (fast only where
+    the CPU has it)."""
+    from .kernels import kernel_path
+
+    wanted = os.environ.get("TENSORLITE_BF16", "").strip().lower()
+    if wanted == "fallback" or (wanted != "fast" and kernel_path() != "c"):
         return "fallback"
     return "fast" if fast_path_available() else "fallback"
 

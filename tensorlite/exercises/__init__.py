@@ -112,6 +112,16 @@ EXERCISES = [
          "dq = dS k * s and dk = dS^T q * s. The masked entries have P = 0, so dS is 0 there."),
         engine.grade_attention_backward),
     Exercise(
+        "hessian_vector_product", "A Hessian-vector product: differentiate the gradient",
+        "higher-order.md", "2. Hessian-vector products",
+        (("tl.grad(y, [x], create_graph=True) returns the gradient as a Tensor with a graph of "
+         "its own, so it can be differentiated again."),
+         ("H v is the gradient of <grad f(x), v> with v held constant: a scalar, so one more "
+         "tl.grad gives it."),
+         ("x = tl.Tensor(x, requires_grad=True); (g,) = tl.grad(f(x), [x], create_graph=True); "
+          "(hv,) = tl.grad((g * v).sum(), [x]); return hv.data.")),
+        engine.grade_hessian_vector_product),
+    Exercise(
         "softmax_jvp", "A forward-mode rule: softmax's JVP",
         "higher-order.md", "4. Forward mode: Jacobian-vector products",
         ("A JVP pushes a tangent forward: dp = J dx, where J is softmax's Jacobian.",
@@ -143,8 +153,9 @@ EXERCISES = [
          "each, in the same layout attention_layer uses."),
          ("Write k and v at position cache.length of cache.k and cache.v, then add 1 to "
          "cache.length. The new query sees every cached key, itself included: no mask needed."),
-         ("Per head: scores = k_cached @ q / sqrt(hd), shape (H, L); softmax over L; then "
-         "sum of weights * v_cached; join the heads to (C,) and multiply by w_out.")),
+         ("With L = cache.length keys (H, L, hd): scores = np.einsum('hd,hld->hl', q, keys) "
+          "/ sqrt(hd); softmax over L; y = np.einsum('hl,hld->hd', weights, values); then "
+          "y.reshape(C) @ w_out.")),
         transformer.grade_kv_cache_decode),
 ]
 

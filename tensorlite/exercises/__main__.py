@@ -2,8 +2,10 @@
 
     list                   one line per exercise: NAME, its title, the doc section it belongs to
     start DIR              write a starter DIR/NAME.py for every exercise (DIR must not exist)
-    check NAME [--dir DIR] grade DIR/NAME.py (DIR defaults to .): exit 0 and what was checked,
-                           or exit 1 and the smallest counterexample found
+    check NAME [--dir DIR] [--examples N]
+                           grade DIR/NAME.py (DIR defaults to .): exit 0 and what was checked,
+                           or exit 1 and the smallest counterexample found (N random cases
+                           per check, default 30)
     hint NAME [--dir DIR]  the next hint for NAME; which hints you have seen is kept in
                            DIR/.exercise-hints.json (delete it to start over)
 
@@ -24,7 +26,7 @@ from types import ModuleType
 import numpy as np
 
 from . import BY_NAME, EXERCISES, Exercise
-from .grader import EXAMPLES, Failure, learner_line
+from .grader import EXAMPLES, Failure, Stop, learner_line
 
 HINTS_FILE = ".exercise-hints.json"
 PROG = "python -m tensorlite.exercises"
@@ -90,6 +92,7 @@ def load(path: Path, name: str) -> ModuleType:
     """Import the learner's file; a syntax error or an exception at import is a Failure."""
     spec = importlib.util.spec_from_file_location(f"exercise_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))  # their files may import each other
     try:
         spec.loader.exec_module(module)
     except SyntaxError as e:
@@ -98,6 +101,8 @@ def load(path: Path, name: str) -> ModuleType:
 
         raise Failure(f"importing {path.name} raised {type(e).__name__}: {e}\n"
                       f"  at {learner_line(e, module)}") from None
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 
@@ -113,9 +118,13 @@ def check(name: str, folder: Path, examples: int) -> int:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")  # the learner's NaNs show as wrong numbers
             checked = ex.grade(load(path, name), examples)
-    except Failure as e:
+    except (Failure, Stop) as e:
         print(f"FAILED {name} ({path})\n{e}")
         print(f"stuck? `{PROG} hint {name}{'' if folder == Path('.') else f' --dir {folder}'}`")
+        return 1
+    except Exception as e:  # noqa: BLE001 - never a traceback: say what stopped the check
+        print(f"FAILED {name} ({path}): the check stopped with {type(e).__name__}: {e}\n"
+              "(if your code is not the cause, this is a bug of the grader: please report it)")
         return 1
     print(f"passed {name} ({path}); checked:")
     for line in checked:

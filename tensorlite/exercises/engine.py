@@ -1,6 +1,6 @@
 """The graders of the engine's exercises (docs/autograd.md, derivations.md, higher-order.md):
 a slope by nudging, the backward driver, the backward of Mul, MatMul, Max, softmax,
-cross-entropy, RMSNorm and causal attention, and softmax's JVP.
+cross-entropy, RMSNorm and causal attention, a Hessian-vector product, and softmax's JVP.
 
 Each `grade_NAME(module, examples)` checks the learner's module, raises Failure with the
 smallest counterexample found, and returns what it checked. Gradients are judged by
@@ -10,7 +10,9 @@ cotangents and tangents); the forward passes they need are tensorlite's own ops.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -20,7 +22,7 @@ from hypothesis.extra import numpy as hnp
 from .. import functional as F
 from ..tensor import Tensor
 from ..testing import arrays, broadcastable_shapes
-from .grader import Failure, call, compare, jvp, search, show, vjp
+from .grader import Failure, Stop, call, compare, jvp, search, show, vjp
 
 
 def _data(t: Tensor) -> np.ndarray:
@@ -238,13 +240,15 @@ def grade_cross_entropy(mod: ModuleType, examples: int) -> list[str]:
                 (logits, targets), atol=1e-9, rtol=1e-9)
 
     search(forward, examples)
-    for rule in (0, 1):
-        vjp(lambda z, rule=rule: _cross_entropy(z, _targets(*z.shape, rule)),
-            lambda dout, z, rule=rule: call(mod, "cross_entropy_backward",
-                                            (dout, z, _targets(*z.shape, rule)),
-                                            ("dout", "logits", "targets"), 1),
-            [("N", "V")], (f"logits (targets {'(3n+1) % V' if rule == 0 else 'V-1-n % V'})",),
-            max(examples // 2, 5), max_value=5.0, min_value=-5.0)
+    for rule, text in ((0, "(3n + 1) % V"), (1, "(V - 1 - n) % V")):
+        try:
+            vjp(lambda z, rule=rule: _cross_entropy(z, _targets(*z.shape, rule)),
+                lambda dout, z, rule=rule: call(mod, "cross_entropy_backward",
+                                                (dout, z, _targets(*z.shape, rule)),
+                                                ("dout", "logits", "targets"), 1),
+                [("N", "V")], ("logits",), max(examples // 2, 5), max_value=5.0, min_value=-5.0)
+        except Failure as e:
+            raise Failure(f"{e}\n  targets[n] = {text} for row n") from None
     return [(f"cross_entropy: the mean loss on {examples} random (N, V) logits and targets, "
             "also shifted by +-800 (where exp overflows unless the row max is subtracted)"),
             ("cross_entropy_backward: the gradient for logits on random shapes, values and "
@@ -279,6 +283,49 @@ def grade_attention_backward(mod: ModuleType, examples: int) -> list[str]:
         [("H", "T", "D")] * 3, ("q", "k", "v"), examples)
     return [(f"attention_backward: dq, dk, dv of causal attention softmax(q k^T / sqrt(D) + mask) v "
             f"on {examples} random (H, T, D), values and cotangents (check_vjp)")]
+
+
+# ---- hessian_vector_product ------------------------------------------------------------------
+@contextlib.contextmanager
+def _without_hvp(mod: ModuleType):
+    """tl.hvp is this exercise's answer: calling it fails the check."""
+    def refused(*args, **kwargs):
+        raise Stop("hessian_vector_product called tl.hvp, which is the answer itself: "
+                      "write it with tl.grad, twice")
+
+    package = sys.modules["tensorlite"]
+    original = package.hvp
+    home = sys.modules[original.__module__]  # the module that defines it
+    if any(value is original for value in vars(mod).values()):
+        raise Failure(f"{Path(mod.__file__).name} imports hvp from tensorlite, which is the "
+                      "answer itself: write it with tl.grad, twice")
+    package.hvp = home.hvp = refused
+    try:
+        yield
+    finally:
+        package.hvp = home.hvp = original
+
+
+def grade_hessian_vector_product(mod: ModuleType, examples: int) -> list[str]:
+    def check(draw):
+        x = draw(arrays(shape=hnp.array_shapes(min_dims=0, max_dims=2, max_side=3)), label="x")
+        v, w, a = (draw(arrays(shape=x.shape), label=n) for n in "vwa")
+        c = draw(st.sampled_from([0.0, 0.25, 1.0]), label="c")
+
+        def f(t):  # sum(w tanh x) + (sum(a x))^2 + c sum(x^4): H v known in closed form
+            return (t.tanh() * w).sum() + (t * a).sum() ** 2 + (t ** 4).sum() * c
+
+        th = np.tanh(x)
+        expected = w * (-2 * th * (1 - th**2)) * v + 2 * a * np.sum(a * v) + 12 * c * x**2 * v
+        names = ("x", "v", "f = sum(w * tanh(x)) + sum(a * x)**2 + c * sum(x**4) with w", "a", "c")
+        got = call(mod, "hessian_vector_product", (f, x, v), ("f", "x", "v"))
+        compare("H v", expected, got, names, (x, v, w, a, c), atol=1e-9, rtol=1e-7)
+
+    with _without_hvp(mod):
+        search(check, examples)
+    return [(f"hessian_vector_product(f, x, v) against the exact H v of f = sum(w tanh x) + "
+             f"(sum(a x))^2 + c sum(x^4), on {examples} random shapes (0-d to 2-d), points x, "
+             "directions v and coefficients; tl.hvp itself refused")]
 
 
 # ---- softmax_jvp -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import math
 import threading
 import time
 from urllib.parse import urlsplit
@@ -19,7 +20,9 @@ from conftest import API_KEY
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve import AUTH, events, post, request, wait_until
 
-from gpt.batching import BatchDecoder, log_softmax
+from gpt.api import CompletionRequest
+from gpt.batching import BatchDecoder, Batcher, Sequence, log_softmax
+from gpt.model import GPT
 from gpt.sample import generate
 from gpt.serve import create_app, running
 from tensorlite import no_grad
@@ -27,29 +30,94 @@ from tensorlite import no_grad
 
 # ---- the batched step ---------------------------------------------------------------------------
 def test_batched_steps_give_each_sequence_its_own_logits(tiny_model):
-    """Sequences of different lengths in one step, one joining while others are mid-way and
-    one leaving: each row is what the model's own decoder gives that sequence alone."""
-    model, _ = tiny_model
+    """Sequences of different lengths in one step, one leaving, and a new one read into its
+    slot while the others take a step (as the Batcher does: that step must leave the slot's
+    new cache alone), then joining: each row is what the model's own decoder gives that
+    sequence alone."""
+    check_batched_steps(tiny_model[0])
+
+
+def test_batched_steps_of_a_gpt2_shaped_model():
+    """The same with GPT-2's architecture (LayerNorm, GELU, biases, tied head)."""
+    from gpt.config import GPTConfig
+    from gpt.model import GPT
+
+    cfg = GPTConfig(vocab_size=50, block_size=40, n_layer=2, n_head=2, n_embd=16,
+                    norm="layernorm", activation="gelu", bias=True, tied_head=True)
+    model, rng = GPT(cfg, seed=1), np.random.default_rng(1)
+    for p in model.parameters():
+        p.data += rng.normal(0, 0.1, p.shape).astype(p.dtype)  # biases off 0, gains off 1
+    check_batched_steps(model)
+
+
+def check_batched_steps(model):
     rng = np.random.default_rng(0)
     V = model.config.vocab_size
-    prompts = {0: [5, 9, 3], 1: [7], 2: list(rng.integers(0, V, 20))}
     batch, alone = BatchDecoder(model, 4), {}
-    for slot, ids in prompts.items():
+
+    def read(slot, ids):
         alone[slot] = model.decoder()
         np.testing.assert_allclose(batch.prefill(slot, ids), alone[slot](ids), rtol=0, atol=0)
-    active = [0, 1, 2]
-    for step in range(9):
-        if step == 3:  # a new sequence joins slot 3 while the others go on
-            alone[3] = model.decoder()
-            batch.prefill(3, [1, 2]), alone[3]([1, 2])
-            active.append(3)
-        if step == 5:  # slot 1 leaves
+
+    for slot, ids in {0: [5, 9, 3], 1: [7], 2: list(rng.integers(0, V, 20)), 3: [4]}.items():
+        read(slot, ids)
+    active = [0, 1, 2, 3]
+    for step in range(10):
+        if step == 3:  # slot 1 leaves
             active.remove(1)
+        if step == 5:  # a new prompt goes into slot 1 while 0, 2 and 3 step ...
+            read(1, [1, 2, 6])
+        if step == 6:  # ... and it joins them
+            active.insert(1, 1)
         tokens = list(rng.integers(0, V, len(active)))
         rows = batch.step(active, tokens)
         for row, slot, t in zip(rows, active, tokens):
             np.testing.assert_allclose(row, alone[slot]([t]), rtol=1e-4, atol=1e-4)
-    assert list(batch.lengths) == [3 + 9, 1 + 5, 20 + 9, 2 + 6]
+    assert list(batch.lengths) == [3 + 10, 3 + 4, 20 + 10, 1 + 10]
+    read(0, [8, 8, 2])  # one sequence alone: the model's own Decoder, to the bit
+    assert np.array_equal(batch.step([0], [3])[0], alone[0]([3]))
+
+
+def test_the_batcher_samples_what_gpt_sample_does(tiny_model):
+    """8 sequences with prompts of 1 to 8 characters, 150 tokens each: every one's context
+    window (32) slides several times, each at its own step, while the others go on."""
+    model, tok = tiny_model
+    batcher = Batcher(model, max_batch=8, max_queue=0)
+    done, ended = threading.Event(), []
+
+    def emit(kind, *data):
+        if kind == "end":
+            ended.append(data)
+            if len(ended) == 8:
+                done.set()
+
+    prompts = ["The rain and the sea"[: i + 1] for i in range(8)]
+    seqs = [Sequence(CompletionRequest("", 150, temperature=0.9, seed=i), tok.encode(p),
+                     np.random.default_rng(i), i, tok, emit, math.inf, model.config.block_size)
+            for i, p in enumerate(prompts)]
+    batcher.submit(seqs)
+    assert done.wait(120)
+    batcher.stop()
+    for i, (p, seq) in enumerate(zip(prompts, seqs)):
+        assert p + seq.choice.text == generate(model, tok, p, 150, temperature=0.9, seed=i), i
+
+
+def test_a_bfloat16_model_batches_as_its_own_decoder_rounds(tiny_model):
+    """gpt.serve --dtype bfloat16: the batched step rounds the linear layers' operands as the
+    model's own decoder does (and so differs from float32's)."""
+    model, _ = tiny_model
+    mixed = GPT(model.config, dtype="bfloat16")
+    mixed.load_state_dict(model.state_dict())
+    batch, alone = BatchDecoder(mixed, 2), [mixed.decoder(), mixed.decoder()]
+    for slot, ids in enumerate(([5, 9, 3], [7])):
+        batch.prefill(slot, ids), alone[slot](ids)
+    rows = batch.step([0, 1], [4, 2])
+    for slot, t in enumerate((4, 2)):
+        np.testing.assert_allclose(rows[slot], alone[slot]([t]), rtol=1e-4, atol=1e-4)
+    wide = BatchDecoder(model, 2)
+    for slot, ids in enumerate(([5, 9, 3], [7])):
+        wide.prefill(slot, ids)
+    assert not np.allclose(wide.step([0, 1], [4, 2]), rows, rtol=1e-4, atol=1e-4)
 
 
 # ---- a server with small limits -------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tensorlite.exercises import EXERCISES, STARTERS, transformer
+from tensorlite.exercises import EXERCISES, STARTERS, grader, transformer
 from tensorlite.exercises import __main__ as cli
 from tensorlite.exercises.grader import Failure
 
@@ -203,3 +203,56 @@ def test_the_kv_cache_graders_full_forward_is_the_starters_attention_layer():
     x, w_qkv, w_out = rng.standard_normal((5, 6)), rng.standard_normal((6, 18)), rng.standard_normal((6, 6))
     np.testing.assert_allclose(transformer.full_forward(x, w_qkv, w_out, 2),
                                starter.attention_layer(x, w_qkv, w_out, 2), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("body, said", [
+    ("def softmax_backward(dout, x)\n    return x\n", r"softmax_backward\.py, line 1: SyntaxError"),
+    ("import numpy as np\nnp.zeros(2)[5]\n", (r"importing softmax_backward\.py raised IndexError: "
+                                              r".*\n  at softmax_backward\.py, line 2, in <module>")),
+    ("def other(x):\n    return x\n", r"softmax_backward\.py has no function softmax_backward"),
+    ("def softmax_backward(dout, x):\n    pass\n",
+     r"softmax_backward returned None \(a missing return\?\)\n  with\n  dout \(shape"),
+    ("def softmax_backward(dout, x):\n    return 'dx'\n",
+     r"softmax_backward must return arrays of numbers, got str\n  with\n  dout \(shape"),
+    ("def softmax_backward(dout, x):\n    return dout[..., :1]\n",
+     r"wrong shape: your gradient for x has shape \((\d+, )*1,?\), the input \((\d+, )*\d+,?\)"),
+    ("import sys\ndef softmax_backward(dout, x):\n    sys.exit(3)\n",
+     r"softmax_backward raised SystemExit: 3\n  at softmax_backward\.py, line 3"),
+])
+def test_whatever_the_learners_file_does_the_answer_is_a_report_not_a_traceback(
+        tmp_path, capsys, body, said):
+    (tmp_path / "softmax_backward.py").write_text(body)
+    assert cli.main(["check", "softmax_backward", "--dir", str(tmp_path), "--examples", "5"]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("FAILED softmax_backward") and "Traceback" not in out + err
+    assert re.search(said, out), out
+
+
+def test_an_endless_loop_is_stopped_and_shown_where_it_was(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(grader, "TIME_LIMIT", 0.5)
+    text = (REFERENCES / "backward_driver.py").read_text()
+    (tmp_path / "backward_driver.py").write_text(  # forgets to pop: the stack never empties
+        text.replace("        node, expanded = stack.pop()", "        node, expanded = stack[-1]"))
+    assert cli.main(["check", "backward_driver", "--dir", str(tmp_path), "--examples", "5"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"topological_order did not return within 0.5 s \(an endless loop\?\); it "
+                     r"was at backward_driver\.py, line \d+, in topological_order: ", out), out
+
+
+@pytest.mark.parametrize("change", [
+    ("    x = tl.Tensor(x, requires_grad=True)\n", "    return tl.hvp(f, [x], [v])[0].data\n"),
+    ("import tensorlite as tl\n", "import tensorlite as tl\nfrom tensorlite import hvp\n"),
+])
+def test_the_hvp_exercise_refuses_tl_hvp_and_puts_it_back(tmp_path, capsys, change):
+    import tensorlite as tl
+
+    original = tl.hvp
+    text = (REFERENCES / "hessian_vector_product.py").read_text()
+    assert change[0] in text
+    (tmp_path / "hessian_vector_product.py").write_text(text.replace(*change))
+    args = ["check", "hessian_vector_product", "--dir", str(tmp_path), "--examples", "5"]
+    assert cli.main(args) == 1
+    assert "which is the answer itself: write it with tl.grad, twice" in capsys.readouterr().out
+    assert tl.hvp is original
+    np.testing.assert_allclose(tl.hvp(lambda t: (t**3).sum(), [np.array([2.0])],
+                                      [np.array([1.0])])[0].data, [12.0])
