@@ -1,15 +1,19 @@
-"""gpt.serve's speed on loopback: tokens/s of one stream and of 4 concurrent streams, and the
-time to first token, beside gpt.sample's generate() in a plain process (no HTTP) for scale.
+"""gpt.serve under load, on loopback: tokens/s of one stream alone and of 8 concurrent streams
+(continuous batching decodes them together), the time to first token of a request alone and of
+one arriving while 7 others stream, and a burst of 200 requests at once (how many are answered,
+how many refused with 429, the server's memory, and a normal answer afterwards).
 
-A server subprocess (127.0.0.1, a free port) serves a random-init model of the default
-`python -m gpt.train` shape (4 layers, 8 heads, n_embd 128, block 64, a 67-token char
-vocabulary, float32); sampling never draws EOS, so every request streams exactly the tokens
-it asks for. Each round runs, in turn: generate() in this process, one stream, and
-4 streams at once (each request: a 7-character prompt, `--tokens` tokens, temperature 1, its
-own seed). We print medians and [min-max] over the rounds, the CPU and a measured sgemm peak.
+For each model shape a server subprocess (127.0.0.1, a free port, gpt.serve's default limits:
+--max-batch 8, --max-queue 64) serves a random-init float32 model with a 65-character
+vocabulary; sampling never draws EOS, so every request streams exactly the tokens it asks for.
+The shapes: "baby" (4 layers, 8 heads, n_embd 128, block 64: the default of gpt.train) and
+"6x384" (6 layers, 6 heads, n_embd 384, block 256). Each round runs, in turn: one stream
+alone, 8 streams at once, and 7 streams with an eighth request sent once they all stream (each
+request: a 7-character prompt, --tokens tokens, temperature 1, its own seed). We print
+medians and [min-max] over the rounds, the CPU and a measured sgemm peak.
 
-    python benchmarks/serve.py                      # 5 rounds of 256 tokens, 1 BLAS thread
-    python benchmarks/serve.py --rounds 3 --tokens 128 --threads 2
+    python benchmarks/serve.py                     # both shapes, 5 rounds of 200 tokens
+    python benchmarks/serve.py --shapes baby --rounds 3 --tokens 100 --threads 2
 """
 
 from __future__ import annotations
@@ -31,39 +35,43 @@ from machine import cpu_name, sgemm_peak, summary  # benchmarks/machine.py
 import tensorlite
 from gpt.config import GPTConfig
 from gpt.model import GPT
-from gpt.sample import generate
 from gpt.serve import SAMPLING_THREADS
 from gpt.tokenizer import CharTokenizer
 
 PROMPT = "THE SEA"  # the vocabulary is chr(32)..chr(96): capitals, digits, punctuation
+SHAPES = {"baby": {"n_layer": 4, "n_head": 8, "n_embd": 128, "block_size": 64},
+          "6x384": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}}
+CONCURRENT = 8
+BURST = 200
 
 
 def benchmark_tokenizer() -> CharTokenizer:
     return CharTokenizer([chr(c) for c in range(32, 97)])  # 65 printable characters
 
 
-def benchmark_model() -> GPT:
-    cfg = GPTConfig(vocab_size=benchmark_tokenizer().vocab_size, block_size=64, n_layer=4,
-                    n_head=8, n_embd=128)
+def benchmark_model(shape: str) -> GPT:
+    cfg = GPTConfig(vocab_size=benchmark_tokenizer().vocab_size, **SHAPES[shape])
     return GPT(cfg, dtype=np.float32, seed=0)
 
 
-def serve_forever(threads: int) -> None:
+def serve_forever(shape: str, threads: int) -> None:
     """The server subprocess: print the URL, serve until stdin closes."""
     from gpt.serve import create_app, running
 
     tensorlite.set_num_threads(threads)
-    app = create_app(benchmark_model(), benchmark_tokenizer(), "bench", max_tokens=100_000)
+    app = create_app(benchmark_model(shape), benchmark_tokenizer(), "bench", max_tokens=100_000)
     with running(app) as url:
         print(url, flush=True)
         sys.stdin.read()  # the parent closes our stdin to stop us
 
 
 # ---- the client side ---------------------------------------------------------------------------
-def stream_once(url: str, tokens: int, seed: int) -> dict:
-    """One streamed completion: seconds to the first text chunk and to the end, and tokens."""
+def stream_once(url: str, tokens: int, seed: int, streaming: threading.Event | None = None
+                ) -> dict:
+    """One streamed completion: seconds to the first text chunk and to the end, and tokens.
+    `streaming` is set when the first text arrives."""
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
     body = json.dumps({"prompt": PROMPT, "max_tokens": tokens, "seed": seed, "stream": True,
                        "stream_options": {"include_usage": True}})
     t0 = time.perf_counter()
@@ -71,18 +79,22 @@ def stream_once(url: str, tokens: int, seed: int) -> dict:
     try:
         conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
         r = conn.getresponse()
-        assert r.status == 200, r.read()
-        for line in r:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+        if r.status != 200:
+            return {"status": r.status}
+        for line in r:  # (parsed only as far as needed: the client shares the CPU)
+            if not line.startswith(b"data: {"):
                 continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            elif first is None and chunk["choices"][0]["text"]:
-                first = time.perf_counter() - t0
+            if first is None or b'"usage"' in line:
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                elif first is None and chunk["choices"][0]["text"]:
+                    first = time.perf_counter() - t0
+                    if streaming is not None:
+                        streaming.set()
     finally:
         conn.close()
-    return {"ttft": first, "seconds": time.perf_counter() - t0,
+    return {"status": 200, "ttft": first, "seconds": time.perf_counter() - t0,
             "tokens": usage["completion_tokens"]}
 
 
@@ -105,60 +117,169 @@ def concurrent(url: str, tokens: int, streams: int, seed: int) -> tuple[float, l
     return time.perf_counter() - t0, results
 
 
+def ttft_among(url: str, tokens: int, others: int, seed: int) -> float:
+    """Seconds to the first token of a request sent once `others` streams are all streaming."""
+    flags = [threading.Event() for _ in range(others)]
+    threads = [threading.Thread(target=stream_once, args=(url, tokens, seed + i, flags[i]))
+               for i in range(others)]
+    for t in threads:
+        t.start()
+    for f in flags:
+        f.wait(600)
+    late = stream_once(url, tokens, seed + others)
+    for t in threads:
+        t.join()
+    return late["ttft"]
+
+
+def rss_mb(pid: int, key: str = "VmRSS") -> float:
+    """The process's resident memory (VmRSS) or its peak (VmHWM), MB (Linux)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def burst(url: str, pid: int, tokens: int) -> dict:
+    """BURST requests at once: how each ended, the server's memory before, at its peak and
+    after, and whether a normal request is answered afterwards."""
+    before = rss_mb(pid)
+    results: list[dict] = [{}] * BURST
+
+    def run(i: int) -> None:
+        try:
+            results[i] = stream_once(url, tokens, i)
+        except OSError as e:  # refused or reset: counted as such
+            results[i] = {"status": type(e).__name__}
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(BURST)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    statuses: dict = {}
+    for r in results:
+        statuses[r.get("status")] = statuses.get(r.get("status"), 0) + 1
+    after = stream_once(url, 20, 0)
+    return {"statuses": statuses, "wall": wall, "rss_before": before, "rss_peak": rss_mb(
+        pid, "VmHWM"), "rss_after": rss_mb(pid), "after": after}
+
+
+def step_costs(shape: str, repeats: int = 300) -> dict:
+    """In this process, no HTTP: the seconds of one decoder step for a sequence alone (the
+    model's Decoder, as gpt.sample) and for CONCURRENT sequences in one batched step, each at
+    position block_size/2, taken in turns; the 20th percentile of each (a busy machine's
+    noise only ever adds)."""
+    from gpt.batching import BatchDecoder
+
+    model = benchmark_model(shape)
+    half = model.config.block_size // 2
+    batch = BatchDecoder(model, CONCURRENT)
+    for slot in range(CONCURRENT):
+        batch.prefill(slot, [5] * half)
+    times: dict[str, list[float]] = {"alone": [], "batch": []}
+    for _ in range(repeats):
+        batch.lengths[:] = half
+        t0 = time.perf_counter()
+        batch.step([0], [5])
+        t1 = time.perf_counter()
+        batch.step(list(range(CONCURRENT)), [5] * CONCURRENT)
+        times["alone"].append(t1 - t0)
+        times["batch"].append(time.perf_counter() - t1)
+    return {k: float(np.percentile(v, 20)) for k, v in times.items()}
+
+
+def start_server(shape: str, threads: int) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    server = subprocess.Popen([sys.executable, __file__, "--serve", shape, "--threads",
+                               str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=env)
+    url = server.stdout.readline().strip()
+    assert url.startswith("http://127.0.0.1:"), f"the server did not start: {url!r}"
+    return server, url
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.stdin.close()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def measure(shape: str, args) -> tuple[dict, dict]:
+    server, url = start_server(shape, args.threads)
+    try:
+        stream_once(url, 8, 0)  # warm-up
+        concurrent(url, 8, CONCURRENT, 0)
+        rows: dict[str, list[float]] = {k: [] for k in (
+            "one", "one_ttft", "many_total", "many_each", "ratio", "late_ttft", "ttft_ratio")}
+        for r in range(args.rounds):
+            one = stream_once(url, args.tokens, seed=r)
+            wall, many = concurrent(url, args.tokens, CONCURRENT, seed=100 * r)
+            late = ttft_among(url, args.tokens, CONCURRENT - 1, seed=1000 * r)
+            rows["one"].append(one["tokens"] / one["seconds"])
+            rows["one_ttft"].append(1e3 * one["ttft"])
+            rows["many_total"].append(sum(m["tokens"] for m in many) / wall)
+            rows["many_each"].append(statistics.median(m["tokens"] / m["seconds"] for m in many))
+            rows["ratio"].append(rows["many_total"][-1] / rows["one"][-1])
+            rows["late_ttft"].append(1e3 * late)
+            rows["ttft_ratio"].append(rows["late_ttft"][-1] / rows["one_ttft"][-1])
+        flood = burst(url, server.pid, args.burst_tokens) if args.burst else {}
+    finally:
+        stop_server(server)
+    return rows, flood
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--tokens", type=int, default=256, help="tokens per request")
-    ap.add_argument("--streams", type=int, default=4, help="concurrent streams")
+    ap.add_argument("--tokens", type=int, default=200, help="tokens per request")
+    ap.add_argument("--shapes", default="baby,6x384", help="comma-separated: baby, 6x384")
     ap.add_argument("--threads", type=int, default=SAMPLING_THREADS,
-                    help="BLAS threads, in the server and for generate() (default: gpt.serve's)")
-    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the subprocess
+                    help="BLAS threads in the server (default: gpt.serve's)")
+    ap.add_argument("--burst", type=int, default=1, help="1: also send 200 requests at once")
+    ap.add_argument("--burst-tokens", type=int, default=50, help="tokens per burst request")
+    ap.add_argument("--serve", help=argparse.SUPPRESS)  # the subprocess: its shape
     args = ap.parse_args()
     if args.serve:
-        return serve_forever(args.threads)
+        return serve_forever(args.serve, args.threads)
+    shapes = args.shapes.split(",")
+    if args.rounds < 1 or args.tokens < 1 or args.threads < 1 or not set(shapes) <= set(SHAPES):
+        ap.error(f"--rounds, --tokens and --threads must be >= 1 and --shapes among "
+                 f"{', '.join(SHAPES)}")
     tensorlite.set_num_threads(args.threads)
-
-    model, tok = benchmark_model(), benchmark_tokenizer()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    server = subprocess.Popen([sys.executable, __file__, "--serve", "--threads",
-                               str(args.threads)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        url = server.stdout.readline().strip()
-        assert url.startswith("http://127.0.0.1:"), f"the server did not start: {url!r}"
-        stream_once(url, 8, 0)  # warm-up
-        rows: dict[str, list[float]] = {k: [] for k in (
-            "direct", "one", "one_ttft", "many_total", "many_each", "many_ttft")}
-        for r in range(args.rounds):
-            t0 = time.perf_counter()
-            generate(model, tok, PROMPT, args.tokens, seed=r)
-            rows["direct"].append(args.tokens / (time.perf_counter() - t0))
-            one = stream_once(url, args.tokens, seed=r)
-            rows["one"].append(one["tokens"] / one["seconds"])
-            rows["one_ttft"].append(1e3 * one["ttft"])
-            wall, many = concurrent(url, args.tokens, args.streams, seed=100 * r)
-            rows["many_total"].append(sum(m["tokens"] for m in many) / wall)
-            rows["many_each"].append(statistics.median(m["tokens"] / m["seconds"] for m in many))
-            rows["many_ttft"].append(statistics.median(1e3 * m["ttft"] for m in many))
-    finally:
-        server.stdin.close()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; sgemm peak {sgemm_peak():.0f} GFLOP/s "
-          f"(512^3 float32, {args.threads} thread(s))")
-    print(f"model: 4 layers, 8 heads, n_embd 128, block 64, vocab {tok.vocab_size}, float32; "
-          f"{args.threads} BLAS thread(s); {args.tokens} tokens per request; {args.rounds} "
-          "rounds, median [min-max]")
-    print(f"  generate() in-process, no HTTP     {summary(rows['direct'])} tokens/s")
-    print(f"  1 stream                           {summary(rows['one'])} tokens/s, "
-          f"first token after {summary(rows['one_ttft'], '.1f')} ms")
-    print(f"  {args.streams} concurrent streams, all together {summary(rows['many_total'])} "
-          f"tokens/s")
-    print(f"  {args.streams} concurrent streams, each        {summary(rows['many_each'])} "
-          f"tokens/s, first token after {summary(rows['many_ttft'], '.1f')} ms")
+          f"(512^3 float32, {args.threads} thread(s)); {args.threads} BLAS thread(s) in the "
+          f"server; {args.tokens} tokens per request; {args.rounds} rounds, median [min-max]",
+          flush=True)
+    for shape in shapes:
+        steps = step_costs(shape)
+        rows, flood = measure(shape, args)
+        s = SHAPES[shape]
+        print(f"\n{shape}: {s['n_layer']} layers, {s['n_head']} heads, n_embd {s['n_embd']}, "
+              f"block {s['block_size']}, float32")
+        print(f"  one decoder step, in-process: alone {1e6 * steps['alone']:.0f} us, "
+              f"{CONCURRENT} in a batch {1e6 * steps['batch']:.0f} us = "
+              f"{CONCURRENT * steps['alone'] / steps['batch']:.2f}x the tokens/s")
+        print(f"  1 stream alone                 {summary(rows['one'])} tokens/s, first token "
+              f"after {summary(rows['one_ttft'], '.1f')} ms")
+        print(f"  {CONCURRENT} concurrent streams, total    {summary(rows['many_total'])} "
+              f"tokens/s = {summary(rows['ratio'], '.2f')}x one alone")
+        print(f"  {CONCURRENT} concurrent streams, each     {summary(rows['many_each'])} tokens/s")
+        print(f"  first token of a request sent while {CONCURRENT - 1} stream: "
+              f"{summary(rows['late_ttft'], '.1f')} ms = {summary(rows['ttft_ratio'], '.2f')}x "
+              "alone")
+        if flood:
+            after = flood["after"]
+            print(f"  {BURST} requests at once ({args.burst_tokens} tokens each): "
+                  f"{flood['statuses']} (status: count) in {flood['wall']:.1f} s; server RSS "
+                  f"{flood['rss_before']:.0f} MB before, peak {flood['rss_peak']:.0f} MB, "
+                  f"{flood['rss_after']:.0f} MB after; then one request: status "
+                  f"{after['status']}, {after.get('tokens')} tokens", flush=True)
 
 
 if __name__ == "__main__":

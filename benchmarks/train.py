@@ -13,9 +13,11 @@ GFLOP/s as a fraction of measured sgemm peak, and peak RSS.
 Engines: tensorlite (the default kernels, TENSORLITE_KERNELS as set, the batch split over the
 threads as gpt.train does), tensorlite-numpy and tensorlite-numba (those kernel paths),
 tensorlite-blas (one graph for the whole batch, BLAS splitting each matmul over the threads:
-how gpt.train ran before gpt.threaded), tensorlite-untuned (glibc's default malloc thresholds), torch
+how gpt.train ran before gpt.threaded), tensorlite-untuned (glibc's default malloc thresholds),
+tensorlite-bf16 (gpt.train --dtype bfloat16: float32 weights, bf16 matmul operands), torch
 (eager), torch-compile (torch.compile, inductor; its first step, which compiles, is timed apart
-and reported as compile time).
+and reported as compile time), torch-bf16 (eager, each step's forward inside
+torch.autocast("cpu", dtype=torch.bfloat16): PyTorch's own mixed precision).
 
 PyTorch comes from the optional `bench` extra (pip install -e ".[bench]"); gpt and
 tensorlite never import it.
@@ -49,7 +51,7 @@ CONFIGS = {  # the sizes of gpt.train --preset NAME (and of its defaults)
     "larger": (6, 6, 384, 256, 8),  # nanoGPT's Shakespeare-char shape, scaled for 2 cores
 }
 ENGINES = ["tensorlite", "tensorlite-numpy", "tensorlite-numba", "tensorlite-blas",
-           "tensorlite-untuned", "torch", "torch-compile"]
+           "tensorlite-untuned", "tensorlite-bf16", "torch", "torch-compile", "torch-bf16"]
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
 
 
@@ -126,7 +128,8 @@ def run_tensorlite(args, cfg, ids, vocab) -> float:
     tensorlite.set_num_threads(args.threads)
     tensorlite.kernels.kernel_path()  # load (or compile) the kernels before the clock starts
     n_layer, n_head, n_embd, block, batch = cfg
-    model = GPT(GPTConfig(vocab, block, n_layer, n_head, n_embd), dtype=np.float32, seed=0)
+    dtype = "bfloat16" if args.worker == "tensorlite-bf16" else np.float32
+    model = GPT(GPTConfig(vocab, block, n_layer, n_head, n_embd), dtype=dtype, seed=0)
     opt = AdamW(model.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
     # what gpt.train does: the batch split over the threads (gpt.threaded), or, for the
     # tensorlite-blas engine, one graph whose matmuls BLAS splits over the threads
@@ -219,7 +222,8 @@ def run_torch(args, cfg, ids, vocab) -> float:
         if i == args.warmup:
             t0 = time.perf_counter()
             mark_page_faults()
-        loss = step_model(torch.from_numpy(x), torch.from_numpy(y))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.worker == "torch-bf16"):
+            loss = step_model(torch.from_numpy(x), torch.from_numpy(y))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,24 +1,40 @@
 """Training data: read a UTF-8 text file, split its token ids 90/10 into train and
-validation, and draw random batches of contiguous windows. Also a small command to fetch
-Tiny Shakespeare, checked by size and sha256:
+validation, and draw random batches of contiguous windows. Two commands:
 
-    python -m gpt.data shakespeare --out input.txt [--url URL]
+    python -m gpt.data shakespeare --out input.txt [--url URL]    fetch Tiny Shakespeare
+    python -m gpt.data prepare TEXT --out DIR [--tokenizer char|bpe] [--vocab-size N]
+
+`prepare` tokenizes TEXT once, streaming it, into token files (nanoGPT's convention): DIR/train.bin
+and DIR/val.bin hold the ids as flat uint16 (uint32 for vocabularies above 65,536), beside
+DIR/tokenizer.json and DIR/meta.json. `load_token_dir(DIR)` maps them with np.memmap, so
+`python -m gpt.train --data DIR` starts at once and holds only the batches it draws, however
+large the corpus.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import json
+import mmap
 import os
+import re
+import shutil
 import sys
+import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
 
 import numpy as np
 
 from . import cli
-from .checkpoint import atomic_write
+from .checkpoint import _fsync_dir, atomic_write
 from .errors import UserError
 
 SHAKESPEARE_URL = (
@@ -32,24 +48,37 @@ GET_DATA_HINT = "python -m gpt.data shakespeare --out data.txt"
 def load_text(path: str | os.PathLike) -> str:
     """The contents of a UTF-8 text file; UserError (one line, with what to do) if the file
     is missing, is not a file, is empty, or is not UTF-8."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise UserError(f"file {path!r} not found; give the path of a UTF-8 text file (or get "
-                        f"Tiny Shakespeare: {GET_DATA_HINT})", field="data")
-    if not os.path.isfile(path):
-        raise UserError(f"path {path!r} is not a file; give the path of a text file",
-                        field="data")
+    path = check_text_file(path)
     with open(path, "rb") as f:
         raw = f.read()
     if not raw.strip():
-        raise UserError(f"file {path!r} is empty; give it some text to train on", field="data")
+        raise _empty(path)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(
-            f"file {path!r} is not UTF-8 text (bad byte 0x{raw[e.start]:02x} at offset "
-            f"{e.start}); convert it, e.g. iconv -t UTF-8 FILE > FILE.utf8", field="data"
-        ) from None
+        raise _not_utf8(path, raw[e.start], e.start) from None
+
+
+def check_text_file(path: str | os.PathLike, field: str | None = "data") -> str:
+    """`path` as a str, after checking that it names an existing regular file (UserError,
+    one line, otherwise)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"file {path!r} not found; give the path of a UTF-8 text file (or get "
+                        f"Tiny Shakespeare: {GET_DATA_HINT})", field=field)
+    if not os.path.isfile(path):
+        raise UserError(f"path {path!r} is not a file; give the path of a text file",
+                        field=field)
+    return path
+
+
+def _empty(path: str, field: str | None = "data") -> UserError:
+    return UserError(f"file {path!r} is empty; give it some text to train on", field=field)
+
+
+def _not_utf8(path: str, byte: int, offset: int, field: str | None = "data") -> UserError:
+    return UserError(f"file {path!r} is not UTF-8 text (bad byte 0x{byte:02x} at offset "
+                     f"{offset}); convert it, e.g. iconv -t UTF-8 FILE > FILE.utf8", field=field)
 
 
 def split_ids(ids: Sequence[int] | np.ndarray, val_fraction: float = 0.1,
@@ -61,13 +90,19 @@ def split_ids(ids: Sequence[int] | np.ndarray, val_fraction: float = 0.1,
     ids = np.asarray(ids, dtype=np.int64)
     n_train = int(len(ids) * (1.0 - val_fraction))
     train, val = ids[:n_train], ids[n_train:]
-    if block_size is not None and min(len(train), len(val)) < block_size + 1:
+    if block_size is not None:
+        check_windows(len(train), len(val), block_size)
+    return train, val
+
+
+def check_windows(n_train: int, n_val: int, block_size: int) -> None:
+    """UserError naming the sizes unless both splits hold one window (block_size + 1 tokens)."""
+    if min(n_train, n_val) < block_size + 1:
         raise UserError(
-            f"the data is too short: {len(ids)} tokens split into {len(train)} train and "
-            f"{len(val)} val, and each needs at least block_size + 1 = {block_size + 1}; "
+            f"the data is too short: {n_train + n_val} tokens split into {n_train} train and "
+            f"{n_val} val, and each needs at least block_size + 1 = {block_size + 1}; "
             "use more text or a smaller block_size"
         )
-    return train, val
 
 
 def get_batch(ids: np.ndarray, block_size: int, batch_size: int,
@@ -75,17 +110,410 @@ def get_batch(ids: np.ndarray, block_size: int, batch_size: int,
     """`batch_size` random windows of block_size + 1 consecutive tokens: x is each window's
     first block_size tokens, y the same shifted by one (the next token to predict).
     Returns x, y, both int64 (B, T)."""
-    n = len(ids)
+    return windows(ids, batch_starts(len(ids), block_size, batch_size, rng), block_size)
+
+
+def batch_starts(n: int, block_size: int, batch_size: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Where get_batch's windows start in ids of length n: (batch_size,) int64, uniform over
+    every start that leaves room for block_size + 1 tokens."""
     if n < block_size + 1:
         raise UserError(
             f"{n} tokens are too few for one window of block_size + 1 = {block_size + 1}; "
             "use more text or a smaller block_size"
         )
-    starts = rng.integers(0, n - block_size, size=batch_size)  # (B,): window starts
-    windows = np.asarray(ids)[starts[:, None] + np.arange(block_size + 1)]  # (B, T+1)
-    x = np.ascontiguousarray(windows[:, :-1], dtype=np.int64)  # (B, T)
-    y = np.ascontiguousarray(windows[:, 1:], dtype=np.int64)  # (B, T)
+    return rng.integers(0, n - block_size, size=batch_size)  # (B,): window starts
+
+
+def windows(ids: np.ndarray, starts: np.ndarray,
+            block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """x, y of the windows of block_size + 1 tokens of `ids` (an array or a memmap) that
+    begin at `starts`: both int64 (B, T), y shifted by one."""
+    rows = np.asarray(ids)[np.asarray(starts)[:, None] + np.arange(block_size + 1)]  # (B, T+1)
+    x = np.ascontiguousarray(rows[:, :-1], dtype=np.int64)  # (B, T)
+    y = np.ascontiguousarray(rows[:, 1:], dtype=np.int64)  # (B, T)
     return x, y
+
+
+# ---- token files: python -m gpt.data prepare ---------------------------------------------------
+TRAIN_FILE, VAL_FILE = "train.bin", "val.bin"
+TOKENIZER_FILE, META_FILE = "tokenizer.json", "meta.json"
+TOKEN_FORMAT = "gpt-token-ids/1"  # meta.json's "format": what load_token_dir reads
+VAL_FRACTION = 0.1  # the last 10% of the ids are the validation split, as split_ids does
+PIECE_BYTES = 4 << 20  # bytes of text read (and tokenized) at a time
+PROGRESS_BYTES = 32 << 20  # inputs at least this large get a progress line
+UNICODE_SIZE = 0x110000  # code points 0..U+10FFFF
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """How token ids are stored: uint16 where every id fits (vocab_size <= 65,536), else
+    uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def read_pieces(path: str, piece_bytes: int | None = None,
+                field: str | None = None) -> Iterator[tuple[str, int]]:
+    """The text of the UTF-8 file `path`, in pieces of about piece_bytes (default PIECE_BYTES)
+    bytes, each with the number of bytes read so far. A character split between two reads
+    comes whole in the next piece. UserError (one line) for bad UTF-8 (naming the byte offset) or a file without text
+    (checked at its end, after the pieces it had)."""
+    piece_bytes = piece_bytes or PIECE_BYTES
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    done, has_text = 0, False
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(piece_bytes)
+            pending = decoder.getstate()[0]  # the start of a character the last read split
+            try:
+                piece = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                data = pending + raw
+                raise _not_utf8(path, data[e.start], done - len(pending) + e.start,
+                                field) from None
+            done += len(raw)
+            has_text = has_text or bool(raw.strip())
+            if piece:
+                yield piece, done
+            if not raw:
+                break
+    if not has_text:
+        raise _empty(path, field)
+
+
+def text_chunks(pieces: Iterator[tuple[str, int]]) -> Iterator[tuple[list[str], int]]:
+    """The BPE chunks (gpt.bpe.CHUNK_PATTERN) of the text that `pieces` spell, exactly as
+    one findall over the whole text finds them, a list per piece. Only a piece's last chunk
+    can reach its end (a run of letters or spaces that the next piece may go on with), so it
+    is held back and split again at the front of the next piece."""
+    from .bpe import CHUNK_PATTERN
+
+    chunk_re = re.compile(CHUNK_PATTERN)
+    carry, done = "", 0
+    for piece, done in pieces:
+        chunks = chunk_re.findall(carry + piece)
+        carry = chunks.pop() if chunks else ""
+        yield chunks, done
+    if carry:
+        yield [carry], done
+
+
+def _codepoints(piece: str) -> np.ndarray:
+    """The code point of each character of `piece`, (len(piece),) uint32."""
+    return np.frombuffer(piece.encode("utf-32-le"), dtype="<u4")
+
+
+class _Progress:
+    """A progress line on `stream` for inputs of PROGRESS_BYTES or more: rewritten in place
+    (\\r) once a second on a terminal; elsewhere (a log file) one line each 10 seconds."""
+
+    def __init__(self, total: int, stream: TextIO | None):
+        self.total, self.stream = total, stream
+        self.on = stream is not None and total >= PROGRESS_BYTES
+        self.tty = self.on and stream.isatty()
+        self.shown = 0.0
+
+    def __call__(self, what: str, done: int) -> None:
+        now = time.monotonic()
+        if not self.on or (now - self.shown < (1.0 if self.tty else 10.0) and done < self.total):
+            return
+        self.shown = now
+        line = (f"{what}: {done / 1e6:,.0f} of {self.total / 1e6:,.0f} MB "
+                f"({100 * done / max(self.total, 1):.0f}%)")
+        if self.tty:
+            print(line.ljust(60), end="\r", file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def end(self) -> None:
+        if self.tty:
+            print(file=self.stream, flush=True)
+
+
+def _learn_tokenizer(path: str, kind: str, vocab_size: int, progress: _Progress):
+    """Pass 1 over the text: its set of characters (char), or its chunk counts (bpe), and the
+    tokenizer they make: the same one gpt.train makes from the whole text."""
+    what = "pass 1 of 2, vocabulary"
+    if kind == "char":
+        from .tokenizer import CharTokenizer
+
+        seen = np.zeros(UNICODE_SIZE, dtype=bool)  # seen[code point]
+        for piece, done in read_pieces(path):
+            seen[_codepoints(piece)] = True
+            progress(what, done)
+        return CharTokenizer(chr(c) for c in np.flatnonzero(seen))  # sorted, as from_text
+    from .bpe import BPETokenizer
+
+    counts: Counter = Counter()
+    for chunks, done in text_chunks(read_pieces(path)):
+        counts.update(chunks)
+        progress(what, done)
+    return BPETokenizer.train_on_chunks(counts, vocab_size)
+
+
+def _encoded_pieces(path: str, tokenizer) -> Iterator[tuple[np.ndarray, int]]:
+    """Pass 2 over the text: its token ids, piece by piece (int64 arrays), with the bytes read
+    so far."""
+    if tokenizer.to_dict()["kind"] == "char":
+        table = np.full(UNICODE_SIZE, -1, dtype=np.int64)  # code point -> id (-1: unknown)
+        table[[ord(c) for c in tokenizer.chars]] = np.arange(len(tokenizer.chars))
+        for piece, done in read_pieces(path):
+            ids = table[_codepoints(piece)]
+            if ids.min() < 0:
+                raise UserError(f"{path!r} changed while it was read (it has characters the "
+                                "first pass did not see); prepare it again once it is written")
+            yield ids, done
+    else:
+        for chunks, done in text_chunks(read_pieces(path)):
+            yield np.asarray(tokenizer.encode_chunks(chunks), dtype=np.int64), done
+
+
+def prepare(text: str | os.PathLike, out: str | os.PathLike, tokenizer: str = "char",
+            vocab_size: int | None = None, progress: TextIO | None = sys.stderr) -> dict:
+    """Tokenize the UTF-8 file `text` into the token files of the new folder `out`:
+    train.bin (the first 90% of the ids) and val.bin (the rest), flat token_dtype(vocab)
+    arrays; tokenizer.json (the tokenizer's to_dict()); meta.json (what load_token_dir
+    checks). The text is read twice, a piece at a time (vocabulary, then ids), so its size
+    is bounded by the disk, not the memory. Everything is written into a temporary folder
+    beside `out`, which becomes `out` by one rename at the end: a failure or Ctrl-C leaves
+    nothing behind. `out` must not exist yet, or be an empty folder. Returns meta.json's dict.
+
+    tokenizer "char": one id per character of the text (gpt.tokenizer.CharTokenizer);
+    "bpe": byte-level BPE trained on the text with vocab_size (default 512) ids."""
+    text, out = check_text_file(text, None), os.fspath(out)
+    vocab_size = _check_prepare_settings(out, tokenizer, vocab_size)
+    size = os.path.getsize(text)
+    if size == 0:
+        raise _empty(text, None)
+    progress_line = _Progress(size, progress)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", dir=parent,
+                             suffix=".tmp")
+    try:
+        tok = _learn_tokenizer(text, tokenizer, vocab_size, progress_line)
+        dtype = token_dtype(tok.vocab_size)
+        ids_path = os.path.join(stage, TRAIN_FILE)  # all ids first; the tail moves to val.bin
+        n = 0
+        with open(ids_path, "wb") as f:
+            for ids, done in _encoded_pieces(text, tok):
+                f.write(ids.astype(dtype).tobytes())
+                n += len(ids)
+                progress_line("pass 2 of 2, token ids", done)
+            progress_line.end()
+            f.flush()  # the copy below reads what is written so far
+            n_train = int(n * (1.0 - VAL_FRACTION))  # the split split_ids makes
+            if n_train < 1 or n - n_train < 1:
+                raise UserError(f"{text!r} has {n} token(s): too few to split 90/10 into "
+                                "train and val; give it more text")
+            with open(os.path.join(stage, VAL_FILE), "wb") as val, open(ids_path, "rb") as src:
+                src.seek(n_train * dtype.itemsize)
+                shutil.copyfileobj(src, val, 1 << 22)
+                val.flush()
+                os.fsync(val.fileno())
+            f.truncate(n_train * dtype.itemsize)
+            f.flush()
+            os.fsync(f.fileno())
+        meta = {"format": TOKEN_FORMAT, "source": text, "source_bytes": size,
+                "tokenizer": tok.to_dict()["kind"], "vocab_size": tok.vocab_size,
+                "dtype": dtype.name, "val_fraction": VAL_FRACTION,
+                "train_tokens": n_train, "val_tokens": n - n_train}
+        for name, obj in ((TOKENIZER_FILE, tok.to_dict()), (META_FILE, meta)):
+            atomic_write(os.path.join(stage, name), (json.dumps(obj, indent=1) + "\n").encode())
+        os.chmod(stage, 0o755)  # mkdtemp made it private
+        os.rename(stage, out)  # atomic; replaces `out` only if it is an empty folder
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+    return meta
+
+
+def _check_prepare_settings(out: str, tokenizer: str, vocab_size: int | None) -> int:
+    """The vocab_size to train (bpe) after checking the settings and that `out` is free."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"{out!r} is a file; give the path of a new folder", field="out")
+    if os.path.isdir(out) and os.listdir(out):
+        raise UserError(f"{out!r} is not empty; give a new folder (prepare never writes over "
+                        "one)", field="out")
+    if tokenizer not in ("char", "bpe"):
+        raise UserError(f"must be char or bpe, got {tokenizer!r}", field="tokenizer")
+    if tokenizer == "char":
+        if vocab_size is not None:
+            raise UserError("is for --tokenizer bpe; the char tokenizer takes one id per "
+                            "character of the text", field="vocab_size")
+        return 0
+    from .config import LIMITS
+
+    vocab_size = 512 if vocab_size is None else vocab_size
+    if not 258 <= vocab_size <= LIMITS["vocab_size"]:
+        raise UserError(f"must be in [258, {LIMITS['vocab_size']:,}] for BPE (256 bytes + BOS "
+                        f"+ EOS at least), got {vocab_size}", field="vocab_size")
+    return vocab_size
+
+
+@dataclass
+class TokenData:
+    """A prepared data folder (load_token_dir): the train and val ids as read-only memmaps
+    (flat, token_dtype), the tokenizer they were made with, and meta.json."""
+
+    path: str
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: Any
+    meta: dict
+
+
+def is_token_dir(path: str | os.PathLike) -> bool:
+    """Does `path` name a folder (so gpt.train reads it as token files, not as text)?"""
+    return os.path.isdir(path)
+
+
+def load_token_dir(path: str | os.PathLike, check_ids: bool = True) -> TokenData:
+    """Map the token files of a folder made by `prepare`, after checking them against
+    meta.json: the format, the tokenizer's vocabulary size, each file's size (a truncated or
+    grown file is refused) and, with check_ids, every id (< vocab_size; one pass in pieces,
+    through read(), so the check leaves nothing of the files in memory). UserError (one line,
+    field "data") on any disagreement."""
+    path = os.fspath(path)
+    redo = f"make it again with `python -m gpt.data prepare TEXT --out {path}`"
+
+    def refuse(why: str) -> UserError:
+        return UserError(f"folder {path!r} {why}; {redo}", field="data")
+
+    if not os.path.isfile(os.path.join(path, META_FILE)):
+        raise UserError(f"folder {path!r} holds no {META_FILE}: give a UTF-8 text file, or a "
+                        f"folder made by `python -m gpt.data prepare TEXT --out {path}`",
+                        field="data")
+    docs = {}
+    for name in (META_FILE, TOKENIZER_FILE):
+        try:
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                docs[name] = json.load(f)
+        except (OSError, ValueError) as e:
+            raise refuse(f"has an unreadable {name} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    meta = docs[META_FILE]
+    counts = _check_meta(meta, refuse)
+    dtype, vocab = np.dtype(meta["dtype"]), meta["vocab_size"]
+    try:
+        from .tokenizer import tokenizer_from_dict
+
+        tokenizer = tokenizer_from_dict(docs[TOKENIZER_FILE])
+    except (ValueError, TypeError, AttributeError) as e:
+        raise refuse(f"has an invalid {TOKENIZER_FILE} ({e})") from None
+    if tokenizer.vocab_size != vocab:
+        raise refuse(f"disagrees with itself: {TOKENIZER_FILE} has {tokenizer.vocab_size} ids, "
+                     f"{META_FILE} says vocab_size {vocab}")
+    splits = {}
+    for split, name in (("train", TRAIN_FILE), ("val", VAL_FILE)):
+        file, n = os.path.join(path, name), counts[split]
+        if not os.path.isfile(file):
+            raise refuse(f"has no {name}")
+        size, want = os.path.getsize(file), n * dtype.itemsize
+        if size != want:
+            what = "truncated" if size < want else "longer than written"
+            raise refuse(f"has a {name} of {size:,} bytes where {META_FILE} says {n:,} "
+                         f"{dtype.name} tokens ({want:,} bytes): it is {what}")
+        if check_ids:
+            bad = _first_id_at_least(file, dtype, vocab)
+            if bad is not None:
+                raise refuse(f"has token id {bad[1]} at position {bad[0]:,} of {name}, outside "
+                             f"the vocabulary of {vocab} ids")
+        splits[split] = np.memmap(file, dtype=dtype, mode="r", shape=(n,))
+    return TokenData(path, splits["train"], splits["val"], tokenizer, meta)
+
+
+def forget_pages(ids: np.ndarray) -> None:
+    """Drop the pages of a token file that batches have touched from this process's mapping
+    of it (madvise MADV_DONTNEED; a no-op for an array in memory, or where there is no
+    madvise). Each window a batch reads maps the file's pages around it (the kernel maps up to
+    64 KB around a fault), so over a long run every page of a large file would end up counted
+    in the process's resident memory; gpt.train calls this every log_interval steps. The
+    pages stay in the system's file cache: reading them again is a memory read."""
+    mapping = getattr(ids, "_mmap", None)  # np.memmap's mmap.mmap
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
+@dataclass(frozen=True)
+class TokenWindows:
+    """Windows of a token file by reference: the file (path, dtype, length), the windows'
+    starts and block_size. It pickles in a few bytes, so a worker process can be sent this
+    instead of a batch's rows and read them itself: batch() maps the file (once per process)
+    and cuts the same x, y that windows() cuts in the parent."""
+
+    path: str
+    dtype: str
+    length: int
+    starts: np.ndarray  # (B,) int64
+    block_size: int
+
+    @classmethod
+    def of(cls, ids: np.ndarray, starts: np.ndarray, block_size: int) -> TokenWindows | None:
+        """The windows `starts` of a token file's memmap (load_token_dir's); None for ids
+        held in memory (nothing to read elsewhere)."""
+        if not isinstance(ids, np.memmap) or not ids.filename or ids.offset or ids.ndim != 1:
+            return None
+        return cls(os.path.abspath(ids.filename), ids.dtype.name, len(ids),
+                   np.asarray(starts, dtype=np.int64), block_size)
+
+    def rows(self, r: slice) -> TokenWindows:
+        """The windows of rows r of the batch."""
+        return TokenWindows(self.path, self.dtype, self.length, self.starts[r], self.block_size)
+
+    def batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """x, y of these windows (int64 (B, T)), read from this process's map of the file."""
+        key = (self.path, self.dtype, self.length)
+        ids = _mapped.get(key)
+        if ids is None:
+            ids = _mapped[key] = np.memmap(self.path, dtype=self.dtype, mode="r",
+                                           shape=(self.length,))
+        x, y = windows(ids, self.starts, self.block_size)
+        _reads[key] = _reads.get(key, 0) + 1
+        if _reads[key] % 16 == 0:  # keep this process's resident memory from growing
+            forget_pages(ids)
+        return x, y
+
+
+_mapped: dict[tuple, np.memmap] = {}  # (path, dtype, length) -> this process's map of it
+_reads: dict[tuple, int] = {}  # batches read through each map (forget_pages every 16)
+
+
+def _check_meta(meta: Any, refuse: Callable[[str], UserError]) -> dict[str, int]:
+    """{"train": tokens, "val": tokens} from a meta.json, after checking its fields."""
+    if not isinstance(meta, dict) or meta.get("format") != TOKEN_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise refuse(f"has a {META_FILE} of format {got!r}, not {TOKEN_FORMAT!r}")
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        raise refuse(f"has a {META_FILE} whose dtype is {meta.get('dtype')!r}, not uint16 or "
+                     "uint32")
+    vocab = meta.get("vocab_size")
+    if type(vocab) is not int or not 1 <= vocab <= np.iinfo(meta["dtype"]).max + 1:
+        raise refuse(f"has a {META_FILE} whose vocab_size {vocab!r} does not fit its dtype "
+                     f"{meta['dtype']}")
+    counts = {split: meta.get(f"{split}_tokens") for split in ("train", "val")}
+    if not all(type(n) is int and n >= 1 for n in counts.values()):
+        raise refuse(f"has a {META_FILE} without positive train_tokens and val_tokens")
+    return counts
+
+
+def _first_id_at_least(file: str, dtype: np.dtype, limit: int,
+                       piece: int = 1 << 22) -> tuple[int, int] | None:
+    """(position, id) of the first id >= limit in the flat `dtype` file, or None. Reads it a
+    piece at a time into one buffer (no memory map, so no page of it stays in this process)."""
+    buf = np.empty(piece, dtype=dtype)
+    view = memoryview(buf).cast("B")
+    start = 0
+    with open(file, "rb") as f:
+        while True:
+            got = f.readinto(view) // dtype.itemsize
+            if got == 0:
+                return None
+            part = buf[:got]
+            if part.max() >= limit:
+                i = int(np.argmax(part >= limit))
+                return start + i, int(part[i])
+            start += got
 
 
 # ---- python -m gpt.data shakespeare ------------------------------------------------------------
@@ -133,12 +561,24 @@ def build_parser() -> cli.Parser:
                              help="where to write the text file")
     shakespeare.add_argument("--url", default=SHAKESPEARE_URL,
                              help="where to fetch it from (file:// URLs work)")
+    prep = sub.add_parser(
+        "prepare", help="tokenize a text file once into token files for gpt.train --data DIR"
+    )
+    prep.add_argument("text", metavar="TEXT", help="the UTF-8 text file to tokenize")
+    prep.add_argument("--out", required=True, metavar="DIR",
+                      help="the new folder for train.bin, val.bin, tokenizer.json, meta.json")
+    prep.add_argument("--tokenizer", choices=("char", "bpe"), default="char",
+                      help="char: one id per character; bpe: byte-level BPE trained on TEXT")
+    prep.add_argument("--vocab-size", type=int, default=None, metavar="N",
+                      help="BPE vocabulary size (with --tokenizer bpe; default 512)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     def command() -> int:
         args = build_parser().parse_args(argv)
+        if args.command == "prepare":
+            return prepare_command(args.text, args.out, args.tokenizer, args.vocab_size)
         try:
             path = download_shakespeare(args.out, args.url)
         except OSError as e:
@@ -147,6 +587,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return cli.run(command)
+
+
+def prepare_command(text: str, out: str, tokenizer: str, vocab_size: int | None) -> int:
+    """`python -m gpt.data prepare`: prepare(), then one line saying what was written."""
+    t0 = time.perf_counter()
+    try:
+        meta = prepare(text, out, tokenizer, vocab_size)
+    except OSError as e:
+        raise UserError(f"could not prepare {out!r}: {e.strerror or e}; nothing was written") \
+            from None
+    seconds = time.perf_counter() - t0
+    mb = meta["source_bytes"] / 1e6
+    print(f"wrote {out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
+          f"({meta['dtype']}, {meta['tokenizer']} vocabulary of {meta['vocab_size']}) from "
+          f"{mb:,.1f} MB in {seconds:.1f} s ({mb / max(seconds, 1e-9):,.1f} MB/s); train on "
+          f"it with python -m gpt.train --data {out}")
+    return 0
 
 
 if __name__ == "__main__":

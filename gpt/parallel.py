@@ -58,6 +58,7 @@ class _Spec:
     key: str
     config: dict  # GPTConfig.to_dict()
     dtype: str
+    matmul_dtype: str | None  # "bfloat16" for a mixed-precision model (its weights: dtype)
     layout: tuple  # ((name, shape, offset), ...) of each parameter in the flat vector
     size: int  # total number of parameter values
     threads: int | None  # BLAS/numexpr threads in the worker (None: leave as is)
@@ -114,6 +115,7 @@ class DataParallel(ShardedStep):
             threads_per_worker = max(1, available_cores() // self.workers)
         self.spec = _Spec(
             key=uuid.uuid4().hex, config=model.config.to_dict(), dtype=model.dtype.name,
+            matmul_dtype=model.matmul_dtype,
             layout=tuple(layout), size=size, threads=threads_per_worker, kernels=path,
             weights_path=self.transport.paths[0], grads_path=self.transport.paths[1],
             shards=self.workers,
@@ -404,7 +406,7 @@ def _worker_model(spec: _Spec):
         tensorlite.kernels.use_kernels(spec.kernels)  # the parent chose it: no second fallback line
         if spec.threads is not None:
             tensorlite.set_num_threads(spec.threads)
-        model = GPT(GPTConfig.from_dict(spec.config), dtype=spec.dtype)
+        model = GPT(GPTConfig.from_dict(spec.config), dtype=spec.matmul_dtype or spec.dtype)
         grads = None
         if spec.weights_path is not None:  # parameters become read-only views of the file
             flat = np.memmap(spec.weights_path, dtype=spec.dtype, mode="r", shape=(spec.size,))

@@ -30,6 +30,7 @@ import tensorlite
 from tensorlite import no_grad
 
 from . import cli
+from .bpe import REPLACEMENT_CHAR, REPLACEMENT_NOTE
 from .config import SampleConfig, check_sampling
 from .errors import UserError
 from .model import GPT
@@ -193,10 +194,11 @@ def generate(
     return tokenizer.decode(ids + list(new))
 
 
-def print_streaming(text_start: str, tokens: Iterator[int], tokenizer, out=None) -> None:
+def print_streaming(text_start: str, tokens: Iterator[int], tokenizer, out=None) -> bool:
     """Write `text_start`, then each token's text as soon as it is drawn (flushed), so long
     samples show progress and Ctrl-C keeps what was printed. Byte-level tokens (BPE) go
-    through an incremental UTF-8 decoder, so a character split over two tokens prints whole."""
+    through an incremental UTF-8 decoder, so a character split over two tokens prints whole.
+    Returns whether the text shows U+FFFD (bytes that are not whole UTF-8 characters)."""
     import codecs
 
     out = out or sys.stdout
@@ -204,14 +206,20 @@ def print_streaming(text_start: str, tokens: Iterator[int], tokenizer, out=None)
     out.flush()
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     by_bytes = hasattr(tokenizer, "decode_bytes")
+    replaced = REPLACEMENT_CHAR in text_start
     try:
         for t in tokens:
-            out.write(utf8.decode(tokenizer.decode_bytes([t])) if by_bytes
-                      else tokenizer.decode([t]))
+            piece = utf8.decode(tokenizer.decode_bytes([t])) if by_bytes else tokenizer.decode([t])
+            replaced = replaced or REPLACEMENT_CHAR in piece
+            out.write(piece)
             out.flush()
+        tail = utf8.decode(b"", final=True) if by_bytes else ""  # a character cut at the end
+        replaced = replaced or REPLACEMENT_CHAR in tail
+        out.write(tail)
     finally:
         out.write("\n")
         out.flush()
+    return replaced
 
 
 # ---- the command line -------------------------------------------------------------------------
@@ -227,7 +235,7 @@ def sample(cfg: SampleConfig) -> int:
 
     cfg.validate()
     tensorlite.set_num_threads(SAMPLING_THREADS)
-    model, tokenizer = load_model(cfg.out_dir, latest=cfg.latest)
+    model, tokenizer = load_model(cfg.out_dir, cfg.dtype, latest=cfg.latest)
     if cfg.prompt:
         ids = tokenizer.encode(cfg.prompt)  # unknown characters: ValueError naming them
         if ids and max(ids) >= model.config.vocab_size:
@@ -236,13 +244,16 @@ def sample(cfg: SampleConfig) -> int:
                 f"{model.config.vocab_size}; the checkpoint's tokenizer and model disagree"
             )
     rng = np.random.default_rng(cfg.seed)
+    replaced = False
     for n in range(cfg.num_samples):
         if cfg.num_samples > 1:
             print(f"{chr(10) if n else ''}---------- sample {n + 1} ----------", flush=True)
         ids = prompt_ids(tokenizer, cfg.prompt)
         tokens = sample_tokens(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                cfg.top_p, rng, tokenizer.eos_id, not cfg.no_kv_cache)
-        print_streaming(tokenizer.decode(ids), tokens, tokenizer)
+        replaced = print_streaming(tokenizer.decode(ids), tokens, tokenizer) or replaced
+    if replaced:  # on stderr: stdout keeps only the samples
+        print(REPLACEMENT_NOTE, file=sys.stderr)
     return 0
 
 

@@ -5,55 +5,64 @@ page to try it in a browser. The only importer of the web stack (Starlette on uv
 
     python -m gpt.serve --out-dir out --port 8000 --api-key KEY
 
-Each request samples in a worker thread of its own, with its own KV cache and random
-generator, so the event loop goes on serving other clients while the model works, and a
-client that disconnects stops its generation after the current token.
+The model runs in one thread, the Batcher (gpt/batching.py): the sequences of all requests
+advance together, one batched decoder step per token, each with its own KV cache slot,
+settings and random generator; the event loop goes on serving other clients meanwhile, and a
+client that disconnects leaves its slot within a step. --max-batch, --max-queue and
+--time-limit bound the work; GET /metrics reports it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import hmac
 import ipaddress
 import json
+import logging
+import math
 import os
 import signal
 import socket
 import sys
 import threading
 import time
-import traceback
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import cli
 from .api import (
     Answer,
-    Choice,
     CompletionRequest,
     RequestError,
     encode_prompt,
     parse_request,
-    sample_choice,
+    quote,
 )
-from .config import setting
+from .batching import Batcher, QueueFull, Sequence, ServeMetrics
+from .config import SampleDtype, check_choice, setting
 from .errors import UserError
 from .sample import SAMPLING_THREADS  # BLAS threads while serving (why: see gpt/sample.py)
 
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB gets 413
-PUBLIC_PATHS = ("/", "/health")  # served without the API key (the page holds no secrets)
+BODY_TIMEOUT_S = 30.0  # a request body still arriving after this long gets 408
+PUBLIC_PATHS = ("/", "/health", "/favicon.ico")  # no API key needed (they hold no secrets)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # the Host names a loopback bind accepts
+log = logging.getLogger("gpt.serve")
 
 
 @dataclass
@@ -74,6 +83,17 @@ class ServeConfig:
                                      shown="the run folder's name", metavar="NAME")
     latest: bool = setting(False, "serve the latest checkpoint (OUT/checkpoint) instead of the "
                            "one with the lowest val loss (OUT/best, when it exists)")
+    dtype: SampleDtype = setting("checkpoint", "compute in float32, float64 or bfloat16 (bf16 "
+                                 "matmul operands); checkpoint: as the run trained")
+    max_batch: int = setting(8, "sequences decoded together, one batched step per token (a "
+                             "request's n choices count n)")
+    max_queue: int = setting(64, "sequences that may wait for a free slot; past that a request "
+                             "gets 429 with Retry-After")
+    time_limit: float = setting(300.0, "seconds a request may take, waiting included; then its "
+                                "choices end with finish_reason 'length' (0: no limit)",
+                                metavar="SECONDS")
+    max_connections: int = setting(256, "connections served at once; past that uvicorn answers "
+                                   "503")
 
     def validate(self) -> ServeConfig:
         """Raise UserError (one line) for values that cannot work; return self."""
@@ -83,6 +103,7 @@ class ServeConfig:
             raise UserError(f"must be in 0..65535, got {self.port}", field="port")
         if self.max_tokens < 1:
             raise UserError(f"must be >= 1, got {self.max_tokens}", field="max_tokens")
+        check_choice(self, "dtype")
         for origin in self.cors_origin:
             scheme, sep, rest = origin.partition("://")
             if origin != "*" and (scheme not in ("http", "https") or not sep or not rest
@@ -91,74 +112,135 @@ class ServeConfig:
                                 "no path, e.g. http://localhost:3000", field="cors_origin")
         if self.model_name is not None and not self.model_name.strip():
             raise UserError("is empty", field="model_name")
+        for name in ("max_batch", "max_connections"):
+            if getattr(self, name) < 1:
+                raise UserError(f"must be >= 1, got {getattr(self, name)}", field=name)
+        if self.max_queue < 0:
+            raise UserError(f"must be >= 0, got {self.max_queue}", field="max_queue")
+        if not self.time_limit >= 0 or self.time_limit == math.inf:
+            raise UserError(f"must be a number of seconds >= 0 (0: no limit), got "
+                            f"{self.time_limit}", field="time_limit")
         return self
 
 
-# ---- one request's sampling, in a worker thread -------------------------------------------------
+# ---- one request's sampling, in the batcher's thread ------------------------------------------
+def choice_rngs(seed: int | None, n: int, max_tokens: int) -> list[np.random.Generator]:
+    """A random generator per choice. With a seed, choice j's generator is gpt.sample's (one
+    generator for all n, in order) as it stands after choices 0..j-1 drew max_tokens numbers
+    each (one per token): the n choices can then be sampled side by side and still give
+    `python -m gpt.sample --num-samples n`'s texts. (A choice cut short by a stop string draws
+    fewer; the next choice starts where it would have after all max_tokens.)"""
+    if seed is None:
+        return [np.random.default_rng() for _ in range(n)]
+    return [np.random.Generator(np.random.PCG64(seed).advance(j * max_tokens)) for j in range(n)]
+
+
+class Mailbox:
+    """Events from the batcher's thread to the event loop, handed over once per step: one
+    wake-up of the loop (a write to its self-pipe) for all the tokens of a step, not one per
+    token of each sequence."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pending: list[tuple] = []  # (loop, queue, event)
+
+    def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: tuple) -> None:
+        with self.lock:
+            self.pending.append((loop, queue, event))
+
+    def flush(self) -> None:  # the Batcher's after_step
+        with self.lock:
+            batch, self.pending = self.pending, []
+        loops: dict = {}
+        for loop, queue, event in batch:
+            loops.setdefault(loop, []).append((queue, event))
+        for loop, items in loops.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: the server is stopping
+                loop.call_soon_threadsafe(deliver, items)
+
+
+def deliver(items: list[tuple]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 class Generation:
-    """The choices of one request, sampled in a thread of their own (the event loop never waits
-    on the model). The thread sends events back through an asyncio queue:
-    ("text", index, piece), ("end", index, finish_reason), ("error", message), ("done",).
-    `cancel()` stops it after the current token."""
+    """The choices of one request, decoded by the server's Batcher among everyone else's. The
+    batcher's thread sends events back (through the Mailbox, into an asyncio queue):
+    ("token", index, piece, logprob entries, offset), ("end", index, finish_reason),
+    ("error", message); event_batches() stops when every choice has ended. `cancel()` makes
+    the batcher drop them within a step."""
 
     def __init__(self, app_state: ModelState, ids: list[int], req: CompletionRequest):
-        self.state, self.ids, self.req = app_state, ids, req
-        self.choices = [Choice(i) for i in range(req.n)]
+        self.state, self.req = app_state, req
         self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="gpt.serve sampling", daemon=True)
+        tokenizer, block = app_state.tokenizer, app_state.model.config.block_size
+        deadline = time.perf_counter() + (app_state.time_limit or math.inf)
+        self.seqs = [Sequence(req, ids or [tokenizer.bos_id], rng, j, tokenizer, self._emit,
+                              deadline, block)
+                     for j, rng in enumerate(choice_rngs(req.seed, req.n, req.max_tokens))]
+        self.choices = [seq.choice for seq in self.seqs]
+        self.unfinished = req.n
 
     def start(self) -> None:
-        self._thread.start()
+        """Queue the choices; a RequestError (429, Retry-After) when the queue is full."""
+        batcher = self.state.batcher
+        if len(self.seqs) > batcher.max_batch + batcher.max_queue:  # could never fit
+            raise RequestError(f"'n' is {len(self.seqs)} but this server decodes at most "
+                               f"{batcher.max_batch} sequences with {batcher.max_queue} "
+                               "waiting (its --max-batch and --max-queue)", "n")
+        try:
+            self.state.batcher.submit(self.seqs)
+        except QueueFull:
+            raise RequestError("the server is busy: its queue of requests waiting for a slot "
+                               "is full; try again in a moment", status=429,
+                               code="rate_limit_exceeded", type="rate_limit_error") from None
+        self.state.count(active=+1)
 
     def cancel(self) -> None:
-        self.cancelled.set()
+        for seq in self.seqs:
+            seq.cancelled = True
 
-    def _emit(self, *event) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: the server is shutting down
-            self.cancelled.set()
+    def _emit(self, kind: str, *data) -> None:  # in the batcher's thread
+        if kind == "token":
+            self.state.count(sampled=1)
+        elif kind == "end":
+            self.unfinished -= 1
+            if self.unfinished == 0:
+                self.state.count(active=-1)
+        self.state.mailbox.post(self._loop, self.events, (kind, *data))
 
-    def _run(self) -> None:
-        model, tokenizer, req = self.state.model, self.state.tokenizer, self.req
-        self.state.count(active=+1)
-        try:
-            rng = np.random.default_rng(req.seed)  # one generator for all n, as gpt.sample's
-            for choice in self.choices:
-                for piece in sample_choice(model, tokenizer, self.ids, req, rng, choice):
-                    self.state.count(sampled=1)
-                    if self.cancelled.is_set():
-                        return
-                    if piece:
-                        self._emit("text", choice.index, piece)
-                self._emit("end", choice.index, choice.finish_reason)
-        except Exception as e:  # noqa: BLE001 - a bug, not a bad request: log it, tell the client
-            traceback.print_exc()
-            self._emit("error", f"sampling failed: {type(e).__name__}: {e}")
-        finally:
-            self._emit("done")
-            self.state.count(active=-1)
-
-    async def all_events(self) -> AsyncIterator[tuple]:
-        """The events as they come, up to (not including) "done"."""
-        while True:
-            event = await self.events.get()
-            if event[0] == "done":
-                return
-            yield event
+    async def event_batches(self) -> AsyncIterator[list[tuple]]:
+        """The events as they come, a list of all that are waiting at a time, until every
+        choice has ended (or an error)."""
+        ended = 0
+        while ended < len(self.seqs):
+            batch = [await self.events.get()]
+            while not self.events.empty():
+                batch.append(self.events.get_nowait())
+            for i, event in enumerate(batch):
+                ended += event[0] == "end"
+                if event[0] == "error":
+                    yield batch[: i + 1]
+                    return
+            yield batch
 
 
 @dataclass
 class ModelState:
-    """What the requests share: the model (read only), its name and limits, and counters."""
+    """What the requests share: the model (read only), its name and limits, the batcher that
+    decodes them, and counters."""
 
     model: object
     tokenizer: object
     name: str
     max_tokens: int
-    active: int = 0  # generations running now
+    batcher: Batcher | None = None
+    metrics: ServeMetrics | None = None
+    mailbox: Mailbox | None = None
+    time_limit: float | None = None  # seconds a request may take, queue included
+    active: int = 0  # requests being generated now
     sampled: int = 0  # tokens sampled since the start
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -179,24 +261,44 @@ def sse(obj) -> str:
     return f"data: {data}\n\n"
 
 
-async def read_json(request: Request):
-    """The request's JSON body; 413 past MAX_BODY_BYTES, 400 if it is not JSON."""
+async def read_json(request: Request, timeout: float = BODY_TIMEOUT_S):
+    """The request's JSON body; 415 unless it says it is JSON, 413 past MAX_BODY_BYTES, 408
+    when it has not all come within `timeout` seconds, 400 if it is not JSON.
+
+    Requiring `Content-Type: application/json` keeps other web pages out: a page may POST
+    text/plain anywhere without asking first, but application/json needs a CORS preflight."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise RequestError(f"the request body must be JSON, sent with 'Content-Type: "
+                           f"application/json' (got {quote(kind or 'none')})", status=415,
+                           code="unsupported_media_type")
     too_big = RequestError(f"the request body is over the limit of {MAX_BODY_BYTES} bytes",
                            status=413, code="request_too_large")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > MAX_BODY_BYTES:
         raise too_big
-    body, size = bytearray(), 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise too_big
-        body += chunk
+    body = bytearray()
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > MAX_BODY_BYTES:
+                raise too_big
+            body.extend(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(f"the request body did not arrive within {timeout:g} s",
+                           status=408, code="request_timeout") from None
+    except ClientDisconnect:  # nobody to answer: one line in the log, no traceback
+        log.warning("gpt.serve: a client went away while sending its request (%s %s)",
+                    request.method, request.url.path)
+        raise
     try:
         return json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # not UTF-8 or not JSON; too deep; a huge int
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise RequestError(f"the request body is not valid JSON ({why})",
+        raise RequestError(f"the request body is not valid JSON ({quote(why)[1:-1]})",
                            code="invalid_json") from None
 
 
@@ -209,15 +311,27 @@ async def until_disconnected(request: Request) -> None:
 class App:
     """The routes, bound to one ModelState."""
 
-    def __init__(self, state: ModelState):
-        self.state = state
+    def __init__(self, state: ModelState, body_timeout: float = BODY_TIMEOUT_S):
+        self.state, self.body_timeout = state, body_timeout
         self.page = resources.files("gpt").joinpath("serve.html").read_text(encoding="utf-8")
+        self.page_headers = {"Cache-Control": "no-cache", "X-Frame-Options": "DENY",
+                             "Content-Security-Policy": page_policy(self.page)}
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def page_html(self, request: Request) -> Response:
-        return HTMLResponse(self.page, headers={"Cache-Control": "no-cache"})
+        return HTMLResponse(self.page, headers=self.page_headers)
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus' text format: requests, tokens, sequences active and queued, and the
+        histograms of batch size, time to first token and time per token."""
+        batcher = self.state.batcher
+        text = self.state.metrics.text(len(batcher.active), batcher.queued)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def favicon(self, request: Request) -> Response:
+        return Response(status_code=204)  # no icon (browsers ask for one on every page)
 
     async def models(self, request: Request) -> Response:
         card = {"id": self.state.name, "object": "model", "created": 0, "owned_by": "gpt.serve"}
@@ -230,25 +344,41 @@ class App:
         return await self.complete(request, chat=True)
 
     async def complete(self, request: Request, chat: bool) -> Response:
+        endpoint = "chat/completions" if chat else "completions"
+        try:
+            response = await self.answer(request, chat)
+        except RequestError as e:
+            self.state.metrics.request(endpoint, e.status)
+            if e.status == 429:
+                return error_response(e, {"Retry-After": "1"})
+            raise
+        self.state.metrics.request(endpoint, response.status_code)
+        return response
+
+    async def answer(self, request: Request, chat: bool) -> Response:
         state = self.state
-        req = parse_request(await read_json(request), chat, state.max_tokens)
-        # encoding a long prompt (BPE) takes a while: not on the event loop either
+        req = parse_request(await read_json(request, self.body_timeout), chat, state.max_tokens, state.name)
+        # encoding a long prompt (BPE) takes a while: not on the event loop either. Only the
+        # last block_size tokens are kept: the model never reads further back.
+        cfg = state.model.config
         ids = await asyncio.to_thread(encode_prompt, state.tokenizer, req.prompt,
-                                      state.model.config.vocab_size, chat)
+                                      cfg.vocab_size, chat, cfg.block_size)
         gen = Generation(state, ids, req)
-        answer = Answer(state.name, chat)
+        answer = Answer(state.name, chat, state.tokenizer, req.logprobs is not None)
+        gen.start()  # 429 when the queue is full
         if req.stream:
+            # (the background task cancels too: a client gone before the stream starts)
             return StreamingResponse(self.stream(gen, answer, len(ids)),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
-        gen.start()
+                                              "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(gen.cancel))
         try:
             waiting = asyncio.ensure_future(until_disconnected(request))
             try:
-                async for event in gen.all_events():
-                    if event[0] == "error":
-                        raise RequestError(event[1], status=500, code="server_error",
+                async for batch in gen.event_batches():
+                    if batch[-1][0] == "error":
+                        raise RequestError(batch[-1][1], status=500, code="server_error",
                                            type="server_error")
                     if waiting.done():  # the client has gone: stop sampling for nobody
                         return Response(status_code=499)
@@ -263,25 +393,90 @@ class App:
         """The server-sent events of one streamed request: a chunk per piece of text, a last
         chunk per choice with its finish_reason, then [DONE]. If the client disconnects,
         Starlette cancels this generator and the `finally` stops the sampling."""
-        gen.start()
         try:
             if answer.chat:
                 for c in gen.choices:
                     yield sse(answer.chunk(c.index, role=True))
-            async for event in gen.all_events():
-                if event[0] == "text":
-                    yield sse(answer.chunk(event[1], text=event[2]))
-                elif event[0] == "end":
-                    yield sse(answer.chunk(event[1], finish_reason=event[2]))
-                else:  # "error": the status line has gone out already
-                    yield sse(RequestError(event[1], status=500, code="server_error",
-                                           type="server_error").body())
-                    return
+            async for batch in gen.event_batches():  # one write for all that have come
+                out = []
+                for event in batch:
+                    if event[0] == "token":
+                        if event[2] and not answer.logprobs:  # (text held back: nothing)
+                            out.append(answer.text_event(event[1], event[2]))
+                        elif event[2]:
+                            out.append(sse(answer.chunk(event[1], text=event[2],
+                                                        logprobs=event[3], offset=event[4])))
+                    elif event[0] == "end":
+                        out.append(sse(answer.chunk(event[1], finish_reason=event[2])))
+                    else:  # "error": the status line has gone out already
+                        out.append(sse(RequestError(event[1], status=500, code="server_error",
+                                                    type="server_error").body()))
+                        yield "".join(out)
+                        return
+                if out:
+                    yield "".join(out)
             if gen.req.include_usage:
                 yield sse(answer.usage_chunk(gen.choices, prompt_tokens))
             yield sse("[DONE]")
         finally:
             gen.cancel()
+
+
+def page_policy(page: str) -> str:
+    """The page's Content-Security-Policy: nothing from elsewhere, no frames around it, and only
+    its own inline script and style (named by their SHA-256), talking to this server."""
+    def digest(tag: str) -> str:
+        body = page.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+    return (f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; "
+            "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
+
+
+class Guard:
+    """ASGI middleware, outermost: refuses what must never reach the routes, and marks every
+    answer `X-Content-Type-Options: nosniff`.
+    - both Transfer-Encoding and Content-Length (behind a proxy that reads the other one, the
+      rest of the body would be taken as a second request: request smuggling): 400;
+    - with `loopback_only`, a Host that is not a loopback name (a web page on a DNS name that
+      now points at 127.0.0.1, "DNS rebinding", would send its own name): 421."""
+
+    def __init__(self, app, loopback_only: bool):
+        self.app, self.loopback_only = app, loopback_only
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        err = None
+        if "transfer-encoding" in headers and "content-length" in headers:
+            err = RequestError("a request may not have both Transfer-Encoding and "
+                               "Content-Length", code="bad_request")
+        elif self.loopback_only and not loopback_host(headers.get("host", "")):
+            err = RequestError(f"this server answers only to {', '.join(LOOPBACK_HOSTS)} "
+                               f"(got Host {quote(headers.get('host', ''))}); to serve other "
+                               "names, listen on another --host", status=421,
+                               code="misdirected_request")
+
+        async def send_nosniff(message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-content-type-options",
+                                                             b"nosniff")]
+            await send(message)
+
+        if err is not None:
+            await error_response(err, {"Connection": "close"})(scope, receive, send_nosniff)
+            return
+        await self.app(scope, receive, send_nosniff)
+
+
+def loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine by a loopback name (any port)."""
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    return name.lower() in LOOPBACK_HOSTS
 
 
 class KeyCheck:
@@ -309,6 +504,10 @@ async def on_request_error(request: Request, exc: RequestError) -> Response:
     return error_response(exc)
 
 
+async def on_client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    return Response(status_code=499)  # never sent: the client has gone (read_json logged it)
+
+
 async def on_http_error(request: Request, exc: HTTPException) -> Response:
     if exc.status_code == 404:
         msg = f"no route {request.url.path}; the routes are /v1/completions, " \
@@ -326,12 +525,21 @@ async def on_server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(model, tokenizer, model_name: str, max_tokens: int = 1024,
-               api_key: str | None = None, cors_origins: list[str] | tuple = ()) -> Starlette:
-    """The ASGI application serving `model`. `app.state.model` is its ModelState."""
-    state = ModelState(model, tokenizer, model_name, max_tokens)
-    routes = App(state)
-    middleware = []
-    if cors_origins:  # outermost, so preflights and 401s carry the CORS headers
+               api_key: str | None = None, cors_origins: list[str] | tuple = (),
+               loopback_only: bool = True, body_timeout: float = BODY_TIMEOUT_S,
+               max_batch: int = 8, max_queue: int = 64,
+               time_limit: float | None = None) -> Starlette:
+    """The ASGI application serving `model`. `app.state.model` is its ModelState.
+    `loopback_only`: answer only requests whose Host is a loopback name (for a server that
+    listens on a loopback address: see Guard). `max_batch` sequences are decoded together,
+    `max_queue` more may wait (then 429); `time_limit` seconds per request (None: none)."""
+    metrics, mailbox = ServeMetrics(max_batch), Mailbox()
+    state = ModelState(model, tokenizer, model_name, max_tokens,
+                       Batcher(model, max_batch, max_queue, metrics, mailbox.flush), metrics,
+                       mailbox, time_limit)
+    routes = App(state, body_timeout)
+    middleware = [Middleware(Guard, loopback_only=loopback_only)]
+    if cors_origins:  # before the key check, so preflights and 401s carry the CORS headers
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=list(cors_origins), allow_credentials=False,
             allow_methods=["GET", "POST", "OPTIONS"],
@@ -341,17 +549,30 @@ def create_app(model, tokenizer, model_name: str, max_tokens: int = 1024,
     app = Starlette(
         routes=[
             Route("/", routes.page_html, methods=["GET"]),
+            Route("/favicon.ico", routes.favicon, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),
+            Route("/metrics", routes.metrics, methods=["GET"]),
             Route("/v1/models", routes.models, methods=["GET"]),
             Route("/v1/completions", routes.completions, methods=["POST"]),
             Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
         ],
         middleware=middleware,
+        lifespan=stops_with_the_server(state.batcher),
         exception_handlers={RequestError: on_request_error, HTTPException: on_http_error,
-                            Exception: on_server_error},
+                            ClientDisconnect: on_client_gone, Exception: on_server_error},
     )
     app.state.model = state
     return app
+
+
+def stops_with_the_server(batcher: Batcher):
+    """A Starlette lifespan that stops the batcher's thread when the server shuts down."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.stop()
+
+    return lifespan
 
 
 # ---- listening ----------------------------------------------------------------------------------
@@ -392,11 +613,13 @@ def open_warning(host: str, api_key: str | None) -> str | None:
             "reach this machine can use the model (set --api-key or GPT_API_KEY)")
 
 
-def make_server(app, **options):
+def make_server(app, max_connections: int = 256, **options):
+    """A uvicorn server for `app`. Past `max_connections` open connections and requests,
+    uvicorn answers 503 at once (uvicorn's limit_concurrency)."""
     import uvicorn
 
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
-                            server_header=False, **options)
+                            server_header=False, limit_concurrency=max_connections, **options)
     return uvicorn.Server(config)
 
 
@@ -456,9 +679,11 @@ def serve(cfg: ServeConfig) -> int:
 
     tensorlite.set_num_threads(SAMPLING_THREADS)
     source = checkpoint_path(cfg.out_dir, uses_best(cfg.out_dir, cfg.latest))
-    model, tokenizer = load_model(cfg.out_dir, latest=cfg.latest)
+    model, tokenizer = load_model(cfg.out_dir, cfg.dtype, latest=cfg.latest)
     name = cfg.model_name or os.path.basename(os.path.abspath(cfg.out_dir))
-    app = create_app(model, tokenizer, name, cfg.max_tokens, cfg.api_key, cfg.cors_origin)
+    app = create_app(model, tokenizer, name, cfg.max_tokens, cfg.api_key, cfg.cors_origin,
+                     loopback_only=is_loopback(cfg.host), max_batch=cfg.max_batch,
+                     max_queue=cfg.max_queue, time_limit=cfg.time_limit or None)
     try:
         sock = bind(cfg.host, cfg.port)
     except OSError as e:
@@ -471,7 +696,7 @@ def serve(cfg: ServeConfig) -> int:
     try:  # a Ctrl-C that comes right after the URL line is a clean stop too
         print(f"gpt.serve: serving {name} ({source}) at {url_of(sock)} (Ctrl-C to stop)",
               flush=True)
-        make_server(app).run(sockets=[sock])
+        make_server(app, cfg.max_connections).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled after shutting down
         pass
     finally:

@@ -21,13 +21,18 @@ from __future__ import annotations
 import itertools
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 import tensorlite as tl
 
 from .model import GPT
+
+if TYPE_CHECKING:  # (gpt.data needs nothing from here; the annotation is all)
+    from .data import TokenWindows
 
 
 # ---- the rules ---------------------------------------------------------------------------------
@@ -76,6 +81,25 @@ def cut_batch(x: np.ndarray, y: np.ndarray, shards: int, seed: int) -> list[Shar
     """The shards of the batch (x, y), both (B, T)."""
     B = x.shape[0]
     return [Shard(k, x[r], y[r], (r.stop - r.start) / B, seed)
+            for k, r in enumerate(shard_rows(B, shards))]
+
+
+@dataclass(frozen=True)
+class FileShard(Shard):
+    """A shard that reads its rows where it runs, from token files (gpt.data.TokenWindows):
+    a worker process is sent the windows' starts (8 bytes a row) instead of the rows (16
+    bytes a token), and cuts the same x, y from its own map of the file."""
+
+    windows: TokenWindows | None = None  # this shard's rows
+
+    def batch(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.windows.batch()
+
+
+def cut_windows(windows: TokenWindows, shards: int, seed: int) -> list[FileShard]:
+    """The shards of the batch that `windows` (gpt.data.TokenWindows) names, by reference."""
+    B = len(windows.starts)
+    return [FileShard(k, None, None, (r.stop - r.start) / B, seed, windows.rows(r))
             for k, r in enumerate(shard_rows(B, shards))]
 
 
@@ -152,9 +176,19 @@ class ShardedStep(ABC):
         if x.ndim != 2 or x.shape != y.shape:
             raise ValueError(f"x and y must be (B, T) arrays of one shape, got {x.shape}, "
                              f"{y.shape}")
+        return self._run(lambda seed: cut_batch(x, y, self.shards, seed), rng)
+
+    def loss_and_grads_from(self, windows: TokenWindows,
+                            rng: np.random.Generator | None = None) -> float:
+        """loss_and_grads of the batch that `windows` (gpt.data.TokenWindows) names: each
+        shard reads its rows from the token file where it runs, so worker processes are sent
+        the windows' starts, not the rows. Same batch, same result."""
+        return self._run(lambda seed: cut_windows(windows, self.shards, seed), rng)
+
+    def _run(self, cut: Callable[[int], list[Shard]], rng: np.random.Generator | None) -> float:
+        """One step on the shards cut(seed) gives: their gradients, added up into .grad."""
         seed = dropout_seed(self.step, rng)
-        shards = cut_batch(x, y, self.shards, seed)
-        done = self.compute_grads(shards)
+        done = self.compute_grads(cut(seed))
         self.step += 1
         loss, grads, self.grad_norm = add_shards(done)
         for p, g in zip(self.model.params.values(), grads):

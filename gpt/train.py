@@ -5,6 +5,7 @@ that resume exactly, and one-line errors for bad input.
     python -m gpt.train --data my.txt --out-dir my_run --max-iters 3000
     python -m gpt.train --preset baby --data my.txt       # a named set of sizes (config.PRESETS)
     python -m gpt.train --out-dir my_run --resume --max-iters 5000   # continue a run
+    python -m gpt.train --init-from gpt2_run --data my.txt --out-dir tuned   # fine-tune
 
 Every flag is a field of gpt.config.TrainConfig or of the GPTConfig it holds (`out_dir` ->
 `--out-dir`). `train` reads top to bottom in named phases, like nanoGPT's loop:
@@ -39,6 +40,7 @@ import numpy as np
 import tensorlite as tl
 
 from . import cli, metrics
+from .bpe import REPLACEMENT_CHAR, REPLACEMENT_NOTE
 from .checkpoint import (
     Checkpoint,
     checkpoint_path,
@@ -47,7 +49,19 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import PRESETS, TrainConfig, fixed_fields
-from .data import GET_DATA_HINT, get_batch, load_text, split_ids
+from .data import (
+    GET_DATA_HINT,
+    TokenWindows,
+    batch_starts,
+    check_windows,
+    forget_pages,
+    get_batch,
+    is_token_dir,
+    load_text,
+    load_token_dir,
+    split_ids,
+    windows,
+)
 from .errors import UserError
 from .lock import RunLock
 from .model import GPT, check_fits
@@ -115,21 +129,33 @@ class Run:
     t0: float = field(default_factory=time.perf_counter)
     t_log: float = 0.0
     it_log: int = 0
+    tokenizer_note: str = ""  # what training a BPE tokenizer did, for the intro
 
 
 # ---- phase 1: set up the run --------------------------------------------------------------------
 def set_up(cfg: TrainConfig, given: set[str]) -> Run:
     """Everything the loop needs; nothing is written before every check has passed."""
-    ckpt = None
+    ckpt, pretrained = None, None
     if cfg.resume:
         cfg, ckpt = resume_config(cfg, set(given) - {"resume"})
     elif has_checkpoint(cfg.out_dir):
         raise UserError(f"{checkpoint_path(cfg.out_dir)} already holds a checkpoint: continue it "
                         "with --resume, choose another --out-dir, or delete it to start over")
+    elif cfg.init_from:
+        cfg, pretrained = init_config(cfg, given)
+    elif cfg.tokenizer == "gpt2":
+        raise UserError("GPT-2's tokenizer comes with the model: give --init-from PATH (a run "
+                        "or Hugging Face GPT-2 folder) instead of --tokenizer gpt2")
     cfg.validate()
-    run = build_run(cfg, ckpt, data_given="data" in given or ckpt is not None)
+    run = build_run(cfg, ckpt, data_given="data" in given or ckpt is not None, given=given,
+                    tokenizer=pretrained[1] if pretrained else None)
     if ckpt is not None:
         restore(run, ckpt)
+    elif pretrained is not None:
+        try:
+            run.model.load_state_dict(pretrained[0])  # the optimizer starts fresh
+        except ValueError as e:
+            raise UserError(f"{cfg.init_from}: the weights do not fit its config: {e}") from None
     metrics.start_log(cfg.out_dir, run.start_iter)
     run.fns = make_grad_fn(run.model, cfg)
     print_intro(run, resumed_from=ckpt.path if ckpt else None)
@@ -161,28 +187,104 @@ def resume_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Check
     return merged, ckpt
 
 
-def build_run(cfg: TrainConfig, ckpt: Checkpoint | None, data_given: bool) -> Run:
-    """Data, tokenizer (trained, or the checkpoint's), model and optimizer of a run."""
+def init_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, tuple]:
+    """--init-from PATH: the run's config with the model's shape (and architecture) and the
+    tokenizer of PATH, and (weights, tokenizer) to start from. A shape flag that disagrees
+    with PATH's model is an error (gpt.convert.same_shape)."""
+    from .convert import load_pretrained, same_shape
+
+    dtype = np.float32 if cfg.dtype == "bfloat16" else np.dtype(cfg.dtype)  # (master weights)
+    config, weights, tokenizer = load_pretrained(cfg.init_from, dtype)
+    if "tokenizer" in given and cfg.tokenizer != tokenizer.to_dict()["kind"]:
+        raise UserError(f"is {cfg.tokenizer} but --init-from's is {tokenizer.to_dict()['kind']}; "
+                        "drop the flag (the tokenizer comes from --init-from)", field="tokenizer")
+    model = same_shape(cfg.model, config, given)
+    cfg = dataclasses.replace(cfg, model=model, tokenizer=tokenizer.to_dict()["kind"])
+    return cfg, (weights, tokenizer)
+
+
+def build_run(cfg: TrainConfig, ckpt: Checkpoint | None, data_given: bool,
+              given: set[str] = frozenset(), tokenizer=None) -> Run:
+    """Data, tokenizer (trained, the checkpoint's, the token files', or `tokenizer`: the one
+    of --init-from), model and optimizer of a run."""
     if not data_given and not os.path.exists(cfg.data):
         raise UserError(f"no {cfg.data} in {os.getcwd()} and no --data given: pass "
                         f"--data FILE (UTF-8 text), or get Tiny Shakespeare with `{GET_DATA_HINT}`")
+    note = ""  # what training a BPE tokenizer did
+    if is_token_dir(cfg.data):
+        pretrained = tokenizer
+        cfg, tokenizer, train_ids, val_ids = read_token_dir(cfg, ckpt, given)
+        if pretrained is not None and pretrained.to_dict() != tokenizer.to_dict():
+            raise UserError(f"{cfg.data} was tokenized with another tokenizer than "
+                            f"{cfg.init_from}'s; prepare the text with that one")
+    else:
+        tokenizer, train_ids, val_ids, note = read_text(cfg, ckpt, tokenizer)
+    mcfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
+    check_fits(mcfg, cfg.batch_size, cfg.dtype, shard_threads(cfg))  # before allocating
+    model = GPT(mcfg, dtype=cfg.dtype, seed=cfg.seed)  # bfloat16: float32 weights, bf16 products
+    opt = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                weight_decay=cfg.weight_decay)
+    return Run(cfg, tokenizer, train_ids, val_ids, model, opt, make_rngs(cfg.seed),
+               tokenizer_note=note)
+
+
+def read_text(cfg: TrainConfig, ckpt: Checkpoint | None, tokenizer=None):
+    """(tokenizer, train ids, val ids, note) of a text file: read whole, tokenized (with
+    `tokenizer`: --init-from's, the checkpoint's, or one trained on it), split 90/10; the note
+    says what training a BPE tokenizer did ("" otherwise)."""
     text = load_text(cfg.data)
-    tokenizer = load_tokenizer(ckpt.tokenizer) if ckpt else make_tokenizer(cfg, text)
+    t0 = time.perf_counter()
+    trained = tokenizer is None and ckpt is None
+    if tokenizer is None:
+        tokenizer = load_tokenizer(ckpt.tokenizer) if ckpt else make_tokenizer(cfg, text)
     try:
         ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     except ValueError as e:
-        where = "the checkpoint's vocabulary" if ckpt is not None else "the tokenizer"
+        where = ("the checkpoint's vocabulary" if ckpt is not None or cfg.init_from
+                 else "the tokenizer")
         raise UserError(f"{cfg.data} does not fit {where}: {e}") from None
+    note = ""
+    if trained and cfg.tokenizer == "bpe":
+        note = bpe_note(tokenizer, len(text.encode("utf-8")), len(ids), time.perf_counter() - t0)
     try:
         train_ids, val_ids = split_ids(ids, 0.1, cfg.model.block_size)
     except ValueError as e:
         raise UserError(f"{cfg.data}: {e}") from None
-    mcfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
-    check_fits(mcfg, cfg.batch_size, cfg.dtype, shard_threads(cfg))  # before allocating
-    model = GPT(mcfg, dtype=np.dtype(cfg.dtype), seed=cfg.seed)
-    opt = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                weight_decay=cfg.weight_decay)
-    return Run(cfg, tokenizer, train_ids, val_ids, model, opt, make_rngs(cfg.seed))
+    return tokenizer, train_ids, val_ids, note
+
+
+def bpe_note(tokenizer, n_bytes: int, n_tokens: int, seconds: float) -> str:
+    """What training the BPE tokenizer did: its merges, the time it took (training and
+    encoding the text) and how many bytes of text a token stands for on average."""
+    return (f"BPE tokenizer: {len(tokenizer.merges):,} merges learned and the text encoded in "
+            f"{seconds:.2f} s; {n_bytes / max(n_tokens, 1):.2f} bytes per token "
+            f"({n_bytes:,} bytes -> {n_tokens:,} tokens)")
+
+
+def read_token_dir(cfg: TrainConfig, ckpt: Checkpoint | None, given: set[str]):
+    """(config, tokenizer, train ids, val ids) of a folder of token files (gpt.data prepare),
+    mapped with np.memmap, not read. The folder brings its tokenizer: the run takes its kind
+    and size as its --tokenizer and --vocab-size, and refuses other ones given as flags (or,
+    on --resume, a checkpoint trained with another vocabulary)."""
+    data = load_token_dir(cfg.data)
+    kind, vocab = data.meta["tokenizer"], data.tokenizer.vocab_size
+    if ckpt is not None and ckpt.tokenizer != data.tokenizer.to_dict():
+        raise UserError(f"{cfg.data} was tokenized with another vocabulary than the checkpoint "
+                        f"in {cfg.out_dir}; resume with the data the run was trained on")
+    if ckpt is None:
+        for name, ours, theirs in (("tokenizer", cfg.tokenizer, kind),
+                                   ("vocab_size", cfg.model.vocab_size, vocab)):
+            if name in given and ours != theirs and not (name == "vocab_size" and kind == "char"):
+                raise UserError(f"is {ours}, but {cfg.data} holds token ids of a {kind} "
+                                f"tokenizer of {vocab} ids; drop the flag (a prepared folder "
+                                "brings its tokenizer) or prepare the text again", field=name)
+        cfg = dataclasses.replace(cfg, tokenizer=kind,
+                                  model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    try:
+        check_windows(len(data.train), len(data.val), cfg.model.block_size)
+    except ValueError as e:
+        raise UserError(f"{cfg.data}: {e}") from None
+    return cfg, data.tokenizer, data.train, data.val
 
 
 def make_tokenizer(cfg: TrainConfig, text: str):
@@ -259,6 +361,9 @@ class GradFns:
     close: Callable[[], None]
     threads: int = 1  # how many shards a batch is split into (threads or worker processes)
     grad_norm: Callable[[], float | None] = lambda: None
+    # worker processes on this machine: loss_and_grads of a batch of token files that each
+    # worker reads itself (ShardedStep.loss_and_grads_from); None: the rows are sent
+    loss_and_grads_from: Callable[[TokenWindows, np.random.Generator | None], float] | None = None
 
 
 def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
@@ -293,7 +398,9 @@ def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
     dp = parallel.DataParallel(model, workers=cfg.workers, backend=cfg.backend,
                                scheduler=cfg.scheduler)
     return GradFns(dp.loss_and_grads, plain_loss(model), dp.close,
-                   min(cfg.workers, cfg.batch_size), lambda: dp.grad_norm)
+                   min(cfg.workers, cfg.batch_size), lambda: dp.grad_norm,
+                   # (a dask worker may run on a machine without the token files)
+                   getattr(dp, "loss_and_grads_from", None) if cfg.backend == "loky" else None)
 
 
 def warn_if_oversubscribed(shards: int, flag: str) -> None:
@@ -326,11 +433,16 @@ def plain_loss(model: GPT) -> Callable[[np.ndarray, np.ndarray], float]:
 def print_intro(run: Run, resumed_from: str | None) -> None:
     cfg, m = run.cfg, run.cfg.model
     n = len(run.train_ids) + len(run.val_ids)
+    if run.tokenizer_note:
+        print(run.tokenizer_note)
     print(f"{cfg.data}: {n:,} tokens ({len(run.train_ids):,} train, {len(run.val_ids):,} val), "
           f"vocab {run.tokenizer.vocab_size}; model {run.model.num_params():,} parameters "
           f"({m.n_layer} layers, {m.n_head} heads, n_embd {m.n_embd}, {cfg.dtype})")
     if resumed_from:
         print(f"resuming {resumed_from} at iter {run.start_iter}")
+    elif run.cfg.init_from:
+        print(f"fine-tuning from {run.cfg.init_from} (its weights and tokenizer; a fresh "
+              "optimizer)")
     else:
         print(f"an untrained model scores about ln(vocab) = "
               f"{math.log(run.tokenizer.vocab_size):.2f}")
@@ -343,11 +455,10 @@ def take_step(run: Run, it: int) -> tuple[float, float, float]:
     stops the run before the weights are touched."""
     cfg = run.cfg
     lr = lr_at(it - 1, cfg)
-    x, y = get_batch(run.train_ids, cfg.model.block_size, cfg.batch_size, run.rngs["data"])
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         # overflow shows up as a non-finite loss or norm, checked just below
         try:
-            loss = run.fns.loss_and_grads(x, y, run.rngs["dropout"])
+            loss = batch_loss_and_grads(run)
         except RuntimeError as e:  # data-parallel workers failed (or none is left)
             raise UserError(f"{e}; {kept_checkpoint(run)}") from e
         norm = (clip_grad_norm(run.model.params, cfg.grad_clip, run.fns.grad_norm())
@@ -361,6 +472,21 @@ def take_step(run: Run, it: int) -> tuple[float, float, float]:
     return loss, norm, lr
 
 
+def batch_loss_and_grads(run: Run) -> float:
+    """The loss of the next training batch (random windows of the train ids), its gradients
+    left in .grad. Worker processes on this machine training on token files are sent the
+    windows' starts and read the rows themselves (cheaper than sending the rows:
+    benchmarks/token_files.py); the batch and the result are the same."""
+    cfg, ids = run.cfg, run.train_ids
+    starts = batch_starts(len(ids), cfg.model.block_size, cfg.batch_size, run.rngs["data"])
+    by_reference = run.fns.loss_and_grads_from and TokenWindows.of(ids, starts,
+                                                                   cfg.model.block_size)
+    if by_reference:
+        return run.fns.loss_and_grads_from(by_reference, run.rngs["dropout"])
+    x, y = windows(ids, starts, cfg.model.block_size)
+    return run.fns.loss_and_grads(x, y, run.rngs["dropout"])
+
+
 # ---- phase 3: log, evaluate, save ---------------------------------------------------------------
 def log_and_evaluate(run: Run, it: int, loss: float, norm: float, lr: float) -> None:
     """Every log_interval steps a progress line and a metrics record; every eval_interval
@@ -369,6 +495,7 @@ def log_and_evaluate(run: Run, it: int, loss: float, norm: float, lr: float) -> 
     do_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
     if not (it % cfg.log_interval == 0 or do_eval):
         return
+    forget_pages(run.train_ids)  # token files: what the batches mapped since the last log
     now = time.perf_counter()
     tps = (it - run.it_log) * cfg.batch_size * cfg.model.block_size / max(now - run.t_log, 1e-9)
     run.t_log, run.it_log = now, it
@@ -402,6 +529,8 @@ def evaluate(run: Run, it: int) -> dict[str, float]:
         raise UserError(f"eval loss became {ev['val']} at iter {it}; not saved; "
                         f"{kept_checkpoint(run)}; try a lower --lr (now {run.cfg.lr:g}) "
                         "or --grad-clip")
+    for ids in (run.train_ids, run.val_ids):  # token files: the pages evaluation mapped
+        forget_pages(ids)
     run.best_val = min(run.best_val, ev["val"])
     run.last_eval = {"iter": it, "train_loss": ev["train"], "val_loss": ev["val"]}
     return {"eval_train_loss": ev["train"], "val_loss": ev["val"],
@@ -455,7 +584,10 @@ def finish(run: Run) -> None:
     """A short sample of the final weights, then the summary: which checkpoint is where."""
     wall = time.perf_counter() - run.t0
     print("sample of the final weights (temperature 0.8):")
-    print(sample_text(run.model, run.tokenizer, run.cfg.seed))
+    text = sample_text(run.model, run.tokenizer, run.cfg.seed)
+    print(text)
+    if REPLACEMENT_CHAR in text:
+        print(REPLACEMENT_NOTE)
     out = run.cfg.out_dir
     best = (f"best {run.best_val:.4f} (iter {run.best_iter}) in {checkpoint_path(out, True)}"
             if run.best_iter is not None else "no best checkpoint")

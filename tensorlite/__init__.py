@@ -12,8 +12,9 @@ Read docs/autograd.md for the tour, docs/higher-order.md for grad, jvp and hvp; 
 from . import functional
 from .autograd import grad, hvp, is_grad_enabled, jvp, no_grad
 from .gradcheck import GradcheckError, gradcheck
-from .graph import show_graph
+from .graph import show_graph, trace_backward
 from .kernels import get_num_threads, set_num_threads
+from .precision import autocast
 from .tensor import Tensor, concatenate, stack, where
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GradcheckError",
     "Tensor",
+    "autocast",
     "concatenate",
     "functional",
     "get_num_threads",
@@ -33,5 +35,6 @@ __all__ = [
     "set_num_threads",
     "show_graph",
     "stack",
+    "trace_backward",
     "where",
 ]

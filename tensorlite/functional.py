@@ -202,6 +202,138 @@ class RMSNorm(Function):
         return dxhat * self.weight + xhat * dw if self.has_weight else dxhat
 
 
+@kernels.kernel
+def layer_norm_forward(x, weight, bias, eps):
+    """NumPy reference. y = (x - mean(x)) * r * w + b with r = 1/sqrt(var(x) + eps) per row
+    (the biased variance, over the last axis); returns y, xhat = (x - mean) * r and r (..., 1)."""
+    mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
+    xc = x - mean
+    var = kernels.sum_of_products(xc, xc)[..., None] / x.dtype.type(x.shape[-1])  # (..., 1)
+    r = 1.0 / np.sqrt(var + x.dtype.type(eps))  # (..., 1)
+    xc *= r  # xhat
+    y = xc * weight
+    y += bias
+    return y, xc, r
+
+
+@kernels.kernel
+def layer_norm_backward(dout, xhat, r, weight):
+    """NumPy reference. With dxhat = dout * w:
+    dx = r * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
+    dw = sum over rows of dout * xhat,  db = sum over rows of dout."""
+    c = xhat.shape[-1]
+    dxhat = dout * weight
+    mean_d = dxhat.mean(axis=-1, keepdims=True)  # (..., 1)
+    mean_dot = kernels.sum_of_products(dxhat, xhat)[..., None] / xhat.dtype.type(c)  # (..., 1)
+    dx = xhat * mean_dot
+    dx += mean_d
+    np.subtract(dxhat, dx, out=dx)
+    dx *= r
+    rows = dout.reshape(-1, c)
+    dw = kernels.sum_of_products(rows.T, xhat.reshape(-1, c).T)  # (C,)
+    return dx, dw, rows.sum(axis=0)
+
+
+class LayerNorm(Function):
+    """y = xhat * w + b,  xhat = (x - mean(x)) * r,  r = 1 / sqrt(var(x) + eps) over the last
+    axis (C features; var is the biased variance). With dxhat = dout * w:
+        dw = sum over all rows of dout * xhat,   db = sum over all rows of dout
+        dx = r * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    (RMSNorm without the mean's subtraction, and without b; GPT-2 normalises with this.)"""
+
+    def forward(self, x, weight, bias, eps=1e-5):
+        c = x.shape[-1]
+        if weight.shape != (c,) or bias.shape != (c,):
+            raise ValueError(f"layer_norm: weight and bias must have shape ({c},) for x "
+                             f"{x.shape}, got {weight.shape} and {bias.shape}")
+        y, self.xhat, self.r = layer_norm_forward(x, weight, bias, eps)
+        self.weight, self.eps = weight, eps
+        return y
+
+    def backward(self, dout):
+        return layer_norm_backward(dout, self.xhat, self.r, self.weight)
+
+    def backward_graph(self, dout):
+        x, w, _ = self.parents
+        xc = x - x.mean(axis=-1, keepdims=True)
+        r = ((xc * xc).mean(axis=-1, keepdims=True) + self.eps) ** -0.5  # (..., 1)
+        xhat = xc * r
+        dxhat = dout * w
+        dx = r * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                  - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+        rows = dout.reshape(-1, x.shape[-1])
+        return dx, (rows * xhat.reshape(-1, x.shape[-1])).sum(axis=0), rows.sum(axis=0)
+
+    def jvp(self, dx, dw, db):  # d(xhat) = r * (dx - mean(dx) - xhat * mean(xhat * dx))
+        xhat = self.xhat
+        dxhat = self.r * (dx - dx.mean(axis=-1, keepdims=True)
+                          - xhat * (xhat * dx).mean(axis=-1, keepdims=True))
+        return dxhat * self.weight + xhat * dw + db
+
+
+GELU_K = math.sqrt(2.0 / math.pi)  # GPT-2's tanh approximation: gelu(x) ~ x Phi(x)
+GELU_A = 0.044715
+
+
+@kernels.kernel
+def gelu_forward(x):
+    """NumPy reference. y = x/2 * (1 + t),  t = tanh(k (x + a x**3)),  k = sqrt(2/pi),
+    a = 0.044715; returns y and t (what the backward needs besides x)."""
+    k, a = x.dtype.type(GELU_K), x.dtype.type(GELU_A)
+    u = np.multiply(x, x, out=np.empty_like(x))  # (a fresh array even for a 0-d x)
+    u *= a
+    u += 1
+    u *= x
+    u *= k  # k (x + a x**3)
+    t = np.tanh(u, out=u)
+    y = t + 1
+    y *= x
+    y *= 0.5
+    return y, t
+
+
+@kernels.kernel
+def gelu_backward(dout, x, t):
+    """NumPy reference. dx = dout * ((1 + t)/2 + x/2 * (1 - t**2) * k (1 + 3 a x**2))."""
+    k, a = x.dtype.type(GELU_K), x.dtype.type(GELU_A)
+    du = np.multiply(x, x, out=np.empty_like(x))
+    du *= 3 * a
+    du += 1
+    du *= k  # du/dx = k (1 + 3 a x**2)
+    du *= 1 - t * t  # dt/dx
+    du *= x
+    du += 1 + t
+    du *= 0.5
+    du *= dout
+    return du
+
+
+class GELU(Function):
+    """y = x/2 * (1 + tanh(k (x + a x**3))),  k = sqrt(2/pi), a = 0.044715 (GPT-2's tanh
+    approximation of x * Phi(x)). With t = tanh(...):
+        dx = dout * ((1 + t)/2 + x/2 * (1 - t**2) * k (1 + 3 a x**2))"""
+
+    def forward(self, x):
+        y, self.t = gelu_forward(x)
+        self.x = x
+        return y
+
+    def backward(self, dout):
+        return gelu_backward(dout, self.x, self.t)
+
+    def backward_graph(self, dout):
+        return dout * _gelu_derivative(self.parents[0])
+
+    def jvp(self, dx):
+        return gelu_backward(dx, self.x, self.t)  # the Jacobian is diagonal: J dx = dx * y'
+
+
+def _gelu_derivative(x):
+    """gelu'(x) from Tensor ops (differentiable again), for backward_graph."""
+    t = ((x + x * x * x * GELU_A) * GELU_K).tanh()
+    return (t + 1.0) * 0.5 + x * 0.5 * (1.0 - t * t) * (x * x * (3 * GELU_A * GELU_K) + GELU_K)
+
+
 class Embedding(Function):
     """out = weight[indices]  (rows of a (V, C) table).
     dweight = zeros, with each dout row added to the row it was read from"""
@@ -460,6 +592,16 @@ def rms_norm(x, weight=None, eps: float = 1e-5) -> Tensor:
     if weight is None:
         return RMSNorm.apply(x, eps=eps)
     return RMSNorm.apply(x, weight, eps=eps)
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-5) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis (weight, bias (C,))."""
+    return LayerNorm.apply(x, weight, bias, eps=eps)
+
+
+def gelu(x) -> Tensor:
+    """GPT-2's GELU, the tanh approximation: x/2 * (1 + tanh(sqrt(2/pi) (x + 0.044715 x**3)))."""
+    return GELU.apply(x)
 
 
 def embedding(indices, weight) -> Tensor:

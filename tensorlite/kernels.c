@@ -558,3 +558,168 @@ double KERNEL(add_square_sum)(int64_t count, int64_t lists, real *const *totals,
 }
 
 #endif
+
+#ifndef real /* ---- once more in the first pass (after both types): the bfloat16 GEMM ------- */
+/* C = bf16(A) @ bf16(B) with float32 accumulation: the twin of tensorlite.bf16's NumPy
+ * reference (matmul_bf16_reference is the spec). bf16 is float32's upper 16 bits: the same
+ * sign and 8-bit exponent, 7 mantissa bits. Operands are rounded to nearest even on the way
+ * into the packed buffers (to_bf16 below, bit for bit the reference's rounding); the product
+ * is AVX512_BF16's vdpbf16ps: in each of 16 float32 lanes, acc += a[2i] b[2i] + a[2i+1] b[2i+1]
+ * (twice the float32 FMA's multiplies per instruction). Like every kernel here it is serial:
+ * tensorlite.bf16 splits the rows of A over its threads, after packing B once.
+ *
+ * Layouts (caller-allocated, as everywhere in this file):
+ *   B packed  for each panel of NR = 32 columns, for each pair of rows (2p, 2p+1) of B:
+ *             32 (b[2p][j], b[2p+1][j]) pairs, j the panel's columns: one 64-byte vector per
+ *             16 columns; columns past n and a row past k are zero.
+ *   A packed  MC rows of A at a time, each row's KC values as bf16 (k padded to even with 0).
+ * A tile of MR = 12 rows x NR = 32 columns lives in 24 of the 32 zmm registers. */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#include <string.h>
+
+#define BF16_MR 12
+#define BF16_NR 32
+#define BF16_KC 256 /* a 12 x 256 slice of A and a 256 x 32 panel of B sit in L1 */
+#define BF16_MC 96  /* a 96 x 256 block of A (48 KiB) sits in L2 */
+
+int64_t bf16_gemm_available(void) { return 1; }
+
+/* float32 -> bfloat16, round to nearest even; a NaN stays a (quiet) NaN. */
+static inline uint16_t to_bf16(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u | 0x00400000u) >> 16);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Sizes (in uint16 values) of the scratch buffers: packed B for a (k, n) B, packed A. */
+int64_t bf16_packed_b_size(int64_t k, int64_t n)
+{
+    return (n + BF16_NR - 1) / BF16_NR * ((k + 1) / 2) * 2 * BF16_NR;
+}
+
+int64_t bf16_packed_a_size(void) { return (int64_t)BF16_MC * BF16_KC; }
+
+/* Pack B (k x n; b[p][j] at b[p * s0 + j * s1]) into bp, rounding to bf16. */
+void bf16_pack_b(const float *restrict b, int64_t s0, int64_t s1, int64_t k, int64_t n,
+                 uint16_t *restrict bp)
+{
+    int64_t pairs = (k + 1) / 2;
+    for (int64_t j0 = 0; j0 < n; j0 += BF16_NR) {
+        uint16_t *panel = bp + j0 / BF16_NR * pairs * 2 * BF16_NR;
+        int64_t cols = n - j0 < BF16_NR ? n - j0 : BF16_NR;
+        for (int64_t p = 0; p < pairs; p++) {
+            uint16_t *out = panel + p * 2 * BF16_NR;
+            const float *r0 = b + 2 * p * s0 + j0 * s1, *r1 = r0 + s0;
+            int second = 2 * p + 1 < k;
+            if (s1 == 1 && cols == BF16_NR) {
+                for (int64_t j = 0; j < BF16_NR; j++) {
+                    out[2 * j] = to_bf16(r0[j]);
+                    out[2 * j + 1] = second ? to_bf16(r1[j]) : 0;
+                }
+                continue;
+            }
+            for (int64_t j = 0; j < BF16_NR; j++) {
+                out[2 * j] = j < cols ? to_bf16(r0[j * s1]) : 0;
+                out[2 * j + 1] = j < cols && second ? to_bf16(r1[j * s1]) : 0;
+            }
+        }
+    }
+}
+
+/* Rows [i0, i0 + mc) and columns [p0, p0 + kc) of A into ap, a row every `lda` values (lda
+ * even, >= kc): rounded to bf16, padded with zeros to lda and to a whole number of tiles. */
+static void bf16_pack_a(const float *restrict a, int64_t s0, int64_t s1, int64_t i0,
+                        int64_t mc, int64_t p0, int64_t kc, int64_t lda, uint16_t *restrict ap)
+{
+    int64_t rows = (mc + BF16_MR - 1) / BF16_MR * BF16_MR;
+    for (int64_t i = 0; i < rows; i++) {
+        uint16_t *out = ap + i * lda;
+        if (i >= mc) {
+            memset(out, 0, (size_t)lda * 2);
+            continue;
+        }
+        const float *row = a + (i0 + i) * s0 + p0 * s1;
+        if (s1 == 1)
+            for (int64_t p = 0; p < kc; p++) out[p] = to_bf16(row[p]);
+        else
+            for (int64_t p = 0; p < kc; p++) out[p] = to_bf16(row[p * s1]);
+        for (int64_t p = kc; p < lda; p++) out[p] = 0;
+    }
+}
+
+/* One MR x NR tile of C: `pairs` pairs of A's columns (rows at a + i * lda) times the panel
+ * bp; stored into the rows x cols corner at c, or added to it unless `first`. */
+static inline void bf16_tile(int64_t pairs, const uint16_t *restrict a, int64_t lda,
+                             const uint16_t *restrict bp, float *restrict c, int64_t ldc,
+                             int first, int64_t rows, int64_t cols)
+{
+    __m512 acc[BF16_MR][2];
+    for (int i = 0; i < BF16_MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; p++) {
+        __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp + p * 2 * BF16_NR);
+        __m512bh b1 = (__m512bh)_mm512_loadu_si512(bp + p * 2 * BF16_NR + BF16_NR);
+        for (int i = 0; i < BF16_MR; i++) {
+            int32_t pair;
+            memcpy(&pair, a + i * lda + 2 * p, 4);
+            __m512bh ai = (__m512bh)_mm512_set1_epi32(pair);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, b0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
+        }
+    }
+    if (rows == BF16_MR && cols == BF16_NR) {
+        for (int i = 0; i < BF16_MR; i++) {
+            float *ci = c + i * ldc;
+            if (!first) {
+                acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_loadu_ps(ci));
+                acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_loadu_ps(ci + 16));
+            }
+            _mm512_storeu_ps(ci, acc[i][0]);
+            _mm512_storeu_ps(ci + 16, acc[i][1]);
+        }
+        return;
+    }
+    float tile[BF16_MR][BF16_NR];
+    for (int i = 0; i < BF16_MR; i++) {
+        _mm512_storeu_ps(tile[i], acc[i][0]);
+        _mm512_storeu_ps(tile[i] + 16, acc[i][1]);
+    }
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < cols; j++)
+            c[i * ldc + j] = first ? tile[i][j] : c[i * ldc + j] + tile[i][j];
+}
+
+/* C (m x n, row stride ldc) = bf16(A) @ B for A (m x k; a[i][p] at a[i * s0 + p * s1]) and
+ * B packed by bf16_pack_b; ap is scratch of bf16_packed_a_size() values. */
+void bf16_gemm_packed(const float *restrict a, int64_t s0, int64_t s1,
+                      const uint16_t *restrict bp, float *restrict c, int64_t ldc,
+                      int64_t m, int64_t n, int64_t k, uint16_t *restrict ap)
+{
+    int64_t pairs = (k + 1) / 2;
+    if (k == 0) {
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < n; j++) c[i * ldc + j] = 0;
+        return;
+    }
+    for (int64_t p0 = 0; p0 < k; p0 += BF16_KC) {
+        int64_t kc = k - p0 < BF16_KC ? k - p0 : BF16_KC;
+        int64_t lda = (kc + 1) / 2 * 2;
+        for (int64_t i0 = 0; i0 < m; i0 += BF16_MC) {
+            int64_t mc = m - i0 < BF16_MC ? m - i0 : BF16_MC;
+            bf16_pack_a(a, s0, s1, i0, mc, p0, kc, lda, ap);
+            for (int64_t j0 = 0; j0 < n; j0 += BF16_NR) {
+                const uint16_t *panel = bp + (j0 / BF16_NR * pairs + p0 / 2) * 2 * BF16_NR;
+                int64_t cols = n - j0 < BF16_NR ? n - j0 : BF16_NR;
+                for (int64_t i = 0; i < mc; i += BF16_MR)
+                    bf16_tile(lda / 2, ap + i * lda, lda, panel, c + (i0 + i) * ldc + j0, ldc,
+                              p0 == 0, mc - i < BF16_MR ? mc - i : BF16_MR, cols);
+            }
+        }
+    }
+}
+#else /* no AVX512_BF16 here: tensorlite.bf16 runs the float32 fallback instead */
+int64_t bf16_gemm_available(void) { return 0; }
+#endif
+#endif

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import autograd, ops
+from . import autograd, ops, precision
 
 _FLOAT_KINDS = ("f",)
 
@@ -181,10 +181,10 @@ class Tensor:
         return ops.Pow.apply(self, exponent=float(exponent))
 
     def __matmul__(self, other):
-        return ops.MatMul.apply(self, _lift(other, self))
+        return _matmul(self, _lift(other, self))
 
     def __rmatmul__(self, other):
-        return ops.MatMul.apply(_lift(other, self), self)
+        return _matmul(_lift(other, self), self)
 
     def __getitem__(self, index):
         return ops.GetItem.apply(self, index=index)
@@ -277,6 +277,13 @@ def _lift(other, like: Tensor) -> Tensor:
     if isinstance(other, np.ndarray) and other.dtype.kind in _FLOAT_KINDS:
         return Tensor(other)
     return Tensor(np.asarray(other, dtype=like.dtype))
+
+
+def _matmul(x: Tensor, y: Tensor) -> Tensor:
+    """x @ y: in bf16 inside tl.autocast("bfloat16") (tensorlite/precision.py), else float."""
+    if precision.use_bf16(x.data, y.data):
+        return precision.MatMulBF16.apply(x, y)
+    return ops.MatMul.apply(x, y)
 
 
 # ---- module functions ------------------------------------------------------------------------

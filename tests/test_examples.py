@@ -122,25 +122,25 @@ def test_reverse_digits_data_is_digits_then_their_reversal():
     assert all(t[:4] == t[5:][::-1] and t[4] == ">" and t.replace(">", "").isdigit() for t in text)
 
 
-# ---- examples/exercises/: the reference solutions of the docs' exercises -----------------------
-SOLUTIONS = sorted(p.stem for p in (EXAMPLES / "exercises").glob("[!_]*.py"))  # _toy.py: shared
+# ---- examples/worked/: the solutions of the docs' worked exercises -----------------------------
+SOLUTIONS = sorted(p.stem for p in (EXAMPLES / "worked").glob("[!_]*.py"))  # _toy.py: shared
 EXERCISE_PAGES = ["autograd.md", "verifying-gradients.md", "gpt.md"]
 
 
 def exercises_in(page: str) -> list[str]:
-    """The solution files an '## Exercises' section names, in order: (`name.py`)."""
+    """The solution files a '## Worked exercises' section names, in order: (`name.py`)."""
     text = (EXAMPLES.parent / "docs" / page).read_text(encoding="utf-8")
-    section = text.split("\n## Exercises\n", 1)
+    section = text.split("\n## Worked exercises\n", 1)
     return re.findall(r"^\d+\. \*\*[^*]+\*\* \(`(\w+)\.py`", section[1], re.MULTILINE) if len(section) > 1 else []
 
 
 @pytest.mark.parametrize("name", SOLUTIONS)
 def test_exercise_solution_runs_and_its_checks_pass(name):
-    out = run_example(f"exercises/{name}")  # each solution asserts its own claims
+    out = run_example(f"worked/{name}")  # each solution asserts its own claims
     assert out.rstrip().endswith("ok"), out
 
 
 def test_every_exercise_has_a_solution_and_every_solution_an_exercise():
     named = [n for page in EXERCISE_PAGES for n in exercises_in(page)]
-    assert sorted(named) == SOLUTIONS, "docs' exercises and examples/exercises/ differ"
+    assert sorted(named) == SOLUTIONS, "docs' worked exercises and examples/worked/ differ"
     assert len(named) == len(set(named)) >= 12

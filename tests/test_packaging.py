@@ -1,6 +1,7 @@
 """What pip installs: a wheel built from this tree carries the files the packages read from
-their own folders (tensorlite/kernels.c, compiled on the first run; gpt/serve.html), and an
-install from it compiles and runs the C kernels as an editable checkout does."""
+their own folders (tensorlite/kernels.c, compiled on the first run; gpt/serve.html; the
+exercises' starters), and an install from it compiles and runs the C kernels as an editable
+checkout does."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def test_a_wheel_carries_kernels_c_and_its_install_compiles_it_on_the_first_run(
     (wheel,) = (tmp_path / "wheel").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "tensorlite/kernels.c" in names and "gpt/serve.html" in names
+    starters = {n for n in names if n.startswith("tensorlite/exercises/starters/")}
+    assert len(starters) >= 13 and "tensorlite/exercises/starters/top_p.py" in starters
     assert not [n for n in names if n.endswith(".so")]  # compiled on the user's machine
 
     site = tmp_path / "site"

@@ -180,7 +180,7 @@ def test_plot_attention_labels_each_token(tmp_path):
     finally:
         Figure.savefig = original
     axes = [ax for ax in drawn["fig"].axes if ax.get_title()]
-    assert len(axes) == 6 and axes[5].get_title() == "layer 1, head 2"
+    assert len(axes) == 6 and axes[5].get_title().startswith("layer 1, head 2\n")
     assert [t.get_text() for t in axes[0].get_xticklabels()] == ["a", "␣", "↵", "b"]
     assert [t.get_text() for t in axes[0].get_yticklabels()] == ["a", "␣", "↵", "b"]
 
@@ -191,3 +191,86 @@ def test_attention_bad_prompt_is_one_line(tiny_run, prompt, words):
     r = run_cli(str(tiny_run), "--attention", prompt)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: --attention") and words in r.stderr
+
+
+# ---- the loss plot's title, learning-rate scale and ln(vocab) line -----------------------------
+def drawn_figure(draw):
+    """The matplotlib Figure that `draw()` saves."""
+    from matplotlib.figure import Figure
+
+    drawn, original = {}, Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        drawn["fig"] = fig
+        return original(fig, *args, **kwargs)
+
+    Figure.savefig = keep
+    try:
+        draw()
+    finally:
+        Figure.savefig = original
+    return drawn["fig"]
+
+
+def test_the_loss_plot_says_what_ran_and_where_training_starts(tmp_path):
+    import math
+
+    from gpt import plot
+
+    run = tmp_path / "out"
+    write_run(run)
+    (run / "checkpoint").mkdir()
+    (run / "checkpoint" / "config.json").write_text(json.dumps({
+        "model": {"n_layer": 4, "n_head": 8, "n_embd": 128, "vocab_size": 55},
+        "train": {"data": "/somewhere/train.txt"}}))
+    fig = drawn_figure(lambda: plot.plot_run(str(run)))
+    ax_loss, ax_lr = fig.axes
+    title = ax_loss.get_title()
+    assert "train.txt" in title and "4 layers × 8 heads" in title and "vocab 55" in title
+    assert str(tmp_path) not in title  # a title, not a path
+    flat = [line for line in ax_loss.get_lines() if len(set(line.get_ydata())) == 1]
+    assert len(flat) == 1 and math.isclose(flat[0].get_ydata()[0], math.log(55))
+    assert "1e-4" in ax_lr.get_ylabel()  # RECORDS' learning rates peak at 3e-4
+    assert max(ax_lr.get_lines()[0].get_ydata()) == pytest.approx(3.0)
+
+
+def test_without_a_config_the_plot_names_the_folder_and_draws_no_line(tmp_path):
+    from gpt import plot
+
+    write_run(tmp_path / "myrun")
+    fig = drawn_figure(lambda: plot.plot_run(str(tmp_path / "myrun")))
+    assert fig.axes[0].get_title().endswith("the run in myrun")
+    assert all(len(set(line.get_ydata())) > 1 for line in fig.axes[0].get_lines())
+
+
+@pytest.mark.parametrize("values,exponent", [([1e-5, 1e-3, 1e-4], -3), ([0.5], -1),
+                                             ([3.0], 0), ([0.0], 0), ([], 0)])
+def test_lr_exponent(values, exponent):
+    from gpt.plot import lr_exponent
+
+    assert lr_exponent(values) == exponent
+
+
+def test_previous_token_heads_are_measured_and_marked(tmp_path):
+    import numpy as np
+
+    from gpt import plot
+
+    T = 5
+    uniform = np.tril(np.ones((T, T))) / np.arange(1, T + 1)[:, None]  # rows sum to 1
+    previous = np.eye(T, k=-1)
+    previous[0, 0] = 1.0  # the first query can only look at itself
+    maps = np.stack([np.stack([uniform, previous])])  # (1 layer, 2 heads, T, T)
+    shares = plot.previous_token_share(maps)
+    assert shares[0, 1] == 1.0 and shares[0, 0] == pytest.approx(np.mean([1 / 2, 1 / 3, 1 / 4, 1 / 5]))
+    fig = drawn_figure(lambda: plot.plot_attention(maps, list("abcde"), tmp_path / "a.png"))
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert "previous-token head (100%)" in titles[1] and "previous-token head" not in titles[0]
+
+
+def test_the_attention_title_describes_the_model_not_the_path(tiny_run, tmp_path):
+    from gpt import plot
+
+    fig = drawn_figure(lambda: plot.plot_run_attention(str(tiny_run), "Once", str(tmp_path / "a.png")))
+    title = fig._suptitle.get_text()
+    assert "1-layer, 2-head model" in title and "'Once'" in title and str(tiny_run) not in title

@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -36,9 +38,11 @@ def request(url: str, method: str, path: str, body=None, headers=None, timeout=3
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
-        if isinstance(body, (dict, list)):
+        headers = dict(headers or {})
+        if isinstance(body, (dict, list)):  # JSON, said so (the server requires it)
             body = json.dumps(body)
-        conn.request(method, path, body=body, headers=headers or {})
+            headers.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=body, headers=headers)
         r = conn.getresponse()
         return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
     finally:
@@ -121,7 +125,8 @@ def test_chat_completion_reads_every_message(client, tiny_model):
     assert "\n\n" not in c.message.content and c.finish_reason in ("stop", "length")
     prompt = ("system: Tell a story.\n\nuser: Where is the boat?\n\nassistant: At the harbour."
               "\n\nuser: And the miller?\n\nassistant: ")
-    assert r.usage.prompt_tokens == len(tok.encode(prompt))
+    # the model reads only the last block_size tokens, and usage counts what it read
+    assert r.usage.prompt_tokens == min(len(tok.encode(prompt)), model.config.block_size) == 32
     whole = generate(model, tok, prompt, 60, temperature=0.8, seed=2)[len(prompt):]
     assert c.message.content == whole.split("\n\n")[0]
 
@@ -206,6 +211,9 @@ class ByteScript:
     def decoder(self):
         return ByteScriptDecoder(self)
 
+    def batch_decoder(self, slots: int):
+        return ByteScriptBatch(self, slots)
+
 
 class ByteScriptDecoder:
     """ByteScript's decoder (as GPT.decoder()): the next byte's logits after `length` positions."""
@@ -222,6 +230,20 @@ class ByteScriptDecoder:
         logits = np.zeros(self.script.config.vocab_size, dtype=np.float32)
         logits[data[i] if i < len(data) else self.script.eos_id] = 50.0
         return logits
+
+
+class ByteScriptBatch:
+    """ByteScript's batch decoder (as gpt.batching.BatchDecoder): a ByteScriptDecoder a slot."""
+
+    def __init__(self, script: ByteScript, slots: int):
+        self.slots = [ByteScriptDecoder(script) for _ in range(slots)]
+
+    def prefill(self, slot, ids):
+        self.slots[slot].reset()
+        return self.slots[slot](ids)
+
+    def step(self, slots, tokens):
+        return np.stack([self.slots[s]([t]) for s, t in zip(slots, tokens)])
 
 
 def test_a_character_split_over_tokens_streams_whole():
@@ -272,10 +294,26 @@ def chunked_big_body():
     ("GET", "/v1/models", None, {"Authorization": API_KEY}, 401, "invalid_api_key"),
     ("POST", "/v1/completions", BIG, AUTH, 413, "request_too_large"),
     ("POST", "/v1/completions", chunked_big_body, AUTH, 413, "request_too_large"),
+    # a page elsewhere may POST text/plain without a preflight: JSON only
+    ("POST", "/v1/completions", b'{"prompt": "x"}', {**AUTH, "Content-Type": "text/plain"}, 415,
+     "unsupported_media_type"),
+    ("POST", "/v1/completions", {"prompt": "x", "model": "gpt-4"}, AUTH, 404, "model_not_found"),
+    ("POST", "/v1/completions", {"prompt": "x", "echo": True}, AUTH, 400,
+     "unsupported_parameter"),
+    ("POST", "/v1/completions", {"prompt": "x", "temperature": 1e-7}, AUTH, 400, "invalid_value"),
+    ("POST", "/v1/completions", {"prompt": "x", "temperature": 1e-7, "stream": True}, AUTH, 400,
+     "invalid_value"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": ["user"], "content": "x"}]}, AUTH,
+     400, "invalid_value"),
+    ("GET", "/v1/models", None, {**AUTH, "Host": "evil.test"}, 421, "misdirected_request"),
+    ("POST", "/v1/completions", b'{"prompt": "x"}', {**AUTH, "Host": "rebound.test:8000"}, 421,
+     "misdirected_request"),
 ])
 def test_errors_have_openai_shape_and_the_server_goes_on(server, method, path, body, headers,
                                                          status, code):
     url = server[0]
+    if method == "POST":
+        headers = {"Content-Type": "application/json", **headers}
     if callable(body):  # chunked transfer encoding: the limit is counted as the body arrives
         parts = urlsplit(url)
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
@@ -291,6 +329,75 @@ def test_errors_have_openai_shape_and_the_server_goes_on(server, method, path, b
     assert "Traceback" not in err["message"]
     good, answer = post(url, "/v1/completions", {"prompt": "The", "max_tokens": 3})
     assert good == 200 and len(answer["choices"][0]["text"]) <= 3
+
+
+def test_loopback_host_names_are_accepted(server):
+    port = urlsplit(server[0]).port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "localhost"):
+        assert request(server[0], "GET", "/health", headers={"Host": host})[0] == 200, host
+    for host in ("127.0.0.1.evil.test", "[::1].evil.test", "example.com:80", ""):
+        assert request(server[0], "GET", "/health", headers={"Host": host})[0] == 421, host
+
+
+def test_both_transfer_encoding_and_content_length_are_refused(server):
+    parts = urlsplit(server[0])
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 4\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n"
+                     b"f\r\n{\"prompt\": \"x\"}\r\n0\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert answer.count(b"HTTP/1.1") == 1  # nothing was read as a second request
+
+
+def test_a_body_that_never_completes_gets_408(tiny_model):
+    model, tok = tiny_model
+    app = create_app(model, tok, "tiny", body_timeout=0.5)
+    with running(app) as url:
+        parts = urlsplit(url)
+        with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                         b'{"prompt": ')
+            answer = b""
+            while b"request_timeout" not in answer and (chunk := sock.recv(65536)):
+                answer += chunk  # (the status line and the body may come apart)
+        assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer
+        assert request(url, "GET", "/health")[0] == 200
+
+
+def test_a_client_dropping_mid_body_logs_one_quiet_line(server, caplog):
+    parts = urlsplit(server[0])
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                     b'{"prompt": ')
+        time.sleep(0.2)
+    assert wait_until(lambda: any("went away" in r.getMessage() for r in caplog.records))
+    time.sleep(0.3)  # (a traceback would be logged right after)
+    assert not any(r.exc_info for r in caplog.records)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "gpt.serve: a client went away while sending its request (POST /v1/completions)"]
+    assert request(server[0], "GET", "/health")[0] == 200
+
+
+def test_stop_at_the_earliest_stop_string_not_the_first_listed():
+    """stops ["b", "ab"] on the text "ab": "ab" starts first, so nothing is left."""
+    tok = BPETokenizer([])
+    model = ByteScript(b"ab" * 20, tok.eos_id)
+    with running(create_app(model, tok, "bytes")) as url:
+        for stream in (False, True):
+            status, _, data = request(url, "POST", "/v1/completions", {
+                "prompt": "", "max_tokens": 10, "stop": ["b", "ab"], "stream": stream})
+            assert status == 200
+            texts = [c["choices"][0]["text"] for c in events(data)[:-1]] if stream else [
+                json.loads(data)["choices"][0]["text"]]
+            assert "".join(texts) == "", texts
 
 
 def test_unknown_characters_are_named(server):
@@ -312,7 +419,19 @@ def test_the_page_is_one_file_that_works_offline(server):
         assert outside not in page, outside  # nothing fetched from elsewhere
 
 
+def test_the_page_has_security_headers(server):
+    status, headers, _ = request(server[0], "GET", "/")
+    policy = headers["content-security-policy"]
+    assert status == 200
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+    assert "unsafe-inline" not in policy and policy.count("'sha256-") == 2
+    assert headers["x-frame-options"] == "DENY"
+    assert headers["x-content-type-options"] == "nosniff"
+    assert request(server[0], "GET", "/health")[1]["x-content-type-options"] == "nosniff"
+
+
 def test_public_paths_and_preflights_need_no_key(server):
+    assert request(server[0], "GET", "/favicon.ico")[0] == 204  # not 401
     assert request(server[0], "GET", "/")[0] == 200
     assert request(server[0], "GET", "/health")[0] == 200
     status, headers, _ = request(server[0], "OPTIONS", "/v1/completions", headers={
@@ -469,6 +588,11 @@ def test_missing_or_corrupt_checkpoint_exits_2(tiny_run, tmp_path):
     (["--api-key", " "], "--api-key"),
     (["--cors-origin", "http://page.test/app"], "--cors-origin"),
     (["--model-name", ""], "--model-name"),
+    (["--max-batch", "0"], "--max-batch"),
+    (["--max-queue", "-1"], "--max-queue"),
+    (["--time-limit", "-5"], "--time-limit"),
+    (["--time-limit", "nan"], "--time-limit"),
+    (["--max-connections", "0"], "--max-connections"),
     (["--no-such-flag"], "unrecognized"),
 ])
 def test_bad_flags_exit_2_with_one_line(tiny_run, args, words):

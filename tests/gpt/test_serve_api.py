@@ -1,8 +1,11 @@
 """gpt.api, the web-free half of gpt.serve: request checking, the chat template, the text of a
-choice as it streams (UTF-8 held back until whole, cut before a stop string), and sampling a
-choice (the same tokens as gpt.sample for a seed)."""
+choice as it streams (UTF-8 held back until whole, cut before a stop string), and a choice
+sampled by gpt.batching's Batcher (the same tokens as gpt.sample for a seed)."""
 
 import doctest
+import json
+import math
+import threading
 
 import numpy as np
 import pytest
@@ -12,14 +15,14 @@ from hypothesis import strategies as st
 import gpt.api
 from gpt.api import (
     CHAT_STOP,
-    Choice,
+    Answer,
     RequestError,
     TextStream,
     chat_prompt,
     encode_prompt,
     parse_request,
-    sample_choice,
 )
+from gpt.batching import Batcher, Sequence
 from gpt.bpe import BPETokenizer
 from gpt.config import GPTConfig
 from gpt.model import GPT
@@ -40,7 +43,8 @@ def test_defaults_and_fields():
     req = parse_request({"prompt": "", "max_tokens": 7, "temperature": 0, "top_p": 0.5,
                          "top_k": 3, "n": 2, "seed": 9, "stop": ["a", ""], "stream": True,
                          "stream_options": {"include_usage": True}, "model": "anything",
-                         "presence_penalty": 0.5}, chat=False, max_tokens_limit=100)
+                         "presence_penalty": 0, "echo": False, "best_of": 1, "user": "u"},
+                        chat=False, max_tokens_limit=100)
     assert (req.max_tokens, req.temperature, req.top_p, req.top_k, req.n, req.seed) == (
         7, 0.0, 0.5, 3, 2, 9)
     assert req.stop == ("a",) and req.stream and req.include_usage
@@ -72,7 +76,7 @@ def test_chat_request_uses_every_message_and_the_template():
     ({"prompt": "x", "max_tokens": 101}, 400, "max_tokens", "at most 100"),
     ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens", ">= 0"),
     ({"prompt": "x", "temperature": -0.5}, 400, "temperature", ">= 0"),
-    ({"prompt": "x", "temperature": "hot"}, 400, "temperature", "must be a number"),
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature", "must be a finite number"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p", "(0, 1]"),
     ({"prompt": "x", "top_p": 1.5}, 400, "top_p", "(0, 1]"),
     ({"prompt": "x", "top_k": 0}, 400, "top_k", ">= 1"),
@@ -85,6 +89,16 @@ def test_chat_request_uses_every_message_and_the_template():
     ({"prompt": "x", "stop": list("abcde")}, 400, "stop", "at most 4"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream", "must be a boolean"),
     ({"prompt": "x", "stream_options": []}, 400, "stream_options", "object"),
+    # the sampler's own limit: 1e-9 passed the type check and failed in the sampler (a 500)
+    ({"prompt": "x", "temperature": 1e-9}, 400, "temperature", "too small"),
+    ({"prompt": "x", "temperature": float("nan")}, 400, "temperature", "a finite number, got NaN"),
+    ({"prompt": "x", "temperature": float("inf")}, 400, "temperature", "finite number, got Inf"),
+    ({"prompt": "x", "echo": True}, 400, "echo", "not supported"),
+    ({"prompt": "x", "best_of": 3}, 400, "best_of", "not supported"),
+    ({"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias", "not supported"),
+    ({"prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty", "not supported"),
+    ({"prompt": "x", "logprobs": 6}, 400, "logprobs", "from 0 to 5"),
+    ({"prompt": "x", "logprobs": True}, 400, "logprobs", "an integer"),
 ])
 def test_bad_completion_requests(body, status, param, words):
     with pytest.raises(RequestError) as info:
@@ -102,11 +116,64 @@ def test_bad_completion_requests(body, status, param, words):
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+    ({"messages": [{"role": ["user"], "content": "hi"}]}, "messages[0].role"),  # was a 500
+    ({"messages": [{"role": {"a": 1}, "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+     "top_logprobs"),
 ])
 def test_bad_chat_requests(body, param):
     with pytest.raises(RequestError) as info:
         parse_request(body, chat=True, max_tokens_limit=100)
     assert info.value.status == 400 and info.value.param == param
+
+
+def test_error_messages_quote_at_most_about_100_characters():
+    for body, chat in [({"messages": [{"role": "x" * 1_000_000, "content": "hi"}]}, True),
+                       ({"prompt": "x", "top_p": 2.0, "stop": "s"}, False),
+                       ({"prompt": "x", "n": 10 ** 100_0}, False)]:
+        with pytest.raises(RequestError) as info:
+            parse_request(body, chat=chat, max_tokens_limit=100)
+        assert len(info.value.message) < 250, info.value.message[:300]
+
+
+def test_an_unknown_model_is_404_model_not_found():
+    body = {"prompt": "x", "model": "gpt-4"}
+    with pytest.raises(RequestError) as info:
+        parse_request(body, chat=False, max_tokens_limit=100, model_name="tiny")
+    assert (info.value.status, info.value.code, info.value.param) == (404, "model_not_found",
+                                                                        "model")
+    assert parse_request({"prompt": "x", "model": "tiny"}, False, 100, "tiny").prompt == "x"
+    assert parse_request({"prompt": "x"}, False, 100, "tiny").prompt == "x"  # model may be left out
+
+
+def test_logprobs_fields():
+    assert parse_request({"prompt": "x"}, False, 9).logprobs is None
+    assert parse_request({"prompt": "x", "logprobs": 0}, False, 9).logprobs == 0
+    assert parse_request({"prompt": "x", "logprobs": 5}, False, 9).logprobs == 5
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert parse_request(chat, True, 9).logprobs is None
+    assert parse_request({**chat, "logprobs": True}, True, 9).logprobs == 0
+    assert parse_request({**chat, "logprobs": True, "top_logprobs": 20}, True, 9).logprobs == 20
+    assert parse_request({**chat, "logprobs": False}, True, 9).logprobs is None
+
+
+@pytest.mark.parametrize("tok", [CharTokenizer.from_text("the cat sat on mbd"), BPETokenizer.train(
+    "the cat sat on the mat and the hat " * 20, 280)])
+def test_only_the_last_block_size_prompt_tokens_are_kept(tok):
+    prompt = "the cat sat on the mat and the hat " * 400 + "bad cab"
+    whole = tok.encode(prompt)
+    ids = encode_prompt(tok, prompt, tok.vocab_size, keep=16)
+    assert ids == whole[-16:]
+    assert encode_prompt(tok, "cab", tok.vocab_size, keep=16) == tok.encode("cab")
+
+
+@given(st.text(max_size=20), st.integers(0, 7), st.booleans())
+def test_a_text_event_is_the_chunk_as_json(text, index, chat):
+    answer = Answer("m\"odel", chat)
+    event = answer.text_event(index, text)
+    assert event.startswith("data: ") and event.endswith("\n\n")
+    assert json.loads(event[6:]) == answer.chunk(index, text=text)
 
 
 def test_unknown_prompt_characters_are_named():
@@ -163,7 +230,7 @@ def test_text_that_may_begin_a_stop_waits():
     assert s.finish() == "c" and not s.stopped
 
 
-# ---- sample_choice -----------------------------------------------------------------------------
+# ---- one choice, sampled by the Batcher ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def char_model():
     tok = CharTokenizer.from_text("To be, or not to be, that is the question:\n")
@@ -172,11 +239,23 @@ def char_model():
 
 
 def run_choice(model, tok, prompt, seed, **fields):
+    """(the Choice, the text pieces it sent) of one request's sequence through a Batcher."""
     req = parse_request({"prompt": prompt, "seed": seed, **fields}, False, 1000)
-    choice = Choice(0)
-    pieces = list(sample_choice(model, tok, tok.encode(prompt), req,
-                                np.random.default_rng(seed), choice))
-    return choice, pieces
+    pieces, done = [], threading.Event()
+
+    def emit(kind, *data):
+        if kind == "token":
+            pieces.append(data[1])
+        elif kind == "end":
+            done.set()
+
+    seq = Sequence(req, tok.encode(prompt) or [tok.bos_id], np.random.default_rng(seed), 0, tok,
+                   emit, math.inf, model.config.block_size)
+    batcher = Batcher(model, max_batch=2, max_queue=0)
+    batcher.submit([seq])
+    assert done.wait(60)
+    batcher.stop()
+    return seq.choice, pieces
 
 
 def test_a_choice_is_what_gpt_sample_generates(char_model):
@@ -186,7 +265,7 @@ def test_a_choice_is_what_gpt_sample_generates(char_model):
                                     top_k=8, top_p=0.95)
         expect = generate(model, tok, prompt, 50, 0.9, 8, 0.95, seed=3)
         assert prompt + choice.text == expect and "".join(pieces) == choice.text
-        assert len(pieces) == choice.tokens + 1  # one per token, and the final flush
+        assert len(pieces) == choice.tokens  # one per token
         assert choice.finish_reason == ("length" if choice.tokens == 50 else "stop")
 
 
@@ -199,4 +278,4 @@ def test_a_choice_ends_at_its_stop_string(char_model):
     assert cut.text == whole.text[: whole.text.find(stop)]
     assert cut.finish_reason == "stop" and cut.tokens <= whole.text.find(stop) + 2
     none, pieces = run_choice(model, tok, "To", 7, max_tokens=0)
-    assert (none.text, none.tokens, none.finish_reason, pieces) == ("", 0, "length", [""])
+    assert (none.text, none.tokens, none.finish_reason, pieces) == ("", 0, "length", [])

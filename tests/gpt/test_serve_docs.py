@@ -1,5 +1,6 @@
 """The curl and `openai` examples of docs/serving.md, run as written against a live server
-(only its address, 127.0.0.1:8000 in the docs, is replaced by the test server's)."""
+(only its address, 127.0.0.1:8000 in the docs, and the model's name, "out" there, are replaced
+by the test server's)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ BLOCK = re.compile(r"```(bash|python)\n(.*?)```", flags=re.DOTALL)
 DOC_BASE = "http://127.0.0.1:8000"
 
 
+def for_the_test_server(code: str, base: str) -> str:
+    """The example aimed at the test server: its address, and its model's name ("tiny")."""
+    for quote in ('"', "'"):
+        code = code.replace(f'"model": {quote}out{quote}', '"model": "tiny"')
+    return code.replace(DOC_BASE, base.rstrip("/")).replace('model="out"', 'model="tiny"')
+
+
 def examples(language: str, marker: str) -> list[str]:
     return [code for lang, code in BLOCK.findall(DOC.read_text(encoding="utf-8"))
             if lang == language and marker in code and ">>>" not in code]
@@ -29,7 +37,7 @@ def test_the_page_has_examples():
 @pytest.mark.parametrize("code", examples("bash", "curl "))
 def test_curl_examples(server, code):
     base = server[0].rstrip("/")
-    run = subprocess.run(["bash", "-euo", "pipefail", "-c", code.replace(DOC_BASE, base)],
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", for_the_test_server(code, base)],
                          capture_output=True, text=True, timeout=60, check=False,
                          env={"GPT_API_KEY": API_KEY, "PATH": "/usr/bin:/bin:/usr/local/bin"})
     assert run.returncode == 0, run.stderr
@@ -49,7 +57,7 @@ def test_curl_examples(server, code):
 def test_openai_client_example(server):
     (code,) = examples("python", "OpenAI(")
     env = dict(os.environ, GPT_API_KEY=API_KEY)
-    run = subprocess.run([sys.executable, "-c", code.replace(DOC_BASE, server[0].rstrip("/"))],
+    run = subprocess.run([sys.executable, "-c", for_the_test_server(code, server[0])],
                          capture_output=True, text=True, timeout=120, check=False, env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip()  # the completion, then the chat answer (which may be empty)

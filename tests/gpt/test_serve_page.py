@@ -1,7 +1,8 @@
 """The page at GET /, in a real headless browser (Debian's chromium, driven by selenium through
 chromium-driver; .ci/run installs both): it loads from the server, a prompt is typed and
-submitted, the text streams in (several updates, not one), and it is the text the API gives
-for the same seed. A screenshot goes to the test's tmp dir.
+submitted, the text streams in (several updates, not one), it is the text the API gives
+for the same seed, and each token shows the probability the API's logprobs give it. A
+screenshot goes to the test's tmp dir.
 
 The README's picture is this test's screenshot of a real run:
     GPT_SCREENSHOT=docs/img/serve-page.png GPT_SCREENSHOT_RUN=out python -m pytest tests/gpt/test_serve_page.py
@@ -11,11 +12,13 @@ The README's picture is this test's screenshot of a real run:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import API_KEY
 from selenium import webdriver
@@ -23,6 +26,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from gpt.batching import BatchDecoder
 from gpt.serve import create_app, running
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -58,18 +62,31 @@ def browser(tmp_path, monkeypatch):
 
 
 class PacedModel:
-    """The model, a few milliseconds slower per call: a tiny model on a busy machine can
-    sample all its tokens before the browser paints once, and the test must see them stream."""
+    """The model, its batched decoder steps a few milliseconds slower: a tiny model on a busy
+    machine can sample all its tokens before the browser paints once, and the test must see
+    them stream."""
 
     def __init__(self, model):
         self._model = model
 
-    def __call__(self, *args, **kwargs):
-        time.sleep(0.01)
-        return self._model(*args, **kwargs)
+    def batch_decoder(self, slots: int):
+        return PacedDecoder(BatchDecoder(self._model, slots))
 
     def __getattr__(self, name):
         return getattr(self._model, name)
+
+
+class PacedDecoder:
+    def __init__(self, decoder):
+        self._decoder = decoder
+
+    def prefill(self, slot, ids):
+        time.sleep(0.01)
+        return self._decoder.prefill(slot, ids)
+
+    def step(self, slots, tokens):
+        time.sleep(0.01)
+        return self._decoder.step(slots, tokens)
 
 
 @pytest.fixture
@@ -83,15 +100,15 @@ def page_server(tiny_run):
         yield url, run.name
 
 
-def api_text(url: str) -> str:
-    """What POST /v1/completions answers for the page's settings."""
+def api_answer(url: str) -> dict:
+    """The choice POST /v1/completions answers for the page's settings (with logprobs)."""
     from test_serve import post
 
-    body = {"prompt": PROMPT, **{k: float(v) for k, v in SETTINGS.items()}}
+    body = {"prompt": PROMPT, **{k: float(v) for k, v in SETTINGS.items()}, "logprobs": 3}
     body["max_tokens"], body["seed"] = int(body["max_tokens"]), int(body["seed"])
     status, answer = post(url, "/v1/completions", body)
     assert status == 200, json.dumps(answer)
-    return answer["choices"][0]["text"]
+    return answer["choices"][0]
 
 
 def test_the_page_streams_a_completion(browser, page_server, tmp_path):
@@ -114,8 +131,29 @@ def test_the_page_streams_a_completion(browser, page_server, tmp_path):
     status = browser.find_element(By.ID, "status").text
     assert "finish_reason" in status and "error" not in status, status
     assert browser.find_element(By.ID, "prompt_echo").get_property("textContent") == PROMPT
-    assert shown and shown == api_text(url)  # the same seed gives the same text
+    api = api_answer(url)
+    assert shown and shown == api["text"]  # the same seed gives the same text
     assert browser.execute_script("return window.updates") > 5  # it streamed in
+    # each token's probability, as the API's logprobs give it: a span a streamed piece, its
+    # shade from the least probable of its tokens (one a line of its title)
+    spans = browser.find_elements(By.CSS_SELECTOR, "#completion span.tok")
+    shown_p = [float(s.get_attribute("data-p")) for s in spans]
+    api_p, expect = [math.exp(lp) for lp in api["logprobs"]["token_logprobs"]], []
+    for span in spans:
+        n = span.get_attribute("title").count("\n") + 1
+        expect.append(min(api_p[:n]))
+        api_p = api_p[n:]
+    assert api_p == [] and np.allclose(shown_p, expect, atol=1e-4)
+    assert all(0 < p <= 1 for p in shown_p) and len(spans) > 5
+    assert "%" in spans[0].get_attribute("title") and "most probable" in spans[0].get_attribute(
+        "title")
+    assert browser.find_element(By.ID, "probs").text.startswith("last token:")
+    # the seed box shows its whole placeholder; the empty prompt box does not look filled in
+    assert browser.execute_script("""const s = document.getElementById("seed");
+        const c = document.createElement("canvas").getContext("2d");
+        c.font = getComputedStyle(s).font;
+        return c.measureText(s.placeholder).width + 24 <= s.clientWidth;""")
+    assert "empty" in browser.find_element(By.ID, "prompt").get_attribute("placeholder")
     shot = tmp_path / "page.png"
     assert browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -5,6 +5,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 
 from gpt import train as gt
+from gpt.checkpoint import load_checkpoint, load_model
 from gpt.config import PRESETS, TrainConfig, leaf_fields
+from tensorlite.bf16 import round_to_bfloat16
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
@@ -141,10 +144,12 @@ def test_tiny_run_writes_metrics_checkpoint_and_sample(tmp_path, text_file, caps
     assert state["iter"] == 12
 
 
-def test_resume_continues_exactly(tmp_path, text_file, capsys, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_continues_exactly(tmp_path, text_file, capsys, monkeypatch, dtype):
     """A 30-step run that stops at step 23 (a NaN; the last checkpoint is at 20), resumed,
-    logs the same losses as the straight 30-step run, with dropout on."""
-    args = ["--data", text_file, "--max-iters", "30", "--dropout", "0.1", *TINY]
+    logs the same losses as the straight 30-step run, with dropout on (and in bfloat16:
+    the checkpoint's float32 master weights and AdamW state are the whole state)."""
+    args = ["--data", text_file, "--max-iters", "30", "--dropout", "0.1", "--dtype", dtype, *TINY]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert main(*args, "--out-dir", straight) == 0
     with monkeypatch.context() as m:
@@ -161,6 +166,44 @@ def test_resume_continues_exactly(tmp_path, text_file, capsys, monkeypatch):
         assert ra["lr"] == rb["lr"]
         if "val_loss" in ra:
             assert abs(ra["val_loss"] - rb["val_loss"]) <= 1e-5
+
+
+def test_a_bfloat16_run_keeps_float32_weights_records_its_dtype_and_samples_both_ways(
+        tmp_path, text_file):
+    out = tmp_path / "run"
+    assert main("--data", text_file, "--out-dir", out, "--max-iters", "20", "--dtype", "bfloat16",
+                *TINY) == 0
+    ckpt = load_checkpoint(str(out))
+    assert ckpt.config["train"]["dtype"] == "bfloat16"
+    assert {a.dtype for a in ckpt.model.values()} == {np.dtype(np.float32)}
+    moments = [a for a in _arrays(ckpt.optimizer) if a.dtype.kind == "f" and a.ndim > 0]
+    assert moments and {a.dtype for a in moments} == {np.dtype(np.float32)}
+    wte = ckpt.model["wte"]
+    assert not np.array_equal(wte, round_to_bfloat16(wte))  # master weights, not bf16 copies
+    model, _ = load_model(str(out))
+    assert model.matmul_dtype == "bfloat16" and model.dtype == np.float32
+    model32, _ = load_model(str(out), "float32")
+    assert model32.matmul_dtype is None
+    texts = {}
+    for dtype in ("bfloat16", "float32"):
+        proc = subprocess.run([sys.executable, "-m", "gpt.sample", "--out-dir", str(out), "--dtype",
+                               dtype, "--seed", "3", "--max-new-tokens", "40"], capture_output=True,
+                              text=True, timeout=120, check=False,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert proc.returncode == 0, proc.stderr
+        texts[dtype] = proc.stdout
+    assert all(len(t.strip()) > 0 for t in texts.values())
+
+
+def _arrays(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _arrays(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _arrays(v)
+    elif isinstance(tree, np.ndarray):
+        yield tree
 
 
 def test_resume_on_another_number_of_threads_says_the_steps_differ(tmp_path, text_file,
@@ -427,3 +470,30 @@ def test_a_full_disk_during_a_save_stops_the_run_in_one_line_keeping_the_last_ch
     assert f"the previous checkpoint in {out / 'checkpoint'} is intact" in err
     assert sorted(os.listdir(out)) == ["best", "checkpoint", "metrics.jsonl"]  # no .tmp, .lock
     assert checkpoint.load_checkpoint(str(out)).state["iter"] == 2
+
+
+def test_a_bpe_run_reports_its_tokenizer_step_and_explains_broken_characters(
+        tmp_path, monkeypatch, capsys):
+    """The intro says what training the BPE did (merges, seconds, bytes per token); a final
+    sample that shows U+FFFD (half a multi-byte character) is followed by a line saying why."""
+    from gpt import train
+    from gpt.bpe import REPLACEMENT_NOTE
+
+    text = tmp_path / "text.txt"
+    text.write_text((REPO / "train.txt").read_text(encoding="utf-8")[:5000] + " café é ü" * 50,
+                    encoding="utf-8")
+    monkeypatch.setattr(train, "sample_text", lambda *a, **k: "a broken \ufffd character")
+    code = train.main(["--data", str(text), "--out-dir", str(tmp_path / "run"), "--tokenizer",
+                       "bpe", "--vocab-size", "300", "--max-iters", "2", "--eval-interval", "2",
+                       "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+                       "--batch-size", "4", "--eval-iters", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    first = out.splitlines()[0]
+    m = re.fullmatch(r"BPE tokenizer: (\d+) merges learned and the text encoded in [\d.]+ s; "
+                     r"([\d.]+) bytes per token \(([\d,]+) bytes -> ([\d,]+) tokens\)", first)
+    assert m, first
+    assert int(m.group(1)) == 300 - 258
+    n_bytes, n_tokens = (int(m.group(i).replace(",", "")) for i in (3, 4))
+    assert n_bytes == len(text.read_bytes()) and float(m.group(2)) == round(n_bytes / n_tokens, 2)
+    assert REPLACEMENT_NOTE in out

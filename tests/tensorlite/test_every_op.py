@@ -9,7 +9,7 @@ import pytest
 
 import tensorlite as tl
 import tensorlite.functional as F
-from tensorlite import Tensor, functional, ops
+from tensorlite import Tensor, bf16, functional, ops, precision
 from tensorlite.autograd import Function
 from tensorlite.testing import assert_gradients_match
 
@@ -53,6 +53,8 @@ CASES = {
     functional.LogSoftmax: (lambda a: F.log_softmax(a, axis=0), [(2, 3)], "any"),
     functional.CrossEntropy: (lambda a: F.cross_entropy(a, TARGETS), [(4, 5)], "any"),
     functional.RMSNorm: (lambda a, w: F.rms_norm(a, w), [(2, 4), (4,)], "any"),
+    functional.LayerNorm: (lambda a, w, b: F.layer_norm(a, w, b), [(2, 4), (4,), (4,)], "any"),
+    functional.GELU: (lambda a: F.gelu(a), [(2, 3)], "any"),
     functional.Embedding: (lambda w: F.embedding(IDX, w), [(4, 3)], "any"),
     functional.ScaledDotProductAttention: (
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True),
@@ -60,6 +62,7 @@ CASES = {
     functional.CausalSelfAttention: (lambda qkv: F.causal_self_attention(qkv, 2), [(2, 3, 12)], "any"),
     functional.ReluSquared: (lambda a: F.relu_squared(a), [(2, 3)], "away_from_0"),
     functional.Dropout: (_dropout, [(2, 3)], "any"),
+    precision.MatMulBF16: (lambda a, b: precision.MatMulBF16.apply(a, b), [(2, 2, 3), (3, 4)], "bf16"),
 }
 
 
@@ -84,6 +87,8 @@ def draw(shape, how: str, rng: np.random.Generator) -> np.ndarray:
         return rng.uniform(0.5, 2.0, shape)
     if how == "away_from_0":  # relu's kink: keep finite differences off it
         return rng.choice([-1, 1], shape) * rng.uniform(0.2, 1.5, shape)
+    if how == "bf16":  # bf16 numbers: rounding them changes nothing
+        return bf16.round_to_bfloat16(rng.standard_normal(shape)).astype(np.float64)
     if how == "distinct":  # max's ties: keep the maximum unique
         return rng.permutation(np.arange(np.prod(shape), dtype=np.float64)).reshape(shape) / 3
     return rng.standard_normal(shape)
@@ -107,4 +112,28 @@ def test_gradient_of_every_function(cls):
     inputs = [draw(s, how, rng) for s in shapes]
     out = fn(*(Tensor(x, requires_grad=True) for x in inputs))
     assert cls in ops_in_graph(out), f"the case for {cls.__name__} does not run it"
-    assert_gradients_match(fn, *inputs)
+    if how == "bf16":
+        assert_bf16_gradients_match(fn, inputs, rng)
+    else:
+        assert_gradients_match(fn, *inputs)
+
+
+def assert_bf16_gradients_match(fn, inputs, rng) -> None:
+    """A bf16 op rounds its operands: flat almost everywhere, so finite differences of fn
+    itself say nothing. Its gradient is defined as the float64 function's (the same op with
+    the rounding left out, here NumPy's matmul) at the rounded operands with the cotangent
+    rounded: at bf16 inputs and cotangent, float64 central differences of that function,
+    up to float32 sums."""
+    ts = [Tensor(x.astype(np.float32), requires_grad=True) for x in inputs]
+    out = fn(*ts)
+    dout = bf16.round_to_bfloat16(rng.standard_normal(out.shape)).astype(np.float64)
+    out.backward(dout.astype(np.float32))
+    eps = 1e-3  # (a product: central differences are exact but for rounding)
+    for i, t in enumerate(ts):
+        for where in np.ndindex(t.shape):
+            xs = [x.copy() for x in inputs]
+            xs[i][where] += eps
+            plus = np.sum(dout * np.matmul(*xs))
+            xs[i][where] -= 2 * eps
+            expected = (plus - np.sum(dout * np.matmul(*xs))) / (2 * eps)
+            np.testing.assert_allclose(t.grad[where], expected, rtol=1e-5, atol=1e-5)

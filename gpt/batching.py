@@ -1,0 +1,413 @@
+"""Continuous batching for gpt.serve: every sequence being generated (each choice of each
+request) advances together, one batched decoder step per token, as llama.cpp's server slots and
+vLLM's scheduler do. At a small model's size a one-token step costs mostly per-call overhead
+(~30 small NumPy calls per layer), so decoding 8 sequences in one step costs little more than 1.
+
+    BatchDecoder   the model's forward for S slots: a KV cache per slot, a prompt read into one
+                   slot (`prefill`), then one new token for each of several slots (`step`)
+    Sequence       one choice being sampled: its context, settings, random generator and text
+    Batcher        the thread that owns the BatchDecoder: sequences wait in a bounded queue,
+                   join at the next step when a slot is free, leave when they finish, their
+                   client goes away or their time is up
+
+A sequence samples exactly as gpt.sample's `sample_tokens` does (the same filtering, one
+uniform draw per token, the same sliding window), with its own settings and generator.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+import tensorlite.functional as F
+from tensorlite import Tensor, no_grad
+
+# The formulas are tensorlite's own (one home each). The norms and the activation are the
+# model's Decoder's (which call tensorlite's NumPy references: on a handful of rows a compiled
+# twin's call costs more than the loop it saves); the softmax is tensorlite's public one.
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """tensorlite's softmax over the last axis, on an array (no graph is recorded)."""
+    with no_grad():
+        return F.softmax(Tensor(x)).data
+
+from .api import Choice, CompletionRequest, TextStream
+from .sample import filter_probs, keep_after_slide, sample_from
+
+
+# ---- the batched forward --------------------------------------------------------------------
+class BatchDecoder:
+    """GPT's forward for sampling many sequences at once. Each of `slots` sequences has its KV
+    cache in one (n_layer, slots, H, block_size + 1, hd) array pair; `lengths[s]` positions
+    of slot s are filled.
+
+    prefill(s, ids) reads a prompt into slot s with the model's own Decoder (its cache pointed
+    at the slot's part of the arrays): the same numbers as gpt.sample's first call.
+    step(slots, tokens) appends one token to each of those slots: every linear layer is then ONE
+    (B, C) @ (C, N) product for all B sequences, and the attention reads each sequence's own
+    keys up to its own length (the positions past it are masked), so prompts of different
+    lengths batch together.
+
+    The batched products round differently from one sequence's (BLAS picks other kernels for
+    other shapes), so a logit can differ from the lone Decoder's in its last float32 bits; a
+    sampled token differs only if its uniform draw falls within that much of a boundary
+    between two tokens' cumulative probabilities (docs/serving.md).
+    """
+
+    def __init__(self, model, slots: int):
+        cfg, dt = model.config, model.dtype
+        self.config, self.slots = cfg, slots
+        L, H, T, hd = cfg.n_layer, cfg.n_head, cfg.block_size, cfg.head_dim
+        # T + 1 positions: the last is scratch, where the rows of slots outside a step write
+        self.k = np.zeros((L, slots, H, T + 1, hd), dt)
+        self.v = np.zeros((L, slots, H, T + 1, hd), dt)
+        self.lengths = np.zeros(slots, np.int64)
+        self.prefiller = model.decoder()  # reads prompts; its cache is swapped per slot
+        self.wte, self.wpe = self.prefiller.wte, self.prefiller.wpe
+        self.scale = dt.type(1.0 / math.sqrt(hd))
+
+    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
+        """Read `ids` (at most block_size) into slot `slot` from position 0; the logits (V,)
+        of the token after them (a copy)."""
+        return self._alone(slot, ids, 0)
+
+    def _alone(self, slot: int, ids: list[int], start: int) -> np.ndarray:
+        """The model's own Decoder on one slot: `ids` at positions start, start + 1, ..."""
+        cache = self.prefiller.cache
+        cache.k, cache.v = self.k[:, slot], self.v[:, slot]  # (L, H, T, hd) views
+        cache.length = start
+        logits = self.prefiller(ids).copy()
+        self.lengths[slot] = cache.length
+        return logits
+
+    def step(self, slots: list[int], tokens: list[int]) -> np.ndarray:
+        """Append token tokens[b] to slot slots[b] for every b; the logits (B, V) after each.
+
+        One sequence alone goes through the model's Decoder (gpt.sample's own path). Several
+        go together through every slot from 0 to the highest one used: the rows of the slots
+        not in `slots` compute a token nobody reads (slots are handed out lowest first, so
+        there are few), and in exchange each layer reads its keys and values as one view of
+        the cache, not as a gathered copy."""
+        if len(slots) == 1:
+            return self._alone(slots[0], tokens, int(self.lengths[slots[0]]))[None]
+        H, hd, T = self.config.n_head, self.config.head_dim, self.config.block_size
+        S = max(slots) + 1
+        rows = np.arange(S)
+        ids, pos = np.zeros(S, np.int64), np.zeros(S, np.int64)  # idle slots: token 0 at 0
+        ids[slots], pos[slots] = tokens, self.lengths[slots]  # the new tokens' positions
+        if pos.max() >= T:
+            raise ValueError("a slot's cache is full: its context must slide first")
+        # where each row's key and value go: its position, or (a slot outside this step, which
+        # may hold a prompt just read) the scratch position T, which no query reads
+        put = np.full(S, T)
+        put[slots] = pos[slots]
+        T1 = int(pos.max()) + 1  # the attention reads keys 0 .. T1-1 of every slot
+        # (S, 1, 1, T1): 0 where key j is one of the row's positions (j <= pos), else -inf
+        mask = np.where(np.arange(T1) <= pos[:, None], 0.0, -np.inf).astype(self.k.dtype)
+        mask = mask[:, None, None, :]
+        x = self.wte[ids] + self.wpe[pos]  # (S, C)
+        d = self.prefiller  # the model's layer steps on arrays (norm, linear, activation, head)
+        for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(d.layers):
+            # x = x + attn(norm(x, ln_1))
+            qkv = d.linear(d.norm(x, ln_1), c_attn)  # (S, 3C): q | k | v
+            heads = qkv.reshape(S, 3, H, hd)
+            self.k[i, rows, :, put] = heads[:, 1]  # (S, H, hd): each into its slot, position
+            self.v[i, rows, :, put] = heads[:, 2]
+            q = heads[:, 0, :, None, :]  # (S, H, 1, hd)
+            k, v = self.k[i, :S, :, :T1], self.v[i, :S, :, :T1]  # (S, H, T1, hd), views
+            scores = q @ k.swapaxes(-1, -2)  # (S, H, 1, T1)
+            scores *= self.scale
+            scores += mask
+            att = softmax(scores)  # (S, H, 1, T1)
+            y = (att @ v).reshape(S, H * hd)  # (S, H, 1, hd) -> (S, C)
+            x += d.linear(y, attn_proj)
+            # x = x + mlp(norm(x, ln_2)), mlp = activation(. @ c_fc) @ c_proj
+            x += d.linear(d.activation(d.linear(d.norm(x, ln_2), c_fc)), mlp_proj)  # (S, C)
+        self.lengths[slots] += 1
+        x = x[slots]  # (B, C): the rows someone reads
+        return d.head(d.norm(x, d.ln_f))  # (B, V)
+
+
+# ---- one choice being sampled ---------------------------------------------------------------
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log of softmax(logits), (V,) float64: what `logprobs` reports."""
+    z = logits.astype(np.float64)
+    z -= z.max()
+    z -= np.log(np.exp(z).sum())
+    return z
+
+
+def most_probable(lp: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest values of lp, largest first (ties: the lower id first), without
+    sorting all of a large vocabulary (GPT-2's 50,257) for each token."""
+    if k == 0:
+        return np.empty(0, np.int64)
+    ids = np.argpartition(-lp, k - 1)[:k] if k < lp.size else np.arange(lp.size)
+    return ids[np.lexsort((ids, -lp[ids]))]
+
+
+class Sequence:
+    """One choice of one request, as the Batcher samples it: its context (ids[start:], at most
+    block_size tokens), its settings and generator, its text so far, and where its events go.
+    `emit(kind, *data)` is called from the Batcher's thread: ("token", index, text_piece,
+    logprob entries, offset) after each token (the entries of the tokens whose text goes out
+    with this piece, which starts at `offset` of the choice's text), then ("end", index,
+    finish_reason); finish_reason None: the client has gone."""
+
+    def __init__(self, req: CompletionRequest, ids: list[int], rng: np.random.Generator,
+                 index: int, tokenizer, emit: Callable, deadline: float, block_size: int):
+        self.req, self.rng, self.emit, self.deadline = req, rng, emit, deadline
+        self.ids, self.block = list(ids), block_size
+        self.start = max(0, len(self.ids) - block_size)  # the context is ids[start:]
+        self.choice = Choice(index)
+        self.text = TextStream(tokenizer, req.stop)
+        self.eos_id = tokenizer.eos_id
+        self.slot: int | None = None
+        self.in_cache = False  # ids[start:-1] are in the slot's cache: step with ids[-1]
+        self.cancelled = False  # set from the request's side when its client goes away
+        self.ended = False
+        self.unsent: list = []  # logprob entries of tokens whose text is held back
+        self.submitted = time.perf_counter()
+        self.last_token_at: float | None = None
+        self.probs = self.cdf = None  # sampling buffers, (V,) float64
+
+    def sample(self, logits: np.ndarray) -> bool:
+        """Draw the next token from `logits` (V,), changed in place, as sample_tokens does;
+        turn it into text and events. True when the choice has ended."""
+        r, choice = self.req, self.choice
+        if self.probs is None:
+            self.probs, self.cdf = np.empty(logits.size), np.empty(logits.size)
+        lp = log_softmax(logits) if r.logprobs is not None else None  # before EOS is masked
+        if self.eos_id is not None:
+            logits[self.eos_id] = -np.inf  # never taught, never drawn (as in gpt.sample)
+        token = sample_from(filter_probs(logits, r.temperature, r.top_k, r.top_p,
+                                         out=self.probs), self.rng, self.cdf)
+        entry = None
+        if lp is not None:
+            entry = (token, float(lp[token]), [(int(t), float(lp[t]))
+                                               for t in most_probable(lp, r.logprobs)])
+        self.ids.append(token)
+        if len(self.ids) - self.start > self.block:  # the window is full: keep its last half
+            self.start = len(self.ids) - keep_after_slide(self.block)
+            self.in_cache = False  # (to be read again into the slot, from position 0)
+        choice.tokens += 1
+        piece = self.text.push(token)
+        done = self.text.stopped or choice.tokens >= r.max_tokens
+        if done and not self.text.stopped:
+            piece += self.text.finish()
+        if entry is not None:
+            self.unsent.append(entry)
+        entries = []
+        if piece:  # the tokens whose text goes out now (text held back keeps its tokens)
+            entries, self.unsent = self.unsent, []
+            choice.logprobs.extend(entries)
+        self.emit("token", choice.index, piece, entries, len(choice.text))
+        choice.text += piece
+        if done:
+            self.finish("stop" if self.text.stopped else "length")
+        return done
+
+    def finish(self, reason: str | None) -> None:
+        """End the choice: ("end", index, reason) once; reason None: its client has gone."""
+        if not self.ended:
+            self.ended = True
+            self.choice.finish_reason = reason
+            self.emit("end", self.choice.index, reason)
+
+
+class QueueFull(Exception):
+    """The Batcher's queue has no room for a request's sequences."""
+
+
+class Batcher:
+    """The thread that decodes every sequence: up to `max_batch` in slots, advancing together
+    one token per step, and up to `max_queue` more waiting for a slot (a request that does
+    not fit gets QueueFull: HTTP 429). A waiting sequence takes a free slot at the next step
+    (its prompt is read then); a sequence leaves its slot when it ends, when its client has
+    gone (`cancelled`) or when its deadline passes: within one step.
+
+    `metrics` (a ServeMetrics) hears of each step's batch size, each first token's wait and
+    each token's time after the one before; `after_step()` is called after every step."""
+
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, metrics=None,
+                 after_step: Callable[[], None] | None = None):
+        # (a stand-in model in a test may bring its own batch decoder)
+        make = getattr(model, "batch_decoder", None) or (lambda n: BatchDecoder(model, n))
+        self.decoder = make(max_batch)
+        self.block = model.config.block_size
+        self.max_batch, self.max_queue, self.metrics = max_batch, max_queue, metrics
+        self.after_step = after_step  # called after each step (gpt.serve hands events over)
+        self.queue: collections.deque[Sequence] = collections.deque()
+        self.active: list[Sequence] = []
+        self.free = list(range(max_batch - 1, -1, -1))  # slots; pop() gives the lowest
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="gpt.serve batcher", daemon=True)
+        self.thread.start()
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue a request's sequences, all or none (QueueFull)."""
+        with self.wake:
+            if len(self.queue) + len(seqs) > self.max_queue + self.max_batch - len(self.active):
+                raise QueueFull
+            self.queue.extend(seqs)
+            self.wake.notify()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join(10)
+
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                while not self.active and not self.queue and not self.stopping:
+                    self.wake.wait()
+                if self.stopping:
+                    return
+                while self.queue and self.free:  # join: a free slot for each waiting one
+                    seq = self.queue.popleft()
+                    if seq.cancelled:  # its client left while it waited
+                        seq.finish(None)
+                        continue
+                    seq.slot = self.free.pop()
+                    self.active.append(seq)
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - a bug: end every sequence, keep serving
+                import traceback
+
+                traceback.print_exc()
+                for seq in self.active:
+                    seq.emit("error", f"sampling failed: {type(e).__name__}: {e}")
+                    seq.finish(None)
+                self._leave(list(self.active))
+            if self.after_step is not None:
+                self.after_step()
+
+    def _step(self) -> None:
+        """One token for every active sequence (those whose time is up or whose client has
+        gone leave first, without one)."""
+        now = time.perf_counter()
+        gone = [s for s in self.active if s.cancelled or now > s.deadline
+                or s.req.max_tokens == 0]
+        for seq in gone:
+            seq.finish(None if seq.cancelled else "length")
+        self._leave(gone)
+        if not self.active:
+            return
+        reading = [s for s in self.active if not s.in_cache]  # new, or their window slid
+        stepping = [s for s in self.active if s.in_cache]
+        logits = []
+        for seq in reading:
+            logits.append(self.decoder.prefill(seq.slot, seq.ids[seq.start:]))
+            seq.in_cache = True
+        if stepping:
+            logits.extend(self.decoder.step([s.slot for s in stepping],
+                                            [s.ids[-1] for s in stepping]))
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.step(len(self.active))
+        done = []
+        for seq, row in zip(reading + stepping, logits):
+            if self.metrics is not None:
+                self.metrics.token(now - (seq.last_token_at or seq.submitted),
+                                   first=seq.last_token_at is None)
+            seq.last_token_at = now
+            if seq.sample(np.array(row, dtype=row.dtype)):
+                done.append(seq)
+        self._leave(done)
+
+    def _leave(self, seqs: list[Sequence]) -> None:
+        with self.wake:
+            for seq in seqs:
+                if seq in self.active:
+                    self.active.remove(seq)
+                    self.free.append(seq.slot)
+            self.free.sort(reverse=True)
+
+
+# ---- what /metrics reports ------------------------------------------------------------------
+class Histogram:
+    """A Prometheus histogram: counts of observations <= each bound, their sum and count."""
+
+    def __init__(self, name: str, help: str, bounds: tuple[float, ...]):
+        self.name, self.help, self.bounds = name, help, bounds
+        self.counts = [0] * len(bounds)
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def text(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        lines += [f'{self.name}_bucket{{le="{float(b)}"}} {c}'
+                  for b, c in zip(self.bounds, self.counts)]
+        lines += [f'{self.name}_bucket{{le="+Inf"}} {self.count}',
+                  f"{self.name}_sum {self.sum:.6f}", f"{self.name}_count {self.count}"]
+        return lines
+
+
+LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ServeMetrics:
+    """The counters behind GET /metrics (Prometheus' text format, version 0.0.4)."""
+
+    def __init__(self, max_batch: int):
+        self.lock = threading.Lock()
+        self.requests: collections.Counter = collections.Counter()  # (endpoint, status) -> n
+        self.tokens = 0
+        self.batch = Histogram("gpt_serve_batch_size", "Sequences decoded together in a step.",
+                               tuple(float(b) for b in range(1, max_batch + 1)))
+        self.ttft = Histogram("gpt_serve_time_to_first_token_seconds",
+                              "From a sequence's arrival to its first token.", LATENCY_BOUNDS)
+        self.per_token = Histogram("gpt_serve_time_per_token_seconds",
+                                   "From a sequence's token to its next one.", LATENCY_BOUNDS)
+
+    def request(self, endpoint: str, status: int) -> None:
+        with self.lock:
+            self.requests[endpoint, status] += 1
+
+    def step(self, batch_size: int) -> None:
+        with self.lock:
+            self.batch.observe(batch_size)
+
+    def token(self, seconds: float, first: bool) -> None:
+        with self.lock:
+            self.tokens += 1
+            (self.ttft if first else self.per_token).observe(seconds)
+
+    def text(self, active: int, queued: int) -> str:
+        with self.lock:
+            lines = ["# HELP gpt_serve_requests_total Completion requests answered, by status.",
+                     "# TYPE gpt_serve_requests_total counter"]
+            lines += [f'gpt_serve_requests_total{{endpoint="{e}",status="{s}"}} {n}'
+                      for (e, s), n in sorted(self.requests.items())]
+            lines += ["# HELP gpt_serve_tokens_generated_total Tokens sampled.",
+                      "# TYPE gpt_serve_tokens_generated_total counter",
+                      f"gpt_serve_tokens_generated_total {self.tokens}",
+                      "# HELP gpt_serve_active_sequences Sequences in a slot now.",
+                      "# TYPE gpt_serve_active_sequences gauge",
+                      f"gpt_serve_active_sequences {active}",
+                      "# HELP gpt_serve_queued_sequences Sequences waiting for a slot.",
+                      "# TYPE gpt_serve_queued_sequences gauge",
+                      f"gpt_serve_queued_sequences {queued}"]
+            for h in (self.batch, self.ttft, self.per_token):
+                lines += h.text()
+        return "\n".join(lines) + "\n"

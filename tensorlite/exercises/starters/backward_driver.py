@@ -1,0 +1,44 @@
+"""Exercise: the topological sort and the backward driver (docs/autograd.md, section 4).
+
+Write topological_order and backward for the scalar graph of Node below. Grade it with
+    python -m tensorlite.exercises check backward_driver --dir DIR
+"""
+
+
+class Node:
+    """A scalar in a recorded graph: its value, the nodes it was computed from (`parents`),
+    and the derivative of this node with respect to each parent (`local_grads`, one each).
+    A leaf has no parents. `grad` starts at 0.0; backward fills it in.  (Given: keep it.)"""
+
+    def __init__(self, value, parents=(), local_grads=()):
+        self.value = value
+        self.parents = tuple(parents)
+        self.local_grads = tuple(local_grads)
+        self.grad = 0.0
+
+
+def mul(a, b):
+    """a * b as a Node (given: to build graphs while you try things)."""
+    return Node(a.value * b.value, (a, b), (b.value, a.value))
+
+
+def add(a, b):
+    """a + b as a Node (given)."""
+    return Node(a.value + b.value, (a, b), (1.0, 1.0))
+
+
+def topological_order(root):
+    """Every node that `root` was computed from, directly or not, and root itself, each once
+    and each after all of its parents (a list, root last).
+
+    Without recursion: a chain of 3,000 nodes must work (Python's recursion limit is 1,000).
+    A node can be reached along several paths (a diamond), or be listed twice as a parent
+    (x * x).
+    """
+    raise NotImplementedError
+
+
+def backward(root):
+    """Set root.grad = 1.0 and fill in node.grad = d root / d node for every node in
+    topological_order(root), from the root back to the leaves. The grads start at 0.0."""
+    raise NotImplementedError
