@@ -212,8 +212,12 @@ def kept_checkpoint_line(run: Training, out: Path, why: str) -> None:
     assert load_checkpoint(str(out)).state["iter"] == 20
 
 
-def test_with_no_worker_left_the_run_stops_with_one_line_naming_the_kept_checkpoint(
-        text_file, tmp_path):
+@pytest.mark.parametrize("kill, why", [("workers", "no dask worker left"),
+                                       ("scheduler", "lost the dask scheduler")])
+def test_with_no_worker_or_scheduler_left_the_run_stops_in_bounded_time_with_one_line(
+        text_file, tmp_path, kill, why):
+    """Every worker, or the scheduler, SIGKILLed after the checkpoint at iter 20: the run
+    ends by itself within a minute, with one line naming that checkpoint, which loads."""
     with Cluster(tmp_path / "cluster") as cluster:
         for worker in [cluster.add_worker() for _ in range(2)]:
             cluster.wait_registered(worker)
@@ -221,23 +225,9 @@ def test_with_no_worker_left_the_run_stops_with_one_line_naming_the_kept_checkpo
         run = Training(train_args(text_file, out, 100_000, "--workers", "2", "--backend",
                                   "dask", "--scheduler", cluster.address))
         run.wait_for("eval iter 20")
-        for worker in cluster.workers:
-            worker.kill()
-        assert run.finish() == 2, "".join(run.err)  # gpt.cli.EXIT_ERROR
-    kept_checkpoint_line(run, out, "no dask worker left")
-
-
-def test_a_killed_scheduler_ends_the_run_in_bounded_time_with_the_checkpoint_intact(
-        text_file, tmp_path):
-    with Cluster(tmp_path / "cluster") as cluster:
-        for worker in [cluster.add_worker() for _ in range(2)]:
-            cluster.wait_registered(worker)
-        out = tmp_path / "run"
-        run = Training(train_args(text_file, out, 100_000, "--workers", "2", "--backend",
-                                  "dask", "--scheduler", cluster.address))
-        run.wait_for("eval iter 20")
-        cluster.scheduler.kill()
+        for proc in cluster.workers if kill == "workers" else [cluster.scheduler]:
+            proc.kill()
         killed = time.monotonic()
         assert run.finish() == 2, "".join(run.err)  # gpt.cli.EXIT_ERROR
         assert time.monotonic() - killed < 60
-    kept_checkpoint_line(run, out, "lost the dask scheduler")
+    kept_checkpoint_line(run, out, why)
