@@ -358,8 +358,8 @@ def test_dask_backend_logs_the_losses_of_two_threads_to_the_bit(text_file, tmp_p
 
 def test_a_lost_dask_worker_is_retried_with_the_same_loss_and_none_left_is_one_line(tmp_path,
                                                                                    monkeypatch):
-    """A worker killed mid-step loses the weights scattered to it; the step is run again on
-    the workers that remain and gives the same loss. With no worker left: one-line error."""
+    """A worker killed mid-step: its task runs again on the workers that remain and the
+    step gives the same loss. With no worker left: one-line error."""
     import time
 
     from dask.distributed import LocalCluster
@@ -369,10 +369,11 @@ def test_a_lost_dask_worker_is_retried_with_the_same_loss_and_none_left_is_one_l
     marker = str(tmp_path / "died")
 
     def die_once(*args):  # a closure, so it travels to the worker by value
-        if not os.path.exists(marker):
-            open(marker, "w").close()
-            os._exit(9)
-        return _shard_loss_and_grads(*args)
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # the first task to get here
+        except FileExistsError:
+            return _shard_loss_and_grads(*args)
+        os._exit(9)
 
     model = GPT(TINY, dtype=np.float64, seed=1)
     x, y = batch(4)
@@ -383,6 +384,7 @@ def test_a_lost_dask_worker_is_retried_with_the_same_loss_and_none_left_is_one_l
         monkeypatch.setattr(parallel, "_shard_loss_and_grads", die_once)
         assert dp.loss_and_grads(x, y) == pytest.approx(reference, rel=1e-12)
         assert os.path.exists(marker)  # a worker did die during that step
+        monkeypatch.setattr(parallel.DaskCluster, "no_worker_grace", 1.0)
         cluster.scale(0)
         deadline = time.monotonic() + 60
         while dp.transport.live_workers() and time.monotonic() < deadline:
