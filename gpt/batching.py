@@ -149,7 +149,12 @@ def most_probable(lp: np.ndarray, k: int) -> np.ndarray:
     sorting all of a large vocabulary (GPT-2's 50,257) for each token."""
     if k == 0:
         return np.empty(0, np.int64)
-    ids = np.argpartition(-lp, k - 1)[:k] if k < lp.size else np.arange(lp.size)
+    if k < lp.size:
+        kth = np.partition(lp, lp.size - k)[lp.size - k]  # the k-th largest value
+        above = np.flatnonzero(lp > kth)
+        ids = np.concatenate([above, np.flatnonzero(lp == kth)[: k - above.size]])  # (ties)
+    else:
+        ids = np.arange(lp.size)
     return ids[np.lexsort((ids, -lp[ids]))]
 
 
