@@ -66,7 +66,7 @@ from .errors import UserError
 from .lock import RunLock
 from .model import GPT, check_fits
 from .optim import AdamW, clip_grad_norm, lr_at
-from .threaded import NOT_THREAD_SAFE, ThreadShards, available_cores
+from .threaded import ThreadShards, available_cores
 
 
 # ---- the command line ---------------------------------------------------------------------------
@@ -375,10 +375,6 @@ def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
                                "--workers" if cfg.workers > 1 else "--threads")
     if cfg.workers == 1 and cfg.backend == "loky":
         threads = shard_threads(cfg)
-        if threads > 1 and not tl.kernels.thread_safe():
-            print(f"gpt.train: training on one thread, not {threads}: {NOT_THREAD_SAFE}",
-                  file=sys.stderr)
-            threads = 1
         if threads > 1:
             shards = ThreadShards(model, threads)
             return GradFns(shards.loss_and_grads, shards.loss, shards.close, threads,
