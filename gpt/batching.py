@@ -20,21 +20,26 @@ import collections
 import math
 import threading
 import time
+import traceback
 from collections.abc import Callable
 
 import numpy as np
 
 import tensorlite.functional as F
-from tensorlite import kernels
-
-# The formulas are tensorlite's own (one home each), called as their NumPy references: on a
-# handful of rows a compiled twin's call costs more than the loop it saves.
-rms_norm = F.rms_norm_forward.reference  # (y, r) = (x / rms(x) * w, 1 / rms(x)), per row
-relu_squared = kernels.relu_squared.reference  # max(x, 0) ** 2
-softmax = F._softmax  # exp(x - max) / sum(exp(x - max)) along an axis
+from tensorlite import Tensor, no_grad
 
 from .api import Choice, CompletionRequest, TextStream
 from .sample import filter_probs, keep_after_slide, sample_from
+
+# The formulas are tensorlite's own (one home each). The norms and the activation are the
+# model's Decoder's (which call tensorlite's NumPy references: on a handful of rows a compiled
+# twin's call costs more than the loop it saves); the softmax is tensorlite's public one.
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """tensorlite's softmax over the last axis, on an array (no graph is recorded)."""
+    with no_grad():
+        return F.softmax(Tensor(x)).data
 
 
 # ---- the batched forward --------------------------------------------------------------------
@@ -64,14 +69,9 @@ class BatchDecoder:
         self.k = np.zeros((L, slots, H, T + 1, hd), dt)
         self.v = np.zeros((L, slots, H, T + 1, hd), dt)
         self.lengths = np.zeros(slots, np.int64)
-        self.prefiller = d = model.decoder()  # reads prompts; its cache is swapped per slot
-        # the decoder's weights (of a bfloat16 model: the linear layers' rounded to bf16), and
-        # what it does to a linear layer's input (rounds it, for a bfloat16 model)
-        self.wte, self.wpe, self.ln_f, self.lm_head, self.layers = d.wte, d.wpe, d.ln_f, \
-            d.lm_head, d.layers
-        self.operand = d.operand
+        self.prefiller = model.decoder()  # reads prompts; its cache is swapped per slot
+        self.wte, self.wpe = self.prefiller.wte, self.prefiller.wpe
         self.scale = dt.type(1.0 / math.sqrt(hd))
-        self.eps = 1e-5  # F.rms_norm's
 
     def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
         """Read `ids` (at most block_size) into slot `slot` from position 0; the logits (V,)
@@ -113,9 +113,10 @@ class BatchDecoder:
         mask = np.where(np.arange(T1) <= pos[:, None], 0.0, -np.inf).astype(self.k.dtype)
         mask = mask[:, None, None, :]
         x = self.wte[ids] + self.wpe[pos]  # (S, C)
-        for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(self.layers):
-            # x = x + attn(rms_norm(x, ln_1))
-            qkv = self.operand(rms_norm(x, ln_1, self.eps)[0]) @ c_attn  # (S, 3C): q | k | v
+        d = self.prefiller  # the model's layer steps on arrays (norm, linear, activation, head)
+        for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(d.layers):
+            # x = x + attn(norm(x, ln_1))
+            qkv = d.linear(d.norm(x, ln_1), c_attn)  # (S, 3C): q | k | v
             heads = qkv.reshape(S, 3, H, hd)
             self.k[i, rows, :, put] = heads[:, 1]  # (S, H, hd): each into its slot, position
             self.v[i, rows, :, put] = heads[:, 2]
@@ -124,15 +125,14 @@ class BatchDecoder:
             scores = q @ k.swapaxes(-1, -2)  # (S, H, 1, T1)
             scores *= self.scale
             scores += mask
-            att = softmax(scores, -1, inplace=True)  # (S, H, 1, T1)
+            att = softmax(scores)  # (S, H, 1, T1)
             y = (att @ v).reshape(S, H * hd)  # (S, H, 1, hd) -> (S, C)
-            x += self.operand(y) @ attn_proj
-            # x = x + mlp(rms_norm(x, ln_2))
-            h = relu_squared(self.operand(rms_norm(x, ln_2, self.eps)[0]) @ c_fc)  # (S, 4C)
-            x += self.operand(h) @ mlp_proj
+            x += d.linear(y, attn_proj)
+            # x = x + mlp(norm(x, ln_2)), mlp = activation(. @ c_fc) @ c_proj
+            x += d.linear(d.activation(d.linear(d.norm(x, ln_2), c_fc)), mlp_proj)  # (S, C)
         self.lengths[slots] += 1
         x = x[slots]  # (B, C): the rows someone reads
-        return self.operand(rms_norm(x, self.ln_f, self.eps)[0]) @ self.lm_head  # (B, V)
+        return d.head(d.norm(x, d.ln_f))  # (B, V)
 
 
 # ---- one choice being sampled ---------------------------------------------------------------
@@ -142,6 +142,20 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     z -= z.max()
     z -= np.log(np.exp(z).sum())
     return z
+
+
+def most_probable(lp: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest values of lp, largest first (ties: the lower id first), without
+    sorting all of a large vocabulary (GPT-2's 50,257) for each token."""
+    if k == 0:
+        return np.empty(0, np.int64)
+    if k < lp.size:
+        kth = np.partition(lp, lp.size - k)[lp.size - k]  # the k-th largest value
+        above = np.flatnonzero(lp > kth)
+        ids = np.concatenate([above, np.flatnonzero(lp == kth)[: k - above.size]])  # (ties)
+    else:
+        ids = np.arange(lp.size)
+    return ids[np.lexsort((ids, -lp[ids]))]
 
 
 class Sequence:
@@ -182,8 +196,8 @@ class Sequence:
                                          out=self.probs), self.rng, self.cdf)
         entry = None
         if lp is not None:
-            top = np.argsort(-lp, kind="stable")[: r.logprobs]
-            entry = (token, float(lp[token]), [(int(t), float(lp[t])) for t in top])
+            entry = (token, float(lp[token]), [(int(t), float(lp[t]))
+                                               for t in most_probable(lp, r.logprobs)])
         self.ids.append(token)
         if len(self.ids) - self.start > self.block:  # the window is full: keep its last half
             self.start = len(self.ids) - keep_after_slide(self.block)
@@ -225,14 +239,16 @@ class Batcher:
     gone (`cancelled`) or when its deadline passes: within one step.
 
     `metrics` (a ServeMetrics) hears of each step's batch size, each first token's wait and
-    each token's time after the one before."""
+    each token's time after the one before; `after_step()` is called after every step."""
 
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, metrics=None):
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, metrics=None,
+                 after_step: Callable[[], None] | None = None):
         # (a stand-in model in a test may bring its own batch decoder)
         make = getattr(model, "batch_decoder", None) or (lambda n: BatchDecoder(model, n))
         self.decoder = make(max_batch)
         self.block = model.config.block_size
         self.max_batch, self.max_queue, self.metrics = max_batch, max_queue, metrics
+        self.after_step = after_step  # called after each step (gpt.serve hands events over)
         self.queue: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []
         self.free = list(range(max_batch - 1, -1, -1))  # slots; pop() gives the lowest
@@ -276,13 +292,13 @@ class Batcher:
             try:
                 self._step()
             except Exception as e:  # noqa: BLE001 - a bug: end every sequence, keep serving
-                import traceback
-
                 traceback.print_exc()
                 for seq in self.active:
                     seq.emit("error", f"sampling failed: {type(e).__name__}: {e}")
                     seq.finish(None)
                 self._leave(list(self.active))
+            if self.after_step is not None:
+                self.after_step()
 
     def _step(self) -> None:
         """One token for every active sequence (those whose time is up or whose client has

@@ -1,4 +1,5 @@
-"""A byte-level BPE tokenizer, trained on our own text (no external vocabulary files).
+"""A byte-level BPE tokenizer, trained on our own text (no external vocabulary files); and
+GPT-2's, read from its vocab.json and merges.txt (`GPT2Tokenizer`, at the end).
 
 Every text is first turned into UTF-8 bytes, so the 256 byte values are tokens 0..255 and any
 string at all can be encoded, even characters never seen in training. Training then repeats one
@@ -20,6 +21,8 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from itertools import pairwise
+
+import regex  # GPT-2's pre-tokenization needs Unicode classes (\p{L}, \p{N})
 
 # A chunk is a run of letters, of digits or of other symbols (each with at most one leading
 # space), or a run of whitespace. The alternatives cover every character, so the chunks
@@ -236,3 +239,158 @@ class BPETokenizer:
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)})"
+
+
+# ---- GPT-2's tokenizer: a byte-level BPE read from vocab.json + merges.txt --------------------
+# GPT-2's pre-tokenization: English contractions, then runs of letters, of digits, or of other
+# symbols (each with at most one leading space), then whitespace as in CHUNK_PATTERN above.
+# \p{L} and \p{N} are Unicode letter and number classes: the `regex` package has them, `re` not.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+ENDOFTEXT = "<|endoftext|>"
+
+
+def byte_symbols() -> list[str]:
+    """The printable character that stands for each byte value in GPT-2's vocab.json.
+
+    Bytes that are printable, non-space Latin-1 characters stand for themselves ('!'..'~',
+    '¡'..'¬', '®'..'ÿ'); the other 68 (controls, space, soft hyphen...) are given the
+    characters from U+0100 upwards, in byte order. So every token is a printable string."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = [""] * 256, 0
+    for b in range(256):
+        if b in printable:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return symbols
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-level BPE: the same ids as transformers' GPT2TokenizerFast made from the
+    same vocab.json and merges.txt (tests/gpt/test_gpt2.py checks it on a varied corpus).
+
+    vocab: {token string: id}, a token string being its bytes written with byte_symbols();
+    merges: [(left, right)] in rank order. `<|endoftext|>` (a vocab entry) is its own token
+    wherever it appears in the text, and serves as BOS and EOS; decode skips it, as the other
+    tokenizers skip their BOS and EOS."""
+
+    kind = "gpt2"
+
+    def __init__(self, vocab: dict[str, int], merges: Iterable[Iterable[str]]):
+        if not isinstance(vocab, dict) or not vocab:
+            raise ValueError("GPT-2 vocab must be a non-empty {token: id} mapping")
+        if any(not isinstance(t, str) or type(i) is not int for t, i in vocab.items()):
+            raise ValueError("GPT-2 vocab maps token strings to integer ids")
+        ids = sorted(vocab.values())
+        if ids != list(range(len(ids))):
+            raise ValueError(f"GPT-2 vocab ids must be 0..{len(ids) - 1}, each once")
+        if ENDOFTEXT not in vocab:
+            raise ValueError(f"GPT-2 vocab has no {ENDOFTEXT} token")
+        pairs = []
+        for m in merges:
+            m = tuple(m)
+            if len(m) != 2 or not all(isinstance(s, str) and s for s in m):
+                raise ValueError(f"GPT-2 merge {m!r} is not two non-empty token strings")
+            pairs.append(m)
+        self.encoder = dict(vocab)
+        self.decoder = {i: t for t, i in vocab.items()}
+        self.merges: list[tuple[str, str]] = pairs
+        self.ranks = {m: r for r, m in reversed(list(enumerate(pairs)))}  # first rank wins
+        self.symbols = byte_symbols()
+        self.byte_of = {s: b for b, s in enumerate(self.symbols)}
+        self.bos_id = self.eos_id = vocab[ENDOFTEXT]
+        self.vocab_size = len(vocab)
+        self._pattern = regex.compile(GPT2_PATTERN)
+        self._cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_files(cls, vocab_json: str, merges_txt: str) -> GPT2Tokenizer:
+        """From the contents of vocab.json and merges.txt (its "#version" line skipped)."""
+        import json
+
+        merges = [line.split(" ") for line in merges_txt.splitlines()
+                  if line.strip() and not line.startswith("#version")]
+        return cls(json.loads(vocab_json), merges)
+
+    def to_files(self) -> tuple[str, str]:
+        """(vocab.json, merges.txt) contents, as transformers writes them."""
+        import json
+
+        merges = "".join(f"{a} {b}\n" for a, b in self.merges)
+        return json.dumps(self.encoder, ensure_ascii=False), "#version: 0.2\n" + merges
+
+    def _bpe(self, chunk: str) -> list[int]:
+        """The ids of one pre-tokenized chunk: its bytes as symbols, then the lowest-ranked
+        adjacent pair merged (every occurrence, left to right) until no pair has a rank."""
+        word = [self.symbols[b] for b in chunk.encode("utf-8")]
+        ranks = self.ranks
+        while len(word) > 1:
+            pair = min(pairwise(word), key=lambda p: ranks.get(p, 1 << 62))
+            if pair not in ranks:
+                break
+            a, b = pair
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            word = out
+        try:
+            return [self.encoder[t] for t in word]
+        except KeyError as e:
+            raise ValueError(f"GPT-2 vocab lacks the token {e.args[0]!r} that its merges make; "
+                             "vocab.json and merges.txt do not belong together") from None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; each `<|endoftext|>` in it becomes that one token."""
+        ids: list[int] = []
+        for n, part in enumerate(text.split(ENDOFTEXT)):
+            if n:
+                ids.append(self.eos_id)
+            for chunk in self._pattern.findall(part):
+                tokens = self._cache.get(chunk)
+                if tokens is None:
+                    tokens = self._bpe(chunk)
+                    if len(self._cache) < 1_000_000:
+                        self._cache[chunk] = tokens
+                ids.extend(tokens)
+        return ids
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes behind `ids`, skipping `<|endoftext|>`."""
+        out = bytearray()
+        for i in ids:
+            i = int(i)
+            token = self.decoder.get(i)
+            if token is None:
+                raise ValueError(f"token id {i} is outside this GPT-2 vocabulary "
+                                 f"(0..{self.vocab_size - 1})")
+            if i != self.eos_id:
+                try:
+                    out += bytes(self.byte_of[c] for c in token)
+                except KeyError:  # a special token of the vocab: its text as it stands
+                    out += token.encode("utf-8")
+        return bytes(out)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids` (`<|endoftext|>` skipped); half a UTF-8 character shows as U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict:
+        """A JSON-able description: the vocab and the merges, as in the two files."""
+        return {"kind": self.kind, "vocab": self.encoder, "merges": [list(m) for m in self.merges]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPT2Tokenizer:
+        if d.get("kind") != cls.kind or not isinstance(d.get("merges"), list):
+            raise ValueError("not a GPT-2 tokenizer description: expected kind 'gpt2', a vocab "
+                             "and merges")
+        return cls(d.get("vocab"), d["merges"])
+
+    def __repr__(self) -> str:
+        return f"GPT2Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)})"

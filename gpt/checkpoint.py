@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import safetensors
 import safetensors.numpy
 
 from .errors import UserError
@@ -104,15 +103,57 @@ def tensors_to_bytes(tensors: dict[str, np.ndarray]) -> bytes:
                                    for k, v in tensors.items()})
 
 
-def tensors_from_bytes(data: bytes, name: str) -> dict[str, np.ndarray]:
-    """The tensors of a safetensors file's bytes; UserError naming `name` if they are not
-    a valid file (the package checks the header, the dtypes, and that the offsets tile the data
-    exactly)."""
+SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I32": "<i4", "I64": "<i8",
+                      "BF16": "<u2"}  # BF16: its bits, widened by tensors_from_bytes(bf16=True)
+
+
+def tensors_from_bytes(data: bytes, name: str, bf16: bool = False) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file's bytes, as read-only arrays that are views of `data`
+    (no copy: a model's weights are in memory once); UserError naming `name` if the bytes are
+    not a valid file: the 8-byte header length, the JSON header, a known dtype for every
+    tensor, its size equal to its shape's, and the tensors tiling the data exactly, with no gap
+    or overlap. BF16 tensors (which NumPy lacks) are refused, or with bf16=True widened to
+    float32 (new arrays)."""
     try:
-        return safetensors.numpy.load(data)
-    except (safetensors.SafetensorError, ValueError, TypeError, KeyError) as e:  # KeyError,
-        # TypeError: a dtype (BF16, F8) that NumPy does not have
+        if len(data) < 8:
+            raise ValueError("shorter than the 8-byte header length")
+        n = int.from_bytes(data[:8], "little")
+        if n > min(len(data) - 8, JSON_LIMIT + HEADER_PER_TENSOR * (1 << 16)):
+            raise ValueError(f"header length {n:,} does not fit the file")
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+        if not isinstance(header, dict):
+            raise TypeError("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        start, out, spans = 8 + n, {}, []
+        for key, entry in header.items():
+            dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
+            shape, (a, b) = entry["shape"], entry["data_offsets"]
+            if not all(type(v) is int and v >= 0 for v in (*shape, a, b)):
+                raise ValueError(f"tensor {key!r} has a bad shape or offsets")
+            count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            if b - a != count * dtype.itemsize:
+                raise ValueError(f"tensor {key!r}: {b - a} bytes for shape {shape}")
+            if start + b > len(data):
+                raise ValueError(f"tensor {key!r} runs past the end of the file")
+            spans.append((a, b))
+            array = np.frombuffer(data, dtype=dtype, count=count, offset=start + a).reshape(shape)
+            if entry["dtype"] == "BF16":
+                if not bf16:
+                    raise ValueError(f"tensor {key!r} is BF16, which is not read here")
+                array = (array.astype(np.uint32) << 16).view(np.float32)
+            out[key] = array
+        end = 0
+        for a, b in sorted(spans):
+            if a != end:
+                raise ValueError("the tensors overlap or leave a gap")
+            end = b
+        if start + end != len(data):
+            raise ValueError(f"{len(data) - start - end} bytes after the last tensor")
+        return out
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError, RecursionError) as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, KeyError):
+            why = f"missing or unknown {why}"
         raise UserError(f"{name} is truncated or corrupt ({why})") from None
 
 
@@ -353,7 +394,7 @@ def _identity(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def load_checkpoint(out_dir: str, best: bool = False) -> Checkpoint:
+def load_checkpoint(out_dir: str, best: bool = False, optimizer: bool = True) -> Checkpoint:
     """Read and verify OUT/checkpoint (OUT/best with best=True; or the .old folder after an
     interrupted save).
 
@@ -365,7 +406,9 @@ def load_checkpoint(out_dir: str, best: bool = False) -> Checkpoint:
     A training may save while we read: the folder is opened once and every file is read from
     that folder (POSIX), and if reading fails because a save replaced the folder meanwhile,
     we read the new one (up to LOAD_ATTEMPTS times), so a reader never reports a checkpoint
-    as corrupt because it was being replaced, nor mixes files of two checkpoints."""
+    as corrupt because it was being replaced, nor mixes files of two checkpoints.
+    optimizer=False leaves the optimizer's file unread (sampling needs only the weights): the
+    Checkpoint's optimizer is then {}."""
     by_fd = os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY")
     for attempt in range(LOAD_ATTEMPTS):
         path = _current_folder(out_dir, best)
@@ -376,7 +419,7 @@ def load_checkpoint(out_dir: str, best: bool = False) -> Checkpoint:
         held = _identity(path) if dir_fd is None else (os.fstat(dir_fd).st_dev,
                                                         os.fstat(dir_fd).st_ino)
         try:
-            return _read_checkpoint(path, dir_fd)
+            return _read_checkpoint(path, dir_fd, optimizer)
         except UserError:
             now = _identity(checkpoint_path(out_dir, best))
             if attempt + 1 < LOAD_ATTEMPTS and now != held:
@@ -385,10 +428,10 @@ def load_checkpoint(out_dir: str, best: bool = False) -> Checkpoint:
         finally:
             if dir_fd is not None:
                 os.close(dir_fd)
-    return _read_checkpoint(_current_folder(out_dir, best), None)
+    return _read_checkpoint(_current_folder(out_dir, best), None, optimizer)
 
 
-def _read_checkpoint(path: str, dir_fd: int | None) -> Checkpoint:
+def _read_checkpoint(path: str, dir_fd: int | None, with_optimizer: bool = True) -> Checkpoint:
     """load_checkpoint's reading and checking of one folder (`dir_fd`: the folder, opened)."""
     from .tokenizer import tokenizer_from_dict
 
@@ -413,7 +456,8 @@ def _read_checkpoint(path: str, dir_fd: int | None) -> Checkpoint:
     model_file = os.path.join(path, "model.safetensors")
     model = tensors_from_bytes(read("model.safetensors", model_limit), model_file)
     opt_file = os.path.join(path, "optimizer.safetensors")
-    optimizer = tensors_from_bytes(read("optimizer.safetensors", opt_limit), opt_file)
+    optimizer = (tensors_from_bytes(read("optimizer.safetensors", opt_limit), opt_file)
+                 if with_optimizer else {})
     step = optimizer.get("step", np.array(0)) if optimizer else np.array(0)
     if step.shape != () or step.dtype.kind not in "iu" or step < 0:
         raise UserError(f"{opt_file} has no valid 'step' (a 0-d integer >= 0); the "
@@ -439,7 +483,7 @@ def load_model(out_dir: str, dtype: Any = None, *, latest: bool = False):
     from .model import GPT
     from .tokenizer import tokenizer_from_dict
 
-    ckpt = load_checkpoint(out_dir, best=uses_best(out_dir, latest))
+    ckpt = load_checkpoint(out_dir, best=uses_best(out_dir, latest), optimizer=False)
     config = GPTConfig.from_dict(ckpt.config["model"])  # validated by load_checkpoint
     if dtype in (None, "checkpoint"):
         dtype = ckpt.model["wte"].dtype if "wte" in ckpt.model else np.float32
@@ -448,10 +492,10 @@ def load_model(out_dir: str, dtype: Any = None, *, latest: bool = False):
     if str(dtype) != "bfloat16" and np.dtype(dtype).kind != "f":
         raise UserError(f"{ckpt.path}/model.safetensors holds {np.dtype(dtype)} weights, "
                               "not floats; the checkpoint is corrupt")
-    model = GPT(config, dtype=dtype)
-    try:
-        model.load_state_dict({k: v.astype(model.dtype, copy=False)
-                               for k, v in ckpt.model.items()})
+    try:  # the file's arrays themselves (read-only views): the weights are in memory once
+        model = GPT(config, dtype=dtype, weights={
+            k: v.astype(np.float32 if str(dtype) == "bfloat16" else dtype, copy=False)
+            for k, v in ckpt.model.items()})
     except ValueError as e:
         raise UserError(f"{ckpt.path}/model.safetensors does not fit config.json: {e}") \
             from None

@@ -20,8 +20,10 @@ from .errors import UserError
 
 Dtype = Literal["float32", "float64", "bfloat16"]
 SampleDtype = Literal["checkpoint", "float32", "float64", "bfloat16"]
-Tokenizer = Literal["char", "bpe"]
+Tokenizer = Literal["char", "bpe", "gpt2"]
 Backend = Literal["loky", "dask"]
+Norm = Literal["rmsnorm", "layernorm"]
+Activation = Literal["relu2", "gelu"]
 
 
 def setting(default, help: str, *, shown=None, metavar: str | None = None,
@@ -126,10 +128,25 @@ class GPTConfig:
     n_head: int = setting(8, "attention heads H per block (divides n_embd)", fixed=True)
     n_embd: int = setting(128, "width C of the residual stream", fixed=True)
     dropout: float = setting(0.0, "dropout probability in training")
+    # The architecture: the defaults are ours; GPT-2 is layernorm, gelu, bias, tied_head
+    # (docs/gpt.md, "GPT-2 in and out", says what each changes and why GPT-2 chose it).
+    norm: Norm = setting("rmsnorm", "normalisation: rmsnorm, or layernorm (GPT-2's: the row's "
+                         "mean subtracted, and a bias)", fixed=True)
+    activation: Activation = setting("relu2", "MLP activation: relu2 (relu(x)**2), or gelu "
+                                     "(GPT-2's tanh approximation)", fixed=True)
+    bias: bool = setting(False, "a bias in every linear layer of the blocks (as GPT-2)",
+                         fixed=True)
+    tied_head: bool = setting(False, "the output head is the token embedding wte, transposed "
+                              "(as GPT-2), instead of its own lm_head", fixed=True)
 
     def validate(self) -> GPTConfig:
         """Raise UserError (one line) if this config cannot build a model; return self."""
         check_positive(self, ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
+        for name in ("norm", "activation"):
+            check_choice(self, name)
+        for name in ("bias", "tied_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"must be true or false, got {getattr(self, name)!r}", field=name)
         if self.n_embd % self.n_head:
             raise UserError(f"({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                             f"try n_head {_divisor_hint(self.n_embd, self.n_head)}",
@@ -141,6 +158,13 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def unlike_gpt2(self) -> list[str]:
+        """What of this architecture GPT-2 cannot represent (empty: a GPT-2). (An untied head
+        it can: transformers' tie_word_embeddings false.)"""
+        gpt2 = {"norm": "layernorm", "activation": "gelu", "bias": True}
+        return [f"{name} {getattr(self, name)!r} (GPT-2 has {want!r})"
+                for name, want in gpt2.items() if getattr(self, name) != want]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -182,12 +206,16 @@ class TrainConfig:
     log_interval: int = setting(10, "print a progress line every N steps")
     seed: int = setting(1337, "random seed (init, batches, dropout)")
     resume: bool = setting(False, "continue from the checkpoint in --out-dir")
+    init_from: str | None = setting(None, "fine-tune: start from the weights, shape and "
+                                    "tokenizer of this run folder or Hugging Face GPT-2 folder "
+                                    "(a fresh optimizer)", metavar="PATH")
     dtype: Dtype = setting("float32", "floating-point type: float32, float64, or bfloat16 (mixed "
                            "precision: float32 weights, bf16 matmul operands)", fixed=True)
     workers: int = setting(1, "data-parallel workers, each computing a shard of the batch")
     threads: int | None = setting(None, "threads of this process, each computing a shard of "
                                   "the batch (with --workers 1)", shown="all cores")
-    tokenizer: Tokenizer = setting("char", "tokenizer: char or bpe", fixed=True)
+    tokenizer: Tokenizer = setting("char", "tokenizer: char or bpe (gpt2: GPT-2's, which comes "
+                                   "with --init-from)", fixed=True)
     backend: Backend = setting("loky", "process transport for --workers: loky or dask")
     scheduler: str | None = setting(None, "dask scheduler address (with --backend dask)",
                                     metavar="ADDRESS")

@@ -1,5 +1,6 @@
 """The GPT: token + position embeddings, `n_layer` pre-norm transformer blocks (causal
-self-attention and a relu(x)**2 MLP), a final RMSNorm and an untied linear head.
+self-attention and a relu(x)**2 MLP), a final RMSNorm and an untied linear head; or, with
+GPTConfig's architecture options, GPT-2's: LayerNorm, GELU, biases and a tied head.
 Built from tensorlite's fused ops; every parameter gets an exact gradient (checked against
 finite differences in tests/gpt/test_model.py). Parameter names follow nanoGPT's.
 
@@ -17,7 +18,7 @@ import os
 import numpy as np
 
 import tensorlite.functional as F
-from tensorlite import Tensor, autocast, no_grad
+from tensorlite import Tensor, autocast, no_grad, references
 from tensorlite.bf16 import bf16_operand
 from tensorlite.precision import autocast_dtype
 
@@ -32,6 +33,10 @@ class GPT:
                          x = x + mlp(rms_norm(x, ln_2))
         logits = rms_norm(x, ln_f) @ lm_head             (B*T, V), returned as (B, T, V)
 
+    GPT-2's architecture (GPTConfig norm "layernorm", activation "gelu", bias, tied_head)
+    has layer_norm(x, w, b) for rms_norm, gelu for relu**2, x @ W + b in every linear layer
+    of the blocks, and wte transposed for lm_head.
+
     Dropout (config.dropout, only when training) is applied in three places: to the
     embedding sum, and to the output of each attention and each MLP branch just before it
     is added to the residual stream. (Not to the attention probabilities.)
@@ -42,7 +47,11 @@ class GPT:
     (2, 5, 10)
     """
 
-    def __init__(self, config: GPTConfig, dtype=np.float32, seed: int = 0):
+    def __init__(self, config: GPTConfig, dtype=np.float32, seed: int = 0,
+                 weights: dict[str, np.ndarray] | None = None):
+        """Parameters drawn from `seed`; or, with `weights` ({name: array} for every parameter,
+        of this dtype and shape), those arrays themselves, not copied (nothing is drawn: how a
+        checkpoint is loaded for sampling without a second copy of the weights)."""
         self.config = config.validate()
         # dtype "bfloat16" is mixed precision: float32 weights (and so gradients and AdamW
         # state), every linear layer's product in bf16 (tl.autocast), the rest float32
@@ -53,12 +62,17 @@ class GPT:
         self._rng = np.random.default_rng(seed)  # dropout masks when no rng is passed
         self._attention_maps: list | None = None  # filled only inside attention_maps()
         self.params: dict[str, Tensor] = {}
+        if weights is not None:
+            self._check_state(weights, exact_dtype=True)
+            for name, _, _ in self.param_specs(config):
+                self.params[name] = Tensor(weights[name], requires_grad=True, name=name)
+            return
         init = np.random.default_rng(seed)
         std = 0.02
         proj_std = 0.02 / math.sqrt(2 * config.n_layer)  # residual projections: scaled down
         for name, shape, how in self.param_specs(config):
-            if how == "ones":
-                data = np.ones(shape)
+            if how in ("ones", "zeros"):
+                data = np.ones(shape) if how == "ones" else np.zeros(shape)
             else:  # draw in float64, so float32 and float64 models start from the same numbers
                 data = init.normal(0.0, proj_std if how == "proj" else std, size=shape)
             self.params[name] = Tensor(data.astype(self.dtype), requires_grad=True, name=name)
@@ -66,20 +80,29 @@ class GPT:
     @staticmethod
     def param_specs(config: GPTConfig) -> list[tuple[str, tuple[int, ...], str]]:
         """(name, shape, init) for every parameter, in the fixed order of `params`.
-        init is "normal" (std 0.02), "proj" (std 0.02/sqrt(2*n_layer)) or "ones"."""
+        init is "normal" (std 0.02), "proj" (std 0.02/sqrt(2*n_layer)), "ones" or "zeros".
+        A norm's ".bias" exists with norm "layernorm", a linear layer's with bias=True, and
+        "lm_head.weight" only without tied_head."""
         V, T, C = config.vocab_size, config.block_size, config.n_embd
+
+        def norm(name):
+            biased = config.norm == "layernorm"
+            return [(f"{name}.weight", (C,), "ones")] + biased * [(f"{name}.bias", (C,), "zeros")]
+
+        def linear(name, n_in, n_out, how):
+            return ([(f"{name}.weight", (n_in, n_out), how)]
+                    + config.bias * [(f"{name}.bias", (n_out,), "zeros")])
+
         specs = [("wte", (V, C), "normal"), ("wpe", (T, C), "normal")]
         for i in range(config.n_layer):
             h = f"h.{i}"
-            specs += [
-                (f"{h}.ln_1.weight", (C,), "ones"),
-                (f"{h}.attn.c_attn.weight", (C, 3 * C), "normal"),
-                (f"{h}.attn.c_proj.weight", (C, C), "proj"),
-                (f"{h}.ln_2.weight", (C,), "ones"),
-                (f"{h}.mlp.c_fc.weight", (C, 4 * C), "normal"),
-                (f"{h}.mlp.c_proj.weight", (4 * C, C), "proj"),
-            ]
-        specs += [("ln_f.weight", (C,), "ones"), ("lm_head.weight", (C, V), "normal")]
+            specs += (norm(f"{h}.ln_1") + linear(f"{h}.attn.c_attn", C, 3 * C, "normal")
+                      + linear(f"{h}.attn.c_proj", C, C, "proj") + norm(f"{h}.ln_2")
+                      + linear(f"{h}.mlp.c_fc", C, 4 * C, "normal")
+                      + linear(f"{h}.mlp.c_proj", 4 * C, C, "proj"))
+        specs += norm("ln_f")
+        if not config.tied_head:
+            specs += [("lm_head.weight", (C, V), "normal")]
         return specs
 
     # ---- the forward pass ------------------------------------------------------------------
@@ -103,13 +126,15 @@ class GPT:
         x = x.reshape(B * T, cfg.n_embd)  # (B*T, C) residual stream
         x = F.dropout(x, drop, training, rng)  # dropout 1: on the embedding sum
         for i in range(cfg.n_layer):
-            h = f"h.{i}"
-            a = self.attention(F.rms_norm(x, p[f"{h}.ln_1.weight"]), i, B, T)  # (B*T, C)
+            a = self.attention(self.norm(x, f"h.{i}.ln_1"), i, B, T)  # (B*T, C)
             x = x + F.dropout(a, drop, training, rng)  # dropout 2: attention branch output
-            m = self.mlp(F.rms_norm(x, p[f"{h}.ln_2.weight"]), i)  # (B*T, C)
+            m = self.mlp(self.norm(x, f"h.{i}.ln_2"), i)  # (B*T, C)
             x = x + F.dropout(m, drop, training, rng)  # dropout 3: MLP branch output
-        x = F.rms_norm(x, p["ln_f.weight"])  # (B*T, C)
-        logits = x @ p["lm_head.weight"]  # (B*T, V)
+        x = self.norm(x, "ln_f")  # (B*T, C)
+        if cfg.tied_head:  # GPT-2: the head is the embedding table, read the other way
+            logits = x @ p["wte"].transpose(1, 0)  # (B*T, V)
+        else:
+            logits = x @ p["lm_head.weight"]  # (B*T, V)
 
         loss = None
         if targets is not None:
@@ -119,13 +144,27 @@ class GPT:
             loss = F.cross_entropy(logits, targets.reshape(-1))
         return logits.reshape(B, T, cfg.vocab_size), loss
 
+    def norm(self, x: Tensor, name: str) -> Tensor:
+        """The normalisation `name` ("h.0.ln_1", "ln_f") of x (B*T, C): rms_norm with its
+        weight, or (norm "layernorm") layer_norm with its weight and bias."""
+        p = self.params
+        if self.config.norm == "layernorm":
+            return F.layer_norm(x, p[f"{name}.weight"], p[f"{name}.bias"])
+        return F.rms_norm(x, p[f"{name}.weight"])
+
+    def linear(self, x: Tensor, name: str) -> Tensor:
+        """x @ W for the linear layer `name` ("h.0.attn.c_attn"), + b when it has a bias."""
+        y = x @ self.params[f"{name}.weight"]
+        bias = self.params.get(f"{name}.bias")
+        return y if bias is None else y + bias
+
     def attention(self, x: Tensor, i: int, B: int, T: int) -> Tensor:
         """Causal multi-head self-attention of block i on x (B*T, C) -> (B*T, C)."""
         C, H = self.config.n_embd, self.config.n_head
-        qkv = x @ self.params[f"h.{i}.attn.c_attn.weight"]  # (B*T, 3C): q | k | v
+        qkv = self.linear(x, f"h.{i}.attn.c_attn")  # (B*T, 3C): q | k | v
         if self._attention_maps is None:  # one fused op does it all
             y = F.causal_self_attention(qkv.reshape(B, T, 3 * C), H)  # (B, T, C)
-            return y.reshape(B * T, C) @ self.params[f"h.{i}.attn.c_proj.weight"]  # (B*T, C)
+            return self.linear(y.reshape(B * T, C), f"h.{i}.attn.c_proj")  # (B*T, C)
         # attention_maps() is reading the probabilities: split heads without copying, a
         # (3, B, H, T, hd) view of qkv, and attend with the general op.
         qkv = qkv.reshape(B, T, 3, H, C // H).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
@@ -133,7 +172,7 @@ class GPT:
         self._attention_maps.append(attention_probabilities(q.data, k.data))
         y = F.scaled_dot_product_attention(q, k, v, causal=True)  # (B, H, T, hd)
         y = y.transpose(0, 2, 1, 3).reshape(B * T, C)  # (B*T, C): heads side by side
-        return y @ self.params[f"h.{i}.attn.c_proj.weight"]  # (B*T, C)
+        return self.linear(y, f"h.{i}.attn.c_proj")  # (B*T, C)
 
     def attention_maps(self, idx) -> np.ndarray:
         """The attention probabilities of every head for one sequence `idx`, (T,) or (1, T):
@@ -153,9 +192,10 @@ class GPT:
             self._attention_maps = None
 
     def mlp(self, x: Tensor, i: int) -> Tensor:
-        """The feed-forward of block i: x (B*T, C) -> 4C -> relu(.)**2 -> (B*T, C)."""
-        h = F.relu_squared(x @ self.params[f"h.{i}.mlp.c_fc.weight"])  # (B*T, 4C)
-        return h @ self.params[f"h.{i}.mlp.c_proj.weight"]  # (B*T, C)
+        """The feed-forward of block i: x (B*T, C) -> 4C -> relu(.)**2 (or gelu) -> (B*T, C)."""
+        h = self.linear(x, f"h.{i}.mlp.c_fc")  # (B*T, 4C)
+        h = F.gelu(h) if self.config.activation == "gelu" else F.relu_squared(h)
+        return self.linear(h, f"h.{i}.mlp.c_proj")  # (B*T, C)
 
     def _check_ids(self, ids, what: str) -> np.ndarray:
         ids = np.asarray(ids.data if isinstance(ids, Tensor) else ids)
@@ -196,8 +236,17 @@ class GPT:
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Copy weights in (cast to this model's dtype). Names and shapes must match exactly;
         nothing is changed unless all of them do."""
-        missing = [n for n in self.params if n not in state]
-        extra = [n for n in state if n not in self.params]
+        arrays = self._check_state(state)
+        for name, p in self.params.items():
+            p.data[...] = arrays[name]
+
+    def _check_state(self, state: dict[str, np.ndarray],
+                     exact_dtype: bool = False) -> dict[str, np.ndarray]:
+        """{name: array} of `state` after checking it holds exactly this model's parameters,
+        of their shapes, as floats (of this model's dtype, with exact_dtype); else ValueError."""
+        specs = {name: shape for name, shape, _ in self.param_specs(self.config)}
+        missing = [n for n in specs if n not in state]
+        extra = [n for n in state if n not in specs]
         if missing or extra:
             parts = []
             if missing:
@@ -206,28 +255,27 @@ class GPT:
                 parts.append(f"unexpected {', '.join(extra)}")
             raise ValueError(f"state dict does not fit this model: {'; '.join(parts)}")
         arrays = {}
-        for name, p in self.params.items():
+        for name, shape in specs.items():
             a = np.asarray(state[name])
-            if a.shape != p.shape:
+            if a.shape != shape:
                 raise ValueError(
                     f"state dict does not fit this model: {name} has shape {a.shape}, "
-                    f"expected {p.shape}"
+                    f"expected {shape}"
                 )
-            if a.dtype.kind != "f":
-                raise ValueError(f"state dict: {name} has dtype {a.dtype}, expected floats")
+            if a.dtype.kind != "f" or exact_dtype and a.dtype != self.dtype:
+                raise ValueError(f"state dict: {name} has dtype {a.dtype}, expected "
+                                 f"{self.dtype if exact_dtype else 'floats'}")
             arrays[name] = a
-        for name, p in self.params.items():
-            p.data[...] = arrays[name]
+        return arrays
 
 
 def attention_probabilities(q: np.ndarray, k: np.ndarray) -> np.ndarray:
     """softmax(q kᵀ / sqrt(hd) + causal mask), (..., Tq, Tk) for q (..., Tq, hd) and
-    k (..., Tk, hd): what scaled_dot_product_attention weighs the values with (it keeps
-    these inside its backward buffers; this computes them for reading)."""
-    tq, tk, hd = q.shape[-2], k.shape[-2], q.shape[-1]
-    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(hd)  # (..., Tq, Tk)
-    scores = scores + np.triu(np.full((tq, tk), -np.inf, dtype=scores.dtype), k=tk - tq + 1)
-    return F.softmax(Tensor(scores)).data
+    k (..., Tk, hd): what causal_self_attention weighs the values with (it keeps these
+    inside its backward buffers; this computes them for reading), by the same reference."""
+    scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+    pt = references.causal_softmax_columns(k @ np.swapaxes(q, -1, -2), scale)  # P^T (.., Tk, Tq)
+    return np.swapaxes(pt, -1, -2)
 
 
 class KVCache:
@@ -262,11 +310,11 @@ class Decoder:
     values a KVCache holds, so each new token costs one position of work per layer.
 
     The same math as GPT.__call__ (tests/gpt/test_sample.py checks the logits against it at
-    every position), written as plain NumPy on the weights' arrays: no Tensors, no graph,
-    and every intermediate goes into a buffer made here, once per generation, with room for
-    block_size positions (a call on n new positions uses their first n rows). A token thus
-    costs about 30 small NumPy calls per layer and makes no new arrays (only views of its
-    buffers). One Decoder follows one sequence; threads sampling at once each make their own
+    every position), on the weights' arrays: no Tensors, no graph. The formulas are
+    tensorlite's NumPy references, the ones training's kernels are checked against (norms,
+    activation, the attention's causal softmax); the products and the residual stream go
+    into buffers made here, once per generation, with room for block_size positions (a call
+    on n new positions uses their first n rows). One Decoder follows one sequence; threads sampling at once each make their own
     (the weights are only read).
 
         dec = model.decoder()
@@ -284,20 +332,24 @@ class Decoder:
                  for n, a in w.items()}
         self.config = cfg
         self.wte, self.wpe = w["wte"], w["wpe"]
-        self.layers = [tuple(w[f"h.{i}.{name}"] for name in (
-            "ln_1.weight", "attn.c_attn.weight", "attn.c_proj.weight",
-            "ln_2.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")) for i in range(cfg.n_layer)]
-        self.ln_f, self.lm_head = w["ln_f.weight"], w["lm_head.weight"]
+        # per block, (weight, bias) of each norm and linear layer; bias None where there is none
+        self.layers = [tuple((w[f"h.{i}.{name}.weight"], w.get(f"h.{i}.{name}.bias")) for name in (
+            "ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"))
+            for i in range(cfg.n_layer)]
+        self.ln_f = (w["ln_f.weight"], w.get("ln_f.bias"))
+        # the head's (C, V) matrix: lm_head, or wte read the other way (tied; for a bf16 model
+        # rounded like the linear layers' weights, a copy, as the training forward's product)
+        self.lm_head = w.get("lm_head.weight")
+        if self.lm_head is None:
+            self.lm_head = (bf16_operand(w["wte"]) if self.bf16 else w["wte"]).T
+        self.layernorm, self.gelu = cfg.norm == "layernorm", cfg.activation == "gelu"
         self.scale = dt.type(1.0 / math.sqrt(cfg.head_dim))
-        self.inv_c, self.eps = dt.type(1.0 / C), dt.type(1e-5)  # rms_norm's (as F.rms_norm's)
         self.cache = KVCache(cfg, dt)
         # the buffers, a row per new position
         self.x = np.zeros((T, C), dt)  # the residual stream
-        self.xn = np.zeros((T, C), dt)  # its rms_norm
-        self.rms = np.zeros((T, 1), dt)  # rms_norm's sqrt(mean(x**2) + eps), per row
+        self.xn = np.zeros((T, C), dt)  # its norm
         self.qkv = np.zeros((T, 3 * C), dt)  # q | k | v
-        self.att = np.zeros((H, T, T), dt)  # attention scores, then probabilities
-        self.rows = np.zeros((H, T, 1), dt)  # their row max, then row sum
+        self.att = np.zeros((H, T, T), dt)  # attention scores, then probabilities, transposed
         self.y = np.zeros((T, C), dt)  # attention output, heads side by side
         self.branch = np.zeros((T, C), dt)  # a branch's output, before the residual add
         self.h = np.zeros((T, 4 * C), dt)  # the MLP's hidden layer
@@ -324,7 +376,7 @@ class Decoder:
         t0 = cache.make_room(n)
         t1 = t0 + n  # the new positions are t0 .. t1-1; queries see keys 0 .. t1-1
         x, xn, qkv, y = self.x[:n], self.xn[:n], self.qkv[:n], self.y[:n]  # (n, C), (n, 3C)
-        att, rows = self.att[:, :n, :t1], self.rows[:, :n]  # (H, n, t1), (H, n, 1)
+        att = self.att[:, :t1, :n]  # (H, t1, n): keys along rows, as in training's attention
         branch, h = self.branch[:n], self.h[:n]  # (n, C), (n, 4C)
 
         # (n, C): token embeddings. mode "clip": the ids were checked above, and the default
@@ -332,31 +384,60 @@ class Decoder:
         np.take(self.wte, ids, axis=0, out=x, mode="clip")
         x += self.wpe[t0:t1]  # + a position embedding per row
         for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(self.layers):
-            # x = x + attn(rms_norm(x, ln_1))
-            np.matmul(self.operand(self.rms_norm(x, ln_1, xn)), c_attn, out=qkv)  # (n, 3C): q | k | v
+            # x = x + attn(norm(x, ln_1))
+            self.linear(self.norm(x, ln_1, xn), c_attn, qkv)  # (n, 3C): q | k | v
             heads = qkv.reshape(n, 3, H, hd)  # a view: [:, 0] is q, [:, 1] k, [:, 2] v
             cache.k[i, :, t0:t1] = heads[:, 1].transpose(1, 0, 2)  # (H, n, hd) into the cache
             cache.v[i, :, t0:t1] = heads[:, 2].transpose(1, 0, 2)
             q, k, v = heads[:, 0].transpose(1, 0, 2), cache.k[i, :, :t1], cache.v[i, :, :t1]
-            np.matmul(q, k.transpose(0, 2, 1), out=att)  # (H, n, t1): q k^T per head
-            att *= self.scale  # / sqrt(hd)
-            if n > 1:  # causal: query j, at position t0 + j, sees keys 0 .. t0 + j
-                att += np.triu(np.full((n, t1), -np.inf, dtype=att.dtype), k=t0 + 1)
-            np.maximum.reduce(att, axis=-1, keepdims=True, out=rows)  # softmax of each row:
-            att -= rows  # minus the row max, so exp cannot overflow
-            np.exp(att, out=att)
-            att /= np.add.reduce(att, axis=-1, keepdims=True, out=rows)  # / the row sum
-            np.matmul(att, v, out=y.reshape(n, H, hd).transpose(1, 0, 2))  # (H, n, hd) -> (n, C)
-            x += np.matmul(self.operand(y), attn_proj, out=branch)  # (n, C)
-            # x = x + mlp(rms_norm(x, ln_2)), mlp = relu(. @ c_fc)**2 @ c_proj
-            np.matmul(self.operand(self.rms_norm(x, ln_2, xn)), c_fc, out=h)  # (n, 4C)
-            np.maximum(h, 0, out=h)
-            h *= h
-            x += np.matmul(self.operand(h), mlp_proj, out=branch)  # (n, C)
+            np.matmul(k, q.transpose(0, 2, 1), out=att)  # S^T = k q^T per head, (H, t1, n)
+            # -> P^T: query j, at position t0 + j, sees keys 0 .. t0 + j (training's softmax)
+            references.causal_softmax_columns(att, self.scale)
+            np.matmul(att.transpose(0, 2, 1), v, out=y.reshape(n, H, hd).transpose(1, 0, 2))  # P v
+            x += self.linear(y, attn_proj, branch)  # (n, C)
+            # x = x + mlp(norm(x, ln_2)), mlp = relu(. @ c_fc)**2 @ c_proj (or gelu)
+            x += self.linear(self.activation(self.linear(self.norm(x, ln_2, xn), c_fc, h)),
+                             mlp_proj, branch)  # (n, 4C) -> (n, C)
         cache.length = t1
         # the head, for the last position only: the one whose next token we sample
-        last = self.operand(self.rms_norm(x[-1:], self.ln_f, xn[:1]))[0]  # (C,)
-        return np.matmul(last, self.lm_head, out=self.logits)  # (V,)
+        last = self.norm(x[-1:], self.ln_f, xn[:1])  # (1, C)
+        return self.head(last, self.logits[None])[0]  # (V,)
+
+    # The steps of a layer on plain arrays, each written once: gpt/batching.py's batched
+    # decoder calls them too. Without `out` they return a new array.
+    def linear(self, x: np.ndarray, layer: tuple, out: np.ndarray | None = None) -> np.ndarray:
+        """x @ W (+ b), for layer = (W, b or None); x is rounded to bf16 first (in place)
+        for a bf16 model (see operand)."""
+        weight, bias = layer
+        out = np.matmul(self.operand(x), weight, out=out)
+        if bias is not None:
+            out += bias
+        return out
+
+    def activation(self, h: np.ndarray) -> np.ndarray:
+        """The MLP's relu(h)**2, or gelu(h) (activation "gelu"), in place on h."""
+        if self.gelu:
+            h[...] = references.gelu_forward(h)[0]
+        else:
+            references.relu_squared(h, out=h)
+        return h
+
+    def head(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The logits (n, V) of normalised rows x (n, C): x @ lm_head (wte^T when tied);
+        x is rounded to bf16 first (in place) for a bf16 model."""
+        return np.matmul(self.operand(x), self.lm_head, out=out)
+
+    def norm(self, x: np.ndarray, layer: tuple, out: np.ndarray | None = None) -> np.ndarray:
+        """The model's normalisation of x, for layer = (weight, bias or None): rms_norm's
+        reference, or layer_norm's (norm "layernorm"), into `out` if given."""
+        weight, bias = layer  # (the references: on a few rows a twin's call costs more)
+        if not self.layernorm:
+            return references.rms_norm_forward(x, weight, 1e-5, out=out)[0]
+        y = references.layer_norm_forward(x, weight, bias, 1e-5)[0]
+        if out is None:
+            return y
+        out[...] = y
+        return out
 
     def operand(self, a: np.ndarray) -> np.ndarray:
         """A linear layer's input: rounded to bf16 in place for a bf16 model (as MatMulBF16
@@ -364,17 +445,6 @@ class Decoder:
         if self.bf16:
             a[...] = bf16_operand(a)
         return a
-
-    def rms_norm(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """F.rms_norm into `out`: each row x / sqrt(mean(x**2) + eps) * weight (eps 1e-5)."""
-        rms = self.rms[: len(x)]  # (n, 1)
-        np.matmul(x[:, None, :], x[:, :, None], out=rms[:, :, None])  # row . row: sum of squares
-        rms *= self.inv_c
-        rms += self.eps
-        np.sqrt(rms, out=rms)
-        np.divide(x, rms, out=out)
-        out *= weight
-        return out
 
 
 # ---- will it fit? ---------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Character-level tokenizer: one id per distinct character of the training text (in sorted
 order), then two special ids, BOS (begin of sequence) and EOS (end of sequence).
-`tokenizer_from_dict` rebuilds a tokenizer, char or BPE (gpt/bpe.py), from its saved dict.
+`tokenizer_from_dict` rebuilds a tokenizer, char, BPE or GPT-2's (gpt/bpe.py), from its saved
+dict.
 """
 
 from __future__ import annotations
@@ -88,4 +89,8 @@ def tokenizer_from_dict(d: dict):
         from .bpe import BPETokenizer  # imported only when needed
 
         return BPETokenizer.from_dict(d)
-    raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'char' or 'bpe')")
+    if kind == "gpt2":
+        from .bpe import GPT2Tokenizer
+
+        return GPT2Tokenizer.from_dict(d)
+    raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'char', 'bpe' or 'gpt2')")

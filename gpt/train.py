@@ -5,6 +5,7 @@ that resume exactly, and one-line errors for bad input.
     python -m gpt.train --data my.txt --out-dir my_run --max-iters 3000
     python -m gpt.train --preset baby --data my.txt       # a named set of sizes (config.PRESETS)
     python -m gpt.train --out-dir my_run --resume --max-iters 5000   # continue a run
+    python -m gpt.train --init-from gpt2_run --data my.txt --out-dir tuned   # fine-tune
 
 Every flag is a field of gpt.config.TrainConfig or of the GPTConfig it holds (`out_dir` ->
 `--out-dir`). `train` reads top to bottom in named phases, like nanoGPT's loop:
@@ -49,11 +50,11 @@ from .checkpoint import (
 )
 from .config import PRESETS, TrainConfig, fixed_fields
 from .data import (
+    BY_REFERENCE_TOKENS,
     GET_DATA_HINT,
     TokenWindows,
     batch_starts,
     check_windows,
-    forget_pages,
     get_batch,
     is_token_dir,
     load_text,
@@ -65,7 +66,7 @@ from .errors import UserError
 from .lock import RunLock
 from .model import GPT, check_fits
 from .optim import AdamW, clip_grad_norm, lr_at
-from .threaded import NOT_THREAD_SAFE, ThreadShards, available_cores
+from .threaded import ThreadShards, available_cores
 
 
 # ---- the command line ---------------------------------------------------------------------------
@@ -134,16 +135,27 @@ class Run:
 # ---- phase 1: set up the run --------------------------------------------------------------------
 def set_up(cfg: TrainConfig, given: set[str]) -> Run:
     """Everything the loop needs; nothing is written before every check has passed."""
-    ckpt = None
+    ckpt, pretrained = None, None
     if cfg.resume:
         cfg, ckpt = resume_config(cfg, set(given) - {"resume"})
     elif has_checkpoint(cfg.out_dir):
         raise UserError(f"{checkpoint_path(cfg.out_dir)} already holds a checkpoint: continue it "
                         "with --resume, choose another --out-dir, or delete it to start over")
+    elif cfg.init_from:
+        cfg, pretrained = init_config(cfg, given)
+    elif cfg.tokenizer == "gpt2":
+        raise UserError("GPT-2's tokenizer comes with the model: give --init-from PATH (a run "
+                        "or Hugging Face GPT-2 folder) instead of --tokenizer gpt2")
     cfg.validate()
-    run = build_run(cfg, ckpt, data_given="data" in given or ckpt is not None, given=given)
+    run = build_run(cfg, ckpt, data_given="data" in given or ckpt is not None, given=given,
+                    tokenizer=pretrained[1] if pretrained else None)
     if ckpt is not None:
         restore(run, ckpt)
+    elif pretrained is not None:
+        try:
+            run.model.load_state_dict(pretrained[0])  # the optimizer starts fresh
+        except ValueError as e:
+            raise UserError(f"{cfg.init_from}: the weights do not fit its config: {e}") from None
     metrics.start_log(cfg.out_dir, run.start_iter)
     run.fns = make_grad_fn(run.model, cfg)
     print_intro(run, resumed_from=ckpt.path if ckpt else None)
@@ -175,18 +187,38 @@ def resume_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Check
     return merged, ckpt
 
 
+def init_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, tuple]:
+    """--init-from PATH: the run's config with the model's shape (and architecture) and the
+    tokenizer of PATH, and (weights, tokenizer) to start from. A shape flag that disagrees
+    with PATH's model is an error (gpt.convert.same_shape)."""
+    from .convert import load_pretrained, same_shape
+
+    dtype = np.float32 if cfg.dtype == "bfloat16" else np.dtype(cfg.dtype)  # (master weights)
+    config, weights, tokenizer = load_pretrained(cfg.init_from, dtype)
+    if "tokenizer" in given and cfg.tokenizer != tokenizer.to_dict()["kind"]:
+        raise UserError(f"is {cfg.tokenizer} but --init-from's is {tokenizer.to_dict()['kind']}; "
+                        "drop the flag (the tokenizer comes from --init-from)", field="tokenizer")
+    model = same_shape(cfg.model, config, given)
+    cfg = dataclasses.replace(cfg, model=model, tokenizer=tokenizer.to_dict()["kind"])
+    return cfg, (weights, tokenizer)
+
+
 def build_run(cfg: TrainConfig, ckpt: Checkpoint | None, data_given: bool,
-              given: set[str] = frozenset()) -> Run:
-    """Data, tokenizer (trained, the checkpoint's, or the token files'), model and optimizer
-    of a run."""
+              given: set[str] = frozenset(), tokenizer=None) -> Run:
+    """Data, tokenizer (trained, the checkpoint's, the token files', or `tokenizer`: the one
+    of --init-from), model and optimizer of a run."""
     if not data_given and not os.path.exists(cfg.data):
         raise UserError(f"no {cfg.data} in {os.getcwd()} and no --data given: pass "
                         f"--data FILE (UTF-8 text), or get Tiny Shakespeare with `{GET_DATA_HINT}`")
     note = ""  # what training a BPE tokenizer did
     if is_token_dir(cfg.data):
+        pretrained = tokenizer
         cfg, tokenizer, train_ids, val_ids = read_token_dir(cfg, ckpt, given)
+        if pretrained is not None and pretrained.to_dict() != tokenizer.to_dict():
+            raise UserError(f"{cfg.data} was tokenized with another tokenizer than "
+                            f"{cfg.init_from}'s; prepare the text with that one")
     else:
-        tokenizer, train_ids, val_ids, note = read_text(cfg, ckpt)
+        tokenizer, train_ids, val_ids, note = read_text(cfg, ckpt, tokenizer)
     mcfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     check_fits(mcfg, cfg.batch_size, cfg.dtype, shard_threads(cfg))  # before allocating
     model = GPT(mcfg, dtype=cfg.dtype, seed=cfg.seed)  # bfloat16: float32 weights, bf16 products
@@ -196,20 +228,23 @@ def build_run(cfg: TrainConfig, ckpt: Checkpoint | None, data_given: bool,
                tokenizer_note=note)
 
 
-def read_text(cfg: TrainConfig, ckpt: Checkpoint | None):
-    """(tokenizer, train ids, val ids, note) of a text file: read whole, tokenized (with a
-    tokenizer trained on it, or the checkpoint's), split 90/10; the note says what training
-    a BPE tokenizer did ("" otherwise)."""
+def read_text(cfg: TrainConfig, ckpt: Checkpoint | None, tokenizer=None):
+    """(tokenizer, train ids, val ids, note) of a text file: read whole, tokenized (with
+    `tokenizer`: --init-from's, the checkpoint's, or one trained on it), split 90/10; the note
+    says what training a BPE tokenizer did ("" otherwise)."""
     text = load_text(cfg.data)
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(ckpt.tokenizer) if ckpt else make_tokenizer(cfg, text)
+    trained = tokenizer is None and ckpt is None
+    if tokenizer is None:
+        tokenizer = load_tokenizer(ckpt.tokenizer) if ckpt else make_tokenizer(cfg, text)
     try:
         ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     except ValueError as e:
-        where = "the checkpoint's vocabulary" if ckpt is not None else "the tokenizer"
+        where = ("the checkpoint's vocabulary" if ckpt is not None or cfg.init_from
+                 else "the tokenizer")
         raise UserError(f"{cfg.data} does not fit {where}: {e}") from None
     note = ""
-    if ckpt is None and cfg.tokenizer == "bpe":
+    if trained and cfg.tokenizer == "bpe":
         note = bpe_note(tokenizer, len(text.encode("utf-8")), len(ids), time.perf_counter() - t0)
     try:
         train_ids, val_ids = split_ids(ids, 0.1, cfg.model.block_size)
@@ -340,10 +375,6 @@ def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
                                "--workers" if cfg.workers > 1 else "--threads")
     if cfg.workers == 1 and cfg.backend == "loky":
         threads = shard_threads(cfg)
-        if threads > 1 and not tl.kernels.thread_safe():
-            print(f"gpt.train: training on one thread, not {threads}: {NOT_THREAD_SAFE}",
-                  file=sys.stderr)
-            threads = 1
         if threads > 1:
             shards = ThreadShards(model, threads)
             return GradFns(shards.loss_and_grads, shards.loss, shards.close, threads,
@@ -405,6 +436,9 @@ def print_intro(run: Run, resumed_from: str | None) -> None:
           f"({m.n_layer} layers, {m.n_head} heads, n_embd {m.n_embd}, {cfg.dtype})")
     if resumed_from:
         print(f"resuming {resumed_from} at iter {run.start_iter}")
+    elif run.cfg.init_from:
+        print(f"fine-tuning from {run.cfg.init_from} (its weights and tokenizer; a fresh "
+              "optimizer)")
     else:
         print(f"an untrained model scores about ln(vocab) = "
               f"{math.log(run.tokenizer.vocab_size):.2f}")
@@ -437,12 +471,13 @@ def take_step(run: Run, it: int) -> tuple[float, float, float]:
 def batch_loss_and_grads(run: Run) -> float:
     """The loss of the next training batch (random windows of the train ids), its gradients
     left in .grad. Worker processes on this machine training on token files are sent the
-    windows' starts and read the rows themselves (cheaper than sending the rows:
-    benchmarks/token_files.py); the batch and the result are the same."""
+    windows' starts and read the rows themselves where that is cheaper than sending the rows
+    (batches of BY_REFERENCE_TOKENS or more); the batch and the result are the same."""
     cfg, ids = run.cfg, run.train_ids
     starts = batch_starts(len(ids), cfg.model.block_size, cfg.batch_size, run.rngs["data"])
-    by_reference = run.fns.loss_and_grads_from and TokenWindows.of(ids, starts,
-                                                                   cfg.model.block_size)
+    large = cfg.batch_size * cfg.model.block_size >= BY_REFERENCE_TOKENS
+    by_reference = (run.fns.loss_and_grads_from and large
+                    and TokenWindows.of(ids, starts, cfg.model.block_size))
     if by_reference:
         return run.fns.loss_and_grads_from(by_reference, run.rngs["dropout"])
     x, y = windows(ids, starts, cfg.model.block_size)
@@ -457,7 +492,6 @@ def log_and_evaluate(run: Run, it: int, loss: float, norm: float, lr: float) -> 
     do_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
     if not (it % cfg.log_interval == 0 or do_eval):
         return
-    forget_pages(run.train_ids)  # token files: what the batches mapped since the last log
     now = time.perf_counter()
     tps = (it - run.it_log) * cfg.batch_size * cfg.model.block_size / max(now - run.t_log, 1e-9)
     run.t_log, run.it_log = now, it
@@ -491,8 +525,6 @@ def evaluate(run: Run, it: int) -> dict[str, float]:
         raise UserError(f"eval loss became {ev['val']} at iter {it}; not saved; "
                         f"{kept_checkpoint(run)}; try a lower --lr (now {run.cfg.lr:g}) "
                         "or --grad-clip")
-    for ids in (run.train_ids, run.val_ids):  # token files: the pages evaluation mapped
-        forget_pages(ids)
     run.best_val = min(run.best_val, ev["val"])
     run.last_eval = {"iter": it, "train_loss": ev["train"], "val_loss": ev["val"]}
     return {"eval_train_loss": ev["train"], "val_loss": ev["val"],

@@ -2,8 +2,10 @@
 
     list                   one line per exercise: NAME, its title, the doc section it belongs to
     start DIR              write a starter DIR/NAME.py for every exercise (DIR must not exist)
-    check NAME [--dir DIR] grade DIR/NAME.py (DIR defaults to .): exit 0 and what was checked,
-                           or exit 1 and the smallest counterexample found
+    check NAME [--dir DIR] [--examples N]
+                           grade DIR/NAME.py (DIR defaults to .): exit 0 and what was checked,
+                           or exit 1 and the smallest counterexample found (N random cases
+                           per check, default 30)
     hint NAME [--dir DIR]  the next hint for NAME; which hints you have seen is kept in
                            DIR/.exercise-hints.json (delete it to start over)
 
@@ -24,7 +26,7 @@ from types import ModuleType
 import numpy as np
 
 from . import BY_NAME, EXERCISES, Exercise
-from .grader import EXAMPLES, Failure, learner_line, start_grading
+from .grader import EXAMPLES, Failure, Stop, learner_line
 
 HINTS_FILE = ".exercise-hints.json"
 PROG = "python -m tensorlite.exercises"
@@ -113,11 +115,10 @@ def check(name: str, folder: Path, examples: int) -> int:
     if examples < 1:
         raise UsageError(f"--examples must be at least 1, got {examples}")
     try:
-        start_grading()
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")  # the learner's NaNs show as wrong numbers
             checked = ex.grade(load(path, name), examples)
-    except Failure as e:
+    except (Failure, Stop) as e:
         print(f"FAILED {name} ({path})\n{e}")
         print(f"stuck? `{PROG} hint {name}{'' if folder == Path('.') else f' --dir {folder}'}`")
         return 1

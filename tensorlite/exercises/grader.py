@@ -20,6 +20,7 @@ from types import ModuleType
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.reporting import with_reporter
 
 from ..testing import GradcheckError, check_jvp, check_vjp
 
@@ -31,16 +32,14 @@ class Failure(Exception):
     """The learner's code gave a wrong answer (or raised): the message says which and where."""
 
 
-class _TimedOut(BaseException):  # a BaseException: the learner's `except Exception` lets it by
+class Stop(BaseException):
+    """A report that no smaller example would improve (a function not written yet, an endless
+    loop): a BaseException, so hypothesis ends the search at once instead of shrinking, and
+    the learner's own `except Exception` cannot swallow it. The CLI reports it as a Failure."""
+
+
+class _TimedOut(BaseException):
     pass
-
-
-_stuck: list[str] = []  # the report of a call that ran out of time: every later call fails so
-
-
-def start_grading() -> None:
-    """Forget an earlier check's time-out (the CLI calls this before each check)."""
-    _stuck.clear()
 
 
 @contextlib.contextmanager
@@ -101,19 +100,16 @@ def call(module: ModuleType, name: str, args: Sequence, names: Sequence[str], ou
     fn = getattr(module, name, None)
     if not callable(fn):
         raise Failure(f"{Path(module.__file__).name} has no function {name}")
-    if _stuck:  # hypothesis would run it again and again while shrinking: one wait is enough
-        raise Failure(_stuck[0])
     copies = [np.array(a, copy=True) if isinstance(a, np.ndarray) else a for a in args]
     try:
         with _time_limit(TIME_LIMIT):
             out = fn(*copies)
     except _TimedOut as e:
-        _stuck.append(f"{name} did not return within {TIME_LIMIT:g} s (an endless loop?); it was "
-                      f"at {learner_line(e, module)}\n  with\n{describe(names, args)}")
-        raise Failure(_stuck[0]) from None
+        raise Stop(f"{name} did not return within {TIME_LIMIT:g} s (an endless loop?); it was "
+                   f"at {learner_line(e, module)}\n  with\n{describe(names, args)}") from None
     except NotImplementedError as e:
-        raise Failure(f"{name} is not written yet ({learner_line(e, module)})") from None
-    except Failure:  # a grader's guard inside their call (tl.hvp refused, say)
+        raise Stop(f"{name} is not written yet ({learner_line(e, module)})") from None
+    except (Failure, Stop):  # a grader's guard inside their call (tl.hvp refused, say)
         raise
     except (Exception, SystemExit) as e:  # noqa: BLE001 - the learner's bug: their line
         raise Failure(f"{name} raised {type(e).__name__}: {e}\n  at {learner_line(e, module)}\n"
@@ -179,7 +175,8 @@ def jvp(f: Callable, f_jvp: Callable, shapes, names: Sequence[str],
 def _plain(run: Callable, names: Sequence[str] = ()) -> None:
     """Run a hypothesis search; its failure becomes one Failure (the first if several)."""
     try:
-        run()
+        with with_reporter(lambda text: None):  # the report is ours to write
+            run()
     except (Failure, GradcheckError) as e:
         raise _as_failure(e, names) from None
     except Exception as e:

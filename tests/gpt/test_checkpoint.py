@@ -472,3 +472,44 @@ def test_an_older_checkpoint_loads_samples_and_resumes(tmp_path, capsys):
     assert state["iter"] == 8
     saved = json.loads((out / "checkpoint" / "config.json").read_text())
     assert saved["train"]["n_layer"] == 1 and saved["train"]["max_iters"] == 8
+
+
+# ---- the safetensors reader ------------------------------------------------------------------
+def _forged(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def test_tensors_from_bytes_reads_what_safetensors_writes_as_views_and_refuses_forgeries():
+    import safetensors.numpy
+
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": np.arange(5),
+               "c": rng.standard_normal(()), "d": np.zeros((0, 3), np.float32)}
+    buf = safetensors.numpy.save(tensors, metadata={"format": "pt"})
+    got = ck.tensors_from_bytes(buf, "f")
+    assert set(got) == set(tensors)
+    for k, v in tensors.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape
+        np.testing.assert_array_equal(got[k], v)
+    assert not got["a"].flags.writeable and got["a"].base is not None  # a view of buf
+    f32 = {"dtype": "F32", "shape": [2]}
+    cases = {
+        "overlap": ({"x": dict(f32, data_offsets=[0, 8]), "y": dict(f32, data_offsets=[4, 12])},
+                    12, "overlap or leave a gap"),
+        "gap": ({"x": dict(f32, data_offsets=[0, 8]), "y": dict(f32, data_offsets=[12, 20])},
+                20, "overlap or leave a gap"),
+        "bytes after": ({"x": dict(f32, data_offsets=[0, 8])}, 12, "4 bytes after"),
+        "size vs shape": ({"x": dict(f32, data_offsets=[0, 12])}, 12, "12 bytes for shape"),
+        "dtype": ({"x": {"dtype": "Q8", "shape": [2], "data_offsets": [0, 8]}}, 8, "Q8"),
+        "bf16": ({"x": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}, 4, "BF16"),
+        "negative": ({"x": dict(f32, shape=[-2], data_offsets=[0, 8])}, 8, "bad shape"),
+    }
+    for header, size, message in cases.values():
+        with pytest.raises(UserError, match=f"f is truncated or corrupt.*{message}"):
+            ck.tensors_from_bytes(_forged(header, bytes(size)), "f")
+    bf16 = _forged({"x": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}},
+                   np.array([0x3F80, 0xC000], "<u2").tobytes())  # 1.0 and -2.0
+    np.testing.assert_array_equal(ck.tensors_from_bytes(bf16, "f", bf16=True)["x"], [1.0, -2.0])
+    with pytest.raises(UserError, match="header length"):
+        ck.tensors_from_bytes(struct.pack("<Q", 1 << 40) + b"{}", "f")

@@ -41,6 +41,56 @@ def test_whole_model_gradcheck_every_parameter():
     assert tl.gradcheck(loss_fn, params, atol=1e-6, rtol=1e-4)
 
 
+GPT2_ARCH = {"norm": "layernorm", "activation": "gelu", "bias": True, "tied_head": True}
+ARCHS = [{"norm": "layernorm"}, {"activation": "gelu"}, {"bias": True}, {"tied_head": True},
+         GPT2_ARCH]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: "+".join(f"{k}={v}" for k, v in a.items()))
+def test_whole_model_gradcheck_every_architecture(arch):
+    """Each architecture option alone, and all four (GPT-2's): every parameter's gradient,
+    the tied wte's from both its uses, against finite differences on a random cotangent."""
+    cfg = GPTConfig(vocab_size=7, block_size=4, n_layer=2, n_head=2, n_embd=8, **arch)
+    rng = np.random.default_rng(11)
+    model = GPT(cfg, dtype=np.float64, seed=1)
+    _randomize(model, rng)
+    x = _ids(rng, cfg, B=2, T=3)
+    u = rng.standard_normal((2, 3, cfg.vocab_size))
+    assert tl.gradcheck(lambda *_: (model(x)[0] * u).sum(), model.parameters(),
+                        atol=1e-6, rtol=1e-4)
+
+
+def test_gpt2_architecture_parameters_and_the_default_unchanged():
+    gpt2 = GPTConfig(vocab_size=7, block_size=4, n_layer=1, n_head=2, n_embd=8, **GPT2_ARCH)
+    names = [n for n, _, _ in GPT.param_specs(gpt2)]
+    assert names == ["wte", "wpe", "h.0.ln_1.weight", "h.0.ln_1.bias", "h.0.attn.c_attn.weight",
+                     "h.0.attn.c_attn.bias", "h.0.attn.c_proj.weight", "h.0.attn.c_proj.bias",
+                     "h.0.ln_2.weight", "h.0.ln_2.bias", "h.0.mlp.c_fc.weight",
+                     "h.0.mlp.c_fc.bias", "h.0.mlp.c_proj.weight", "h.0.mlp.c_proj.bias",
+                     "ln_f.weight", "ln_f.bias"]  # no lm_head: tied to wte
+    model = GPT(gpt2, seed=0)
+    assert all(not model.params[n].data.any() for n in names if n.endswith(".bias"))
+    assert gpt2.unlike_gpt2() == []
+    assert GPTConfig().unlike_gpt2() == ["norm 'rmsnorm' (GPT-2 has 'layernorm')",
+                                         "activation 'relu2' (GPT-2 has 'gelu')",
+                                         "bias False (GPT-2 has True)"]
+    with pytest.raises(ValueError, match="norm must be one of rmsnorm, layernorm"):
+        GPTConfig(norm="batchnorm").validate()
+    with pytest.raises(ValueError, match="bias must be true or false"):
+        GPTConfig(bias="yes").validate()
+
+
+def test_weights_given_to_the_constructor_are_used_as_they_are():
+    model = GPT(TINY, seed=3)
+    weights = model.state_dict()
+    again = GPT(TINY, weights=weights)
+    assert all(again.params[n].data is weights[n] for n in weights)  # no copies
+    with pytest.raises(ValueError, match="float64, expected float32"):
+        GPT(TINY, weights={n: w.astype(np.float64) for n, w in weights.items()})
+    with pytest.raises(ValueError, match="missing lm_head.weight"):
+        GPT(TINY, weights={n: w for n, w in weights.items() if n != "lm_head.weight"})
+
+
 def test_whole_model_gradcheck_logits_with_short_sequence():
     # T < block_size, and a random cotangent on all logits (not only through the loss).
     rng = np.random.default_rng(1)

@@ -129,16 +129,26 @@ def test_sample_from_follows_the_distribution():
 
 
 # ---- the KV cache --------------------------------------------------------------------------------
-def tiny_model(vocab_size: int, block_size: int = 16, seed: int = 0) -> GPT:
-    cfg = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=16)
-    return GPT(cfg, dtype=np.float64, seed=seed)
+GPT2_ARCH = {"norm": "layernorm", "activation": "gelu", "bias": True, "tied_head": True}
 
 
-@given(st.lists(st.integers(1, 6), min_size=1, max_size=6))
-def test_decoder_matches_full_forward_for_chunks_of_any_size(chunks):
+def tiny_model(vocab_size: int, block_size: int = 16, seed: int = 0, **arch) -> GPT:
+    cfg = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=16,
+                    **arch)
+    model = GPT(cfg, dtype=np.float64, seed=seed)
+    if arch.get("bias"):  # biases start at 0: give them values, so a missed one shows
+        rng = np.random.default_rng(seed)
+        for name, p in model.params.items():
+            if name.endswith(".bias"):
+                p.data[...] = rng.normal(0, 0.1, p.shape)
+    return model
+
+
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=6), st.sampled_from([{}, GPT2_ARCH]))
+def test_decoder_matches_full_forward_for_chunks_of_any_size(chunks, arch):
     """A prompt fed to the decoder in chunks: after each chunk, the logits of its last
-    position equal the full forward pass's at that position."""
-    model = tiny_model(20, block_size=16, seed=3)
+    position equal the full forward pass's at that position (our architecture and GPT-2's)."""
+    model = tiny_model(20, block_size=16, seed=3, **arch)
     total = min(sum(chunks), 16)
     idx = np.random.default_rng(sum(chunks)).integers(0, 20, (1, total))
     with no_grad():
@@ -153,12 +163,13 @@ def test_decoder_matches_full_forward_for_chunks_of_any_size(chunks):
     assert decoder.length == total
 
 
+@pytest.mark.parametrize("arch", [{}, GPT2_ARCH], ids=["ours", "gpt2"])
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 2e-5), ("bfloat16", 2e-5)])
-def test_decoder_matches_full_forward_at_every_position_across_slides(dtype, tol):
+def test_decoder_matches_full_forward_at_every_position_across_slides(dtype, tol, arch):
     """One token at a time for three windows, the context sliding as sample_tokens slides
     it (reset, re-read the kept half in one call): at every step the decoder's logits are
     the full forward pass's on the current context, at its last position."""
-    cfg = GPTConfig(vocab_size=30, block_size=12, n_layer=2, n_head=2, n_embd=16)
+    cfg = GPTConfig(vocab_size=30, block_size=12, n_layer=2, n_head=2, n_embd=16, **arch)
     model = GPT(cfg, dtype=dtype, seed=4)
     ids = list(np.random.default_rng(5).integers(0, 30, 3 * cfg.block_size))
     decoder, start, slides = model.decoder(), 0, 0

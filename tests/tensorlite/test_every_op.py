@@ -53,6 +53,8 @@ CASES = {
     functional.LogSoftmax: (lambda a: F.log_softmax(a, axis=0), [(2, 3)], "any"),
     functional.CrossEntropy: (lambda a: F.cross_entropy(a, TARGETS), [(4, 5)], "any"),
     functional.RMSNorm: (lambda a, w: F.rms_norm(a, w), [(2, 4), (4,)], "any"),
+    functional.LayerNorm: (lambda a, w, b: F.layer_norm(a, w, b), [(2, 4), (4,), (4,)], "any"),
+    functional.GELU: (lambda a: F.gelu(a), [(2, 3)], "any"),
     functional.Embedding: (lambda w: F.embedding(IDX, w), [(4, 3)], "any"),
     functional.ScaledDotProductAttention: (
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True),

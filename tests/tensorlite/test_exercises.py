@@ -237,5 +237,22 @@ def test_an_endless_loop_is_stopped_and_shown_where_it_was(tmp_path, capsys, mon
     out = capsys.readouterr().out
     assert re.search(r"topological_order did not return within 0.5 s \(an endless loop\?\); it "
                      r"was at backward_driver\.py, line \d+, in topological_order: ", out), out
-    # the next check starts afresh
-    assert cli.main(["check", "backward_driver", "--dir", str(REFERENCES), "--examples", "5"]) == 0
+
+
+@pytest.mark.parametrize("change", [
+    ("    x = tl.Tensor(x, requires_grad=True)\n", "    return tl.hvp(f, [x], [v])[0].data\n"),
+    ("import tensorlite as tl\n", "import tensorlite as tl\nfrom tensorlite import hvp\n"),
+])
+def test_the_hvp_exercise_refuses_tl_hvp_and_puts_it_back(tmp_path, capsys, change):
+    import tensorlite as tl
+
+    original = tl.hvp
+    text = (REFERENCES / "hessian_vector_product.py").read_text()
+    assert change[0] in text
+    (tmp_path / "hessian_vector_product.py").write_text(text.replace(*change))
+    args = ["check", "hessian_vector_product", "--dir", str(tmp_path), "--examples", "5"]
+    assert cli.main(args) == 1
+    assert "which is the answer itself: write it with tl.grad, twice" in capsys.readouterr().out
+    assert tl.hvp is original
+    np.testing.assert_allclose(tl.hvp(lambda t: (t**3).sum(), [np.array([2.0])],
+                                      [np.array([1.0])])[0].data, [12.0])

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import tensorlite as tl
@@ -37,6 +37,15 @@ def cross_entropy_composed(logits, targets):
 def rms_norm_composed(x, weight=None, eps=1e-5):
     y = x / ((x * x).mean(axis=-1, keepdims=True) + eps).sqrt()
     return y if weight is None else y * weight
+
+
+def layer_norm_composed(x, weight, bias, eps=1e-5):
+    xc = x - x.mean(axis=-1, keepdims=True)
+    return xc / ((xc * xc).mean(axis=-1, keepdims=True) + eps).sqrt() * weight + bias
+
+
+def gelu_composed(x):
+    return x * 0.5 * (((x + x * x * x * 0.044715) * math.sqrt(2 / math.pi)).tanh() + 1.0)
 
 
 def embedding_composed(indices, weight):
@@ -182,6 +191,45 @@ def test_rms_norm_output_has_unit_rms():
     x = np.random.default_rng(0).standard_normal((4, 16)) * 7.0
     y = F.rms_norm(Tensor(x), eps=0.0).data
     np.testing.assert_allclose(np.sqrt((y * y).mean(axis=-1)), 1.0, rtol=1e-12)
+
+
+# ---- layer_norm, gelu ------------------------------------------------------------------------------
+@given(data=st.data(), eps=st.sampled_from([1e-5, 1e-2]))
+def test_layer_norm(data, eps):
+    shape = data.draw(shapes(min_dims=1))[:-1] + (data.draw(st.integers(2, 5)),)
+    x = data.draw(arrays(shape=shape))
+    # rows of (nearly) equal values have var ~ 0: finite differences of r = 1/sqrt(var + eps)
+    # then need a step far below what float64 can resolve, so such rows are not drawn
+    assume(np.all(x.std(axis=-1) > 0.1))
+    w, b = (data.draw(arrays(shape=shape[-1:])) for _ in range(2))
+    check_fused(lambda t, s, c: F.layer_norm(t, s, c, eps=eps),
+                lambda t, s, c: layer_norm_composed(t, s, c, eps=eps), x, w, b)
+
+
+def test_layer_norm_output_has_zero_mean_and_unit_variance_then_weight_and_bias():
+    x = np.random.default_rng(0).standard_normal((4, 16)) * 7.0 + 3.0
+    y = F.layer_norm(Tensor(x), Tensor(np.ones(16)), Tensor(np.zeros(16)), eps=0.0).data
+    np.testing.assert_allclose(y.mean(axis=-1), 0.0, atol=1e-12)
+    np.testing.assert_allclose(y.var(axis=-1), 1.0, rtol=1e-12)
+    w, b = np.arange(16.0), np.full(16, 0.5)
+    z = F.layer_norm(Tensor(x), Tensor(w), Tensor(b), eps=0.0).data
+    np.testing.assert_allclose(z, y * w + b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"\(16,\).*\(4, 16\)"):
+        F.layer_norm(Tensor(x), Tensor(np.ones((4, 16))), Tensor(np.zeros(16)))
+
+
+@given(x=arrays(shape=shapes(), min_value=-6, max_value=6))
+def test_gelu(x):
+    check_fused(F.gelu, gelu_composed, x)
+
+
+def test_gelu_is_x_phi_x_to_a_thousandth():
+    from math import erf
+
+    x = np.linspace(-5, 5, 101)
+    exact = np.array([v * 0.5 * (1 + erf(v / math.sqrt(2))) for v in x])  # x * Phi(x)
+    np.testing.assert_allclose(F.gelu(Tensor(x)).data, exact, atol=1e-3)
+    assert F.gelu(Tensor(np.array([0.0]))).data[0] == 0.0
 
 
 # ---- embedding -------------------------------------------------------------------------------------

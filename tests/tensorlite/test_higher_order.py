@@ -338,6 +338,16 @@ def _rms_norm(data):
     return F.rms_norm, [x]
 
 
+def _layer_norm(data):
+    """Rows of 2..4 distinct values on a grid of 1/8: a row's variance is never near 0, where
+    r = 1/sqrt(var + eps) makes finite differences of the second order meaningless."""
+    shape = data.draw(shapes(min_dims=1, max_side=3)) [:-1] + (data.draw(st.integers(2, 4)),)
+    grid = st.integers(-40, 40).map(lambda i: i / 8)
+    x = data.draw(hnp.arrays(np.float64, shape, elements=grid, unique=True))
+    w, b = (data.draw(arrays(shape=shape[-1:])) for _ in range(2))
+    return (lambda t, s, c: F.layer_norm(t, s, c)), [x, w, b]
+
+
 def _embedding(data):
     v, c = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 3))
     idx = data.draw(hnp.arrays(np.int64, shapes(max_dims=2), elements=st.integers(0, v - 1)))
@@ -400,6 +410,8 @@ CASES = {
     F.LogSoftmax: lambda d: _along_axis(d, F.log_softmax),
     F.CrossEntropy: _cross_entropy,
     F.RMSNorm: _rms_norm,
+    F.LayerNorm: _layer_norm,
+    F.GELU: lambda d: (F.gelu, [_one(d, min_value=-4, max_value=4)]),
     F.Embedding: _embedding,
     F.ScaledDotProductAttention: _attention,
     F.CausalSelfAttention: _causal_self_attention,
