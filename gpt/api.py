@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import itertools
+import json
 import math
 import time
 import uuid
@@ -360,6 +361,7 @@ class Answer:
 
     def __post_init__(self):
         self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self._event_head: str | None = None  # text_event's template, made on first use
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -390,6 +392,19 @@ class Answer:
         row = {"index": index, "text": text or "", "logprobs": lp,
                "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [row]}
+
+    def text_event(self, index: int, text: str) -> str:
+        """The server-sent event of a piece of text without logprobs: what
+        `"data: " + json.dumps(self.chunk(index, text)) + "\n\n"` gives, written from a
+        template (a stream sends one per token; json.dumps of the whole dict costs more)."""
+        if self._event_head is None:
+            head = json.dumps(self._head("chat.completion.chunk" if self.chat
+                                         else "text_completion"), separators=(",", ":"))
+            self._event_head = 'data: ' + head[:-1] + ',"choices":[{"index":'
+        piece = json.dumps(text)
+        body = f'"delta":{{"content":{piece}}}' if self.chat else f'"text":{piece}'
+        return (f'{self._event_head}{index},{body},"logprobs":null,"finish_reason":null}}]}}'
+                "\n\n")
 
     def logprobs_body(self, entries: list, offset: int = 0) -> dict | None:
         """OpenAI's logprobs object for (token, logprob, top alternatives) entries: chat's

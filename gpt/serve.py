@@ -60,6 +60,7 @@ from .sample import SAMPLING_THREADS  # BLAS threads while serving (why: see gpt
 
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB gets 413
 BODY_TIMEOUT_S = 30.0  # a request body still arriving after this long gets 408
+HEADER_TIMEOUT_S = 10.0  # ... and request headers: 408, and the connection is closed
 PUBLIC_PATHS = ("/", "/health", "/favicon.ico")  # no API key needed (they hold no secrets)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # the Host names a loopback bind accepts
 log = logging.getLogger("gpt.serve")
@@ -185,6 +186,11 @@ class Generation:
 
     def start(self) -> None:
         """Queue the choices; a RequestError (429, Retry-After) when the queue is full."""
+        batcher = self.state.batcher
+        if len(self.seqs) > batcher.max_batch + batcher.max_queue:  # could never fit
+            raise RequestError(f"'n' is {len(self.seqs)} but this server decodes at most "
+                               f"{batcher.max_batch} sequences with {batcher.max_queue} "
+                               "waiting (its --max-batch and --max-queue)", "n")
         try:
             self.state.batcher.submit(self.seqs)
         except QueueFull:
@@ -396,7 +402,9 @@ class App:
                 out = []
                 for event in batch:
                     if event[0] == "token":
-                        if event[2]:  # (a token whose text is held back sends nothing yet)
+                        if event[2] and not answer.logprobs:  # (text held back: nothing)
+                            out.append(answer.text_event(event[1], event[2]))
+                        elif event[2]:
                             out.append(sse(answer.chunk(event[1], text=event[2],
                                                         logprobs=event[3], offset=event[4])))
                     elif event[0] == "end":
@@ -606,22 +614,63 @@ def open_warning(host: str, api_key: str | None) -> str | None:
             "reach this machine can use the model (set --api-key or GPT_API_KEY)")
 
 
-def make_server(app, max_connections: int = 256, **options):
+def make_server(app, max_connections: int = 256, header_timeout: float = HEADER_TIMEOUT_S,
+                **options):
     """A uvicorn server for `app`. Past `max_connections` open connections and requests,
-    uvicorn answers 503 at once (uvicorn's limit_concurrency)."""
+    uvicorn answers 503 at once (uvicorn's limit_concurrency); a connection whose request
+    headers have not all come `header_timeout` seconds after it opened (or after its last
+    answer) gets 408 and is closed."""
     import uvicorn
 
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
-                            server_header=False, limit_concurrency=max_connections, **options)
+                            server_header=False, limit_concurrency=max_connections,
+                            http=with_header_timeout(header_timeout), **options)
     return uvicorn.Server(config)
 
 
+def with_header_timeout(seconds: float) -> type:
+    """uvicorn's h11 protocol, plus a deadline for each request's line and headers (uvicorn has
+    none: a client that connects and sends a byte now and then would hold its connection
+    forever). When it passes with no request under way, the client gets 408 and is closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeout(H11Protocol):
+        deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.arm()  # the next request on this connection gets the same time
+
+        def connection_lost(self, exc) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+            super().connection_lost(exc)
+
+        def arm(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+            self.deadline = self.loop.call_later(seconds, self.too_slow)
+
+        def too_slow(self) -> None:
+            waiting = self.cycle is None or self.cycle.response_complete  # no request yet
+            if waiting and not self.transport.is_closing():
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
+                                     b"Connection: close\r\n\r\n")
+                self.transport.close()
+
+    return HeaderTimeout
+
+
 @contextlib.contextmanager
-def running(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def running(app, host: str = "127.0.0.1", port: int = 0, **server_options) -> Iterator[str]:
     """Serve `app` from a background thread during a with-block; yields its URL. For tests,
-    benchmarks and notebooks (port 0: a free port)."""
+    benchmarks and notebooks (port 0: a free port); `server_options` go to make_server."""
     sock = bind(host, port)
-    server = make_server(app)
+    server = make_server(app, **server_options)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -3,6 +3,7 @@ choice as it streams (UTF-8 held back until whole, cut before a stop string), an
 sampled by gpt.batching's Batcher (the same tokens as gpt.sample for a seed)."""
 
 import doctest
+import json
 import math
 import threading
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 import gpt.api
 from gpt.api import (
     CHAT_STOP,
+    Answer,
     RequestError,
     TextStream,
     chat_prompt,
@@ -164,6 +166,14 @@ def test_only_the_last_block_size_prompt_tokens_are_kept(tok):
     ids = encode_prompt(tok, prompt, tok.vocab_size, keep=16)
     assert ids == whole[-16:]
     assert encode_prompt(tok, "cab", tok.vocab_size, keep=16) == tok.encode("cab")
+
+
+@given(st.text(max_size=20), st.integers(0, 7), st.booleans())
+def test_a_text_event_is_the_chunk_as_json(text, index, chat):
+    answer = Answer("m\"odel", chat)
+    event = answer.text_event(index, text)
+    assert event.startswith("data: ") and event.endswith("\n\n")
+    assert json.loads(event[6:]) == answer.chunk(index, text=text)
 
 
 def test_unknown_prompt_characters_are_named():
