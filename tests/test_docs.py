@@ -282,3 +282,4 @@ def test_following_the_docs_leaves_the_clone_clean():
     wrong = [f"{page}: writes {p}, which .gitignore does not ignore" for page, p in sorted(written)
              if not _gitignored(p, patterns)]
     assert not wrong, "\n".join(wrong)
+
