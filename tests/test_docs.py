@@ -309,3 +309,19 @@ def test_every_link_to_a_section_finds_its_heading():
                 wrong.append(f"{path.name}: link to {target or path.name}#{anchor} finds no heading")
     assert links >= 10
     assert not wrong, "\n".join(wrong)
+
+
+def test_start_here_names_every_graded_exercise_in_order():
+    """README's "Start here" table puts each exercise of `python -m tensorlite.exercises` after
+    the step it belongs to: all of them, in the order `list` gives, numbered as it numbers them."""
+    from tensorlite.exercises import EXERCISES
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### Start here", 1)[1].split("\n### ", 1)[0]
+    names = [e.name for e in EXERCISES]
+    named = [n for n in re.findall(r"`(\w+)`", table) if n in names]
+    assert named == names
+    numbered = re.findall(r"\| (\d+)(?:-\d+)?: `(\w+)`", table)  # "| 10-11: `hessian_...`"
+    assert len(numbered) >= 4
+    for number, first in numbered:
+        assert names[int(number) - 1] == first, f"exercise {number} is {names[int(number) - 1]}"
