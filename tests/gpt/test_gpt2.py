@@ -359,3 +359,26 @@ def test_fine_tuning_starts_from_the_pretrained_weights(tmp_path, tok_dir, dtype
             np.testing.assert_allclose(run.model(x)[0].data, want, rtol=0, atol=1e-5)
     finally:
         run.fns.close()
+
+
+def test_serve_answers_with_a_converted_gpt2(tmp_path, tok_dir):
+    """gpt.serve's app on a run converted from GPT-2: a greedy completion is the model's own
+    greedy continuation, decoded by GPT-2's tokenizer."""
+    import urllib.request
+
+    from gpt.sample import generate
+    from gpt.serve import create_app, running
+
+    folder, _ = model_dir(tmp_path, tok_dir, "hf", n_layer=1, n_head=2, n_embd=16, block=32)
+    convert.from_hf(str(folder), str(tmp_path / "run"))
+    model, tokenizer = load_model(str(tmp_path / "run"))
+    want = generate(model, tokenizer, "First Citizen", 6, temperature=0.0)
+    app = create_app(model, tokenizer, "gpt2", 100, "key")
+    body = json.dumps({"model": "gpt2", "prompt": "First Citizen", "max_tokens": 6,
+                       "temperature": 0}).encode()
+    with running(app) as url:
+        req = urllib.request.Request(url + "v1/completions", data=body, headers={
+            "Content-Type": "application/json", "Authorization": "Bearer key"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+    assert "First Citizen" + answer["choices"][0]["text"] == want
