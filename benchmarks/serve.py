@@ -81,16 +81,17 @@ def stream_once(url: str, tokens: int, seed: int, streaming: threading.Event | N
         r = conn.getresponse()
         if r.status != 200:
             return {"status": r.status}
-        for line in r:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+        for line in r:  # (parsed only as far as needed: the client shares the CPU)
+            if not line.startswith(b"data: {"):
                 continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            elif first is None and chunk["choices"][0]["text"]:
-                first = time.perf_counter() - t0
-                if streaming is not None:
-                    streaming.set()
+            if first is None or b'"usage"' in line:
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                elif first is None and chunk["choices"][0]["text"]:
+                    first = time.perf_counter() - t0
+                    if streaming is not None:
+                        streaming.set()
     finally:
         conn.close()
     return {"status": 200, "ttft": first, "seconds": time.perf_counter() - t0,
@@ -167,6 +168,30 @@ def burst(url: str, pid: int, tokens: int) -> dict:
         pid, "VmHWM"), "rss_after": rss_mb(pid), "after": after}
 
 
+def step_costs(shape: str, repeats: int = 300) -> dict:
+    """In this process, no HTTP: the seconds of one decoder step for a sequence alone (the
+    model's Decoder, as gpt.sample) and for CONCURRENT sequences in one batched step, each at
+    position block_size/2, taken in turns; the 20th percentile of each (a busy machine's
+    noise only ever adds)."""
+    from gpt.batching import BatchDecoder
+
+    model = benchmark_model(shape)
+    half = model.config.block_size // 2
+    batch = BatchDecoder(model, CONCURRENT)
+    for slot in range(CONCURRENT):
+        batch.prefill(slot, [5] * half)
+    times: dict[str, list[float]] = {"alone": [], "batch": []}
+    for _ in range(repeats):
+        batch.lengths[:] = half
+        t0 = time.perf_counter()
+        batch.step([0], [5])
+        t1 = time.perf_counter()
+        batch.step(list(range(CONCURRENT)), [5] * CONCURRENT)
+        times["alone"].append(t1 - t0)
+        times["batch"].append(time.perf_counter() - t1)
+    return {k: float(np.percentile(v, 20)) for k, v in times.items()}
+
+
 def start_server(shape: str, threads: int) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     server = subprocess.Popen([sys.executable, __file__, "--serve", shape, "--threads",
@@ -232,10 +257,14 @@ def main() -> None:
           f"server; {args.tokens} tokens per request; {args.rounds} rounds, median [min-max]",
           flush=True)
     for shape in shapes:
+        steps = step_costs(shape)
         rows, flood = measure(shape, args)
         s = SHAPES[shape]
         print(f"\n{shape}: {s['n_layer']} layers, {s['n_head']} heads, n_embd {s['n_embd']}, "
               f"block {s['block_size']}, float32")
+        print(f"  one decoder step, in-process: alone {1e6 * steps['alone']:.0f} us, "
+              f"{CONCURRENT} in a batch {1e6 * steps['batch']:.0f} us = "
+              f"{CONCURRENT * steps['alone'] / steps['batch']:.2f}x the tokens/s")
         print(f"  1 stream alone                 {summary(rows['one'])} tokens/s, first token "
               f"after {summary(rows['one_ttft'], '.1f')} ms")
         print(f"  {CONCURRENT} concurrent streams, total    {summary(rows['many_total'])} "

@@ -1,19 +1,26 @@
-"""Draw the pictures in docs/img/ from the project's own code:
+"""Draw every picture in docs/img/ from the project's own code, in one command:
 
-    python docs/pictures.py                  # rewrites docs/img/{graph-abcf,graph-diamond,causal-mask,block,float-layouts}.png
+    python docs/pictures.py                  # rewrites docs/img/*.png (all but serve-page.png)
     python docs/pictures.py --out-dir /tmp   # somewhere else
+    python docs/pictures.py --from-run baby  # first refresh docs/data/ from a new baby run
 
-The two graphs are tensorlite's `to_dot()` text, parsed and laid out here and drawn with
-matplotlib, so no Graphviz is needed (`dot -Tpng` draws the same text if you have it).
-The mask is tensorlite's own causal bias; the block diagram lists gpt/model.py's steps; the
-float layouts are pi's bits, rounded to bfloat16 by tensorlite.bf16.
-matplotlib is the optional `plot` extra. (tests/test_pictures.py runs this script.)
+The graphs are tensorlite's `to_dot()` text, parsed and laid out here and drawn with
+matplotlib (no Graphviz needed); the backward frames come from `tl.trace_backward`; the
+attention numbers, the head split and the model's shapes are computed by the same calls the
+model makes; the mask is tensorlite's own; the float layouts are pi's bits,
+rounded to bfloat16 by tensorlite.bf16. The baby run's loss and attention are drawn from
+its numbers kept in docs/data/ (a 2,000-step run is too slow for a test; --from-run renews
+them), the digit-reversal attention from a 100-step run made here. The screenshot of
+gpt.serve's page is the one picture taken elsewhere (ELSEWHERE says how). matplotlib is the
+optional `plot` extra. tests/test_pictures.py runs this script.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
+import json
 import re
 import sys
 from pathlib import Path
@@ -23,7 +30,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 import tensorlite as tl
-from tensorlite.functional import _causal_bias, softmax
+from gpt.config import GPTConfig
+from gpt.model import GPT, attention_probabilities
+from tensorlite import functional as F
+from tensorlite.functional import softmax
+from tensorlite.graph import _tensors_in_order as tensors_in_order
+from tensorlite.references import causal_bias
 
 IMG = Path(__file__).resolve().parent / "img"
 
@@ -81,19 +93,15 @@ def layout(nodes: dict, edges: list) -> dict[str, tuple[float, float]]:
     return pos
 
 
-def draw_dot(text: str, path: Path, title: str = "") -> Path:
-    """Draw `to_dot` text as a PNG: tensors as boxes (inputs that require grad blue,
-    constants dashed), ops as rounded grey boxes, arrows input -> op -> output."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    nodes, edges = parse_dot(text)
-    pos = layout(nodes, edges)
+def draw_graph(ax, nodes: dict, edges: list, pos: dict, lines: dict | None = None,
+               fill: dict | None = None, red: set | None = None, fontsize: float = 9) -> None:
+    """Draw parsed DOT nodes and edges on `ax` at `pos`: tensors as boxes (inputs that
+    require grad blue, constants dashed), ops as rounded grey boxes, arrows input -> op ->
+    output. `lines` replaces a node's text, `fill` its colour, and the edges in `red` are
+    drawn red (the backward frames use them)."""
+    lines, fill, red = lines or {}, fill or {}, red or set()
     width = max(x for x, _ in pos.values()) + 1
     height = max(abs(y) for _, y in pos.values()) * 2 + 1.6
-    fig = Figure(figsize=(1.55 * width + 0.4, 1.15 * height + 0.5), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_axes((0, 0, 1, 0.92 if title else 1))
     ax.set_xlim(-0.6, width - 0.4)
     ax.set_ylim(-height / 2, height / 2)
     ax.axis("off")
@@ -101,29 +109,52 @@ def draw_dot(text: str, path: Path, title: str = "") -> Path:
     for n, node in nodes.items():
         x, y = pos[n]
         if node["op"]:
-            box = {"boxstyle": "round,pad=0.4", "fc": "#eeeeee", "ec": "#555555"}
+            box = {"boxstyle": "round,pad=0.4", "fc": fill.get(n, "#eeeeee"), "ec": "#555555"}
             artists[n] = ax.text(x, y, node["lines"][0], ha="center", va="center",
-                                 fontsize=10, fontweight="bold", bbox=box)
+                                 fontsize=fontsize + 1, fontweight="bold", bbox=box)
         else:
-            lines = [s for s in node["lines"] if not s.startswith("shape")]  # all 0-d here
-            box = {"boxstyle": "square,pad=0.4", "fc": "#cfe3f7" if node["leaf"] else "white",
-                       "ec": "black", "ls": "--" if node["const"] else "-"}
-            artists[n] = ax.text(x, y, "\n".join(lines), ha="center", va="center",
-                                 fontsize=9, family="monospace", bbox=box)
+            text = lines.get(n) or [s for s in node["lines"] if not s.startswith("shape")]
+            box = {"boxstyle": "square,pad=0.4",
+                   "fc": fill.get(n, "#cfe3f7" if node["leaf"] else "white"),
+                   "ec": "black", "ls": "--" if node["const"] else "-"}
+            artists[n] = ax.text(x, y, "\n".join(text), ha="center", va="center",
+                                 fontsize=fontsize, family="monospace", bbox=box)
     for k, (s, d) in enumerate(edges):
         twins = [i for i, e in enumerate(edges) if e == (s, d)]  # x * x: two edges, two arcs
         if len(twins) > 1:
             rad = 0.3 * (twins.index(k) - (len(twins) - 1) / 2)
         else:  # an edge that jumps over a column arcs above it
             rad = -0.3 if pos[d][0] - pos[s][0] > 1 else 0.0
+        color, lw = ("#c00000", 2.2) if (s, d) in red else ("#333333", 1.0)
         ax.annotate("", xy=(0, 0.5), xycoords=artists[d], xytext=(1, 0.5),
                     textcoords=artists[s],
-                    arrowprops={"arrowstyle": "->", "color": "#333333", "shrinkA": 4, "shrinkB": 4,
-                                    "connectionstyle": f"arc3,rad={rad}"})
+                    arrowprops={"arrowstyle": "->", "color": color, "lw": lw, "shrinkA": 4,
+                                "shrinkB": 4, "connectionstyle": f"arc3,rad={rad}"})
+
+
+def draw_dot(text: str, path: Path, title: str = "") -> Path:
+    """Draw `to_dot` text as a PNG (see draw_graph)."""
+    nodes, edges = parse_dot(text)
+    pos = layout(nodes, edges)
+    width = max(x for x, _ in pos.values()) + 1
+    height = max(abs(y) for _, y in pos.values()) * 2 + 1.6
+    fig = new_figure((1.55 * width + 0.4, 1.15 * height + 0.5))
+    ax = fig.add_axes((0, 0, 1, 0.92 if title else 1))
+    draw_graph(ax, nodes, edges, pos)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.savefig(path, format="png")
     return path
+
+
+def new_figure(size: tuple[float, float], **kwargs):
+    """A matplotlib Figure on its own Agg canvas (no pyplot, no global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=110, **kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 # ---- the two graphs of docs/autograd.md ------------------------------------------------------
@@ -162,7 +193,7 @@ def draw_causal_mask(path: Path, text: str = "to be!") -> Path:
     from matplotlib.figure import Figure
 
     T = len(text)
-    bias = _causal_bias(T, T, np.dtype(np.float64))  # tensorlite's own mask
+    bias = causal_bias(T, T, np.dtype(np.float64))  # tensorlite's own mask
     scores = np.random.default_rng(0).standard_normal((T, T))
     probs = softmax(tl.Tensor(scores + bias)).data  # (T, T): rows sum to 1
     fig = Figure(figsize=(9.5, 4.6), dpi=110, layout="constrained")
@@ -207,23 +238,211 @@ BLOCK_STEPS = [  # (text, shape, kind): kind "x" the residual stream, "op" a ste
 def draw_block(path: Path) -> Path:
     """Block h.i of gpt/model.py top to bottom, its shapes on the right and the two residual
     connections on the left."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    adds = [i for i, (_, _, kind) in enumerate(BLOCK_STEPS) if kind == "add"]
+    return draw_steps(path, BLOCK_STEPS, "one transformer block (h.i)",
+                      residuals=[(0, adds[0]), (adds[0], adds[1])])
 
-    n = len(BLOCK_STEPS)
-    fig = Figure(figsize=(6.4, 0.62 * n + 0.6), dpi=110)
-    FigureCanvasAgg(fig)
+
+# ---- backward on the a, b, c, f graph, frame by frame (tl.trace_backward) --------------------
+def abcf_forward() -> tl.Tensor:
+    """L = (a*b + c) * f before backward, every node named."""
+    a = tl.Tensor(2.0, requires_grad=True, name="a")
+    b = tl.Tensor(-3.0, requires_grad=True, name="b")
+    c = tl.Tensor(10.0, requires_grad=True, name="c")
+    f = tl.Tensor(-2.0, requires_grad=True, name="f")
+    e = a * b
+    d = e + c
+    L = d * f
+    e.name, d.name, L.name = "e", "d", "L"
+    return L
+
+
+def backward_frames() -> tuple[dict, list, list[dict]]:
+    """The graph of abcf_forward() (parsed DOT nodes and edges) and one frame per step of
+    tl.trace_backward: {"step", "grads" (DOT id -> gradient received so far), "node",
+    "op", "red" (the edges the step's op sent gradients along)}."""
+    L = abcf_forward()
+    nodes, edges = parse_dot(L.to_dot())
+    ids = {id(x): f"t{i}" for i, x in enumerate(tensors_in_order(L))}  # as to_dot numbers them
+    grads = {ids[id(L)]: 1.0}
+    frames = []
+    for step in tl.trace_backward(L):
+        me = ids[id(step.node)]
+        red = set()
+        for parent, g in step.sends:
+            grads[ids[id(parent)]] = grads.get(ids[id(parent)], 0.0) + float(g)
+            red.add((ids[id(parent)], f"op_{me}"))
+        frames.append({"step": step, "grads": dict(grads), "node": me,
+                       "op": f"op_{me}" if step.op else None, "red": red})
+    return nodes, edges, frames
+
+
+def draw_backward_frames(path: Path) -> Path:
+    """A grid of frames, one per node that backward visits: the node orange, its op's edges
+    red, every gradient known so far written in its box."""
+    nodes, edges, frames = backward_frames()
+    pos = layout(nodes, edges)
+    cols, rows = 2, (len(frames) + 1) // 2
+    fig = new_figure((13, 3.0 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, frame in zip(axes, frames):
+        step = frame["step"]
+        lines = {}
+        for n, node in nodes.items():
+            if not node["op"]:
+                kept = [s for s in node["lines"] if not s.startswith(("shape", "grad"))]
+                g = frame["grads"].get(n)
+                lines[n] = kept + ([f"grad {g:g}"] if g is not None else ["grad ?"])
+        fill = {frame["node"]: "#f9c784"}
+        if frame["op"]:
+            fill[frame["op"]] = "#f9c784"
+        draw_graph(ax, nodes, edges, pos, lines=lines, fill=fill, red=frame["red"], fontsize=8)
+        name = step.node.name
+        if step.op:
+            sent = ", ".join(f"{p.name} {float(g):g}" for p, g in step.sends)
+            what = f"{name} has its whole gradient {float(step.grad):g}; {step.op}.backward sends {sent}"
+        else:
+            what = f"{name} is a leaf: its gradient {float(step.grad):g} goes into {name}.grad"
+        ax.set_title(f"step {step.index + 1}: {what}", fontsize=9.5)
+    for ax in axes[len(frames):]:
+        ax.axis("off")
+    fig.suptitle("backward on L = (a·b + c)·f, one node at a time (tl.trace_backward(L))",
+                 fontsize=12)
+    fig.savefig(path, format="png")
+    return path
+
+
+# ---- the T = 3 attention example of gpt.md, with its numbers ---------------------------------
+def attention_example() -> dict[str, np.ndarray]:
+    """Every intermediate of gpt.md's example, computed the way the model does: qkv = x @
+    c_attn, scores, the causal mask, softmax, P v (checked against F.causal_self_attention)."""
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # (T, C)
+    c_attn = np.hstack([np.eye(2), 2 * np.eye(2), np.eye(2)])  # (C, 3C)
+    qkv = x @ c_attn  # (T, 3C)
+    q, k, v = qkv[:, 0:2], qkv[:, 2:4], qkv[:, 4:6]
+    scores = q @ k.T / np.sqrt(2)  # (T, T)
+    masked = scores + causal_bias(3, 3, np.dtype(np.float64))
+    P = softmax(tl.Tensor(masked)).data
+    y = P @ v
+    fused = F.causal_self_attention(tl.Tensor(qkv[None]), 1).data[0]  # the op training calls
+    assert np.allclose(y, fused) and np.allclose(P, attention_probabilities(q, k))
+    return {"x": x, "q": q, "k": k, "v": v, "scores": scores, "masked": masked, "P": P, "y": y}
+
+
+def matrix_panel(ax, a: np.ndarray, title: str, cmap: str = "Blues", fmt: str = "{:.3g}") -> None:
+    """A small matrix with its numbers written in the cells (-inf shown as −∞, greyed)."""
+    finite = np.where(np.isfinite(a), a, np.nan)
+    ax.imshow(finite, cmap=cmap, vmin=min(0.0, np.nanmin(finite)), vmax=np.nanmax(finite) * 1.6 + 1e-9)
+    for (i, j), value in np.ndenumerate(a):
+        text = "−∞" if np.isneginf(value) else fmt.format(round(float(value), 3))
+        ax.text(j, i, text, ha="center", va="center", fontsize=10,
+                color="#888888" if np.isneginf(value) else "black")
+    ax.set_xticks(range(a.shape[1]))
+    ax.set_yticks(range(a.shape[0]), [f"t={i}" for i in range(a.shape[0])])
+    ax.set_title(title, fontsize=10)
+
+
+def draw_attention_numbers(path: Path) -> Path:
+    """gpt.md's T = 3 example in eight panels, each an intermediate with its real numbers."""
+    ex = attention_example()
+    fig = new_figure((13, 6.4), layout="constrained")
+    axes = fig.subplots(2, 4)
+    panels = [("x", "x (T, C): the input rows", "Greys"),
+              ("q", "q = x @ c_attn[:, 0:2]", "Blues"),
+              ("k", "k = x @ c_attn[:, 2:4]", "Greens"),
+              ("v", "v = x @ c_attn[:, 4:6]", "Purples"),
+              ("scores", "scores = q kᵀ / √hd (query i, key j)", "Oranges"),
+              ("masked", "+ causal mask: −∞ where j > i", "Oranges"),
+              ("P", "P = softmax by row (rows sum to 1)", "Reds"),
+              ("y", "P v: each row a weighted mean of v", "Purples")]
+    for ax, (key, title, cmap) in zip(axes.ravel(), panels):
+        matrix_panel(ax, ex[key], title, cmap)
+    fig.suptitle("attention with numbers (docs/gpt.md, T = 3, one head, hd = 2): "
+                 "top row x → q, k, v; bottom row scores → mask → softmax → P v", fontsize=11)
+    fig.savefig(path, format="png")
+    return path
+
+
+# ---- heads split and joined ------------------------------------------------------------------
+def heads_example(T: int = 4, H: int = 2, hd: int = 3) -> dict[str, np.ndarray]:
+    """Which feature column of q (B*T, C) each head sees, by the reshape gpt/model.py and
+    tensorlite.functional use: (B, T, 3, H, hd) transposed to (3, B, H, T, hd), B = 1."""
+    C = H * hd
+    qkv = np.tile(np.arange(3 * C, dtype=float), (T, 1))  # (T, 3C): each cell its column index
+    heads = qkv.reshape(1, T, 3, H, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd): views
+    q_heads = heads[0, 0]  # (H, T, hd)
+    joined = q_heads[None].transpose(0, 2, 1, 3).reshape(T, C)  # heads side by side again
+    assert np.shares_memory(heads, qkv) and np.array_equal(joined, qkv[:, :C])
+    return {"q": qkv[:, :C], "heads": q_heads, "joined": joined}
+
+
+def draw_heads(path: Path, T: int = 4, H: int = 2, hd: int = 3) -> Path:
+    """q's C = H·hd columns coloured by head, each head's (T, hd) slice, and the join."""
+    from matplotlib.patches import Rectangle
+
+    ex = heads_example(T, H, hd)
+    colors = ["#cfe3f7", "#fde2c8", "#d9f2d0", "#eadcf2"]
+    fig = new_figure((12, 3.6), layout="constrained")
+    axes = fig.subplots(1, H + 2, width_ratios=[H * hd] + [hd] * H + [H * hd])
+
+    def grid(ax, cols: np.ndarray, title: str) -> None:
+        ax.set_xlim(-0.5, cols.shape[1] - 0.5)
+        ax.set_ylim(cols.shape[0] - 0.5, -0.5)
+        for (i, j), c in np.ndenumerate(cols):
+            head = int(c) // hd
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fc=colors[head % len(colors)],
+                                   ec="white", lw=2))
+            ax.text(j, i, f"c{int(c)}", ha="center", va="center", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks(range(cols.shape[0]), [f"t={i}" for i in range(cols.shape[0])])
+        ax.set_title(title, fontsize=10)
+
+    grid(axes[0], ex["q"], f"q (T, C), C = {H * hd}: feature c of position t")
+    for h in range(H):
+        grid(axes[1 + h], ex["heads"][h], f"head {h}: (T, hd) = (T, {hd})")
+    grid(axes[-1], ex["joined"], "heads side by side again (T, C)")
+    fig.suptitle(f"split into H = {H} heads (views, no copies) → each attends on its own → joined: "
+                 "c_proj then mixes the heads", fontsize=11)
+    fig.savefig(path, format="png")
+    return path
+
+
+# ---- the whole model, token ids to loss ------------------------------------------------------
+def model_steps(config: GPTConfig, B: int) -> list[tuple[str, str, str]]:
+    """(text, shape, kind) from token ids to the loss, with this config's numbers; the
+    shapes of the logits and the loss are checked by running the model once."""
+    C, V, T, L = config.n_embd, config.vocab_size, config.block_size, config.n_layer
+    logits, loss = GPT(config)(np.zeros((B, T), dtype=np.int64), np.zeros((B, T), dtype=np.int64))
+    assert logits.shape == (B, T, V) and loss.shape == ()
+    return [
+        ("idx: token ids", f"(B, T) = ({B}, {T})", "x"),
+        ("wte[idx]: one row of wte per token", f"(B*T, C) = ({B * T}, {C})", "op"),
+        ("+ wpe[0:T]: one row per position", f"(B*T, C) = ({B * T}, {C})", "add"),
+        ("dropout (training only)", f"(B*T, C) = ({B * T}, {C})", "op"),
+        (f"{L} blocks h.0 … h.{L - 1}, one after another", f"(B*T, C) = ({B * T}, {C})", "block"),
+        ("rms_norm(x) · ln_f.weight", f"(B*T, C) = ({B * T}, {C})", "op"),
+        ("@ lm_head.weight: logits", f"(B*T, V) = ({B * T}, {V})", "op"),
+        ("cross_entropy(logits, targets)", "targets: idx shifted by one", "op"),
+        ("loss: mean over B*T positions", "() a scalar", "x"),
+    ]
+
+
+def draw_steps(path: Path, steps: list, title: str, residuals: list[tuple[int, int]] = ()) -> Path:
+    """Boxes top to bottom with their shapes on the right, arrows between, and red
+    residual lines on the left from step i to step j for each (i, j) in `residuals`."""
+    n = len(steps)
+    fig = new_figure((7.2, 0.62 * n + 0.6))
     ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_xlim(-3.2, 4.2)
+    ax.set_xlim(-3.2, 5.0)
     ax.set_ylim(-n + 0.3, 1.1)
     ax.axis("off")
-    colors = {"x": "#cfe3f7", "op": "#eeeeee", "add": "#fde2c8"}
+    colors = {"x": "#cfe3f7", "op": "#eeeeee", "add": "#fde2c8", "block": "#d9f2d0"}
     ys = [-i for i in range(n)]
     boxes = []
-    for (text, shape, kind), y in zip(BLOCK_STEPS, ys):
+    for (text, shape, kind), y in zip(steps, ys):
         boxes.append(ax.text(0, y, text, ha="center", va="center", fontsize=10,
                              bbox={"boxstyle": "round,pad=0.35", "fc": colors[kind], "ec": "#555555"}))
-        ax.text(2.35, y, shape, ha="left", va="center", fontsize=9.5, family="monospace",
+        ax.text(2.45, y, shape, ha="left", va="center", fontsize=9.5, family="monospace",
                 color="#1f4e79")
     for y0, y1 in itertools.pairwise(ys):
         ax.annotate("", xy=(0, y1 + 0.28), xytext=(0, y0 - 0.28),
@@ -234,20 +453,86 @@ def draw_block(path: Path) -> Path:
     def left_edge(box) -> float:
         return to_data.transform(box.get_bbox_patch().get_window_extent())[0, 0]
 
-    adds = [i for i, (_, _, kind) in enumerate(BLOCK_STEPS) if kind == "add"]
     red = "#c0504d"
-    for start, end in ((0, adds[0]), (adds[0], adds[1])):
-        x0, x1, y0, y1 = left_edge(boxes[start]), left_edge(boxes[end]), ys[start], ys[end]
-        ax.plot([x0, -2.3, -2.3], [y0, y0, y1], color=red, lw=1.6)
+    for start, end in residuals:
+        x1, y0, y1 = left_edge(boxes[end]), ys[start], ys[end]
+        ax.plot([left_edge(boxes[start]), -2.3, -2.3], [y0, y0, y1], color=red, lw=1.6)
         ax.annotate("", xy=(x1, y1), xytext=(-2.3, y1),
                     arrowprops={"arrowstyle": "->", "color": red, "lw": 1.6, "shrinkA": 0, "shrinkB": 0})
         ax.text(-2.4, (y0 + y1) / 2, "residual", rotation=90, ha="right", va="center",
                 fontsize=9, color=red)
-    ax.text(0, 0.8, "one transformer block (h.i)", ha="center", fontsize=11, fontweight="bold")
+    ax.text(0.9, 0.8, title, ha="center", fontsize=11, fontweight="bold")
     fig.savefig(path, format="png")
     return path
 
 
+def draw_model(path: Path) -> Path:
+    """The whole GPT of the default run (train.txt's 55 symbols), token ids to loss."""
+    config = GPTConfig(vocab_size=55, block_size=64, n_layer=4, n_head=8, n_embd=128)
+    return draw_steps(path, model_steps(config, B=12),
+                      "the whole model, token ids to loss (the default run's sizes)")
+
+
+# ---- pictures of trained runs: the baby run (from its saved numbers), the digit reversal -----
+DATA = Path(__file__).resolve().parent / "data"
+BABY_PROMPT = "ROMEO: Is she dead? Speak!"
+
+
+def save_baby_data(run: Path) -> None:
+    """Keep what the baby run's two pictures need in docs/data/ (small files): its metrics,
+    its config, and the attention maps of its best checkpoint on BABY_PROMPT."""
+    from gpt.checkpoint import load_model
+    from gpt.metrics import read_metrics
+    from gpt.plot import run_config
+
+    DATA.mkdir(exist_ok=True)
+    records = read_metrics(run / "metrics.jsonl")
+    (DATA / "baby-metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = run_config(run)
+    train = config.get("train", {})  # paths of this machine: kept as the README writes them
+    train.update(data=Path(train.get("data", "shakespeare.txt")).name, out_dir="baby")
+    (DATA / "baby-config.json").write_text(json.dumps(config, indent=1) + "\n")
+    model, tokenizer = load_model(str(run))
+    ids = tokenizer.encode(BABY_PROMPT)
+    np.savez_compressed(DATA / "attention-baby.npz", maps=model.attention_maps(ids).astype(np.float32),
+                        labels=np.array([tokenizer.decode([i]) for i in ids]))
+
+
+def draw_baby_loss(path: Path) -> Path:
+    from gpt.metrics import read_metrics
+    from gpt.plot import plot_metrics, run_title
+
+    config = json.loads((DATA / "baby-config.json").read_text())
+    records = read_metrics(DATA / "baby-metrics.jsonl")
+    return plot_metrics(records, path, title=run_title(Path("baby"), config),
+                        vocab_size=config["model"]["vocab_size"])
+
+
+def draw_baby_attention(path: Path) -> Path:
+    """Layers 0 and the last of the baby run's attention on BABY_PROMPT, at a size whose
+    labels read at page width; previous-token heads framed (gpt.plot.plot_attention)."""
+    from gpt.plot import plot_attention
+
+    saved = np.load(DATA / "attention-baby.npz")
+    maps, labels = saved["maps"], [str(s) for s in saved["labels"]]
+    last = maps.shape[0] - 1
+    return plot_attention(maps[[0, last]], labels, path, layers=[0, last], columns=2,
+                          title=f"the baby run's attention on {BABY_PROMPT!r} "
+                                f"(layers 0 and {last} of {last + 1}, 4 heads each)")
+
+
+def draw_reverse_attention(path: Path) -> Path:
+    """The digit-reversal toy of gpt.md, trained here (100 steps, seed 0), on one string."""
+    spec = importlib.util.spec_from_file_location(
+        "reverse_digits", Path(__file__).resolve().parent.parent / "examples" / "reverse_digits.py")
+    reverse_digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reverse_digits)
+    model, _ = reverse_digits.train(100, seed=0, verbose=False)
+    reverse_digits.draw_attention(model, str(path))
+    return path
+
+
+# ---- number formats: float32, bfloat16, float16 (docs/mixed-precision.md) ----------------------
 def float_layouts(x: float = np.pi) -> list[tuple[str, str, tuple[int, int, int]]]:
     """(name, bit string, (sign, exponent, mantissa) widths) of x in float32, bfloat16 (by
     tensorlite.bf16's rounding) and float16."""
@@ -297,19 +582,35 @@ def draw_float_layouts(path: Path, x: float = np.pi) -> Path:
     return path
 
 
-PICTURES = {
+PICTURES = {  # every picture in docs/img/, and the function that draws it
+    "float-layouts.png": draw_float_layouts,
     "graph-abcf.png": lambda p: draw_dot(abcf_graph().to_dot(), p, "L = (a·b + c)·f after L.backward()"),
     "graph-diamond.png": lambda p: draw_dot(diamond_graph().to_dot(), p, "y = h·h + h, h = exp(a)"),
+    "backward-frames.png": draw_backward_frames,
     "causal-mask.png": draw_causal_mask,
+    "attention-numbers.png": draw_attention_numbers,
+    "heads.png": draw_heads,
     "block.png": draw_block,
-    "float-layouts.png": draw_float_layouts,
+    "model.png": draw_model,
+    "baby-loss.png": draw_baby_loss,
+    "attention-baby.png": draw_baby_attention,
+    "attention-reverse.png": draw_reverse_attention,
 }
+# Not drawn here: serve-page.png is a browser's screenshot of gpt.serve's page, taken by
+# tests/gpt/test_serve_page.py (the command is in docs/serving.md).
+ELSEWHERE = {"serve-page.png": "GPT_SCREENSHOT=docs/img/serve-page.png GPT_SCREENSHOT_RUN=out "
+                               "python -m pytest tests/gpt/test_serve_page.py"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Draw the pictures of docs/ into docs/img/.")
     parser.add_argument("--out-dir", default=str(IMG), help="folder to write into (default docs/img)")
+    parser.add_argument("--from-run", metavar="RUN",
+                        help="first refresh docs/data/ from a baby run's folder (gpt.train --preset "
+                             "baby on Tiny Shakespeare): its metrics, config and attention maps")
     args = parser.parse_args(argv)
+    if args.from_run:
+        save_baby_data(Path(args.from_run))
     out = Path(args.out_dir)
     if not out.is_dir():
         print(f"error: folder {out} does not exist: create it or pick another --out-dir",

@@ -1,24 +1,22 @@
 """The OpenAI completion API, without the web: what a request may hold (checked into a
 `CompletionRequest`), the chat template, the text of one choice as it is sampled (whole UTF-8
-characters only, cut before the first stop string), and the JSON shapes of the answers.
-gpt/serve.py puts this on HTTP; everything here is plain Python and testable on its own.
+characters only, cut before the first stop string), and the JSON shapes of the answers
+(logprobs included). gpt/serve.py puts this on HTTP and gpt/batching.py samples the choices;
+everything here is plain Python and testable on its own.
 """
 
 from __future__ import annotations
 
 import codecs
 import itertools
+import json
 import math
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from .config import check_sampling
 from .errors import UserError
-from .sample import sample_tokens
 
 MAX_N = 8  # choices per request
 MAX_STOPS = 4  # stop strings per request (OpenAI's limit too)
@@ -349,28 +347,6 @@ class Choice:
     logprobs: list = field(default_factory=list)
 
 
-def sample_choice(model, tokenizer, ids: list[int], req: CompletionRequest,
-                  rng: np.random.Generator, choice: Choice) -> Iterator[str]:
-    """Sample one choice, yielding once per token the text it lets us send (maybe ""), and
-    filling in `choice`. Stop iterating to stop the sampling."""
-    text = TextStream(tokenizer, req.stop)
-    tokens = sample_tokens(model, ids or [tokenizer.bos_id], req.max_tokens, req.temperature,
-                           req.top_k, req.top_p, rng, tokenizer.eos_id)
-    for token in tokens:
-        choice.tokens += 1
-        piece = text.push(token)
-        choice.text += piece
-        yield piece
-        if text.stopped:
-            break
-    if not text.stopped:
-        piece = text.finish()
-        choice.text += piece
-        yield piece
-    choice.finish_reason = "length" if choice.tokens == req.max_tokens and not text.stopped \
-        else "stop"
-
-
 # ---- the answers' JSON -------------------------------------------------------------------------
 @dataclass
 class Answer:
@@ -385,6 +361,7 @@ class Answer:
 
     def __post_init__(self):
         self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self._event_head: str | None = None  # text_event's template, made on first use
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -415,6 +392,19 @@ class Answer:
         row = {"index": index, "text": text or "", "logprobs": lp,
                "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [row]}
+
+    def text_event(self, index: int, text: str) -> str:
+        """The server-sent event of a piece of text without logprobs: what
+        `"data: " + json.dumps(self.chunk(index, text)) + "\n\n"` gives, written from a
+        template (a stream sends one per token; json.dumps of the whole dict costs more)."""
+        if self._event_head is None:
+            head = json.dumps(self._head("chat.completion.chunk" if self.chat
+                                         else "text_completion"), separators=(",", ":"))
+            self._event_head = 'data: ' + head[:-1] + ',"choices":[{"index":'
+        piece = json.dumps(text)
+        body = f'"delta":{{"content":{piece}}}' if self.chat else f'"text":{piece}'
+        return (f'{self._event_head}{index},{body},"logprobs":null,"finish_reason":null}}]}}'
+                "\n\n")
 
     def logprobs_body(self, entries: list, offset: int = 0) -> dict | None:
         """OpenAI's logprobs object for (token, logprob, top alternatives) entries: chat's

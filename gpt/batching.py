@@ -20,19 +20,26 @@ import collections
 import math
 import threading
 import time
+import traceback
 from collections.abc import Callable
 
 import numpy as np
 
 import tensorlite.functional as F
-
-# The formulas are tensorlite's own (one home each), called as their NumPy references: on a
-# handful of rows a compiled twin's call costs more than the loop it saves. (The norms and the
-# activation: the model's Decoder's steps, which call theirs the same way.)
-softmax = F._softmax  # exp(x - max) / sum(exp(x - max)) along an axis
+from tensorlite import Tensor, no_grad
 
 from .api import Choice, CompletionRequest, TextStream
 from .sample import filter_probs, keep_after_slide, sample_from
+
+# The formulas are tensorlite's own (one home each). The norms and the activation are the
+# model's Decoder's (which call tensorlite's NumPy references: on a handful of rows a compiled
+# twin's call costs more than the loop it saves); the softmax is tensorlite's public one.
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """tensorlite's softmax over the last axis, on an array (no graph is recorded)."""
+    with no_grad():
+        return F.softmax(Tensor(x)).data
 
 
 # ---- the batched forward --------------------------------------------------------------------
@@ -118,7 +125,7 @@ class BatchDecoder:
             scores = q @ k.swapaxes(-1, -2)  # (S, H, 1, T1)
             scores *= self.scale
             scores += mask
-            att = softmax(scores, -1, inplace=True)  # (S, H, 1, T1)
+            att = softmax(scores)  # (S, H, 1, T1)
             y = (att @ v).reshape(S, H * hd)  # (S, H, 1, hd) -> (S, C)
             x += d.linear(y, attn_proj)
             # x = x + mlp(norm(x, ln_2)), mlp = activation(. @ c_fc) @ c_proj
@@ -135,6 +142,20 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     z -= z.max()
     z -= np.log(np.exp(z).sum())
     return z
+
+
+def most_probable(lp: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest values of lp, largest first (ties: the lower id first), without
+    sorting all of a large vocabulary (GPT-2's 50,257) for each token."""
+    if k == 0:
+        return np.empty(0, np.int64)
+    if k < lp.size:
+        kth = np.partition(lp, lp.size - k)[lp.size - k]  # the k-th largest value
+        above = np.flatnonzero(lp > kth)
+        ids = np.concatenate([above, np.flatnonzero(lp == kth)[: k - above.size]])  # (ties)
+    else:
+        ids = np.arange(lp.size)
+    return ids[np.lexsort((ids, -lp[ids]))]
 
 
 class Sequence:
@@ -175,8 +196,8 @@ class Sequence:
                                          out=self.probs), self.rng, self.cdf)
         entry = None
         if lp is not None:
-            top = np.argsort(-lp, kind="stable")[: r.logprobs]
-            entry = (token, float(lp[token]), [(int(t), float(lp[t])) for t in top])
+            entry = (token, float(lp[token]), [(int(t), float(lp[t]))
+                                               for t in most_probable(lp, r.logprobs)])
         self.ids.append(token)
         if len(self.ids) - self.start > self.block:  # the window is full: keep its last half
             self.start = len(self.ids) - keep_after_slide(self.block)
@@ -218,14 +239,16 @@ class Batcher:
     gone (`cancelled`) or when its deadline passes: within one step.
 
     `metrics` (a ServeMetrics) hears of each step's batch size, each first token's wait and
-    each token's time after the one before."""
+    each token's time after the one before; `after_step()` is called after every step."""
 
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, metrics=None):
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, metrics=None,
+                 after_step: Callable[[], None] | None = None):
         # (a stand-in model in a test may bring its own batch decoder)
         make = getattr(model, "batch_decoder", None) or (lambda n: BatchDecoder(model, n))
         self.decoder = make(max_batch)
         self.block = model.config.block_size
         self.max_batch, self.max_queue, self.metrics = max_batch, max_queue, metrics
+        self.after_step = after_step  # called after each step (gpt.serve hands events over)
         self.queue: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []
         self.free = list(range(max_batch - 1, -1, -1))  # slots; pop() gives the lowest
@@ -269,13 +292,13 @@ class Batcher:
             try:
                 self._step()
             except Exception as e:  # noqa: BLE001 - a bug: end every sequence, keep serving
-                import traceback
-
                 traceback.print_exc()
                 for seq in self.active:
                     seq.emit("error", f"sampling failed: {type(e).__name__}: {e}")
                     seq.finish(None)
                 self._leave(list(self.active))
+            if self.after_step is not None:
+                self.after_step()
 
     def _step(self) -> None:
         """One token for every active sequence (those whose time is up or whose client has

@@ -17,20 +17,23 @@ transport, one small class each:
     gpt.shards.add_shards: grad = sum_k row_k,  loss = sum_k w_k * loss_k
 
 So per step only the batch shards, a dropout seed and one float per shard are pickled.
-`DaskCluster` (backend "dask", a dask.distributed cluster through joblib's dask backend): the
-machines share no files, so the weights travel as an argument (joblib scatters it once per
-step to the cluster) and each shard's gradients come back by value.
+`DaskCluster` (backend "dask", a dask.distributed cluster through its Client): the machines
+share no files, so each shard's task carries the step's weights with it (so the scheduler
+can run it again on another worker if its worker is lost) and its gradients come back by
+value. A lost worker, whatever the moment, never hangs a step: see DaskCluster.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
 import sys
 import tempfile
 import threading
+import time
 import typing
 import uuid
 import weakref
@@ -220,19 +223,36 @@ def _release(path: str | None, fds: list[int]) -> None:
 
 
 # ---- transport "dask": a cluster, numbers by value -------------------------------------------
-class DaskCluster:
-    """A dask.distributed cluster through joblib's dask backend: the weights go with each
-    step's tasks, the gradients come back by value. A step that loses workers is run again
-    on those that remain (up to `retries` times)."""
+class _Lost(Exception):
+    """A step's tasks were lost with a worker (or the scheduler's connection): run it again."""
 
-    retries = 3
+
+class DaskCluster:
+    """A dask.distributed cluster through its Client: each shard is one task that carries the
+    step's weights with it, and its gradients come back by value.
+
+    The weights travel inside each task (not scattered ahead of it), so the scheduler holds
+    everything a task needs: when a worker is lost, whatever the moment (the task sent to it,
+    running, or its result not yet fetched), the scheduler runs the task again on a worker
+    that remains, and the step gives the same numbers. Nothing here waits without a limit:
+    every wait is a short poll, and between polls the cluster is asked how it is. A task
+    lost anyway (cancelled, or killed with too many workers) makes the step start again on
+    the workers that remain (up to `retries` times); with no worker left for
+    `no_worker_grace` seconds, or the scheduler gone for the Client's reconnect time (10 s),
+    the step fails with a one-line RuntimeError. A worker that joins takes tasks from the
+    next step on."""
+
+    retries = 10  # fresh starts of one step
+    poll = 0.5  # seconds between looks at the cluster while a step's results are awaited
+    no_worker_grace = 10.0  # seconds without any worker before giving up
+    connect_s = 10.0  # the Client's connect and reconnect time, and its calls' limit
 
     def __init__(self, dtype, workers: int, size: int, timeout: float | None,
                  scheduler: str | None):
         if not scheduler:
             raise UserError("must be given for backend 'dask' (the address of a dask "
                             "scheduler, e.g. tcp://host:8786)", field="scheduler")
-        self.workers, self.timeout = workers, timeout
+        self.workers, self.timeout, self.address = workers, timeout, scheduler
         self.weights = np.empty(size, dtype=dtype)  # (P,) sent with each task
         self.paths = (None, None)
         try:
@@ -241,67 +261,125 @@ class DaskCluster:
             raise RuntimeError(
                 "the dask backend needs dask.distributed: pip install 'tensorlite-gpt[dask]'"
             ) from None
+        # distributed logs lost connections on stderr by itself, also while it closes after
+        # the run: from now on in this process they are said once, by the lines raised here
+        for name in ["distributed", *logging.root.manager.loggerDict]:
+            if name.startswith("distributed"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
         try:
-            self._client = Client(scheduler, timeout="10s")
+            self._client = Client(scheduler, timeout=f"{self.connect_s:g}s")
         except (OSError, TimeoutError) as e:
             raise RuntimeError(
                 f"cannot reach the dask scheduler at {scheduler} ({e}); is it running?"
             ) from None
-        self._parallel = None
-        self._open_parallel()
+        self._known = set(self._worker_threads())  # the workers seen so far, by address
 
-    def _open_parallel(self) -> None:
-        """One joblib Parallel, entered once, used for every step until close() (or until a
-        lost worker makes us open a fresh one). parallel_config resolves the backend by name
-        (joblib registers "dask" on first use) and runs the tasks through the default dask
-        Client, the one made above."""
-        import joblib
-
-        self._close_parallel()
-        with joblib.parallel_config(backend="dask"):
-            self._parallel = joblib.Parallel(n_jobs=self.workers, timeout=self.timeout)
-        self._parallel.__enter__()
-
-    def _close_parallel(self) -> None:
-        parallel, self._parallel = self._parallel, None
-        if parallel is not None:
-            with contextlib.suppress(Exception):  # a broken one (a lost worker) still closes
-                parallel.__exit__(None, None, None)
+    def _worker_threads(self) -> dict[str, int]:
+        """{address: threads} of the workers the scheduler has now; raises _Lost when the
+        scheduler cannot answer within connect_s."""
+        if self._client.status != "running":
+            raise _Lost(f"the connection to the scheduler is {self._client.status}")
+        try:
+            return self._client.nthreads(callback_timeout=self.connect_s)
+        except Exception as e:  # whatever the reason, no answer
+            raise _Lost(f"the scheduler did not answer ({_why(e)})") from e
 
     def live_workers(self) -> int:
         """How many workers the dask scheduler has now (0 if it cannot be asked)."""
         try:
-            return len(self._client.scheduler_info()["workers"])
-        except Exception:  # noqa: BLE001 - a scheduler that is gone has no workers for us
+            return len(self._worker_threads())
+        except _Lost:
             return 0
 
-    def run(self, tasks: list, step: int) -> tuple[list[float], list[np.ndarray]]:
-        if not self.live_workers():  # tasks would wait forever
-            raise RuntimeError(f"data-parallel worker failed at step {step}: no dask "
-                               "worker left")
-        attempt = 0
+    def _look(self, step: int) -> int:
+        """Say which workers left or joined since the last look; wait (a bounded time) for a
+        worker, or for the scheduler's connection to come back. Returns the workers now."""
+        since = time.monotonic()
         while True:
             try:
-                results = self._parallel((_shard_loss_and_grads, (*task, self.weights), {})
-                                         for task in tasks)
+                now = set(self._worker_threads())
+            except _Lost:
+                if self._client.status == "closed" or time.monotonic() - since > self.connect_s:
+                    raise RuntimeError(f"data-parallel step {step}: lost the dask scheduler at "
+                                       f"{self.address} (no answer for {self.connect_s:g} s)"
+                                       ) from None
+                time.sleep(0.1)  # the Client is reconnecting
+                continue
+            for what, addresses in (("lost", self._known - now), ("joined", now - self._known)):
+                for address in sorted(addresses):
+                    print(f"warning: dask worker {address} {what} at step {step}; "
+                          f"{len(now)} worker{'s' if len(now) != 1 else ''} now",
+                          file=sys.stderr, flush=True)
+            self._known = now
+            if now:
+                return len(now)
+            if time.monotonic() - since > self.no_worker_grace:
+                raise RuntimeError(f"data-parallel step {step}: no dask worker left (none "
+                                   f"for {self.no_worker_grace:g} s)")
+            time.sleep(self.poll)
+
+    def run(self, tasks: list, step: int) -> tuple[list[float], list[np.ndarray]]:
+        """Each task's (loss, flat gradients), the step run again while its tasks are lost."""
+        started, why = time.monotonic(), None
+        for attempt in range(self.retries + 1):
+            workers = self._look(step)  # raises when nothing is left to run on
+            if why is not None:
+                print(f"warning: step {step} lost its dask tasks ({why}); running it again on "
+                      f"the {workers} worker{'s' if workers != 1 else ''} there are",
+                      file=sys.stderr, flush=True)
+            futures = [self._client.submit(_shard_loss_and_grads, *task, self.weights,
+                                           key=f"gpt-shard-{uuid.uuid4().hex}", pure=False)
+                       for task in tasks]
+            try:
+                results = self._gather(futures, step, started)
                 return [loss for loss, _ in results], [g for _, g in results]
-            except Exception as e:  # the cluster failed or a worker raised
-                left = self.live_workers()
-                if not left or attempt == self.retries:
-                    raise _failed(step, e, "" if left else " (no dask worker left)") from e
-                why = _why(e)
-            # a lost worker took the weights scattered to it: the same tasks again on the
-            # workers that remain give the same shard losses and gradients
-            attempt += 1
-            print(f"warning: a dask worker was lost at step {step} ({why}); retrying the "
-                  f"step on the {left} remaining", file=sys.stderr, flush=True)
-            self._open_parallel()
+            except _Lost as e:
+                why = str(e)
+            finally:
+                with contextlib.suppress(Exception):
+                    self._client.cancel(futures)
+        raise RuntimeError(f"data-parallel step {step}: lost its dask tasks "
+                           f"{self.retries + 1} times (last: {why})")
+
+    def _gather(self, futures: list, step: int, started: float) -> list:
+        """The futures' results, in order. A task that raised is a one-line error; a task
+        lost (cancelled, killed with its workers, its result unreachable) raises _Lost; and
+        while waiting, the cluster is looked at every `poll` seconds."""
+        from dask.distributed import KilledWorker, wait
+
+        results: dict[int, tuple] = {}
+        while len(results) < len(futures):
+            for k, f in enumerate(futures):
+                if k in results or f.status == "pending":
+                    continue
+                if f.status == "error":
+                    e = f.exception()  # (done: no waiting)
+                    if isinstance(e, KilledWorker):  # its workers died, not the task
+                        raise _Lost(_why(e))
+                    raise _failed(step, e)  # the task itself raised: again won't help
+                if f.status != "finished":  # cancelled, lost
+                    raise _Lost(f"a task was {f.status}")
+                try:  # the result travels back from its worker
+                    results[k] = f.result(timeout=self.connect_s)
+                except Exception as e:  # the task ended well: its worker or the link failed
+                    raise _Lost(_why(e)) from e
+            pending = [f for k, f in enumerate(futures) if k not in results]
+            if not pending:
+                break
+            with contextlib.suppress(Exception):  # timed out (or the wait failed): look around
+                wait(pending, timeout=self.poll, return_when="FIRST_COMPLETED")
+                continue
+            if self.timeout is not None and time.monotonic() - started > self.timeout:
+                raise RuntimeError(f"data-parallel step {step} took more than {self.timeout:g} "
+                                   "s on the dask cluster")
+            self._look(step)
+        return [results[k] for k in range(len(futures))]
 
     def close(self) -> None:
-        self._close_parallel()
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):  # a lost scheduler: nothing left to close
+                client.close(timeout=self.connect_s)
 
 
 TRANSPORTS: dict[str, type] = {"loky": SharedMemory, "dask": DaskCluster}

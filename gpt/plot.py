@@ -66,7 +66,7 @@ def plot_metrics(records: list[dict], output: str | Path, title: str = "",
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
     if title:
-        ax_loss.set_title(title)
+        ax_loss.set_title(title, fontsize=11)
 
     bottom = ax_loss
     if ax_lr is not None:
@@ -100,7 +100,7 @@ def run_title(run: Path, config: dict) -> str:
     except (KeyError, TypeError, ValueError):
         pass
     what = ": ".join(parts) if parts else f"the run in {run.name or run.resolve().name}"
-    return f"Training loss and learning rate, {what}"
+    return f"training loss and learning rate\n{what}"
 
 
 def run_config(run: Path) -> dict:
@@ -138,44 +138,51 @@ def previous_token_share(maps) -> np.ndarray:
 PREVIOUS_TOKEN = 0.5  # a head whose previous_token_share reaches this is marked as one
 
 
-def plot_attention(maps, labels: list[str], output: str | Path, title: str = "") -> Path:
+def plot_attention(maps, labels: list[str], output: str | Path, title: str = "",
+                   layers: list[int] | None = None, columns: int | None = None) -> Path:
     """Draw `maps` (n_layer, n_head, T, T), as from GPT.attention_maps, into the PNG `output`:
-    a grid with a row per layer and a column per head; in each heatmap row i (a query) shows
-    how position i weighs the positions j <= i (the keys), with `labels` (T tokens) on both
-    axes. Each panel's title gives its previous-token share; a head that puts at least half
-    its weight on the previous position is framed in red and called a previous-token head.
-    Raises ImportError without matplotlib."""
+    one heatmap per layer and head, in `columns` columns (default: a row per layer, a column
+    per head); in each, row i (a query) shows how position i weighs the positions j <= i (the
+    keys), with `labels` (T tokens) on both axes. `layers` names the layers the maps are of
+    (default 0, 1, ...). Each panel's title gives its previous-token share; a head that puts
+    at least half its weight on the previous position is framed in red and called a
+    previous-token head. Raises ImportError without matplotlib."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     n_layer, n_head, T, _ = maps.shape
+    layers = list(range(n_layer)) if layers is None else layers
+    columns = columns or n_head
+    rows = -(-n_layer * n_head // columns)
     side = 1.1 + 0.12 * T
-    fig = Figure(figsize=(side * n_head + 0.8, side * n_layer + 0.6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(side * columns + 0.8, side * rows + 0.6), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(n_layer, n_head, squeeze=False)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
     ticks = [token_label(t) for t in labels]
     size = max(4.0, min(9.0, 200 / T))
     shares = previous_token_share(maps)
-    for layer in range(n_layer):
-        for head in range(n_head):
-            ax = axes[layer][head]
-            image = ax.imshow(maps[layer, head], cmap="viridis", vmin=0.0, vmax=1.0)
-            ax.set_xticks(range(T), ticks, fontsize=size, family="monospace")
-            ax.set_yticks(range(T), ticks, fontsize=size, family="monospace")
-            ax.tick_params(length=0, pad=1)
-            share = shares[layer, head]
-            marked = share >= PREVIOUS_TOKEN
-            ax.set_title(f"layer {layer}, head {head}\n"
-                         + (f"previous-token head ({share:.0%})" if marked
-                            else f"previous token {share:.0%}"),
-                         fontsize=9, color="#c00000" if marked else "black")
-            if marked:
-                for spine in ax.spines.values():
-                    spine.set(color="#c00000", linewidth=2.5)
-            if head == 0:
-                ax.set_ylabel("query (predicting after)", fontsize=8)
-            if layer == n_layer - 1:
-                ax.set_xlabel("key (looked at)", fontsize=8)
+    for k, ax in enumerate(axes):
+        if k >= n_layer * n_head:
+            ax.axis("off")
+            continue
+        layer, head = divmod(k, n_head)
+        image = ax.imshow(maps[layer, head], cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_xticks(range(T), ticks, fontsize=size, family="monospace")
+        ax.set_yticks(range(T), ticks, fontsize=size, family="monospace")
+        ax.tick_params(length=0, pad=1)
+        share = shares[layer, head]
+        marked = share >= PREVIOUS_TOKEN
+        ax.set_title(f"layer {layers[layer]}, head {head}\n"
+                     + (f"previous-token head ({share:.0%})" if marked
+                        else f"previous token {share:.0%}"),
+                     fontsize=9, color="#c00000" if marked else "black")
+        if marked:
+            for spine in ax.spines.values():
+                spine.set(color="#c00000", linewidth=2.5)
+        if k % columns == 0:
+            ax.set_ylabel("query (predicting after)", fontsize=8)
+        if k >= n_layer * n_head - columns:
+            ax.set_xlabel("key (looked at)", fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention probability")
     if title:
         fig.suptitle(title, fontsize=11)

@@ -35,6 +35,7 @@ from importlib import resources
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -59,6 +60,7 @@ from .sample import SAMPLING_THREADS  # BLAS threads while serving (why: see gpt
 
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB gets 413
 BODY_TIMEOUT_S = 30.0  # a request body still arriving after this long gets 408
+HEADER_TIMEOUT_S = 10.0  # ... and request headers: 408, and the connection is closed
 PUBLIC_PATHS = ("/", "/health", "/favicon.ico")  # no API key needed (they hold no secrets)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # the Host names a loopback bind accepts
 log = logging.getLogger("gpt.serve")
@@ -134,11 +136,41 @@ def choice_rngs(seed: int | None, n: int, max_tokens: int) -> list[np.random.Gen
     return [np.random.Generator(np.random.PCG64(seed).advance(j * max_tokens)) for j in range(n)]
 
 
+class Mailbox:
+    """Events from the batcher's thread to the event loop, handed over once per step: one
+    wake-up of the loop (a write to its self-pipe) for all the tokens of a step, not one per
+    token of each sequence."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pending: list[tuple] = []  # (loop, queue, event)
+
+    def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: tuple) -> None:
+        with self.lock:
+            self.pending.append((loop, queue, event))
+
+    def flush(self) -> None:  # the Batcher's after_step
+        with self.lock:
+            batch, self.pending = self.pending, []
+        loops: dict = {}
+        for loop, queue, event in batch:
+            loops.setdefault(loop, []).append((queue, event))
+        for loop, items in loops.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: the server is stopping
+                loop.call_soon_threadsafe(deliver, items)
+
+
+def deliver(items: list[tuple]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 class Generation:
     """The choices of one request, decoded by the server's Batcher among everyone else's. The
-    batcher's thread sends events back through an asyncio queue: ("token", index, piece,
-    logprob entry), ("end", index, finish_reason), ("error", message); all_events() stops
-    when every choice has ended. `cancel()` makes the batcher drop them within a step."""
+    batcher's thread sends events back (through the Mailbox, into an asyncio queue):
+    ("token", index, piece, logprob entries, offset), ("end", index, finish_reason),
+    ("error", message); event_batches() stops when every choice has ended. `cancel()` makes
+    the batcher drop them within a step."""
 
     def __init__(self, app_state: ModelState, ids: list[int], req: CompletionRequest):
         self.state, self.req = app_state, req
@@ -154,6 +186,11 @@ class Generation:
 
     def start(self) -> None:
         """Queue the choices; a RequestError (429, Retry-After) when the queue is full."""
+        batcher = self.state.batcher
+        if len(self.seqs) > batcher.max_batch + batcher.max_queue:  # could never fit
+            raise RequestError(f"'n' is {len(self.seqs)} but this server decodes at most "
+                               f"{batcher.max_batch} sequences with {batcher.max_queue} "
+                               "waiting (its --max-batch and --max-queue)", "n")
         try:
             self.state.batcher.submit(self.seqs)
         except QueueFull:
@@ -173,20 +210,22 @@ class Generation:
             self.unfinished -= 1
             if self.unfinished == 0:
                 self.state.count(active=-1)
-        try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, *data))
-        except RuntimeError:  # the event loop is closed: the server is shutting down
-            self.cancel()
+        self.state.mailbox.post(self._loop, self.events, (kind, *data))
 
-    async def all_events(self) -> AsyncIterator[tuple]:
-        """The events as they come, until every choice has ended (or an error)."""
+    async def event_batches(self) -> AsyncIterator[list[tuple]]:
+        """The events as they come, a list of all that are waiting at a time, until every
+        choice has ended (or an error)."""
         ended = 0
         while ended < len(self.seqs):
-            event = await self.events.get()
-            ended += event[0] == "end"
-            yield event
-            if event[0] == "error":
-                return
+            batch = [await self.events.get()]
+            while not self.events.empty():
+                batch.append(self.events.get_nowait())
+            for i, event in enumerate(batch):
+                ended += event[0] == "end"
+                if event[0] == "error":
+                    yield batch[: i + 1]
+                    return
+            yield batch
 
 
 @dataclass
@@ -200,6 +239,7 @@ class ModelState:
     max_tokens: int
     batcher: Batcher | None = None
     metrics: ServeMetrics | None = None
+    mailbox: Mailbox | None = None
     time_limit: float | None = None  # seconds a request may take, queue included
     active: int = 0  # requests being generated now
     sampled: int = 0  # tokens sampled since the start
@@ -328,16 +368,18 @@ class App:
         answer = Answer(state.name, chat, state.tokenizer, req.logprobs is not None)
         gen.start()  # 429 when the queue is full
         if req.stream:
+            # (the background task cancels too: a client gone before the stream starts)
             return StreamingResponse(self.stream(gen, answer, len(ids)),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
+                                              "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(gen.cancel))
         try:
             waiting = asyncio.ensure_future(until_disconnected(request))
             try:
-                async for event in gen.all_events():
-                    if event[0] == "error":
-                        raise RequestError(event[1], status=500, code="server_error",
+                async for batch in gen.event_batches():
+                    if batch[-1][0] == "error":
+                        raise RequestError(batch[-1][1], status=500, code="server_error",
                                            type="server_error")
                     if waiting.done():  # the client has gone: stop sampling for nobody
                         return Response(status_code=499)
@@ -356,17 +398,24 @@ class App:
             if answer.chat:
                 for c in gen.choices:
                     yield sse(answer.chunk(c.index, role=True))
-            async for event in gen.all_events():
-                if event[0] == "token":
-                    if event[2]:  # (a token whose text is held back sends nothing yet)
-                        yield sse(answer.chunk(event[1], text=event[2], logprobs=event[3],
-                                               offset=event[4]))
-                elif event[0] == "end":
-                    yield sse(answer.chunk(event[1], finish_reason=event[2]))
-                else:  # "error": the status line has gone out already
-                    yield sse(RequestError(event[1], status=500, code="server_error",
-                                           type="server_error").body())
-                    return
+            async for batch in gen.event_batches():  # one write for all that have come
+                out = []
+                for event in batch:
+                    if event[0] == "token":
+                        if event[2] and not answer.logprobs:  # (text held back: nothing)
+                            out.append(answer.text_event(event[1], event[2]))
+                        elif event[2]:
+                            out.append(sse(answer.chunk(event[1], text=event[2],
+                                                        logprobs=event[3], offset=event[4])))
+                    elif event[0] == "end":
+                        out.append(sse(answer.chunk(event[1], finish_reason=event[2])))
+                    else:  # "error": the status line has gone out already
+                        out.append(sse(RequestError(event[1], status=500, code="server_error",
+                                                    type="server_error").body()))
+                        yield "".join(out)
+                        return
+                if out:
+                    yield "".join(out)
             if gen.req.include_usage:
                 yield sse(answer.usage_chunk(gen.choices, prompt_tokens))
             yield sse("[DONE]")
@@ -485,9 +534,10 @@ def create_app(model, tokenizer, model_name: str, max_tokens: int = 1024,
     `loopback_only`: answer only requests whose Host is a loopback name (for a server that
     listens on a loopback address: see Guard). `max_batch` sequences are decoded together,
     `max_queue` more may wait (then 429); `time_limit` seconds per request (None: none)."""
-    metrics = ServeMetrics(max_batch)
+    metrics, mailbox = ServeMetrics(max_batch), Mailbox()
     state = ModelState(model, tokenizer, model_name, max_tokens,
-                       Batcher(model, max_batch, max_queue, metrics), metrics, time_limit)
+                       Batcher(model, max_batch, max_queue, metrics, mailbox.flush), metrics,
+                       mailbox, time_limit)
     routes = App(state, body_timeout)
     middleware = [Middleware(Guard, loopback_only=loopback_only)]
     if cors_origins:  # before the key check, so preflights and 401s carry the CORS headers
@@ -508,11 +558,22 @@ def create_app(model, tokenizer, model_name: str, max_tokens: int = 1024,
             Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
         ],
         middleware=middleware,
+        lifespan=stops_with_the_server(state.batcher),
         exception_handlers={RequestError: on_request_error, HTTPException: on_http_error,
                             ClientDisconnect: on_client_gone, Exception: on_server_error},
     )
     app.state.model = state
     return app
+
+
+def stops_with_the_server(batcher: Batcher):
+    """A Starlette lifespan that stops the batcher's thread when the server shuts down."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.stop()
+
+    return lifespan
 
 
 # ---- listening ----------------------------------------------------------------------------------
@@ -553,22 +614,63 @@ def open_warning(host: str, api_key: str | None) -> str | None:
             "reach this machine can use the model (set --api-key or GPT_API_KEY)")
 
 
-def make_server(app, max_connections: int = 256, **options):
+def make_server(app, max_connections: int = 256, header_timeout: float = HEADER_TIMEOUT_S,
+                **options):
     """A uvicorn server for `app`. Past `max_connections` open connections and requests,
-    uvicorn answers 503 at once (uvicorn's limit_concurrency)."""
+    uvicorn answers 503 at once (uvicorn's limit_concurrency); a connection whose request
+    headers have not all come `header_timeout` seconds after it opened (or after its last
+    answer) gets 408 and is closed."""
     import uvicorn
 
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
-                            server_header=False, limit_concurrency=max_connections, **options)
+                            server_header=False, limit_concurrency=max_connections,
+                            http=with_header_timeout(header_timeout), **options)
     return uvicorn.Server(config)
 
 
+def with_header_timeout(seconds: float) -> type:
+    """uvicorn's h11 protocol, plus a deadline for each request's line and headers (uvicorn has
+    none: a client that connects and sends a byte now and then would hold its connection
+    forever). When it passes with no request under way, the client gets 408 and is closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeout(H11Protocol):
+        deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.arm()  # the next request on this connection gets the same time
+
+        def connection_lost(self, exc) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+            super().connection_lost(exc)
+
+        def arm(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+            self.deadline = self.loop.call_later(seconds, self.too_slow)
+
+        def too_slow(self) -> None:
+            waiting = self.cycle is None or self.cycle.response_complete  # no request yet
+            if waiting and not self.transport.is_closing():
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
+                                     b"Connection: close\r\n\r\n")
+                self.transport.close()
+
+    return HeaderTimeout
+
+
 @contextlib.contextmanager
-def running(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def running(app, host: str = "127.0.0.1", port: int = 0, **server_options) -> Iterator[str]:
     """Serve `app` from a background thread during a with-block; yields its URL. For tests,
-    benchmarks and notebooks (port 0: a free port)."""
+    benchmarks and notebooks (port 0: a free port); `server_options` go to make_server."""
     sock = bind(host, port)
-    server = make_server(app)
+    server = make_server(app, **server_options)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

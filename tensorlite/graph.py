@@ -1,5 +1,6 @@
 """Pictures of the recorded graph: `to_dot(t)` writes Graphviz DOT text (render it with
-`dot -Tpng graph.dot -o graph.png`), `show_graph(t)` a text tree for the terminal.
+`dot -Tpng graph.dot -o graph.png`), `show_graph(t)` a text tree for the terminal, and
+`trace_backward(t)` runs backward one node at a time, yielding what each step did.
 
 Both walk back from `t` the way backward does: a tensor's producer is `t._ctx` (a Function,
 or None for a leaf), the producer's inputs are `t._ctx.parents`. The walk is iterative,
@@ -8,9 +9,13 @@ so a 10,000-op chain draws as well as a 3-op one. No graphviz package is needed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .autograd import check_unchanged, topological_order
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tensor import Tensor
@@ -141,3 +146,71 @@ def show_graph(t: Tensor, file=None) -> str:
     text = "\n".join(lines)
     print(text, file=file)
     return text
+
+
+# ---- watching backward, one node at a time ----------------------------------------------------
+@dataclass
+class BackwardStep:
+    """One node of a backward pass, at the moment backward visits it (see trace_backward)."""
+
+    index: int  # 0 for the output, then 1, 2, ... in the order backward visits the nodes
+    node: Tensor  # the tensor whose gradient is now complete
+    grad: np.ndarray  # dL/d(node): every use of the node has added its share by now
+    op: str | None  # the Function that made the node ("Mul"); None for a leaf
+    sends: list = field(default_factory=list)  # [(input Tensor, the gradient sent to it)]
+
+    def __str__(self) -> str:
+        name = self.node.name or f"#{self.index}"
+        head = f"{name}: {summary('grad', self.grad)}"
+        if self.op is None:
+            return head + "  (a leaf: kept in .grad)"
+        sent = ", ".join(f"{p.name or '?'} += {summary('grad', g).removeprefix('grad ')}"
+                         for p, g in self.sends)
+        return f"{head}  -> {self.op}.backward -> {sent}"
+
+
+def trace_backward(root: Tensor, grad=None) -> Iterator[BackwardStep]:
+    """Run root's backward pass one node at a time and yield a BackwardStep for each node
+    as it is visited: output first, each node only after every node that uses it, so its
+    gradient is complete. Each step says which gradient the node's op sends to each of its
+    inputs. Leaves get their .grad as in root.backward() (tensors with retain_grad() too),
+    and the graph's saved buffers are released as they are used, so the graph can be walked
+    once, by this or by backward(). A plain loop over it is backward itself:
+
+        for step in tl.trace_backward(L):
+            print(step)
+
+    `grad` is dL/d(root); by default 1 for a one-element root."""
+    if not root.requires_grad:
+        raise RuntimeError("trace_backward() on a tensor that does not require grad: create "
+                           "the inputs with requires_grad=True")
+    if grad is None and root.data.size != 1:
+        raise RuntimeError(f"trace_backward() on a tensor of shape {root.shape} needs a grad "
+                           "argument of that shape (or reduce it first, e.g. .sum())")
+    seed = np.ones_like(root.data) if grad is None else np.asarray(grad, dtype=root.dtype)
+    if seed.shape != root.shape:
+        raise ValueError(f"trace_backward(grad): grad has shape {seed.shape}, root has {root.shape}")
+    grads = {id(root): seed}  # id(tensor) -> its gradient so far
+    index = 0
+    for node in reversed(topological_order(root)):
+        dout = grads.pop(id(node), None)
+        if dout is None:  # nothing reached it (an input whose op sent it no gradient)
+            continue
+        fn = node._ctx
+        if fn is None or node._retain_grad:  # kept, added to what an earlier backward left
+            node.grad = np.array(dout, dtype=node.dtype) if node.grad is None else node.grad + dout
+        step = BackwardStep(index, node, dout, None if fn is None else type(fn).__name__)
+        if fn is not None:
+            if getattr(fn, "released", False):
+                raise RuntimeError("trace_backward() through a graph that was already freed: "
+                                   "walk each forward pass's graph once")
+            check_unchanged(node, fn)
+            dins = fn.backward(dout)
+            dins = dins if isinstance(dins, tuple) else (dins,)
+            for parent, g in zip(fn.parents, dins):
+                if g is not None and parent.requires_grad:
+                    grads[id(parent)] = g if id(parent) not in grads else grads[id(parent)] + g
+                    step.sends.append((parent, g))
+            fn.release()
+        yield step
+        index += 1

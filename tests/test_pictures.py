@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("docs_pictures", ROOT / "docs" / "pictures.py")
 pictures = importlib.util.module_from_spec(spec)
@@ -37,6 +39,35 @@ def test_a_missing_out_dir_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "docs" / "pictures.py"), "--out-dir",
                         str(tmp_path / "nope")], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+
+
+def test_the_script_draws_every_picture_in_docs_img():
+    committed = {p.name for p in (ROOT / "docs" / "img").glob("*.png")}
+    assert committed == set(pictures.PICTURES) | set(pictures.ELSEWHERE)
+    assert not set(pictures.PICTURES) & set(pictures.ELSEWHERE)
+
+
+def test_the_attention_numbers_are_gpt_md_s_and_the_fused_op_s():
+    ex = pictures.attention_example()  # asserts P v == F.causal_self_attention inside
+    np.testing.assert_allclose(ex["P"][1], [0.196, 0.804, 0.0], atol=5e-4)
+    assert np.isneginf(ex["masked"][0, 1]) and np.allclose(ex["P"].sum(axis=1), 1)
+
+
+def test_the_backward_frames_follow_trace_backward():
+    nodes, edges, frames = pictures.backward_frames()
+    names = [f["step"].node.name for f in frames]
+    assert names == ["L", "d", "e", "a", "b", "c", "f"]
+    last = frames[-1]["grads"]
+    label = {n: node["lines"][0] for n, node in nodes.items() if not node["op"]}
+    assert {label[n]: g for n, g in last.items()} == {"'L'": 1.0, "'d'": -2.0, "'f'": 4.0,
+                                                       "'e'": -2.0, "'c'": -2.0, "'a'": 6.0,
+                                                       "'b'": -4.0}
+    assert all(edge in edges for f in frames for edge in f["red"])
+
+
+def test_the_heads_are_views_split_by_column_blocks():
+    ex = pictures.heads_example(T=4, H=2, hd=3)
+    assert (ex["heads"][1] == [3.0, 4.0, 5.0]).all() and (ex["joined"] == ex["q"]).all()
 
 
 def test_every_picture_in_docs_img_is_embedded_somewhere():

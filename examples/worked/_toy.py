@@ -1,4 +1,4 @@
-"""Shared by the gpt.md exercises: import examples/reverse_digits.py (examples/ is not a
+"""Shared by the gpt.md worked exercises: import examples/reverse_digits.py (examples/ is not a
 package) and swap the attention the model calls, for the length of a `with` block."""
 
 from __future__ import annotations

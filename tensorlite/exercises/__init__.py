@@ -153,8 +153,9 @@ EXERCISES = [
          "each, in the same layout attention_layer uses."),
          ("Write k and v at position cache.length of cache.k and cache.v, then add 1 to "
          "cache.length. The new query sees every cached key, itself included: no mask needed."),
-         ("Per head: scores = k_cached @ q / sqrt(hd), shape (H, L); softmax over L; then "
-         "sum of weights * v_cached; join the heads to (C,) and multiply by w_out.")),
+         ("With L = cache.length keys (H, L, hd): scores = np.einsum('hd,hld->hl', q, keys) "
+          "/ sqrt(hd); softmax over L; y = np.einsum('hl,hld->hd', weights, values); then "
+          "y.reshape(C) @ w_out.")),
         transformer.grade_kv_cache_decode),
 ]
 

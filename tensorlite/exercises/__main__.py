@@ -2,8 +2,10 @@
 
     list                   one line per exercise: NAME, its title, the doc section it belongs to
     start DIR              write a starter DIR/NAME.py for every exercise (DIR must not exist)
-    check NAME [--dir DIR] grade DIR/NAME.py (DIR defaults to .): exit 0 and what was checked,
-                           or exit 1 and the smallest counterexample found
+    check NAME [--dir DIR] [--examples N]
+                           grade DIR/NAME.py (DIR defaults to .): exit 0 and what was checked,
+                           or exit 1 and the smallest counterexample found (N random cases
+                           per check, default 30)
     hint NAME [--dir DIR]  the next hint for NAME; which hints you have seen is kept in
                            DIR/.exercise-hints.json (delete it to start over)
 

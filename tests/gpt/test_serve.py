@@ -370,6 +370,31 @@ def test_a_body_that_never_completes_gets_408(tiny_model):
         assert request(url, "GET", "/health")[0] == 200
 
 
+def test_headers_that_never_complete_get_408_and_the_connection_closes(tiny_model):
+    model, tok = tiny_model
+    with running(create_app(model, tok, "tiny"), header_timeout=0.5) as url:
+        parts = urlsplit(url)
+        socks = [socket.create_connection((parts.hostname, parts.port), timeout=30)
+                 for _ in range(3)]
+        socks[0].sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # no end
+        socks[1].sendall(b"GET /hea")  # half a request line
+        started = time.monotonic()
+        for sock in socks:  # (the third sent nothing at all)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            sock.close()
+        assert time.monotonic() - started < 10
+        assert request(url, "GET", "/health")[0] == 200  # a prompt client is served as ever
+        # a keep-alive connection that answers in time is not cut
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        for _ in range(2):
+            conn.request("GET", "/health")
+            assert conn.getresponse().read() == b'{"status":"ok"}'
+        conn.close()
+
+
 def test_a_client_dropping_mid_body_logs_one_quiet_line(server, caplog):
     parts = urlsplit(server[0])
     with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
@@ -588,6 +613,11 @@ def test_missing_or_corrupt_checkpoint_exits_2(tiny_run, tmp_path):
     (["--api-key", " "], "--api-key"),
     (["--cors-origin", "http://page.test/app"], "--cors-origin"),
     (["--model-name", ""], "--model-name"),
+    (["--max-batch", "0"], "--max-batch"),
+    (["--max-queue", "-1"], "--max-queue"),
+    (["--time-limit", "-5"], "--time-limit"),
+    (["--time-limit", "nan"], "--time-limit"),
+    (["--max-connections", "0"], "--max-connections"),
     (["--no-such-flag"], "unrecognized"),
 ])
 def test_bad_flags_exit_2_with_one_line(tiny_run, args, words):

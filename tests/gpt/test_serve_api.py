@@ -1,8 +1,11 @@
 """gpt.api, the web-free half of gpt.serve: request checking, the chat template, the text of a
-choice as it streams (UTF-8 held back until whole, cut before a stop string), and sampling a
-choice (the same tokens as gpt.sample for a seed)."""
+choice as it streams (UTF-8 held back until whole, cut before a stop string), and a choice
+sampled by gpt.batching's Batcher (the same tokens as gpt.sample for a seed)."""
 
 import doctest
+import json
+import math
+import threading
 
 import numpy as np
 import pytest
@@ -12,14 +15,14 @@ from hypothesis import strategies as st
 import gpt.api
 from gpt.api import (
     CHAT_STOP,
-    Choice,
+    Answer,
     RequestError,
     TextStream,
     chat_prompt,
     encode_prompt,
     parse_request,
-    sample_choice,
 )
+from gpt.batching import Batcher, Sequence
 from gpt.bpe import BPETokenizer
 from gpt.config import GPTConfig
 from gpt.model import GPT
@@ -165,6 +168,14 @@ def test_only_the_last_block_size_prompt_tokens_are_kept(tok):
     assert encode_prompt(tok, "cab", tok.vocab_size, keep=16) == tok.encode("cab")
 
 
+@given(st.text(max_size=20), st.integers(0, 7), st.booleans())
+def test_a_text_event_is_the_chunk_as_json(text, index, chat):
+    answer = Answer("m\"odel", chat)
+    event = answer.text_event(index, text)
+    assert event.startswith("data: ") and event.endswith("\n\n")
+    assert json.loads(event[6:]) == answer.chunk(index, text=text)
+
+
 def test_unknown_prompt_characters_are_named():
     tok = CharTokenizer.from_text("abc ")
     assert encode_prompt(tok, "ab c", tok.vocab_size) == tok.encode("ab c")
@@ -219,7 +230,7 @@ def test_text_that_may_begin_a_stop_waits():
     assert s.finish() == "c" and not s.stopped
 
 
-# ---- sample_choice -----------------------------------------------------------------------------
+# ---- one choice, sampled by the Batcher ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def char_model():
     tok = CharTokenizer.from_text("To be, or not to be, that is the question:\n")
@@ -228,11 +239,23 @@ def char_model():
 
 
 def run_choice(model, tok, prompt, seed, **fields):
+    """(the Choice, the text pieces it sent) of one request's sequence through a Batcher."""
     req = parse_request({"prompt": prompt, "seed": seed, **fields}, False, 1000)
-    choice = Choice(0)
-    pieces = list(sample_choice(model, tok, tok.encode(prompt), req,
-                                np.random.default_rng(seed), choice))
-    return choice, pieces
+    pieces, done = [], threading.Event()
+
+    def emit(kind, *data):
+        if kind == "token":
+            pieces.append(data[1])
+        elif kind == "end":
+            done.set()
+
+    seq = Sequence(req, tok.encode(prompt) or [tok.bos_id], np.random.default_rng(seed), 0, tok,
+                   emit, math.inf, model.config.block_size)
+    batcher = Batcher(model, max_batch=2, max_queue=0)
+    batcher.submit([seq])
+    assert done.wait(60)
+    batcher.stop()
+    return seq.choice, pieces
 
 
 def test_a_choice_is_what_gpt_sample_generates(char_model):
@@ -242,7 +265,7 @@ def test_a_choice_is_what_gpt_sample_generates(char_model):
                                     top_k=8, top_p=0.95)
         expect = generate(model, tok, prompt, 50, 0.9, 8, 0.95, seed=3)
         assert prompt + choice.text == expect and "".join(pieces) == choice.text
-        assert len(pieces) == choice.tokens + 1  # one per token, and the final flush
+        assert len(pieces) == choice.tokens  # one per token
         assert choice.finish_reason == ("length" if choice.tokens == 50 else "stop")
 
 
@@ -255,4 +278,4 @@ def test_a_choice_ends_at_its_stop_string(char_model):
     assert cut.text == whole.text[: whole.text.find(stop)]
     assert cut.finish_reason == "stop" and cut.tokens <= whole.text.find(stop) + 2
     none, pieces = run_choice(model, tok, "To", 7, max_tokens=0)
-    assert (none.text, none.tokens, none.finish_reason, pieces) == ("", 0, "length", [""])
+    assert (none.text, none.tokens, none.finish_reason, pieces) == ("", 0, "length", [])

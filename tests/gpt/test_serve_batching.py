@@ -17,11 +17,13 @@ import numpy as np
 import openai
 import pytest
 from conftest import API_KEY
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve import AUTH, events, post, request, wait_until
 
 from gpt.api import CompletionRequest
-from gpt.batching import BatchDecoder, Batcher, Sequence, log_softmax
+from gpt.batching import BatchDecoder, Batcher, Sequence, log_softmax, most_probable
 from gpt.model import GPT
 from gpt.sample import generate
 from gpt.serve import create_app, running
@@ -222,6 +224,35 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_model):
         assert post(url, "/v1/completions", {"prompt": "The", "max_tokens": 3})[0] == 200
 
 
+def test_more_choices_than_slots_and_queue_hold_is_400_not_429(tiny_model):
+    with small_server(tiny_model, max_batch=2, max_queue=1) as (url, _):
+        status, body = post(url, "/v1/completions", {"prompt": "x", "n": 4})
+        assert status == 400 and body["error"]["param"] == "n" and "--max-batch" in body[
+            "error"]["message"]
+        status, body = post(url, "/v1/completions", {"prompt": "x", "n": 3, "max_tokens": 2})
+        assert status == 200 and len(body["choices"]) == 3  # 2 in slots, 1 waiting its turn
+
+
+class BrokenDecoder:
+    """A batch decoder with a bug: every read of a prompt fails."""
+
+    def prefill(self, slot, ids):
+        raise RuntimeError("boom")
+
+
+def test_a_bug_in_a_step_is_a_500_and_the_batcher_goes_on(tiny_model, monkeypatch):
+    model, tok = tiny_model
+    monkeypatch.setattr(model, "batch_decoder", lambda slots: BrokenDecoder(), raising=False)
+    with running(create_app(model, tok, "tiny", 100, API_KEY)) as url:
+        for _ in range(2):  # the second is answered too: the batcher thread lives on
+            status, body = post(url, "/v1/completions", {"prompt": "The", "max_tokens": 3})
+            assert status == 500 and "sampling failed: RuntimeError: boom" in body["error"][
+                "message"]
+        status, _, data = request(url, "POST", "/v1/completions",
+                                  {"prompt": "The", "max_tokens": 3, "stream": True}, AUTH)
+        assert status == 200 and events(data)[-1]["error"]["code"] == "server_error"
+
+
 def test_the_time_limit_ends_a_request(tiny_model):
     with small_server(tiny_model, time_limit=0.3) as (url, state):
         started = time.monotonic()
@@ -234,6 +265,13 @@ def test_the_time_limit_ends_a_request(tiny_model):
 
 
 # ---- logprobs -----------------------------------------------------------------------------------
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=40), st.integers(0, 45))
+def test_most_probable_is_the_top_of_a_stable_sort(values, k):
+    lp = np.array(values, dtype=np.float64)  # small integers: many ties
+    k = min(k, lp.size)
+    assert most_probable(lp, k).tolist() == np.argsort(-lp, kind="stable")[:k].tolist()
+
+
 def model_log_softmax(model, ids: list[int]) -> np.ndarray:
     """(len(ids), V): log-softmax of the model's logits (its full forward) at each position."""
     with no_grad():

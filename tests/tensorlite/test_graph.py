@@ -8,6 +8,7 @@ import io
 import re
 
 import numpy as np
+import pytest
 
 import tensorlite as tl
 from tensorlite.graph import MAX_DEPTH, show_graph, to_dot
@@ -156,3 +157,78 @@ def test_show_graph_text_grows_linearly_with_depth():
     assert max(len(s) for s in big.splitlines()) < 4 * (MAX_DEPTH + 2) + 60
     deferred = re.findall(r"#(\d+) \(continued below\)", big)
     assert deferred and all(re.search(rf"^#{k} <- Mul", big, re.MULTILINE) for k in deferred)
+
+
+# ---- trace_backward: backward one node at a time ----------------------------------------------
+def abcf():
+    a, b, c, f = (tl.Tensor(v, requires_grad=True, name=n)
+                  for v, n in ((2.0, "a"), (-3.0, "b"), (10.0, "c"), (-2.0, "f")))
+    e = a * b
+    d = e + c
+    L = d * f
+    e.name, d.name, L.name = "e", "d", "L"
+    return L, (a, b, c, f)
+
+
+def test_trace_backward_visits_output_first_and_says_what_each_op_sends():
+    L, leaves = abcf()
+    steps = list(tl.trace_backward(L))
+    assert [s.node.name for s in steps] == ["L", "d", "e", "a", "b", "c", "f"]
+    assert [s.index for s in steps] == list(range(7))
+    assert [s.op for s in steps] == ["Mul", "Add", "Mul", None, None, None, None]
+    sends = {(s.node.name, p.name): float(g) for s in steps for p, g in s.sends}
+    assert sends == {("L", "d"): -2.0, ("L", "f"): 4.0, ("d", "e"): -2.0, ("d", "c"): -2.0,
+                     ("e", "a"): 6.0, ("e", "b"): -4.0}
+    assert [float(t.grad) for t in leaves] == [6.0, -4.0, -2.0, 4.0]
+    assert str(steps[0]) == "L: grad 1.  -> Mul.backward -> d += -2., f += 4."
+    assert str(steps[3]) == "a: grad 6.  (a leaf: kept in .grad)"
+
+
+def test_a_node_is_visited_once_its_gradient_is_complete():
+    """The diamond y = h*h + h: h is visited after Mul and Add, with the sum of the three."""
+    a = tl.Tensor(2.0, requires_grad=True, name="a")
+    h = a.exp()
+    h.name = "h"
+    y = h * h + h
+    steps = list(tl.trace_backward(y))
+    (at_h,) = [s for s in steps if s.node is h]
+    users = [s for s in steps if any(p is h for p, _ in s.sends)]
+    assert all(s.index < at_h.index for s in users) and len(users) == 2
+    contributions = [float(g) for s in users for p, g in s.sends if p is h]
+    assert len(contributions) == 3 and np.isclose(float(at_h.grad), sum(contributions))
+    assert np.isclose(float(a.grad), 2 * np.exp(4) + np.exp(2), rtol=1e-6)
+
+
+def test_trace_backward_gives_backward_s_gradients_on_a_random_graph():
+    rng = np.random.default_rng(0)
+    x0, w0, dout = rng.standard_normal((4, 3)), rng.standard_normal((3, 5)), rng.standard_normal((4, 5))
+
+    def run(walk):
+        x = tl.Tensor(x0, requires_grad=True)
+        w = tl.Tensor(w0, requires_grad=True)
+        h = (x @ w).tanh()
+        y = tl.functional.softmax(h * h + w.sum(axis=0))  # w used twice, broadcasting
+        walk(y)
+        return x.grad, w.grad
+
+    traced = run(lambda y: list(tl.trace_backward(y, dout)))
+    plain = run(lambda y: y.backward(dout))
+    for t, p in zip(traced, plain):
+        np.testing.assert_allclose(t, p, rtol=1e-12)
+
+
+def test_trace_backward_is_a_walk_you_take_once_and_refuses_what_backward_refuses():
+    L, _ = abcf()
+    list(tl.trace_backward(L))
+    with pytest.raises(RuntimeError, match="already freed"):
+        list(tl.trace_backward(L))
+    x = tl.Tensor([1.0, 2.0], requires_grad=True)
+    with pytest.raises(RuntimeError, match="needs a grad"):
+        next(tl.trace_backward(x * 2))
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        next(tl.trace_backward(tl.Tensor(1.0)))
+    w = tl.Tensor([1.0, 2.0], requires_grad=True)
+    y = (w * w).sum()
+    w.data *= 10
+    with pytest.raises(RuntimeError, match="changed in place"):
+        list(tl.trace_backward(y))
