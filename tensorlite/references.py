@@ -65,9 +65,9 @@ def sigmoid_backward(dout: np.ndarray, out: np.ndarray) -> np.ndarray:
     return dout * out * (out.dtype.type(1) - out)
 
 
-def relu_squared(x: np.ndarray) -> np.ndarray:
-    """relu(x)**2 = max(x, 0)**2."""
-    r = np.asarray(np.maximum(x, 0))  # asarray: on a 0-d input a ufunc returns a scalar
+def relu_squared(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """relu(x)**2 = max(x, 0)**2 (into `out` if given: the KV-cache decoder's buffers)."""
+    r = np.asarray(np.maximum(x, 0, out=out))  # asarray: on a 0-d input a ufunc gives a scalar
     return np.multiply(r, r, out=r)
 
 
@@ -139,11 +139,13 @@ def cross_entropy_backward(dout, probs: np.ndarray, targets: np.ndarray) -> np.n
 
 
 # ---- RMSNorm -------------------------------------------------------------------------------------
-def rms_norm_forward(x: np.ndarray, weight: np.ndarray, eps: float) -> tuple:
-    """y = x * r * w with r = 1/sqrt(mean(x**2) + eps) per row; returns y and r (..., 1)."""
+def rms_norm_forward(x: np.ndarray, weight: np.ndarray, eps: float,
+                     out: np.ndarray | None = None) -> tuple:
+    """y = x * r * w with r = 1/sqrt(mean(x**2) + eps) per row; returns y and r (..., 1).
+    (y into `out` if given: the KV-cache decoder's buffers.)"""
     ms = sum_of_products(x, x)[..., None] / x.dtype.type(x.shape[-1])  # (..., 1)
     r = 1.0 / np.sqrt(ms + x.dtype.type(eps))  # (..., 1)
-    y = x * r
+    y = np.multiply(x, r, out=out)
     y *= weight
     return y, r
 
