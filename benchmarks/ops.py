@@ -1,4 +1,4 @@
-"""Kernels, path against path: the NumPy references, the C, numba and numexpr twins.
+"""Kernels, path against path: the NumPy references, the C and numexpr twins.
 
 Every kernel in tensorlite.kernels runs on the path `kernels.use_kernels(...)` picks; here
 each one is timed on every path that has a twin for it (the others run the reference), the
@@ -7,7 +7,7 @@ call) and each path's speed-up over NumPy (> 1: faster than NumPy).
 
     python benchmarks/ops.py                      # 1 and 2 threads, 15 rounds
     python benchmarks/ops.py --rounds 31 --threads 2
-    python benchmarks/ops.py --baby --threads 1 --paths numpy c numba   # the training kernels
+    python benchmarks/ops.py --baby --threads 1 --paths numpy c   # the training kernels
 
 Elementwise families at 1e3..1e6 float32 elements; every kernel of a training step at the
 baby config's shapes (B 12, T 64, C 128, H 4, V 65, MLP hidden 512). The C kernels are
@@ -85,7 +85,7 @@ def per_call_seconds(call: Callable, number: int) -> float:
 
 def measure(call: Callable, paths: list[str], rounds: int, sample_s: float) -> dict[str, float]:
     """Median seconds per call on each path, the paths alternating (and their order too)."""
-    for path in paths:  # warm up (numba compiles or loads, numexpr caches the expression)
+    for path in paths:  # warm up (C loads, numexpr caches the expression)
         kernels.use_kernels(path)
         call()
     number = max(1, int(sample_s / max(per_call_seconds(call, 3), 1e-7)))
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--baby", action="store_true", help="only the kernels at the baby shapes")
     args = ap.parse_args(argv)
     wanted = ["numpy"] + [p for p in args.paths if p != "numpy"]  # numpy: the baseline
-    paths = [p for p in wanted if kernels.use_kernels(p) == p]  # numba may be missing
+    paths = [p for p in wanted if kernels.use_kernels(p) == p]  # C may be missing
     rng = np.random.default_rng(0)
 
     print(f"float32, median of {args.rounds} alternating samples of ~{args.sample_ms:g} ms; "

@@ -31,7 +31,7 @@ for i in 1 2 3 4 5 6 7; do
 done
 run train_larger python benchmarks/train.py --data "$DATA" --config larger --engines tensorlite,torch --rounds 3 --iters 8 --warmup 2
 run profile_larger python benchmarks/profile_step.py --data "$DATA" --config larger --steps 4
-run ops python benchmarks/ops.py --baby --threads 1 --paths numpy c numba
+run ops python benchmarks/ops.py --baby --threads 1 --paths numpy c
 run start_warm python benchmarks/kernel_load.py --train --data "$DATA"
 run start_cold python benchmarks/kernel_load.py --train --cold --paths c --data "$DATA"
 run quality python -m gpt.train --preset baby --data "$DATA" --out-dir "$OUT/baby_run"

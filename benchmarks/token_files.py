@@ -91,7 +91,7 @@ def shipping(train_bin: str, rounds: int, reps: int = 200) -> None:
         f.result()  # the workers started, gpt.data imported and the file mapped in each
     print("\nsending a step's batch to 2 loky workers: ms per step "
           f"({rounds} rounds x {reps} steps)")
-    for B, T in ((12, 64), (64, 1024)):
+    for B, T in ((12, 64), (32, 256), (64, 1024)):
         times: dict[str, list[float]] = {"rows": [], "starts": []}
         for _ in range(rounds):
             for how, spent in times.items():
@@ -175,6 +175,9 @@ def main() -> None:
     a = p.parse_args()
     if a.rounds < 1 or a.steps < 1 or a.mb <= 0:
         sys.exit("error: --rounds, --steps and --mb must be positive")
+    parts = set(a.parts.split(","))
+    if not parts <= {"prepare", "train", "ship"}:
+        sys.exit(f"error: --parts takes prepare, train and ship, got {a.parts!r}")
     if not a.source.is_file():
         sys.exit(f"error: --source {a.source} is not a file; give Tiny Shakespeare's path "
                  "(python -m gpt.data shakespeare --out FILE fetches it)")
@@ -188,7 +191,6 @@ def main() -> None:
         shutil.copyfile(a.source, small)
         print(f"corpus: {a.source.name} repeated to {size / 1e6:.1f} MB")
 
-        parts = set(a.parts.split(","))
         last = work / "char"
         if "prepare" in parts:
             prepare_runs(corpus, size, work, a.rounds, a.bpe_vocab)

@@ -11,7 +11,7 @@ GFLOP/s as a fraction of measured sgemm peak, and peak RSS.
     python benchmarks/train.py --config larger --rounds 3 --iters 20
 
 Engines: tensorlite (the default kernels, TENSORLITE_KERNELS as set, the batch split over the
-threads as gpt.train does), tensorlite-numpy and tensorlite-numba (those kernel paths),
+threads as gpt.train does), tensorlite-numpy (the NumPy references),
 tensorlite-blas (one graph for the whole batch, BLAS splitting each matmul over the threads:
 how gpt.train ran before gpt.threaded), tensorlite-untuned (glibc's default malloc thresholds),
 tensorlite-bf16 (gpt.train --dtype bfloat16: float32 weights, bf16 matmul operands), torch
@@ -50,7 +50,7 @@ CONFIGS = {  # the sizes of gpt.train --preset NAME (and of its defaults)
     "batch64": _shape(**dict(PRESETS["baby"], batch_size=64)),
     "larger": (6, 6, 384, 256, 8),  # nanoGPT's Shakespeare-char shape, scaled for 2 cores
 }
-ENGINES = ["tensorlite", "tensorlite-numpy", "tensorlite-numba", "tensorlite-blas",
+ENGINES = ["tensorlite", "tensorlite-numpy", "tensorlite-blas",
            "tensorlite-untuned", "tensorlite-bf16", "torch", "torch-compile", "torch-bf16"]
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
 
@@ -123,7 +123,7 @@ def run_tensorlite(args, cfg, ids, vocab) -> float:
 
     if args.worker != "tensorlite-untuned":  # that one keeps glibc's malloc defaults
         tensorlite.kernels.tune_allocator()
-    if args.worker in ("tensorlite-numpy", "tensorlite-numba"):
+    if args.worker == "tensorlite-numpy":
         tensorlite.kernels.use_kernels(args.worker.split("-")[1])
     tensorlite.set_num_threads(args.threads)
     tensorlite.kernels.kernel_path()  # load (or compile) the kernels before the clock starts

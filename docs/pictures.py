@@ -33,8 +33,9 @@ import tensorlite as tl
 from gpt.config import GPTConfig
 from gpt.model import GPT, attention_probabilities
 from tensorlite import functional as F
-from tensorlite.functional import _causal_bias, softmax
+from tensorlite.functional import softmax
 from tensorlite.graph import _tensors_in_order as tensors_in_order
+from tensorlite.references import causal_bias
 
 IMG = Path(__file__).resolve().parent / "img"
 
@@ -192,7 +193,7 @@ def draw_causal_mask(path: Path, text: str = "to be!") -> Path:
     from matplotlib.figure import Figure
 
     T = len(text)
-    bias = _causal_bias(T, T, np.dtype(np.float64))  # tensorlite's own mask
+    bias = causal_bias(T, T, np.dtype(np.float64))  # tensorlite's own mask
     scores = np.random.default_rng(0).standard_normal((T, T))
     probs = softmax(tl.Tensor(scores + bias)).data  # (T, T): rows sum to 1
     fig = Figure(figsize=(9.5, 4.6), dpi=110, layout="constrained")
@@ -320,7 +321,7 @@ def attention_example() -> dict[str, np.ndarray]:
     qkv = x @ c_attn  # (T, 3C)
     q, k, v = qkv[:, 0:2], qkv[:, 2:4], qkv[:, 4:6]
     scores = q @ k.T / np.sqrt(2)  # (T, T)
-    masked = scores + _causal_bias(3, 3, np.dtype(np.float64))
+    masked = scores + causal_bias(3, 3, np.dtype(np.float64))
     P = softmax(tl.Tensor(masked)).data
     y = P @ v
     fused = F.causal_self_attention(tl.Tensor(qkv[None]), 1).data[0]  # the op training calls

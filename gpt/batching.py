@@ -20,12 +20,16 @@ import collections
 import math
 import threading
 import time
+import traceback
 from collections.abc import Callable
 
 import numpy as np
 
 import tensorlite.functional as F
 from tensorlite import Tensor, no_grad
+
+from .api import Choice, CompletionRequest, TextStream
+from .sample import filter_probs, keep_after_slide, sample_from
 
 # The formulas are tensorlite's own (one home each). The norms and the activation are the
 # model's Decoder's (which call tensorlite's NumPy references: on a handful of rows a compiled
@@ -36,9 +40,6 @@ def softmax(x: np.ndarray) -> np.ndarray:
     """tensorlite's softmax over the last axis, on an array (no graph is recorded)."""
     with no_grad():
         return F.softmax(Tensor(x)).data
-
-from .api import Choice, CompletionRequest, TextStream
-from .sample import filter_probs, keep_after_slide, sample_from
 
 
 # ---- the batched forward --------------------------------------------------------------------
@@ -148,7 +149,12 @@ def most_probable(lp: np.ndarray, k: int) -> np.ndarray:
     sorting all of a large vocabulary (GPT-2's 50,257) for each token."""
     if k == 0:
         return np.empty(0, np.int64)
-    ids = np.argpartition(-lp, k - 1)[:k] if k < lp.size else np.arange(lp.size)
+    if k < lp.size:
+        kth = np.partition(lp, lp.size - k)[lp.size - k]  # the k-th largest value
+        above = np.flatnonzero(lp > kth)
+        ids = np.concatenate([above, np.flatnonzero(lp == kth)[: k - above.size]])  # (ties)
+    else:
+        ids = np.arange(lp.size)
     return ids[np.lexsort((ids, -lp[ids]))]
 
 
@@ -286,8 +292,6 @@ class Batcher:
             try:
                 self._step()
             except Exception as e:  # noqa: BLE001 - a bug: end every sequence, keep serving
-                import traceback
-
                 traceback.print_exc()
                 for seq in self.active:
                     seq.emit("error", f"sampling failed: {type(e).__name__}: {e}")

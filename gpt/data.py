@@ -130,6 +130,7 @@ def windows(ids: np.ndarray, starts: np.ndarray,
     """x, y of the windows of block_size + 1 tokens of `ids` (an array or a memmap) that
     begin at `starts`: both int64 (B, T), y shifted by one."""
     rows = np.asarray(ids)[np.asarray(starts)[:, None] + np.arange(block_size + 1)]  # (B, T+1)
+    forget_pages(ids)  # token files: unmap what reading the rows mapped
     x = np.ascontiguousarray(rows[:, :-1], dtype=np.int64)  # (B, T)
     y = np.ascontiguousarray(rows[:, 1:], dtype=np.int64)  # (B, T)
     return x, y
@@ -424,15 +425,24 @@ def load_token_dir(path: str | os.PathLike, check_ids: bool = True) -> TokenData
 
 
 def forget_pages(ids: np.ndarray) -> None:
-    """Drop the pages of a token file that batches have touched from this process's mapping
-    of it (madvise MADV_DONTNEED; a no-op for an array in memory, or where there is no
-    madvise). Each window a batch reads maps the file's pages around it (the kernel maps up to
-    64 KB around a fault), so over a long run every page of a large file would end up counted
-    in the process's resident memory; gpt.train calls this every log_interval steps. The
-    pages stay in the system's file cache: reading them again is a memory read."""
+    """Drop the pages of a token file that reads have mapped into this process (madvise
+    MADV_DONTNEED on its np.memmap; a no-op for an array in memory, or where there is no
+    madvise). Reading one window maps much more of the file than its few hundred bytes: the
+    kernel maps the pages around a fault, and with large page-cache folios (Linux 6.x) a
+    whole 2 MB folio per window. So windows() calls this after every batch: else a run's
+    resident memory would grow by tens of MB a step toward the size of the file. The pages
+    stay in the system's file cache, so reading them again is a memory read; the call costs
+    about 0.2 ms (benchmarks/token_files.py's machine)."""
     mapping = getattr(ids, "_mmap", None)  # np.memmap's mmap.mmap
     if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
         mapping.madvise(mmap.MADV_DONTNEED)
+
+
+# Batches of at least this many tokens go to worker processes by reference (TokenWindows);
+# smaller ones are cheaper to send as rows than for each worker to cut from its own map of the
+# file (benchmarks/token_files.py, 2 loky workers: 12 x 64 tokens 2.8 ms a step as rows, 3.3 ms
+# as starts; 32 x 256 4.5 and 3.5 ms; 64 x 1024 9.3 and 4.3 ms).
+BY_REFERENCE_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -468,15 +478,10 @@ class TokenWindows:
         if ids is None:
             ids = _mapped[key] = np.memmap(self.path, dtype=self.dtype, mode="r",
                                            shape=(self.length,))
-        x, y = windows(ids, self.starts, self.block_size)
-        _reads[key] = _reads.get(key, 0) + 1
-        if _reads[key] % 16 == 0:  # keep this process's resident memory from growing
-            forget_pages(ids)
-        return x, y
+        return windows(ids, self.starts, self.block_size)
 
 
 _mapped: dict[tuple, np.memmap] = {}  # (path, dtype, length) -> this process's map of it
-_reads: dict[tuple, int] = {}  # batches read through each map (forget_pages every 16)
 
 
 def _check_meta(meta: Any, refuse: Callable[[str], UserError]) -> dict[str, int]:
@@ -498,7 +503,7 @@ def _check_meta(meta: Any, refuse: Callable[[str], UserError]) -> dict[str, int]
 
 
 def _first_id_at_least(file: str, dtype: np.dtype, limit: int,
-                       piece: int = 1 << 22) -> tuple[int, int] | None:
+                       piece: int = 1 << 20) -> tuple[int, int] | None:
     """(position, id) of the first id >= limit in the flat `dtype` file, or None. Reads it a
     piece at a time into one buffer (no memory map, so no page of it stays in this process)."""
     buf = np.empty(piece, dtype=dtype)

@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 import tensorlite.functional as F
-from tensorlite import Tensor, autocast, no_grad
+from tensorlite import Tensor, autocast, no_grad, references
 from tensorlite.bf16 import bf16_operand
 from tensorlite.precision import autocast_dtype
 
@@ -271,12 +271,11 @@ class GPT:
 
 def attention_probabilities(q: np.ndarray, k: np.ndarray) -> np.ndarray:
     """softmax(q kᵀ / sqrt(hd) + causal mask), (..., Tq, Tk) for q (..., Tq, hd) and
-    k (..., Tk, hd): what scaled_dot_product_attention weighs the values with (it keeps
-    these inside its backward buffers; this computes them for reading)."""
-    tq, tk, hd = q.shape[-2], k.shape[-2], q.shape[-1]
-    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(hd)  # (..., Tq, Tk)
-    scores = scores + np.triu(np.full((tq, tk), -np.inf, dtype=scores.dtype), k=tk - tq + 1)
-    return F.softmax(Tensor(scores)).data
+    k (..., Tk, hd): what causal_self_attention weighs the values with (it keeps these
+    inside its backward buffers; this computes them for reading), by the same reference."""
+    scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+    pt = references.causal_softmax_columns(k @ np.swapaxes(q, -1, -2), scale)  # P^T (.., Tk, Tq)
+    return np.swapaxes(pt, -1, -2)
 
 
 class KVCache:
@@ -311,11 +310,11 @@ class Decoder:
     values a KVCache holds, so each new token costs one position of work per layer.
 
     The same math as GPT.__call__ (tests/gpt/test_sample.py checks the logits against it at
-    every position), written as plain NumPy on the weights' arrays: no Tensors, no graph,
-    and every intermediate goes into a buffer made here, once per generation, with room for
-    block_size positions (a call on n new positions uses their first n rows). A token thus
-    costs about 30 small NumPy calls per layer and makes no new arrays (only views of its
-    buffers). One Decoder follows one sequence; threads sampling at once each make their own
+    every position), on the weights' arrays: no Tensors, no graph. The formulas are
+    tensorlite's NumPy references, the ones training's kernels are checked against (norms,
+    activation, the attention's causal softmax); the products and the residual stream go
+    into buffers made here, once per generation, with room for block_size positions (a call
+    on n new positions uses their first n rows). One Decoder follows one sequence; threads sampling at once each make their own
     (the weights are only read).
 
         dec = model.decoder()
@@ -345,15 +344,12 @@ class Decoder:
             self.lm_head = (bf16_operand(w["wte"]) if self.bf16 else w["wte"]).T
         self.layernorm, self.gelu = cfg.norm == "layernorm", cfg.activation == "gelu"
         self.scale = dt.type(1.0 / math.sqrt(cfg.head_dim))
-        self.inv_c, self.eps = dt.type(1.0 / C), dt.type(1e-5)  # rms_norm's (as F.rms_norm's)
         self.cache = KVCache(cfg, dt)
         # the buffers, a row per new position
         self.x = np.zeros((T, C), dt)  # the residual stream
-        self.xn = np.zeros((T, C), dt)  # its rms_norm
-        self.rms = np.zeros((T, 1), dt)  # rms_norm's sqrt(mean(x**2) + eps), per row
+        self.xn = np.zeros((T, C), dt)  # its norm
         self.qkv = np.zeros((T, 3 * C), dt)  # q | k | v
-        self.att = np.zeros((H, T, T), dt)  # attention scores, then probabilities
-        self.rows = np.zeros((H, T, 1), dt)  # their row max, then row sum
+        self.att = np.zeros((H, T, T), dt)  # attention scores, then probabilities, transposed
         self.y = np.zeros((T, C), dt)  # attention output, heads side by side
         self.branch = np.zeros((T, C), dt)  # a branch's output, before the residual add
         self.h = np.zeros((T, 4 * C), dt)  # the MLP's hidden layer
@@ -380,7 +376,7 @@ class Decoder:
         t0 = cache.make_room(n)
         t1 = t0 + n  # the new positions are t0 .. t1-1; queries see keys 0 .. t1-1
         x, xn, qkv, y = self.x[:n], self.xn[:n], self.qkv[:n], self.y[:n]  # (n, C), (n, 3C)
-        att, rows = self.att[:, :n, :t1], self.rows[:, :n]  # (H, n, t1), (H, n, 1)
+        att = self.att[:, :t1, :n]  # (H, t1, n): keys along rows, as in training's attention
         branch, h = self.branch[:n], self.h[:n]  # (n, C), (n, 4C)
 
         # (n, C): token embeddings. mode "clip": the ids were checked above, and the default
@@ -394,15 +390,10 @@ class Decoder:
             cache.k[i, :, t0:t1] = heads[:, 1].transpose(1, 0, 2)  # (H, n, hd) into the cache
             cache.v[i, :, t0:t1] = heads[:, 2].transpose(1, 0, 2)
             q, k, v = heads[:, 0].transpose(1, 0, 2), cache.k[i, :, :t1], cache.v[i, :, :t1]
-            np.matmul(q, k.transpose(0, 2, 1), out=att)  # (H, n, t1): q k^T per head
-            att *= self.scale  # / sqrt(hd)
-            if n > 1:  # causal: query j, at position t0 + j, sees keys 0 .. t0 + j
-                att += np.triu(np.full((n, t1), -np.inf, dtype=att.dtype), k=t0 + 1)
-            np.maximum.reduce(att, axis=-1, keepdims=True, out=rows)  # softmax of each row:
-            att -= rows  # minus the row max, so exp cannot overflow
-            np.exp(att, out=att)
-            att /= np.add.reduce(att, axis=-1, keepdims=True, out=rows)  # / the row sum
-            np.matmul(att, v, out=y.reshape(n, H, hd).transpose(1, 0, 2))  # (H, n, hd) -> (n, C)
+            np.matmul(k, q.transpose(0, 2, 1), out=att)  # S^T = k q^T per head, (H, t1, n)
+            # -> P^T: query j, at position t0 + j, sees keys 0 .. t0 + j (training's softmax)
+            references.causal_softmax_columns(att, self.scale)
+            np.matmul(att.transpose(0, 2, 1), v, out=y.reshape(n, H, hd).transpose(1, 0, 2))  # P v
             x += self.linear(y, attn_proj, branch)  # (n, C)
             # x = x + mlp(norm(x, ln_2)), mlp = relu(. @ c_fc)**2 @ c_proj (or gelu)
             x += self.linear(self.activation(self.linear(self.norm(x, ln_2, xn), c_fc, h)),
@@ -426,10 +417,9 @@ class Decoder:
     def activation(self, h: np.ndarray) -> np.ndarray:
         """The MLP's relu(h)**2, or gelu(h) (activation "gelu"), in place on h."""
         if self.gelu:
-            h[...] = F.gelu_forward.reference(h)[0]
+            h[...] = references.gelu_forward(h)[0]
         else:
-            np.maximum(h, 0, out=h)
-            h *= h
+            references.relu_squared(h, out=h)
         return h
 
     def head(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -438,15 +428,12 @@ class Decoder:
         return np.matmul(self.operand(x), self.lm_head, out=out)
 
     def norm(self, x: np.ndarray, layer: tuple, out: np.ndarray | None = None) -> np.ndarray:
-        """The model's normalisation of x, for layer = (weight, bias or None): rms_norm
-        (into this Decoder's buffers), or F.layer_norm's reference (norm "layernorm")."""
+        """The model's normalisation of x, for layer = (weight, bias or None): rms_norm's
+        reference, or layer_norm's (norm "layernorm"), into `out` if given."""
         weight, bias = layer  # (the references: on a few rows a twin's call costs more)
-        if self.layernorm:
-            y = F.layer_norm_forward.reference(x, weight, bias, 1e-5)[0]
-        elif out is None or len(x) > len(self.rms):
-            y = F.rms_norm_forward.reference(x, weight, 1e-5)[0]
-        else:
-            return self.rms_norm(x, weight, out)
+        if not self.layernorm:
+            return references.rms_norm_forward(x, weight, 1e-5, out=out)[0]
+        y = references.layer_norm_forward(x, weight, bias, 1e-5)[0]
         if out is None:
             return y
         out[...] = y
@@ -458,17 +445,6 @@ class Decoder:
         if self.bf16:
             a[...] = bf16_operand(a)
         return a
-
-    def rms_norm(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """F.rms_norm into `out`: each row x / sqrt(mean(x**2) + eps) * weight (eps 1e-5)."""
-        rms = self.rms[: len(x)]  # (n, 1)
-        np.matmul(x[:, None, :], x[:, :, None], out=rms[:, :, None])  # row . row: sum of squares
-        rms *= self.inv_c
-        rms += self.eps
-        np.sqrt(rms, out=rms)
-        np.divide(x, rms, out=out)
-        out *= weight
-        return out
 
 
 # ---- will it fit? ---------------------------------------------------------------------------

@@ -33,10 +33,6 @@ import tensorlite as tl
 from .model import GPT
 from .shards import Shard, ShardedStep, ShardGrads, cut_batch, shard_grads, shard_loss
 
-NOT_THREAD_SAFE = ("the numba kernels run on numba's workqueue threading layer here, which "
-                   "aborts the process when two threads call it at once: install tbb, or use "
-                   "TENSORLITE_KERNELS=c, or one thread")
-
 
 def available_cores() -> int:
     """The cores this process may use: its affinity mask where the OS has one, and no more
@@ -116,8 +112,6 @@ class ThreadShards(ShardedStep):
         super().__init__(model, int(threads))
         self.threads = self.shards
         tl.kernels.kernel_path()  # choose and load the kernels once, before any thread asks
-        if self.threads > 1 and not tl.kernels.thread_safe():
-            raise ValueError(NOT_THREAD_SAFE)
         self._threads_before = tl.get_num_threads()  # close() gives them back
         tl.set_num_threads(1)
         # (one thread: the caller computes the only shard, the pool never starts a thread)

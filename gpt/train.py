@@ -50,11 +50,11 @@ from .checkpoint import (
 )
 from .config import PRESETS, TrainConfig, fixed_fields
 from .data import (
+    BY_REFERENCE_TOKENS,
     GET_DATA_HINT,
     TokenWindows,
     batch_starts,
     check_windows,
-    forget_pages,
     get_batch,
     is_token_dir,
     load_text,
@@ -66,7 +66,7 @@ from .errors import UserError
 from .lock import RunLock
 from .model import GPT, check_fits
 from .optim import AdamW, clip_grad_norm, lr_at
-from .threaded import NOT_THREAD_SAFE, ThreadShards, available_cores
+from .threaded import ThreadShards, available_cores
 
 
 # ---- the command line ---------------------------------------------------------------------------
@@ -375,10 +375,6 @@ def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
                                "--workers" if cfg.workers > 1 else "--threads")
     if cfg.workers == 1 and cfg.backend == "loky":
         threads = shard_threads(cfg)
-        if threads > 1 and not tl.kernels.thread_safe():
-            print(f"gpt.train: training on one thread, not {threads}: {NOT_THREAD_SAFE}",
-                  file=sys.stderr)
-            threads = 1
         if threads > 1:
             shards = ThreadShards(model, threads)
             return GradFns(shards.loss_and_grads, shards.loss, shards.close, threads,
@@ -475,12 +471,13 @@ def take_step(run: Run, it: int) -> tuple[float, float, float]:
 def batch_loss_and_grads(run: Run) -> float:
     """The loss of the next training batch (random windows of the train ids), its gradients
     left in .grad. Worker processes on this machine training on token files are sent the
-    windows' starts and read the rows themselves (cheaper than sending the rows:
-    benchmarks/token_files.py); the batch and the result are the same."""
+    windows' starts and read the rows themselves where that is cheaper than sending the rows
+    (batches of BY_REFERENCE_TOKENS or more); the batch and the result are the same."""
     cfg, ids = run.cfg, run.train_ids
     starts = batch_starts(len(ids), cfg.model.block_size, cfg.batch_size, run.rngs["data"])
-    by_reference = run.fns.loss_and_grads_from and TokenWindows.of(ids, starts,
-                                                                   cfg.model.block_size)
+    large = cfg.batch_size * cfg.model.block_size >= BY_REFERENCE_TOKENS
+    by_reference = (run.fns.loss_and_grads_from and large
+                    and TokenWindows.of(ids, starts, cfg.model.block_size))
     if by_reference:
         return run.fns.loss_and_grads_from(by_reference, run.rngs["dropout"])
     x, y = windows(ids, starts, cfg.model.block_size)
@@ -495,7 +492,6 @@ def log_and_evaluate(run: Run, it: int, loss: float, norm: float, lr: float) -> 
     do_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
     if not (it % cfg.log_interval == 0 or do_eval):
         return
-    forget_pages(run.train_ids)  # token files: what the batches mapped since the last log
     now = time.perf_counter()
     tps = (it - run.it_log) * cfg.batch_size * cfg.model.block_size / max(now - run.t_log, 1e-9)
     run.t_log, run.it_log = now, it
@@ -529,8 +525,6 @@ def evaluate(run: Run, it: int) -> dict[str, float]:
         raise UserError(f"eval loss became {ev['val']} at iter {it}; not saved; "
                         f"{kept_checkpoint(run)}; try a lower --lr (now {run.cfg.lr:g}) "
                         "or --grad-clip")
-    for ids in (run.train_ids, run.val_ids):  # token files: the pages evaluation mapped
-        forget_pages(ids)
     run.best_val = min(run.best_val, ev["val"])
     run.last_eval = {"iter": it, "train_loss": ev["train"], "val_loss": ev["val"]}
     return {"eval_train_loss": ev["train"], "val_loss": ev["val"],

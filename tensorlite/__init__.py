@@ -10,9 +10,10 @@ Read docs/autograd.md for the tour, docs/higher-order.md for grad, jvp and hvp; 
 """
 
 from . import functional
-from .autograd import grad, hvp, is_grad_enabled, jvp, no_grad
+from .autograd import is_grad_enabled, no_grad
 from .gradcheck import GradcheckError, gradcheck
 from .graph import show_graph, trace_backward
+from .higher_order import grad, hvp, jvp
 from .kernels import get_num_threads, set_num_threads
 from .precision import autocast
 from .tensor import Tensor, concatenate, stack, where

@@ -1,7 +1,11 @@
 """The autograd machinery: `Function` (one op = forward + backward, plus the rules for
-higher-order and forward mode), the shared broadcasting rule `unbroadcast`, `no_grad`, the
-iterative reverse-mode driver `backward` that walks the recorded graph in topological order,
-and the functions built on it: `grad` (gradients of gradients), `jvp` and `hvp`.
+higher-order and forward mode), the shared broadcasting rule `unbroadcast`, `no_grad`, and
+the iterative reverse-mode driver `backward` that walks the recorded graph in topological
+order. (`grad`, `jvp` and `hvp`, built on it, are in higher_order.py.)
+
+This module sits below tensor.py, ops.py and everything else in tensorlite and imports none
+of them: tensor.py hands over its `Tensor` class (`use_tensor_class`), which `Function.apply`
+wraps every op's output in.
 """
 
 from __future__ import annotations
@@ -17,7 +21,16 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from .tensor import Tensor
 
+_Tensor = None  # tensor.Tensor, handed over by tensor.py (see use_tensor_class)
 _profile = None  # set by tensorlite.profiler.profile(): {(op name, "forward"|"backward"): [calls, s]}
+
+
+def use_tensor_class(cls: type) -> None:
+    """Make `cls` the class of every op's result. tensor.py calls this once, right after it
+    defines Tensor: Tensor's operators call the ops, which are Functions defined on top of
+    this module, so this module cannot import tensor.py back."""
+    global _Tensor
+    _Tensor = cls
 
 
 class _GradMode(threading.local):
@@ -102,9 +115,7 @@ class Function:
 
     @classmethod
     def apply(cls, *inputs, **options) -> Tensor:
-        from .tensor import Tensor, as_tensor
-
-        tensors = tuple(as_tensor(t) for t in inputs)
+        tensors = tuple(t if isinstance(t, _Tensor) else _Tensor(t) for t in inputs)
         fn = cls()
         if _profile is None:
             data = fn.forward(*(t.data for t in tensors), **options)
@@ -113,7 +124,7 @@ class Function:
             data = fn.forward(*(t.data for t in tensors), **options)
             _record(cls.__name__, "forward", time.perf_counter() - t0)
         needs_grad = is_grad_enabled() and any(t.requires_grad for t in tensors)
-        out = Tensor(data, requires_grad=needs_grad)
+        out = _Tensor(data, requires_grad=needs_grad)
         if needs_grad:
             fn.parents = tensors
             fn.versions = tuple(t._version for t in tensors)  # checked again by backward
@@ -292,72 +303,6 @@ def _accumulate_into_leaf(node: Tensor, g, owned: bool = False) -> None:
         node.grad += g  # .grad accumulates across backward calls (PyTorch's rule)
 
 
-# ---- gradients of gradients, forward mode, Hessian-vector products --------------------------
-def grad(outputs, inputs, grad_outputs=None, create_graph: bool = False) -> tuple:
-    """The gradients of `outputs` (a Tensor or a sequence) with respect to `inputs` (a
-    sequence of Tensors), seeded with `grad_outputs` (default: 1 for a scalar output).
-
-    Returns a tuple of Tensors, one per input (zeros where the outputs do not depend on it),
-    and leaves every `.grad` alone. With create_graph=True the returned Tensors carry a graph
-    of their own, so `grad` can be applied to them again, to any order. With
-    create_graph=False this is the training backward pass (ndarrays, fused kernels) and the
-    graph is freed as it goes, as by `backward()`.
-    """
-    from .tensor import Tensor, _to_array
-
-    if isinstance(outputs, Tensor):
-        outputs, grad_outputs = [outputs], [grad_outputs]
-    else:
-        outputs = list(outputs)
-        grad_outputs = [None] * len(outputs) if grad_outputs is None else list(grad_outputs)
-        if len(grad_outputs) != len(outputs):
-            raise ValueError(f"grad: {len(outputs)} outputs but {len(grad_outputs)} grad_outputs")
-    inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
-    for i, t in enumerate(inputs):
-        if not isinstance(t, Tensor) or not t.requires_grad:
-            raise ValueError(f"grad: input {i} is not a Tensor with requires_grad=True")
-    seeds = []
-    for i, (out, g) in enumerate(zip(outputs, grad_outputs)):
-        if g is None:
-            if out.size != 1:
-                raise RuntimeError(
-                    f"grad: output {i} has shape {out.shape}; pass grad_outputs (one per output)"
-                    " or reduce it to a scalar first"
-                )
-            g = np.ones_like(out.data)
-        elif np.shape(_to_array(g)) != out.shape:
-            raise ValueError(f"grad: grad_outputs[{i}] has shape {np.shape(g)}, output {out.shape}")
-        if create_graph:
-            seeds.append(g if isinstance(g, Tensor) else Tensor(_to_array(g).astype(out.dtype)))
-        else:
-            seeds.append(_to_array(g).astype(out.dtype, copy=False))
-    collect = {id(t): None for t in inputs}
-    # outputs that depend on nothing that requires grad contribute nothing
-    live = [(out, s) for out, s in zip(outputs, seeds) if out.requires_grad or id(out) in collect]
-    if live:
-        backward([out for out, _ in live], [s for _, s in live], create_graph, collect)
-    result = []
-    for t in inputs:
-        g = collect[id(t)]
-        if g is None:
-            g = np.zeros_like(t.data)
-        result.append(g if isinstance(g, Tensor) else Tensor(g))
-    return tuple(result)
-
-
-def composed_backward(fn: Function, composed, dout) -> tuple:
-    """A backward_graph for a fused op, from its composition: run `composed(*fn.parents)`
-    (the same function written with differentiable Tensor ops) and differentiate it with
-    create_graph=True. Slower than a hand-written rule, but it cannot disagree with the
-    composition; None for inputs that do not require grad."""
-    # One stand-in per input position (attention(h, h, h) has one tensor in three places,
-    # each of which must get only its own share of the gradient).
-    stand_ins = [p.reshape(p.shape) for p in fn.parents]
-    wanted = [s for s in stand_ins if s.requires_grad]
-    grads = iter(grad(composed(*stand_ins), wanted, grad_outputs=dout, create_graph=True))
-    return tuple(next(grads) if s.requires_grad else None for s in stand_ins)
-
-
 def _push_tangents(table: dict, fn: Function, inputs: tuple, out: Tensor) -> None:
     """Forward mode, one op: out's tangent from its inputs' tangents (fn.jvp)."""
     tangents = [table.get(id(t)) for t in inputs]
@@ -366,59 +311,3 @@ def _push_tangents(table: dict, fn: Function, inputs: tuple, out: Tensor) -> Non
     tangents = [np.zeros_like(t.data) if tan is None else tan[1] for t, tan in zip(inputs, tangents)]
     tangent = fn.jvp(*tangents)
     table[id(out)] = (out, np.asarray(tangent, dtype=out.dtype))
-
-
-def jvp(fn, primals, tangents) -> tuple:
-    """Forward mode: run `fn(*primals)` and push `tangents` (one per primal, same shapes)
-    through every op with its `jvp` rule.
-
-    Returns `(outputs, tangent_outputs)`: fn's output (a Tensor or a tuple of them) and the
-    directional derivative J(primals) @ tangents in the same structure, as Tensors.
-    Primals that are Tensors keep their requires_grad, so `fn` may itself call `grad`
-    (forward-over-reverse); tangents are plain values (no graph through them).
-    """
-    from .tensor import Tensor, _to_array
-
-    if _grad_mode.tangents is not None:
-        raise RuntimeError("jvp inside jvp (forward over forward) is not supported")
-    if len(primals) != len(tangents):
-        raise ValueError(f"jvp: {len(primals)} primals but {len(tangents)} tangents")
-    xs, table = [], {}
-    for i, (p, v) in enumerate(zip(primals, tangents)):
-        x = Tensor(p.data, requires_grad=p.requires_grad) if isinstance(p, Tensor) else Tensor(p)
-        v = np.asarray(_to_array(v), dtype=x.dtype)
-        if v.shape != x.shape:
-            raise ValueError(f"jvp: tangent {i} has shape {v.shape}, primal {x.shape}")
-        table[id(x)] = (x, v)
-        xs.append(x)
-    _grad_mode.tangents = table
-    try:
-        out = fn(*xs)
-    finally:
-        _grad_mode.tangents = None
-    outs = [out] if isinstance(out, Tensor) else list(out)
-    tangent_outs = tuple(
-        Tensor(table[id(o)][1] if id(o) in table else np.zeros_like(o.data)) for o in outs
-    )
-    return out, (tangent_outs[0] if isinstance(out, Tensor) else tangent_outs)
-
-
-def hvp(fn, inputs, vectors) -> tuple:
-    """Hessian-vector products of a scalar `fn`: H(inputs) @ vectors, one Tensor per input.
-
-    Reverse over reverse: g = grad(fn(x), x, create_graph=True), then the gradient of
-    <g, v> (v held constant) is H v.
-    """
-    from .tensor import Tensor, _to_array
-
-    single = isinstance(inputs, Tensor)
-    inputs, vectors = ([inputs], [vectors]) if single else (list(inputs), list(vectors))
-    if len(inputs) != len(vectors):
-        raise ValueError(f"hvp: {len(inputs)} inputs but {len(vectors)} vectors")
-    xs = [Tensor(_to_array(x), requires_grad=True) for x in inputs]
-    y = fn(*xs)
-    if not isinstance(y, Tensor) or y.size != 1:
-        raise ValueError(f"hvp: fn must return a scalar Tensor, got shape {np.shape(y)}")
-    gs = grad(y, xs, create_graph=True)
-    dot = sum((g * Tensor(np.asarray(_to_array(v), dtype=g.dtype))).sum() for g, v in zip(gs, vectors))
-    return grad(dot, xs)

@@ -17,29 +17,26 @@ import math
 
 import numpy as np
 
-from . import kernels
-from .autograd import Function, composed_backward, unbroadcast
+from . import kernels, references
+from .autograd import Function, unbroadcast
+from .higher_order import composed_backward
+from .kernels import (  # the dispatched kernels (their NumPy references: references.py)
+    causal_self_attention_backward,
+    causal_self_attention_forward,
+    causal_softmax_columns,
+    cross_entropy_backward,
+    cross_entropy_forward,
+    gelu_backward,
+    gelu_forward,
+    layer_norm_backward,
+    layer_norm_forward,
+    rms_norm_backward,
+    rms_norm_forward,
+    softmax_backward_columns,
+)
 from .ops import ScatterAdd
+from .references import GELU_A, GELU_K, causal_bias
 from .tensor import Tensor, as_tensor
-
-
-def _softmax(x: np.ndarray, axis: int, inplace: bool = False) -> np.ndarray:
-    """exp(x - max) / sum(exp(x - max)): subtracting the max keeps exp from overflowing.
-    `inplace=True` reuses x's buffer (for a caller that made x and no longer needs it)."""
-    e = np.subtract(x, x.max(axis=axis, keepdims=True), out=x if inplace else None)
-    e = kernels.exp(e, out=e)
-    e /= e.sum(axis=axis, keepdims=True)
-    return e
-
-
-@functools.lru_cache(maxsize=64)
-def _causal_bias(tq: int, tk: int, dtype: np.dtype) -> np.ndarray:
-    """(tq, tk) additive mask: 0 where query i may see key j (j <= i + tk - tq), -inf after.
-    Adding it is ~20x faster than writing -inf through a boolean index."""
-    future = np.triu(np.ones((tq, tk), dtype=bool), k=tk - tq + 1)
-    bias = np.where(future, -np.inf, 0.0).astype(dtype)
-    bias.flags.writeable = False
-    return bias
 
 
 class Softmax(Function):
@@ -48,7 +45,7 @@ class Softmax(Function):
 
     def forward(self, x, axis=-1):
         self.axis = axis
-        self.y = _softmax(x, axis)
+        self.y = references.softmax(x, axis)
         return self.y
 
     def backward(self, dout):
@@ -85,27 +82,6 @@ class LogSoftmax(Function):
         return dx - (np.exp(self.y) * dx).sum(axis=self.axis, keepdims=True)
 
 
-@kernels.kernel
-def cross_entropy_forward(logits, targets):
-    """NumPy reference. loss = mean_n(log sum_v exp(logits_nv) - logits_n,target_n); also
-    returns softmax(logits), which the backward needs. (The row max is subtracted first.)"""
-    rows = np.arange(len(targets))
-    shifted = logits - logits.max(axis=1, keepdims=True)  # (N, V)
-    probs = kernels.exp(shifted)
-    total = probs.sum(axis=1)  # (N,)
-    loss = np.log(total) - shifted[rows, targets]
-    probs /= total[:, None]
-    return np.asarray(loss.mean(), dtype=logits.dtype), probs
-
-
-@kernels.kernel
-def cross_entropy_backward(dout, probs, targets):
-    """NumPy reference. dlogits = (probs - onehot(targets)) * dout / N, in place on probs."""
-    probs[np.arange(len(targets)), targets] -= 1
-    probs *= dout / probs.dtype.type(len(targets))
-    return probs
-
-
 class CrossEntropy(Function):
     """loss = mean_n( -log softmax(logits_n)[target_n] ),  logits (N, V), targets (N,).
     dlogits = (softmax(logits) - onehot(targets)) / N * dout"""
@@ -137,32 +113,6 @@ class CrossEntropy(Function):
         n = len(self.targets)
         picked = dlogits[np.arange(n), self.targets]
         return ((self.probs * dlogits).sum() - picked.sum()) / n
-
-
-@kernels.kernel
-def rms_norm_forward(x, weight, eps):
-    """NumPy reference. y = x * r * w with r = 1/sqrt(mean(x**2) + eps) per row; returns
-    y and r (..., 1)."""
-    ms = kernels.sum_of_products(x, x)[..., None] / x.dtype.type(x.shape[-1])  # (..., 1)
-    r = 1.0 / np.sqrt(ms + x.dtype.type(eps))  # (..., 1)
-    y = x * r
-    y *= weight
-    return y, r
-
-
-@kernels.kernel
-def rms_norm_backward(dout, x, r, weight):
-    """NumPy reference. With xhat = x * r and dxhat = dout * w:
-    dx = r * (dxhat - xhat * mean(dxhat * xhat)),  dw = sum over rows of dout * xhat."""
-    c = x.shape[-1]
-    xhat = x * r
-    dxhat = dout * weight
-    mean_dot = kernels.sum_of_products(dxhat, xhat)[..., None] / x.dtype.type(c)  # (..., 1)
-    dx = xhat * mean_dot
-    np.subtract(dxhat, dx, out=dx)
-    dx *= r
-    dw = kernels.sum_of_products(dout.reshape(-1, c).T, xhat.reshape(-1, c).T)  # (C,)
-    return dx, dw
 
 
 class RMSNorm(Function):
@@ -202,38 +152,6 @@ class RMSNorm(Function):
         return dxhat * self.weight + xhat * dw if self.has_weight else dxhat
 
 
-@kernels.kernel
-def layer_norm_forward(x, weight, bias, eps):
-    """NumPy reference. y = (x - mean(x)) * r * w + b with r = 1/sqrt(var(x) + eps) per row
-    (the biased variance, over the last axis); returns y, xhat = (x - mean) * r and r (..., 1)."""
-    mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
-    xc = x - mean
-    var = kernels.sum_of_products(xc, xc)[..., None] / x.dtype.type(x.shape[-1])  # (..., 1)
-    r = 1.0 / np.sqrt(var + x.dtype.type(eps))  # (..., 1)
-    xc *= r  # xhat
-    y = xc * weight
-    y += bias
-    return y, xc, r
-
-
-@kernels.kernel
-def layer_norm_backward(dout, xhat, r, weight):
-    """NumPy reference. With dxhat = dout * w:
-    dx = r * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
-    dw = sum over rows of dout * xhat,  db = sum over rows of dout."""
-    c = xhat.shape[-1]
-    dxhat = dout * weight
-    mean_d = dxhat.mean(axis=-1, keepdims=True)  # (..., 1)
-    mean_dot = kernels.sum_of_products(dxhat, xhat)[..., None] / xhat.dtype.type(c)  # (..., 1)
-    dx = xhat * mean_dot
-    dx += mean_d
-    np.subtract(dxhat, dx, out=dx)
-    dx *= r
-    rows = dout.reshape(-1, c)
-    dw = kernels.sum_of_products(rows.T, xhat.reshape(-1, c).T)  # (C,)
-    return dx, dw, rows.sum(axis=0)
-
-
 class LayerNorm(Function):
     """y = xhat * w + b,  xhat = (x - mean(x)) * r,  r = 1 / sqrt(var(x) + eps) over the last
     axis (C features; var is the biased variance). With dxhat = dout * w:
@@ -269,43 +187,6 @@ class LayerNorm(Function):
         dxhat = self.r * (dx - dx.mean(axis=-1, keepdims=True)
                           - xhat * (xhat * dx).mean(axis=-1, keepdims=True))
         return dxhat * self.weight + xhat * dw + db
-
-
-GELU_K = math.sqrt(2.0 / math.pi)  # GPT-2's tanh approximation: gelu(x) ~ x Phi(x)
-GELU_A = 0.044715
-
-
-@kernels.kernel
-def gelu_forward(x):
-    """NumPy reference. y = x/2 * (1 + t),  t = tanh(k (x + a x**3)),  k = sqrt(2/pi),
-    a = 0.044715; returns y and t (what the backward needs besides x)."""
-    k, a = x.dtype.type(GELU_K), x.dtype.type(GELU_A)
-    u = np.multiply(x, x, out=np.empty_like(x))  # (a fresh array even for a 0-d x)
-    u *= a
-    u += 1
-    u *= x
-    u *= k  # k (x + a x**3)
-    t = np.tanh(u, out=u)
-    y = t + 1
-    y *= x
-    y *= 0.5
-    return y, t
-
-
-@kernels.kernel
-def gelu_backward(dout, x, t):
-    """NumPy reference. dx = dout * ((1 + t)/2 + x/2 * (1 - t**2) * k (1 + 3 a x**2))."""
-    k, a = x.dtype.type(GELU_K), x.dtype.type(GELU_A)
-    du = np.multiply(x, x, out=np.empty_like(x))
-    du *= 3 * a
-    du += 1
-    du *= k  # du/dx = k (1 + 3 a x**2)
-    du *= 1 - t * t  # dt/dx
-    du *= x
-    du += 1 + t
-    du *= 0.5
-    du *= dout
-    return du
 
 
 class GELU(Function):
@@ -383,25 +264,20 @@ class ScaledDotProductAttention(Function):
                 "query sees every key, so the first ones would see none (need Tq <= Tk)"
             )
         self.scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
-        # The scores are kept TRANSPOSED, keys along rows: st = S^T = k q^T, (..., Tk, Tq).
-        # The softmax then reduces over axis -2, across rows, which NumPy does about twice
-        # as fast as along each short row; P^T feeds both products below without a copy.
-        st = k @ q.swapaxes(-1, -2)  # (..., Tk, Tq)
-        st *= self.scale
+        # The scores TRANSPOSED, keys along rows, as in causal_self_attention (why: there)
+        st = k @ q.swapaxes(-1, -2)  # S^T, (..., Tk, Tq)
         if causal:
-            st += _causal_bias(*st.shape[-1:-3:-1], st.dtype).T  # -inf where key j is future
-        self.pt = _softmax(st, -2, inplace=True)  # P^T, (..., Tk, Tq)
+            self.pt = causal_softmax_columns(st, self.scale)  # P^T
+        else:
+            st *= self.scale
+            self.pt = references.softmax(st, -2, inplace=True)  # P^T
         self.q, self.k, self.v, self.causal = q, k, v, causal
         return self.pt.swapaxes(-1, -2) @ v  # P v, (..., Tq, hv)
 
     def backward(self, dout):
         pt, q, k, v = self.pt, self.q, self.k, self.v
         dv = pt @ dout  # P^T dout, (..., Tk, hv)
-        dst = v @ dout.swapaxes(-1, -2)  # dP^T = v dout^T, (..., Tk, Tq)
-        # softmax backward, per query (a column here): dS = P * (dP - sum_keys(dP * P))
-        dst -= np.einsum("...kq,...kq->...q", dst, pt)[..., None, :]
-        dst *= pt
-        dst *= self.scale  # dS^T, scaled
+        dst = softmax_backward_columns(v @ dout.swapaxes(-1, -2), pt, self.scale)  # dP^T -> dS^T
         dq = dst.swapaxes(-1, -2) @ k  # (..., Tq, hd)
         dk = dst @ q  # (..., Tk, hd)
         # batch dims that were broadcast (k, v shared across a batch, say) are summed back
@@ -422,68 +298,8 @@ def _attention_composed(q, k, v, causal: bool) -> Tensor:
     """Attention from Tensor ops (the fused Softmax included), for backward_graph."""
     scores = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (..., Tq, Tk)
     if causal:
-        scores = scores + _causal_bias(q.shape[-2], k.shape[-2], scores.dtype)
+        scores = scores + causal_bias(q.shape[-2], k.shape[-2], scores.dtype)
     return Softmax.apply(scores, axis=-1) @ v  # (..., Tq, hv)
-
-
-@kernels.kernel
-def causal_softmax_columns(st, scale):
-    """NumPy reference, in place on st (..., T, T), the unscaled scores transposed (keys along
-    rows: st[j, i] = k_j . q_i): st -> P^T, P = softmax over the visible keys j <= i of
-    S * scale (the future's entries become 0). Returns st."""
-    T = st.shape[-1]
-    st *= scale
-    st += _causal_bias(T, T, st.dtype).T
-    return _softmax(st, -2, inplace=True)
-
-
-@kernels.kernel
-def softmax_backward_columns(dst, pt, scale):
-    """NumPy reference, in place: dst = dP^T -> dS^T = P^T * (dP^T - colsum(dP^T * P^T)) * scale
-    (the softmax backward, with its scale, on transposed matrices). Returns dst."""
-    dst -= np.einsum("...kq,...kq->...q", dst, pt)[..., None, :]
-    dst *= pt
-    dst *= scale
-    return dst
-
-
-def _heads(qkv, n_head):
-    """q, k, v of qkv (B, T, 3C), each (B, H, T, hd): views, no copies."""
-    B, T, C3 = qkv.shape
-    return qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head).transpose(2, 0, 3, 1, 4)
-
-
-@kernels.kernel
-def causal_self_attention_forward(qkv, n_head, scale):
-    """NumPy reference. Split qkv (B, T, 3C) into heads and run the attention math of
-    ScaledDotProductAttention above: the two products are BLAS calls on strided views of
-    qkv, and what lies between them is the causal_softmax_columns kernel. Returns y (B, T, C)
-    and P^T (B, H, T, T). (The C path's twin does it all in one loop per (batch, head) whose
-    products skip the future: tensorlite/kernels.c.)"""
-    B, T, C3 = qkv.shape
-    q, k, v = _heads(qkv, n_head)  # each (B, H, T, hd)
-    pt = causal_softmax_columns(k @ q.swapaxes(-1, -2), scale)  # S^T -> P^T
-    y = np.empty((B, T, n_head, C3 // 3 // n_head), dtype=pt.dtype)
-    np.matmul(pt.swapaxes(-1, -2), v, out=y.transpose(0, 2, 1, 3))  # P v, heads side by side
-    return y.reshape(B, T, C3 // 3), pt
-
-
-@kernels.kernel
-def causal_self_attention_backward(dy, qkv, pt, n_head, scale):
-    """NumPy reference. The backward of ScaledDotProductAttention, with dq, dk, dv packed
-    into one dqkv (B, T, 3C) in the layout of qkv; the softmax backward is the
-    softmax_backward_columns kernel."""
-    B, T, C3 = qkv.shape
-    hd = C3 // 3 // n_head
-    q, k, v = _heads(qkv, n_head)
-    dout = dy.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
-    dqkv = np.empty((B, T, 3, n_head, hd), dtype=qkv.dtype)
-    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # views to write into, each (B, H, T, hd)
-    np.matmul(pt, dout, out=dv)  # P^T dout
-    dst = softmax_backward_columns(v @ dout.swapaxes(-1, -2), pt, scale)  # dP^T -> dS^T
-    np.matmul(dst.swapaxes(-1, -2), k, out=dq)
-    np.matmul(dst, q, out=dk)
-    return dqkv.reshape(B, T, C3)
 
 
 class CausalSelfAttention(Function):

@@ -2,13 +2,14 @@
 the system's C compiler and loaded with ctypes.
 
 Each public function here has the same name, arguments and results as its NumPy reference
-(functional.py / kernels.py), which is the spec; `tensorlite.kernels` decides which one runs
-and is the only module that imports this one. A learner can skip this file entirely.
+(tensorlite/references.py), which is the spec and the fallback for inputs the loops do not
+take; `tensorlite.kernels` decides which one runs and is the only module that imports this
+one. A learner can skip this file entirely.
 
 Why C and ctypes: the kernels are serial loops (parallelism comes from the caller's
 threads), a ctypes call releases the GIL while it runs, and a loaded shared library costs
-a few MB and ~10 ms, where numba brings LLVM (~130 MB, ~0.5 s) into the process
-(docs/performance.md). The library is compiled for this CPU (-march=native) once and cached
+a few MB and ~10 ms, where numba (measured and dropped) brought LLVM (~130 MB, ~0.5 s)
+into the process (docs/performance.md). The library is compiled for this CPU (-march=native) once and cached
 on disk: in the package's __pycache__, or where that cannot be written, in the user cache
 folder ($XDG_CACHE_HOME/tensorlite or ~/.cache/tensorlite).
 """
@@ -31,18 +32,48 @@ from pathlib import Path
 
 import numpy as np
 
-from .kernels import C_ONLY, COMPILED, adds_in_place, square_stack
-from .kernels import contiguous as _c
-from .kernels import run_reference as _reference
+from . import references
 
 SOURCE = Path(__file__).resolve().with_name("kernels.c")
-# As numba's fastmath without "no NaNs/infs": sums may be reassociated (so they vectorize),
+# As a fastmath without "no NaNs/infs": sums may be reassociated (so they vectorize),
 # but NaN and inf propagate as in NumPy. No -ffast-math.
 FLAGS = ["-O3", "-march=native", "-std=c99", "-fPIC", "-shared", "-fno-math-errno",
          "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math", "-ffp-contract=fast"]
 
 
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
+def _c(a, dtype=None) -> np.ndarray:
+    """`a` as a C-contiguous array, of `dtype` if given: no copy if it already is (what the
+    loops walk). (Not np.ascontiguousarray: that turns a 0-d array into a 1-d one.)"""
+    if isinstance(a, np.ndarray) and a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
+        return a
+    return np.array(a, dtype=dtype, order="C")
+
+
+def _square_stack(a) -> bool:
+    """(..., T, T) with T >= 1, C-contiguous: the layout the softmax passes walk in place."""
+    return a.ndim >= 2 and a.shape[-1] == a.shape[-2] >= 1 and a.flags.c_contiguous
+
+
+def _adds_in_place(totals, others) -> bool:
+    """What add_square_sum's loop walks: C-contiguous arrays, the totals float32 or float64,
+    all of one dtype (and, with others, writable); each list of `others` as long as totals,
+    with arrays of their totals' dtype and shape. (Whether an array added into a total
+    overlaps it, the C function checks from the addresses.)"""
+    dtype = totals[0].dtype if len(totals) else None
+    if dtype is None or dtype.char not in "fd" or any(len(o) != len(totals) for o in others):
+        return False
+    for total, *added in zip(totals, *others):
+        flags = total.flags
+        if total.dtype != dtype or not flags.c_contiguous or added and not flags.writeable:
+            return False
+        for other in added:
+            if (getattr(other, "dtype", None) != dtype or other.shape != total.shape
+                    or not other.flags.c_contiguous):
+                return False
+    return True
 
 
 class CompilerError(RuntimeError):
@@ -213,7 +244,7 @@ def _ptr(a: np.ndarray) -> int:
 def relu_squared(x):
     fn = _fn("relu_squared", np.result_type(x))  # (the references also take 0-d arrays)
     if fn is None:
-        return _reference("relu_squared", x)
+        return references.relu_squared(x)
     x = _c(x)
     y = np.empty_like(x)
     fn(_ptr(x), _ptr(y), x.size)
@@ -223,7 +254,7 @@ def relu_squared(x):
 def relu_squared_backward(dout, x):
     fn = _fn("relu_squared_backward", np.result_type(x))
     if fn is None or np.shape(dout) != np.shape(x):
-        return _reference("relu_squared_backward", dout, x)
+        return references.relu_squared_backward(dout, x)
     x = _c(x)
     dout = _c(dout, x.dtype)
     dx = np.empty_like(x)
@@ -234,7 +265,7 @@ def relu_squared_backward(dout, x):
 def rms_norm_forward(x, weight, eps):
     fn = _fn("rms_norm_forward", x.dtype)
     if fn is None or x.ndim == 0 or x.shape[-1] == 0 or np.shape(weight) != x.shape[-1:]:
-        return _reference("rms_norm_forward", x, weight, eps)
+        return references.rms_norm_forward(x, weight, eps)
     c = x.shape[-1]
     x2 = _c(x).reshape(-1, c)
     y = np.empty_like(x2)
@@ -248,7 +279,7 @@ def rms_norm_backward(dout, x, r, weight):
     fn = _fn("rms_norm_backward", x.dtype)
     if (fn is None or x.ndim == 0 or x.shape[-1] == 0 or np.shape(dout) != x.shape
             or np.shape(weight) != x.shape[-1:] or np.size(r) * x.shape[-1] != x.size):
-        return _reference("rms_norm_backward", dout, x, r, weight)
+        return references.rms_norm_backward(dout, x, r, weight)
     c = x.shape[-1]
     x2 = _c(x).reshape(-1, c)
     d2 = _c(dout, x.dtype).reshape(-1, c)
@@ -259,12 +290,12 @@ def rms_norm_backward(dout, x, r, weight):
 
 
 # Causal self-attention's softmax passes (the products around them are NumPy's BLAS calls in
-# functional.causal_self_attention_forward/backward). As in the reference, the matrices are
-# transposed, keys along rows: st[j, i] = k_j . q_i; one C call covers every (batch, head).
+# references.causal_self_attention_forward/backward, where the whole-attention loops below
+# do not fit). As in the reference, the matrices are transposed, keys along rows: st[j, i] = k_j . q_i; one C call covers every (batch, head).
 def causal_softmax_columns(st, scale):
     fn = _fn("causal_softmax_columns", st.dtype)
-    if fn is None or not square_stack(st):
-        return _reference("causal_softmax_columns", st, scale)
+    if fn is None or not _square_stack(st):
+        return references.causal_softmax_columns(st, scale)
     T = st.shape[-1]
     m, total = np.empty(T, dtype=st.dtype), np.empty(T, dtype=st.dtype)  # scratch
     fn(_ptr(st), st.size // (T * T), T, scale, _ptr(m), _ptr(total))  # st -> P^T, in place
@@ -273,9 +304,9 @@ def causal_softmax_columns(st, scale):
 
 def softmax_backward_columns(dst, pt, scale):
     fn = _fn("softmax_backward_columns", dst.dtype)
-    if (fn is None or not square_stack(dst) or np.shape(pt) != dst.shape
+    if (fn is None or not _square_stack(dst) or np.shape(pt) != dst.shape
             or np.may_share_memory(dst, pt)):  # the C arguments never overlap (restrict)
-        return _reference("softmax_backward_columns", dst, pt, scale)
+        return references.softmax_backward_columns(dst, pt, scale)
     T = dst.shape[-1]
     pt, scratch = _c(pt, dst.dtype), np.empty(T, dtype=dst.dtype)
     fn(_ptr(dst), _ptr(pt), dst.size // (T * T), T, scale, _ptr(scratch))  # -> dS^T, in place
@@ -283,7 +314,8 @@ def softmax_backward_columns(dst, pt, scale):
 
 
 # The whole causal attention (kernels.c: products that skip the future, and the softmax passes
-# between them), for the sizes its vector loops take; the reference for any other.
+# between them), for the sizes its vector loops take; for any other the reference, with the
+# C softmax passes above between its BLAS products.
 def _attention(name, qkv, n_head):
     """The C function `name` for this qkv (B, T, 3C) and n_head, with the head size, or
     (None, 0) where the loops do not take these sizes."""
@@ -297,7 +329,7 @@ def _attention(name, qkv, n_head):
 def causal_self_attention_forward(qkv, n_head, scale):
     fn, hd = _attention("causal_attention_forward", qkv, n_head)
     if fn is None:
-        return _reference("causal_self_attention_forward", qkv, n_head, scale)
+        return references.causal_self_attention_forward(qkv, n_head, scale, causal_softmax_columns)
     B, T, C3 = qkv.shape
     qkv = _c(qkv)
     y = np.empty((B, T, C3 // 3), dtype=qkv.dtype)
@@ -314,7 +346,8 @@ def causal_self_attention_backward(dy, qkv, pt, n_head, scale):
         if np.shape(dy) != (B, T, C3 // 3) or np.shape(pt) != (B, n_head, T, T):
             fn = None
     if fn is None:
-        return _reference("causal_self_attention_backward", dy, qkv, pt, n_head, scale)
+        return references.causal_self_attention_backward(dy, qkv, pt, n_head, scale,
+                                                         softmax_backward_columns)
     qkv = _c(qkv)
     dy, pt = _c(dy, qkv.dtype), _c(pt, qkv.dtype)  # read only; the outputs below are new
     dqkv = np.empty_like(qkv)
@@ -331,7 +364,7 @@ def _targets(targets) -> np.ndarray:
 def cross_entropy_forward(logits, targets):
     fn = _fn("cross_entropy_forward", logits.dtype)
     if fn is None or logits.ndim != 2 or np.shape(targets) != logits.shape[:1] or logits.size == 0:
-        return _reference("cross_entropy_forward", logits, targets)
+        return references.cross_entropy_forward(logits, targets)
     logits, targets = _c(logits), _targets(targets)
     n, v = logits.shape
     probs = np.empty_like(logits)
@@ -347,7 +380,7 @@ def cross_entropy_backward(dout, probs, targets):
     if (fn is None or not probs.flags.c_contiguous  # in place: it must be probs itself
             or probs.ndim != 2 or np.shape(targets) != probs.shape[:1]
             or np.may_share_memory(probs, targets)):  # (restrict; and checked, then reread)
-        return _reference("cross_entropy_backward", dout, probs, targets)
+        return references.cross_entropy_backward(dout, probs, targets)
     t = probs.dtype.type
     n, v = probs.shape
     targets = _targets(targets)
@@ -360,7 +393,7 @@ def scatter_add_rows(target, indices, rows):
     if (fn is None or not target.flags.c_contiguous or target.ndim != 2  # in place on target
             or np.shape(rows) != (np.size(indices), target.shape[1])
             or np.may_share_memory(target, rows) or np.may_share_memory(target, indices)):
-        return _reference("scatter_add_rows", target, indices, rows)
+        return references.scatter_add_rows(target, indices, rows)
     if indices.size == 0:
         return None
     indices, rows = _targets(indices).reshape(-1), _c(rows, target.dtype)
@@ -389,8 +422,8 @@ def add_square_sum(totals, *others):
     """totals[i] += others[k][i], then the sum of the totals' squares, in one C call. Its
     arguments travel in one int64 table: the sizes, the totals' addresses, then the others'
     (a NumPy array per list, or a check per array in NumPy, cost more than the pass saved)."""
-    if not adds_in_place(totals, others):
-        return _reference("add_square_sum", totals, *others)
+    if not _adds_in_place(totals, others):
+        return references.add_square_sum(totals, *others)
     count = len(totals)
     table = np.array([t.size for t in totals] + [_ptr(a) for a in itertools.chain(totals, *others)],
                      dtype=np.int64)
@@ -398,11 +431,21 @@ def add_square_sum(totals, *others):
     squares = _fn("add_square_sum", totals[0].dtype)(
         count, len(others), at + 8 * count, at + 16 * count if others else None, at)
     if squares < 0:  # an array added into a total overlaps it: nothing was written
-        return _reference("add_square_sum", totals, *others)
+        return references.add_square_sum(totals, *others)
     return squares
 
 
-KERNELS = {name: globals()[name] for name in COMPILED + C_ONLY}  # the references' names
+KERNELS = {  # the references' names -> their C twins
+    "relu_squared": relu_squared, "relu_squared_backward": relu_squared_backward,
+    "rms_norm_forward": rms_norm_forward, "rms_norm_backward": rms_norm_backward,
+    "causal_softmax_columns": causal_softmax_columns,
+    "softmax_backward_columns": softmax_backward_columns,
+    "causal_self_attention_forward": causal_self_attention_forward,
+    "causal_self_attention_backward": causal_self_attention_backward,
+    "cross_entropy_forward": cross_entropy_forward, "cross_entropy_backward": cross_entropy_backward,
+    "scatter_add_rows": scatter_add_rows, "adamw_update": adamw_update,
+    "add_square_sum": add_square_sum,
+}
 
 
 _loading = threading.Lock()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import autograd, ops, precision
+from . import autograd, graph, ops, precision
 
 _FLOAT_KINDS = ("f",)
 
@@ -257,9 +257,10 @@ class Tensor:
     # ---- pictures (graph.py) --------------------------------------------------------------
     def to_dot(self) -> str:
         """Graphviz DOT text of the graph that produced this tensor."""
-        from .graph import to_dot
+        return graph.to_dot(self)
 
-        return to_dot(self)
+
+autograd.use_tensor_class(Tensor)  # every op's output is a Tensor (autograd cannot import us)
 
 
 def _raw(x):

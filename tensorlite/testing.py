@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from .autograd import grad, jvp
 from .gradcheck import GradcheckError, gradcheck
+from .higher_order import grad, jvp
 from .tensor import Tensor, concatenate
 
 __all__ = [

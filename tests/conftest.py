@@ -18,8 +18,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 @pytest.fixture(scope="session", autouse=True)
 def kernels_loaded():
     """Load this process's kernels once up front: on a fresh checkout the C kernels compile
-    here (~1 s; with TENSORLITE_KERNELS=numba, numba's ~20-30 s), so the CLI tests'
-    subprocesses find them cached and run the same path as the test session. Where the C
+    here (~1 s), so the CLI tests' subprocesses find them cached and run the same path as
+    the test session. Where the C
     kernels cannot be built (no compiler) the subprocesses are told the path in use, so
     they do not each print the fallback line into the output the CLI tests check."""
     os.environ.setdefault("TENSORLITE_KERNELS", kernels.kernel_path())

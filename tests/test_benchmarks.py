@@ -3,6 +3,7 @@ do, and profile_step reports per step whatever the number of steps."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,26 @@ def test_targets_script_names_scripts_and_flags_that_exist():
                                            check=True).stdout
         for flag in (w for w in words if w.startswith("--")):
             assert flag in helps[target], f"{' '.join(target)} has no {flag}"
+
+
+@pytest.mark.parametrize("flags", [["--rounds", "0"], ["--steps", "0"], ["--mb", "0"],
+                                   ["--parts", "prepare,nope"], ["--source", "missing.txt"]])
+def test_token_files_benchmark_refuses_what_it_cannot_run_in_one_line(tmp_path, flags):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "token_files.py"), *flags],
+                         capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and flags[0] in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_token_files_benchmark_prints_prepare_figures(tmp_path):
+    source = tmp_path / "s.txt"
+    source.write_text("the cat sat on the mat; the dog sat on the log.\n" * 400)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "token_files.py"), "--mb",
+                          "0.1", "--rounds", "1", "--parts", "prepare", "--bpe-vocab", "300",
+                          "--source", str(source), "--tmp", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    for kind in ("char", "bpe"):
+        assert re.search(rf"^  {kind} +[\d.]+ \[[\d.]+-[\d.]+\] s +[\d.]+ \[.*\] MB/s +\d+ \[.*\] MB$",
+                         out.stdout, re.MULTILINE), out.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.txt"]  # its temp folder is gone

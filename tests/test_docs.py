@@ -94,7 +94,7 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 GPT_COMMAND = re.compile(r"python3? -m ((?:gpt|tensorlite)\.\w+)((?: +(?!&&|\||#)[^\s`]+)*)")
 # Commands of other tools whose flags the docs quote (`docker --cpus 2`, `pip install -e`)
 OTHER_TOOLS = re.compile(r"^\s*(?:\w+=\S+\s+)*(?:python3? -m (?:pip|pytest)|pip|pytest|docker|"
-                         r"dask-worker|dask-scheduler|git|dot|curl|ruff|apt|brew|uvicorn)\b")
+                         r"dask[ -]worker|dask[ -]scheduler|git|dot|curl|ruff|apt|brew|uvicorn)\b")
 
 
 def _parser_flags(parser: argparse.ArgumentParser) -> set[str]:

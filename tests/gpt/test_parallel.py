@@ -299,26 +299,6 @@ def test_a_fresh_install_says_once_that_it_compiles_or_falls_back(text_file, tmp
         assert said[1].startswith("tensorlite: C kernels compiled in ")
 
 
-def numba_available() -> bool:
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
-def test_numba_on_its_workqueue_layer_trains_on_one_thread(text_file, tmp_path,
-                                                           one_worker_losses):
-    """numba's workqueue threading layer (where neither OpenMP nor TBB is found) aborts the
-    process when two threads enter it: --threads 2 then trains on one thread and says why."""
-    r = run_train(text_file, tmp_path, "--threads", "2",
-                  env={"TENSORLITE_KERNELS": "numba", "NUMBA_THREADING_LAYER": "workqueue"})
-    assert r.returncode == 0, r.stderr
-    assert "training on one thread, not 2: the numba kernels run on numba's workqueue" in r.stderr
-    assert_same_losses(logged_losses(tmp_path), one_worker_losses)
-
-
 def test_a_crashed_worker_is_a_one_line_cli_error(text_file, tmp_path, monkeypatch, capsys):
     from gpt import train
 

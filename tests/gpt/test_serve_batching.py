@@ -233,6 +233,26 @@ def test_more_choices_than_slots_and_queue_hold_is_400_not_429(tiny_model):
         assert status == 200 and len(body["choices"]) == 3  # 2 in slots, 1 waiting its turn
 
 
+class BrokenDecoder:
+    """A batch decoder with a bug: every read of a prompt fails."""
+
+    def prefill(self, slot, ids):
+        raise RuntimeError("boom")
+
+
+def test_a_bug_in_a_step_is_a_500_and_the_batcher_goes_on(tiny_model, monkeypatch):
+    model, tok = tiny_model
+    monkeypatch.setattr(model, "batch_decoder", lambda slots: BrokenDecoder(), raising=False)
+    with running(create_app(model, tok, "tiny", 100, API_KEY)) as url:
+        for _ in range(2):  # the second is answered too: the batcher thread lives on
+            status, body = post(url, "/v1/completions", {"prompt": "The", "max_tokens": 3})
+            assert status == 500 and "sampling failed: RuntimeError: boom" in body["error"][
+                "message"]
+        status, _, data = request(url, "POST", "/v1/completions",
+                                  {"prompt": "The", "max_tokens": 3, "stream": True}, AUTH)
+        assert status == 200 and events(data)[-1]["error"]["code"] == "server_error"
+
+
 def test_the_time_limit_ends_a_request(tiny_model):
     with small_server(tiny_model, time_limit=0.3) as (url, state):
         started = time.monotonic()

@@ -226,12 +226,6 @@ def test_more_shards_than_cores_get_a_one_line_note(monkeypatch, capsys, threads
         assert note in err and err.count("\n") == 1
 
 
-def test_kernels_that_threads_may_not_share_are_refused(monkeypatch):
-    monkeypatch.setattr(tl.kernels, "thread_safe", lambda: False)
-    with pytest.raises(ValueError, match="workqueue threading layer"):
-        ThreadShards(GPT(TINY, dtype=np.float64, seed=1), 2)
-
-
 def test_closing_gives_blas_its_threads_back():
     """BLAS runs one thread only while the shards are open: training, then sampling or a
     benchmark in the same process, gets its matmuls back on every thread."""

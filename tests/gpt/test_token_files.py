@@ -309,6 +309,10 @@ def test_forget_pages_unmaps_what_batches_touched_and_keeps_the_values(prepared)
     gd.forget_pages(data.train)
     assert mapped_kb(path) == 0
     np.testing.assert_array_equal(data.train, before)  # read again from the file cache
+    gd.forget_pages(data.train)
+    x, _ = gd.get_batch(data.train, 16, 8, np.random.default_rng(0))  # batches unmap as they go
+    assert mapped_kb(path) == 0
+    np.testing.assert_array_equal(x, gd.get_batch(before, 16, 8, np.random.default_rng(0))[0])
     gd.forget_pages(np.arange(5))  # an array in memory: nothing to do
 
 
@@ -343,6 +347,10 @@ def test_worker_processes_read_the_token_files_and_log_the_same_losses(tmp_path,
         return fns
 
     monkeypatch.setattr(gt, "make_grad_fn", counting)
+    assert gt.main(["--data", str(tmp_path / "d"), "--out-dir", str(tmp_path / "small"), *TINY,
+                    *workers]) == 0
+    assert calls == []  # 4 x 16 tokens: cheaper to send as rows
+    monkeypatch.setattr(gt, "BY_REFERENCE_TOKENS", 64)
     assert gt.main(["--data", str(tmp_path / "d"), "--out-dir", str(tmp_path / "files"), *TINY,
                     *workers]) == 0
     capsys.readouterr()
