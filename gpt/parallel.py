@@ -273,7 +273,12 @@ class DaskCluster:
             raise RuntimeError(
                 f"cannot reach the dask scheduler at {scheduler} ({e}); is it running?"
             ) from None
-        self._known = set(self._worker_threads())  # the workers seen so far, by address
+        try:
+            self._known = set(self._worker_threads())  # the workers seen so far, by address
+        except _Lost as e:
+            self.close()
+            raise RuntimeError(f"the dask scheduler at {scheduler} does not answer ({e})"
+                               ) from None
 
     def _worker_threads(self) -> dict[str, int]:
         """{address: threads} of the workers the scheduler has now; raises _Lost when the
