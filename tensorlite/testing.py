@@ -4,6 +4,8 @@ strategies for float arrays, Tensors and broadcastable shape pairs;
 `check_grads`, the same for second derivatives and forward mode; and `check_vjp` /
 `check_jvp`, which verify the hand-written gradient of a plain NumPy function (no
 tensorlite needed) by letting hypothesis search shapes and values for a counterexample.
+Every check here takes its finite differences with one loop (`central_differences`) and
+judges them with one tolerance rule (`_excess`); `tl.gradcheck` is the first of them.
 
     from hypothesis import given
     from tensorlite.testing import tensors, assert_gradients_match
@@ -20,13 +22,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
-from .gradcheck import GradcheckError, gradcheck
+from .autograd import no_grad
 from .higher_order import grad, jvp
 from .tensor import Tensor, concatenate
+
+# hypothesis is imported inside the functions that use it: `import tensorlite` loads this
+# module (for tl.gradcheck), and hypothesis takes about a second to import.
 
 __all__ = [
     "GradcheckError",
@@ -36,13 +38,133 @@ __all__ = [
     "check_grads",
     "check_jvp",
     "check_vjp",
+    "gradcheck",
     "shapes",
     "tensors",
 ]
 
 
+class GradcheckError(AssertionError):
+    """An analytic gradient disagrees with finite differences (names where and by how much)."""
+
+
+# ---- the one finite-difference loop and the one tolerance rule --------------------------------
+def central_difference(value_at: Callable, eps: float):
+    """(value_at(eps) - value_at(-eps)) / (2 eps), where value_at(s) is f at x + s v: the
+    derivative of f along v. The one finite-difference formula of every check here."""
+    return (value_at(eps) - value_at(-eps)) / (2 * eps)
+
+
+def central_differences(value: Callable[[], float], x: np.ndarray, eps: float) -> np.ndarray:
+    """d value() / dx for every element of x, each by `central_difference` along that
+    element's axis, nudging x in place (restored before the next element)."""
+    numeric = np.empty(x.shape)
+    for where in np.ndindex(x.shape):
+        orig = x[where]
+
+        def value_at(step, where=where, orig=orig):
+            x[where] = orig + step
+            return value()
+
+        numeric[where] = central_difference(value_at, eps)
+        x[where] = orig
+    return numeric
+
+
+def _excess(got, expected, atol: float, rtol: float) -> np.ndarray:
+    """How far each element of `got` lies past the tolerance around `expected`: positive
+    where |got - expected| > atol + rtol * |expected|, and inf where either side is NaN."""
+    bad = np.abs(np.asarray(got, dtype=np.float64) - expected) - (atol + rtol * np.abs(expected))
+    return np.where(np.isnan(bad), np.inf, bad)
+
+
+def _first_mismatch(got, expected, atol: float, rtol: float):
+    """The first element (in index order) past the tolerance, or None."""
+    bad = np.argwhere(_excess(got, expected, atol, rtol) > 0)
+    return None if len(bad) == 0 else tuple(int(i) for i in bad[0])
+
+
+def _worst_mismatch(got: np.ndarray, expected: np.ndarray, atol: float, rtol: float):
+    """The index of the element furthest past the tolerance, or None when all are within it."""
+    bad = _excess(got, expected, atol, rtol)
+    if not np.any(bad > 0):
+        return None
+    return np.unravel_index(np.argmax(bad), bad.shape) if bad.ndim else ()
+
+
+def _close(got, expected, atol: float, rtol: float) -> bool:
+    return _worst_mismatch(np.asarray(got), expected, atol, rtol) is None
+
+
+def gradcheck(
+    fn: Callable[..., Tensor],
+    inputs: Sequence[Tensor],
+    eps: float = 1e-6,
+    atol: float = 1e-5,
+    rtol: float = 1e-3,
+    seed: int = 0,
+) -> bool:
+    """Check d(fn)/d(input) for every input that requires grad. True, or GradcheckError.
+
+    The analytic gradient (backward) is compared with central finite differences, element
+    by element, projected on a random cotangent u:
+
+        d<u, f(x)>/dx_i  ~  (<u, f(x + eps e_i)> - <u, f(x - eps e_i)>) / (2 eps)
+
+    A random u (not a `.sum()`) catches bugs that are symmetric across output elements.
+    `fn(*inputs)` must return a Tensor. Each input that should be checked must have
+    requires_grad=True (float64 recommended: the check runs in the inputs' dtype, and
+    float32 differences are too noisy to tell a bug from rounding). The inputs' `.grad` is
+    reset to None before and after the check.
+    """
+    inputs = list(inputs)
+    for t in inputs:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"gradcheck: inputs must be Tensors, got {type(t).__name__}")
+    checked = [i for i, t in enumerate(inputs) if t.requires_grad]
+    if not checked:
+        raise ValueError("gradcheck: no input has requires_grad=True, nothing to check")
+    for t in inputs:
+        t.grad = None
+    out = _output_of(fn(*inputs), "gradcheck")
+    u = np.random.default_rng(seed).standard_normal(out.shape).astype(out.dtype)
+    if not out.requires_grad:
+        raise GradcheckError("gradcheck: the output does not depend on any input that requires grad")
+    out.backward(u)
+    analytic = {i: (inputs[i].grad if inputs[i].grad is not None else np.zeros_like(inputs[i].data))
+                for i in checked}
+    for t in inputs:
+        t.grad = None
+
+    def projected() -> float:  # <u, fn(inputs)>
+        with no_grad():
+            return float(np.sum(u * _output_of(fn(*inputs), "gradcheck").data, dtype=np.float64))
+
+    for i in checked:
+        x = inputs[i].data  # nudged in place by central_differences, then restored
+        numeric = central_differences(projected, x, eps)
+        where = _first_mismatch(analytic[i], numeric, atol, rtol)
+        if where is not None:
+            a, n = float(analytic[i][where]), float(numeric[where])
+            raise GradcheckError(
+                f"gradcheck: input {i} (shape {x.shape}), element {where}: "
+                f"analytic {a:.8g} vs numeric {n:.8g} "
+                f"(|diff| {abs(a - n):.3g} > atol {atol} + rtol {rtol} * |numeric|)"
+            )
+    return True
+
+
+def _output_of(out, who: str) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{who}: fn must return a Tensor, got {type(out).__name__}")
+    return out
+
+
+# ---- strategies --------------------------------------------------------------------------------
 def shapes(min_dims: int = 0, max_dims: int = 3, min_side: int = 1, max_side: int = 4):
     """Array shapes, e.g. (), (3,), (1, 4, 2)."""
+    from hypothesis.extra import numpy as hnp
+
     return hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=min_side, max_side=max_side)
 
 
@@ -60,6 +182,9 @@ def arrays(
     values at least `margin` away from a kink (relu at 0, say), so finite differences are
     taken on one side of it.
     """
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+
     shape = shapes() if shape is None else shape
     elements = st.floats(min_value, max_value, allow_nan=False, allow_infinity=False, width=64)
     if away_from is not None:
@@ -74,6 +199,8 @@ def tensors(dtype=np.float64, shape=None, requires_grad: bool = True, **kwargs):
 
 def broadcastable_shapes(num_shapes: int = 2, min_dims: int = 0, max_dims: int = 3, max_side: int = 4):
     """Tuples of `num_shapes` shapes that broadcast together (size-1 axes included)."""
+    from hypothesis.extra import numpy as hnp
+
     return hnp.mutually_broadcastable_shapes(
         num_shapes=num_shapes, min_dims=min_dims, max_dims=max_dims, max_side=max_side
     ).map(lambda r: r.input_shapes)
@@ -114,20 +241,6 @@ def _check_unchanged(ts: list, before: list) -> None:
     for i, (t, b) in enumerate(zip(ts, before)):
         if not np.array_equal(t.data, b):
             raise GradcheckError(f"input {i} was modified in place by fn")
-
-
-def _close(got, expected, atol: float, rtol: float) -> bool:
-    return _worst_mismatch(np.asarray(got), expected, atol, rtol) is None
-
-
-def _worst_mismatch(got: np.ndarray, expected: np.ndarray, atol: float, rtol: float):
-    """The index of the element furthest past the tolerance, or None when all are within it.
-    A NaN on either side is a mismatch (it compares as nothing)."""
-    bad = np.abs(got - expected) - (atol + rtol * np.abs(expected))
-    bad = np.where(np.isnan(bad), np.inf, bad)
-    if not np.any(bad > 0):
-        return None
-    return np.unravel_index(np.argmax(bad), bad.shape) if bad.ndim else ()
 
 
 # ---- second order and forward mode, on tensorlite functions ------------------------------------
@@ -188,9 +301,7 @@ def _gradient_function(fn, ts: list, rng) -> Callable[..., Tensor]:
 
 
 def _as_tensor_output(out) -> Tensor:
-    if not isinstance(out, Tensor):
-        raise TypeError(f"check_grads: fn must return a Tensor, got {type(out).__name__}")
-    return out
+    return _output_of(out, "check_grads")
 
 
 def _moved(fn, ts: list, i: int, step: np.ndarray) -> np.ndarray:
@@ -207,8 +318,7 @@ def _check_one_order(fn, ts, level, modes, eps, atol, rtol, rng) -> None:
         if not x.requires_grad:
             continue
         v = rng.standard_normal(x.shape)
-        plus, minus = (_moved(fn, ts, i, step * v) for step in (eps, -eps))
-        numeric = (plus - minus) / (2 * eps)  # d fn along v, shaped like fn's output
+        numeric = central_difference(lambda s, i=i, v=v: _moved(fn, ts, i, s * v), eps)  # along v
         where = f"order {level} ({what}), input {i} (shape {x.shape}), along a random direction"
         if "rev" in modes:
             (g,) = grad(_as_tensor_output(fn(*ts)), [x], grad_outputs=u)
@@ -269,15 +379,14 @@ def check_vjp(
                 raise GradcheckError(
                     f"check_vjp: f_vjp's gradient for argument {i} has shape {g.shape}, "
                     f"the argument {x.shape}" + _case(xs, dout))
-            for where in np.ndindex(x.shape):
-                step = np.zeros_like(x)
-                step[where] = eps
-                plus, minus = (np.sum(dout * _call(f, xs, i, s)) for s in (step, -step))
-                expected = (plus - minus) / (2 * eps)
-                if not _close(g[where], expected, atol, rtol):
-                    raise GradcheckError(
-                        f"check_vjp: argument {i} (shape {x.shape}), element {where}: expected "
-                        f"{expected:.8g} (finite differences), got {g[where]:.8g}" + _case(xs, dout))
+            numeric = central_differences(  # d<dout, f(xs)>/dx, x nudged in place
+                lambda: float(np.sum(dout * np.asarray(f(*xs), dtype=np.float64))), x, eps)
+            where = _first_mismatch(g, numeric, atol, rtol)
+            if where is not None:
+                raise GradcheckError(
+                    f"check_vjp: argument {i} (shape {x.shape}), element {where}: expected "
+                    f"{numeric[where]:.8g} (finite differences), got {g[where]:.8g}"
+                    + _case(xs, dout))
 
     _search(check, shapes, **search)
 
@@ -304,7 +413,7 @@ def check_jvp(
         tangents = [draw(arrays(shape=x.shape), label=f"tangent {i}") for i, x in enumerate(xs)]
         for i, x in enumerate(xs):
             only = tuple(t if j == i else np.zeros_like(t) for j, t in enumerate(tangents))
-            expected = (_call(f, xs, i, eps * only[i]) - _call(f, xs, i, -eps * only[i])) / (2 * eps)
+            expected = central_difference(lambda s, i=i, d=only[i]: _call(f, xs, i, s * d), eps)
             got = np.broadcast_to(np.asarray(f_jvp(only, *xs), dtype=np.float64), expected.shape)
             e = _worst_mismatch(got, expected, atol, rtol)
             if e is not None:
@@ -328,6 +437,8 @@ def _case(xs, extra, name: str = "dout") -> str:
 
 def _shape_strategy(shapes, max_side: int):
     """Tuples of concrete shapes: names in `shapes` become sizes hypothesis chooses."""
+    from hypothesis import strategies as st
+
     if isinstance(shapes, st.SearchStrategy):
         return shapes
     names = sorted({d for s in shapes for d in s if isinstance(d, str)})
@@ -340,6 +451,9 @@ def _shape_strategy(shapes, max_side: int):
 def _search(check, shapes, max_examples: int | None = None, max_side: int = 4,
             min_value: float = -2.0, max_value: float = 2.0) -> None:
     """Run check(inputs, draw) on inputs hypothesis draws, until it fails or the examples run out."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
     extra = {} if max_examples is None else {"max_examples": max_examples}
 
     @settings(deadline=None, database=None, suppress_health_check=list(HealthCheck), **extra)

@@ -282,3 +282,46 @@ def test_following_the_docs_leaves_the_clone_clean():
     wrong = [f"{page}: writes {p}, which .gitignore does not ignore" for page, p in sorted(written)
              if not _gitignored(p, patterns)]
     assert not wrong, "\n".join(wrong)
+
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def test_every_link_to_a_section_finds_its_heading():
+    """Links like [..](gpt.md#checkpoints) or [..](#appendix-...) land on a real heading, so
+    moving a section (autograd.md's kernels to performance.md, gpt.md's checkpoint files to
+    training.md) cannot leave a dead link behind."""
+    anchors = {}
+    for path in PAGES:
+        text = FENCED_BLOCK.sub("", path.read_text(encoding="utf-8"))
+        anchors[path.resolve()] = {github_anchor(h) for h in re.findall(r"^#+ (.*)$", text, re.MULTILINE)}
+    wrong, links = [], 0
+    for path in PAGES:
+        text = FENCED_BLOCK.sub("", path.read_text(encoding="utf-8"))
+        for target, anchor in re.findall(r"\]\(([\w./-]*\.md|)#([\w-]+)\)", text):
+            links += 1
+            page = (path.parent / target).resolve() if target else path.resolve()
+            if anchor not in anchors.get(page, set()):
+                wrong.append(f"{path.name}: link to {target or path.name}#{anchor} finds no heading")
+    assert links >= 10
+    assert not wrong, "\n".join(wrong)
+
+
+def test_start_here_names_every_graded_exercise_in_order():
+    """README's "Start here" table puts each exercise of `python -m tensorlite.exercises` after
+    the step it belongs to: all of them, in the order `list` gives, numbered as it numbers them."""
+    from tensorlite.exercises import EXERCISES
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### Start here", 1)[1].split("\n### ", 1)[0]
+    names = [e.name for e in EXERCISES]
+    named = [n for n in re.findall(r"`(\w+)`", table) if n in names]
+    assert named == names
+    numbered = re.findall(r"\| (\d+)(?:-\d+)?: `(\w+)`", table)  # "| 10-11: `hessian_...`"
+    assert len(numbered) >= 4
+    for number, first in numbered:
+        assert names[int(number) - 1] == first, f"exercise {number} is {names[int(number) - 1]}"

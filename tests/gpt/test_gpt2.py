@@ -334,21 +334,51 @@ def test_init_from_fine_tunes_a_gpt2_folder_and_a_run(tmp_path, tok_dir):
     assert r.returncode == 2 and "neither a run folder" in r.stderr
 
 
-def test_fine_tuning_starts_from_the_pretrained_weights(tmp_path, tok_dir):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fine_tuning_starts_from_the_pretrained_weights(tmp_path, tok_dir, dtype):
     """In process: the model a --init-from run builds has GPT-2's weights before its first
-    step, and its first loss is transformers' loss on the same batch."""
+    step (float32 master weights in bfloat16 too), a fresh optimizer, and (float32) the
+    logits of transformers on the same tokens."""
     from gpt import train as gt
 
     folder, hf = model_dir(tmp_path, tok_dir, "hf", n_layer=1, n_head=2, n_embd=16, block=16)
     text = tmp_path / "mine.txt"
     text.write_text(CORPUS[0] * 3, encoding="utf-8")
     cfg, given = gt.parse_args(["--init-from", str(folder), "--data", str(text), "--out-dir",
-                                str(tmp_path / "t"), "--max-iters", "1"])
+                                str(tmp_path / "t"), "--max-iters", "1", "--dtype", dtype])
     run = gt.set_up(cfg, given)
     try:
         assert run.opt.state_dict()["step"] == 0 and run.start_iter == 0
-        x = np.array([run.tokenizer.encode(CORPUS[0][:200])[:16]])
-        want = hf(torch.from_numpy(x)).logits.detach().numpy()
-        np.testing.assert_allclose(run.model(x)[0].data, want, rtol=0, atol=1e-5)
+        ours = convert.weights_to_hf({n: p.data for n, p in run.model.params.items()},
+                                     run.model.config)
+        for name, p in hf.named_parameters():
+            np.testing.assert_array_equal(ours[name], p.detach().numpy(), err_msg=name)
+        if dtype == "float32":
+            x = np.array([run.tokenizer.encode(CORPUS[0][:200])[:16]])
+            want = hf(torch.from_numpy(x)).logits.detach().numpy()
+            np.testing.assert_allclose(run.model(x)[0].data, want, rtol=0, atol=1e-5)
     finally:
         run.fns.close()
+
+
+def test_serve_answers_with_a_converted_gpt2(tmp_path, tok_dir):
+    """gpt.serve's app on a run converted from GPT-2: a greedy completion is the model's own
+    greedy continuation, decoded by GPT-2's tokenizer."""
+    import urllib.request
+
+    from gpt.sample import generate
+    from gpt.serve import create_app, running
+
+    folder, _ = model_dir(tmp_path, tok_dir, "hf", n_layer=1, n_head=2, n_embd=16, block=32)
+    convert.from_hf(str(folder), str(tmp_path / "run"))
+    model, tokenizer = load_model(str(tmp_path / "run"))
+    want = generate(model, tokenizer, "First Citizen", 6, temperature=0.0)
+    app = create_app(model, tokenizer, "gpt2", 100, "key")
+    body = json.dumps({"model": "gpt2", "prompt": "First Citizen", "max_tokens": 6,
+                       "temperature": 0}).encode()
+    with running(app) as url:
+        req = urllib.request.Request(url + "v1/completions", data=body, headers={
+            "Content-Type": "application/json", "Authorization": "Bearer key"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+    assert "First Citizen" + answer["choices"][0]["text"] == want

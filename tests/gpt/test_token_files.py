@@ -359,3 +359,28 @@ def test_worker_processes_read_the_token_files_and_log_the_same_losses(tmp_path,
     keys = ("iter", "train_loss", "grad_norm", "val_loss")
     assert ([{k: r.get(k) for k in keys} for r in metrics(tmp_path / "text")]
             == [{k: r.get(k) for k in keys} for r in metrics(tmp_path / "files")])
+
+
+def test_only_workers_on_this_machine_are_sent_windows_by_reference(monkeypatch):
+    """A dask worker may run on a machine without the token files: it gets the rows."""
+    from gpt.config import GPTConfig, TrainConfig
+    from gpt.model import GPT
+
+    class Workers:  # stands in for gpt.parallel.DataParallel: no process started
+        def __init__(self, model, **settings):
+            self.grad_norm = None
+
+        def loss_and_grads(self, x, y, rng):
+            return 0.0
+
+        def loss_and_grads_from(self, windows, rng):
+            return 0.0
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("gpt.parallel.DataParallel", Workers)
+    model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8), seed=0)
+    loky = gt.make_grad_fn(model, TrainConfig(workers=2, backend="loky", batch_size=4))
+    dask = gt.make_grad_fn(model, TrainConfig(workers=2, backend="dask", batch_size=4))
+    assert loky.loss_and_grads_from is not None and dask.loss_and_grads_from is None

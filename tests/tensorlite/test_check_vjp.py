@@ -101,3 +101,43 @@ def test_a_jvp_that_gives_nan_fails_the_check():
     # NaN compares as nothing: a check that only asked "is any error too large?" let it pass
     with pytest.raises(GradcheckError, match=r"check_jvp: argument 0 .* got nan"):
         check_jvp(lambda x: x * x, lambda t, x: np.full(x.shape, np.nan), [(3,)])
+
+
+# ---- the cotangent must be random (a mutation pass found an all-ones one passed everything) ----
+def test_a_vjp_that_ignores_dout_is_caught():
+    """d(x*x) is 2x*dout; a VJP returning 2x is right only where dout is all ones. check_vjp
+    draws a random dout, so it must catch it (with an all-ones dout it would pass)."""
+    check_vjp(lambda x: x * x, lambda dout, x: 2 * x * dout, [("N",)])
+    with pytest.raises(GradcheckError, match="argument 0"):
+        check_vjp(lambda x: x * x, lambda dout, x: 2 * x, [("N",)])
+
+
+def test_a_backward_that_ignores_dout_fails_gradcheck():
+    """The same mutation in a Function: gradcheck projects on a random cotangent u, so a
+    backward that returns d(out)/dx without multiplying by dout is caught."""
+    import tensorlite as tl
+    from tensorlite.autograd import Function
+
+    class SquareIgnoringDout(Function):
+        def forward(self, x):
+            self.x = x
+            return x * x
+
+        def backward(self, dout):
+            return 2 * self.x
+
+    x = tl.Tensor(np.array([0.5, -1.5, 2.0]), requires_grad=True)
+    with pytest.raises(GradcheckError, match="input 0"):
+        tl.gradcheck(lambda t: SquareIgnoringDout.apply(t), [x])
+
+
+def test_one_finite_difference_formula_for_every_check():
+    """central_differences nudges each element in place and restores it; its estimate of a
+    known gradient is right to the rounding of the formula."""
+    from tensorlite.testing import central_differences
+
+    x = np.array([[0.3, -1.2], [2.0, 0.7]])
+    before = x.copy()
+    numeric = central_differences(lambda: float(np.sum(np.sin(x))), x, 1e-6)
+    np.testing.assert_allclose(numeric, np.cos(before), rtol=1e-8, atol=1e-9)
+    np.testing.assert_array_equal(x, before)

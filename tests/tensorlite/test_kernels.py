@@ -860,7 +860,8 @@ def test_tune_allocator_can_be_switched_off(monkeypatch):
 
 
 def test_the_c_loop_in_the_docs_is_the_one_in_kernels_c():
-    """docs/performance.md shows the C twin of rms_norm_forward: it must not drift from the code."""
+    """docs/performance.md ("How a kernel is written") shows the C twin of rms_norm_forward:
+    it must not drift from the code."""
     doc = (REPO / "docs" / "performance.md").read_text()
     shown = doc.split("```c\n", 1)[1].split("```", 1)[0]
     assert "KERNEL(rms_norm_forward)" in shown
