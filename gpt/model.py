@@ -19,8 +19,8 @@ import numpy as np
 
 import tensorlite.functional as F
 from tensorlite import Tensor, autocast, no_grad, references
-from tensorlite.bf16 import bf16_operand
 from tensorlite.precision import autocast_dtype
+from tensorlite.references import bf16_operand
 
 from .config import GPTConfig
 
