@@ -1,5 +1,5 @@
-"""GFLOP/s of tensorlite's bf16 GEMM (tensorlite/bf16.py: the AVX512_BF16 twin, and the
-fallback: operands rounded, then sgemm) against NumPy's float32 sgemm, at the products one
+"""GFLOP/s of tensorlite's bf16 GEMM (tensorlite.kernels.matmul_bf16: the AVX512_BF16 twin,
+and the fallback: operands rounded, then sgemm) against NumPy's float32 sgemm, at the products one
 training step of the 6-layer/384 model (block 256, batch 8: 2048 rows) makes, on 1 and 2
 threads. The variants take turns within each round; medians and [min-max] over the rounds.
 
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_name, sgemm_peak, summary
 
 import tensorlite as tl
-from tensorlite import bf16
+from tensorlite import kernels
 
 R, C, V = 2048, 384, 65  # rows (B*T), n_embd, vocab (Tiny Shakespeare's characters)
 SHAPES = {  # name: (m, k, n, transposed operand)
@@ -56,13 +56,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1 or args.repeats < 1 or min(args.threads) < 1:
         sys.exit("bf16_gemm: --rounds, --repeats and --threads must be >= 1")
-    fast = bf16.fast_path_available()
+    fast = kernels.bf16_fast_available()
     print(f"CPU: {cpu_name()}; avx512_bf16 fast path: {'yes' if fast else 'no'}; "
           f"shared machine: figures are noisy")
-    variants = {"sgemm": lambda a, b: a @ b, "bf16 fallback": lambda a, b: bf16.matmul_bf16(
+    variants = {"sgemm": lambda a, b: a @ b, "bf16 fallback": lambda a, b: kernels.matmul_bf16(
         a, b, path="fallback")}
     if fast:
-        variants["bf16 fast"] = lambda a, b: bf16.matmul_bf16(a, b, path="fast")
+        variants["bf16 fast"] = lambda a, b: kernels.matmul_bf16(a, b, path="fast")
     print(f"{'threads':>7}  {'product':<34}" + "".join(f"{v:>22}" for v in variants)
           + f"{'fast/sgemm':>12}")
     for threads in args.threads:

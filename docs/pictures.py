@@ -8,7 +8,7 @@ The graphs are tensorlite's `to_dot()` text, parsed and laid out here and drawn 
 matplotlib (no Graphviz needed); the backward frames come from `tl.trace_backward`; the
 attention numbers, the head split and the model's shapes are computed by the same calls the
 model makes; the mask is tensorlite's own; the float layouts are pi's bits,
-rounded to bfloat16 by tensorlite.bf16. The baby run's loss and attention are drawn from
+rounded to bfloat16 by tensorlite.references. The baby run's loss and attention are drawn from
 its numbers kept in docs/data/ (a 2,000-step run is too slow for a test; --from-run renews
 them), the digit-reversal attention from a 100-step run made here. The screenshot of
 gpt.serve's page is the one picture taken elsewhere (ELSEWHERE says how). matplotlib is the
@@ -536,7 +536,7 @@ def draw_reverse_attention(path: Path) -> Path:
 def float_layouts(x: float = np.pi) -> list[tuple[str, str, tuple[int, int, int]]]:
     """(name, bit string, (sign, exponent, mantissa) widths) of x in float32, bfloat16 (by
     tensorlite.bf16's rounding) and float16."""
-    from tensorlite.bf16 import bfloat16_bits
+    from tensorlite.references import bfloat16_bits
 
     f32 = int(np.float32(x).view(np.uint32))
     bf16 = int(bfloat16_bits(np.float32(x)))

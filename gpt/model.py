@@ -19,8 +19,8 @@ import numpy as np
 
 import tensorlite.functional as F
 from tensorlite import Tensor, autocast, no_grad, references
-from tensorlite.bf16 import bf16_operand
 from tensorlite.precision import autocast_dtype
+from tensorlite.references import bf16_operand
 
 from .config import GPTConfig
 
@@ -161,18 +161,12 @@ class GPT:
     def attention(self, x: Tensor, i: int, B: int, T: int) -> Tensor:
         """Causal multi-head self-attention of block i on x (B*T, C) -> (B*T, C)."""
         C, H = self.config.n_embd, self.config.n_head
-        qkv = self.linear(x, f"h.{i}.attn.c_attn")  # (B*T, 3C): q | k | v
-        if self._attention_maps is None:  # one fused op does it all
-            y = F.causal_self_attention(qkv.reshape(B, T, 3 * C), H)  # (B, T, C)
-            return self.linear(y.reshape(B * T, C), f"h.{i}.attn.c_proj")  # (B*T, C)
-        # attention_maps() is reading the probabilities: split heads without copying, a
-        # (3, B, H, T, hd) view of qkv, and attend with the general op.
-        qkv = qkv.reshape(B, T, 3, H, C // H).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, T, hd)
-        self._attention_maps.append(attention_probabilities(q.data, k.data))
-        y = F.scaled_dot_product_attention(q, k, v, causal=True)  # (B, H, T, hd)
-        y = y.transpose(0, 2, 1, 3).reshape(B * T, C)  # (B*T, C): heads side by side
-        return self.linear(y, f"h.{i}.attn.c_proj")  # (B*T, C)
+        qkv = self.linear(x, f"h.{i}.attn.c_attn").reshape(B, T, 3 * C)  # q | k | v
+        if self._attention_maps is not None:  # attention_maps() is reading the probabilities
+            q, k, _ = references.heads(qkv.data, H)  # each (B, H, T, hd), views of qkv
+            self._attention_maps.append(attention_probabilities(q, k))  # (B, H, T, T)
+        y = F.causal_self_attention(qkv, H)  # (B, T, C): one fused op does it all
+        return self.linear(y.reshape(B * T, C), f"h.{i}.attn.c_proj")  # (B*T, C)
 
     def attention_maps(self, idx) -> np.ndarray:
         """The attention probabilities of every head for one sequence `idx`, (T,) or (1, T):

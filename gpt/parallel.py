@@ -88,8 +88,9 @@ class DataParallel(ShardedStep):
     threads_per_worker: BLAS and numexpr threads in each worker; by default
     available_cores() // workers for loky (so workers x threads <= the cores this process may
     run on: its affinity mask, as --threads counts them) and unchanged for dask
-    (set them with `dask-worker --nthreads`). A worker that raises or dies turns into a
-    RuntimeError with a one-line message.
+    (set them with `dask-worker --nthreads`). A worker that raises turns into a RuntimeError
+    with a one-line message; so does a loky worker that dies. A dask worker that dies costs
+    only time (its shards run again on the others), unless none is left: see DaskCluster.
     """
 
     def __init__(self, model: GPT, workers: int, backend: str = "loky",
@@ -272,7 +273,12 @@ class DaskCluster:
             raise RuntimeError(
                 f"cannot reach the dask scheduler at {scheduler} ({e}); is it running?"
             ) from None
-        self._known = set(self._worker_threads())  # the workers seen so far, by address
+        try:
+            self._known = set(self._worker_threads())  # the workers seen so far, by address
+        except _Lost as e:
+            self.close()
+            raise RuntimeError(f"the dask scheduler at {scheduler} does not answer ({e})"
+                               ) from None
 
     def _worker_threads(self) -> dict[str, int]:
         """{address: threads} of the workers the scheduler has now; raises _Lost when the
@@ -335,8 +341,7 @@ class DaskCluster:
                 return [loss for loss, _ in results], [g for _, g in results]
             except _Lost as e:
                 why = str(e)
-            finally:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception):  # whatever is left of them
                     self._client.cancel(futures)
         raise RuntimeError(f"data-parallel step {step}: lost its dask tasks "
                            f"{self.retries + 1} times (last: {why})")

@@ -188,14 +188,13 @@ def topological_order(root) -> list:
 
 def backward(root, grad, create_graph: bool = False, collect: dict | None = None) -> None:
     """Reverse-mode autodiff from `root` (a Tensor or a list), seeded with `grad` (dL/droot,
-    one per root).
+    one per root): order the graph, then walk it once, from the output back to the leaves.
 
-    Walk the graph from the output back to the leaves. Each node's gradient is complete
-    by the time we reach it (topological order), so we hand it to the node's Function,
-    which returns one gradient per input; those are summed into the inputs' slots.
-    Leaves (tensors the user made with requires_grad=True) keep theirs in `.grad`; or, when
-    `collect` ({id(tensor): None}) is given, the wanted tensors' gradients are put there
-    instead and no `.grad` is touched (that is `tensorlite.grad`).
+    Each node's gradient is complete by the time we reach it (topological order), so we hand
+    it to the node's Function, which returns one gradient per input; those are summed into
+    the inputs' gradients. Leaves (tensors made with requires_grad=True) keep theirs in
+    `.grad`; or, when `collect` ({id(tensor): None}) is given, the wanted tensors' gradients
+    are put there instead and no `.grad` is touched (that is `tensorlite.grad`).
 
     create_graph=False (training): gradients are ndarrays, each Function's `backward` runs,
     buffers are added into in place and released as soon as they are used.
@@ -209,59 +208,91 @@ def backward(root, grad, create_graph: bool = False, collect: dict | None = None
     order = topological_order(roots)
     if collect is not None:
         order = _leading_to(order, collect)
-    grads, owned = {}, set()  # id(tensor) -> gradient so far; ids whose buffer is ours
-    for r, seed in zip(roots, seeds):
-        grads[id(r)] = seed if id(r) not in grads else grads[id(r)] + seed
+    grads = _Gradients(roots, seeds)
     for node in reversed(order):
-        dout = grads.pop(id(node), None)
-        is_owned = id(node) in owned
-        owned.discard(id(node))
+        dout, owned = grads.pop(node)
+        _keep(node, dout, owned, create_graph, collect)
         fn = node._ctx
-        if collect is not None:
-            if id(node) in collect and dout is not None:
-                # as for .grad below: keep a buffer backward made fresh for us, else copy it
-                fresh = create_graph or (is_owned and fn is None)
-                collect[id(node)] = dout if fresh else np.array(dout, copy=True)
-        elif fn is None or node._retain_grad:
-            if create_graph and dout is not None:  # .grad stays an ndarray; dout goes on
-                _accumulate_into_leaf(node, dout.data, False)  # as a Tensor to the parents
-            else:
-                _accumulate_into_leaf(node, dout, is_owned and fn is None)
         if fn is None or dout is None:
             continue
-        if getattr(fn, "released", False):
-            raise RuntimeError(
-                "backward() through a graph that was already freed: call backward() once "
-                "per forward pass (intermediate buffers are released after backward)"
-            )
-        check_unchanged(node, fn)
-        step = fn.backward_graph if create_graph else fn.backward
-        if _profile is None:
-            input_grads = step(dout)
-        else:
-            t0 = time.perf_counter()
-            input_grads = step(dout)
-            _record(type(fn).__name__, "backward", time.perf_counter() - t0)
-        if not isinstance(input_grads, tuple):
-            input_grads = (input_grads,)
+        input_grads = _run_backward(fn, node, dout, create_graph)
         for parent, g in zip(fn.parents, input_grads):
-            if g is None or not parent.requires_grad:
-                continue
-            key = id(parent)
-            if key not in grads:
-                grads[key] = g
-                # ours to add into in place only if backward made it for this input alone:
-                # not dout passed through, not a view, not one array handed to two inputs
-                if (not create_graph and g is not dout and g.base is None and g.flags.writeable
-                        and sum(h is g for h in input_grads) == 1):
-                    owned.add(key)
-            elif key in owned:
-                grads[key] += g  # in place: no new buffer
-            else:
-                grads[key] = grads[key] + g
-                owned.add(key)
+            if g is not None and parent.requires_grad:
+                grads.add(parent, g, fresh=_made_for(g, input_grads, dout, create_graph))
         if not create_graph:
-            fn.release()
+            fn.release()  # the arrays it saved for backward are no longer needed
+
+
+class _Gradients:
+    """The gradients backward has summed so far, by tensor, and which of those buffers are
+    backward's own: made fresh for that tensor alone, so that later contributions may be
+    added into them in place, and a leaf may keep one as its .grad without a copy."""
+
+    def __init__(self, roots, seeds):
+        self.sums: dict = {}  # id(tensor) -> its gradient so far
+        self.owned: set = set()  # ids whose buffer is ours to add into
+        for r, seed in zip(roots, seeds):  # the caller's seeds are never ours
+            self.sums[id(r)] = seed if id(r) not in self.sums else self.sums[id(r)] + seed
+
+    def add(self, tensor, g, fresh: bool) -> None:
+        key = id(tensor)
+        if key not in self.sums:
+            self.sums[key] = g
+            if fresh:
+                self.owned.add(key)
+        elif key in self.owned:
+            self.sums[key] += g  # in place: no new buffer
+        else:
+            self.sums[key] = self.sums[key] + g  # a new buffer, ours from now on
+            self.owned.add(key)
+
+    def pop(self, node) -> tuple:
+        """(node's gradient or None, whether its buffer is ours), forgetting both."""
+        owned = id(node) in self.owned
+        self.owned.discard(id(node))
+        return self.sums.pop(id(node), None), owned
+
+
+def _made_for(g, input_grads: tuple, dout, create_graph: bool) -> bool:
+    """Whether backward made `g` for this one input: a new writable array, not dout passed
+    through, not a view, not one array handed to two inputs (then it may be added into)."""
+    return (not create_graph and g is not dout and g.base is None and g.flags.writeable
+            and sum(h is g for h in input_grads) == 1)
+
+
+def _keep(node, dout, owned: bool, create_graph: bool, collect: dict | None) -> None:
+    """Where a gradient is kept: a wanted tensor's goes into `collect` (tensorlite.grad),
+    a leaf's (or a retain_grad() tensor's) into its .grad."""
+    fn = node._ctx
+    if collect is not None:
+        if id(node) in collect and dout is not None:
+            # as for .grad below: keep a buffer backward made fresh for us, else copy it
+            fresh = create_graph or (owned and fn is None)
+            collect[id(node)] = dout if fresh else np.array(dout, copy=True)
+    elif fn is None or node._retain_grad:
+        if create_graph and dout is not None:  # .grad stays an ndarray; dout goes on
+            _accumulate_into_leaf(node, dout.data, False)  # as a Tensor to the parents
+        else:
+            _accumulate_into_leaf(node, dout, owned and fn is None)
+
+
+def _run_backward(fn: Function, node, dout, create_graph: bool) -> tuple:
+    """fn's gradients for its inputs (a tuple), from its output's gradient dout: its backward,
+    or its backward_graph (recorded Tensor ops) with create_graph."""
+    if getattr(fn, "released", False):
+        raise RuntimeError(
+            "backward() through a graph that was already freed: call backward() once "
+            "per forward pass (intermediate buffers are released after backward)"
+        )
+    check_unchanged(node, fn)
+    step = fn.backward_graph if create_graph else fn.backward
+    if _profile is None:
+        input_grads = step(dout)
+    else:
+        t0 = time.perf_counter()
+        input_grads = step(dout)
+        _record(type(fn).__name__, "backward", time.perf_counter() - t0)
+    return input_grads if isinstance(input_grads, tuple) else (input_grads,)
 
 
 def _leading_to(order: list, wanted: dict) -> list:

@@ -39,7 +39,7 @@ DEFAULT_PATH = "c"
 REFERENCES: dict[str, Callable] = {}  # name -> NumPy reference, filled by kernel() below
 _active: dict[str, Callable] | None = None  # name -> twin in use (None: not chosen yet)
 _path = ""
-_threads: int | None = None  # the last set_num_threads(n) (bf16.py splits its products so)
+_threads: int | None = None  # the last set_num_threads(n)
 
 
 def kernel(reference: Callable) -> Callable:
@@ -80,6 +80,52 @@ softmax_backward_columns = kernel(references.softmax_backward_columns)
 causal_self_attention_forward = kernel(references.causal_self_attention_forward)
 causal_self_attention_backward = kernel(references.causal_self_attention_backward)
 sum_of_products = references.sum_of_products  # no twin: einsum is as fast as a loop
+
+
+# ---- bfloat16 products: the same dispatch by path, plus a switch and a line of their own -------
+BF16_PATHS = ("fast", "fallback")
+NO_SPEEDUP = ("tensorlite: this CPU has no AVX512_BF16 instructions (or no C compiler): bfloat16 "
+              "matmuls round their operands and run float32 sgemm: the same results, no speed-up")
+REFERENCES["matmul_bf16"] = references.matmul_bf16
+_told = False
+
+
+def bf16_fast_available() -> bool:
+    """Whether this CPU (and build) has the fast bf16 GEMM: AVX512_BF16 and the C kernels."""
+    try:
+        return kernels_c.bf16_available()
+    except Exception:  # noqa: BLE001 - no compiler: the fallback
+        return False
+
+
+def bf16_path() -> str:
+    """"fast" (kernels_c's vdpbf16ps twin) or "fallback" (references.matmul_bf16: operands
+    rounded, then sgemm): what matmul_bf16 runs when no path is asked for. Fast where the CPU
+    has it and the C kernels are the path in use; TENSORLITE_BF16=fallback or =fast picks one
+    (fast only where the CPU has it)."""
+    wanted = os.environ.get("TENSORLITE_BF16", "").strip().lower()
+    if wanted == "fallback" or (wanted != "fast" and kernel_path() != "c"):
+        return "fallback"
+    return "fast" if bf16_fast_available() else "fallback"
+
+
+def matmul_bf16(a, b, path: str | None = None) -> np.ndarray:
+    """bf16(a) @ bf16(b) with float32 sums (references.matmul_bf16 is the math), a float32
+    array, on `path` ("fast" or "fallback"; default bf16_path())."""
+    path = path or bf16_path()
+    if path not in BF16_PATHS:
+        raise ValueError(f"matmul_bf16: path must be one of {', '.join(BF16_PATHS)}, got {path!r}")
+    if path == "fast" and bf16_fast_available():
+        return kernels_c.matmul_bf16(a, b)
+    return references.matmul_bf16(a, b)
+
+
+def say_if_no_speedup() -> None:
+    """One line on stderr (once per process) where bf16 products gain nothing on this CPU."""
+    global _told
+    if not _told and not bf16_fast_available():
+        print(NO_SPEEDUP, file=sys.stderr)
+        _told = True
 
 
 def adamw_kernel(size: int):
@@ -206,6 +252,7 @@ def set_num_threads(n: int) -> None:
         raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
     _threads = int(n)
     ne.set_num_threads(_threads)
+    kernels_c.bf16_threads = _threads  # the bf16 GEMM splits its rows over as many
     from threadpoolctl import threadpool_limits
 
     _blas_limiter = threadpool_limits(limits=_threads, user_api="blas")

@@ -12,6 +12,9 @@ a few MB and ~10 ms, where numba (measured and dropped) brought LLVM (~130 MB, ~
 into the process (docs/performance.md). The library is compiled for this CPU (-march=native) once and cached
 on disk: in the package's __pycache__, or where that cannot be written, in the user cache
 folder ($XDG_CACHE_HOME/tensorlite or ~/.cache/tensorlite).
+
+One twin starts threads of its own: matmul_bf16 (the bf16 GEMM, where the CPU has
+AVX512_BF16) splits a product's rows over `bf16_threads`, as BLAS does for sgemm.
 """
 
 from __future__ import annotations
@@ -448,16 +451,98 @@ KERNELS = {  # the references' names -> their C twins
 }
 
 
+# ---- the bf16 product (kernels.c's last part; the reference: references.matmul_bf16) ------------
+_bf16: ctypes.CDLL | None = None  # the library, where it has the AVX512_BF16 GEMM
+_bf16_pool = None  # threads for the rows of A (concurrent.futures.ThreadPoolExecutor)
+# how many threads one product is split over: every core, until kernels.set_num_threads says
+bf16_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _declare_bf16(lib: ctypes.CDLL) -> ctypes.CDLL | None:
+    lib.bf16_gemm_available.restype = ctypes.c_int64
+    if not lib.bf16_gemm_available():
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    for name, args, result in (("bf16_packed_b_size", [i, i], i), ("bf16_packed_a_size", [], i),
+                               ("bf16_pack_b", [p, i, i, i, i, p], None),
+                               ("bf16_gemm_packed", [p, i, i, p, p, i, i, i, i, p], None)):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, result
+    return lib
+
+
+def bf16_available() -> bool:
+    """Whether the library here has the bf16 GEMM (this CPU has AVX512_BF16); loads it."""
+    kernels()
+    return _bf16 is not None
+
+
+def _walkable(x: np.ndarray) -> np.ndarray:
+    """x as float32 whose strides the C loops can walk (whole values; any sign or order)."""
+    if x.dtype != _F32 or x.strides[0] % 4 or x.strides[1] % 4:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    return x
+
+
+def _bf16_2d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(m, k) @ (k, n): B packed once, A's rows split over bf16_threads threads."""
+    global _bf16_pool
+    lib, (m, k), n = _bf16, a.shape, b.shape[1]
+    c = np.empty((m, n), dtype=np.float32)
+    bp = np.empty(lib.bf16_packed_b_size(k, n), dtype=np.uint16)
+    lib.bf16_pack_b(b.ctypes.data, b.strides[0] // 4, b.strides[1] // 4, k, n, bp.ctypes.data)
+    parts = max(1, min(bf16_threads, m // 48, 2 * m * n * k >> 20))  # small products: one
+    bounds = [m * t // parts // 12 * 12 for t in range(parts)] + [m]  # whole 12-row tiles
+
+    def rows(t: int) -> None:
+        i0, i1 = bounds[t], bounds[t + 1]
+        ap = np.empty(lib.bf16_packed_a_size(), dtype=np.uint16)
+        lib.bf16_gemm_packed(a.ctypes.data + i0 * a.strides[0], a.strides[0] // 4,
+                             a.strides[1] // 4, bp.ctypes.data, c.ctypes.data + i0 * c.strides[0],
+                             n, i1 - i0, n, k, ap.ctypes.data)
+
+    if parts == 1:
+        rows(0)
+        return c
+    if _bf16_pool is None or _bf16_pool._max_workers < parts - 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _bf16_pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="tensorlite bf16")
+    others = [_bf16_pool.submit(rows, t) for t in range(1, parts)]
+    rows(0)
+    for f in others:
+        f.result()
+    return c
+
+
+def matmul_bf16(a, b):
+    """references.matmul_bf16 with vdpbf16ps: 2-D operands, or a stack of rows times a matrix
+    (folded into one product); anything else, or no AVX512_BF16 here, runs the reference."""
+    a, b = np.asarray(a), np.asarray(b)
+    if not bf16_available() or a.ndim < 2 or b.ndim != 2 or a.shape[-1] != b.shape[0]:
+        return references.matmul_bf16(a, b)
+    lead = a.shape[:-1]
+    a2 = a.reshape(-1, a.shape[-1]) if a.ndim > 2 else a  # (..., k) -> (m, k), a view if it can
+    a2, b = _walkable(a2), _walkable(b)
+    if a2.size == 0 or b.size == 0:
+        return np.zeros(lead + b.shape[1:], dtype=np.float32)
+    return _bf16_2d(a2, b).reshape(lead + b.shape[1:])
+
+
+KERNELS["matmul_bf16"] = matmul_bf16
+
+
 _loading = threading.Lock()
 
 
 def kernels() -> dict:
     """Build or load the library (once per process, whichever thread asks first) and
     return KERNELS."""
-    global _lib
+    global _lib, _bf16
     with _loading:
         if _lib is None:
             lib = load()
             _functions.update(_declare(lib))
+            _bf16 = _declare_bf16(lib)
             _lib = lib
     return KERNELS

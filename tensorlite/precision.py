@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from .autograd import Function, unbroadcast
-from .bf16 import matmul_bf16, say_if_no_speedup
+from .kernels import matmul_bf16, say_if_no_speedup
 
 DTYPES = ("bfloat16", "float32")
 _state = threading.local()  # .dtype: the matmul precision of this thread (None: as stored)

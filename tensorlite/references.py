@@ -291,3 +291,51 @@ def causal_self_attention_backward(dy: np.ndarray, qkv: np.ndarray, pt: np.ndarr
     np.matmul(dst.swapaxes(-1, -2), k, out=dq)  # dS k
     np.matmul(dst, q, out=dk)  # dS^T q
     return dqkv.reshape(B, T, C3)
+
+
+# ---- bfloat16 products (tensorlite/precision.py's MatMulBF16; docs/mixed-precision.md) --------
+_EXPONENT, _SIGN = np.uint32(0x7F800000), np.uint32(0x80000000)
+
+
+def round_to_bfloat16(x) -> np.ndarray:
+    """x as float32, rounded to the nearest bfloat16 (ties to even), returned as float32 (a
+    bf16 value is a float32 whose low 16 bits are zero). NaN stays NaN, +-inf stays +-inf, a
+    value past bf16's largest (~3.39e38) becomes inf, subnormals round like any number.
+
+    Rounding adds 0x7FFF, plus 1 if the bit that stays last is odd, then cuts the low 16 bits:
+    below half-way rounds down, above rounds up, exactly half-way goes to the even neighbour.
+    """
+    u = np.array(x, dtype=np.float32, copy=True).view(np.uint32)  # (a 0-d array stays 0-d)
+    nan = (u & ~_SIGN) > _EXPONENT
+    odd = (u >> np.uint32(16)) & np.uint32(1)
+    rounded = (u + (np.uint32(0x7FFF) + odd)) & np.uint32(0xFFFF0000)
+    quiet_nan = (u | np.uint32(0x00400000)) & np.uint32(0xFFFF0000)  # keep the NaN a NaN
+    return np.where(nan, quiet_nan, rounded).view(np.float32)
+
+
+def bfloat16_bits(x) -> np.ndarray:
+    """The 16-bit patterns (uint16) of round_to_bfloat16(x)."""
+    return (round_to_bfloat16(x).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+
+
+def bf16_operand(x) -> np.ndarray:
+    """A matmul operand as the bf16 product reads it: rounded to bf16, subnormal values read
+    as (signed) zero, as AVX512_BF16's dot product does. float32."""
+    u = round_to_bfloat16(x).view(np.uint32)
+    return np.where(u & _EXPONENT == 0, u & _SIGN, u).view(np.float32)
+
+
+def matmul_bf16_reference(a, b) -> np.ndarray:
+    """The spec: bf16_operand(a) @ bf16_operand(b), multiplied and summed in float64.
+
+    A product of two bf16 numbers (8-bit significands) is exact in float32 (24 bits), so the
+    only difference between this and any float32-accumulating implementation is the rounding
+    of the sums (and the order they are taken in)."""
+    return np.matmul(bf16_operand(a).astype(np.float64), bf16_operand(b).astype(np.float64))
+
+
+def matmul_bf16(a, b) -> np.ndarray:
+    """bf16(a) @ bf16(b) with float32 sums (np.matmul's shapes): the spec's arithmetic, the
+    operands rounded here, then NumPy's float32 matmul (sgemm). The fallback on a CPU without
+    AVX512_BF16; kernels_c.py's twin multiplies the same bf16 numbers with vdpbf16ps."""
+    return np.matmul(bf16_operand(a), bf16_operand(b))

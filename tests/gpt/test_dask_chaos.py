@@ -62,7 +62,8 @@ class Cluster:
     def add_worker(self) -> subprocess.Popen:
         worker = self._start(f"worker{len(self.workers)}", "distributed.cli.dask_worker",
                              self.address, "--nthreads", "1", "--no-nanny", "--host",
-                             "127.0.0.1", "--no-dashboard")
+                             "127.0.0.1", "--no-dashboard", "--local-directory",
+                             str(self.folder / "scratch"))
         self.workers.append(worker)
         return worker
 

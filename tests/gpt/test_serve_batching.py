@@ -258,8 +258,8 @@ def test_the_time_limit_ends_a_request(tiny_model):
         started = time.monotonic()
         status, answer = post(url, "/v1/completions", {"prompt": "The", "max_tokens": 40_000})
         assert status == 200 and time.monotonic() - started < 10
-        choice = answer["choices"][0]
-        assert choice["finish_reason"] == "length" and 0 < answer["usage"][
+        choice = answer["choices"][0]  # (on a busy machine it may end before its first token)
+        assert choice["finish_reason"] == "length" and answer["usage"][
             "completion_tokens"] < 40_000
         assert wait_until(lambda: not state.batcher.active)
 

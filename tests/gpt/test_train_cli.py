@@ -18,7 +18,7 @@ import pytest
 from gpt import train as gt
 from gpt.checkpoint import load_checkpoint, load_model
 from gpt.config import PRESETS, TrainConfig, leaf_fields
-from tensorlite.bf16 import round_to_bfloat16
+from tensorlite.references import round_to_bfloat16
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",

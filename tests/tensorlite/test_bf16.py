@@ -14,10 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tensorlite as tl
-from tensorlite import Tensor, bf16
+from tensorlite import Tensor, kernels, references
 from tensorlite.precision import MatMulBF16, autocast_dtype
 
-FAST = bf16.fast_path_available()
+FAST = kernels.bf16_fast_available()
 PATHS = ["fallback", pytest.param("fast", marks=pytest.mark.skipif(
     not FAST, reason="this CPU has no AVX512_BF16 (the fallback runs the same tests)"))]
 
@@ -26,7 +26,7 @@ def test_the_cpu_says_which_paths_run(capsys):
     """(Not skippable: the log of every run names the path each CPU tested.)"""
     with capsys.disabled():
         print(f"\nbf16 paths tested here: fallback{' and fast' if FAST else ''}")
-    assert bf16.bf16_path() in bf16.PATHS
+    assert kernels.bf16_path() in kernels.BF16_PATHS
 
 
 # ---- rounding -----------------------------------------------------------------------------------
@@ -34,21 +34,21 @@ def test_round_to_nearest_even_worked_examples():
     # 1 + 2**-8 is exactly half-way between 1 and 1 + 2**-7: ties go to the even one (1).
     # 1 + 3 * 2**-8 is half-way between 1 + 2**-7 (odd) and 1 + 2**-6 (even): up.
     x = np.array([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, 3.14159265, -2.5e-3], np.float32)
-    got = bf16.round_to_bfloat16(x)
+    got = references.round_to_bfloat16(x)
     assert got.tolist() == [1.0, 1 + 2**-6, 1 + 2**-7, 3.140625, -0.00250244140625]
-    assert bf16.bfloat16_bits(np.float32(1.0)) == 0x3F80
-    assert bf16.bfloat16_bits(np.float32(-2.0)) == 0xC000
+    assert references.bfloat16_bits(np.float32(1.0)) == 0x3F80
+    assert references.bfloat16_bits(np.float32(-2.0)) == 0xC000
 
 
 def test_rounding_special_values():
     x = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 3.4e38, 1e-40, -1e-45], np.float32)
-    got = bf16.round_to_bfloat16(x)
+    got = references.round_to_bfloat16(x)
     assert np.isnan(got[:2]).all()
     assert got[2:4].tolist() == [np.inf, -np.inf]
     assert got[4] == 0 and np.signbit(got[5])
     assert got[6] == np.inf  # past bf16's largest finite value (~3.39e38)
     assert 0 < got[7] < 2.0**-126  # a subnormal rounds like any number
-    operand = bf16.bf16_operand(x)  # as the product reads it: subnormals are zero
+    operand = references.bf16_operand(x)  # as the product reads it: subnormals are zero
     assert operand[7] == 0 and operand[8] == 0 and np.signbit(operand[8])
     assert np.isnan(operand[:2]).all() and operand[6] == np.inf
 
@@ -58,13 +58,13 @@ def test_rounding_matches_ml_dtypes(values):
     ml_dtypes = pytest.importorskip("ml_dtypes")
     x = np.array(values, dtype=np.float32)
     expected = x.astype(ml_dtypes.bfloat16).astype(np.float32)
-    np.testing.assert_array_equal(bf16.round_to_bfloat16(x), expected)
+    np.testing.assert_array_equal(references.round_to_bfloat16(x), expected)
 
 
 def test_rounding_every_bit_pattern_near_one_against_ml_dtypes():
     ml_dtypes = pytest.importorskip("ml_dtypes")
     x = (np.arange(0x3F7F0000, 0x3F820000, dtype=np.uint32)).view(np.float32)  # ~0.996..1.016
-    np.testing.assert_array_equal(bf16.round_to_bfloat16(x),
+    np.testing.assert_array_equal(references.round_to_bfloat16(x),
                                   x.astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
@@ -73,7 +73,7 @@ def _tolerance(a, b) -> np.ndarray:
     """float32 accumulation of k exact products: each partial sum rounds once (2**-24
     relative), so |error| <= k * 2**-24 * sum |a_ip b_pj|; plus products below float32's
     smallest normal, flushed by the fast path (2**-126 each)."""
-    mag = np.abs(bf16.bf16_operand(a)).astype(np.float64) @ np.abs(bf16.bf16_operand(b))
+    mag = np.abs(references.bf16_operand(a)).astype(np.float64) @ np.abs(references.bf16_operand(b))
     k = a.shape[-1]
     return (k + 2) * 2.0**-24 * mag + k * 2.0**-126
 
@@ -101,8 +101,8 @@ def test_product_matches_the_reference(path, m, k, n, layouts, seed):
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32) * 3
-    expected = bf16.matmul_bf16_reference(a, b)
-    got = bf16.matmul_bf16(_layout(a, layouts[0]), _layout(b, layouts[1]), path=path)
+    expected = references.matmul_bf16_reference(a, b)
+    got = kernels.matmul_bf16(_layout(a, layouts[0]), _layout(b, layouts[1]), path=path)
     assert got.dtype == np.float32 and got.shape == (m, n)
     assert np.all(np.abs(got - expected) <= _tolerance(a, b))
 
@@ -113,10 +113,10 @@ def test_model_shapes_and_threads(path, monkeypatch):
     rng = np.random.default_rng(1)
     a = rng.standard_normal((517, 600)).astype(np.float32)
     b = rng.standard_normal((600, 130)).astype(np.float32)
-    expected = bf16.matmul_bf16_reference(a, b)
+    expected = references.matmul_bf16_reference(a, b)
     for threads in (1, 2):
-        monkeypatch.setattr(tl.kernels, "_threads", threads)
-        got = bf16.matmul_bf16(a, b, path=path)
+        monkeypatch.setattr(tl.kernels.kernels_c, "bf16_threads", threads)
+        got = kernels.matmul_bf16(a, b, path=path)
         assert np.all(np.abs(got - expected) <= _tolerance(a, b))
 
 
@@ -125,9 +125,9 @@ def test_rows_of_a_stack_times_a_matrix(path):
     rng = np.random.default_rng(2)
     a = rng.standard_normal((3, 5, 20)).astype(np.float32)
     b = rng.standard_normal((20, 7)).astype(np.float32)
-    got = bf16.matmul_bf16(a, b, path=path)
+    got = kernels.matmul_bf16(a, b, path=path)
     assert got.shape == (3, 5, 7)
-    assert np.all(np.abs(got - bf16.matmul_bf16_reference(a, b)) <= _tolerance(a, b))
+    assert np.all(np.abs(got - references.matmul_bf16_reference(a, b)) <= _tolerance(a, b))
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -138,8 +138,8 @@ def test_nan_inf_and_subnormals_as_the_reference(path):
     b2 = b.copy()
     b2[0, 1] = 1e-20
     with np.errstate(invalid="ignore"):  # inf * 0 and inf - inf make NaNs, as they should
-        got = bf16.matmul_bf16(a, b2, path=path)
-        expected = bf16.matmul_bf16_reference(a, b2)
+        got = kernels.matmul_bf16(a, b2, path=path)
+        expected = references.matmul_bf16_reference(a, b2)
         tolerance = _tolerance(a, b2)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))  # nan, inf * 0, inf - inf
     np.testing.assert_array_equal(np.isinf(got), np.isinf(expected))
@@ -155,19 +155,19 @@ def test_fast_and_fallback_agree_at_float32_accumulation_order():
     rng = np.random.default_rng(3)
     a = rng.standard_normal((300, 384)).astype(np.float32)
     b = rng.standard_normal((384, 200)).astype(np.float32)
-    fast, slow = (bf16.matmul_bf16(a, b, path=p) for p in ("fast", "fallback"))
+    fast, slow = (kernels.matmul_bf16(a, b, path=p) for p in ("fast", "fallback"))
     assert np.all(np.abs(fast - slow) <= 2 * _tolerance(a, b))
 
 
 def test_the_env_var_forces_the_fallback(monkeypatch):
     monkeypatch.setenv("TENSORLITE_BF16", "fallback")
-    assert bf16.bf16_path() == "fallback"
+    assert kernels.bf16_path() == "fallback"
     with pytest.raises(ValueError, match="path must be one of"):
-        bf16.matmul_bf16(np.ones((2, 2)), np.ones((2, 2)), path="avx")
+        kernels.matmul_bf16(np.ones((2, 2)), np.ones((2, 2)), path="avx")
 
 
 def test_no_speedup_line_on_a_cpu_without_the_instructions():
-    code = ("import tensorlite as tl, tensorlite.bf16 as b; b._lib = False\n"
+    code = ("import tensorlite as tl, tensorlite.kernels as k; k.bf16_fast_available = lambda: False\n"
             "with tl.autocast('bfloat16'): pass\nwith tl.autocast('bfloat16'): pass\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stderr.count("no AVX512_BF16") == 1, out.stderr
@@ -187,7 +187,7 @@ def test_autocast_turns_float32_matmuls_into_bf16_and_back():
         wide = (Tensor(x.data.astype(np.float64)) @ Tensor(w.data.astype(np.float64))).data
     assert autocast_dtype() is None
     assert mixed.dtype == np.float32 and not np.array_equal(mixed, plain)
-    np.testing.assert_allclose(mixed, bf16.matmul_bf16_reference(x.data, w.data), rtol=1e-6)
+    np.testing.assert_allclose(mixed, references.matmul_bf16_reference(x.data, w.data), rtol=1e-6)
     assert wide.dtype == np.float64  # float64 products are left alone
     with pytest.raises(ValueError, match="dtype must be one of"), tl.autocast("float16"):
         pass
@@ -202,9 +202,9 @@ def test_matmul_bf16_gradients_against_finite_differences(path, shapes, monkeypa
     they equal float64 central differences of <dout, x @ y> up to float32 sums."""
     monkeypatch.setenv("TENSORLITE_BF16", path)
     rng = np.random.default_rng(4)
-    x, y = (bf16.round_to_bfloat16(rng.standard_normal(s)).astype(np.float64) for s in shapes)
+    x, y = (references.round_to_bfloat16(rng.standard_normal(s)).astype(np.float64) for s in shapes)
     out_shape = np.matmul(x, y).shape
-    dout = bf16.round_to_bfloat16(rng.standard_normal(out_shape)).astype(np.float64)
+    dout = references.round_to_bfloat16(rng.standard_normal(out_shape)).astype(np.float64)
     tx, ty = Tensor(x.astype(np.float32), requires_grad=True), Tensor(y.astype(np.float32), requires_grad=True)
     out = MatMulBF16.apply(tx, ty)
     out.backward(dout.astype(np.float32))
@@ -231,14 +231,14 @@ def test_gradients_round_the_incoming_gradient_and_the_operands():
     with tl.autocast("bfloat16"):
         out = tx @ ty
     out.backward(dout)
-    np.testing.assert_allclose(tx.grad, bf16.matmul_bf16_reference(dout, y.T), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ty.grad, bf16.matmul_bf16_reference(x.T, dout), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tx.grad, references.matmul_bf16_reference(dout, y.T), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ty.grad, references.matmul_bf16_reference(x.T, dout), rtol=1e-5, atol=1e-6)
     assert not np.allclose(tx.grad, dout @ y.T, rtol=1e-5, atol=1e-6)  # it did round
 
 
 def test_second_order_and_forward_mode_run_in_bf16():
-    x = Tensor(bf16.round_to_bfloat16(np.arange(6.0).reshape(2, 3) / 7), requires_grad=True)
-    y = Tensor(bf16.round_to_bfloat16(np.arange(12.0).reshape(3, 4) / 5), requires_grad=True)
+    x = Tensor(references.round_to_bfloat16(np.arange(6.0).reshape(2, 3) / 7), requires_grad=True)
+    y = Tensor(references.round_to_bfloat16(np.arange(12.0).reshape(3, 4) / 5), requires_grad=True)
     with tl.autocast("bfloat16"):
         (gx,) = tl.grad(((x @ y) ** 2).sum(), [x], create_graph=True)
     expected = 2 * (x.data @ y.data) @ y.data.T

@@ -9,7 +9,7 @@ import pytest
 
 import tensorlite as tl
 import tensorlite.functional as F
-from tensorlite import Tensor, bf16, functional, ops, precision
+from tensorlite import Tensor, functional, ops, precision, references
 from tensorlite.autograd import Function
 from tensorlite.testing import assert_gradients_match
 
@@ -88,7 +88,7 @@ def draw(shape, how: str, rng: np.random.Generator) -> np.ndarray:
     if how == "away_from_0":  # relu's kink: keep finite differences off it
         return rng.choice([-1, 1], shape) * rng.uniform(0.2, 1.5, shape)
     if how == "bf16":  # bf16 numbers: rounding them changes nothing
-        return bf16.round_to_bfloat16(rng.standard_normal(shape)).astype(np.float64)
+        return references.round_to_bfloat16(rng.standard_normal(shape)).astype(np.float64)
     if how == "distinct":  # max's ties: keep the maximum unique
         return rng.permutation(np.arange(np.prod(shape), dtype=np.float64)).reshape(shape) / 3
     return rng.standard_normal(shape)
@@ -126,7 +126,7 @@ def assert_bf16_gradients_match(fn, inputs, rng) -> None:
     up to float32 sums."""
     ts = [Tensor(x.astype(np.float32), requires_grad=True) for x in inputs]
     out = fn(*ts)
-    dout = bf16.round_to_bfloat16(rng.standard_normal(out.shape)).astype(np.float64)
+    dout = references.round_to_bfloat16(rng.standard_normal(out.shape)).astype(np.float64)
     out.backward(dout.astype(np.float32))
     eps = 1e-3  # (a product: central differences are exact but for rounding)
     for i, t in enumerate(ts):
