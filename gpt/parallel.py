@@ -26,6 +26,7 @@ value. A lost worker, whatever the moment, never hangs a step: see DaskCluster.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -273,6 +274,12 @@ class DaskCluster:
             raise RuntimeError(
                 f"cannot reach the dask scheduler at {scheduler} ({e}); is it running?"
             ) from None
+        # a gather left waiting when the cluster went (AllExit) is reported by asyncio as a
+        # "Task exception was never retrieved" traceback when it is collected: the one line
+        # raised here already said what happened, so the loop drops exactly those reports
+        loop = self._client.loop.asyncio_loop
+        loop.set_exception_handler(
+            functools.partial(_quiet_all_exit, loop.default_exception_handler))
         try:
             self._known = set(self._worker_threads())  # the workers seen so far, by address
         except _Lost as e:
@@ -385,6 +392,13 @@ class DaskCluster:
         if client is not None:
             with contextlib.suppress(Exception):  # a lost scheduler: nothing left to close
                 client.close(timeout=self.connect_s)
+
+
+def _quiet_all_exit(default, loop, context: dict) -> None:
+    """The dask Client loop's exception handler: a gather ended by the client's close
+    (distributed's AllExit) is dropped; anything else goes to asyncio's default handler."""
+    if type(context.get("exception")).__name__ != "AllExit":
+        default(context)
 
 
 TRANSPORTS: dict[str, type] = {"loky": SharedMemory, "dask": DaskCluster}

@@ -392,3 +392,18 @@ def test_a_lost_dask_worker_is_retried_with_the_same_loss_and_none_left_is_one_l
         with pytest.raises(RuntimeError, match="no dask worker left") as err:
             dp.loss_and_grads(x, y)
         assert "\n" not in str(err.value)
+
+
+def test_the_dask_loop_drops_only_the_gathers_its_close_ended():
+    """A gather left waiting when the cluster went ends in distributed's AllExit, which asyncio
+    would print as a 'Task exception was never retrieved' traceback after the run's one error
+    line; the Client loop's handler drops exactly those and passes anything else on."""
+    from distributed.client import AllExit
+
+    seen = []
+    parallel._quiet_all_exit(seen.append, None, {"message": "gone", "exception": AllExit()})
+    assert seen == []
+    other = {"message": "a real bug", "exception": ValueError("x")}
+    parallel._quiet_all_exit(seen.append, None, other)
+    parallel._quiet_all_exit(seen.append, None, {"message": "no exception at all"})
+    assert seen == [other, {"message": "no exception at all"}]
