@@ -1,6 +1,6 @@
 """Draw every picture in docs/img/ from the project's own code, in one command:
 
-    python docs/pictures.py                  # rewrites docs/img/*.png (all but serve-page.png)
+    python docs/pictures.py                  # rewrites docs/img/*.png
     python docs/pictures.py --out-dir /tmp   # somewhere else
     python docs/pictures.py --from-run baby  # first refresh docs/data/ from a new baby run
 
@@ -10,9 +10,12 @@ attention numbers, the head split and the model's shapes are computed by the sam
 model makes; the mask is tensorlite's own; the float layouts are pi's bits,
 rounded to bfloat16 by tensorlite.references. The baby run's loss and attention are drawn from
 its numbers kept in docs/data/ (a 2,000-step run is too slow for a test; --from-run renews
-them), the digit-reversal attention from a 100-step run made here. The screenshot of
-gpt.serve's page is the one picture taken elsewhere (ELSEWHERE says how). matplotlib is the
-optional `plot` extra. tests/test_pictures.py runs this script.
+them), the digit-reversal attention from a 100-step run made here. gpt.serve's page is a
+screenshot: the default run is trained here (`python -m gpt.train`, about 35 s on an idle
+machine) and served, and the browser test (tests/gpt/test_serve_page.py: headless Chromium)
+types a prompt and keeps its screenshot. matplotlib is the optional `plot` extra; the page
+needs the `test` extra and Debian's chromium + chromium-driver. tests/test_pictures.py runs
+this script.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ import argparse
 import importlib.util
 import itertools
 import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -582,6 +588,28 @@ def draw_float_layouts(path: Path, x: float = np.pi) -> Path:
     return path
 
 
+def draw_serve_page(path: Path) -> Path:
+    """gpt.serve's page after streaming a completion: the default run trained into a scratch
+    folder (named `story`, the name the page shows), served on loopback, and the browser test's
+    screenshot of it kept."""
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as scratch:
+        run = Path(scratch) / "story"
+        steps = [([sys.executable, "-m", "gpt.train", "--out-dir", str(run)], {}),
+                 ([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                   "tests/gpt/test_serve_page.py"],
+                  {"GPT_SCREENSHOT": str(path.resolve()), "GPT_SCREENSHOT_RUN": str(run)})]
+        for command, env in steps:
+            r = subprocess.run(command, cwd=root, env={**os.environ, **env}, capture_output=True,
+                               text=True, check=False)
+            if r.returncode != 0:
+                last = (r.stdout + r.stderr).strip().splitlines()[-1:] or ["no output"]
+                raise SystemExit(f"error: {path.name}: `{' '.join(command[1:4])}` failed "
+                                 f"({last[0][:200]}); the page needs the test extra and "
+                                 "chromium + chromium-driver")
+    return path
+
+
 PICTURES = {  # every picture in docs/img/, and the function that draws it
     "float-layouts.png": draw_float_layouts,
     "graph-abcf.png": lambda p: draw_dot(abcf_graph().to_dot(), p, "L = (a·b + c)·f after L.backward()"),
@@ -595,13 +623,8 @@ PICTURES = {  # every picture in docs/img/, and the function that draws it
     "baby-loss.png": draw_baby_loss,
     "attention-baby.png": draw_baby_attention,
     "attention-reverse.png": draw_reverse_attention,
+    "serve-page.png": draw_serve_page,
 }
-# Not drawn here: serve-page.png is a browser's screenshot of gpt.serve's page, taken by
-# tests/gpt/test_serve_page.py (the command is in docs/serving.md).
-ELSEWHERE = {"serve-page.png": "GPT_SCREENSHOT=docs/img/serve-page.png GPT_SCREENSHOT_RUN=out "
-                               "python -m pytest tests/gpt/test_serve_page.py"}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Draw the pictures of docs/ into docs/img/.")
     parser.add_argument("--out-dir", default=str(IMG), help="folder to write into (default docs/img)")
