@@ -155,6 +155,8 @@ class MatMul(Function):
     """out = x @ y (np.matmul: 2-D, batched, broadcast batch dims).
     dx = dout @ y^T,  dy = x^T @ dout  (batch dims summed back to each input's shape)"""
 
+    product = staticmethod(np.matmul)  # the one product every formula below uses (bf16: precision.py)
+
     def forward(self, x, y):
         if x.ndim == 0 or y.ndim == 0:
             raise ValueError(f"matmul: scalars are not allowed (shapes {x.shape} and {y.shape})")
@@ -165,7 +167,7 @@ class MatMul(Function):
             )
         self.x, self.y = x, y
         try:
-            return np.matmul(x, y)
+            return self.product(x, y)
         except ValueError:  # NumPy's message says "remapped shapes"; name the user's shapes
             raise ValueError(
                 f"matmul: shapes {x.shape} and {y.shape} do not match "
@@ -183,14 +185,14 @@ class MatMul(Function):
             dout = np.expand_dims(dout, -2)
         dx = dy = None
         if self.needs(0):
-            dx = unbroadcast(np.matmul(dout, y2.swapaxes(-1, -2)), x2.shape).reshape(x.shape)
+            dx = unbroadcast(self.product(dout, y2.swapaxes(-1, -2)), x2.shape).reshape(x.shape)
         if self.needs(1):
             if y2.ndim == 2 and x2.ndim > 2:
                 # A weight shared across the batch: fold the batch into rows, one big GEMM.
                 k, n = x2.shape[-1], dout.shape[-1]
-                dy = x2.reshape(-1, k).T @ dout.reshape(-1, n)  # (k, n)
+                dy = self.product(x2.reshape(-1, k).T, dout.reshape(-1, n))  # (k, n)
             else:
-                dy = unbroadcast(np.matmul(x2.swapaxes(-1, -2), dout), y2.shape)
+                dy = unbroadcast(self.product(x2.swapaxes(-1, -2), dout), y2.shape)
             dy = dy.reshape(y.shape)
         return dx, dy
 
@@ -202,12 +204,13 @@ class MatMul(Function):
             dout = dout.reshape(dout.shape + (1,))
         if x.ndim == 1:
             dout = dout.reshape(dout.shape[:-1] + (1,) + dout.shape[-1:])
-        dx = unbroadcast(dout @ y2.swapaxes(-1, -2), x2.shape).reshape(x.shape)
-        dy = unbroadcast(x2.swapaxes(-1, -2) @ dout, y2.shape).reshape(y.shape)
+        op = type(self)  # the gradient's products are this same op (MatMul, or MatMulBF16)
+        dx = unbroadcast(op.apply(dout, y2.swapaxes(-1, -2)), x2.shape).reshape(x.shape)
+        dy = unbroadcast(op.apply(x2.swapaxes(-1, -2), dout), y2.shape).reshape(y.shape)
         return dx, dy
 
     def jvp(self, dx, dy):
-        return np.matmul(dx, self.y) + np.matmul(self.x, dy)
+        return self.product(dx, self.y) + self.product(self.x, dy)
 
 
 # ---- elementwise functions ------------------------------------------------------------------

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .autograd import Function, unbroadcast
 from .kernels import matmul_bf16, say_if_no_speedup
+from .ops import MatMul
 
 DTYPES = ("bfloat16", "float32")
 _state = threading.local()  # .dtype: the matmul precision of this thread (None: as stored)
@@ -53,7 +53,7 @@ def use_bf16(x: np.ndarray, y: np.ndarray) -> bool:
     return autocast_dtype() == "bfloat16" and x.dtype == np.float32 and y.dtype == np.float32
 
 
-class MatMulBF16(Function):
+class MatMulBF16(MatMul):
     """out = bf16(x) @ bf16(y), summed in float32 (np.matmul's shapes; bf16 rounds to nearest even).
     dx = bf16(dout) @ bf16(y)^T,  dy = bf16(x)^T @ bf16(dout)
 
@@ -63,44 +63,5 @@ class MatMulBF16(Function):
     autocast computes them. tests/tensorlite/test_bf16.py checks them against float64 finite
     differences of exactly that."""
 
-    def forward(self, x, y):
-        if x.ndim < 1 or y.ndim < 1:
-            raise ValueError(f"matmul: scalars are not allowed (shapes {x.shape} and {y.shape})")
-        self.x, self.y = x, y
-        return matmul_bf16(x, y)
-
-    def backward(self, dout):
-        x, y = self.x, self.y
-        x2 = x[None, :] if x.ndim == 1 else x  # 1-D operands: a row (x) or a column (y)
-        y2 = y[:, None] if y.ndim == 1 else y
-        if y.ndim == 1:
-            dout = dout[..., None]
-        if x.ndim == 1:
-            dout = np.expand_dims(dout, -2)
-        dx = dy = None
-        if self.needs(0):
-            dx = unbroadcast(matmul_bf16(dout, y2.swapaxes(-1, -2)), x2.shape).reshape(x.shape)
-        if self.needs(1):
-            if y2.ndim == 2 and x2.ndim >= 2:  # a weight shared across rows: one big product
-                k, n = x2.shape[-1], dout.shape[-1]
-                dy = matmul_bf16(x2.reshape(-1, k).T, dout.reshape(-1, n))  # (k, n)
-            else:
-                dy = unbroadcast(matmul_bf16(x2.swapaxes(-1, -2), dout), y2.shape)
-            dy = dy.reshape(y.shape)
-        return dx, dy
-
-    def backward_graph(self, dout):
-        x, y = self.parents
-        x2 = x.reshape(1, -1) if x.ndim == 1 else x  # (1, k) row
-        y2 = y.reshape(-1, 1) if y.ndim == 1 else y  # (k, 1) column
-        if y.ndim == 1:
-            dout = dout.reshape(dout.shape + (1,))
-        if x.ndim == 1:
-            dout = dout.reshape(dout.shape[:-1] + (1,) + dout.shape[-1:])
-        dx = unbroadcast(MatMulBF16.apply(dout, y2.swapaxes(-1, -2)), x2.shape)
-        dy = unbroadcast(MatMulBF16.apply(x2.swapaxes(-1, -2), dout), y2.shape)
-        return dx.reshape(x.shape), dy.reshape(y.shape)
-
-    def jvp(self, dx, dy):
-        return matmul_bf16(dx, self.y) + matmul_bf16(self.x, dy)
+    product = staticmethod(matmul_bf16)  # MatMul's forward, backward, graph and jvp, in bf16
 
