@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 import tensorlite.functional as F
-from tensorlite import Tensor, autocast, no_grad, references
+from tensorlite import Tensor, autocast, kernels, no_grad, references
 from tensorlite.precision import autocast_dtype
 from tensorlite.references import bf16_operand
 
@@ -331,11 +331,12 @@ class Decoder:
             "ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"))
             for i in range(cfg.n_layer)]
         self.ln_f = (w["ln_f.weight"], w.get("ln_f.bias"))
-        # the head's (C, V) matrix: lm_head, or wte read the other way (tied; for a bf16 model
-        # rounded like the linear layers' weights, a copy, as the training forward's product)
+        # the head: lm_head (C, V), or (tied) the rows of wte (V, C), each row a token's
+        # logit weights (for a bf16 model rounded like the linear layers' weights, a copy, as
+        # the training forward's product)
         self.lm_head = w.get("lm_head.weight")
-        if self.lm_head is None:
-            self.lm_head = (bf16_operand(w["wte"]) if self.bf16 else w["wte"]).T
+        self.tied = None if self.lm_head is not None else (
+            bf16_operand(w["wte"]) if self.bf16 else w["wte"])
         self.layernorm, self.gelu = cfg.norm == "layernorm", cfg.activation == "gelu"
         self.scale = dt.type(1.0 / math.sqrt(cfg.head_dim))
         self.cache = KVCache(cfg, dt)
@@ -417,8 +418,11 @@ class Decoder:
         return h
 
     def head(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """The logits (n, V) of normalised rows x (n, C): x @ lm_head (wte^T when tied);
-        x is rounded to bf16 first (in place) for a bf16 model."""
+        """The logits (n, V) of normalised rows x (n, C): x @ lm_head, or x @ wte^T when tied
+        (tensorlite's row_dots: wte read once, by rows, as it is stored); x is rounded to bf16
+        first (in place) for a bf16 model."""
+        if self.tied is not None:
+            return kernels.row_dots(self.operand(x), self.tied, out=out)
         return np.matmul(self.operand(x), self.lm_head, out=out)
 
     def norm(self, x: np.ndarray, layer: tuple, out: np.ndarray | None = None) -> np.ndarray:
