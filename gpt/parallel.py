@@ -368,7 +368,11 @@ class DaskCluster:
                 print(f"warning: step {step} lost its dask tasks ({why}); running it again on "
                       f"the {workers} worker{'s' if workers != 1 else ''} there are",
                       file=sys.stderr, flush=True)
-            futures = self._submit(tasks, by_reference)
+            try:
+                futures = self._submit(tasks, by_reference)
+            except (OSError, TokenFileUnreadable) as e:  # the parent's own file went
+                raise RuntimeError(f"data-parallel step {step}: cannot read the token file "
+                                   f"here ({e})") from None
             try:
                 results = self._gather(futures, step, started)
                 return [loss for loss, _ in results], [g for _, g in results]

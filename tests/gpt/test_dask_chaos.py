@@ -97,9 +97,9 @@ class Cluster:
 class Training:
     """`python -m gpt.train` in a subprocess, its output read as it comes."""
 
-    def __init__(self, args: list[str]):
+    def __init__(self, args: list[str], cwd: Path = REPO):
         self.proc = subprocess.Popen([sys.executable, "-m", "gpt.train", *args], env=env(),
-                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
         self.out: list[str] = []
         self.err: list[str] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_dask_chaos import Cluster, env, logged_losses
+from test_dask_chaos import Cluster, Training, env, logged_losses
 
 from gpt import data as gd
 from gpt import parallel
@@ -142,6 +143,21 @@ def test_asking_a_worker_that_does_not_answer_takes_a_bounded_time_and_means_row
     assert f"dask worker {gone} is sent the rows (no answer in 1 s)" in capsys.readouterr().out
 
 
+def test_a_token_file_gone_from_the_parent_is_a_one_line_error(cluster, tmp_path):
+    c, same, *_ = cluster
+    shutil.copytree(same / "d", tmp_path / "d")
+    data = gd.load_token_dir(tmp_path / "d")
+    model = GPT(GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=16, n_layer=1,
+                          n_head=2, n_embd=16), seed=1)
+    by_reference = gd.TokenWindows.of(data.train, np.arange(4), 16)
+    (tmp_path / "d" / "train.bin").unlink()
+    with DataParallel(model, 2, backend="dask", scheduler=c.address) as dp, \
+            pytest.raises(RuntimeError, match="^data-parallel step 0: cannot read the token "
+                          "file here") as err:
+        dp.loss_and_grads_from(by_reference)
+    assert "\n" not in str(err.value)
+
+
 def train_args(out: Path, *flags: str) -> list[str]:
     return ["--data", DIR, "--out-dir", str(out), "--n-layer", "2", "--n-head", "2",
             "--n-embd", "32", "--block-size", "32", "--batch-size", "8", "--max-iters", "12",
@@ -177,3 +193,36 @@ def test_a_worker_without_the_files_gets_rows_and_the_run_logs_the_losses_of_thr
     assert len(losses) == 12
     assert logged_losses(tmp_path / "rows") == losses
     assert logged_losses(tmp_path / "files") == losses
+
+
+def test_workers_killed_during_a_run_by_reference_never_hang_it_nor_change_its_losses(
+        cluster, tmp_path):
+    """A run whose batches go by reference (BY_REFERENCE_TOKENS_DASK tokens) on a cluster of
+    its own, 3 workers with the files: two of them SIGKILLed at random moments, a new one
+    started after each. The run ends by itself with the losses of two threads, and a worker
+    that joined is asked, and reads the files too."""
+    _, same, *_ = cluster
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    flags = ["--block-size", "64", "--batch-size", str(gd.BY_REFERENCE_TOKENS_DASK // 64),
+             "--max-iters", "80", "--eval-interval", "80"]
+    threads = Training(train_args(tmp_path / "threads", "--threads", "2", *flags), cwd=same)
+    assert threads.finish() == 0, "".join(threads.err)
+    with Cluster(tmp_path / "cluster") as c:
+        for worker in [c.add_worker(cwd=same) for _ in range(3)]:
+            c.wait_registered(worker)
+        run = Training(train_args(tmp_path / "files", "--workers", "2", "--backend", "dask",
+                                  "--scheduler", c.address, *flags), cwd=same)
+        run.wait_for("iter")
+        for victim in c.workers[:2]:
+            time.sleep(rng.uniform(0.0, 0.6))
+            assert run.proc.poll() is None, "the run ended before the kills: make it longer"
+            victim.kill()
+            c.wait_registered(c.add_worker(cwd=same))
+        assert run.finish() == 0, f"seed {seed}: {''.join(run.err)}"
+        joined = [worker_address(w) for w in c.workers[3:]]
+    assert logged_losses(tmp_path / "files") == logged_losses(tmp_path / "threads"), seed
+    out = "".join(run.out)
+    assert "is sent the rows" not in out
+    assert out.count("reads the token files itself") >= 3
+    assert any(f"dask worker {a} reads the token files itself" in out for a in joined), out
