@@ -14,6 +14,7 @@ large the corpus.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import json
 import mmap
@@ -443,6 +444,17 @@ def forget_pages(ids: np.ndarray) -> None:
 # file (benchmarks/token_files.py, 2 loky workers: 12 x 64 tokens 2.8 ms a step as rows, 3.3 ms
 # as starts; 32 x 256 4.5 and 3.5 ms; 64 x 1024 9.3 and 4.3 ms).
 BY_REFERENCE_TOKENS = 4096
+# The same for the workers of a dask cluster that read the same files (gpt.parallel.DaskCluster
+# asks each one). benchmarks/token_files.py --parts dask, 2 workers on loopback, ms a step as
+# rows / as starts: 768 tokens 19.7 / 19.8; 2,048 23.2 / 19.0 (another run: 19.9 / 18.8);
+# 4,096 21.3 / 19.9; 8,192 24.2 / 20.5; 65,536 21.6 / 14.6. Below 4,096 tokens the two are
+# within the noise of each other, so those batches keep the rows (and need no asking).
+BY_REFERENCE_TOKENS_DASK = 4096
+
+
+class TokenFileUnreadable(Exception):
+    """This process cannot read the token file a TokenWindows names, or reads another one (its
+    size or fingerprint differs): its rows must come from elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -450,13 +462,16 @@ class TokenWindows:
     """Windows of a token file by reference: the file (path, dtype, length), the windows'
     starts and block_size. It pickles in a few bytes, so a worker process can be sent this
     instead of a batch's rows and read them itself: batch() maps the file (once per process)
-    and cuts the same x, y that windows() cuts in the parent."""
+    and cuts the same x, y that windows() cuts in the parent. With a `fingerprint`
+    (file_fingerprint of the parent's file; for workers that may be on other machines) the
+    worker's file must have it too, else batch() raises TokenFileUnreadable."""
 
     path: str
     dtype: str
     length: int
     starts: np.ndarray  # (B,) int64
     block_size: int
+    fingerprint: str | None = None
 
     @classmethod
     def of(cls, ids: np.ndarray, starts: np.ndarray, block_size: int) -> TokenWindows | None:
@@ -469,19 +484,56 @@ class TokenWindows:
 
     def rows(self, r: slice) -> TokenWindows:
         """The windows of rows r of the batch."""
-        return TokenWindows(self.path, self.dtype, self.length, self.starts[r], self.block_size)
+        return dataclasses.replace(self, starts=self.starts[r])
 
     def batch(self) -> tuple[np.ndarray, np.ndarray]:
         """x, y of these windows (int64 (B, T)), read from this process's map of the file."""
-        key = (self.path, self.dtype, self.length)
-        ids = _mapped.get(key)
-        if ids is None:
-            ids = _mapped[key] = np.memmap(self.path, dtype=self.dtype, mode="r",
-                                           shape=(self.length,))
-        return windows(ids, self.starts, self.block_size)
+        return windows(mapped_token_file(self), self.starts, self.block_size)
 
 
-_mapped: dict[tuple, np.memmap] = {}  # (path, dtype, length) -> this process's map of it
+def file_fingerprint(path: str, samples: int = 64, chunk: int = 4096) -> str:
+    """A short hash that tells two copies of a token file apart without reading all of it:
+    sha256 of its size and of `samples` chunks of `chunk` bytes spread evenly over it (the
+    first and the last included). Two files that differ only between the samples look the
+    same; a truncated, regenerated or different corpus does not. About 1 ms for any size."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for i in range(samples):
+            f.seek(max(0, size - chunk) * i // max(1, samples - 1))
+            h.update(f.read(chunk))
+    return h.hexdigest()[:32]
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced or written: device, inode, size, mtime."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def mapped_token_file(w: TokenWindows) -> np.memmap:
+    """This process's read-only map of the token file `w` names, made once and kept while the
+    file stays the same one (its device, inode, size and mtime; a file replaced or rewritten
+    is mapped and checked again). Raises TokenFileUnreadable (one line) when the file cannot
+    be opened here, has another length, or (with w.fingerprint) another fingerprint."""
+    key = (w.path, w.dtype, w.length, w.fingerprint)
+    try:
+        now = file_identity(os.stat(w.path))
+        held = _mapped.get(key)
+        if held is not None and held[0] == now:
+            return held[1]
+        want = w.length * np.dtype(w.dtype).itemsize
+        if now[2] != want:
+            raise TokenFileUnreadable(f"{w.path} has {now[2]:,} bytes here, not {want:,}")
+        if w.fingerprint is not None and file_fingerprint(w.path) != w.fingerprint:
+            raise TokenFileUnreadable(f"{w.path} here is another file (its fingerprint differs)")
+        ids = np.memmap(w.path, dtype=w.dtype, mode="r", shape=(w.length,))
+    except OSError as e:
+        raise TokenFileUnreadable(f"cannot read {w.path} here ({e.strerror or e})") from None
+    _mapped[key] = (now, ids)
+    return ids
+
+
+_mapped: dict[tuple, tuple[tuple, np.memmap]] = {}  # key -> (file identity, this process's map)
 
 
 def _check_meta(meta: Any, refuse: Callable[[str], UserError]) -> dict[str, int]:

@@ -361,8 +361,9 @@ def test_worker_processes_read_the_token_files_and_log_the_same_losses(tmp_path,
             == [{k: r.get(k) for k in keys} for r in metrics(tmp_path / "files")])
 
 
-def test_only_workers_on_this_machine_are_sent_windows_by_reference(monkeypatch):
-    """A dask worker may run on a machine without the token files: it gets the rows."""
+def test_loky_and_dask_workers_are_both_sent_windows_by_reference(monkeypatch):
+    """Both backends take batches by reference (DaskCluster then asks each worker whether it
+    has the files: test_dask_token_files.py); a single process does not."""
     from gpt.config import GPTConfig, TrainConfig
     from gpt.model import GPT
 
@@ -383,4 +384,5 @@ def test_only_workers_on_this_machine_are_sent_windows_by_reference(monkeypatch)
     model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8), seed=0)
     loky = gt.make_grad_fn(model, TrainConfig(workers=2, backend="loky", batch_size=4))
     dask = gt.make_grad_fn(model, TrainConfig(workers=2, backend="dask", batch_size=4))
-    assert loky.loss_and_grads_from is not None and dask.loss_and_grads_from is None
+    assert loky.loss_and_grads_from is not None and dask.loss_and_grads_from is not None
+    assert gt.make_grad_fn(model, TrainConfig(workers=1, batch_size=4)).loss_and_grads_from is None
