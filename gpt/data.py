@@ -318,7 +318,10 @@ def prepare(text: str | os.PathLike, out: str | os.PathLike, tokenizer: str = "c
         meta = {"format": TOKEN_FORMAT, "source": text, "source_bytes": size,
                 "tokenizer": tok.to_dict()["kind"], "vocab_size": tok.vocab_size,
                 "dtype": dtype.name, "val_fraction": VAL_FRACTION,
-                "train_tokens": n_train, "val_tokens": n - n_train}
+                "train_tokens": n_train, "val_tokens": n - n_train,
+                # (file_fingerprint takes these in: a dask worker's copy must match them)
+                "train_sha256": _sha256(ids_path),
+                "val_sha256": _sha256(os.path.join(stage, VAL_FILE))}
         for name, obj in ((TOKENIZER_FILE, tok.to_dict()), (META_FILE, meta)):
             atomic_write(os.path.join(stage, name), (json.dumps(obj, indent=1) + "\n").encode())
         os.chmod(stage, 0o755)  # mkdtemp made it private
@@ -493,11 +496,14 @@ class TokenWindows:
 
 def file_fingerprint(path: str, samples: int = 64, chunk: int = 4096) -> str:
     """A short hash that tells two copies of a token file apart without reading all of it:
-    sha256 of its size and of `samples` chunks of `chunk` bytes spread evenly over it (the
-    first and the last included). Two files that differ only between the samples look the
-    same; a truncated, regenerated or different corpus does not. About 1 ms for any size."""
+    sha256 of its size, of the whole file's sha256 that `prepare` recorded in the meta.json
+    beside it (if there is one that names it), and of `samples` chunks of `chunk` bytes
+    spread evenly over the file (the first and the last included). So another corpus of the
+    same length differs (its recorded sha256), and so does a file changed since (its
+    samples; only a change that falls between them all would pass). A millisecond or two
+    for any size."""
     size = os.path.getsize(path)
-    h = hashlib.sha256(str(size).encode())
+    h = hashlib.sha256(f"{size} {_recorded_sha256(path)}".encode())
     with open(path, "rb") as f:
         for i in range(samples):
             f.seek(max(0, size - chunk) * i // max(1, samples - 1))
@@ -531,6 +537,26 @@ def mapped_token_file(w: TokenWindows) -> np.memmap:
         raise TokenFileUnreadable(f"cannot read {w.path} here ({e.strerror or e})") from None
     _mapped[key] = (now, ids)
     return ids
+
+
+def _recorded_sha256(path: str) -> str:
+    """The sha256 that meta.json beside `path` records for it ("" where there is none)."""
+    split = {TRAIN_FILE: "train", VAL_FILE: "val"}.get(os.path.basename(path))
+    try:
+        with open(os.path.join(os.path.dirname(path), META_FILE), encoding="utf-8") as f:
+            meta = json.load(f)
+        return str(meta.get(f"{split}_sha256", "")) if split and isinstance(meta, dict) else ""
+    except (OSError, ValueError):
+        return ""
+
+
+def _sha256(path: str) -> str:
+    """The sha256 of a file's bytes, read a piece at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(PIECE_BYTES):
+            h.update(piece)
+    return h.hexdigest()
 
 
 _mapped: dict[tuple, tuple[tuple, np.memmap]] = {}  # key -> (file identity, this process's map)
