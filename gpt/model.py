@@ -274,7 +274,10 @@ def attention_probabilities(q: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 # ---- weights laid out for sampling ----------------------------------------------------------
 BY_ROWS_BYTES = 4 << 20  # load_model lays out linear weights this large (beyond L2) by rows
-ROW_DOTS_ROWS = 8  # a decoder call on at most this many positions reads them with row_dots
+# A decoder call on at most this many positions reads them with row_dots; on more, BLAS. From
+# memory (GPT-2 small's mlp.c_fc, 1 thread, Zen 4) row_dots read 22, 20, 15, 12 GB/s for 1-4
+# rows and 4 for 8, BLAS's small-M sgemm 22 for 1 row and 6-7 for 2-8.
+ROW_DOTS_ROWS = 4
 
 
 def lay_out_by_rows(w: np.ndarray) -> np.ndarray:
@@ -284,9 +287,9 @@ def lay_out_by_rows(w: np.ndarray) -> np.ndarray:
     Any other array is returned as it is.
 
     Why: a decoder step on one position is a matrix-vector product per layer, bound by how
-    fast the weights stream from memory. Read by rows (tensorlite's row_dots) they stream at
-    about the speed of a plain sum; BLAS's GEMV on the (in, out) layout was ~20% slower at
-    GPT-2 small's shape (AMD EPYC Zen 4; docs/gpt2.md). Training's products are GEMMs, for
+    fast the weights stream from memory. Read by rows (tensorlite's row_dots) GPT-2 small's
+    weights streamed at 27-30 GB/s, BLAS's GEMV on the (in, out) layout at 19-24 (AMD EPYC
+    Zen 4, 1 thread; benchmarks/gemv.py, docs/performance.md). Training's products are GEMMs, for
     which the layout does not matter, so only sampling's loader (checkpoint.load_model)
     lays weights out this way, one weight at a time (a transient copy of one weight)."""
     if w.ndim != 2 or not w.flags.c_contiguous or not w.flags.writeable:
