@@ -54,6 +54,30 @@ def placed(shape: tuple[int, int], count: int, offset: int, rng,
     return out
 
 
+def measure(k: int, m: int, count: int, rounds: int, rng) -> dict[str, list[float]]:
+    """GB/s of each way over `count` (k, m) matrices, rounds alternating the ways."""
+    ins = placed((k, m), count, 0, rng)  # (in, out)
+    rows = placed((m, k), count, 0, rng)  # (out, in)
+    skewed = placed((m, k), count, 48, rng)
+    small = placed((m, k), count, 0, rng, small_pages=True)
+    x, y = rng.random((1, k), dtype=np.float32), np.empty((1, m), dtype=np.float32)
+    ways = {
+        "sum": lambda: [w.sum() for w in rows],
+        "blas (in,out)": lambda: [np.matmul(x, w, out=y) for w in ins],
+        "blas W^T": lambda: [np.matmul(x, w.T, out=y) for w in rows],
+        "row_dots": lambda: [kernels.row_dots(x, w, out=y) for w in rows],
+        "row_dots unaligned": lambda: [kernels.row_dots(x, w, out=y) for w in skewed],
+        "row_dots 4K pages": lambda: [kernels.row_dots(x, w, out=y) for w in small],
+    }
+    rates: dict[str, list[float]] = {way: [] for way in ways}
+    for _ in range(rounds):
+        for way, run in ways.items():
+            t = time.perf_counter()
+            run()
+            rates[way].append(count * k * m * 4 / (time.perf_counter() - t) / 1e9)
+    return rates
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -65,25 +89,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     for name, (k, m) in SHAPES.items():
         count = max(1, args.megabytes * 10**6 // (k * m * 4))
-        ins = placed((k, m), count, 0, rng)  # (in, out)
-        rows = placed((m, k), count, 0, rng)  # (out, in)
-        skewed = placed((m, k), count, 48, rng)
-        small = placed((m, k), count, 0, rng, small_pages=True)
-        x, y = rng.random((1, k), dtype=np.float32), np.empty((1, m), dtype=np.float32)
-        ways = {
-            "sum": lambda: [w.sum() for w in rows],
-            "blas (in,out)": lambda: [np.matmul(x, w, out=y) for w in ins],
-            "blas W^T": lambda: [np.matmul(x, w.T, out=y) for w in rows],
-            "row_dots": lambda: [kernels.row_dots(x, w, out=y) for w in rows],
-            "row_dots unaligned": lambda: [kernels.row_dots(x, w, out=y) for w in skewed],
-            "row_dots 4K pages": lambda: [kernels.row_dots(x, w, out=y) for w in small],
-        }
-        rates: dict[str, list[float]] = {way: [] for way in ways}
-        for _ in range(args.rounds):
-            for way, run in ways.items():
-                t = time.perf_counter()
-                run()
-                rates[way].append(count * k * m * 4 / (time.perf_counter() - t) / 1e9)
+        rates = measure(k, m, count, args.rounds, rng)
         print(f"{name} ({k} x {m}, {count} matrices): "
               + "; ".join(f"{way} {summary(r, '.1f')}" for way, r in rates.items()) + " GB/s")
     return 0

@@ -567,6 +567,6 @@ def test_load_model_lays_out_large_weights_by_rows_and_samples_the_same(tmp_path
     ours, theirs = loaded.decoder(), model.decoder()
     for chunk in ([1, 2, 3], [4], [5, 6, 7, 8, 9, 0, 1, 2, 3, 4], [5]):
         np.testing.assert_allclose(ours(chunk), theirs(chunk), rtol=1e-5, atol=1e-6)
-    kwargs = dict(temperature=0.8, eos_id=None)
+    kwargs = {"temperature": 0.8, "eos_id": None}
     assert (list(sample_tokens(loaded, [1, 2], 40, rng=np.random.default_rng(0), **kwargs))
             == list(sample_tokens(model, [1, 2], 40, rng=np.random.default_rng(0), **kwargs)))
