@@ -1,9 +1,11 @@
 """Token files on a large corpus (issue 23): how long `python -m gpt.data prepare` takes and how
-much memory it holds (char and BPE), and the peak memory of `python -m gpt.train --preset baby`
-trained from the text itself against trained from its token files.
+much memory it holds (char and BPE), the peak memory of `python -m gpt.train --preset baby`
+trained from the text itself against trained from its token files, and what sending a step's
+batch to 2 workers costs as rows against as the windows' starts (loky, and a dask cluster).
 
     python benchmarks/token_files.py                          # 220 MB, 3 rounds
     python benchmarks/token_files.py --mb 50 --rounds 1 --steps 20
+    python benchmarks/token_files.py --mb 50 --parts dask --rounds 5
 
 The corpus is Tiny Shakespeare (--source) repeated to --mb MB in a temporary folder, removed at
 the end (it is never kept in the repository). Every command runs as its own process, as a user
@@ -12,6 +14,10 @@ The variants alternate within each round; we print the median [min-max] of the r
 Training runs --steps steps of the baby shape with one evaluation at the end, once from the
 text, once from the token files of the same text, and once from the token files of one copy
 of the source (to show that the memory does not grow with the corpus).
+The dask part starts a scheduler and 2 worker processes (one thread each) on 127.0.0.1 and
+times what gpt.parallel.DaskCluster does with a step's batch of token files: each shard a task
+pinned to its worker, carrying the rows cut here, or the starts (gpt.data.TokenWindows with
+the file's fingerprint) from which the worker cuts the rows out of its own map of the file.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,6 +119,72 @@ def shipping(train_bin: str, rounds: int, reps: int = 200) -> None:
               f"{summary(times['starts'], '.2f')} ms")
 
 
+def _rows_task(x, y) -> int:
+    """A dask task given its shard's rows."""
+    return int(x[0, 0]) + int(y[-1, -1])
+
+
+def _windows_task(w) -> int:
+    """A dask task given its shard's windows: it reads the rows as gpt.parallel's does."""
+    x, y = w.batch()
+    return int(x[0, 0]) + int(y[-1, -1])
+
+
+def dask_shipping(train_bin: str, rounds: int, reps: int = 100) -> None:
+    """Milliseconds per step of handing each of 2 dask workers its shard of a batch: the rows
+    (cut here from the memmap) against the windows' starts (read in the worker)."""
+    import dataclasses
+
+    import numpy as np
+    from dask.distributed import Client, LocalCluster
+
+    from gpt.data import TokenWindows, batch_starts, file_fingerprint, load_token_dir, windows
+
+    ids = load_token_dir(Path(train_bin).parent, check_ids=False).train
+    fingerprint = file_fingerprint(train_bin)
+    rng = np.random.default_rng(0)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        workers = sorted(client.nthreads())
+
+        def step(how: str, B: int, T: int) -> None:
+            starts = batch_starts(len(ids), T, B, rng)
+            futures = []
+            for k, half in enumerate((starts[: B // 2], starts[B // 2 :])):
+                if how == "rows":
+                    task, args = _rows_task, windows(ids, half, T)
+                else:
+                    w = dataclasses.replace(TokenWindows.of(ids, half, T),
+                                            fingerprint=fingerprint)
+                    task, args = _windows_task, (w,)
+                futures.append(client.submit(task, *args, workers=[workers[k]],
+                                             allow_other_workers=True, pure=False))
+            client.gather(futures)
+
+        for how in ("rows", "starts"):  # warm: the workers import gpt and map the file
+            for _ in range(5):
+                step(how, 2, 8)
+        print(f"\nsending a step's batch to 2 dask workers (loopback): ms per step, the "
+              f"median step of each round ({rounds} rounds x {reps} steps of each, the two "
+              "alternating step by step)")
+        for B, T in ((12, 64), (16, 128), (32, 128), (32, 256), (64, 512), (64, 1024)):
+            times: dict[str, list[float]] = {"rows": [], "starts": []}
+            for r in range(rounds):
+                spent: dict[str, list[float]] = {"rows": [], "starts": []}
+                for i in range(reps):
+                    for how in ("rows", "starts") if (i + r) % 2 == 0 else ("starts", "rows"):
+                        t = time.perf_counter()
+                        step(how, B, T)
+                        spent[how].append((time.perf_counter() - t) * 1e3)
+                for how, ms in spent.items():
+                    times[how].append(statistics.median(ms))
+            ratio = [a / b for a, b in zip(times["rows"], times["starts"])]
+            print(f"  batch {B} x {T} ({B * T:,} tokens, rows {B * T * 16 / 1024:,.0f} KB): "
+                  f"rows {summary(times['rows'], '.2f')} ms, starts "
+                  f"{summary(times['starts'], '.2f')} ms, rows/starts "
+                  f"{summary(ratio, '.2f')}", flush=True)
+
+
 def make_corpus(source: Path, mb: float, path: Path) -> int:
     """`source` repeated to at least mb MB into `path`; returns its size in bytes."""
     text = source.read_bytes()
@@ -170,14 +243,14 @@ def main() -> None:
     p.add_argument("--bpe-vocab", type=int, default=512, help="BPE vocabulary (default 512)")
     p.add_argument("--source", type=Path, default=SOURCE, help="the text to repeat")
     p.add_argument("--tmp", default=None, help="folder for the corpus and the token files")
-    p.add_argument("--parts", default="prepare,train,ship",
-                   help="which measurements, comma-separated (default: all three)")
+    p.add_argument("--parts", default="prepare,train,ship,dask",
+                   help="which measurements, comma-separated (default: all four)")
     a = p.parse_args()
     if a.rounds < 1 or a.steps < 1 or a.mb <= 0:
         sys.exit("error: --rounds, --steps and --mb must be positive")
     parts = set(a.parts.split(","))
-    if not parts <= {"prepare", "train", "ship"}:
-        sys.exit(f"error: --parts takes prepare, train and ship, got {a.parts!r}")
+    if not parts <= {"prepare", "train", "ship", "dask"}:
+        sys.exit(f"error: --parts takes prepare, train, ship and dask, got {a.parts!r}")
     if not a.source.is_file():
         sys.exit(f"error: --source {a.source} is not a file; give Tiny Shakespeare's path "
                  "(python -m gpt.data shakespeare --out FILE fetches it)")
@@ -200,6 +273,8 @@ def main() -> None:
             train_runs(corpus, size, small, work, a.rounds, a.steps)
         if "ship" in parts:
             shipping(str(last / "train.bin"), a.rounds)
+        if "dask" in parts:
+            dask_shipping(str(last / "train.bin"), a.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

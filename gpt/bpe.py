@@ -30,6 +30,10 @@ import regex  # GPT-2's pre-tokenization needs Unicode classes (\p{L}, \p{N})
 # space of a run to the next word, so " the" is the same chunk after one space or after many.
 CHUNK_PATTERN = r" ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"
 _CHUNK_RE = re.compile(CHUNK_PATTERN)
+# The encoders remember each chunk's ids (encoding is pure), within bounds: a server encodes
+# whatever its users send, and a prompt of a million distinct long "words" must not grow the
+# process without end. Words longer than this are encoded anew each time (they are rare).
+CACHE_ENTRIES, CACHE_CHUNK_CHARS = 1 << 18, 48
 
 Pair = tuple[int, int]
 
@@ -204,7 +208,7 @@ class BPETokenizer:
             tokens = cache.get(chunk)
             if tokens is None:
                 tokens = self._encode_chunk(chunk)
-                if len(cache) < 1_000_000:
+                if len(chunk) <= CACHE_CHUNK_CHARS and len(cache) < CACHE_ENTRIES:
                     cache[chunk] = tokens
             ids.extend(tokens)
         return ids
@@ -356,7 +360,7 @@ class GPT2Tokenizer:
                 tokens = self._cache.get(chunk)
                 if tokens is None:
                     tokens = self._bpe(chunk)
-                    if len(self._cache) < 1_000_000:
+                    if len(chunk) <= CACHE_CHUNK_CHARS and len(self._cache) < CACHE_ENTRIES:
                         self._cache[chunk] = tokens
                 ids.extend(tokens)
         return ids

@@ -14,6 +14,7 @@ large the corpus.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import json
 import mmap
@@ -317,7 +318,10 @@ def prepare(text: str | os.PathLike, out: str | os.PathLike, tokenizer: str = "c
         meta = {"format": TOKEN_FORMAT, "source": text, "source_bytes": size,
                 "tokenizer": tok.to_dict()["kind"], "vocab_size": tok.vocab_size,
                 "dtype": dtype.name, "val_fraction": VAL_FRACTION,
-                "train_tokens": n_train, "val_tokens": n - n_train}
+                "train_tokens": n_train, "val_tokens": n - n_train,
+                # (file_fingerprint takes these in: a dask worker's copy must match them)
+                "train_sha256": _sha256(ids_path),
+                "val_sha256": _sha256(os.path.join(stage, VAL_FILE))}
         for name, obj in ((TOKENIZER_FILE, tok.to_dict()), (META_FILE, meta)):
             atomic_write(os.path.join(stage, name), (json.dumps(obj, indent=1) + "\n").encode())
         os.chmod(stage, 0o755)  # mkdtemp made it private
@@ -443,6 +447,17 @@ def forget_pages(ids: np.ndarray) -> None:
 # file (benchmarks/token_files.py, 2 loky workers: 12 x 64 tokens 2.8 ms a step as rows, 3.3 ms
 # as starts; 32 x 256 4.5 and 3.5 ms; 64 x 1024 9.3 and 4.3 ms).
 BY_REFERENCE_TOKENS = 4096
+# The same for the workers of a dask cluster that read the same files (gpt.parallel.DaskCluster
+# asks each one). benchmarks/token_files.py --parts dask, 2 workers on loopback, ms a step as
+# rows / as starts: 768 tokens 19.7 / 19.8; 2,048 23.2 / 19.0 (another run: 19.9 / 18.8);
+# 4,096 21.3 / 19.9; 8,192 24.2 / 20.5; 65,536 21.6 / 14.6. Below 4,096 tokens the two are
+# within the noise of each other, so those batches keep the rows (and need no asking).
+BY_REFERENCE_TOKENS_DASK = 4096
+
+
+class TokenFileUnreadable(Exception):
+    """This process cannot read the token file a TokenWindows names, or reads another one (its
+    size or fingerprint differs): its rows must come from elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -450,13 +465,16 @@ class TokenWindows:
     """Windows of a token file by reference: the file (path, dtype, length), the windows'
     starts and block_size. It pickles in a few bytes, so a worker process can be sent this
     instead of a batch's rows and read them itself: batch() maps the file (once per process)
-    and cuts the same x, y that windows() cuts in the parent."""
+    and cuts the same x, y that windows() cuts in the parent. With a `fingerprint`
+    (file_fingerprint of the parent's file; for workers that may be on other machines) the
+    worker's file must have it too, else batch() raises TokenFileUnreadable."""
 
     path: str
     dtype: str
     length: int
     starts: np.ndarray  # (B,) int64
     block_size: int
+    fingerprint: str | None = None
 
     @classmethod
     def of(cls, ids: np.ndarray, starts: np.ndarray, block_size: int) -> TokenWindows | None:
@@ -469,19 +487,79 @@ class TokenWindows:
 
     def rows(self, r: slice) -> TokenWindows:
         """The windows of rows r of the batch."""
-        return TokenWindows(self.path, self.dtype, self.length, self.starts[r], self.block_size)
+        return dataclasses.replace(self, starts=self.starts[r])
 
     def batch(self) -> tuple[np.ndarray, np.ndarray]:
         """x, y of these windows (int64 (B, T)), read from this process's map of the file."""
-        key = (self.path, self.dtype, self.length)
-        ids = _mapped.get(key)
-        if ids is None:
-            ids = _mapped[key] = np.memmap(self.path, dtype=self.dtype, mode="r",
-                                           shape=(self.length,))
-        return windows(ids, self.starts, self.block_size)
+        return windows(mapped_token_file(self), self.starts, self.block_size)
 
 
-_mapped: dict[tuple, np.memmap] = {}  # (path, dtype, length) -> this process's map of it
+def file_fingerprint(path: str, samples: int = 64, chunk: int = 4096) -> str:
+    """A short hash that tells two copies of a token file apart without reading all of it:
+    sha256 of its size, of the whole file's sha256 that `prepare` recorded in the meta.json
+    beside it (if there is one that names it), and of `samples` chunks of `chunk` bytes
+    spread evenly over the file (the first and the last included). So another corpus of the
+    same length differs (its recorded sha256), and so does a file changed since (its
+    samples; only a change that falls between them all would pass). A millisecond or two
+    for any size."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(f"{size} {_recorded_sha256(path)}".encode())
+    with open(path, "rb") as f:
+        for i in range(samples):
+            f.seek(max(0, size - chunk) * i // max(1, samples - 1))
+            h.update(f.read(chunk))
+    return h.hexdigest()[:32]
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced or written: device, inode, size, mtime."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def mapped_token_file(w: TokenWindows) -> np.memmap:
+    """This process's read-only map of the token file `w` names, made once and kept while the
+    file stays the same one (its device, inode, size and mtime; a file replaced or rewritten
+    is mapped and checked again). Raises TokenFileUnreadable (one line) when the file cannot
+    be opened here, has another length, or (with w.fingerprint) another fingerprint."""
+    key = (w.path, w.dtype, w.length, w.fingerprint)
+    try:
+        now = file_identity(os.stat(w.path))
+        held = _mapped.get(key)
+        if held is not None and held[0] == now:
+            return held[1]
+        want = w.length * np.dtype(w.dtype).itemsize
+        if now[2] != want:
+            raise TokenFileUnreadable(f"{w.path} has {now[2]:,} bytes here, not {want:,}")
+        if w.fingerprint is not None and file_fingerprint(w.path) != w.fingerprint:
+            raise TokenFileUnreadable(f"{w.path} here is another file (its fingerprint differs)")
+        ids = np.memmap(w.path, dtype=w.dtype, mode="r", shape=(w.length,))
+    except OSError as e:
+        raise TokenFileUnreadable(f"cannot read {w.path} here ({e.strerror or e})") from None
+    _mapped[key] = (now, ids)
+    return ids
+
+
+def _recorded_sha256(path: str) -> str:
+    """The sha256 that meta.json beside `path` records for it ("" where there is none)."""
+    split = {TRAIN_FILE: "train", VAL_FILE: "val"}.get(os.path.basename(path))
+    try:
+        with open(os.path.join(os.path.dirname(path), META_FILE), encoding="utf-8") as f:
+            meta = json.load(f)
+        return str(meta.get(f"{split}_sha256", "")) if split and isinstance(meta, dict) else ""
+    except (OSError, ValueError):
+        return ""
+
+
+def _sha256(path: str) -> str:
+    """The sha256 of a file's bytes, read a piece at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(PIECE_BYTES):
+            h.update(piece)
+    return h.hexdigest()
+
+
+_mapped: dict[tuple, tuple[tuple, np.memmap]] = {}  # key -> (file identity, this process's map)
 
 
 def _check_meta(meta: Any, refuse: Callable[[str], UserError]) -> dict[str, int]:

@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 import tensorlite.functional as F
-from tensorlite import Tensor, autocast, no_grad, references
+from tensorlite import Tensor, autocast, kernels, no_grad, references
 from tensorlite.precision import autocast_dtype
 from tensorlite.references import bf16_operand
 
@@ -272,6 +272,40 @@ def attention_probabilities(q: np.ndarray, k: np.ndarray) -> np.ndarray:
     return np.swapaxes(pt, -1, -2)
 
 
+# ---- weights laid out for sampling ----------------------------------------------------------
+BY_ROWS_BYTES = 4 << 20  # load_model lays out linear weights this large (beyond L2) by rows
+# A decoder call on at most this many positions reads them with row_dots; on more, BLAS. From
+# memory (GPT-2 small's mlp.c_fc, 1 thread, Zen 4) row_dots read 22, 20, 15, 12 GB/s for 1-4
+# rows and 4 for 8, BLAS's small-M sgemm 22 for 1 row and 6-7 for 2-8.
+ROW_DOTS_ROWS = 4
+
+
+def lay_out_by_rows(w: np.ndarray) -> np.ndarray:
+    """A linear layer's (in, out) weight, C-contiguous and writable, rewritten in place as the
+    rows of its transpose, (out, in), as PyTorch's Linear stores them; returns the (in, out)
+    view of those rows (Fortran order): the same values, so every product reads the same.
+    Any other array is returned as it is.
+
+    Why: a decoder step on one position is a matrix-vector product per layer, bound by how
+    fast the weights stream from memory. Read by rows (tensorlite's row_dots) GPT-2 small's
+    weights streamed at 27-30 GB/s, BLAS's GEMV on the (in, out) layout at 19-24 (AMD EPYC
+    Zen 4, 1 thread; benchmarks/gemv.py, docs/performance.md). Training's products are GEMMs, for
+    which the layout does not matter, so only sampling's loader (checkpoint.load_model)
+    lays weights out this way, one weight at a time (a transient copy of one weight)."""
+    if w.ndim != 2 or not w.flags.c_contiguous or not w.flags.writeable:
+        return w
+    rows = np.ascontiguousarray(w.T)
+    flat = w.reshape(-1)  # a view: w is C-contiguous
+    flat[:] = rows.reshape(-1)
+    return flat.reshape(rows.shape).T
+
+
+def by_rows(w: np.ndarray) -> np.ndarray | None:
+    """The (out, in) rows of an (in, out) weight laid out by lay_out_by_rows, else None."""
+    t = w.T
+    return t if w.ndim == 2 and t.flags.c_contiguous and not w.flags.c_contiguous else None
+
+
 class KVCache:
     """The keys and values of the positions one sequence has seen so far, for each layer.
 
@@ -331,11 +365,12 @@ class Decoder:
             "ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"))
             for i in range(cfg.n_layer)]
         self.ln_f = (w["ln_f.weight"], w.get("ln_f.bias"))
-        # the head's (C, V) matrix: lm_head, or wte read the other way (tied; for a bf16 model
-        # rounded like the linear layers' weights, a copy, as the training forward's product)
+        # the head: lm_head (C, V), or (tied) the rows of wte (V, C), each row a token's
+        # logit weights (for a bf16 model rounded like the linear layers' weights, a copy, as
+        # the training forward's product)
         self.lm_head = w.get("lm_head.weight")
-        if self.lm_head is None:
-            self.lm_head = (bf16_operand(w["wte"]) if self.bf16 else w["wte"]).T
+        self.head_rows = by_rows(self.lm_head) if self.lm_head is not None else (
+            bf16_operand(w["wte"]) if self.bf16 else w["wte"])
         self.layernorm, self.gelu = cfg.norm == "layernorm", cfg.activation == "gelu"
         self.scale = dt.type(1.0 / math.sqrt(cfg.head_dim))
         self.cache = KVCache(cfg, dt)
@@ -403,7 +438,11 @@ class Decoder:
         """x @ W (+ b), for layer = (W, b or None); x is rounded to bf16 first (in place)
         for a bf16 model (see operand)."""
         weight, bias = layer
-        out = np.matmul(self.operand(x), weight, out=out)
+        rows = by_rows(weight) if len(x) <= ROW_DOTS_ROWS else None
+        if rows is not None:  # a weight laid out for sampling, read by rows
+            out = kernels.row_dots(self.operand(x), rows, out=out)
+        else:
+            out = np.matmul(self.operand(x), weight, out=out)
         if bias is not None:
             out += bias
         return out
@@ -417,9 +456,15 @@ class Decoder:
         return h
 
     def head(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """The logits (n, V) of normalised rows x (n, C): x @ lm_head (wte^T when tied);
-        x is rounded to bf16 first (in place) for a bf16 model."""
-        return np.matmul(self.operand(x), self.lm_head, out=out)
+        """The logits (n, V) of normalised rows x (n, C): x @ lm_head, or x @ wte^T when tied
+        (tensorlite's row_dots: wte read once, by rows, as it is stored; so is an lm_head
+        laid out by rows); x is rounded to bf16 first (in place) for a bf16 model."""
+        x = self.operand(x)
+        if self.head_rows is None:
+            return np.matmul(x, self.lm_head, out=out)
+        if len(x) <= ROW_DOTS_ROWS:
+            return kernels.row_dots(x, self.head_rows, out=out)
+        return np.matmul(x, self.head_rows.T, out=out)
 
     def norm(self, x: np.ndarray, layer: tuple, out: np.ndarray | None = None) -> np.ndarray:
         """The model's normalisation of x, for layer = (weight, bias or None): rms_norm's

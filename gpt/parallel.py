@@ -20,12 +20,15 @@ So per step only the batch shards, a dropout seed and one float per shard are pi
 `DaskCluster` (backend "dask", a dask.distributed cluster through its Client): the machines
 share no files, so each shard's task carries the step's weights with it (so the scheduler
 can run it again on another worker if its worker is lost) and its gradients come back by
-value. A lost worker, whatever the moment, never hangs a step: see DaskCluster.
+value. A lost worker, whatever the moment, never hangs a step: see DaskCluster. Token files
+are the one exception: a worker that can read the same files (asked once) cuts its rows
+from them itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -45,9 +48,16 @@ import numpy as np
 import tensorlite
 
 from .config import Backend, GPTConfig
+from .data import (
+    TokenFileUnreadable,
+    TokenWindows,
+    file_fingerprint,
+    file_identity,
+    mapped_token_file,
+)
 from .errors import UserError
 from .model import GPT
-from .shards import Shard, ShardedStep, ShardGrads, shard_grads
+from .shards import FileShard, Shard, ShardedStep, ShardGrads, shard_grads
 from .threaded import available_cores
 
 
@@ -229,6 +239,11 @@ class _Lost(Exception):
     """A step's tasks were lost with a worker (or the scheduler's connection): run it again."""
 
 
+class _CannotRead(Exception):
+    """Raised in a dask worker sent a shard by reference whose token file it cannot read (or
+    reads another one): (its address, why). The parent sends that step's rows instead."""
+
+
 class DaskCluster:
     """A dask.distributed cluster through its Client: each shard is one task that carries the
     step's weights with it, and its gradients come back by value.
@@ -242,7 +257,18 @@ class DaskCluster:
     the workers that remain (up to `retries` times); with no worker left for
     `no_worker_grace` seconds, or the scheduler gone for the Client's reconnect time (10 s),
     the step fails with a one-line RuntimeError. A worker that joins takes tasks from the
-    next step on."""
+    next step on.
+
+    Shards by reference (gpt.shards.FileShard, of token files) go by reference only to the
+    workers that read the same files themselves: each worker is asked once, when a step
+    first needs it, by a small task pinned to it (_probe: does the path hold a file of the
+    parent's size and gpt.data.file_fingerprint?), and the answer is kept per worker. Such a
+    step places shard k on worker k (round robin over the workers, a loose restriction, so
+    the scheduler may still move it if that worker goes): by reference where that worker
+    reads the files, as rows (read here) where it does not. A shard by reference that meets
+    a worker without the files anyway (it moved, or the file changed there) fails at once
+    with _CannotRead, and the step runs again with rows only: never a wrong batch, never a
+    wait."""
 
     retries = 10  # fresh starts of one step
     poll = 0.5  # seconds between looks at the cluster while a step's results are awaited
@@ -257,6 +283,8 @@ class DaskCluster:
         self.workers, self.timeout, self.address = workers, timeout, scheduler
         self.weights = np.empty(size, dtype=dtype)  # (P,) sent with each task
         self.paths = (None, None)
+        self._readers: dict[tuple, bool] = {}  # (worker, file, fingerprint) -> reads it
+        self._fingerprints: dict[tuple, str] = {}  # (file, its identity here) -> fingerprint
         try:
             from dask.distributed import Client
         except ImportError:
@@ -333,25 +361,105 @@ class DaskCluster:
 
     def run(self, tasks: list, step: int) -> tuple[list[float], list[np.ndarray]]:
         """Each task's (loss, flat gradients), the step run again while its tasks are lost."""
-        started, why = time.monotonic(), None
+        started, why, lost, by_reference = time.monotonic(), None, False, True
         for attempt in range(self.retries + 1):
             workers = self._look(step)  # raises when nothing is left to run on
-            if why is not None:
+            if lost:
                 print(f"warning: step {step} lost its dask tasks ({why}); running it again on "
                       f"the {workers} worker{'s' if workers != 1 else ''} there are",
                       file=sys.stderr, flush=True)
-            futures = [self._client.submit(_shard_loss_and_grads, *task, self.weights,
-                                           key=f"gpt-shard-{uuid.uuid4().hex}", pure=False)
-                       for task in tasks]
+            try:
+                futures = self._submit(tasks, by_reference)
+            except (OSError, TokenFileUnreadable) as e:  # the parent's own file went
+                raise RuntimeError(f"data-parallel step {step}: cannot read the token file "
+                                   f"here ({e})") from None
             try:
                 results = self._gather(futures, step, started)
                 return [loss for loss, _ in results], [g for _, g in results]
             except _Lost as e:
-                why = str(e)
-                with contextlib.suppress(Exception):  # whatever is left of them
-                    self._client.cancel(futures)
+                why, lost = str(e), True
+            except _CannotRead as e:  # a worker without the files got a shard by reference:
+                address, reason = e.args  # so this step goes again, as rows only
+                self._say_reads(address, self._token_file(tasks), reason)
+                why, lost, by_reference = f"{address}: {reason}", False, False
+            with contextlib.suppress(Exception):  # whatever is left of them
+                self._client.cancel(futures)
         raise RuntimeError(f"data-parallel step {step}: lost its dask tasks "
                            f"{self.retries + 1} times (last: {why})")
+
+    def _submit(self, tasks: list, by_reference: bool) -> list:
+        """One future per task, each carrying the weights. Shards by reference go as they
+        are to workers that read their token file, as rows to the others (_placement)."""
+        placement = self._placement(tasks) if by_reference else None
+        futures = []
+        for k, (spec, shard) in enumerate(tasks):
+            options: dict = {}
+            if isinstance(shard, FileShard):
+                worker, reads = placement[k] if placement else (None, False)
+                if worker is not None:  # where it should run (the scheduler may move it)
+                    options = {"workers": [worker], "allow_other_workers": True}
+                shard = (dataclasses.replace(shard, windows=self._fingerprinted(shard.windows))
+                         if reads else _rows(shard))
+            futures.append(self._client.submit(_shard_loss_and_grads, spec, shard, self.weights,
+                                               key=f"gpt-shard-{uuid.uuid4().hex}",
+                                               pure=False, **options))
+        return futures
+
+    def _placement(self, tasks: list) -> list[tuple[str, bool]] | None:
+        """(worker, does it read the token file) for each task: shard k on the k-th worker
+        (round robin, in address order); None for a step with no shard by reference."""
+        files, addresses = self._token_file(tasks), sorted(self._known)
+        if files is None or not addresses:
+            return None
+        ask = [a for a in addresses if (a, files.path, files.fingerprint) not in self._readers]
+        if ask:
+            self._probe(ask, files)
+        return [(a, self._readers[(a, files.path, files.fingerprint)])
+                for a in (addresses[k % len(addresses)] for k in range(len(tasks)))]
+
+    def _token_file(self, tasks: list) -> TokenWindows | None:
+        """The token file of the step's shards by reference (fingerprinted), if any."""
+        files = [s.windows for _, s in tasks if isinstance(s, FileShard)]
+        return self._fingerprinted(files[0]) if files else None
+
+    def _fingerprinted(self, w: TokenWindows) -> TokenWindows:
+        """`w` with this machine's fingerprint of its file (computed once per file)."""
+        key = (w.path, *file_identity(os.stat(w.path)))
+        if key not in self._fingerprints:
+            self._fingerprints[key] = file_fingerprint(w.path)
+        return dataclasses.replace(w, fingerprint=self._fingerprints[key])
+
+    def _probe(self, addresses: list[str], files: TokenWindows) -> None:
+        """Ask each worker of `addresses` whether it reads the token file `files` names
+        (with its fingerprint) itself: a small task pinned to each, all awaited at most
+        connect_s seconds together. No answer (the worker is gone or stuck) counts as no."""
+        from dask.distributed import wait
+
+        probe = dataclasses.replace(files, starts=np.empty(0, dtype=np.int64))
+        futures = {a: self._client.submit(_reads_token_file, probe, workers=[a],
+                                          key=f"gpt-probe-{uuid.uuid4().hex}", pure=False)
+                   for a in addresses}
+        with contextlib.suppress(Exception):  # (timed out: those are a no)
+            wait(list(futures.values()), timeout=self.connect_s)
+        for address, f in futures.items():
+            reason = f"no answer in {self.connect_s:g} s"
+            with contextlib.suppress(Exception):
+                if f.status == "finished":
+                    reason = f.result(timeout=self.connect_s)
+                elif f.status == "error":
+                    reason = _why(f.exception())
+            self._say_reads(address, files, reason)
+        with contextlib.suppress(Exception):
+            self._client.cancel([f for f in futures.values() if f.status == "pending"])
+
+    def _say_reads(self, address: str, files: TokenWindows, reason: str | None) -> None:
+        """Keep (and say, once a worker) whether `address` reads the token file itself."""
+        key = (address, files.path, files.fingerprint)
+        if self._readers.get(key) is False:
+            return
+        self._readers[key] = reason is None
+        print(f"dask worker {address} " + ("reads the token files itself" if reason is None
+                                           else f"is sent the rows ({reason})"), flush=True)
 
     def _gather(self, futures: list, step: int, started: float) -> list:
         """The futures' results, in order. A task that raised is a one-line error; a task
@@ -368,6 +476,8 @@ class DaskCluster:
                     e = f.exception()  # (done: no waiting)
                     if isinstance(e, KilledWorker):  # its workers died, not the task
                         raise _Lost(_why(e))
+                    if isinstance(e, _CannotRead):  # a shard by reference, no files there
+                        raise e
                     raise _failed(step, e)  # the task itself raised: again won't help
                 if f.status != "finished":  # cancelled, lost
                     raise _Lost(f"a task was {f.status}")
@@ -449,8 +559,30 @@ def _shard_loss_and_grads(spec: _Spec, shard: Shard, weights: np.ndarray | None)
     model, grads = _worker_model(spec)
     if weights is not None:  # dask: this step's weights came with the task
         _point_params_at(model, spec, weights)
+        if isinstance(shard, FileShard):  # by reference: the rows from this worker's files
+            try:
+                shard = _rows(shard)
+            except TokenFileUnreadable as e:
+                from distributed import get_worker
+
+                raise _CannotRead(get_worker().address, str(e)) from None
     done = shard_grads(model, shard)
     out = grads[shard.k] if grads is not None else np.empty(spec.size, dtype=spec.dtype)  # (P,)
     for g, (_, _, offset) in zip(done.grads, spec.layout):
         out[offset : offset + g.size] = g.reshape(-1)
     return done.loss, (None if grads is not None else out)
+
+
+def _reads_token_file(files: TokenWindows) -> str | None:
+    """In a dask worker: None if it reads the token file `files` names (and maps it now, for
+    the steps to come), else why not."""
+    try:
+        mapped_token_file(files)
+    except TokenFileUnreadable as e:
+        return str(e)
+    return None
+
+
+def _rows(shard: FileShard) -> Shard:
+    """A shard by reference turned into one that carries its rows (read here)."""
+    return Shard(shard.k, *shard.batch(), shard.weight, shard.seed)

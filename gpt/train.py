@@ -51,6 +51,7 @@ from .checkpoint import (
 from .config import PRESETS, TrainConfig, fixed_fields
 from .data import (
     BY_REFERENCE_TOKENS,
+    BY_REFERENCE_TOKENS_DASK,
     GET_DATA_HINT,
     TokenWindows,
     batch_starts,
@@ -361,8 +362,9 @@ class GradFns:
     close: Callable[[], None]
     threads: int = 1  # how many shards a batch is split into (threads or worker processes)
     grad_norm: Callable[[], float | None] = lambda: None
-    # worker processes on this machine: loss_and_grads of a batch of token files that each
-    # worker reads itself (ShardedStep.loss_and_grads_from); None: the rows are sent
+    # worker processes (loky, or a dask cluster's): loss_and_grads of a batch of token files
+    # that each worker reads itself where it can (ShardedStep.loss_and_grads_from); None: the
+    # rows are sent
     loss_and_grads_from: Callable[[TokenWindows, np.random.Generator | None], float] | None = None
 
 
@@ -395,8 +397,9 @@ def make_grad_fn(model: GPT, cfg: TrainConfig) -> GradFns:
                                scheduler=cfg.scheduler)
     return GradFns(dp.loss_and_grads, plain_loss(model), dp.close,
                    min(cfg.workers, cfg.batch_size), lambda: dp.grad_norm,
-                   # (a dask worker may run on a machine without the token files)
-                   getattr(dp, "loss_and_grads_from", None) if cfg.backend == "loky" else None)
+                   # (dask: each worker is asked whether it has the files; those that do not
+                   # are sent the rows)
+                   getattr(dp, "loss_and_grads_from", None))
 
 
 def warn_if_oversubscribed(shards: int, flag: str) -> None:
@@ -470,12 +473,14 @@ def take_step(run: Run, it: int) -> tuple[float, float, float]:
 
 def batch_loss_and_grads(run: Run) -> float:
     """The loss of the next training batch (random windows of the train ids), its gradients
-    left in .grad. Worker processes on this machine training on token files are sent the
-    windows' starts and read the rows themselves where that is cheaper than sending the rows
-    (batches of BY_REFERENCE_TOKENS or more); the batch and the result are the same."""
+    left in .grad. Worker processes training on token files are sent the windows' starts
+    and read the rows themselves where that is cheaper than sending the rows (batches of
+    BY_REFERENCE_TOKENS or more; BY_REFERENCE_TOKENS_DASK on a dask cluster, whose workers
+    without the same files get the rows); the batch and the result are the same."""
     cfg, ids = run.cfg, run.train_ids
     starts = batch_starts(len(ids), cfg.model.block_size, cfg.batch_size, run.rngs["data"])
-    large = cfg.batch_size * cfg.model.block_size >= BY_REFERENCE_TOKENS
+    threshold = BY_REFERENCE_TOKENS_DASK if cfg.backend == "dask" else BY_REFERENCE_TOKENS
+    large = cfg.batch_size * cfg.model.block_size >= threshold
     by_reference = (run.fns.loss_and_grads_from and large
                     and TokenWindows.of(ids, starts, cfg.model.block_size))
     if by_reference:

@@ -557,6 +557,47 @@ double KERNEL(add_square_sum)(int64_t count, int64_t lists, real *const *totals,
     return squares;
 }
 
+/* ---- a @ b^T by rows: the decoder's tied head ---------------------------------------------
+ * y[r][j] = a_r . b_j for a (n x k) and b (m x k), both C-contiguous; row r of y has stride ldy.
+ * Sampling's logits are x @ wte^T, a matrix-vector product that reads all of wte (V x C, 154 MB
+ * at GPT-2 small's shape) for a handful of rows: memory-bound. Here b is read once, front to
+ * back, each of its rows dotted with every row of a (which stays in cache), at about the
+ * speed of a plain sum over memory; BLAS's transposed GEMV read it at about half that on a Zen 4
+ * (docs/performance.md). Each y[r][j] is summed in one order, fixed by k alone: a row's result
+ * does not depend on n, j or the other rows (a sequence gets the same logits alone or batched). */
+#define COLS ((int64_t)(VECTOR_BYTES / sizeof(real)))
+#define vec KERNEL(vec)
+void KERNEL(row_dots)(const real *restrict a, int64_t n, int64_t k, const real *restrict b,
+                      int64_t m, real *restrict y, int64_t ldy)
+{
+    const int64_t step = 8 * COLS; /* 8 vectors: 8 independent sums hide the FMA latency */
+    for (int64_t j = 0; j < m; j++) {
+        const real *bj = b + j * k;
+        for (int64_t r = 0; r < n; r++) {
+            const real *ar = a + r * k;
+            vec s[8] = {0};
+            int64_t i = 0;
+            for (; i + step <= k; i += step)
+                for (int u = 0; u < 8; u++)
+                    s[u] += KERNEL(load)(ar + i + u * COLS) * KERNEL(load)(bj + i + u * COLS);
+            for (; i + COLS <= k; i += COLS)
+                s[0] += KERNEL(load)(ar + i) * KERNEL(load)(bj + i);
+            vec t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+            real lanes[COLS];
+            __builtin_memcpy(lanes, &t, sizeof t);
+            for (int64_t w = COLS / 2; w >= 1; w /= 2) /* pairwise, in a fixed order */
+                for (int64_t l = 0; l < w; l++)
+                    lanes[l] += lanes[l + w];
+            real total = lanes[0];
+            for (; i < k; i++)
+                total += ar[i] * bj[i];
+            y[r * ldy + j] = total;
+        }
+    }
+}
+#undef vec
+#undef COLS
+
 #endif
 
 #ifndef real /* ---- once more in the first pass (after both types): the bfloat16 GEMM ------- */

@@ -79,6 +79,7 @@ causal_softmax_columns = kernel(references.causal_softmax_columns)
 softmax_backward_columns = kernel(references.softmax_backward_columns)
 causal_self_attention_forward = kernel(references.causal_self_attention_forward)
 causal_self_attention_backward = kernel(references.causal_self_attention_backward)
+row_dots = kernel(references.row_dots)
 sum_of_products = references.sum_of_products  # no twin: einsum is as fast as a loop
 
 
@@ -246,13 +247,13 @@ _blas_limiter = None
 def set_num_threads(n: int) -> None:
     """Use `n` threads everywhere: NumPy's BLAS (matmuls) and numexpr. (A data-parallel
     worker calls this with cores // workers. The C kernels are serial: they run on the
-    calling thread.)"""
+    calling thread, except matmul_bf16 and row_dots, which split a large product over n.)"""
     global _blas_limiter, _threads
     if int(n) < 1:
         raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
     _threads = int(n)
     ne.set_num_threads(_threads)
-    kernels_c.bf16_threads = _threads  # the bf16 GEMM splits its rows over as many
+    kernels_c.threads = _threads  # the twins that split their work use as many
     from threadpoolctl import threadpool_limits
 
     _blas_limiter = threadpool_limits(limits=_threads, user_api="blas")

@@ -13,8 +13,9 @@ into the process (docs/performance.md). The library is compiled for this CPU (-m
 on disk: in the package's __pycache__, or where that cannot be written, in the user cache
 folder ($XDG_CACHE_HOME/tensorlite or ~/.cache/tensorlite).
 
-One twin starts threads of its own: matmul_bf16 (the bf16 GEMM, where the CPU has
-AVX512_BF16) splits a product's rows over `bf16_threads`, as BLAS does for sgemm.
+Two twins start threads of their own, as BLAS does for sgemm: matmul_bf16 (the bf16 GEMM,
+where the CPU has AVX512_BF16) splits a product's rows over `threads`, and row_dots (a @ b.T,
+the decoder's tied head) splits b's rows.
 """
 
 from __future__ import annotations
@@ -201,6 +202,7 @@ _SIGNATURES = {  # name: (arguments, result)
     "causal_attention_forward": ("piiiirppppp", None),
     "causal_attention_backward": ("pppiiiirpppp", None),
     "add_square_sum": ("iippp", "d"),
+    "row_dots": ("piipipi", None),
 }
 
 
@@ -438,6 +440,57 @@ def add_square_sum(totals, *others):
     return squares
 
 
+# ---- the twins that split their work over threads ---------------------------------------------
+# how many threads one product is split over: every core, until kernels.set_num_threads says
+threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+_pool = None  # the helper threads (concurrent.futures.ThreadPoolExecutor), made on first need
+
+
+def _in_parts(work, parts: int) -> None:
+    """work(0), ..., work(parts - 1): part 0 on this thread, the others on helper threads
+    (the C calls release the GIL), all done on return."""
+    global _pool
+    if parts > 1 and (_pool is None or _pool._max_workers < parts - 1):
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="tensorlite kernels")
+    others = [_pool.submit(work, t) for t in range(1, parts)] if parts > 1 else []
+    work(0)
+    for f in others:
+        f.result()
+
+
+def row_dots(a, b, out=None):
+    """references.row_dots (a @ b.T) reading b once, by rows; b's rows split over `threads`
+    for a large b. b must be C-contiguous (a transposing copy would cost more than the
+    product): otherwise, and for other dtypes or shapes, the reference runs."""
+    a, b = np.asarray(a), np.asarray(b)
+    fn = _fn("row_dots", a.dtype)
+    if (fn is None or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]
+            or b.dtype != a.dtype or not b.flags.c_contiguous):
+        return references.row_dots(a, b, out)
+    (n, k), m, size = a.shape, b.shape[0], a.dtype.itemsize
+    if out is None:
+        out = np.empty((n, m), dtype=a.dtype)
+    elif (out.shape != (n, m) or out.dtype != a.dtype or not out.flags.writeable
+          or (m > 1 and out.strides[1] != size) or out.strides[0] % size
+          or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
+        return references.row_dots(a, b, out)
+    a = _c(a)
+    if n == 0 or m == 0:
+        return out
+    ldy = out.strides[0] // size
+    parts = max(1, min(threads, m * k * n >> 20))  # at least ~1M products per thread
+    bounds = [m * t // parts for t in range(parts)] + [m]
+
+    def rows(t: int) -> None:
+        j0, j1 = bounds[t], bounds[t + 1]
+        fn(_ptr(a), n, k, b.ctypes.data + j0 * k * size, j1 - j0, out.ctypes.data + j0 * size, ldy)
+
+    _in_parts(rows, parts)
+    return out
+
+
 KERNELS = {  # the references' names -> their C twins
     "relu_squared": relu_squared, "relu_squared_backward": relu_squared_backward,
     "rms_norm_forward": rms_norm_forward, "rms_norm_backward": rms_norm_backward,
@@ -447,15 +500,12 @@ KERNELS = {  # the references' names -> their C twins
     "causal_self_attention_backward": causal_self_attention_backward,
     "cross_entropy_forward": cross_entropy_forward, "cross_entropy_backward": cross_entropy_backward,
     "scatter_add_rows": scatter_add_rows, "adamw_update": adamw_update,
-    "add_square_sum": add_square_sum,
+    "add_square_sum": add_square_sum, "row_dots": row_dots,
 }
 
 
 # ---- the bf16 product (kernels.c's last part; the reference: references.matmul_bf16) ------------
 _bf16: ctypes.CDLL | None = None  # the library, where it has the AVX512_BF16 GEMM
-_bf16_pool = None  # threads for the rows of A (concurrent.futures.ThreadPoolExecutor)
-# how many threads one product is split over: every core, until kernels.set_num_threads says
-bf16_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _declare_bf16(lib: ctypes.CDLL) -> ctypes.CDLL | None:
@@ -485,13 +535,12 @@ def _walkable(x: np.ndarray) -> np.ndarray:
 
 
 def _bf16_2d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(m, k) @ (k, n): B packed once, A's rows split over bf16_threads threads."""
-    global _bf16_pool
+    """(m, k) @ (k, n): B packed once, A's rows split over `threads` threads."""
     lib, (m, k), n = _bf16, a.shape, b.shape[1]
     c = np.empty((m, n), dtype=np.float32)
     bp = np.empty(lib.bf16_packed_b_size(k, n), dtype=np.uint16)
     lib.bf16_pack_b(b.ctypes.data, b.strides[0] // 4, b.strides[1] // 4, k, n, bp.ctypes.data)
-    parts = max(1, min(bf16_threads, m // 48, 2 * m * n * k >> 20))  # small products: one
+    parts = max(1, min(threads, m // 48, 2 * m * n * k >> 20))  # small products: one
     bounds = [m * t // parts // 12 * 12 for t in range(parts)] + [m]  # whole 12-row tiles
 
     def rows(t: int) -> None:
@@ -501,17 +550,7 @@ def _bf16_2d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
                              a.strides[1] // 4, bp.ctypes.data, c.ctypes.data + i0 * c.strides[0],
                              n, i1 - i0, n, k, ap.ctypes.data)
 
-    if parts == 1:
-        rows(0)
-        return c
-    if _bf16_pool is None or _bf16_pool._max_workers < parts - 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _bf16_pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="tensorlite bf16")
-    others = [_bf16_pool.submit(rows, t) for t in range(1, parts)]
-    rows(0)
-    for f in others:
-        f.result()
+    _in_parts(rows, parts)
     return c
 
 

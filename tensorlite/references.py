@@ -118,6 +118,13 @@ def add_square_sum(totals: list[np.ndarray], *others: list[np.ndarray]) -> float
     return squares
 
 
+# ---- a product by rows ---------------------------------------------------------------------------
+def row_dots(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """a @ b.T for a (n, k) and b (m, k): out[r, j] = a_r . b_j, the dot product of a row of a
+    and a row of b. A tied head's logits, x @ wte.T, with wte (V, C) read as it is stored."""
+    return np.matmul(a, b.T, out=out)
+
+
 # ---- cross-entropy -----------------------------------------------------------------------------
 def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray) -> tuple:
     """loss = mean_n(log sum_v exp(logits_nv) - logits_n,target_n); also returns

@@ -3,6 +3,7 @@ do, and profile_step reports per step whatever the number of steps."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -134,3 +135,13 @@ def test_token_files_benchmark_prints_prepare_figures(tmp_path):
         assert re.search(rf"^  {kind} +[\d.]+ \[[\d.]+-[\d.]+\] s +[\d.]+ \[.*\] MB/s +\d+ \[.*\] MB$",
                          out.stdout, re.MULTILINE), out.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.txt"]  # its temp folder is gone
+
+
+def test_gemv_benchmark_prints_every_way_for_every_shape():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gemv.py"), "--rounds", "1",
+                          "--megabytes", "8"], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if "GB/s" in line and "x" in line]
+    assert len(lines) == 5 and all(line.count(" GB/s") == 1 and "row_dots 4K pages" in line
+                                   for line in lines)

@@ -158,3 +158,18 @@ def test_encoding_equals_replaying_the_merges_in_order():
     tok = BPETokenizer.train(text, 400)
     chunks = _CHUNK_RE.findall(text[:5000])
     assert tok.encode(text[:5000]) == [t for ch in chunks for t in replay_merges(tok, ch)]
+
+
+def test_the_chunk_cache_stays_bounded_under_hostile_text(tok, monkeypatch):
+    """A server encodes what users send: many distinct words, or one enormous word, must not
+    grow the cache past its bounds, and encoding stays right past them."""
+    import gpt.bpe
+
+    monkeypatch.setattr(gpt.bpe, "CACHE_ENTRIES", 50)
+    tok._cache.clear()
+    words = " ".join(f"w{i:05d}x" for i in range(200))
+    huge = "a" * 10_000
+    ids = tok.encode(words + " " + huge)
+    assert len(tok._cache) <= 50 and all(len(k) <= gpt.bpe.CACHE_CHUNK_CHARS for k in tok._cache)
+    assert tok.decode(ids) == words + " " + huge
+    assert tok.encode(words + " " + huge) == ids  # the same ids from the cache and without it

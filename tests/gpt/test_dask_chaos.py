@@ -50,20 +50,21 @@ class Cluster:
         time.sleep(0.2)  # (the file is written whole, but let it settle)
         self.address = json.loads(info.read_text())["address"]
 
-    def _start(self, name: str, module: str, *args: str) -> subprocess.Popen:
+    def _start(self, name: str, module: str, *args: str, cwd: Path = REPO) -> subprocess.Popen:
         log = open(self.folder / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log,
-                                stderr=subprocess.STDOUT, env=env(), cwd=REPO)
+                                stderr=subprocess.STDOUT, env=env(), cwd=cwd)
         proc.log_path = self.folder / f"{name}.log"
         log.close()  # the child has its own descriptor
         self.procs.append(proc)
         return proc
 
-    def add_worker(self) -> subprocess.Popen:
+    def add_worker(self, cwd: Path = REPO) -> subprocess.Popen:
+        """A worker process (one thread), started in the folder `cwd`."""
         worker = self._start(f"worker{len(self.workers)}", "distributed.cli.dask_worker",
                              self.address, "--nthreads", "1", "--no-nanny", "--host",
                              "127.0.0.1", "--no-dashboard", "--local-directory",
-                             str(self.folder / "scratch"))
+                             str(self.folder / "scratch"), cwd=cwd)
         self.workers.append(worker)
         return worker
 
@@ -96,9 +97,9 @@ class Cluster:
 class Training:
     """`python -m gpt.train` in a subprocess, its output read as it comes."""
 
-    def __init__(self, args: list[str]):
+    def __init__(self, args: list[str], cwd: Path = REPO):
         self.proc = subprocess.Popen([sys.executable, "-m", "gpt.train", *args], env=env(),
-                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
         self.out: list[str] = []
         self.err: list[str] = []

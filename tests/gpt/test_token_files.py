@@ -331,6 +331,35 @@ def test_a_file_shard_reads_the_rows_a_sent_shard_carries_in_a_few_bytes(prepare
         assert len(pickle.dumps(b)) * 50 < len(pickle.dumps(a))
 
 
+def test_the_fingerprint_tells_another_corpus_and_a_changed_file_from_the_same_one(tmp_path):
+    """Two corpora of the same length that differ in one character: told apart by the
+    sha256 prepare records alone (with one sample, of the first 4 KB, which they share); a
+    copy of a file: the same; an id changed inside a sample: told apart though meta.json is
+    unchanged."""
+    text = "".join(np.random.default_rng(0).choice(list("abcdefgh"), 200_000))
+    middle = len(text) // 2
+    other = text[:middle] + ("a" if text[middle] != "a" else "b") + text[middle + 1:]
+    for name, t in (("a", text), ("b", other)):
+        (tmp_path / f"{name}.txt").write_text(t)
+        gd.prepare(tmp_path / f"{name}.txt", tmp_path / name, progress=None)
+    fp = {name: gd.file_fingerprint(str(tmp_path / name / "train.bin")) for name in "ab"}
+    assert fp["a"] != fp["b"]
+    assert gd.file_fingerprint(str(tmp_path / "b" / "train.bin"), samples=1) != \
+        gd.file_fingerprint(str(tmp_path / "a" / "train.bin"), samples=1)
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["train_sha256"] != json.loads((tmp_path / "b" / "meta.json").read_text())[
+        "train_sha256"] and len(meta["val_sha256"]) == 64
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("train.bin", "meta.json"):
+        (copy / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    assert gd.file_fingerprint(str(copy / "train.bin")) == fp["a"]
+    ids = np.fromfile(copy / "train.bin", dtype=np.uint16)
+    ids[10] = (ids[10] + 1) % 8  # inside the first sample
+    ids.tofile(copy / "train.bin")
+    assert gd.file_fingerprint(str(copy / "train.bin")) != fp["a"]
+
+
 def test_worker_processes_read_the_token_files_and_log_the_same_losses(tmp_path, text_file,
                                                                        monkeypatch, capsys):
     workers = ["--workers", "2", "--max-iters", "6"]
@@ -361,8 +390,9 @@ def test_worker_processes_read_the_token_files_and_log_the_same_losses(tmp_path,
             == [{k: r.get(k) for k in keys} for r in metrics(tmp_path / "files")])
 
 
-def test_only_workers_on_this_machine_are_sent_windows_by_reference(monkeypatch):
-    """A dask worker may run on a machine without the token files: it gets the rows."""
+def test_loky_and_dask_workers_are_both_sent_windows_by_reference(monkeypatch):
+    """Both backends take batches by reference (DaskCluster then asks each worker whether it
+    has the files: test_dask_token_files.py); a single process does not."""
     from gpt.config import GPTConfig, TrainConfig
     from gpt.model import GPT
 
@@ -383,4 +413,5 @@ def test_only_workers_on_this_machine_are_sent_windows_by_reference(monkeypatch)
     model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8), seed=0)
     loky = gt.make_grad_fn(model, TrainConfig(workers=2, backend="loky", batch_size=4))
     dask = gt.make_grad_fn(model, TrainConfig(workers=2, backend="dask", batch_size=4))
-    assert loky.loss_and_grads_from is not None and dask.loss_and_grads_from is None
+    assert loky.loss_and_grads_from is not None and dask.loss_and_grads_from is not None
+    assert gt.make_grad_fn(model, TrainConfig(workers=1, batch_size=4)).loss_and_grads_from is None

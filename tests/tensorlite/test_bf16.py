@@ -115,7 +115,7 @@ def test_model_shapes_and_threads(path, monkeypatch):
     b = rng.standard_normal((600, 130)).astype(np.float32)
     expected = references.matmul_bf16_reference(a, b)
     for threads in (1, 2):
-        monkeypatch.setattr(tl.kernels.kernels_c, "bf16_threads", threads)
+        monkeypatch.setattr(tl.kernels.kernels_c, "threads", threads)
         got = kernels.matmul_bf16(a, b, path=path)
         assert np.all(np.abs(got - expected) <= _tolerance(a, b))
 

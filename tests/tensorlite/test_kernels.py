@@ -342,6 +342,61 @@ def test_rms_norm_twin_matches_the_reference(dtype, data):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data(), n=st.integers(0, 9), k=st.integers(1, 300), m=st.integers(0, 70))
+def test_row_dots_twin_matches_the_reference(dtype, data, n, k, m):
+    """a @ b.T, with and without an out buffer (also one whose rows are spaced wider)."""
+    a = data.draw(float_arrays(dtype, -2, 2, (n, k)))
+    b = data.draw(float_arrays(dtype, -2, 2, (m, k)))
+    wide = np.full((n, m + 3), np.nan, dtype)
+
+    def run():
+        into = wide.copy()
+        got = kernels.row_dots(a, b, out=into[:, :m])
+        return kernels.row_dots(a, b), got, into
+
+    for path in twin_paths():
+        (y, y_out, into), (want, _, _) = run_on(path, run)
+        assert_close(y, want, dtype, scale=k / 8 + 1)
+        assert_close(y_out, want, dtype, scale=k / 8 + 1)
+        assert np.isnan(into[:, m:]).all()  # nothing written past the out view
+
+
+@pytest.mark.skipif(not c_available(), reason="needs the C kernels")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_dots_gives_each_row_the_same_bits_alone_batched_or_split_over_threads(dtype,
+                                                                                    monkeypatch):
+    """What the server's batching relies on: a row's dot products are summed in an order fixed
+    by k alone, so they do not change with the other rows, or with how b's rows are split."""
+    from tensorlite import kernels_c
+
+    kernels.use_kernels("c")
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((7, 771)).astype(dtype), rng.standard_normal((3001, 771)).astype(dtype)
+    monkeypatch.setattr(kernels_c, "threads", 1)
+    together = kernels.row_dots(a, b)
+    for r in range(len(a)):
+        assert np.array_equal(kernels.row_dots(a[r:r + 1], b)[0], together[r])
+    monkeypatch.setattr(kernels_c, "threads", 3)  # 3001 rows of b in three parts
+    assert np.array_equal(kernels.row_dots(a, b), together)
+    assert np.array_equal(kernels.row_dots(a[2:3], b[5:]), together[2:3, 5:])
+
+
+@pytest.mark.skipif(not c_available(), reason="needs the C kernels")
+def test_row_dots_runs_the_reference_for_what_its_loop_does_not_take():
+    """A transposed b (the loop reads rows), mixed dtypes, an out that overlaps an input."""
+    kernels.use_kernels("c")
+    rng = np.random.default_rng(1)
+    a, bt = rng.standard_normal((3, 40)).astype(np.float32), rng.standard_normal((40, 9))
+    b = bt.astype(np.float32).T  # (9, 40), not C-contiguous
+    np.testing.assert_array_equal(kernels.row_dots(a, b), a @ b.T)
+    np.testing.assert_allclose(kernels.row_dots(a, bt.T), a @ bt, rtol=1e-6)
+    square = rng.standard_normal((5, 5)).astype(np.float32)
+    want = square @ square.T
+    np.testing.assert_allclose(kernels.row_dots(square, square.copy(), out=square), want,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @given(data=st.data(), n=st.integers(1, 40), v=st.integers(1, 70))
 def test_cross_entropy_twin_matches_the_reference(dtype, data, n, v):
     logits = data.draw(float_arrays(dtype, -30, 30, (n, v)))
