@@ -146,12 +146,12 @@ class Mailbox:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.pending: dict = {}  # loop -> [(queue, event)] not delivered yet
+        self.pending: dict = {}  # loop -> {Generation: [event, ...]} not delivered yet
         self.woken: set = set()  # the loops that have a delivery coming
 
-    def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: tuple) -> None:
+    def post(self, loop: asyncio.AbstractEventLoop, gen: Generation, event: tuple) -> None:
         with self.lock:
-            self.pending.setdefault(loop, []).append((queue, event))
+            self.pending.setdefault(loop, {}).setdefault(gen, []).append(event)
 
     def flush(self) -> None:  # the Batcher's after_step
         with self.lock:
@@ -166,24 +166,25 @@ class Mailbox:
                     self.woken.discard(loop)
 
     def deliver(self, loop: asyncio.AbstractEventLoop) -> None:
-        """In the loop: every event waiting for it, into its request's queue."""
+        """In the loop: the events waiting for it, each request's in one hand-over."""
         with self.lock:
-            items = self.pending.pop(loop, [])
+            by_request = self.pending.pop(loop, {})
             self.woken.discard(loop)
-        for queue, event in items:
-            queue.put_nowait(event)
+        for gen, events in by_request.items():
+            gen.receive(events)
 
 
 class Generation:
     """The choices of one request, decoded by the server's Batcher among everyone else's. The
-    batcher's thread sends events back (through the Mailbox, into an asyncio queue):
+    batcher's thread sends events back (through the Mailbox, to `receive`):
     ("token", index, piece, logprob entries, offset), ("end", index, finish_reason),
     ("error", message); event_batches() stops when every choice has ended. `cancel()` makes
     the batcher drop them within a step."""
 
     def __init__(self, app_state: ModelState, ids: list[int], req: CompletionRequest):
         self.state, self.req = app_state, req
-        self.events: asyncio.Queue = asyncio.Queue()
+        self.inbox: list[tuple] = []  # events received, not yet taken by event_batches
+        self.arrived: asyncio.Future | None = None  # what event_batches waits on
         self._loop = asyncio.get_running_loop()
         tokenizer, block = app_state.tokenizer, app_state.model.config.block_size
         deadline = time.perf_counter() + (app_state.time_limit or math.inf)
@@ -219,16 +220,22 @@ class Generation:
             self.unfinished -= 1
             if self.unfinished == 0:
                 self.state.count(active=-1)
-        self.state.mailbox.post(self._loop, self.events, (kind, *data))
+        self.state.mailbox.post(self._loop, self, (kind, *data))
+
+    def receive(self, events: list[tuple]) -> None:  # in the event loop (Mailbox.deliver)
+        self.inbox.extend(events)
+        if self.arrived is not None and not self.arrived.done():
+            self.arrived.set_result(None)
 
     async def event_batches(self) -> AsyncIterator[list[tuple]]:
         """The events as they come, a list of all that are waiting at a time, until every
         choice has ended (or an error)."""
         ended = 0
         while ended < len(self.seqs):
-            batch = [await self.events.get()]
-            while not self.events.empty():
-                batch.append(self.events.get_nowait())
+            if not self.inbox:
+                self.arrived = self._loop.create_future()
+                await self.arrived
+            batch, self.inbox = self.inbox, []
             for i, event in enumerate(batch):
                 ended += event[0] == "end"
                 if event[0] == "error":
