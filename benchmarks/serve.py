@@ -10,10 +10,15 @@ The shapes: "baby" (4 layers, 8 heads, n_embd 128, block 64: the default of gpt.
 "6x384" (6 layers, 6 heads, n_embd 384, block 256). Each round runs, in turn: one stream
 alone, 8 streams at once, and 7 streams with an eighth request sent once they all stream (each
 request: a 7-character prompt, --tokens tokens, temperature 1, its own seed). We print
-medians and [min-max] over the rounds, the CPU and a measured sgemm peak.
+medians and [min-max] over the rounds, the CPU and a measured sgemm peak, and a summary
+against issue 22's targets. With --compare DIR, the server of another checkout (an earlier
+commit) runs beside this one, the two taking turns in every round (ABBA): a before/after
+comparison on a shared machine, both under the same load.
 
     python benchmarks/serve.py                     # both shapes, 5 rounds of 200 tokens
     python benchmarks/serve.py --shapes baby --rounds 3 --tokens 100 --threads 2
+    git worktree add /tmp/before 695f8b0 && \
+        python benchmarks/serve.py --shapes baby --burst 0 --compare /tmp/before
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from gpt.tokenizer import CharTokenizer
 PROMPT = "THE SEA"  # the vocabulary is chr(32)..chr(96): capitals, digits, punctuation
 SHAPES = {"baby": {"n_layer": 4, "n_head": 8, "n_embd": 128, "block_size": 64},
           "6x384": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}}
+TARGET_RATIO = {"baby": 4.0, "6x384": 2.5}  # issue 22: 8 streams' total tokens/s / one alone
+TARGET_TTFT_RATIO = 3.0  # a request's first token while 7 stream / alone, at most
 CONCURRENT = 8
 BURST = 200
 
@@ -192,9 +199,16 @@ def step_costs(shape: str, repeats: int = 300) -> dict:
     return {k: float(np.percentile(v, 20)) for k, v in times.items()}
 
 
-def start_server(shape: str, threads: int) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    server = subprocess.Popen([sys.executable, __file__, "--serve", shape, "--threads",
+def start_server(shape: str, threads: int, tree: str | None = None
+                 ) -> tuple[subprocess.Popen, str]:
+    """A server subprocess of this checkout, or (tree) of another one: its gpt and
+    benchmarks/serve.py, for a before/after comparison in one run."""
+    script, path = __file__, sys.path
+    if tree is not None:
+        script = os.path.join(tree, "benchmarks", "serve.py")
+        path = [tree, os.path.join(tree, "benchmarks"), *path]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    server = subprocess.Popen([sys.executable, script, "--serve", shape, "--threads",
                                str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env=env)
     url = server.stdout.readline().strip()
@@ -210,28 +224,52 @@ def stop_server(server: subprocess.Popen) -> None:
         server.kill()
 
 
+ROWS = ("one", "one_ttft", "many_total", "many_each", "ratio", "late_ttft", "ttft_ratio")
+
+
 def measure(shape: str, args) -> tuple[dict, dict]:
-    server, url = start_server(shape, args.threads)
+    """Rounds of one alone, 8 at once and a late eighth, on this checkout's server and (with
+    --compare) another checkout's, the two taking turns (ABBA), then the burst on this one:
+    ({variant: {row: [value per round]}}, the burst's figures)."""
+    variants = {"this": start_server(shape, args.threads)}
     try:
-        stream_once(url, 8, 0)  # warm-up
-        concurrent(url, 8, CONCURRENT, 0)
-        rows: dict[str, list[float]] = {k: [] for k in (
-            "one", "one_ttft", "many_total", "many_each", "ratio", "late_ttft", "ttft_ratio")}
+        if args.compare:
+            variants["compare"] = start_server(shape, args.threads, args.compare)
+        rows: dict = {v: {k: [] for k in ROWS} for v in variants}
+        for _, url in variants.values():
+            stream_once(url, 8, 0)  # warm-up
+            concurrent(url, 8, CONCURRENT, 0)
         for r in range(args.rounds):
-            one = stream_once(url, args.tokens, seed=r)
-            wall, many = concurrent(url, args.tokens, CONCURRENT, seed=100 * r)
-            late = ttft_among(url, args.tokens, CONCURRENT - 1, seed=1000 * r)
-            rows["one"].append(one["tokens"] / one["seconds"])
-            rows["one_ttft"].append(1e3 * one["ttft"])
-            rows["many_total"].append(sum(m["tokens"] for m in many) / wall)
-            rows["many_each"].append(statistics.median(m["tokens"] / m["seconds"] for m in many))
-            rows["ratio"].append(rows["many_total"][-1] / rows["one"][-1])
-            rows["late_ttft"].append(1e3 * late)
-            rows["ttft_ratio"].append(rows["late_ttft"][-1] / rows["one_ttft"][-1])
+            for v in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+                url, out = variants[v][1], rows[v]
+                one = stream_once(url, args.tokens, seed=r)
+                wall, many = concurrent(url, args.tokens, CONCURRENT, seed=100 * r)
+                late = ttft_among(url, args.tokens, CONCURRENT - 1, seed=1000 * r)
+                out["one"].append(one["tokens"] / one["seconds"])
+                out["one_ttft"].append(1e3 * one["ttft"])
+                out["many_total"].append(sum(m["tokens"] for m in many) / wall)
+                out["many_each"].append(statistics.median(m["tokens"] / m["seconds"]
+                                                          for m in many))
+                out["ratio"].append(out["many_total"][-1] / out["one"][-1])
+                out["late_ttft"].append(1e3 * late)
+                out["ttft_ratio"].append(out["late_ttft"][-1] / out["one_ttft"][-1])
+        server, url = variants["this"]
         flood = burst(url, server.pid, args.burst_tokens) if args.burst else {}
     finally:
-        stop_server(server)
+        for server, _ in variants.values():
+            stop_server(server)
     return rows, flood
+
+
+def report(rows: dict) -> None:
+    print(f"  1 stream alone                 {summary(rows['one'])} tokens/s, first token "
+          f"after {summary(rows['one_ttft'], '.1f')} ms")
+    print(f"  {CONCURRENT} concurrent streams, total    {summary(rows['many_total'])} "
+          f"tokens/s = {summary(rows['ratio'], '.2f')}x one alone")
+    print(f"  {CONCURRENT} concurrent streams, each     {summary(rows['many_each'])} tokens/s")
+    print(f"  first token of a request sent while {CONCURRENT - 1} stream: "
+          f"{summary(rows['late_ttft'], '.1f')} ms = {summary(rows['ttft_ratio'], '.2f')}x "
+          "alone")
 
 
 def main() -> None:
@@ -243,6 +281,9 @@ def main() -> None:
                     help="BLAS threads in the server (default: gpt.serve's)")
     ap.add_argument("--burst", type=int, default=1, help="1: also send 200 requests at once")
     ap.add_argument("--burst-tokens", type=int, default=50, help="tokens per burst request")
+    ap.add_argument("--compare", metavar="DIR", help="another checkout of this repository "
+                    "(e.g. a `git worktree add DIR COMMIT`): its server runs beside this one's, "
+                    "the two taking turns in every round")
     ap.add_argument("--serve", help=argparse.SUPPRESS)  # the subprocess: its shape
     args = ap.parse_args()
     if args.serve:
@@ -256,6 +297,7 @@ def main() -> None:
           f"(512^3 float32, {args.threads} thread(s)); {args.threads} BLAS thread(s) in the "
           f"server; {args.tokens} tokens per request; {args.rounds} rounds, median [min-max]",
           flush=True)
+    summary_lines = []
     for shape in shapes:
         steps = step_costs(shape)
         rows, flood = measure(shape, args)
@@ -265,14 +307,11 @@ def main() -> None:
         print(f"  one decoder step, in-process: alone {1e6 * steps['alone']:.0f} us, "
               f"{CONCURRENT} in a batch {1e6 * steps['batch']:.0f} us = "
               f"{CONCURRENT * steps['alone'] / steps['batch']:.2f}x the tokens/s")
-        print(f"  1 stream alone                 {summary(rows['one'])} tokens/s, first token "
-              f"after {summary(rows['one_ttft'], '.1f')} ms")
-        print(f"  {CONCURRENT} concurrent streams, total    {summary(rows['many_total'])} "
-              f"tokens/s = {summary(rows['ratio'], '.2f')}x one alone")
-        print(f"  {CONCURRENT} concurrent streams, each     {summary(rows['many_each'])} tokens/s")
-        print(f"  first token of a request sent while {CONCURRENT - 1} stream: "
-              f"{summary(rows['late_ttft'], '.1f')} ms = {summary(rows['ttft_ratio'], '.2f')}x "
-              "alone")
+        if args.compare:
+            print(f"  --compare {args.compare}, in the same rounds:")
+            report(rows["compare"])
+            print("  this checkout:")
+        report(rows["this"])
         if flood:
             after = flood["after"]
             print(f"  {BURST} requests at once ({args.burst_tokens} tokens each): "
@@ -280,6 +319,18 @@ def main() -> None:
                   f"{flood['rss_before']:.0f} MB before, peak {flood['rss_peak']:.0f} MB, "
                   f"{flood['rss_after']:.0f} MB after; then one request: status "
                   f"{after['status']}, {after.get('tokens')} tokens", flush=True)
+        ratio = statistics.median(rows["this"]["ratio"])
+        ttft = statistics.median(rows["this"]["ttft_ratio"])
+        if args.compare:
+            summary_lines.append(f"  {shape:6} --compare: {CONCURRENT} streams "
+                                 f"{statistics.median(rows['compare']['ratio']):.2f}x one alone")
+        summary_lines.append(
+            f"  {shape:6} {CONCURRENT} streams {ratio:.2f}x one alone (target >= "
+            f"{TARGET_RATIO[shape]:g}x: {'met' if ratio >= TARGET_RATIO[shape] else 'NOT met'}); "
+            f"first token while {CONCURRENT - 1} stream {ttft:.2f}x alone (target <= "
+            f"{TARGET_TTFT_RATIO:g}x: {'met' if ttft <= TARGET_TTFT_RATIO else 'NOT met'})")
+    print(f"\nsummary, medians of {args.rounds} rounds, {args.threads} BLAS thread(s):")
+    print("\n".join(summary_lines), flush=True)
 
 
 if __name__ == "__main__":
