@@ -25,21 +25,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-import tensorlite.functional as F
-from tensorlite import Tensor, no_grad
+from tensorlite import references
 
 from .api import Choice, CompletionRequest, TextStream
-from .sample import filter_probs, keep_after_slide, sample_from
+from .config import check_sampling
+from .sample import filter_probs, filter_rows, keep_after_slide, sample_from, sample_rows
 
-# The formulas are tensorlite's own (one home each). The norms and the activation are the
-# model's Decoder's (which call tensorlite's NumPy references: on a handful of rows a compiled
-# twin's call costs more than the loop it saves); the softmax is tensorlite's public one.
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    """tensorlite's softmax over the last axis, on an array (no graph is recorded)."""
-    with no_grad():
-        return F.softmax(Tensor(x)).data
+# The formulas are tensorlite's own (one home each): the norms and the activation are the
+# model's Decoder's, the softmax is tensorlite's NumPy reference, the one the Decoder's causal
+# softmax calls (on a handful of rows a compiled twin's call, or a Tensor's, costs more than
+# the loop it saves).
 
 
 # ---- the batched forward --------------------------------------------------------------------
@@ -77,6 +72,40 @@ class BatchDecoder:
         """Read `ids` (at most block_size) into slot `slot` from position 0; the logits (V,)
         of the token after them (a copy)."""
         return self._alone(slot, ids, 0)
+
+    def prefill_many(self, slots: list[int], prompts: list[list[int]]) -> np.ndarray:
+        """Read prompts[b] (at most block_size ids) into slot slots[b] from position 0, for
+        every b: the logits (B, V) of the token after each. One prompt goes through the
+        model's Decoder (prefill); several through one forward, every linear layer ONE
+        product for all their positions: the prompts are padded to the longest (the padding's
+        keys land past a slot's length, where no query reads until a later token overwrites
+        them), and each prompt's queries see its own keys, causally. (Sequences whose windows
+        slide at the same step, as 8 requests started together do, read their last
+        block_size/2 tokens again together.)"""
+        if len(slots) == 1:
+            return self.prefill(slots[0], prompts[0])[None]
+        C, H, hd = self.config.n_embd, self.config.n_head, self.config.head_dim
+        B, n = len(slots), max(map(len, prompts))
+        lengths = np.array([len(p) for p in prompts])
+        ids = np.zeros((B, n), np.int64)  # the padding: token 0
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = p
+        into = np.array(slots)
+        x = (self.wte[ids] + self.wpe[:n]).reshape(B * n, C)  # (B*n, C)
+        d = self.prefiller
+        for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(d.layers):
+            qkv = d.linear(d.norm(x, ln_1), c_attn)  # (B*n, 3C): q | k | v
+            q, k, v = qkv.reshape(B, n, 3, H, hd).transpose(2, 0, 3, 1, 4)  # (B, H, n, hd) each
+            self.k[i, into, :, :n], self.v[i, into, :, :n] = k, v
+            # as the model's Decoder: S^T = k q^T, keys along rows (a softmax down the columns
+            # is one vectorised pass; along rows of n it would be a call per row), then P v
+            att = references.causal_softmax_columns(k @ q.swapaxes(-1, -2), self.scale)
+            y = (att.swapaxes(-1, -2) @ v).transpose(0, 2, 1, 3).reshape(B * n, C)  # (B*n, C)
+            x += d.linear(y, attn_proj)
+            x += d.linear(d.activation(d.linear(d.norm(x, ln_2), c_fc)), mlp_proj)  # (B*n, C)
+        self.lengths[into] = lengths
+        last = x.reshape(B, n, C)[np.arange(B), lengths - 1]  # (B, C): each prompt's last
+        return d.head(d.norm(last, d.ln_f))  # (B, V)
 
     def _alone(self, slot: int, ids: list[int], start: int) -> np.ndarray:
         """The model's own Decoder on one slot: `ids` at positions start, start + 1, ..."""
@@ -125,7 +154,7 @@ class BatchDecoder:
             scores = q @ k.swapaxes(-1, -2)  # (S, H, 1, T1)
             scores *= self.scale
             scores += mask
-            att = softmax(scores)  # (S, H, 1, T1)
+            att = references.softmax(scores, inplace=True)  # (S, H, 1, T1)
             y = (att @ v).reshape(S, H * hd)  # (S, H, 1, hd) -> (S, C)
             x += d.linear(y, attn_proj)
             # x = x + mlp(norm(x, ln_2)), mlp = activation(. @ c_fc) @ c_proj
@@ -181,19 +210,13 @@ class Sequence:
         self.unsent: list = []  # logprob entries of tokens whose text is held back
         self.submitted = time.perf_counter()
         self.last_token_at: float | None = None
-        self.probs = self.cdf = None  # sampling buffers, (V,) float64
+        check_sampling(req.temperature, req.top_k, req.top_p)  # (as filter_probs does)
 
-    def sample(self, logits: np.ndarray) -> bool:
-        """Draw the next token from `logits` (V,), changed in place, as sample_tokens does;
-        turn it into text and events. True when the choice has ended."""
+    def advance(self, token: int, lp: np.ndarray | None) -> bool:
+        """Take `token`, drawn for this choice (Batcher.sample); `lp`, the log-probabilities
+        it was drawn from (when the request asked for logprobs). Turn it into text and
+        events. True when the choice has ended."""
         r, choice = self.req, self.choice
-        if self.probs is None:
-            self.probs, self.cdf = np.empty(logits.size), np.empty(logits.size)
-        lp = log_softmax(logits) if r.logprobs is not None else None  # before EOS is masked
-        if self.eos_id is not None:
-            logits[self.eos_id] = -np.inf  # never taught, never drawn (as in gpt.sample)
-        token = sample_from(filter_probs(logits, r.temperature, r.top_k, r.top_p,
-                                         out=self.probs), self.rng, self.cdf)
         entry = None
         if lp is not None:
             entry = (token, float(lp[token]), [(int(t), float(lp[t]))
@@ -314,24 +337,50 @@ class Batcher:
         reading = [s for s in self.active if not s.in_cache]  # new, or their window slid
         stepping = [s for s in self.active if s.in_cache]
         logits = []
-        for seq in reading:
-            logits.append(self.decoder.prefill(seq.slot, seq.ids[seq.start:]))
-            seq.in_cache = True
+        if reading:
+            logits.extend(self.decoder.prefill_many([s.slot for s in reading],
+                                                    [s.ids[s.start:] for s in reading]))
+            for seq in reading:
+                seq.in_cache = True
         if stepping:
             logits.extend(self.decoder.step([s.slot for s in stepping],
                                             [s.ids[-1] for s in stepping]))
+        seqs = reading + stepping
         now = time.perf_counter()
         if self.metrics is not None:
-            self.metrics.step(len(self.active))
+            self.metrics.step(len(seqs), [now - (s.last_token_at or s.submitted) for s in seqs],
+                              [s.last_token_at is None for s in seqs])
         done = []
-        for seq, row in zip(reading + stepping, logits):
-            if self.metrics is not None:
-                self.metrics.token(now - (seq.last_token_at or seq.submitted),
-                                   first=seq.last_token_at is None)
+        for seq, token, lp in zip(seqs, *self.sample(seqs, logits)):
             seq.last_token_at = now
-            if seq.sample(np.array(row, dtype=row.dtype)):
+            if seq.advance(token, lp):
                 done.append(seq)
         self._leave(done)
+
+    @staticmethod
+    def sample(seqs: list[Sequence], logits: list) -> tuple[list[int], list]:
+        """The next token of each sequence, drawn from its row of `logits` (B rows of V) with
+        its own settings and generator, as gpt.sample's sample_tokens draws it. One sequence
+        alone: gpt.sample's own filter_probs and sample_from; several: all rows at once
+        (filter_rows and sample_rows, bitwise the same row by row). Returns the tokens and,
+        for each sequence that asked for logprobs, the log-softmax of its logits (else None)."""
+        probs = np.array(logits, dtype=np.float64)  # (B, V): a copy, ours to change
+        lps = [log_softmax(row) if s.req.logprobs is not None else None  # (before EOS is masked)
+               for s, row in zip(seqs, probs)]
+        eos = {s.eos_id for s in seqs}
+        if len(eos) == 1 and None not in eos:
+            probs[:, eos.pop()] = -np.inf  # never taught, never drawn (as in gpt.sample)
+        else:
+            for b, s in enumerate(seqs):
+                if s.eos_id is not None:
+                    probs[b, s.eos_id] = -np.inf
+        if len(seqs) == 1:
+            r = seqs[0].req
+            return [sample_from(filter_probs(probs[0], r.temperature, r.top_k, r.top_p,
+                                             out=probs[0]), seqs[0].rng)], lps
+        filter_rows(probs, [s.req.temperature for s in seqs], [s.req.top_k for s in seqs],
+                    [s.req.top_p for s in seqs])
+        return sample_rows(probs, [s.rng for s in seqs]), lps
 
     def _leave(self, seqs: list[Sequence]) -> None:
         with self.wake:
@@ -388,14 +437,14 @@ class ServeMetrics:
         with self.lock:
             self.requests[endpoint, status] += 1
 
-    def step(self, batch_size: int) -> None:
+    def step(self, batch_size: int, waits: list[float] = (), first: list[bool] = ()) -> None:
+        """A step of `batch_size` sequences; each token's wait since the one before (or,
+        for a first token, since its sequence arrived)."""
         with self.lock:
             self.batch.observe(batch_size)
-
-    def token(self, seconds: float, first: bool) -> None:
-        with self.lock:
-            self.tokens += 1
-            (self.ttft if first else self.per_token).observe(seconds)
+            self.tokens += len(waits)
+            for seconds, is_first in zip(waits, first):
+                (self.ttft if is_first else self.per_token).observe(seconds)
 
     def text(self, active: int, queued: int) -> str:
         with self.lock:

@@ -44,6 +44,10 @@ SAMPLING_THREADS = 1
 
 
 # ---- the distribution to sample from --------------------------------------------------------
+BROKEN_LOGITS = ("the model's logits hold NaN or inf: its weights are broken (was the checkpoint "
+                 "saved after training diverged?); train it again")
+
+
 def filter_probs(
     logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
     out: np.ndarray | None = None,
@@ -58,14 +62,16 @@ def filter_probs(
     The kept probabilities are renormalised to sum to 1; the rest are 0. A logit of -inf
     means "never" (a masked token); NaN or +inf means broken weights: UserError.
     `out`, a float64 (V,) array, receives the result (a sampling loop reuses one).
+
+    gpt.serve filters the rows of all the sequences it decodes together at once
+    (`filter_rows`): each row comes out bitwise as it does here.
     """
     check_sampling(temperature, top_k, top_p)
     probs = np.empty(np.size(logits)) if out is None else out  # (V,) float64
     np.copyto(probs, np.reshape(logits, -1))
     top = probs.max()
     if not top < np.inf:  # a NaN or +inf logit (the max of an array with a NaN is NaN)
-        raise UserError("the model's logits hold NaN or inf: its weights are broken (was the "
-                        "checkpoint saved after training diverged?); train it again")
+        raise UserError(BROKEN_LOGITS)
     if temperature == 0:
         best = np.argmax(probs)
         probs[:] = 0.0
@@ -75,8 +81,39 @@ def filter_probs(
     probs /= temperature
     np.exp(probs, out=probs)
     probs /= probs.sum()
-    if top_k is None and top_p is None:
-        return probs
+    if top_k is not None or top_p is not None:
+        keep_most_probable(probs, top_k, top_p)
+    return probs
+
+
+def filter_rows(probs: np.ndarray, temperature: list[float], top_k: list, top_p: list
+                ) -> np.ndarray:
+    """In place on probs (B, V) float64, a row of logits per sequence: row b becomes
+    filter_probs(row, temperature[b], top_k[b], top_p[b]), bitwise (the settings already
+    checked). The softmax runs on all rows at once, a handful of NumPy calls for the batch
+    instead of a handful per sequence; NumPy works out each row's elements and sums on their
+    own, which tests/gpt/test_sample.py checks. Returns probs."""
+    top = probs.max(axis=1, keepdims=True)  # (B, 1)
+    if not top.max() < np.inf:  # a NaN or +inf logit (the max of a row with a NaN is NaN)
+        raise UserError(BROKEN_LOGITS)
+    greedy = [b for b, t in enumerate(temperature) if t == 0]
+    best = probs[greedy].argmax(axis=1) if greedy else ()  # (the first one on a tie)
+    probs -= top  # <= 0: no overflow in exp, even for a small temperature
+    probs /= np.array([t or 1.0 for t in temperature])[:, None]  # (B, 1); greedy rows: 1
+    np.exp(probs, out=probs)
+    probs /= probs.sum(axis=1, keepdims=True)
+    for b, i in zip(greedy, best):  # temperature 0: all the mass on the argmax
+        probs[b] = 0.0
+        probs[b, i] = 1.0
+    for b, (k, p) in enumerate(zip(top_k, top_p)):
+        if (k is not None or p is not None) and temperature[b] != 0:
+            keep_most_probable(probs[b], k, p)
+    return probs
+
+
+def keep_most_probable(probs: np.ndarray, top_k: int | None, top_p: float | None) -> None:
+    """In place on probabilities (V,): zero all but the top_k most probable, then all but the
+    smallest most-probable-first set that reaches top_p of what is left; renormalise."""
     V = probs.size
     order = np.argsort(-probs, kind="stable")  # most probable first; ties: lower id first
     keep = V if top_k is None else min(top_k, V)
@@ -88,7 +125,6 @@ def filter_probs(
         keep = min(int(np.searchsorted(cum, top_p - 1e-12, side="left")) + 1, keep)
     probs[order[keep:]] = 0.0
     probs /= probs.sum()
-    return probs
 
 
 def sample_from(probs: np.ndarray, rng: np.random.Generator, cdf: np.ndarray | None = None) -> int:
@@ -100,6 +136,21 @@ def sample_from(probs: np.ndarray, rng: np.random.Generator, cdf: np.ndarray | N
     if i == len(cdf):  # u * total rounded up to the total: take the last possible token
         i = int(np.flatnonzero(probs)[-1])
     return i
+
+
+def sample_rows(probs: np.ndarray, rngs: list, cdf: np.ndarray | None = None) -> list[int]:
+    """A token id for each row of probs (B, V): row b drawn with ONE uniform number from its
+    own generator rngs[b], bitwise as sample_from draws it. `cdf`, like probs, receives the
+    cumulative sums."""
+    cdf = np.cumsum(probs, axis=1, out=cdf)  # (B, V), each row on its own
+    targets = np.array([rng.random() for rng in rngs]) * cdf[:, -1]  # (B,)
+    # searchsorted(row, target, side="right") is the count of a row's entries <= target
+    # (a cumulative sum of numbers >= 0 never decreases): all rows in one call
+    ids = (cdf <= targets[:, None]).sum(axis=1).tolist()
+    for b, i in enumerate(ids):
+        if i == cdf.shape[1]:  # u * total rounded up to the total: the last possible token
+            ids[b] = int(np.flatnonzero(probs[b])[-1])
+    return ids
 
 
 # ---- the generation loop --------------------------------------------------------------------

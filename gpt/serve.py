@@ -137,32 +137,41 @@ def choice_rngs(seed: int | None, n: int, max_tokens: int) -> list[np.random.Gen
 
 
 class Mailbox:
-    """Events from the batcher's thread to the event loop, handed over once per step: one
-    wake-up of the loop (a write to its self-pipe) for all the tokens of a step, not one per
-    token of each sequence."""
+    """Events from the batcher's thread to the event loop. The loop is woken (a write to its
+    self-pipe, then a turn of the GIL) at most once for all the events that wait: after a
+    step, only if the events of the steps before have all been delivered. A loop that is
+    behind (eight streams to write) then takes the tokens of several steps in one go, one
+    write per stream, instead of being woken, and taking the GIL from the batcher, once more
+    for every step."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.pending: list[tuple] = []  # (loop, queue, event)
+        self.pending: dict = {}  # loop -> [(queue, event)] not delivered yet
+        self.woken: set = set()  # the loops that have a delivery coming
 
     def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: tuple) -> None:
         with self.lock:
-            self.pending.append((loop, queue, event))
+            self.pending.setdefault(loop, []).append((queue, event))
 
     def flush(self) -> None:  # the Batcher's after_step
         with self.lock:
-            batch, self.pending = self.pending, []
-        loops: dict = {}
-        for loop, queue, event in batch:
-            loops.setdefault(loop, []).append((queue, event))
-        for loop, items in loops.items():
-            with contextlib.suppress(RuntimeError):  # a closed loop: the server is stopping
-                loop.call_soon_threadsafe(deliver, items)
+            loops = [loop for loop in self.pending if loop not in self.woken]
+            self.woken.update(loops)
+        for loop in loops:
+            try:
+                loop.call_soon_threadsafe(self.deliver, loop)
+            except RuntimeError:  # a closed loop: the server is stopping
+                with self.lock:
+                    self.pending.pop(loop, None)
+                    self.woken.discard(loop)
 
-
-def deliver(items: list[tuple]) -> None:
-    for queue, event in items:
-        queue.put_nowait(event)
+    def deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        """In the loop: every event waiting for it, into its request's queue."""
+        with self.lock:
+            items = self.pending.pop(loop, [])
+            self.woken.discard(loop)
+        for queue, event in items:
+            queue.put_nowait(event)
 
 
 class Generation:

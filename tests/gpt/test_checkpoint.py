@@ -538,9 +538,10 @@ def test_lay_out_by_rows_rewrites_a_weight_in_place_with_the_same_values():
                                        "tied_head": True}])
 def test_load_model_lays_out_large_weights_by_rows_and_samples_the_same(tmp_path, monkeypatch,
                                                                           arch):
-    """Linear weights of at least BY_ROWS_BYTES load as (in, out) views of (out, in) rows, in
-    the file's one buffer, 64-byte aligned and read-only; the model, its decoder (one position
-    at a time: row_dots; more: BLAS) and sampling give what the plain layout gives."""
+    """Linear weights holding at least BY_ROWS_BYTES together load as (in, out) views of
+    (out, in) rows, in the file's one buffer, 64-byte aligned and read-only; the model, its
+    decoder (up to 4 positions at a time: row_dots; more: BLAS) and sampling give what the
+    plain layout gives."""
     import gpt.model
     from gpt.model import by_rows
     from gpt.sample import sample_tokens

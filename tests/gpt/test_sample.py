@@ -22,10 +22,12 @@ from gpt.errors import UserError
 from gpt.model import GPT
 from gpt.sample import (
     filter_probs,
+    filter_rows,
     generate,
     keep_after_slide,
     prompt_ids,
     sample_from,
+    sample_rows,
     sample_tokens,
 )
 from gpt.tokenizer import CharTokenizer
@@ -100,6 +102,70 @@ def test_temperature_to_zero_is_argmax(logits):
     greedy = filter_probs(logits, 0.0)
     assert greedy[np.argmax(logits)] == 1.0 and greedy.sum() == 1.0
     assert filter_probs(logits, 1e-6)[np.argmax(logits)] == pytest.approx(1.0, abs=1e-12)
+
+
+# ---- the same, for a batch of rows (gpt.serve) ------------------------------------------------
+settings_st = st.tuples(
+    st.one_of(st.just(0.0), st.just(1.0), st.floats(1e-6, 5.0)),  # temperature (0: greedy)
+    st.one_of(st.none(), st.integers(1, 50)),  # top_k
+    st.one_of(st.none(), st.floats(0.01, 1.0)),  # top_p
+)
+
+
+def check_rows_as_alone(logits: np.ndarray, settings: list, seeds: list) -> None:
+    """filter_rows + sample_rows on all rows == filter_probs + sample_from on each row,
+    bitwise: the probabilities and the drawn token."""
+    probs = logits.astype(np.float64)
+    filter_rows(probs, *map(list, zip(*settings)))
+    ids = sample_rows(probs, [np.random.default_rng(s) for s in seeds])
+    for row, (t, k, p), seed, probs_b, id_b in zip(logits, settings, seeds, probs, ids):
+        alone = filter_probs(row, t, k, p)
+        assert np.array_equal(alone, probs_b)  # to the bit
+        assert sample_from(alone, np.random.default_rng(seed)) == id_b
+
+
+@given(st.data(), st.integers(1, 8), st.integers(1, 70))
+def test_rows_are_filtered_and_drawn_bitwise_as_each_alone(data, B, V):
+    logits = data.draw(arrays(np.float32, (B, V), elements=st.floats(
+        -30, 30, allow_nan=False, allow_infinity=False, width=32)))
+    if V > 1:
+        logits[:, data.draw(st.integers(0, V - 1))] = -np.inf  # a masked token (EOS)
+    settings = data.draw(st.lists(settings_st, min_size=B, max_size=B))
+    check_rows_as_alone(logits, settings, list(range(B)))
+
+
+def test_rows_as_alone_over_many_shapes():
+    """A sweep wider than hypothesis' examples: sizes across SIMD widths and GPT-2's
+    vocabulary, logit scales from flat to peaked, every kind of setting mixed in a batch."""
+    rng = np.random.default_rng(0)
+    for V in [*range(1, 70), 127, 128, 129, 255, 1000, 50257]:
+        for _ in range(3 if V < 1000 else 1):
+            B = int(rng.integers(1, 9))
+            logits = (rng.normal(size=(B, V)) * rng.uniform(0.1, 20)).astype(np.float32)
+            settings = [(float(rng.choice([0.0, 1.0, rng.uniform(1e-6, 3)])),
+                         None if rng.random() < 0.5 else int(rng.integers(1, 60)),
+                         None if rng.random() < 0.5 else float(rng.uniform(0.01, 1)))
+                        for _ in range(B)]
+            check_rows_as_alone(logits, settings, list(rng.integers(0, 2**31, B)))
+
+
+class Always:
+    """A stand-in generator whose uniform draw is always `u`."""
+
+    def __init__(self, u: float):
+        self.u = u
+
+    def random(self) -> float:
+        return self.u
+
+
+def test_a_draw_that_rounds_up_to_the_total_takes_the_last_possible_token():
+    probs = np.array([[0.25, 0.75, 0.0], [0.0, 1.0, 0.0]])
+    assert sample_rows(probs, [Always(1.0), Always(1.0)]) == [1, 1]  # (u * total == total)
+    assert [sample_from(row, Always(1.0)) for row in probs] == [1, 1]
+    assert sample_rows(probs, [Always(0.0), Always(0.0)]) == [0, 1]  # never a 0-prob token
+    with pytest.raises(UserError, match="NaN or inf"):
+        filter_rows(np.array([[0.0, 1.0], [np.nan, 0.0]]), [1.0, 1.0], [None] * 2, [None] * 2)
 
 
 @pytest.mark.parametrize(

@@ -242,6 +242,9 @@ class ByteScriptBatch:
         self.slots[slot].reset()
         return self.slots[slot](ids)
 
+    def prefill_many(self, slots, prompts):
+        return np.stack([self.prefill(s, ids) for s, ids in zip(slots, prompts)])
+
     def step(self, slots, tokens):
         return np.stack([self.slots[s]([t]) for s, t in zip(slots, tokens)])
 

@@ -78,6 +78,18 @@ def check_batched_steps(model):
     assert list(batch.lengths) == [3 + 10, 3 + 4, 20 + 10, 1 + 10]
     read(0, [8, 8, 2])  # one sequence alone: the model's own Decoder, to the bit
     assert np.array_equal(batch.step([0], [3])[0], alone[0]([3]))
+    # prompts of different lengths read together (slots 3 and 1; 0 and 2 keep theirs),
+    # then they step on with slot 0 (2's cache is full): each as alone
+    prompts = {3: list(rng.integers(0, V, 17)), 1: [6]}
+    rows = batch.prefill_many(list(prompts), list(prompts.values()))
+    for row, (slot, ids) in zip(rows, prompts.items()):
+        alone[slot] = model.decoder()
+        np.testing.assert_allclose(row, alone[slot](ids), rtol=1e-4, atol=1e-4)
+    assert list(batch.lengths) == [3 + 1, 1, 20 + 10, 17]
+    for _ in range(3):
+        tokens = list(rng.integers(0, V, 3))
+        for slot, t, row in zip([0, 1, 3], tokens, batch.step([0, 1, 3], tokens)):
+            np.testing.assert_allclose(row, alone[slot]([t]), rtol=1e-4, atol=1e-4)
 
 
 def test_the_batcher_samples_what_gpt_sample_does(tiny_model):
@@ -236,7 +248,7 @@ def test_more_choices_than_slots_and_queue_hold_is_400_not_429(tiny_model):
 class BrokenDecoder:
     """A batch decoder with a bug: every read of a prompt fails."""
 
-    def prefill(self, slot, ids):
+    def prefill_many(self, slots, prompts):
         raise RuntimeError("boom")
 
 

@@ -80,9 +80,9 @@ class PacedDecoder:
     def __init__(self, decoder):
         self._decoder = decoder
 
-    def prefill(self, slot, ids):
+    def prefill_many(self, slots, prompts):
         time.sleep(0.01)
-        return self._decoder.prefill(slot, ids)
+        return self._decoder.prefill_many(slots, prompts)
 
     def step(self, slots, tokens):
         time.sleep(0.01)
