@@ -32,10 +32,28 @@ CHUNK_PATTERN = r" ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"
 _CHUNK_RE = re.compile(CHUNK_PATTERN)
 # The encoders remember each chunk's ids (encoding is pure), within bounds: a server encodes
 # whatever its users send, and a prompt of a million distinct long "words" must not grow the
-# process without end. Words longer than this are encoded anew each time (they are rare).
-CACHE_ENTRIES, CACHE_CHUNK_CHARS = 1 << 18, 48
+# process without end. Words longer than CACHE_CHUNK_CHARS are encoded anew each time (they
+# are rare); and the cache holds at most CACHE_ENTRIES chunks and CACHE_IDS ids in all: by
+# entries alone, chunks of 47 emoji (188 ids, ~1.9 KB of cache each) filled ~490 MB.
+CACHE_ENTRIES, CACHE_CHUNK_CHARS, CACHE_IDS = 1 << 18, 48, 1 << 20
 
 Pair = tuple[int, int]
+
+
+class _ChunkCache(dict):
+    """chunk -> its token ids, within the bounds above (`ids`: how many it holds in all)."""
+
+    ids = 0
+
+    def add(self, chunk: str, tokens: list[int]) -> None:
+        if (len(chunk) <= CACHE_CHUNK_CHARS and len(self) < CACHE_ENTRIES
+                and self.ids + len(tokens) <= CACHE_IDS):
+            self[chunk] = tokens
+            self.ids += len(tokens)
+
+    def clear(self) -> None:
+        super().clear()
+        self.ids = 0
 
 
 def _pairs(word: list[int]) -> Counter:
@@ -160,7 +178,7 @@ class BPETokenizer:
         self.bos_id = 256 + len(self.merges)
         self.eos_id = self.bos_id + 1
         self.vocab_size = self.eos_id + 1
-        self._cache: dict[str, list[int]] = {}  # chunk -> its token ids (encoding is pure)
+        self._cache = _ChunkCache()  # chunk -> its token ids (encoding is pure)
 
     # ---- training --------------------------------------------------------------------------
     @classmethod
@@ -208,8 +226,7 @@ class BPETokenizer:
             tokens = cache.get(chunk)
             if tokens is None:
                 tokens = self._encode_chunk(chunk)
-                if len(chunk) <= CACHE_CHUNK_CHARS and len(cache) < CACHE_ENTRIES:
-                    cache[chunk] = tokens
+                cache.add(chunk, tokens)
             ids.extend(tokens)
         return ids
 
@@ -307,7 +324,7 @@ class GPT2Tokenizer:
         self.bos_id = self.eos_id = vocab[ENDOFTEXT]
         self.vocab_size = len(vocab)
         self._pattern = regex.compile(GPT2_PATTERN)
-        self._cache: dict[str, list[int]] = {}
+        self._cache = _ChunkCache()
 
     @classmethod
     def from_files(cls, vocab_json: str, merges_txt: str) -> GPT2Tokenizer:
@@ -360,8 +377,7 @@ class GPT2Tokenizer:
                 tokens = self._cache.get(chunk)
                 if tokens is None:
                     tokens = self._bpe(chunk)
-                    if len(chunk) <= CACHE_CHUNK_CHARS and len(self._cache) < CACHE_ENTRIES:
-                        self._cache[chunk] = tokens
+                    self._cache.add(chunk, tokens)
                 ids.extend(tokens)
         return ids
 

@@ -520,12 +520,15 @@ def load_model(out_dir: str, dtype: Any = None, *, latest: bool = False):
         raise UserError(f"{ckpt.path}/model.safetensors holds {np.dtype(dtype)} weights, "
                               "not floats; the checkpoint is corrupt")
     # the file's arrays themselves (views of its bytes): the weights are in memory once. The
-    # large linear weights are laid out for sampling, in place (gpt.model.lay_out_by_rows).
+    # linear weights of a large model are laid out for sampling, in place
+    # (gpt.model.lay_out_by_rows).
     weights = {k: v.astype(np.float32 if str(dtype) == "bfloat16" else dtype, copy=False)
                for k, v in ckpt.model.items()}
-    for name, w in weights.items():
-        if w.ndim == 2 and name not in ("wte", "wpe") and w.nbytes >= BY_ROWS_BYTES:
-            w = weights[name] = lay_out_by_rows(w)
+    linear = [k for k, w in weights.items() if w.ndim == 2 and k not in ("wte", "wpe")]
+    if sum(weights[k].nbytes for k in linear) >= BY_ROWS_BYTES:
+        for k in linear:
+            weights[k] = lay_out_by_rows(weights[k])
+    for w in weights.values():
         w.flags.writeable = False
     try:
         model = GPT(config, dtype=dtype, weights=weights)

@@ -273,7 +273,11 @@ def attention_probabilities(q: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 
 # ---- weights laid out for sampling ----------------------------------------------------------
-BY_ROWS_BYTES = 4 << 20  # load_model lays out linear weights this large (beyond L2) by rows
+# load_model lays out every linear weight by rows when together they hold at least this much:
+# far beyond any last-level cache, so a step streams them from memory (GPT-2 small: 340 MB). A
+# model whose weights sit in cache stays as it is: there BLAS's GEMV was faster (about 2x for
+# 384 x 1536 on 1 row, from L2/L3), and a step costs calls more than bytes.
+BY_ROWS_BYTES = 64 << 20
 # A decoder call on at most this many positions reads them with row_dots; on more, BLAS. From
 # memory (GPT-2 small's mlp.c_fc, 1 thread, Zen 4) row_dots read 22, 20, 15, 12 GB/s for 1-4
 # rows and 4 for 8, BLAS's small-M sgemm 22 for 1 row and 6-7 for 2-8.
@@ -378,7 +382,7 @@ class Decoder:
         self.x = np.zeros((T, C), dt)  # the residual stream
         self.xn = np.zeros((T, C), dt)  # its norm
         self.qkv = np.zeros((T, 3 * C), dt)  # q | k | v
-        self.att = np.zeros((H, T, T), dt)  # attention scores, then probabilities, transposed
+        self.att = np.zeros(H * T * T, dt)  # attention scores, then probabilities, transposed
         self.y = np.zeros((T, C), dt)  # attention output, heads side by side
         self.branch = np.zeros((T, C), dt)  # a branch's output, before the residual add
         self.h = np.zeros((T, 4 * C), dt)  # the MLP's hidden layer
@@ -405,7 +409,10 @@ class Decoder:
         t0 = cache.make_room(n)
         t1 = t0 + n  # the new positions are t0 .. t1-1; queries see keys 0 .. t1-1
         x, xn, qkv, y = self.x[:n], self.xn[:n], self.qkv[:n], self.y[:n]  # (n, C), (n, 3C)
-        att = self.att[:, :t1, :n]  # (H, t1, n): keys along rows, as in training's attention
+        # (H, t1, n): keys along rows, as in training's attention; contiguous, so a one-token
+        # step's scores are 12 x t1 adjacent values, not one per row of a (T, T) matrix (that
+        # strided view cost 5 of a 29 ms GPT-2 small step at position 200)
+        att = self.att[:H * t1 * n].reshape(H, t1, n)
         branch, h = self.branch[:n], self.h[:n]  # (n, C), (n, 4C)
 
         # (n, C): token embeddings. mode "clip": the ids were checked above, and the default

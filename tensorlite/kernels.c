@@ -564,7 +564,10 @@ double KERNEL(add_square_sum)(int64_t count, int64_t lists, real *const *totals,
  * back, each of its rows dotted with every row of a (which stays in cache), at about the
  * speed of a plain sum over memory; BLAS's transposed GEMV read it at about half that on a Zen 4
  * (docs/performance.md). Each y[r][j] is summed in one order, fixed by k alone: a row's result
- * does not depend on n, j or the other rows (a sequence gets the same logits alone or batched). */
+ * does not depend on n, j or the other rows, nor on how b's rows are split over threads. (That
+ * alone does not make a served sequence's logits the same alone or batched: gpt.model's Decoder
+ * takes BLAS on more than ROW_DOTS_ROWS rows, and the other layers round by shape; see
+ * gpt/batching.py.) */
 #define COLS ((int64_t)(VECTOR_BYTES / sizeof(real)))
 #define vec KERNEL(vec)
 void KERNEL(row_dots)(const real *restrict a, int64_t n, int64_t k, const real *restrict b,

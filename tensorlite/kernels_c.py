@@ -453,6 +453,8 @@ def _in_parts(work, parts: int) -> None:
     if parts > 1 and (_pool is None or _pool._max_workers < parts - 1):
         from concurrent.futures import ThreadPoolExecutor
 
+        # (a smaller pool is dropped, not shut down: another thread may be submitting to it;
+        # its idle threads exit once it is garbage, as ThreadPoolExecutor's workers do)
         _pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="tensorlite kernels")
     others = [_pool.submit(work, t) for t in range(1, parts)] if parts > 1 else []
     work(0)

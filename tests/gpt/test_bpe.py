@@ -173,3 +173,30 @@ def test_the_chunk_cache_stays_bounded_under_hostile_text(tok, monkeypatch):
     assert len(tok._cache) <= 50 and all(len(k) <= gpt.bpe.CACHE_CHUNK_CHARS for k in tok._cache)
     assert tok.decode(ids) == words + " " + huge
     assert tok.encode(words + " " + huge) == ids  # the same ids from the cache and without it
+
+
+@pytest.mark.parametrize("kind", ["bpe", "gpt2"])
+def test_the_chunk_cache_holds_a_bounded_number_of_ids_under_hostile_text(tok, kind, monkeypatch):
+    """Distinct chunks of 47 emoji (4 UTF-8 bytes each: up to 188 ids a chunk, ~1.9 KB of
+    cache) within the chunk-length bound: capped at CACHE_ENTRIES alone, a server's cache grew
+    to ~490 MB from about 90 hostile requests under the 1 MiB body limit. The ids the cache
+    holds are bounded too (CACHE_IDS), and a cleared cache fills again."""
+    import random
+
+    import gpt.bpe
+    from gpt.bpe import ENDOFTEXT, GPT2Tokenizer, byte_symbols
+
+    monkeypatch.setattr(gpt.bpe, "CACHE_IDS", 2_000)
+    if kind == "gpt2":  # every byte its own token, no merges
+        vocab = {s: i for i, s in enumerate(byte_symbols())} | {ENDOFTEXT: 256}
+        enc = GPT2Tokenizer(vocab, [])
+    else:
+        enc = BPETokenizer(tok.merges)
+    rng = random.Random(0)
+    emoji = [chr(c) for c in range(0x1F300, 0x1F5FF)]
+    text = "".join(" " + "".join(rng.choice(emoji) for _ in range(47)) for _ in range(300))
+    ids = enc.encode(text)
+    assert 0 < sum(map(len, enc._cache.values())) <= 2_000
+    assert enc.encode(text) == ids and enc.decode(ids) == text
+    enc._cache.clear()
+    assert enc.encode("a few words") and len(enc._cache) == 3  # the budget starts again

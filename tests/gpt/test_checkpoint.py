@@ -538,9 +538,10 @@ def test_lay_out_by_rows_rewrites_a_weight_in_place_with_the_same_values():
                                        "tied_head": True}])
 def test_load_model_lays_out_large_weights_by_rows_and_samples_the_same(tmp_path, monkeypatch,
                                                                           arch):
-    """Linear weights of at least BY_ROWS_BYTES load as (in, out) views of (out, in) rows, in
-    the file's one buffer, 64-byte aligned and read-only; the model, its decoder (one position
-    at a time: row_dots; more: BLAS) and sampling give what the plain layout gives."""
+    """Linear weights holding at least BY_ROWS_BYTES together load as (in, out) views of
+    (out, in) rows, in the file's one buffer, 64-byte aligned and read-only; the model, its
+    decoder (up to 4 positions at a time: row_dots; more: BLAS) and sampling give what the
+    plain layout gives."""
     import gpt.model
     from gpt.model import by_rows
     from gpt.sample import sample_tokens
@@ -570,3 +571,40 @@ def test_load_model_lays_out_large_weights_by_rows_and_samples_the_same(tmp_path
     kwargs = {"temperature": 0.8, "eos_id": None}
     assert (list(sample_tokens(loaded, [1, 2], 40, rng=np.random.default_rng(0), **kwargs))
             == list(sample_tokens(model, [1, 2], 40, rng=np.random.default_rng(0), **kwargs)))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, "bfloat16"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_weights_laid_out_by_rows_decode_as_the_plain_layout_in_every_dtype(tmp_path, monkeypatch,
+                                                                            dtype, tied):
+    """load_model(dtype=float64) lays out its own copies, "bfloat16" the file's float32 views,
+    which the Decoder then rounds (bf16 copies that must keep the layout): its logits, for 1 to
+    6 positions a call (row_dots up to ROW_DOTS_ROWS, BLAS past it) and for the server's
+    batched step (3 and 5 rows), are the plain layout's."""
+    import gpt.model
+    from gpt.batching import BatchDecoder
+    from gpt.model import by_rows
+
+    tok = CharTokenizer.from_text("hello world")
+    model = GPT(GPTConfig(tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=24,
+                          tied_head=tied), seed=3)
+    ck.save_checkpoint(str(tmp_path), ck.Checkpoint(
+        model=model.state_dict(), optimizer=AdamW(model.params, lr=1e-2).state_dict(),
+        config={"model": model.config.to_dict(), "train": {}}, tokenizer=tok.to_dict(),
+        state={"iter": 0}))
+    plain, _ = ck.load_model(str(tmp_path), dtype)
+    monkeypatch.setattr(gpt.model, "BY_ROWS_BYTES", 1)
+    loaded, _ = ck.load_model(str(tmp_path), dtype)
+    ours, theirs = loaded.decoder(), plain.decoder()
+    assert by_rows(ours.layers[0][1][0]) is not None and ours.head_rows.flags.c_contiguous
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == np.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    for n in range(1, 7):
+        chunk = [(3 * n + i) % tok.vocab_size for i in range(n)]
+        np.testing.assert_allclose(ours(chunk), theirs(chunk), **tol)
+    for rows in (3, 5):
+        batches = BatchDecoder(loaded, rows), BatchDecoder(plain, rows)
+        for b in batches:
+            for slot in range(rows):
+                b.prefill(slot, [1 + slot, 2])
+        steps = [b.step(list(range(rows)), list(range(rows))) for b in batches]
+        np.testing.assert_allclose(*steps, **tol)

@@ -247,6 +247,28 @@ def test_untied_head_round_trips(tmp_path, tok_dir):
                                hf(ids).logits.detach().numpy(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_weights_laid_out_by_rows_convert_back_to_the_same_hf_tensors(tmp_path, tok_dir,
+                                                                     monkeypatch, tied):
+    """load_model lays large linear weights out by rows (gpt.model.lay_out_by_rows; forced here
+    on a small model): --to-hf still writes every tensor of the original folder, bit for bit,
+    Conv1D's (in, out) and lm_head's (out, in) included."""
+    from safetensors.numpy import load_file
+
+    import gpt.model
+
+    folder, _ = model_dir(tmp_path, tok_dir, "hf", n_layer=1, n_head=2, n_embd=8, block=16,
+                          tied=tied)
+    convert.from_hf(str(folder), str(tmp_path / "run"))
+    monkeypatch.setattr(gpt.model, "BY_ROWS_BYTES", 1)
+    convert.to_hf(str(tmp_path / "run"), str(tmp_path / "back"))
+    want, got = load_file(str(folder / "model.safetensors")), load_file(str(tmp_path / "back"
+                                                                            / "model.safetensors"))
+    assert set(want) <= set(got)
+    for name, array in want.items():
+        np.testing.assert_array_equal(got[name], array, err_msg=name)
+
+
 def test_convert_refuses_with_one_line(tmp_path, tok_dir):
     folder, hf = model_dir(tmp_path, tok_dir, "hf", n_layer=1, n_head=1, n_embd=8, block=16)
     pickled = tmp_path / "pickled"

@@ -365,8 +365,8 @@ def test_row_dots_twin_matches_the_reference(dtype, data, n, k, m):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_row_dots_gives_each_row_the_same_bits_alone_batched_or_split_over_threads(dtype,
                                                                                     monkeypatch):
-    """What the server's batching relies on: a row's dot products are summed in an order fixed
-    by k alone, so they do not change with the other rows, or with how b's rows are split."""
+    """A row's dot products are summed in an order fixed by k alone, so they do not change with
+    the other rows, or with how b's rows are split over threads."""
     from tensorlite import kernels_c
 
     kernels.use_kernels("c")
