@@ -61,6 +61,7 @@ from .sample import SAMPLING_THREADS  # BLAS threads while serving (why: see gpt
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB gets 413
 BODY_TIMEOUT_S = 30.0  # a request body still arriving after this long gets 408
 HEADER_TIMEOUT_S = 10.0  # ... and request headers: 408, and the connection is closed
+STREAM_INTERVAL_S = 0.005  # a stream's text is written at most this often (see Mailbox)
 PUBLIC_PATHS = ("/", "/health", "/favicon.ico")  # no API key needed (they hold no secrets)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # the Host names a loopback bind accepts
 log = logging.getLogger("gpt.serve")
@@ -95,6 +96,10 @@ class ServeConfig:
                                 metavar="SECONDS")
     max_connections: int = setting(256, "connections served at once; past that uvicorn answers "
                                    "503")
+    stream_interval: float = setting(STREAM_INTERVAL_S, "seconds between two writes of a "
+                                     "stream's text: the tokens sampled in between go out "
+                                     "together (a first token and the end go at once); 0: "
+                                     "every token as soon as it is sampled", metavar="SECONDS")
 
     def validate(self) -> ServeConfig:
         """Raise UserError (one line) for values that cannot work; return self."""
@@ -118,6 +123,9 @@ class ServeConfig:
                 raise UserError(f"must be >= 1, got {getattr(self, name)}", field=name)
         if self.max_queue < 0:
             raise UserError(f"must be >= 0, got {self.max_queue}", field="max_queue")
+        if not 0 <= self.stream_interval <= 1:
+            raise UserError(f"must be a number of seconds from 0 to 1, got "
+                            f"{self.stream_interval}", field="stream_interval")
         if not self.time_limit >= 0 or self.time_limit == math.inf:
             raise UserError(f"must be a number of seconds >= 0 (0: no limit), got "
                             f"{self.time_limit}", field="time_limit")
@@ -138,38 +146,53 @@ def choice_rngs(seed: int | None, n: int, max_tokens: int) -> list[np.random.Gen
 
 class Mailbox:
     """Events from the batcher's thread to the event loop. The loop is woken (a write to its
-    self-pipe, then a turn of the GIL) at most once for all the events that wait: after a
-    step, only if the events of the steps before have all been delivered. A loop that is
-    behind (eight streams to write) then takes the tokens of several steps in one go, one
-    write per stream, instead of being woken, and taking the GIL from the batcher, once more
-    for every step."""
+    self-pipe, then a turn of the GIL) at most once for all the events that wait, and only
+    if it has taken the earlier ones already; for text, at most every `interval` seconds
+    (`--stream-interval`): the tokens sampled in between go out together, one write per
+    stream. A request's first token and its end (or an error) wake it at once.
 
-    def __init__(self):
+    Why: every write to a client is a system call that lets go of the GIL, and the event
+    loop's thread and the batcher's then hand it back and forth, each waiting for the other
+    to be scheduled. Eight streams written at every step cost that eight times a step; a few
+    milliseconds of tokens written together cost it once (docs/serving.md, How fast)."""
+
+    def __init__(self, interval: float = 0.0):
+        self.interval = interval
         self.lock = threading.Lock()
         self.pending: dict = {}  # loop -> {Generation: [event, ...]} not delivered yet
-        self.woken: set = set()  # the loops that have a delivery coming
+        self.urgent: set = set()  # the loops with a first token, an end or an error waiting
+        self.woken: dict = {}  # loop -> when its last delivery was asked for
+        self.coming: set = set()  # the loops that have a delivery coming
 
-    def post(self, loop: asyncio.AbstractEventLoop, gen: Generation, event: tuple) -> None:
+    def post(self, loop: asyncio.AbstractEventLoop, gen: Generation, event: tuple,
+             urgent: bool = False) -> None:
         with self.lock:
             self.pending.setdefault(loop, {}).setdefault(gen, []).append(event)
+            if urgent:
+                self.urgent.add(loop)
 
     def flush(self) -> None:  # the Batcher's after_step
+        now = time.perf_counter()
         with self.lock:
-            loops = [loop for loop in self.pending if loop not in self.woken]
-            self.woken.update(loops)
+            loops = [loop for loop in self.pending if loop not in self.coming and (
+                loop in self.urgent or now - self.woken.get(loop, -math.inf) >= self.interval)]
+            for loop in loops:
+                self.coming.add(loop)
+                self.urgent.discard(loop)
+                self.woken[loop] = now
         for loop in loops:
             try:
                 loop.call_soon_threadsafe(self.deliver, loop)
             except RuntimeError:  # a closed loop: the server is stopping
                 with self.lock:
                     self.pending.pop(loop, None)
-                    self.woken.discard(loop)
+                    self.coming.discard(loop)
 
     def deliver(self, loop: asyncio.AbstractEventLoop) -> None:
         """In the loop: the events waiting for it, each request's in one hand-over."""
         with self.lock:
             by_request = self.pending.pop(loop, {})
-            self.woken.discard(loop)
+            self.coming.discard(loop)
         for gen, events in by_request.items():
             gen.receive(events)
 
@@ -220,7 +243,8 @@ class Generation:
             self.unfinished -= 1
             if self.unfinished == 0:
                 self.state.count(active=-1)
-        self.state.mailbox.post(self._loop, self, (kind, *data))
+        urgent = kind != "token" or self.choices[data[0]].tokens == 1  # (a first token)
+        self.state.mailbox.post(self._loop, self, (kind, *data), urgent)
 
     def receive(self, events: list[tuple]) -> None:  # in the event loop (Mailbox.deliver)
         self.inbox.extend(events)
@@ -545,12 +569,14 @@ def create_app(model, tokenizer, model_name: str, max_tokens: int = 1024,
                api_key: str | None = None, cors_origins: list[str] | tuple = (),
                loopback_only: bool = True, body_timeout: float = BODY_TIMEOUT_S,
                max_batch: int = 8, max_queue: int = 64,
-               time_limit: float | None = None) -> Starlette:
+               time_limit: float | None = None,
+               stream_interval: float = STREAM_INTERVAL_S) -> Starlette:
     """The ASGI application serving `model`. `app.state.model` is its ModelState.
     `loopback_only`: answer only requests whose Host is a loopback name (for a server that
     listens on a loopback address: see Guard). `max_batch` sequences are decoded together,
-    `max_queue` more may wait (then 429); `time_limit` seconds per request (None: none)."""
-    metrics, mailbox = ServeMetrics(max_batch), Mailbox()
+    `max_queue` more may wait (then 429); `time_limit` seconds per request (None: none);
+    a stream's text is written at most every `stream_interval` seconds (Mailbox)."""
+    metrics, mailbox = ServeMetrics(max_batch), Mailbox(stream_interval)
     state = ModelState(model, tokenizer, model_name, max_tokens,
                        Batcher(model, max_batch, max_queue, metrics, mailbox.flush), metrics,
                        mailbox, time_limit)
@@ -741,7 +767,8 @@ def serve(cfg: ServeConfig) -> int:
     name = cfg.model_name or os.path.basename(os.path.abspath(cfg.out_dir))
     app = create_app(model, tokenizer, name, cfg.max_tokens, cfg.api_key, cfg.cors_origin,
                      loopback_only=is_loopback(cfg.host), max_batch=cfg.max_batch,
-                     max_queue=cfg.max_queue, time_limit=cfg.time_limit or None)
+                     max_queue=cfg.max_queue, time_limit=cfg.time_limit or None,
+                     stream_interval=cfg.stream_interval)
     try:
         sock = bind(cfg.host, cfg.port)
     except OSError as e:

@@ -621,6 +621,8 @@ def test_missing_or_corrupt_checkpoint_exits_2(tiny_run, tmp_path):
     (["--time-limit", "-5"], "--time-limit"),
     (["--time-limit", "nan"], "--time-limit"),
     (["--max-connections", "0"], "--max-connections"),
+    (["--stream-interval", "-0.001"], "--stream-interval"),
+    (["--stream-interval", "nan"], "--stream-interval"),
     (["--no-such-flag"], "unrecognized"),
 ])
 def test_bad_flags_exit_2_with_one_line(tiny_run, args, words):

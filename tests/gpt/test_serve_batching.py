@@ -368,3 +368,49 @@ def test_metrics_parse_as_prometheus_text(tiny_model):
                  "gpt_serve_time_to_first_token_seconds_count") == 6
     assert value("gpt_serve_time_per_token_seconds",
                  "gpt_serve_time_per_token_seconds_count") == 36
+
+
+# ---- the hand-over to the event loop ----------------------------------------------------------
+class RecordingLoop:
+    """Stands in for the event loop: runs what is handed to it at once, and counts wake-ups."""
+
+    def __init__(self):
+        self.wakeups = 0
+
+    def call_soon_threadsafe(self, callback, *args):
+        self.wakeups += 1
+        callback(*args)
+
+
+class Inbox:
+    def __init__(self):
+        self.events = []
+
+    def receive(self, events):
+        self.events.extend(events)
+
+
+def test_the_mailbox_writes_text_at_most_every_interval_and_firsts_and_ends_at_once():
+    from gpt.serve import Mailbox
+
+    loop, a, b = RecordingLoop(), Inbox(), Inbox()
+    box = Mailbox(interval=3600.0)
+    box.post(loop, a, ("token", 0, "x", [], 0), urgent=True)  # a first token: at once
+    box.flush()
+    assert a.events == [("token", 0, "x", [], 0)] and loop.wakeups == 1
+    for i in range(3):  # later tokens, within the interval: they wait, however many steps
+        box.post(loop, a, ("token", 0, "y", [], 1 + i))
+        box.post(loop, b, ("token", 1, "z", [], i))
+        box.flush()
+    assert len(a.events) == 1 and b.events == [] and loop.wakeups == 1
+    box.post(loop, b, ("end", 1, "length"), urgent=True)  # an end: everything waiting, in order
+    box.flush()
+    assert [e[4] for e in a.events[1:]] == [1, 2, 3] and len(b.events) == 4
+    assert b.events[-1] == ("end", 1, "length") and loop.wakeups == 2
+    box.flush()  # nothing waiting: no wake-up
+    assert loop.wakeups == 2
+    every = Mailbox(interval=0.0)  # --stream-interval 0: each step's tokens at once
+    for i in range(3):
+        every.post(loop, a, ("token", 0, "w", [], i))
+        every.flush()
+    assert loop.wakeups == 5
