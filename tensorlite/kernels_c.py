@@ -515,7 +515,7 @@ def _declare_bf16(lib: ctypes.CDLL) -> ctypes.CDLL | None:
     if not lib.bf16_gemm_available():
         return None
     p, i = ctypes.c_void_p, ctypes.c_int64
-    for name, args, result in (("bf16_packed_b_size", [i, i], i), ("bf16_packed_a_size", [], i),
+    for name, args, result in (("bf16_packed_b_size", [i, i], i), ("bf16_packed_a_size", [i], i),
                                ("bf16_pack_b", [p, i, i, i, i, p], None),
                                ("bf16_gemm_packed", [p, i, i, p, p, i, i, i, i, p], None)):
         fn = getattr(lib, name)
@@ -547,7 +547,7 @@ def _bf16_2d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
     def rows(t: int) -> None:
         i0, i1 = bounds[t], bounds[t + 1]
-        ap = np.empty(lib.bf16_packed_a_size(), dtype=np.uint16)
+        ap = np.empty(lib.bf16_packed_a_size(i1 - i0), dtype=np.uint16)
         lib.bf16_gemm_packed(a.ctypes.data + i0 * a.strides[0], a.strides[0] // 4,
                              a.strides[1] // 4, bp.ctypes.data, c.ctypes.data + i0 * c.strides[0],
                              n, i1 - i0, n, k, ap.ctypes.data)
