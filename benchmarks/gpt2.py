@@ -9,7 +9,8 @@ CPU and threads, the engines alternating round by round:
            loop (sample_tokens at temperature 0) against transformers' generate(do_sample=False,
            use_cache=True); tokens/s (the prompt's reading included in both)
   step     one fine-tuning step on a batch of 4 x 256 tokens: gpt.train's step (forward,
-           backward, gradient clipping, AdamW, on the threads gpt.train uses) against PyTorch
+           backward, gradient clipping, AdamW, on the threads gpt.train uses, with the
+           allocator settings gpt.train makes at start-up) against PyTorch
            eager (the same four, torch.optim.AdamW); and with --bf16 the same in mixed
            precision: our --dtype bfloat16 against torch.autocast("cpu", torch.bfloat16)
   rss      the peak resident memory of a fresh process that loads the converted run for
@@ -101,6 +102,7 @@ def bench_step(hf, run: str, rounds: int, bf16: bool) -> None:
     from gpt.optim import AdamW, clip_grad_norm
     from gpt.train import make_grad_fn
 
+    tensorlite.kernels.tune_allocator()  # as gpt.train does at start-up (gpt/cli.py)
     config, weights, _ = load_pretrained(run)
     dtype = "bfloat16" if bf16 else np.float32
     model = GPT(config, dtype=dtype)
