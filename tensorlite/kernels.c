@@ -653,6 +653,16 @@ void bf16_pack_b(const float *restrict b, int64_t s0, int64_t s1, int64_t k, int
     for (int64_t j0 = 0; j0 < n; j0 += BF16_NR) {
         uint16_t *panel = bp + j0 / BF16_NR * pairs * 2 * BF16_NR;
         int64_t cols = n - j0 < BF16_NR ? n - j0 : BF16_NR;
+        if (s0 == 1 && cols == BF16_NR) { /* B = W^T (a backward's): read each column in order */
+            for (int64_t j = 0; j < BF16_NR; j++) {
+                const float *col = b + (j0 + j) * s1;
+                for (int64_t p = 0; p < pairs; p++) {
+                    panel[p * 2 * BF16_NR + 2 * j] = to_bf16(col[2 * p]);
+                    panel[p * 2 * BF16_NR + 2 * j + 1] = 2 * p + 1 < k ? to_bf16(col[2 * p + 1]) : 0;
+                }
+            }
+            continue;
+        }
         for (int64_t p = 0; p < pairs; p++) {
             uint16_t *out = panel + p * 2 * BF16_NR;
             const float *r0 = b + 2 * p * s0 + j0 * s1, *r1 = r0 + s0;
