@@ -107,6 +107,20 @@ def test_product_matches_the_reference(path, m, k, n, layouts, seed):
     assert np.all(np.abs(got - expected) <= _tolerance(a, b))
 
 
+@pytest.mark.skipif(not FAST, reason="this CPU has no AVX512_BF16")
+@pytest.mark.parametrize("layouts", [("transposed", "transposed"), ("strided", "reversed"),
+                                     ("contiguous", "transposed")])
+def test_the_fast_product_gives_the_same_bits_for_every_layout(layouts):
+    """The C loops pack both operands before multiplying (a transposed B column by column),
+    so how the operands lie in memory cannot change a bit of the result."""
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((70, 300)).astype(np.float32)
+    b = rng.standard_normal((300, 97)).astype(np.float32)
+    want = kernels.matmul_bf16(a, b, path="fast")
+    got = kernels.matmul_bf16(_layout(a, layouts[0]), _layout(b, layouts[1]), path="fast")
+    assert np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_model_shapes_and_threads(path, monkeypatch):
     """Sizes past the C loops' blocks (KC 256, MC 96), split over 1 and 2 threads."""
