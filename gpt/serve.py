@@ -416,6 +416,8 @@ class App:
                                      background=BackgroundTask(gen.cancel))
         try:
             waiting = asyncio.ensure_future(until_disconnected(request))
+            # the client gone: stop at once (its next events may wait for --stream-interval)
+            waiting.add_done_callback(lambda _: gen.cancel())
             try:
                 async for batch in gen.event_batches():
                     if batch[-1][0] == "error":

@@ -414,3 +414,19 @@ def test_the_mailbox_writes_text_at_most_every_interval_and_firsts_and_ends_at_o
         every.post(loop, a, ("token", 0, "w", [], i))
         every.flush()
     assert loop.wakeups == 5
+
+
+def test_a_big_stream_interval_still_frees_a_gone_clients_slot_at_once(tiny_model):
+    """A whole (not streamed) answer hears of its client going away when it goes, not at the
+    next hand-over of text (which --stream-interval may hold back)."""
+    with small_server(tiny_model, stream_interval=3600.0) as (url, state):
+        parts = urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps(
+            {"prompt": "The", "max_tokens": 50_000, "temperature": 0}),
+            {"Content-Type": "application/json", **AUTH})
+        assert wait_until(lambda: state.active == 1)
+        before = state.sampled
+        conn.close()
+        assert wait_until(lambda: state.active == 0)
+        assert state.sampled - before < 25_000  # not all 50,000 for nobody
