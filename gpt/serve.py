@@ -98,7 +98,7 @@ class ServeConfig:
                                    "503")
     stream_interval: float = setting(STREAM_INTERVAL_S, "seconds between two writes of a "
                                      "stream's text: the tokens sampled in between go out "
-                                     "together (a first token and the end go at once); 0: "
+                                     "together (a first text and the end go at once); 0: "
                                      "every token as soon as it is sampled", metavar="SECONDS")
 
     def validate(self) -> ServeConfig:
@@ -149,7 +149,7 @@ class Mailbox:
     self-pipe, then a turn of the GIL) at most once for all the events that wait, and only
     if it has taken the earlier ones already; for text, at most every `interval` seconds
     (`--stream-interval`): the tokens sampled in between go out together, one write per
-    stream. A request's first token and its end (or an error) wake it at once.
+    stream. A choice's first text and its end (or an error) wake it at once.
 
     Why: every write to a client is a system call that lets go of the GIL, and the event
     loop's thread and the batcher's then hand it back and forth, each waiting for the other
@@ -160,7 +160,7 @@ class Mailbox:
         self.interval = interval
         self.lock = threading.Lock()
         self.pending: dict = {}  # loop -> {Generation: [event, ...]} not delivered yet
-        self.urgent: set = set()  # the loops with a first token, an end or an error waiting
+        self.urgent: set = set()  # the loops with a first text, an end or an error waiting
         self.woken: dict = {}  # loop -> when its last delivery was asked for
         self.coming: set = set()  # the loops that have a delivery coming
 
@@ -243,7 +243,8 @@ class Generation:
             self.unfinished -= 1
             if self.unfinished == 0:
                 self.state.count(active=-1)
-        urgent = kind != "token" or self.choices[data[0]].tokens == 1  # (a first token)
+        # a choice's first text (offset 0; the first tokens' text may have been held back)
+        urgent = kind != "token" or (data[1] != "" and data[3] == 0)
         self.state.mailbox.post(self._loop, self, (kind, *data), urgent)
 
     def receive(self, events: list[tuple]) -> None:  # in the event loop (Mailbox.deliver)
