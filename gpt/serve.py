@@ -193,6 +193,7 @@ class Mailbox:
         with self.lock:
             by_request = self.pending.pop(loop, {})
             self.coming.discard(loop)
+            self.urgent.discard(loop)  # (an urgent event that came meanwhile goes now too)
         for gen, events in by_request.items():
             gen.receive(events)
 

@@ -416,6 +416,40 @@ def test_the_mailbox_writes_text_at_most_every_interval_and_firsts_and_ends_at_o
     assert loop.wakeups == 5
 
 
+class LaterLoop(RecordingLoop):
+    """Stands in for an event loop that is busy: what is handed to it runs at `run()`."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def call_soon_threadsafe(self, callback, *args):
+        self.wakeups += 1
+        self.calls.append((callback, args))
+
+    def run(self):
+        calls, self.calls = self.calls, []
+        for callback, args in calls:
+            callback(*args)
+
+
+def test_an_urgent_event_taken_by_a_delivery_already_coming_leaves_no_urgency_behind():
+    from gpt.serve import Mailbox
+
+    loop, a, b = LaterLoop(), Inbox(), Inbox()
+    box = Mailbox(interval=3600.0)
+    box.post(loop, a, ("token", 0, "x", [], 0), urgent=True)
+    box.flush()  # a delivery is coming ...
+    box.post(loop, b, ("token", 0, "y", [], 0), urgent=True)
+    box.flush()  # ... and takes b's first token too: no second wake-up
+    assert loop.wakeups == 1
+    loop.run()
+    assert len(a.events) == len(b.events) == 1
+    box.post(loop, a, ("token", 0, "z", [], 1))  # later text: it waits for the interval
+    box.flush()
+    assert loop.wakeups == 1 and len(a.events) == 1
+
+
 def test_a_big_stream_interval_still_frees_a_gone_clients_slot_at_once(tiny_model):
     """A whole (not streamed) answer hears of its client going away when it goes, not at the
     next hand-over of text (which --stream-interval may hold back)."""
