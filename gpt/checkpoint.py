@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -293,15 +294,17 @@ def read_regular_file(path: str, limit: int, expect: int | None = None,
         size, done, parts = st.st_size, 0, []
         buffer = None
         if mutable:
-            head = os.pread(fd, 8, 0)  # safetensors: the header's length, then the header
+            head = os.read(fd, 8)  # safetensors: the header's length, then the header
+            os.lseek(fd, 0, os.SEEK_SET)
             skip = 8 + int.from_bytes(head, "little") if len(head) == 8 else 0
             raw = np.empty(size + 64, dtype=np.uint8)
             start = -(raw.ctypes.data + skip) % 64
             buffer = memoryview(raw[start:start + size])
+            reader = io.FileIO(fd, closefd=False)  # readinto: into the buffer, no copy
         while done < size:
             want = min(size - done, 1 << 30)
             if buffer is not None:
-                got = os.readv(fd, [memoryview(buffer)[done:done + want]])
+                got = reader.readinto(buffer[done:done + want])
             else:
                 parts.append(os.read(fd, want))
                 got = len(parts[-1])
