@@ -166,15 +166,7 @@ def new_figure(size: tuple[float, float], **kwargs):
 # ---- the two graphs of docs/autograd.md ------------------------------------------------------
 def abcf_graph() -> tl.Tensor:
     """L = (a*b + c) * f after L.backward(), every node named and keeping its grad."""
-    a = tl.Tensor(2.0, requires_grad=True, name="a")
-    b = tl.Tensor(-3.0, requires_grad=True, name="b")
-    c = tl.Tensor(10.0, requires_grad=True, name="c")
-    f = tl.Tensor(-2.0, requires_grad=True, name="f")
-    e = a * b
-    d = e + c
-    L = d * f
-    e.name, d.name, L.name = "e", "d", "L"
-    e.retain_grad(), d.retain_grad(), L.retain_grad()
+    L = abcf_forward(retain=True)
     L.backward()
     return L
 
@@ -250,8 +242,9 @@ def draw_block(path: Path) -> Path:
 
 
 # ---- backward on the a, b, c, f graph, frame by frame (tl.trace_backward) --------------------
-def abcf_forward() -> tl.Tensor:
-    """L = (a*b + c) * f before backward, every node named."""
+def abcf_forward(retain: bool = False) -> tl.Tensor:
+    """L = (a*b + c) * f before backward, every node named (with retain, the inner nodes
+    e, d and L keep their grads after a backward)."""
     a = tl.Tensor(2.0, requires_grad=True, name="a")
     b = tl.Tensor(-3.0, requires_grad=True, name="b")
     c = tl.Tensor(10.0, requires_grad=True, name="c")
@@ -260,6 +253,8 @@ def abcf_forward() -> tl.Tensor:
     d = e + c
     L = d * f
     e.name, d.name, L.name = "e", "d", "L"
+    if retain:
+        e.retain_grad(), d.retain_grad(), L.retain_grad()
     return L
 
 

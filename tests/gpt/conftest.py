@@ -3,6 +3,7 @@ server on 127.0.0.1 (a free port, in a background thread of this process) servin
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,22 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-0123"
 SERVER_MAX_TOKENS = 50_000  # high, so that a stream can run long enough to be cut off
+
+
+class PacedDecoder:
+    """A batch decoder that takes 10 ms a step (and a prompt read): the event loop has long
+    taken one step's events when the next step's come, and a browser sees tokens arrive."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+
+    def prefill_many(self, slots, prompts):
+        time.sleep(0.01)
+        return self.decoder.prefill_many(slots, prompts)
+
+    def step(self, slots, tokens):
+        time.sleep(0.01)
+        return self.decoder.step(slots, tokens)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import openai
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, PacedDecoder
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -466,29 +466,13 @@ def test_a_big_stream_interval_still_frees_a_gone_clients_slot_at_once(tiny_mode
         assert state.sampled - before < 25_000  # not all 50,000 for nobody
 
 
-class SlowDecoder:
-    """The batch decoder, 10 ms a step: the event loop has long taken one step's events when
-    the next step's come."""
-
-    def __init__(self, decoder):
-        self.decoder = decoder
-
-    def prefill_many(self, slots, prompts):
-        time.sleep(0.01)
-        return self.decoder.prefill_many(slots, prompts)
-
-    def step(self, slots, tokens):
-        time.sleep(0.01)
-        return self.decoder.step(slots, tokens)
-
-
 def test_a_streams_first_text_goes_at_once_even_when_its_first_tokens_are_held_back(
         tiny_model, monkeypatch):
     """The first tokens' text may be held back (it could begin a stop string): the first
     piece of text that does go out is written at once, not at the next --stream-interval."""
     model, tok = tiny_model
     first = generate(model, tok, "The", 3, temperature=0)[len("The"):]  # 3 tokens held back
-    monkeypatch.setattr(model, "batch_decoder", lambda slots: SlowDecoder(
+    monkeypatch.setattr(model, "batch_decoder", lambda slots: PacedDecoder(
         BatchDecoder(model, slots)), raising=False)
     with small_server(tiny_model, stream_interval=3600.0) as (url, state):
         conn, r = open_stream(url, {"prompt": "The", "max_tokens": 300, "temperature": 0,

@@ -15,12 +15,11 @@ import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, PacedDecoder
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -74,19 +73,6 @@ class PacedModel:
 
     def __getattr__(self, name):
         return getattr(self._model, name)
-
-
-class PacedDecoder:
-    def __init__(self, decoder):
-        self._decoder = decoder
-
-    def prefill_many(self, slots, prompts):
-        time.sleep(0.01)
-        return self._decoder.prefill_many(slots, prompts)
-
-    def step(self, slots, tokens):
-        time.sleep(0.01)
-        return self._decoder.step(slots, tokens)
 
 
 @pytest.fixture
