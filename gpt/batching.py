@@ -25,10 +25,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tensorlite import references
+from tensorlite import kernels, references
 
 from .api import Choice, CompletionRequest, TextStream
 from .config import check_sampling
+from .model import by_rows
 from .sample import filter_probs, filter_rows, keep_after_slide, sample_from, sample_rows
 
 # The formulas are tensorlite's own (one home each): the norms and the activation are the
@@ -67,6 +68,12 @@ class BatchDecoder:
         self.prefiller = model.decoder()  # reads prompts; its cache is swapped per slot
         self.wte, self.wpe = self.prefiller.wte, self.prefiller.wpe
         self.scale = dt.type(1.0 / math.sqrt(hd))
+        d = self.prefiller
+        # each block's 12 arrays in references.decode_step's order, and the Decoder's own
+        # linear layer where a plain x @ W + b would not do (bf16, or weights stored by rows)
+        self.blocks = [tuple(a for layer in block for a in layer) for block in d.layers]
+        plain = not d.bf16 and all(by_rows(w) is None for block in d.layers for w, _ in block)
+        self.linear = None if plain else d.linear
 
     def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
         """Read `ids` (at most block_size) into slot `slot` from position 0; the logits (V,)
@@ -126,9 +133,8 @@ class BatchDecoder:
         the cache, not as a gathered copy."""
         if len(slots) == 1:
             return self._alone(slots[0], tokens, int(self.lengths[slots[0]]))[None]
-        H, hd, T = self.config.n_head, self.config.head_dim, self.config.block_size
+        H, T = self.config.n_head, self.config.block_size
         S = max(slots) + 1
-        rows = np.arange(S)
         ids, pos = np.zeros(S, np.int64), np.zeros(S, np.int64)  # idle slots: token 0 at 0
         ids[slots], pos[slots] = tokens, self.lengths[slots]  # the new tokens' positions
         if pos.max() >= T:
@@ -137,28 +143,12 @@ class BatchDecoder:
         # may hold a prompt just read) the scratch position T, which no query reads
         put = np.full(S, T)
         put[slots] = pos[slots]
-        T1 = int(pos.max()) + 1  # the attention reads keys 0 .. T1-1 of every slot
-        # (S, 1, 1, T1): 0 where key j is one of the row's positions (j <= pos), else -inf
-        mask = np.where(np.arange(T1) <= pos[:, None], 0.0, -np.inf).astype(self.k.dtype)
-        mask = mask[:, None, None, :]
         x = self.wte[ids] + self.wpe[pos]  # (S, C)
-        d = self.prefiller  # the model's layer steps on arrays (norm, linear, activation, head)
-        for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(d.layers):
-            # x = x + attn(norm(x, ln_1))
-            qkv = d.linear(d.norm(x, ln_1), c_attn)  # (S, 3C): q | k | v
-            heads = qkv.reshape(S, 3, H, hd)
-            self.k[i, rows, :, put] = heads[:, 1]  # (S, H, hd): each into its slot, position
-            self.v[i, rows, :, put] = heads[:, 2]
-            q = heads[:, 0, :, None, :]  # (S, H, 1, hd)
-            k, v = self.k[i, :S, :, :T1], self.v[i, :S, :, :T1]  # (S, H, T1, hd), views
-            scores = q @ k.swapaxes(-1, -2)  # (S, H, 1, T1)
-            scores *= self.scale
-            scores += mask
-            att = references.softmax(scores, inplace=True)  # (S, H, 1, T1)
-            y = (att @ v).reshape(S, H * hd)  # (S, H, 1, hd) -> (S, C)
-            x += d.linear(y, attn_proj)
-            # x = x + mlp(norm(x, ln_2)), mlp = activation(. @ c_fc) @ c_proj
-            x += d.linear(d.activation(d.linear(d.norm(x, ln_2), c_fc)), mlp_proj)  # (S, C)
+        # every block, in one call: tensorlite's C loop (the GIL free all along) or its NumPy
+        # reference, references.decode_step, which reads as the model's forward
+        d = self.prefiller
+        kernels.decode_step(x, put, pos, self.blocks, self.k, self.v, H, self.scale, d.layernorm,
+                            d.gelu, self.linear)
         self.lengths[slots] += 1
         x = x[slots]  # (B, C): the rows someone reads
         return d.head(d.norm(x, d.ln_f))  # (B, V)

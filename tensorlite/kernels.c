@@ -598,6 +598,199 @@ void KERNEL(row_dots)(const real *restrict a, int64_t n, int64_t k, const real *
         }
     }
 }
+
+/* ---- one decoder step for a batch of sequences: gpt.serve's batched decoding -------------------
+ * The twin of references.decode_step (the spec): every block of a GPT for one new token of each
+ * of S sequences, in place on their residual rows x (S x C), the keys and values into each
+ * sequence's own cache. One call runs the whole stack, so the GIL is free for all of it: a
+ * server's event loop writes to its clients on the other core meanwhile. At a small model's size
+ * BLAS spends most of a few-row product's time on the call and on packing (8 rows x 128 @ 128 x 384:
+ * ~40 GFLOP/s on a Zen 3, where its big products reach ~90); here a product's rows stay in
+ * registers, up to 8 at a time, while the weights stream past them once.
+ *
+ * weights: 12 pointers per block, in references.decode_step's order (NULL for a missing bias),
+ * each linear layer's weight w (k x n) packed in panels of COLS columns: panel q holds
+ * w[p][q * COLS + l] at (q * k + p) * COLS + l, so a tile of columns reads its weights front to
+ * back, whole cache lines (read by columns of the stored layout, a 6-layer n_embd 384 model's
+ * step took 3x as long, its weights coming from memory a half cache line at a time);
+ * k, v: (slots, H, tc, hd) per block, block after block; work: S * 9 C + tc values of scratch.
+ * C must be a multiple of COLS: decode_fits says (and decode_panel gives COLS). */
+/* A tile of y: `rows` rows x `nv` vectors of columns from column j (rows * nv <= 8: eight
+ * independent sums hide the FMA's latency; one row alone takes 8 vectors), x's rows times
+ * w (k x n, packed in panels: see decode_step) (+ bias), or added into y. Inlined with rows and
+ * nv constants, so the sums stay in registers while the panels stream past them once, front to
+ * back. */
+static inline __attribute__((always_inline)) void KERNEL(tile)(
+    const real *restrict x, int64_t k, const real *restrict w, const real *restrict bias,
+    int64_t n, int64_t j, real *restrict y, int add, const int rows, const int nv)
+{
+    vec acc[8] = {0};
+    const real *panel = w + j * k; /* panels j / COLS, j / COLS + 1, ...: k x COLS each */
+    for (int64_t p = 0; p < k; p++)
+        for (int h = 0; h < nv; h++) {
+            vec wp = KERNEL(load)(panel + (h * k + p) * COLS);
+            for (int r = 0; r < rows; r++)
+                acc[r * nv + h] += x[r * k + p] * wp;
+        }
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < nv; h++) {
+            real *out = y + r * n + j + h * COLS;
+            vec sum = acc[r * nv + h];
+            if (bias)
+                sum += KERNEL(load)(bias + j + h * COLS);
+            KERNEL(store)(out, add ? KERNEL(load)(out) + sum : sum);
+        }
+}
+
+/* `rows` rows of y: tiles of 8 / rows vectors across, then single vectors for the rest. */
+static inline __attribute__((always_inline)) void KERNEL(tile_rows)(
+    const real *restrict x, int64_t k, const real *restrict w, const real *restrict bias,
+    int64_t n, real *restrict y, int add, const int rows)
+{
+    const int nv = 8 / rows;
+    int64_t j = 0;
+    for (; j + nv * COLS <= n; j += nv * COLS)
+        KERNEL(tile)(x, k, w, bias, n, j, y, add, rows, nv);
+    for (; j < n; j += COLS)
+        KERNEL(tile)(x, k, w, bias, n, j, y, add, rows, 1);
+}
+
+/* y (m x n) = x (m x k) @ w (k x n, in panels) + bias (bias may be NULL), or with `add`, y +=
+ * that: 8 rows at a time, then 4, 2 and 1 for the rest. n is a multiple of COLS. */
+static void KERNEL(rows_times)(const real *restrict x, int64_t m, int64_t k,
+                               const real *restrict w, const real *restrict bias, int64_t n,
+                               real *restrict y, int add)
+{
+    int64_t i = 0;
+    for (; i + 8 <= m; i += 8)
+        KERNEL(tile_rows)(x + i * k, k, w, bias, n, y + i * n, add, 8);
+    if (m - i >= 4) {
+        KERNEL(tile_rows)(x + i * k, k, w, bias, n, y + i * n, add, 4);
+        i += 4;
+    }
+    if (m - i >= 2) {
+        KERNEL(tile_rows)(x + i * k, k, w, bias, n, y + i * n, add, 2);
+        i += 2;
+    }
+    if (m - i >= 1)
+        KERNEL(tile_rows)(x + i * k, k, w, bias, n, y + i * n, add, 1);
+}
+
+/* y = norm(x) per row of c: rms_norm (b NULL) or layer_norm, as the references compute them. */
+static void KERNEL(norm_rows)(const real *restrict x, int64_t m, int64_t c, const real *restrict w,
+                              const real *restrict b, int layernorm, real eps, real *restrict y)
+{
+    for (int64_t i = 0; i < m; i++) {
+        const real *xi = x + i * c;
+        real *yi = y + i * c;
+        real mean = 0, ss = 0;
+        if (layernorm) {
+            for (int64_t j = 0; j < c; j++)
+                mean += xi[j];
+            mean /= c;
+        }
+        for (int64_t j = 0; j < c; j++)
+            ss += (xi[j] - mean) * (xi[j] - mean);
+        real r = 1 / SQRT(ss / c + eps);
+        for (int64_t j = 0; j < c; j++)
+            yi[j] = (xi[j] - mean) * r * w[j] + (layernorm ? b[j] : 0);
+    }
+}
+
+/* One head of one row: its new key and value (at q + c and q + 2c) into its cache ks, vs
+ * (tc x hd each) at position `put`, then y (hd) = softmax(q . keys 0..pos * scale) @ values. */
+static inline void KERNEL(attend)(const real *restrict q, int64_t c, real *restrict ks,
+                                  real *restrict vs, int64_t hd, int64_t put, int64_t pos,
+                                  real scale, real *restrict att, real *restrict y)
+{
+    for (int64_t d = 0; d < hd; d++) {
+        ks[put * hd + d] = q[c + d];
+        vs[put * hd + d] = q[2 * c + d];
+    }
+    const int64_t t1 = pos + 1;
+    real top = -INFINITY, total = 0;
+    if (hd % COLS == 0) { /* the dot products a vector at a time */
+        for (int64_t t = 0; t < t1; t++) {
+            vec dot = {0};
+            for (int64_t d = 0; d < hd; d += COLS)
+                dot += KERNEL(load)(q + d) * KERNEL(load)(ks + t * hd + d);
+            real lanes[COLS], sum = 0;
+            __builtin_memcpy(lanes, &dot, sizeof dot);
+            for (int64_t l = 0; l < COLS; l++)
+                sum += lanes[l];
+            att[t] = sum * scale;
+        }
+    } else {
+        for (int64_t t = 0; t < t1; t++) {
+            real dot = 0;
+            for (int64_t d = 0; d < hd; d++)
+                dot += q[d] * ks[t * hd + d];
+            att[t] = dot * scale;
+        }
+    }
+    for (int64_t t = 0; t < t1; t++)
+        top = att[t] > top ? att[t] : top;
+    for (int64_t t = 0; t < t1; t++) {
+        att[t] = EXP(att[t] - top);
+        total += att[t];
+    }
+    const real inv = 1 / total;
+    for (int64_t d = 0; d < hd; d++)
+        y[d] = 0;
+    if (hd % COLS == 0) {
+        for (int64_t d = 0; d < hd; d += COLS) {
+            vec out = {0};
+            for (int64_t t = 0; t < t1; t++)
+                out += att[t] * KERNEL(load)(vs + t * hd + d);
+            KERNEL(store)(y + d, out * inv);
+        }
+    } else {
+        for (int64_t t = 0; t < t1; t++)
+            for (int64_t d = 0; d < hd; d++)
+                y[d] += att[t] * vs[t * hd + d];
+        for (int64_t d = 0; d < hd; d++)
+            y[d] *= inv;
+    }
+}
+
+int64_t KERNEL(decode_fits)(int64_t c) { return VECTOR_BYTES >= 32 && c > 0 && c % COLS == 0; }
+int64_t KERNEL(decode_panel)(void) { return COLS; }
+
+void KERNEL(decode_step)(real *restrict x, int64_t s, int64_t c, int64_t nh, int64_t nl,
+                         const int64_t *restrict put, const int64_t *restrict pos,
+                         const real *const *restrict weights, real *restrict kc,
+                         real *restrict vc, int64_t slots, int64_t tc, int64_t layernorm,
+                         int64_t gelu, real eps, real scale, real *restrict work)
+{
+    const int64_t hd = c / nh, per_block = slots * nh * tc * hd;
+    real *xn = work, *qkv = xn + s * c, *y = qkv + s * 3 * c, *h = y + s * c, *att = h + s * 4 * c;
+    for (int64_t l = 0; l < nl; l++) {
+        const real *const *wl = weights + 12 * l;
+        real *kl = kc + l * per_block, *vl = vc + l * per_block;
+        /* x += attention(norm(x, ln_1)) */
+        KERNEL(norm_rows)(x, s, c, wl[0], wl[1], (int)layernorm, eps, xn);
+        KERNEL(rows_times)(xn, s, c, wl[2], wl[3], 3 * c, qkv, 0);
+        for (int64_t i = 0; i < s; i++)
+            for (int64_t hh = 0; hh < nh; hh++)
+                KERNEL(attend)(qkv + i * 3 * c + hh * hd, c, kl + (i * nh + hh) * tc * hd,
+                               vl + (i * nh + hh) * tc * hd, hd, put[i], pos[i], scale, att,
+                               y + i * c + hh * hd);
+        KERNEL(rows_times)(y, s, c, wl[4], wl[5], c, x, 1);
+        /* x += mlp(norm(x, ln_2)) */
+        KERNEL(norm_rows)(x, s, c, wl[6], wl[7], (int)layernorm, eps, xn);
+        KERNEL(rows_times)(xn, s, c, wl[8], wl[9], 4 * c, h, 0);
+        for (int64_t j = 0; j < s * 4 * c; j++) {
+            real u = h[j];
+            if (gelu) { /* x/2 (1 + tanh(k (x + a x**3))), tanh(z) = 1 - 2 / (exp(2z) + 1) */
+                real z = (real)0.7978845608028654 * (u + (real)0.044715 * u * u * u);
+                h[j] = u * (real)0.5 * (2 - 2 / (EXP(2 * z) + 1));
+            } else {
+                h[j] = u > 0 ? u * u : 0;
+            }
+        }
+        KERNEL(rows_times)(h, s, 4 * c, wl[10], wl[11], c, x, 1);
+    }
+}
 #undef vec
 #undef COLS
 

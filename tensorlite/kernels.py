@@ -80,6 +80,7 @@ softmax_backward_columns = kernel(references.softmax_backward_columns)
 causal_self_attention_forward = kernel(references.causal_self_attention_forward)
 causal_self_attention_backward = kernel(references.causal_self_attention_backward)
 row_dots = kernel(references.row_dots)
+decode_step = kernel(references.decode_step)
 sum_of_products = references.sum_of_products  # no twin: einsum is as fast as a loop
 
 

@@ -203,6 +203,9 @@ _SIGNATURES = {  # name: (arguments, result)
     "causal_attention_backward": ("pppiiiirpppp", None),
     "add_square_sum": ("iippp", "d"),
     "row_dots": ("piipipi", None),
+    "decode_fits": ("i", "i"),
+    "decode_panel": ("", "i"),
+    "decode_step": ("piiiipppppiiiirrp", None),
 }
 
 
@@ -493,6 +496,79 @@ def row_dots(a, b, out=None):
     return out
 
 
+_decode_weights: dict = {}  # id(layers) -> (layers, packed weights, their addresses)
+
+
+def _decode_packed(layers, dtype, c: int) -> np.ndarray | None:
+    """The (L, 12) addresses decode_step's C loop reads `layers` from, where it takes them all
+    (of `dtype`, C-contiguous, the shapes of a GPT with n_embd c, weights (in, out) as stored
+    for training), else None: the norms' arrays and biases themselves, each linear layer's
+    weight a copy packed in panels of the loop's vector width (kernels.c). Made on the first
+    call with a list and kept with it (the list, so its arrays, stay alive): the C loop reads
+    the weights as they were then, so a caller whose weights change makes a new list."""
+    kept = _decode_weights.get(id(layers))
+    if kept is not None and kept[0] is layers:
+        return kept[2]
+    shapes = [(c,), (c,), (c, 3 * c), (3 * c,), (c, c), (c,), (c,), (c,), (c, 4 * c), (4 * c,),
+              (4 * c, c), (c,)]
+    cols = _fn("decode_panel", dtype)()
+    packed, addresses = [], np.zeros((len(layers), 12), np.uint64)
+    for i, block in enumerate(layers):
+        if len(block) != 12:
+            return None
+        for j, (a, shape) in enumerate(zip(block, shapes)):
+            if a is None and j % 2:  # a missing bias (or rms_norm's)
+                continue
+            if (not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != shape
+                    or not a.flags.c_contiguous):
+                return None
+            if j in (2, 4, 8, 10):  # a linear layer's weight (k, n): panels (n/cols, k, cols)
+                k, n = shape
+                a = np.ascontiguousarray(a.reshape(k, n // cols, cols).transpose(1, 0, 2))
+                packed.append(a)
+            addresses[i, j] = a.ctypes.data
+    while len(_decode_weights) >= 4:  # models come and go in tests; a server keeps one
+        _decode_weights.pop(next(iter(_decode_weights)))
+    _decode_weights[id(layers)] = (layers, packed, addresses)
+    return addresses
+
+
+def decode_step(x, put, pos, layers, k, v, n_head, scale, layernorm=False, gelu=False,
+                linear=None, eps=1e-5):
+    """references.decode_step as one C call, the GIL free for all of it, where the loop takes
+    the arrays: float32 or float64, C-contiguous, weights (in, out), n_embd a multiple of two
+    vectors, and no `linear` of the caller's; otherwise the reference."""
+    x = np.asarray(x)
+    fn = _fn("decode_step", x.dtype)
+    S, C = x.shape if x.ndim == 2 else (0, 0)
+    hd = C // n_head if n_head > 0 else 0
+    addresses = None
+    if (fn is not None and linear is None and S > 0 and hd * n_head == C
+            and _fn("decode_fits", x.dtype)(C) and x.flags.c_contiguous and x.flags.writeable):
+        addresses = _decode_packed(layers, x.dtype, C)
+    put, pos = np.asarray(put), np.asarray(pos)
+    ok = (addresses is not None and all(
+        isinstance(a, np.ndarray) and a.dtype == x.dtype and a.ndim == 5 and a.flags.c_contiguous
+        and a.flags.writeable and a.shape[0] == len(layers) and a.shape[1] >= S
+        and a.shape[2] == n_head and a.shape[4] == hd for a in (k, v))
+        and k.shape == v.shape and not np.may_share_memory(k, v)
+        and not np.may_share_memory(x, k) and not np.may_share_memory(x, v)
+        and (not layernorm or all(b[1] is not None and b[7] is not None for b in layers))
+        and put.shape == pos.shape == (S,) and put.dtype == pos.dtype == np.int64)
+    if ok:
+        tc = k.shape[3]
+        ok = 0 <= put.min() and put.max() < tc and 0 <= pos.min() and pos.max() < tc
+    if not ok:
+        return references.decode_step(x, put, pos, layers, k, v, n_head, scale, layernorm, gelu,
+                                      linear, eps)
+    put, pos = _c(put), _c(pos)
+    # k and v hold the slots 0 .. k.shape[1]-1; their first S are the rows' caches
+    work = np.empty(S * 9 * C + tc, dtype=x.dtype)
+    fn(_ptr(x), S, C, n_head, len(layers), _ptr(put), _ptr(pos), addresses.ctypes.data, _ptr(k),
+       _ptr(v), k.shape[1], tc, int(bool(layernorm)), int(bool(gelu)), eps, scale, _ptr(work))
+    return x
+
+
 KERNELS = {  # the references' names -> their C twins
     "relu_squared": relu_squared, "relu_squared_backward": relu_squared_backward,
     "rms_norm_forward": rms_norm_forward, "rms_norm_backward": rms_norm_backward,
@@ -503,6 +579,7 @@ KERNELS = {  # the references' names -> their C twins
     "cross_entropy_forward": cross_entropy_forward, "cross_entropy_backward": cross_entropy_backward,
     "scatter_add_rows": scatter_add_rows, "adamw_update": adamw_update,
     "add_square_sum": add_square_sum, "row_dots": row_dots,
+    "decode_step": decode_step,
 }
 
 

@@ -300,6 +300,59 @@ def causal_self_attention_backward(dy: np.ndarray, qkv: np.ndarray, pt: np.ndarr
     return dqkv.reshape(B, T, C3)
 
 
+# ---- one new position for each of many sequences (gpt.serve's batched decoding) ----------------
+def decode_step(x: np.ndarray, put: np.ndarray, pos: np.ndarray, layers: list, k: np.ndarray,
+                v: np.ndarray, n_head: int, scale, layernorm: bool = False, gelu: bool = False,
+                linear=None, eps: float = 1e-5) -> np.ndarray:
+    """A GPT's blocks for one new token of each of S sequences, in place on their residual
+    rows x (S, C) (token + position embeddings in, the last block's output out): per block,
+    x += attention(norm(x, ln_1)), then x += mlp(norm(x, ln_2)), mlp(h) = act(h @ W_fc) @ W_proj.
+
+    layers[i] is block i's 12 arrays: (ln_1 weight, ln_1 bias, c_attn W, b, attn c_proj W, b,
+    ln_2 weight, ln_2 bias, c_fc W, b, mlp c_proj W, b), None where there is no bias. The norm
+    is rms_norm (its bias None) or, with `layernorm`, layer_norm; act is relu(h)**2 or, with
+    `gelu`, gelu (tanh form). A linear layer is x @ W + b, or linear(x, (W, b)) if given (a bf16
+    model's rounding, a weight laid out by rows).
+
+    k, v (L, S', H, Tc, hd), S' >= S: the KV caches. Row s's new key and value go to position
+    put[s] of cache s, and its query reads keys 0 .. pos[s] of it (put[s] == pos[s]); a row
+    whose result nobody reads may put into a scratch position past every pos."""
+    S, C = x.shape
+    hd = C // n_head
+    T1 = int(pos.max()) + 1  # the attention reads keys 0 .. T1-1 of every row's cache
+    # (S, 1, 1, T1): 0 where key j is one of the row's positions (j <= pos), else -inf
+    mask = np.where(np.arange(T1) <= pos[:, None], 0.0, -np.inf).astype(x.dtype)[:, None, None]
+    rows = np.arange(S)
+    if linear is None:
+        def linear(a, layer):
+            out = a @ layer[0]
+            if layer[1] is not None:
+                out += layer[1]
+            return out
+
+    def norm(a, weight, bias):
+        if layernorm:
+            return layer_norm_forward(a, weight, bias, eps)[0]
+        return rms_norm_forward(a, weight, eps)[0]
+
+    for i, (n1w, n1b, aw, ab, pw, pb, n2w, n2b, fw, fb, mw, mb) in enumerate(layers):
+        # x = x + attn(norm(x, ln_1))
+        heads = linear(norm(x, n1w, n1b), (aw, ab)).reshape(S, 3, n_head, hd)  # q | k | v
+        k[i, rows, :, put] = heads[:, 1]  # (S, H, hd): each into its cache, at put
+        v[i, rows, :, put] = heads[:, 2]
+        q = heads[:, 0, :, None, :]  # (S, H, 1, hd)
+        scores = q @ k[i, :S, :, :T1].swapaxes(-1, -2)  # (S, H, 1, T1): views of the caches
+        scores *= scale
+        scores += mask
+        att = softmax(scores, inplace=True)  # (S, H, 1, T1)
+        x += linear((att @ v[i, :S, :, :T1]).reshape(S, C), (pw, pb))
+        # x = x + mlp(norm(x, ln_2))
+        h = linear(norm(x, n2w, n2b), (fw, fb))  # (S, 4C)
+        h = gelu_forward(h)[0] if gelu else relu_squared(h, out=h)
+        x += linear(h, (mw, mb))
+    return x
+
+
 # ---- bfloat16 products (tensorlite/precision.py's MatMulBF16; docs/mixed-precision.md) --------
 _EXPONENT, _SIGN = np.uint32(0x7F800000), np.uint32(0x80000000)
 
