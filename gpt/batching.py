@@ -1,7 +1,8 @@
 """Continuous batching for gpt.serve: every sequence being generated (each choice of each
 request) advances together, one batched decoder step per token, as llama.cpp's server slots and
 vLLM's scheduler do. At a small model's size a one-token step costs mostly per-call overhead
-(~30 small NumPy calls per layer), so decoding 8 sequences in one step costs little more than 1.
+(~30 small NumPy calls per layer), so decoding 8 sequences in one step (one C call for all the
+blocks: tensorlite's decode_step) costs little more than 1.
 
     BatchDecoder   the model's forward for S slots: a KV cache per slot, a prompt read into one
                    slot (`prefill`), then one new token for each of several slots (`step`)
@@ -32,10 +33,9 @@ from .config import check_sampling
 from .model import by_rows
 from .sample import filter_probs, filter_rows, keep_after_slide, sample_from, sample_rows
 
-# The formulas are tensorlite's own (one home each): the norms and the activation are the
-# model's Decoder's, the softmax is tensorlite's NumPy reference, the one the Decoder's causal
-# softmax calls (on a handful of rows a compiled twin's call, or a Tensor's, costs more than
-# the loop it saves).
+# The formulas are tensorlite's own (one home each): a step's blocks are tensorlite's
+# decode_step kernel; prefill_many's norms and activation are the model's Decoder's, and its
+# softmax is tensorlite's NumPy reference, the one the Decoder's causal softmax calls.
 
 
 # ---- the batched forward --------------------------------------------------------------------
@@ -49,10 +49,13 @@ class BatchDecoder:
     step(slots, tokens) appends one token to each of those slots: every linear layer is then ONE
     (B, C) @ (C, N) product for all B sequences, and the attention reads each sequence's own
     keys up to its own length (the positions past it are masked), so prompts of different
-    lengths batch together.
+    lengths batch together. Its blocks are tensorlite's `decode_step` kernel: for a float32
+    model one C call (its NumPy reference, references.decode_step, is the same math and the
+    fallback), which holds no GIL while it runs, so gpt.serve's event loop writes to clients
+    on the other core meanwhile (docs/serving.md).
 
-    The batched products round differently from one sequence's (BLAS picks other kernels for
-    other shapes), so a logit can differ from the lone Decoder's in its last float32 bits; a
+    The batched products round differently from one sequence's (BLAS, or the C loop, sums in
+    another order), so a logit can differ from the lone Decoder's in its last float32 bits; a
     sampled token differs only if its uniform draw falls within that much of a boundary
     between two tokens' cumulative probabilities (docs/serving.md).
     """

@@ -496,76 +496,83 @@ def row_dots(a, b, out=None):
     return out
 
 
-_decode_weights: dict = {}  # id(layers) -> (layers, packed weights, their addresses)
+_decode_weights: dict = {}  # id(layers) -> (layers, the loop's copies, their addresses)
 
 
 def _decode_packed(layers, dtype, c: int) -> np.ndarray | None:
-    """The (L, 12) addresses decode_step's C loop reads `layers` from, where it takes them all
-    (of `dtype`, C-contiguous, the shapes of a GPT with n_embd c, weights (in, out) as stored
-    for training), else None: the norms' arrays and biases themselves, each linear layer's
-    weight a copy packed in panels of the loop's vector width (kernels.c). Made on the first
-    call with a list and kept with it (the list, so its arrays, stay alive): the C loop reads
-    the weights as they were then, so a caller whose weights change makes a new list."""
+    """The (L, 12) addresses decode_step's C loop reads `layers` from (0 for a missing bias),
+    where it takes them all: of `dtype`, C-contiguous, the shapes of a GPT with n_embd c
+    (weights (in, out), as stored for training); else None. They are the addresses of copies:
+    each linear layer's weight packed in panels of the loop's vector width (kernels.c), the
+    norms' arrays and the biases as they are (so nothing the loop writes can share them).
+    Made on the first call with a list and kept with it (the list stays alive, so its id is
+    not reused): the loop reads the weights as they were then, and a caller whose weights
+    change makes a new list (gpt's BatchDecoder makes its list once, for a loaded model)."""
     kept = _decode_weights.get(id(layers))
     if kept is not None and kept[0] is layers:
         return kept[2]
     shapes = [(c,), (c,), (c, 3 * c), (3 * c,), (c, c), (c,), (c,), (c,), (c, 4 * c), (4 * c,),
               (4 * c, c), (c,)]
     cols = _fn("decode_panel", dtype)()
-    packed, addresses = [], np.zeros((len(layers), 12), np.uint64)
+    copies, addresses = [], np.zeros((len(layers), 12), np.uint64)
     for i, block in enumerate(layers):
         if len(block) != 12:
             return None
         for j, (a, shape) in enumerate(zip(block, shapes)):
             if a is None and j % 2:  # a missing bias (or rms_norm's)
                 continue
-            if (not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != shape
-                    or not a.flags.c_contiguous):
+            if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != shape:
                 return None
             if j in (2, 4, 8, 10):  # a linear layer's weight (k, n): panels (n/cols, k, cols)
                 k, n = shape
-                a = np.ascontiguousarray(a.reshape(k, n // cols, cols).transpose(1, 0, 2))
-                packed.append(a)
-            addresses[i, j] = a.ctypes.data
+                a = a.reshape(k, n // cols, cols).transpose(1, 0, 2)
+            copies.append(np.array(a, order="C"))
+            addresses[i, j] = copies[-1].ctypes.data
     while len(_decode_weights) >= 4:  # models come and go in tests; a server keeps one
         _decode_weights.pop(next(iter(_decode_weights)))
-    _decode_weights[id(layers)] = (layers, packed, addresses)
+    _decode_weights[id(layers)] = (layers, copies, addresses)
     return addresses
+
+
+def _cache_fits(a, x: np.ndarray, layers: int, rows: int, n_head: int, hd: int) -> bool:
+    """A KV cache decode_step's loop takes: (layers, >= rows, n_head, tc, hd) of x's dtype,
+    C-contiguous and writable, not sharing x's memory."""
+    return (isinstance(a, np.ndarray) and a.dtype == x.dtype and a.ndim == 5
+            and a.flags.c_contiguous and a.flags.writeable and a.shape[0] == layers
+            and a.shape[1] >= rows and a.shape[2] == n_head and a.shape[3] > 0
+            and a.shape[4] == hd and not np.may_share_memory(a, x))
 
 
 def decode_step(x, put, pos, layers, k, v, n_head, scale, layernorm=False, gelu=False,
                 linear=None, eps=1e-5):
-    """references.decode_step as one C call, the GIL free for all of it, where the loop takes
-    the arrays: float32 or float64, C-contiguous, weights (in, out), n_embd a multiple of two
-    vectors, and no `linear` of the caller's; otherwise the reference."""
+    """references.decode_step as ONE C call, the GIL free for all of it, where its loop takes
+    the arrays: float32 or float64, x (S, C) C-contiguous with C a multiple of the CPU's
+    vector width, weights (in, out) (the loop reads its own packed copy: _decode_packed), the
+    caches as _cache_fits says, every put and pos inside them, and no `linear` of the
+    caller's; otherwise the reference."""
     x = np.asarray(x)
     fn = _fn("decode_step", x.dtype)
     S, C = x.shape if x.ndim == 2 else (0, 0)
     hd = C // n_head if n_head > 0 else 0
     addresses = None
     if (fn is not None and linear is None and S > 0 and hd * n_head == C
-            and _fn("decode_fits", x.dtype)(C) and x.flags.c_contiguous and x.flags.writeable):
+            and _fn("decode_fits", x.dtype)(C) and x.flags.c_contiguous and x.flags.writeable
+            and (not layernorm or all(b[1] is not None and b[7] is not None for b in layers))):
         addresses = _decode_packed(layers, x.dtype, C)
-    put, pos = np.asarray(put), np.asarray(pos)
-    ok = (addresses is not None and all(
-        isinstance(a, np.ndarray) and a.dtype == x.dtype and a.ndim == 5 and a.flags.c_contiguous
-        and a.flags.writeable and a.shape[0] == len(layers) and a.shape[1] >= S
-        and a.shape[2] == n_head and a.shape[4] == hd for a in (k, v))
-        and k.shape == v.shape and not np.may_share_memory(k, v)
-        and not np.may_share_memory(x, k) and not np.may_share_memory(x, v)
-        and (not layernorm or all(b[1] is not None and b[7] is not None for b in layers))
-        and put.shape == pos.shape == (S,) and put.dtype == pos.dtype == np.int64)
-    if ok:
-        tc = k.shape[3]
-        ok = 0 <= put.min() and put.max() < tc and 0 <= pos.min() and pos.max() < tc
-    if not ok:
+    # copies: what the loop indexes with cannot change while it writes (see scatter_add_rows)
+    rows_put, rows_pos = np.array(put, np.int64).reshape(-1), np.array(pos, np.int64).reshape(-1)
+    if (addresses is None or not (_cache_fits(k, x, len(layers), S, n_head, hd)
+                                  and _cache_fits(v, x, len(layers), S, n_head, hd))
+            or k.shape != v.shape or np.may_share_memory(k, v)
+            or rows_put.size != S or rows_pos.size != S or np.shape(put) != np.shape(pos)
+            or not (0 <= rows_put.min() and rows_put.max() < k.shape[3]
+                    and 0 <= rows_pos.min() and rows_pos.max() < k.shape[3])):
         return references.decode_step(x, put, pos, layers, k, v, n_head, scale, layernorm, gelu,
                                       linear, eps)
-    put, pos = _c(put), _c(pos)
-    # k and v hold the slots 0 .. k.shape[1]-1; their first S are the rows' caches
-    work = np.empty(S * 9 * C + tc, dtype=x.dtype)
-    fn(_ptr(x), S, C, n_head, len(layers), _ptr(put), _ptr(pos), addresses.ctypes.data, _ptr(k),
-       _ptr(v), k.shape[1], tc, int(bool(layernorm)), int(bool(gelu)), eps, scale, _ptr(work))
+    work = np.empty(S * 9 * C + k.shape[3], dtype=x.dtype)
+    fn(_ptr(x), S, C, n_head, len(layers), _ptr(rows_put), _ptr(rows_pos), addresses.ctypes.data,
+       _ptr(k), _ptr(v), k.shape[1], k.shape[3], int(bool(layernorm)), int(bool(gelu)), eps,
+       scale, _ptr(work))
     return x
 
 

@@ -1,6 +1,6 @@
 """kernels.py and its twins: every compiled (C) and numexpr twin gives its NumPy
-reference's results, forward and backward, in float32 and float64; the dispatch table, the
-fallback, the on-disk caches, the thread settings and calls from several threads behave as
+reference's results, forward and backward, in float32 and float64 (and so does the batched
+decoder step, decode_step); the dispatch table, the fallback, the on-disk caches, the thread settings and calls from several threads behave as
 documented; and the ops that call kernels give the same values and gradients on every path.
 
 CI (.ci/run) runs this file on the default (C) path and again with TENSORLITE_KERNELS=numpy.
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tensorlite as tl
 import tensorlite.functional as F
-from tensorlite import Tensor, kernels
+from tensorlite import Tensor, kernels, references
 from tensorlite.testing import arrays, assert_gradients_match, shapes
 
 DTYPES = [np.float32, np.float64]
@@ -394,6 +394,152 @@ def test_row_dots_runs_the_reference_for_what_its_loop_does_not_take():
     want = square @ square.T
     np.testing.assert_allclose(kernels.row_dots(square, square.copy(), out=square), want,
                                rtol=1e-5)
+
+
+# ---- decode_step: the batched decoder step gpt.serve runs for every token -----------------------
+# Its C twin runs all of a GPT's blocks in one call, on packed copies of the weights; gpt's own
+# tests check the texts the server samples with it against gpt.sample's.
+def random_blocks(rng, n_layer: int, C: int, dtype, layernorm: bool, bias: bool) -> list:
+    """n_layer blocks of 12 arrays, in references.decode_step's order."""
+    def a(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(dtype)
+
+    def b(n):
+        return a(n, scale=0.1) if bias else None
+
+    blocks = []
+    for _ in range(n_layer):
+        norm1 = (1 + a(C, scale=0.1), a(C, scale=0.1) if layernorm else None)
+        norm2 = (1 + a(C, scale=0.1), a(C, scale=0.1) if layernorm else None)
+        blocks.append((*norm1, a(C, 3 * C, scale=C ** -0.5), b(3 * C), a(C, C, scale=C ** -0.5),
+                       b(C), *norm2, a(C, 4 * C, scale=C ** -0.5), b(4 * C),
+                       a(4 * C, C, scale=(4 * C) ** -0.5), b(C)))
+    return blocks
+
+
+def case(seed: int, dtype, n_layer: int, n_head: int, hd: int, rows: int, slots: int, tc: int,
+         layernorm: bool, gelu: bool, bias: bool, scratch: int):
+    """Everything decode_step takes: rows 0..rows-1 at random positions of caches with `slots`
+    sequences of tc positions, already filled with random keys and values; the last `scratch`
+    rows write into the scratch position tc - 1 and read only key 0 (as gpt's idle slots)."""
+    rng = np.random.default_rng(seed)
+    C = n_head * hd
+    x = rng.standard_normal((rows, C)).astype(dtype)
+    k = rng.standard_normal((n_layer, slots, n_head, tc, hd)).astype(dtype)
+    v = rng.standard_normal((n_layer, slots, n_head, tc, hd)).astype(dtype)
+    pos = rng.integers(0, tc - 1, rows)
+    put = pos.copy()
+    put[rows - scratch:], pos[rows - scratch:] = tc - 1, 0
+    blocks = random_blocks(rng, n_layer, C, dtype, layernorm, bias)
+    return x, put, pos, blocks, k, v, n_head, dtype(hd ** -0.5), layernorm, gelu
+
+
+def run(path: str, args):
+    """decode_step on `path`, on copies of the arrays it writes: (rows, k, v) after it."""
+    kernels.use_kernels(path)
+    x, put, pos, blocks, k, v, *rest = args
+    x, k, v = x.copy(), k.copy(), v.copy()
+    out = kernels.decode_step(x, put, pos, blocks, k, v, *rest)
+    assert out is x  # in place, as the reference
+    return x, k, v
+
+
+@pytest.mark.skipif(not c_available(), reason="needs the C kernels")
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n_layer=st.integers(1, 3),
+       n_head=st.sampled_from([1, 2, 3, 4]), vectors=st.integers(1, 3),
+       rows=st.integers(1, 19), more_slots=st.integers(0, 3), tc=st.integers(2, 40),
+       layernorm=st.booleans(), gelu=st.booleans(), bias=st.booleans(), data=st.data())
+def test_decode_step_c_twin_matches_the_reference(dtype, seed, n_layer, n_head, vectors, rows,
+                                                   more_slots, tc, layernorm, gelu, bias, data):
+    """Rows 1..19 (the loop's tiles of 8, 4, 2 and 1 rows, and what is left over), heads of
+    one to three vectors' width (the vectorized dot products) and of odd widths (the scalar
+    ones), the keys at every position, rows that write into a scratch position."""
+    from tensorlite import kernels_c
+
+    kernels_c.kernels()
+    cols = kernels_c._fn("decode_panel", np.dtype(dtype))()
+    hd = data.draw(st.sampled_from([vectors * cols, vectors * cols // n_head or 1]))
+    if (n_head * hd) % cols:  # n_embd that is no multiple of a vector: the reference runs
+        hd = cols
+    scratch = data.draw(st.integers(0, rows - 1))
+    args = case(seed, dtype, n_layer, n_head, hd, rows, rows + more_slots, tc, layernorm, gelu,
+                bias, scratch)
+    got, want = run("c", args), run("numpy", args)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=50 * TOL[dtype], atol=50 * TOL[dtype])
+    # the keys and values of each row went to its own cache at `put`, and nowhere else
+    _, put, _, _, k, _, *_ = args
+    changed = np.argwhere((got[1] != k).any(axis=(0, 2, 4)))  # (slot, position) pairs
+    assert {tuple(p) for p in changed} <= {(r, put[r]) for r in range(rows)}
+
+
+@pytest.mark.skipif(not c_available(), reason="needs the C kernels")
+def test_decode_step_c_twin_reads_the_weights_of_a_new_list():
+    """The loop reads packed copies made on the first call with a list: weights that change
+    in place come in with a new list (as gpt's BatchDecoder makes one per model)."""
+    args = case(0, np.float32, 2, 2, 16, 5, 6, 12, False, False, True, 0)
+    first = run("c", args)[0]
+    x, put, pos, blocks, k, v, *rest = args
+    for block in blocks:
+        block[2][...] *= 2  # c_attn's weight, in place
+    renewed = (x, put, pos, [tuple(b) for b in blocks], k, v, *rest)
+    again = run("c", renewed)[0]
+    assert not np.allclose(again, first)
+    np.testing.assert_allclose(again, run("numpy", renewed)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not c_available(), reason="needs the C kernels")
+def test_decode_step_runs_the_reference_for_what_its_loop_does_not_take():
+    """A caller's own linear layer, weights stored by rows (transposed views), n_embd that is no
+    multiple of a vector, integer rows, overlapping caches: the reference's results (and its
+    errors: a position outside the cache is an IndexError, not a write past it)."""
+    args = case(1, np.float32, 2, 2, 16, 4, 4, 10, True, True, True, 1)
+    want = run("numpy", args)
+    x, put, pos, blocks, k, v, n_head, scale, ln, gelu = args
+
+    def linear(a, layer):
+        return a @ layer[0] + (0 if layer[1] is None else layer[1])
+
+    kernels.use_kernels("c")
+    by_rows = [tuple(np.asfortranarray(a) if a is not None and a.ndim == 2 else a for a in b)
+               for b in blocks]
+    for layers, own in ((blocks, linear), (by_rows, None)):
+        xc, kc, vc = x.copy(), k.copy(), v.copy()
+        kernels.decode_step(xc, put, pos, layers, kc, vc, n_head, scale, ln, gelu, own)
+        np.testing.assert_allclose(xc, want[0], rtol=1e-4, atol=1e-4)
+    odd = case(2, np.float32, 1, 1, 12, 3, 3, 8, False, False, False, 0)  # n_embd 12
+    np.testing.assert_allclose(run("c", odd)[0], run("numpy", odd)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError):
+        kernels.decode_step(x.copy(), put + 100, pos, blocks, k.copy(), v.copy(), n_head, scale,
+                            ln, gelu)
+    with pytest.raises(IndexError):
+        kernels.decode_step(x.copy(), put, pos, blocks, k[:, :2].copy(), v[:, :2].copy(), n_head,
+                            scale, ln, gelu)  # 4 rows, 2 caches
+
+
+def test_decode_step_reference_is_the_models_forward_one_position_at_a_time():
+    """The spec itself: rows decoded one position after another into their caches give what a
+    plain full-sequence forward (causal attention over all positions) gives at each position."""
+    rng = np.random.default_rng(3)
+    n_layer, n_head, hd, T = 2, 2, 4, 6
+    C = n_head * hd
+    blocks = random_blocks(rng, n_layer, C, np.float64, False, True)
+    seq = rng.standard_normal((T, C))  # a sequence's embedded positions
+    k = np.zeros((n_layer, 1, n_head, T, hd))
+    v = np.zeros_like(k)
+    stepped = np.stack([references.decode_step(seq[t:t + 1].copy(), np.array([t]), np.array([t]),
+                                               blocks, k, v, n_head, hd ** -0.5)[0]
+                        for t in range(T)])
+    x = seq.copy()  # the same blocks over the whole sequence at once
+    for n1w, _, aw, ab, pw, pb, n2w, _, fw, fb, mw, mb in blocks:
+        qkv = references.rms_norm_forward(x, n1w, 1e-5)[0] @ aw + ab
+        y, _ = references.causal_self_attention_forward(qkv[None], n_head, hd ** -0.5)
+        x = x + y[0] @ pw + pb
+        h = references.relu_squared(references.rms_norm_forward(x, n2w, 1e-5)[0] @ fw + fb)
+        x = x + h @ mw + mb
+    np.testing.assert_allclose(stepped, x, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
