@@ -177,9 +177,10 @@ def burst(url: str, pid: int, tokens: int) -> dict:
 
 def step_costs(shape: str, repeats: int = 300) -> dict:
     """In this process, no HTTP: the seconds of one decoder step for a sequence alone (the
-    model's Decoder, as gpt.sample) and for CONCURRENT sequences in one batched step, each at
-    position block_size/2, taken in turns; the 20th percentile of each (a busy machine's
-    noise only ever adds)."""
+    model's Decoder, as gpt.sample), for CONCURRENT sequences in one batched step (tensorlite's
+    decode_step on the path in use: the C loop by default), and for the same batched step on
+    the NumPy references ("batch_numpy"), each at position block_size/2, taken in turns; the
+    20th percentile of each (a busy machine's noise only ever adds)."""
     from gpt.batching import BatchDecoder
 
     model = benchmark_model(shape)
@@ -187,15 +188,17 @@ def step_costs(shape: str, repeats: int = 300) -> dict:
     batch = BatchDecoder(model, CONCURRENT)
     for slot in range(CONCURRENT):
         batch.prefill(slot, [5] * half)
-    times: dict[str, list[float]] = {"alone": [], "batch": []}
+    path = tensorlite.kernels.kernel_path()
+    times: dict[str, list[float]] = {"alone": [], "batch": [], "batch_numpy": []}
     for _ in range(repeats):
-        batch.lengths[:] = half
-        t0 = time.perf_counter()
-        batch.step([0], [5])
-        t1 = time.perf_counter()
-        batch.step(list(range(CONCURRENT)), [5] * CONCURRENT)
-        times["alone"].append(t1 - t0)
-        times["batch"].append(time.perf_counter() - t1)
+        for name, taken in times.items():
+            batch.lengths[:] = half
+            tensorlite.kernels.use_kernels("numpy" if name == "batch_numpy" else path)
+            slots = [0] if name == "alone" else list(range(CONCURRENT))
+            t0 = time.perf_counter()
+            batch.step(slots, [5] * len(slots))
+            taken.append(time.perf_counter() - t0)
+    tensorlite.kernels.use_kernels(path)
     return {k: float(np.percentile(v, 20)) for k, v in times.items()}
 
 
@@ -306,7 +309,8 @@ def main() -> None:
               f"block {s['block_size']}, float32")
         print(f"  one decoder step, in-process: alone {1e6 * steps['alone']:.0f} us, "
               f"{CONCURRENT} in a batch {1e6 * steps['batch']:.0f} us = "
-              f"{CONCURRENT * steps['alone'] / steps['batch']:.2f}x the tokens/s")
+              f"{CONCURRENT * steps['alone'] / steps['batch']:.2f}x the tokens/s (on the "
+              f"NumPy references {1e6 * steps['batch_numpy']:.0f} us)")
         if args.compare:
             print(f"  --compare {args.compare}, in the same rounds:")
             report(rows["compare"])
