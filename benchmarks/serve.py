@@ -295,6 +295,9 @@ def main() -> None:
     if args.rounds < 1 or args.tokens < 1 or args.threads < 1 or not set(shapes) <= set(SHAPES):
         ap.error(f"--rounds, --tokens and --threads must be >= 1 and --shapes among "
                  f"{', '.join(SHAPES)}")
+    if args.compare and not os.path.isfile(os.path.join(args.compare, "benchmarks", "serve.py")):
+        ap.error(f"--compare {args.compare}: no benchmarks/serve.py there; give a checkout of "
+                 "this repository (git worktree add DIR COMMIT)")
     tensorlite.set_num_threads(args.threads)
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; sgemm peak {sgemm_peak():.0f} GFLOP/s "
           f"(512^3 float32, {args.threads} thread(s)); {args.threads} BLAS thread(s) in the "
