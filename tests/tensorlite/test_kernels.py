@@ -490,6 +490,38 @@ def test_decode_step_c_twin_reads_the_weights_of_a_new_list():
     np.testing.assert_allclose(again, run("numpy", renewed)[0], rtol=1e-4, atol=1e-4)
 
 
+CHANGED_LIST = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_kernels import case, random_blocks, run
+
+args = case(3, np.float32, 2, 2, 16, 3, 3, 12, False, False, True, 0)
+x, put, pos, blocks, k, v, *rest = args
+run("c", args)  # the list's first call: its weights are packed
+rng = np.random.default_rng(4)
+blocks[1] = random_blocks(rng, 1, 32, np.float32, False, True)[0]  # a block replaced
+print(np.allclose(run("c", args)[0], run("numpy", args)[0], rtol=1e-4, atol=1e-4))
+blocks += random_blocks(rng, 30, 32, np.float32, False, True)  # 30 blocks more, caches to match
+k, v = (np.zeros((32,) + a.shape[1:], np.float32) for a in (k, v))
+deeper = (x, put, pos, blocks, k, v, *rest)
+print(np.allclose(run("c", deeper)[0], run("numpy", deeper)[0], rtol=1e-4, atol=1e-4))
+"""
+
+
+@pytest.mark.skipif(not c_available(), reason="needs the C kernels")
+def test_decode_step_c_twin_reads_a_list_as_it_is_now():
+    """The packed copies are kept with the list they were made for: a list whose blocks were
+    replaced, or that grew, after that first call is read as it is now. (Found in review: the
+    copies were found by the list's identity alone, so a replaced block was never read, and a
+    grown list made the loop read block addresses past the end of the table: a crash, hence
+    the subprocess.)"""
+    out = subprocess.run([sys.executable, "-c", CHANGED_LIST, str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=300, check=False,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert (out.returncode, out.stdout.split()) == (0, ["True", "True"]), out.stderr
+
+
 @pytest.mark.skipif(not c_available(), reason="needs the C kernels")
 def test_decode_step_runs_the_reference_for_what_its_loop_does_not_take():
     """A caller's own linear layer, weights stored by rows (transposed views), n_embd that is no
