@@ -522,6 +522,46 @@ def test_decode_step_c_twin_reads_a_list_as_it_is_now():
     assert (out.returncode, out.stdout.split()) == (0, ["True", "True"]), out.stderr
 
 
+EVICTED_WHILE_READ = """
+import sys
+import threading
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_kernels import case, run
+
+args = case(0, np.float32, 8, 4, 64, 64, 64, 16, False, False, True, 0)  # n_embd 256, 8 blocks
+want = run("numpy", args)[0]
+x, put, pos, blocks, k, v, *rest = args
+bad, done = [], threading.Event()
+
+def steps():  # one model, stepped over and over (its copies packed once)
+    for _ in range(20):
+        bad.append(not np.allclose(run("c", args)[0], want, rtol=1e-4, atol=1e-4))
+    done.set()
+
+thread = threading.Thread(target=steps)
+thread.start()
+small = case(1, np.float32, 1, 1, 8, 1, 1, 4, False, False, False, 0)
+while not done.is_set():  # meanwhile, other models: each new list's copies evict the oldest
+    run("c", (*small[:3], [tuple(b) for b in small[3]], *small[4:]))
+thread.join()
+print(sum(bad))
+"""
+
+
+@pytest.mark.skipif(not c_available(), reason="needs the C kernels")
+def test_decode_step_c_twin_keeps_its_copies_while_another_thread_evicts_them():
+    """One thread steps a model while another calls decode_step with other lists, whose packed
+    copies push the first model's out of the cache: the loop that reads them still has them.
+    (Found in review: the cache held the only reference to the copies, so they were freed
+    under a running loop, which read freed memory: wrong values, or with large arrays
+    unmapped on free, as MALLOC_MMAP_THRESHOLD_ makes them here, a crash.)"""
+    out = subprocess.run([sys.executable, "-c", EVICTED_WHILE_READ, str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=300, check=False,
+                         env=dict(os.environ, PYTHONPATH=str(REPO), MALLOC_MMAP_THRESHOLD_="65536"))
+    assert (out.returncode, out.stdout.split()) == (0, ["0"]), out.stderr
+
+
 @pytest.mark.skipif(not c_available(), reason="needs the C kernels")
 def test_decode_step_runs_the_reference_for_what_its_loop_does_not_take():
     """A caller's own linear layer, weights stored by rows (transposed views), n_embd that is no
