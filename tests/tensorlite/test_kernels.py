@@ -490,6 +490,19 @@ def test_decode_step_c_twin_reads_the_weights_of_a_new_list():
     np.testing.assert_allclose(again, run("numpy", renewed)[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not c_available(), reason="needs the C kernels")
+@pytest.mark.parametrize("gelu", [False, True])
+def test_decode_step_c_twin_lets_a_nan_through_as_the_reference(gelu):
+    """A NaN in the MLP's hidden layer (here from c_fc's bias) reaches the output as in NumPy,
+    where relu(NaN)**2 is NaN. (Found in review: the loop's relu tested `h > 0`, which a NaN
+    fails, and made it 0: finite rows where the reference's were all NaN.)"""
+    args = case(0, np.float32, 1, 2, 16, 3, 3, 12, False, gelu, True, 0)
+    args[3][0][9][0] = np.nan  # block 0's c_fc bias (new arrays: a new case)
+    got, want = run("c", args)[0], run("numpy", args)[0]
+    assert np.isnan(want).all()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+
+
 CHANGED_LIST = """
 import sys
 import numpy as np
