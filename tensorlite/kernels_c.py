@@ -571,14 +571,19 @@ def decode_step(x, put, pos, layers, k, v, n_head, scale, layernorm=False, gelu=
             and _fn("decode_fits", x.dtype)(C) and x.flags.c_contiguous and x.flags.writeable
             and (not layernorm or all(b[1] is not None and b[7] is not None for b in layers))):
         packed = _decode_packed(layers, x.dtype, C)
-    # copies: what the loop indexes with cannot change while it writes (see scatter_add_rows)
-    rows_put, rows_pos = np.array(put, np.int64).reshape(-1), np.array(pos, np.int64).reshape(-1)
+    # put and pos as the reference indexes with them: integer arrays (S,); else it runs (and
+    # raises). Copies: what the loop indexes with cannot change while it writes (see
+    # scatter_add_rows).
+    if all(isinstance(a, np.ndarray) and a.shape == (S,) and a.dtype.kind in "iu"
+           for a in (put, pos)):
+        rows_put, rows_pos = put.astype(np.int64), pos.astype(np.int64)
+    else:
+        packed = None
     # (L, 12): its own L, not len(layers), which another thread may change meanwhile
     addresses = None if packed is None else packed[-1]
     if (addresses is None or not (_cache_fits(k, x, len(addresses), S, n_head, hd)
                                   and _cache_fits(v, x, len(addresses), S, n_head, hd))
             or k.shape != v.shape or np.may_share_memory(k, v)
-            or rows_put.size != S or rows_pos.size != S or np.shape(put) != np.shape(pos)
             or not (0 <= rows_put.min() and rows_put.max() < k.shape[3]
                     and 0 <= rows_pos.min() and rows_pos.max() < k.shape[3])):
         return references.decode_step(x, put, pos, layers, k, v, n_head, scale, layernorm, gelu,

@@ -503,6 +503,23 @@ def test_decode_step_c_twin_lets_a_nan_through_as_the_reference(gelu):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
 
 
+@pytest.mark.skipif(not c_available(), reason="needs the C kernels")
+def test_decode_step_c_twin_takes_put_and_pos_only_as_the_reference_does():
+    """Positions the reference cannot index with (floats, a boolean mask, columns, a list for
+    pos, one row's 0-d arrays) raise its error on the C path too. (Found in review: the twin
+    made int64 rows of any of them and ran the loop.)"""
+    x, put, pos, blocks, k, v, *rest = case(0, np.float32, 1, 2, 16, 3, 3, 12, False, False,
+                                             True, 0)
+    for rows, p, q in ((3, put.astype(float), pos), (3, np.array([True, False, True]), pos),
+                       (3, put[:, None], pos[:, None]), (3, put, list(pos)),
+                       (1, put[0], pos[0])):
+        args = (x[:rows], p, q, blocks, k, v, *rest)
+        with pytest.raises((IndexError, ValueError, AttributeError)) as want:
+            run("numpy", args)
+        with pytest.raises(want.type):
+            run("c", args)
+
+
 CHANGED_LIST = """
 import sys
 import numpy as np
