@@ -568,8 +568,7 @@ def decode_step(x, put, pos, layers, k, v, n_head, scale, layernorm=False, gelu=
     hd = C // n_head if n_head > 0 else 0
     packed = None  # held until the loop returns: the copies it reads (_decode_packed)
     if (fn is not None and linear is None and S > 0 and hd * n_head == C
-            and _fn("decode_fits", x.dtype)(C) and x.flags.c_contiguous and x.flags.writeable
-            and (not layernorm or all(b[1] is not None and b[7] is not None for b in layers))):
+            and _fn("decode_fits", x.dtype)(C) and x.flags.c_contiguous and x.flags.writeable):
         packed = _decode_packed(layers, x.dtype, C)
     # put and pos as the reference indexes with them: integer arrays (S,); else it runs (and
     # raises). Copies: what the loop indexes with cannot change while it writes (see
@@ -579,10 +578,12 @@ def decode_step(x, put, pos, layers, k, v, n_head, scale, layernorm=False, gelu=
         rows_put, rows_pos = put.astype(np.int64), pos.astype(np.int64)
     else:
         packed = None
-    # (L, 12): its own L, not len(layers), which another thread may change meanwhile
+    # (L, 12): its own L, not len(layers), which another thread may change meanwhile; and
+    # layer_norm's biases (columns 1 and 7) where the loop reads them, not in the list
     addresses = None if packed is None else packed[-1]
-    if (addresses is None or not (_cache_fits(k, x, len(addresses), S, n_head, hd)
-                                  and _cache_fits(v, x, len(addresses), S, n_head, hd))
+    if (addresses is None or layernorm and not addresses[:, 1::6].all()
+            or not (_cache_fits(k, x, len(addresses), S, n_head, hd)
+                    and _cache_fits(v, x, len(addresses), S, n_head, hd))
             or k.shape != v.shape or np.may_share_memory(k, v)
             or not (0 <= rows_put.min() and rows_put.max() < k.shape[3]
                     and 0 <= rows_pos.min() and rows_pos.max() < k.shape[3])):

@@ -520,6 +520,22 @@ def test_decode_step_c_twin_takes_put_and_pos_only_as_the_reference_does():
             run("c", args)
 
 
+@pytest.mark.skipif(not c_available(), reason="needs the C kernels")
+def test_decode_step_c_twin_asks_the_packed_weights_whether_layernorm_has_its_biases():
+    """layer_norm's biases are looked for where the loop reads them, the packed table: a block
+    that is not 12 arrays raises the reference's error. (Found in review: the twin looked in
+    the list before packing it, b[1] and b[7], an IndexError on a short block; and a list
+    changed by another thread between that look and the packing could have handed the loop
+    a NULL bias to read.)"""
+    x, put, pos, blocks, k, v, *rest = case(0, np.float32, 1, 2, 16, 3, 3, 12, True, False,
+                                             True, 0)
+    args = (x, put, pos, [blocks[0][:7]], k, v, *rest)
+    with pytest.raises(ValueError, match="not enough values to unpack"):
+        run("numpy", args)
+    with pytest.raises(ValueError, match="not enough values to unpack"):
+        run("c", args)
+
+
 CHANGED_LIST = """
 import sys
 import numpy as np
