@@ -784,8 +784,8 @@ void KERNEL(decode_step)(real *restrict x, int64_t s, int64_t c, int64_t nh, int
             if (gelu) { /* x/2 (1 + tanh(k (x + a x**3))), tanh(z) = 1 - 2 / (exp(2z) + 1) */
                 real z = (real)0.7978845608028654 * (u + (real)0.044715 * u * u * u);
                 h[j] = u * (real)0.5 * (2 - 2 / (EXP(2 * z) + 1));
-            } else {
-                h[j] = u > 0 ? u * u : 0;
+            } else { /* a NaN fails `<= 0` and stays NaN, as in np.maximum */
+                h[j] = u <= 0 ? 0 : u * u;
             }
         }
         KERNEL(rows_times)(h, s, 4 * c, wl[10], wl[11], c, x, 1);

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import itertools
+import operator
 import os
 import platform
 import shlex
@@ -496,21 +497,29 @@ def row_dots(a, b, out=None):
     return out
 
 
-_decode_weights: dict = {}  # id(layers) -> (layers, the loop's copies, their addresses)
+# id(layers) -> (layers, its blocks' lengths, their arrays, the loop's copies, their addresses)
+_decode_weights: dict = {}
+_decode_lock = threading.Lock()  # threads step at once: one changes the dict at a time
 
 
-def _decode_packed(layers, dtype, c: int) -> np.ndarray | None:
-    """The (L, 12) addresses decode_step's C loop reads `layers` from (0 for a missing bias),
-    where it takes them all: of `dtype`, C-contiguous, the shapes of a GPT with n_embd c
-    (weights (in, out), as stored for training); else None. They are the addresses of copies:
+def _decode_packed(layers, dtype, c: int) -> tuple | None:
+    """The packed weights decode_step's C loop reads `layers` from, where it takes them all: of
+    `dtype`, C-contiguous, the shapes of a GPT with n_embd c (weights (in, out), as stored for
+    training); else None. A tuple whose last item is the (L, 12) addresses (0 for a missing
+    bias): the caller holds the tuple until the loop returns, since another thread's call may
+    push it out of the cache meanwhile (and the copies would go with it). They are copies:
     each linear layer's weight packed in panels of the loop's vector width (kernels.c), the
     norms' arrays and the biases as they are (so nothing the loop writes can share them).
     Made on the first call with a list and kept with it (the list stays alive, so its id is
-    not reused): the loop reads the weights as they were then, and a caller whose weights
-    change makes a new list (gpt's BatchDecoder makes its list once, for a loaded model)."""
-    kept = _decode_weights.get(id(layers))
-    if kept is not None and kept[0] is layers:
-        return kept[2]
+    not reused), with the arrays it held then: a list whose blocks were since replaced, added
+    or removed is packed again (each call compares the arrays, by identity: ~3 us for 6
+    blocks). The loop reads the values as they were then: a caller whose weights change in
+    place makes a new list (gpt's BatchDecoder makes its list once, for a loaded model)."""
+    with _decode_lock:
+        kept = _decode_weights.get(id(layers))
+    if (kept is not None and kept[0] is layers and list(map(len, layers)) == kept[1]
+            and all(map(operator.is_, itertools.chain.from_iterable(layers), kept[2]))):
+        return kept
     shapes = [(c,), (c,), (c, 3 * c), (3 * c,), (c, c), (c,), (c,), (c,), (c, 4 * c), (4 * c,),
               (4 * c, c), (c,)]
     cols = _fn("decode_panel", dtype)()
@@ -528,10 +537,13 @@ def _decode_packed(layers, dtype, c: int) -> np.ndarray | None:
                 a = a.reshape(k, n // cols, cols).transpose(1, 0, 2)
             copies.append(np.array(a, order="C"))
             addresses[i, j] = copies[-1].ctypes.data
-    while len(_decode_weights) >= 4:  # models come and go in tests; a server keeps one
-        _decode_weights.pop(next(iter(_decode_weights)))
-    _decode_weights[id(layers)] = (layers, copies, addresses)
-    return addresses
+    kept = (layers, list(map(len, layers)), tuple(itertools.chain.from_iterable(layers)), copies,
+            addresses)
+    with _decode_lock:
+        while len(_decode_weights) >= 4:  # models come and go in tests; a server keeps one
+            _decode_weights.pop(next(iter(_decode_weights)))
+        _decode_weights[id(layers)] = kept
+    return kept
 
 
 def _cache_fits(a, x: np.ndarray, layers: int, rows: int, n_head: int, hd: int) -> bool:
@@ -554,23 +566,31 @@ def decode_step(x, put, pos, layers, k, v, n_head, scale, layernorm=False, gelu=
     fn = _fn("decode_step", x.dtype)
     S, C = x.shape if x.ndim == 2 else (0, 0)
     hd = C // n_head if n_head > 0 else 0
-    addresses = None
+    packed = None  # held until the loop returns: the copies it reads (_decode_packed)
     if (fn is not None and linear is None and S > 0 and hd * n_head == C
-            and _fn("decode_fits", x.dtype)(C) and x.flags.c_contiguous and x.flags.writeable
-            and (not layernorm or all(b[1] is not None and b[7] is not None for b in layers))):
-        addresses = _decode_packed(layers, x.dtype, C)
-    # copies: what the loop indexes with cannot change while it writes (see scatter_add_rows)
-    rows_put, rows_pos = np.array(put, np.int64).reshape(-1), np.array(pos, np.int64).reshape(-1)
-    if (addresses is None or not (_cache_fits(k, x, len(layers), S, n_head, hd)
-                                  and _cache_fits(v, x, len(layers), S, n_head, hd))
+            and _fn("decode_fits", x.dtype)(C) and x.flags.c_contiguous and x.flags.writeable):
+        packed = _decode_packed(layers, x.dtype, C)
+    # put and pos as the reference indexes with them: integer arrays (S,); else it runs (and
+    # raises). Copies: what the loop indexes with cannot change while it writes (see
+    # scatter_add_rows).
+    if all(isinstance(a, np.ndarray) and a.shape == (S,) and a.dtype.kind in "iu"
+           for a in (put, pos)):
+        rows_put, rows_pos = put.astype(np.int64), pos.astype(np.int64)
+    else:
+        packed = None
+    # (L, 12): its own L, not len(layers), which another thread may change meanwhile; and
+    # layer_norm's biases (columns 1 and 7) where the loop reads them, not in the list
+    addresses = None if packed is None else packed[-1]
+    if (addresses is None or layernorm and not addresses[:, 1::6].all()
+            or not (_cache_fits(k, x, len(addresses), S, n_head, hd)
+                    and _cache_fits(v, x, len(addresses), S, n_head, hd))
             or k.shape != v.shape or np.may_share_memory(k, v)
-            or rows_put.size != S or rows_pos.size != S or np.shape(put) != np.shape(pos)
             or not (0 <= rows_put.min() and rows_put.max() < k.shape[3]
                     and 0 <= rows_pos.min() and rows_pos.max() < k.shape[3])):
         return references.decode_step(x, put, pos, layers, k, v, n_head, scale, layernorm, gelu,
                                       linear, eps)
     work = np.empty(S * 9 * C + k.shape[3], dtype=x.dtype)
-    fn(_ptr(x), S, C, n_head, len(layers), _ptr(rows_put), _ptr(rows_pos), addresses.ctypes.data,
+    fn(_ptr(x), S, C, n_head, len(addresses), _ptr(rows_put), _ptr(rows_pos), addresses.ctypes.data,
        _ptr(k), _ptr(v), k.shape[1], k.shape[3], int(bool(layernorm)), int(bool(gelu)), eps,
        scale, _ptr(work))
     return x

@@ -491,6 +491,124 @@ def test_decode_step_c_twin_reads_the_weights_of_a_new_list():
 
 
 @pytest.mark.skipif(not c_available(), reason="needs the C kernels")
+@pytest.mark.parametrize("gelu", [False, True])
+def test_decode_step_c_twin_lets_a_nan_through_as_the_reference(gelu):
+    """A NaN in the MLP's hidden layer (here from c_fc's bias) reaches the output as in NumPy,
+    where relu(NaN)**2 is NaN. (Found in review: the loop's relu tested `h > 0`, which a NaN
+    fails, and made it 0: finite rows where the reference's were all NaN.)"""
+    args = case(0, np.float32, 1, 2, 16, 3, 3, 12, False, gelu, True, 0)
+    args[3][0][9][0] = np.nan  # block 0's c_fc bias (new arrays: a new case)
+    got, want = run("c", args)[0], run("numpy", args)[0]
+    assert np.isnan(want).all()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+
+
+@pytest.mark.skipif(not c_available(), reason="needs the C kernels")
+def test_decode_step_c_twin_takes_put_and_pos_only_as_the_reference_does():
+    """Positions the reference cannot index with (floats, a boolean mask, columns, a list for
+    pos, one row's 0-d arrays) raise its error on the C path too. (Found in review: the twin
+    made int64 rows of any of them and ran the loop.)"""
+    x, put, pos, blocks, k, v, *rest = case(0, np.float32, 1, 2, 16, 3, 3, 12, False, False,
+                                             True, 0)
+    for rows, p, q in ((3, put.astype(float), pos), (3, np.array([True, False, True]), pos),
+                       (3, put[:, None], pos[:, None]), (3, put, list(pos)),
+                       (1, put[0], pos[0])):
+        args = (x[:rows], p, q, blocks, k, v, *rest)
+        with pytest.raises((IndexError, ValueError, AttributeError)) as want:
+            run("numpy", args)
+        with pytest.raises(want.type):
+            run("c", args)
+
+
+@pytest.mark.skipif(not c_available(), reason="needs the C kernels")
+def test_decode_step_c_twin_asks_the_packed_weights_whether_layernorm_has_its_biases():
+    """layer_norm's biases are looked for where the loop reads them, the packed table: a block
+    that is not 12 arrays raises the reference's error. (Found in review: the twin looked in
+    the list before packing it, b[1] and b[7], an IndexError on a short block; and a list
+    changed by another thread between that look and the packing could have handed the loop
+    a NULL bias to read.)"""
+    x, put, pos, blocks, k, v, *rest = case(0, np.float32, 1, 2, 16, 3, 3, 12, True, False,
+                                             True, 0)
+    args = (x, put, pos, [blocks[0][:7]], k, v, *rest)
+    with pytest.raises(ValueError, match="not enough values to unpack"):
+        run("numpy", args)
+    with pytest.raises(ValueError, match="not enough values to unpack"):
+        run("c", args)
+
+
+CHANGED_LIST = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_kernels import case, random_blocks, run
+
+args = case(3, np.float32, 2, 2, 16, 3, 3, 12, False, False, True, 0)
+x, put, pos, blocks, k, v, *rest = args
+run("c", args)  # the list's first call: its weights are packed
+rng = np.random.default_rng(4)
+blocks[1] = random_blocks(rng, 1, 32, np.float32, False, True)[0]  # a block replaced
+print(np.allclose(run("c", args)[0], run("numpy", args)[0], rtol=1e-4, atol=1e-4))
+blocks += random_blocks(rng, 30, 32, np.float32, False, True)  # 30 blocks more, caches to match
+k, v = (np.zeros((32,) + a.shape[1:], np.float32) for a in (k, v))
+deeper = (x, put, pos, blocks, k, v, *rest)
+print(np.allclose(run("c", deeper)[0], run("numpy", deeper)[0], rtol=1e-4, atol=1e-4))
+"""
+
+
+@pytest.mark.skipif(not c_available(), reason="needs the C kernels")
+def test_decode_step_c_twin_reads_a_list_as_it_is_now():
+    """The packed copies are kept with the list they were made for: a list whose blocks were
+    replaced, or that grew, after that first call is read as it is now. (Found in review: the
+    copies were found by the list's identity alone, so a replaced block was never read, and a
+    grown list made the loop read block addresses past the end of the table: a crash, hence
+    the subprocess.)"""
+    out = subprocess.run([sys.executable, "-c", CHANGED_LIST, str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=300, check=False,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert (out.returncode, out.stdout.split()) == (0, ["True", "True"]), out.stderr
+
+
+EVICTED_WHILE_READ = """
+import sys
+import threading
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_kernels import case, run
+
+args = case(0, np.float32, 8, 4, 64, 64, 64, 16, False, False, True, 0)  # n_embd 256, 8 blocks
+want = run("numpy", args)[0]
+x, put, pos, blocks, k, v, *rest = args
+bad, done = [], threading.Event()
+
+def steps():  # one model, stepped over and over (its copies packed once)
+    for _ in range(20):
+        bad.append(not np.allclose(run("c", args)[0], want, rtol=1e-4, atol=1e-4))
+    done.set()
+
+thread = threading.Thread(target=steps)
+thread.start()
+small = case(1, np.float32, 1, 1, 8, 1, 1, 4, False, False, False, 0)
+while not done.is_set():  # meanwhile, other models: each new list's copies evict the oldest
+    run("c", (*small[:3], [tuple(b) for b in small[3]], *small[4:]))
+thread.join()
+print(sum(bad))
+"""
+
+
+@pytest.mark.skipif(not c_available(), reason="needs the C kernels")
+def test_decode_step_c_twin_keeps_its_copies_while_another_thread_evicts_them():
+    """One thread steps a model while another calls decode_step with other lists, whose packed
+    copies push the first model's out of the cache: the loop that reads them still has them.
+    (Found in review: the cache held the only reference to the copies, so they were freed
+    under a running loop, which read freed memory: wrong values, or with large arrays
+    unmapped on free, as MALLOC_MMAP_THRESHOLD_ makes them here, a crash.)"""
+    out = subprocess.run([sys.executable, "-c", EVICTED_WHILE_READ, str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=300, check=False,
+                         env=dict(os.environ, PYTHONPATH=str(REPO), MALLOC_MMAP_THRESHOLD_="65536"))
+    assert (out.returncode, out.stdout.split()) == (0, ["0"]), out.stderr
+
+
+@pytest.mark.skipif(not c_available(), reason="needs the C kernels")
 def test_decode_step_runs_the_reference_for_what_its_loop_does_not_take():
     """A caller's own linear layer, weights stored by rows (transposed views), n_embd that is no
     multiple of a vector, integer rows, overlapping caches: the reference's results (and its
