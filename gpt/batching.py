@@ -52,7 +52,9 @@ class BatchDecoder:
     lengths batch together. Its blocks are tensorlite's `decode_step` kernel: for a float32
     model one C call (its NumPy reference, references.decode_step, is the same math and the
     fallback), which holds no GIL while it runs, so gpt.serve's event loop writes to clients
-    on the other core meanwhile (docs/serving.md).
+    on the other core meanwhile (docs/serving.md). That loop reads packed copies of the
+    weights made at the first step: a model whose weights change afterwards (load_state_dict,
+    more training) needs a new BatchDecoder (gpt.serve loads its model once).
 
     The batched products round differently from one sequence's (BLAS, or the C loop, sums in
     another order), so a logit can differ from the lone Decoder's in its last float32 bits; a
