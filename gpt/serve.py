@@ -232,10 +232,12 @@ class Generation:
                                "is full; try again in a moment", status=429,
                                code="rate_limit_exceeded", type="rate_limit_error") from None
         self.state.count(active=+1)
+        self.state.live.add(self)
 
     def cancel(self) -> None:
         for seq in self.seqs:
             seq.cancelled = True
+        self.state.live.discard(self)
 
     def _emit(self, kind: str, *data) -> None:  # in the batcher's thread
         if kind == "token":
@@ -285,7 +287,17 @@ class ModelState:
     time_limit: float | None = None  # seconds a request may take, queue included
     active: int = 0  # requests being generated now
     sampled: int = 0  # tokens sampled since the start
+    live: set = field(default_factory=set, repr=False)  # Generations under way (event loop's)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def stop_all(self, message: str) -> None:
+        """End every request under way with an error event carrying `message` (a stream
+        writes it and closes; a whole answer becomes that error), and stop its sampling. In
+        the event loop: uvicorn calls this as it starts to shut down, so that it does not
+        have to cancel the open streams (a traceback each) once its grace period is over."""
+        for gen in list(self.live):
+            gen.receive([("error", message)])
+            gen.cancel()
 
     def count(self, active: int = 0, sampled: int = 0) -> None:
         with self._lock:
@@ -671,7 +683,17 @@ def make_server(app, max_connections: int = 256, header_timeout: float = HEADER_
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
                             server_header=False, limit_concurrency=max_connections,
                             http=with_header_timeout(header_timeout), **options)
-    return uvicorn.Server(config)
+    state = getattr(getattr(app, "state", None), "model", None)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # Ctrl-C with streams open: end them (an error event, then the stream closes),
+            # then uvicorn's own shutdown, which now has nothing left to cancel
+            if isinstance(state, ModelState):
+                state.stop_all("the server is shutting down; the answer stops here")
+            await super().shutdown(sockets=sockets)
+
+    return Server(config)
 
 
 def with_header_timeout(seconds: float) -> type:

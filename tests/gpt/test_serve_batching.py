@@ -483,3 +483,33 @@ def test_a_streams_first_text_goes_at_once_even_when_its_first_tokens_are_held_b
             r.close()
             conn.close()
         assert wait_until(lambda: state.active == 0)
+
+
+def test_stopping_the_server_ends_an_open_stream_with_an_error_event_not_a_traceback(
+        tiny_model):
+    """Ctrl-C (here: the end of `running`) while a stream is open: the stream gets an error
+    event saying the server is shutting down and closes, and uvicorn has nothing to cancel
+    (before, it waited out its grace period, cancelled the stream and logged a traceback)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep(logging.WARNING)
+    with small_server(tiny_model) as (url, state):
+        logging.getLogger("uvicorn.error").addHandler(keep)  # (uvicorn's config set its own)
+        conn, r = open_stream(url, {"prompt": "The", "max_tokens": 50_000})
+        assert wait_until(lambda: state.active == 1)
+    try:
+        rest = r.read().decode()  # what came before the server closed the connection
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(keep)
+        conn.close()
+    last = [line for line in rest.splitlines() if line.startswith("data: ")][-1]
+    error = json.loads(last[len("data: "):])["error"]
+    assert "shutting down" in error["message"] and error["code"] == "server_error"
+    assert [r.getMessage() for r in records] == []
+    assert state.live == set()
