@@ -75,7 +75,8 @@ class BatchDecoder:
         self.scale = dt.type(1.0 / math.sqrt(hd))
         d = self.prefiller
         # each block's 12 arrays in references.decode_step's order, and the Decoder's own
-        # linear layer where a plain x @ W + b would not do (bf16, or weights stored by rows)
+        # linear layer where the C loop should not run: a bf16 model (its operands rounded),
+        # weights stored by rows (a GPT-2-sized model: row_dots reads them, with no packed copy)
         self.blocks = [tuple(a for layer in block for a in layer) for block in d.layers]
         plain = not d.bf16 and all(by_rows(w) is None for block in d.layers for w, _ in block)
         self.linear = None if plain else d.linear

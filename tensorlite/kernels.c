@@ -615,6 +615,7 @@ void KERNEL(row_dots)(const real *restrict a, int64_t n, int64_t k, const real *
  * step took 3x as long, its weights coming from memory a half cache line at a time);
  * k, v: (slots, H, tc, hd) per block, block after block; work: S * 9 C + tc values of scratch.
  * C must be a multiple of COLS: decode_fits says (and decode_panel gives COLS). */
+
 /* A tile of y: `rows` rows x `nv` vectors of columns from column j (rows * nv <= 8: eight
  * independent sums hide the FMA's latency; one row alone takes 8 vectors), x's rows times
  * w (k x n, packed in panels: see decode_step) (+ bias), or added into y. Inlined with rows and
@@ -735,8 +736,6 @@ static inline void KERNEL(attend)(const real *restrict q, int64_t c, real *restr
         total += att[t];
     }
     const real inv = 1 / total;
-    for (int64_t d = 0; d < hd; d++)
-        y[d] = 0;
     if (hd % COLS == 0) {
         for (int64_t d = 0; d < hd; d += COLS) {
             vec out = {0};
@@ -745,6 +744,8 @@ static inline void KERNEL(attend)(const real *restrict q, int64_t c, real *restr
             KERNEL(store)(y + d, out * inv);
         }
     } else {
+        for (int64_t d = 0; d < hd; d++)
+            y[d] = 0;
         for (int64_t t = 0; t < t1; t++)
             for (int64_t d = 0; d < hd; d++)
                 y[d] += att[t] * vs[t * hd + d];
